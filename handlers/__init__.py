@@ -1,0 +1,1 @@
+"""Built-in handlers shipped with sippet-listener."""

@@ -1,0 +1,308 @@
+"""One websocket to Sippet, joined to one topic: the I/O shell around ``listener.phoenix``.
+
+A :class:`Connection` connects, joins, reads, answers nothing and heartbeats on a fixed
+schedule (never reset by incoming traffic, which would starve heartbeats on a busy channel).
+It owns its clock; the protocol core owns the rules. However it ends, :meth:`wait_closed`
+returns a :class:`~listener.errors.LinkError` saying why, for the session to act on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+
+from listener import metrics
+from listener.errors import LinkError, RemoteProtocolError
+from listener.events import Event
+from listener.httputil import USER_AGENT, retry_after_seconds
+from listener.phoenix import (
+    ChannelClosed,
+    ChannelErrored,
+    ChannelProtocol,
+    HeartbeatReply,
+    JoinOk,
+    JoinRefused,
+    JoinState,
+    LeaveOk,
+    Message,
+    ProtocolEvent,
+)
+
+__all__ = ["Connection", "LinkSettings"]
+
+_log = structlog.get_logger(__name__)
+# Statuses at upgrade that mean "this token (or key) is not accepted".
+_AUTH_STATUSES = frozenset({401, 403})
+
+
+@dataclass(frozen=True, slots=True)
+class LinkSettings:
+    """How one socket behaves. Every duration is in seconds.
+
+    Attributes:
+        topic: the channel to join.
+        heartbeat_interval: a heartbeat goes out this often, and its reply must arrive
+            before the next one is due, or the link is declared dead.
+        join_timeout: how long a join may wait for its reply.
+        connect_timeout: how long the TCP + TLS + upgrade may take.
+        close_timeout: how long a closing handshake may take before the socket is dropped.
+        max_message_size: the largest message accepted; Sippet's AI audit events can be
+            several MB, beyond websockets' 1 MiB default.
+        max_queue: messages websockets reads ahead before applying TCP back-pressure.
+    """
+
+    topic: str = "events"
+    heartbeat_interval: float = 30.0
+    join_timeout: float = 10.0
+    connect_timeout: float = 10.0
+    close_timeout: float = 5.0
+    max_message_size: int = 64 * 1024 * 1024
+    max_queue: int = 64
+
+
+class Connection:
+    """A socket joined to one topic.
+
+    Args:
+        url: the full socket URL, token included; it is never logged.
+        settings: timeouts and limits.
+        on_event: called with every application event, in arrival order, on the event loop.
+            It must not block; it may be replaced at any time (the session does, during a
+            token rotation).
+        name: a short label for logs.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        settings: LinkSettings,
+        on_event: Callable[[Event], None],
+        *,
+        name: str = "link",
+    ) -> None:
+        self.on_event = on_event
+        self.name = name
+        self.settings = settings
+        self._url = url
+        self._protocol = ChannelProtocol(settings.topic)
+        self._ws: ClientConnection | None = None
+        self._joined: asyncio.Future[None] | None = None
+        self._left: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[LinkError] | None = None
+        self._closing = False
+        self.heartbeat_rtt: float | None = None
+        self.joined_at: float | None = None
+        self.last_heartbeat_ok: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.name} {self._protocol.state.value}>"
+
+    @property
+    def joined(self) -> bool:
+        """Whether the topic is joined and the socket open."""
+        return self._joined is not None and self._joined.done() and not self.closed
+
+    @property
+    def joined_for(self) -> float:
+        """Seconds since the join was accepted (0 if it was not)."""
+        return 0.0 if self.joined_at is None else time.monotonic() - self.joined_at
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection has ended (see :meth:`wait_closed` for why)."""
+        return self._task is not None and self._task.done()
+
+    async def open(self) -> None:
+        """Connect and join; return once the join is accepted.
+
+        Raises:
+            LinkError: the upgrade was refused (``upgrade_refused``, ``auth`` set for 401/403),
+                the connection failed (``connect_failed``), the join was refused
+                (``join_refused``, ``auth`` set) or timed out (``join_timeout``), or the link
+                ended during the join.
+        """
+        self._ws = await self._connect()
+        self._joined = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._run(self._ws), name=f"sippet-{self.name}")
+        with contextlib.suppress(ConnectionClosed):
+            await self._ws.send(self._protocol.join())
+        waiters: set[asyncio.Future[Any]] = {self._joined, self._task}
+        await asyncio.wait(
+            waiters, timeout=self.settings.join_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if self._joined.done():
+            return
+        if self._task.done():
+            raise self._task.result()
+        await self._abort()
+        raise LinkError("join_timeout", f"no join reply in {self.settings.join_timeout}s")
+
+    async def wait_closed(self) -> LinkError:
+        """Wait until the connection ends; return why it ended."""
+        if self._task is None:
+            return LinkError("not_opened")
+        return await asyncio.shield(self._task)
+
+    async def leave(self) -> None:
+        """Leave the topic, wait (bounded) for the server's acknowledgement, then close.
+
+        Events that arrive before the acknowledgement are still passed to ``on_event``.
+        Safe to call again while a leave is under way, or after the link ended.
+        """
+        ws = self._ws
+        if ws is None or self.closed:
+            return
+        self._closing = True
+        if self._left is None:
+            self._left = asyncio.get_running_loop().create_future()
+            if self._protocol.state in (JoinState.JOINED, JoinState.JOINING):
+                with contextlib.suppress(ConnectionClosed):
+                    await ws.send(self._protocol.leave())
+            else:
+                # Not joined: there is nothing for the server to acknowledge.
+                self._left.set_result(None)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.close_timeout):
+                await asyncio.shield(self._left)
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the socket (a clean close handshake, bounded by ``close_timeout``)."""
+        self._closing = True
+        if self._ws is not None:
+            await self._ws.close()
+        if self._task is not None:
+            await asyncio.wait({self._task})
+
+    async def _abort(self) -> None:
+        """Drop the socket without a closing handshake: the peer is not answering anyway."""
+        self._closing = True
+        if self._ws is not None:
+            self._ws.transport.abort()
+        if self._task is not None:
+            await asyncio.wait({self._task})
+
+    async def _connect(self) -> ClientConnection:
+        try:
+            return await websockets.connect(
+                self._url,
+                open_timeout=self.settings.connect_timeout,
+                close_timeout=self.settings.close_timeout,
+                max_size=self.settings.max_message_size,
+                max_queue=self.settings.max_queue,
+                user_agent_header=USER_AGENT,
+            )
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            raise LinkError(
+                "upgrade_refused",
+                f"HTTP {status}",
+                auth=status in _AUTH_STATUSES,
+                retry_after=retry_after_seconds(exc.response.headers),
+            ) from None
+        except InvalidURI:
+            # The exception text holds the URL, token and all: say less.
+            raise LinkError("connect_failed", "invalid socket URL") from None
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            raise LinkError("connect_failed", type(exc).__name__) from None
+
+    async def _run(self, ws: ClientConnection) -> LinkError:
+        """Read and heartbeat until the link ends; return why it ended."""
+        heartbeat = asyncio.create_task(self._heartbeat(ws), name=f"sippet-{self.name}-hb")
+        try:
+            failure = await self._read(ws)
+        except LinkError as exc:
+            failure = exc
+        finally:
+            heartbeat.cancel()
+        if heartbeat.done() and not heartbeat.cancelled() and heartbeat.exception() is not None:
+            heartbeat_failure = heartbeat.exception()
+            if isinstance(heartbeat_failure, LinkError):
+                failure = heartbeat_failure
+        else:
+            await asyncio.wait({heartbeat})
+        if self._closing and failure.reason in ("server_closed", "heartbeat_timeout"):
+            failure = LinkError("closed", "closed by us")
+        # A pending leave waited for the link to go away: it has.
+        self._resolve(self._left)
+        if not ws.transport.is_closing():
+            await ws.close()
+        return failure
+
+    async def _read(self, ws: ClientConnection) -> LinkError:
+        protocol = self._protocol
+        topic = self.settings.topic
+        try:
+            async for data in ws:
+                try:
+                    events = protocol.receive(data)
+                except RemoteProtocolError as exc:
+                    metrics.FRAMES_MALFORMED.inc()
+                    _log.warning(
+                        "malformed frame dropped", link=self.name, error=str(exc), size=len(data)
+                    )
+                    continue
+                for event in events:
+                    if type(event) is Message:
+                        self.on_event(Event.create(event.event, event.payload, topic, time.time()))
+                    else:
+                        self._on_control(event)
+        except ConnectionClosed:
+            pass
+        code, reason = ws.close_code, ws.close_reason or ""
+        return LinkError("server_closed", f"code {code} {reason}".strip(), auth=code == 1008)
+
+    def _on_control(self, event: ProtocolEvent) -> None:
+        if isinstance(event, HeartbeatReply):
+            now = time.monotonic()
+            self.heartbeat_rtt = now - event.sent_at
+            self.last_heartbeat_ok = now
+            metrics.HEARTBEAT_RTT.observe(self.heartbeat_rtt)
+        elif isinstance(event, JoinOk):
+            self._resolve(self._joined)
+            self.joined_at = self.last_heartbeat_ok = time.monotonic()
+        elif isinstance(event, JoinRefused):
+            raise LinkError("join_refused", _reason(event.response), auth=True)
+        elif isinstance(event, LeaveOk):
+            self._resolve(self._left)
+            raise LinkError("closed", "left")
+        elif isinstance(event, ChannelClosed):
+            raise LinkError("channel_closed", "phx_close from the server", auth=True)
+        elif isinstance(event, ChannelErrored):
+            raise LinkError("channel_error", _reason(event.payload))
+
+    async def _heartbeat(self, ws: ClientConnection) -> None:
+        interval = self.settings.heartbeat_interval
+        protocol = self._protocol
+        while True:
+            await asyncio.sleep(interval)
+            if protocol.heartbeat_pending:
+                _log.warning(
+                    "heartbeat unanswered, dropping the link", link=self.name, interval=interval
+                )
+                # The server is not answering: a closing handshake would only wait too.
+                ws.transport.abort()
+                raise LinkError("heartbeat_timeout", f"no reply within {interval}s")
+            try:
+                await ws.send(protocol.heartbeat(time.monotonic()))
+            except ConnectionClosed:
+                return
+
+    @staticmethod
+    def _resolve(waiter: asyncio.Future[None] | None) -> None:
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+def _reason(response: dict[str, Any]) -> str:
+    reason = response.get("reason")
+    return str(reason) if reason is not None else str(response)[:200]

@@ -1,0 +1,69 @@
+"""Realtime events as handlers see them.
+
+Sippet does not document its realtime payload field names: the docs key client state by
+``callUuid`` while its REST resources say ``call_uuid``. An event's *call key* is therefore
+taken from whichever spelling is present, including a nested ``call`` object, and the payload
+itself is passed on exactly as received.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Event", "call_key_of"]
+
+_CALL_KEY_FIELDS = ("callUuid", "call_uuid", "callId", "call_id")
+_NESTED_CALL_FIELDS = ("callUuid", "call_uuid", "uuid", "id")
+_MAX_LOG_PAYLOAD = 200
+
+
+def call_key_of(payload: dict[str, Any]) -> str | None:
+    """Return the call an event belongs to, or None when the payload names no call.
+
+    Looks at ``callUuid``, ``call_uuid`` (and the ``callId`` / ``call_id`` spellings), then a
+    nested ``call`` object's ``callUuid``, ``call_uuid``, ``uuid`` or ``id``.
+    """
+    for name in _CALL_KEY_FIELDS:
+        value = payload.get(name)
+        if isinstance(value, str | int) and value != "":
+            return str(value)
+    nested = payload.get("call")
+    if isinstance(nested, dict):
+        for name in _NESTED_CALL_FIELDS:
+            value = nested.get(name)
+            if isinstance(value, str | int) and value != "":
+                return str(value)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event received on the realtime channel.
+
+    Attributes:
+        name: the Phoenix event name (``incoming_call``, or any name the server sends).
+        payload: the JSON object exactly as received; treat it as read-only.
+        topic: the channel topic it arrived on (``events``).
+        received_at: wall-clock time of receipt, seconds since the epoch.
+        call_key: the call it belongs to (see :func:`call_key_of`), or None.
+    """
+
+    name: str
+    payload: dict[str, Any]
+    topic: str
+    received_at: float
+    call_key: str | None = field(default=None)
+
+    @classmethod
+    def create(cls, name: str, payload: dict[str, Any], topic: str, received_at: float) -> Event:
+        """Build an event, deriving its call key from the payload."""
+        return cls(name, payload, topic, received_at, call_key_of(payload))
+
+    def __str__(self) -> str:
+        # A multi-megabyte AI audit payload must not flood the journal.
+        text = json.dumps(self.payload, separators=(",", ":"), default=str)
+        if len(text) > _MAX_LOG_PAYLOAD:
+            text = f"{text[:_MAX_LOG_PAYLOAD]}... ({len(text)} chars)"
+        return f"{self.name} call={self.call_key} {text}"

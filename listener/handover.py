@@ -1,0 +1,65 @@
+"""De-duplication across a make-before-break token rotation, without I/O.
+
+During a rotation two sockets are joined to the same topic and receive the same broadcasts,
+in the same order, for a while. Phoenix gives events no id, so the overlap is found by
+sequence alignment: the events the old socket delivered since the rotation began end with a
+run that the new socket's buffered events start with. The longest such run is the overlap;
+what follows it in the new socket's buffer is new, and only that is delivered.
+"""
+
+from __future__ import annotations
+
+from listener.events import Event
+
+__all__ = ["Handover"]
+
+
+def _same(a: Event, b: Event) -> bool:
+    return a.name == b.name and a.payload == b.payload
+
+
+class Handover:
+    """Collects both sockets' events during one rotation and yields what is left to deliver.
+
+    Feed :meth:`from_old` with every event the old socket delivered since the new socket was
+    asked to join, and :meth:`from_new` with every event the new socket received (held back,
+    not delivered). Once the old socket is gone, :meth:`finish` returns the new socket's events
+    that the old one did not deliver, in order.
+    """
+
+    def __init__(self) -> None:
+        self._old: list[Event] = []
+        self._new: list[Event] = []
+
+    def from_old(self, event: Event) -> None:
+        """Record an event the old socket delivered."""
+        self._old.append(event)
+
+    def from_new(self, event: Event) -> None:
+        """Hold back an event the new socket received."""
+        self._new.append(event)
+
+    @property
+    def held(self) -> int:
+        """How many of the new socket's events are held back."""
+        return len(self._new)
+
+    def finish(self) -> list[Event]:
+        """Return the new socket's events that were not delivered by the old one."""
+        return self._new[self._overlap() :]
+
+    def _overlap(self) -> int:
+        old, new = self._old, self._new
+        if not old or not new:
+            return 0
+        first = new[0]
+        longest = min(len(old), len(new))
+        # Try the longest candidate first: the overlap is a suffix of old equal to a prefix
+        # of new, and it can only start where old holds new's first event.
+        for length in range(longest, 0, -1):
+            start = len(old) - length
+            if _same(old[start], first) and all(
+                _same(old[start + i], new[i]) for i in range(1, length)
+            ):
+                return length
+        return 0

@@ -1,0 +1,40 @@
+"""Small HTTP facts shared by every client in the package."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Mapping
+from importlib import metadata
+
+__all__ = ["USER_AGENT", "VERSION", "retry_after_seconds"]
+
+
+def _version() -> str:
+    try:
+        return metadata.version("sippet-listener")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+VERSION = _version()
+USER_AGENT = f"sippet-listener/{VERSION}"
+
+
+def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Return how long a ``Retry-After`` header asks to wait, or None if absent or unreadable.
+
+    Accepts both forms of RFC 9110 10.2.3: delay-seconds and an HTTP-date.
+    """
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)

@@ -1,0 +1,109 @@
+"""Prometheus metrics, one registry for the whole process.
+
+Names follow https://prometheus.io/docs/practices/naming: a ``sippet_listener_`` prefix, base
+units, ``_total`` on counters. Labels are low-cardinality by construction: event names come from
+the server but are few; call keys and ids are never labels.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = [
+    "DEAD_LETTERS",
+    "EVENTS_RECEIVED",
+    "FRAMES_MALFORMED",
+    "HANDLER_DURATION",
+    "HANDLER_OUTCOMES",
+    "HANDLER_QUEUE_DEPTH",
+    "HEARTBEAT_RTT",
+    "OUTBOX_OLDEST_AGE",
+    "OUTBOX_PENDING",
+    "RECONNECTS",
+    "REGISTRY",
+    "ROTATIONS",
+    "RPC_CALLS",
+    "SOCKET_STATE",
+    "TOKEN_MINTS",
+    "WEBHOOK_DELIVERIES",
+]
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+_P = "sippet_listener_"
+
+EVENTS_RECEIVED = Counter(
+    f"{_P}events_received_total", "Events received on the channel.", ["event"], registry=REGISTRY
+)
+FRAMES_MALFORMED = Counter(
+    f"{_P}frames_malformed_total",
+    "Frames dropped because they could not be read.",
+    registry=REGISTRY,
+)
+SOCKET_STATE = Gauge(
+    f"{_P}socket_joined", "1 while the events channel is joined, else 0.", registry=REGISTRY
+)
+RECONNECTS = Counter(
+    f"{_P}reconnects_total",
+    "Realtime link failures that led to a reconnect.",
+    ["reason"],
+    registry=REGISTRY,
+)
+ROTATIONS = Counter(
+    f"{_P}token_rotations_total",
+    "Make-before-break token rotations completed.",
+    registry=REGISTRY,
+)
+TOKEN_MINTS = Counter(
+    f"{_P}token_mints_total", "Session token mint attempts.", ["outcome"], registry=REGISTRY
+)
+HEARTBEAT_RTT = Histogram(
+    f"{_P}heartbeat_rtt_seconds",
+    "Phoenix heartbeat round-trip time.",
+    registry=REGISTRY,
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+HANDLER_OUTCOMES = Counter(
+    f"{_P}handler_events_total",
+    "Events handled, by handler and outcome.",
+    ["handler", "outcome"],
+    registry=REGISTRY,
+)
+HANDLER_DURATION = Histogram(
+    f"{_P}handler_duration_seconds",
+    "Time a handler spent on one event.",
+    ["handler"],
+    registry=REGISTRY,
+)
+HANDLER_QUEUE_DEPTH = Gauge(
+    f"{_P}handler_queue_depth", "Events waiting for a handler.", ["handler"], registry=REGISTRY
+)
+RPC_CALLS = Counter(
+    f"{_P}rpc_calls_total",
+    "Sippet RPC calls, by action and outcome.",
+    ["action", "outcome"],
+    registry=REGISTRY,
+)
+WEBHOOK_DELIVERIES = Counter(
+    f"{_P}webhook_deliveries_total",
+    "Webhook delivery attempts, by destination and outcome.",
+    ["destination", "outcome"],
+    registry=REGISTRY,
+)
+OUTBOX_PENDING = Gauge(
+    f"{_P}outbox_pending",
+    "Webhook deliveries waiting in the outbox.",
+    ["destination"],
+    registry=REGISTRY,
+)
+OUTBOX_OLDEST_AGE = Gauge(
+    f"{_P}outbox_oldest_age_seconds",
+    "Age of the oldest pending webhook delivery.",
+    ["destination"],
+    registry=REGISTRY,
+)
+DEAD_LETTERS = Gauge(
+    f"{_P}webhook_dead_letters",
+    "Webhook deliveries in the dead-letter table.",
+    ["destination"],
+    registry=REGISTRY,
+)

@@ -1,0 +1,107 @@
+"""Shared fixtures: a fake Sippet on loopback and a session running against it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from typing import Any
+
+import httpx
+import pytest
+
+from listener.connection import LinkSettings
+from listener.events import Event
+from listener.session import Session, SessionSettings
+from listener.testing import FakeSippet
+from listener.tokens import TokenSource
+
+# Timing-driven tests scale from this unit (seconds) so the suite stays fast.
+MS = 0.001
+
+
+class Collector:
+    """Receives events like a handler would, and lets a test wait for a count of them."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        self._changed.set()
+
+    async def wait_for(self, count: int, timeout: float = 10.0) -> list[Event]:
+        async with asyncio.timeout(timeout):
+            while len(self.events) < count:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.events
+
+    def payloads(self, key: str) -> list[Any]:
+        return [event.payload.get(key) for event in self.events]
+
+
+def fast_settings(base_url: str, **overrides: Any) -> SessionSettings:
+    """Session settings with short intervals, suitable for tests."""
+    link = LinkSettings(
+        heartbeat_interval=1.0, join_timeout=2.0, connect_timeout=2.0, close_timeout=1.0
+    )
+    settings = SessionSettings(
+        base_url,
+        link,
+        stable_after=5.0,
+        backoff_initial=50 * MS,
+        backoff_max=400 * MS,
+        rotation_retry=200 * MS,
+    )
+    link_fields = {k: overrides.pop(k) for k in list(overrides) if hasattr(link, k)}
+    return replace(settings, link=replace(link, **link_fields), **overrides)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeSippet]:
+    async with FakeSippet(api_key="sk_test_4f1c9a7e2b") as server:
+        yield server
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient() as client:
+        yield client
+
+
+RunSession = Callable[..., contextlib.AbstractAsyncContextManager[tuple[Session, Collector]]]
+
+
+@pytest.fixture
+def run_session(fake: FakeSippet, http: httpx.AsyncClient) -> RunSession:
+    """Start a session against ``fake``; yields (session, collector), stops it afterwards."""
+
+    @contextlib.asynccontextmanager
+    async def start(
+        *, wait_joined: bool = True, api_key: str | None = None, **overrides: Any
+    ) -> AsyncIterator[tuple[Session, Collector]]:
+        collector = Collector()
+        tokens = TokenSource(
+            http,
+            fake.base_url,
+            api_key or fake.api_key,
+            backoff_initial=10 * MS,
+            backoff_max=100 * MS,
+        )
+        session = Session(fast_settings(fake.base_url, **overrides), tokens, collector)
+        task = asyncio.create_task(session.run())
+        try:
+            if wait_joined:
+                async with asyncio.timeout(10):
+                    await session.joined.wait()
+            yield session, collector
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await session.stop()
+
+    return start

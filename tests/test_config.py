@@ -1,0 +1,91 @@
+"""Configuration: every problem names its key; secrets come from env, file or credentials."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from listener.config import (
+    CREDENTIAL_NAME,
+    ENV_SECRET_KEY,
+    load_settings,
+    parse_settings,
+    read_secret,
+)
+from listener.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_example_config_is_valid() -> None:
+    settings = load_settings(REPO / "config.example.toml")
+    assert settings.sippet.topic == "events"
+    assert settings.sippet.heartbeat_interval == 30.0
+
+
+def test_defaults() -> None:
+    settings = parse_settings({})
+    assert settings.sippet.base_url == "https://api.sippet.ai"
+    assert settings.service.log_format == "auto"
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "problem"),
+    [
+        (
+            {"sippet": {"heartbeat_intervall": 5}},
+            "sippet.heartbeat_intervall",
+            "unknown key; did you mean 'heartbeat_interval'?",
+        ),
+        ({"sipet": {}}, "sipet", "unknown key; did you mean 'sippet'?"),
+        (
+            {"sippet": {"heartbeat_interval": "soon"}},
+            "sippet.heartbeat_interval",
+            "input should be a valid number",
+        ),
+        (
+            {"sippet": {"heartbeat_interval": 0}},
+            "sippet.heartbeat_interval",
+            "input should be greater than 0",
+        ),
+        ({"sippet": {"base_url": "api.sippet.ai"}}, "sippet.base_url", "must start with https://"),
+        ({"service": {"log_level": "loud"}}, "service.log_level", "input should be"),
+    ],
+)
+def test_errors_name_the_key(data: dict[str, object], key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(data)
+    assert caught.value.key == key
+    assert caught.value.problem.startswith(problem)
+    assert "\n" not in str(caught.value)
+
+
+def test_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_settings(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[sippet\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(broken)
+
+
+def test_secret_sources_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("sk_from_file\n")
+    credentials = tmp_path / "creds"
+    credentials.mkdir()
+    (credentials / CREDENTIAL_NAME).write_text("sk_from_credential")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    monkeypatch.setenv(ENV_SECRET_KEY, "sk_from_env")
+    args = (ENV_SECRET_KEY, key_file, CREDENTIAL_NAME, "sippet.api_key_file")
+    assert read_secret(*args) == "sk_from_env"
+    monkeypatch.delenv(ENV_SECRET_KEY)
+    assert read_secret(*args) == "sk_from_file"
+    assert read_secret(ENV_SECRET_KEY, None, CREDENTIAL_NAME, "k") == "sk_from_credential"
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    with pytest.raises(ConfigError, match="no secret key") as caught:
+        read_secret(ENV_SECRET_KEY, None, CREDENTIAL_NAME, "sippet.api_key_file")
+    assert caught.value.key == "sippet.api_key_file"
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_secret(ENV_SECRET_KEY, tmp_path / "nope", CREDENTIAL_NAME, "sippet.api_key_file")

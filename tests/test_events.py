@@ -1,0 +1,35 @@
+"""Deriving an event's call key from every plausible payload spelling."""
+
+from __future__ import annotations
+
+import pytest
+
+from listener.events import Event, call_key_of
+
+
+@pytest.mark.parametrize(
+    ("payload", "key"),
+    [
+        ({"callUuid": "c-1"}, "c-1"),
+        ({"call_uuid": "c-2"}, "c-2"),
+        ({"call": {"callUuid": "c-3"}}, "c-3"),
+        ({"call": {"call_uuid": "c-4"}}, "c-4"),
+        ({"call": {"uuid": "c-5"}}, "c-5"),
+        ({"call": {"id": 42}}, "42"),
+        ({"callId": "c-6"}, "c-6"),
+        ({"callUuid": "", "call_uuid": "c-7"}, "c-7"),
+        ({"status": "ringing"}, None),
+        ({"call": "not an object"}, None),
+        ({"callUuid": None}, None),
+    ],
+)
+def test_call_key_of(payload: dict[str, object], key: str | None) -> None:
+    assert call_key_of(payload) == key
+
+
+def test_payload_is_kept_untouched_and_str_is_bounded() -> None:
+    payload = {"call_uuid": "c-1", "blob": "x" * 5_000_000}
+    event = Event.create("call_ai_audit_event", payload, "events", 1.0)
+    assert event.payload is payload
+    assert event.call_key == "c-1"
+    assert len(str(event)) < 400
