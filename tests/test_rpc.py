@@ -17,7 +17,6 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from listener import rpc
 from listener.errors import RpcActionError, RpcError, RpcInputError
 from listener.metrics import REGISTRY
 from listener.rpc import RpcClient, ValidationResult
@@ -469,8 +468,3 @@ def test_max_attempts_must_be_positive() -> None:
     """Zero attempts is a configuration mistake."""
     with pytest.raises(ValueError, match="max_attempts"):
         RpcClient("http://sippet.test", KEY, max_attempts=0)
-
-
-def test_exports() -> None:
-    """``__all__`` lists the public classes."""
-    assert rpc.__all__ == ["RpcClient", "ValidationResult"]

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from listener import rpc_catalog
 from listener.errors import RpcInputError
 from listener.rpc_catalog import CATALOG, CURRENT, LEGACY, PAYLOAD_KEYS, ActionSpec, check_request
 
@@ -296,10 +295,3 @@ def test_input_errors_are_value_errors() -> None:
     """RpcInputError is also a ValueError, for callers that catch the builtin."""
     with pytest.raises(ValueError, match="unknown rpc action"):
         check_request("nope", {})
-
-
-def test_exports() -> None:
-    """``__all__`` names exactly the public module attributes."""
-    public = {name for name in vars(rpc_catalog) if not name.startswith("_")}
-    imported = {"annotations", "difflib", "Mapping", "dataclass", "MappingProxyType"}
-    assert set(rpc_catalog.__all__) == public - imported - {"RpcInputError"}
