@@ -1,0 +1,56 @@
+"""The fake Sippet itself: its HTTP control API, its refusals, and the plugin fixture."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+
+from listener.testing import FakeSippet
+from tests.conftest import RunSession
+
+
+async def test_control_api_drives_the_server(
+    fake: FakeSippet, http: httpx.AsyncClient, run_session: RunSession
+) -> None:
+    control = f"{fake.base_url}/_fake"
+    async with run_session() as (session, events):
+        answer = await http.post(
+            f"{control}/broadcast", json={"event": "incoming_call", "payload": {"callUuid": "c"}}
+        )
+        assert answer.json() == {"receivers": 1}
+        assert (await events.wait_for(1))[0].call_key == "c"
+        assert (await http.post(f"{control}/malformed")).json()["sent"] > 0
+        changed = await http.post(f"{control}/behaviour", json={"answer_heartbeats": False})
+        assert changed.json()["answer_heartbeats"] is False
+        refused = await http.post(f"{control}/behaviour", json={"no_such_switch": 1})
+        assert refused.status_code == 400
+        await http.post(f"{control}/behaviour", json={"answer_heartbeats": True})
+        await http.post(f"{control}/drop")
+        await fake.wait_until(lambda: fake.joins >= 2)
+        await session.joined.wait()
+        stats = (await http.get(f"{control}/stats")).json()
+    assert stats["joins"] == 2
+    assert stats["sent_events"] == 1
+
+
+@pytest.mark.parametrize("query", ["session_token=unknown&vsn=2.0.0", "session_token=x"])
+async def test_unknown_tokens_and_v1_clients_are_refused_with_403(
+    fake: FakeSippet, query: str
+) -> None:
+    url = fake.base_url.replace("http", "ws") + f"/socket/websocket?{query}"
+    with pytest.raises(InvalidStatus) as caught:
+        await websockets.connect(url)
+    assert caught.value.response.status_code == 403
+
+
+async def test_plugin_fixture_serves_a_fresh_fake(
+    fake_sippet: FakeSippet, http: httpx.AsyncClient
+) -> None:
+    minted = await http.post(
+        f"{fake_sippet.base_url}/api/realtime/session", headers={"x-api-key": fake_sippet.api_key}
+    )
+    assert minted.status_code == 200
+    assert set(minted.json()) == {"token", "expires_at", "ttl_seconds"}
+    assert fake_sippet.mints == 1
