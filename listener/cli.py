@@ -1,7 +1,7 @@
 """The ``sippet-listener`` command.
 
-Exit codes follow sysexits: 0 success, 78 (EX_CONFIG) for any configuration problem, 1 for
-other failures, 130 when interrupted.
+Exit codes follow sysexits: 0 success, 78 (EX_CONFIG) for any configuration or handler-loading
+problem, 1 for other failures (a refused key, an RPC error), 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -10,28 +10,42 @@ import argparse
 import asyncio
 import json
 import sys
+import tempfile
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import httpx
 import structlog
 
 from listener import config
-from listener.errors import ConfigError
+from listener.errors import ConfigError, HandlerLoadError, ListenerError, RpcActionError
 from listener.events import Event
 from listener.httputil import VERSION
 from listener.logs import configure_logging, register_secret
+from listener.registry import load_handlers
+from listener.rpc import RpcClient
 from listener.service import Daemon, stop_on_signals
+from listener.testing.server import FakeSippet
+from listener.testing.traffic import CALLERS, simulate_calls
+from listener.tokens import TokenSource
 
 __all__ = ["EX_CONFIG", "main"]
 
 EX_CONFIG = 78
 _log = structlog.get_logger(__name__)
+# The demo's rpc rule ends every call from this (simulated) caller.
+_DEMO_BLOCKED = CALLERS[1]
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, separators=(",", ":"), default=str) + "\n")
+    sys.stdout.flush()
 
 
 def _print_event(event: Event) -> None:
-    line = json.dumps({"event": event.name, "payload": event.payload}, separators=(",", ":"))
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+    _print_json({"event": event.name, "payload": event.payload})
 
 
 def _load(path: Path) -> tuple[config.Settings, str]:
@@ -46,46 +60,146 @@ def _load(path: Path) -> tuple[config.Settings, str]:
     return settings, api_key
 
 
+async def _run(args: argparse.Namespace) -> int:
+    settings, api_key = _load(args.config)
+    handlers = load_handlers(settings.handlers)
+    configure_logging(settings.service.log_level, settings.service.log_format)
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    await Daemon(settings, api_key, handlers).run(stop)
+    return 0
+
+
 async def _tail(args: argparse.Namespace) -> int:
     settings, api_key = _load(args.config)
     configure_logging(settings.service.log_level, settings.service.log_format)
     stop = asyncio.Event()
     stop_on_signals(stop)
-    await Daemon(settings.sippet, api_key, _print_event).run(stop)
+    await Daemon(settings, api_key, sink=_print_event).run(stop)
     return 0
 
 
-async def _demo(args: argparse.Namespace) -> int:
-    from listener.testing.server import FakeSippet
-    from listener.testing.traffic import simulate_calls
+def _demo_settings(base_url: str, args: argparse.Namespace, state_dir: Path) -> config.Settings:
+    return config.parse_settings(
+        {
+            "sippet": {"base_url": base_url, "heartbeat_interval": args.heartbeat_interval},
+            "service": {"state_dir": str(state_dir), "log_level": args.log_level},
+            "handlers": [
+                {"use": "log", "payload": False},
+                {
+                    "use": "rpc",
+                    "rules": [
+                        {
+                            "on": "incoming_call",
+                            "when": {"fromNumber": [_DEMO_BLOCKED]},
+                            "action": "end_call",
+                            "input": {"callUuid": "{call_key}"},
+                        }
+                    ],
+                },
+            ],
+        }
+    )
 
+
+async def _demo(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, "auto")
     stop = asyncio.Event()
     stop_on_signals(stop)
-    async with FakeSippet(token_ttl=args.token_ttl) as fake:
-        # A strict server: the demo shows tokens being rotated before it acts.
-        fake.behaviour.expiry_action = "close_socket"
-        sippet = config.SippetSettings(
-            base_url=fake.base_url, heartbeat_interval=args.heartbeat_interval
-        )
-        _log.info("demo: fake Sippet listening", base_url=fake.base_url, token_ttl=args.token_ttl)
-        traffic = asyncio.create_task(
-            simulate_calls(fake, calls_per_second=args.calls_per_second, speed=args.speed)
-        )
-        if args.duration is not None:
-            asyncio.get_running_loop().call_later(args.duration, stop.set)
-        try:
-            await Daemon(sippet, fake.api_key, _print_event).run(stop)
-        finally:
-            traffic.cancel()
-            await asyncio.wait({traffic})
+    with tempfile.TemporaryDirectory(prefix="sippet-listener-demo-") as state_dir:
+        async with FakeSippet(token_ttl=args.token_ttl) as fake:
+            # A strict server: the demo shows tokens being rotated before it acts.
+            fake.behaviour.expiry_action = "close_socket"
+            settings = _demo_settings(fake.base_url, args, Path(state_dir))
+            _log.info(
+                "demo: fake Sippet listening",
+                base_url=fake.base_url,
+                token_ttl=args.token_ttl,
+                blocked_number=_DEMO_BLOCKED,
+            )
+            traffic = asyncio.create_task(
+                simulate_calls(fake, calls_per_second=args.calls_per_second, speed=args.speed)
+            )
+            if args.duration is not None:
+                asyncio.get_running_loop().call_later(args.duration, stop.set)
+            try:
+                daemon = Daemon(settings, fake.api_key, load_handlers(settings.handlers))
+                await daemon.run(stop)
+            finally:
+                traffic.cancel()
+                await asyncio.wait({traffic})
+            _log.info(
+                "demo: done",
+                events=daemon.dispatcher.received,
+                rotations=daemon.session.rotations,
+                rpc_calls=len(fake.rpc_requests),
+            )
     return 0
 
 
 async def _check_config(args: argparse.Namespace) -> int:
-    _load(args.config)
-    sys.stdout.write(f"{args.config}: ok\n")
+    settings, _ = _load(args.config)
+    handlers = load_handlers(settings.handlers)
+    names = ", ".join(item.settings.name for item in handlers) or "none"
+    sys.stdout.write(f"{args.config}: ok (handlers: {names})\n")
     return 0
+
+
+def _json_arg(text: str | None, flag: str) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(flag, f"not valid JSON: {exc}") from None
+
+
+async def _rpc(args: argparse.Namespace) -> int:
+    settings, api_key = _load(args.config)
+    payload: dict[str, Any] = {
+        "input": _json_arg(args.input, "--input"),
+        "identity": _json_arg(args.identity, "--identity"),
+        "fields": args.fields.split(",") if args.fields else None,
+        "filter": _json_arg(args.filter, "--filter"),
+        "sort": args.sort,
+        "page": _json_arg(args.page, "--page"),
+        "unchecked": args.unchecked,
+    }
+    async with RpcClient(settings.sippet.base_url, api_key) as client:
+        if args.validate:
+            result = await client.validate(args.action, **payload)
+            _print_json({"success": result.ok, "errors": result.errors})
+            return 0 if result.ok else 1
+        try:
+            data = await client.run(args.action, retry_unsafe=args.retry_unsafe, **payload)
+        except RpcActionError as exc:
+            _print_json({"success": False, "errors": exc.errors})
+            sys.stderr.write(f"sippet-listener: {exc}\n")
+            return 1
+    _print_json(data)
+    return 0
+
+
+async def _mint_token(args: argparse.Namespace) -> int:
+    settings, api_key = _load(args.config)
+    async with httpx.AsyncClient() as http:
+        token = await TokenSource(http, settings.sippet.base_url, api_key).mint()
+    expires = datetime.fromtimestamp(token.expires_at, UTC).isoformat(timespec="seconds")
+    result: dict[str, Any] = {"ttl_seconds": token.ttl, "expires_at": expires}
+    if args.show:
+        result["token"] = token.value
+    _print_json(result)
+    return 0
+
+
+def _with_config(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=config.DEFAULT_CONFIG_PATH,
+        help="TOML configuration file (default: %(default)s)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,29 +211,32 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def with_config(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument(
-            "--config",
-            "-c",
-            type=Path,
-            default=config.DEFAULT_CONFIG_PATH,
-            help="TOML configuration file (default: %(default)s)",
-        )
+    run = commands.add_parser(
+        "run",
+        help="run the daemon with the configured handlers",
+        description="Connect, join the events channel and dispatch every event to the "
+        "configured handlers until SIGTERM or Ctrl-C.",
+    )
+    _with_config(run)
+    run.set_defaults(run=_run)
 
     tail = commands.add_parser(
         "tail",
         help="print every event as one JSON object per line",
         description="Connect with the configured key and print each event as "
-        '{"event": ..., "payload": ...} on its own line, until interrupted.',
+        '{"event": ..., "payload": ...} on its own line, until interrupted. '
+        "Configured handlers are not run.",
     )
-    with_config(tail)
+    _with_config(tail)
     tail.set_defaults(run=_tail)
 
     demo = commands.add_parser(
         "demo",
         help="run against an embedded fake Sippet with simulated calls",
         description="Start a fake Sippet server on loopback with simulated call traffic and "
-        "run the daemon against it, printing what it receives. No account needed.",
+        "run the daemon against it with two handlers: 'log' (one line per event) "
+        f"and an 'rpc' rule that ends calls from {_DEMO_BLOCKED}. No account "
+        "needed.",
     )
     demo.add_argument("--calls-per-second", type=float, default=0.5)
     demo.add_argument(
@@ -142,24 +259,70 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     check = commands.add_parser(
-        "check-config", help="validate the configuration and exit (0 valid, 78 invalid)"
+        "check-config",
+        help="validate the configuration and handlers (exit 0, or 78)",
+        description="Validate the configuration file, the secret key's presence and every "
+        "handler's settings, without connecting. Exit 0 if valid, 78 if not.",
     )
-    with_config(check)
+    _with_config(check)
     check.set_defaults(run=_check_config)
+
+    rpc = commands.add_parser(
+        "rpc",
+        help="call one Sippet RPC action and print its data as JSON",
+        description="POST one action to /rpc/public/run (or /validate) with the configured "
+        'key. JSON arguments are given as text, e.g. --input \'{"callUuid": '
+        '"..."}\'.',
+    )
+    rpc.add_argument("action", help="the action, e.g. list_calls or end_call")
+    rpc.add_argument("--input", help="the input object, as JSON")
+    rpc.add_argument("--identity", help="the identity (a JSON value, e.g. '\"<uuid>\"')")
+    rpc.add_argument("--fields", help="comma-separated fields to return, e.g. id,status")
+    rpc.add_argument("--filter", help="the filter object, as JSON")
+    rpc.add_argument("--sort", help="the sort string, e.g. -insertedAt")
+    rpc.add_argument("--page", help="the page object, as JSON, e.g. '{\"limit\": 20}'")
+    rpc.add_argument(
+        "--validate", action="store_true", help="only validate the payload (/rpc/public/validate)"
+    )
+    rpc.add_argument(
+        "--unchecked", action="store_true", help="send an action the built-in catalog does not know"
+    )
+    rpc.add_argument(
+        "--retry-unsafe",
+        action="store_true",
+        help="retry a mutating action after a failure that may have reached Sippet",
+    )
+    _with_config(rpc)
+    rpc.set_defaults(run=_rpc)
+
+    mint = commands.add_parser(
+        "mint-token",
+        help="mint a realtime session token and show its expiry",
+        description="Mint a session token with the configured key (checks the key works). "
+        "The token itself is printed only with --show.",
+    )
+    mint.add_argument("--show", action="store_true", help="also print the token")
+    _with_config(mint)
+    mint.set_defaults(run=_mint_token)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     args = _parser().parse_args(argv)
+    # Until a command knows its configured level: stdout carries command output only.
+    configure_logging("warning", "auto")
     try:
         code: int = asyncio.run(args.run(args))
-        return code
-    except ConfigError as exc:
+    except (ConfigError, HandlerLoadError) as exc:
         sys.stderr.write(f"sippet-listener: configuration error: {exc}\n")
         return EX_CONFIG
+    except ListenerError as exc:
+        sys.stderr.write(f"sippet-listener: {exc}\n")
+        return 1
     except KeyboardInterrupt:
         return 130
+    return code
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,9 @@ from listener.phoenix import (
     ProtocolEvent,
 )
 
-__all__ = ["Connection", "LinkSettings"]
+__all__ = ["Connection", "EventSink", "LinkSettings"]
+
+EventSink = Callable[[Event], Awaitable[Any] | None]
 
 _log = structlog.get_logger(__name__)
 # Statuses at upgrade that mean "this token (or key) is not accepted".
@@ -76,8 +78,9 @@ class Connection:
         url: the full socket URL, token included; it is never logged.
         settings: timeouts and limits.
         on_event: called with every application event, in arrival order, on the event loop.
-            It must not block; it may be replaced at any time (the session does, during a
-            token rotation).
+            It must not block; it may return an awaitable, and reading pauses until that
+            completes (back-pressure from full handler queues). It may be replaced at any time
+            (the session does, during a token rotation).
         name: a short label for logs.
     """
 
@@ -85,7 +88,7 @@ class Connection:
         self,
         url: str,
         settings: LinkSettings,
-        on_event: Callable[[Event], None],
+        on_event: EventSink,
         *,
         name: str = "link",
     ) -> None:
@@ -99,6 +102,7 @@ class Connection:
         self._left: asyncio.Future[None] | None = None
         self._task: asyncio.Task[LinkError] | None = None
         self._closing = False
+        self._intake_paused = False
         self.heartbeat_rtt: float | None = None
         self.joined_at: float | None = None
         self.last_heartbeat_ok: float | None = None
@@ -253,7 +257,13 @@ class Connection:
                     continue
                 for event in events:
                     if type(event) is Message:
-                        self.on_event(Event.create(event.event, event.payload, topic, time.time()))
+                        wait = self.on_event(
+                            Event.create(event.event, event.payload, topic, time.time())
+                        )
+                        if wait is not None:
+                            self._intake_paused = True
+                            await wait
+                            self._intake_paused = False
                     else:
                         self._on_control(event)
         except ConnectionClosed:
@@ -285,6 +295,10 @@ class Connection:
         protocol = self._protocol
         while True:
             await asyncio.sleep(interval)
+            if protocol.heartbeat_pending and self._intake_paused:
+                # The reply may be sitting unread behind events our handlers cannot take
+                # yet: that is our slowness, not a dead server.
+                continue
             if protocol.heartbeat_pending:
                 _log.warning(
                     "heartbeat unanswered, dropping the link", link=self.name, interval=interval

@@ -14,7 +14,9 @@ The tree::
     ├── RpcError                     an RPC call failed before or at the HTTP layer
     │   ├── RpcInputError            the request was rejected locally, before sending
     │   └── RpcActionError           Sippet answered ``{"success": false, "errors": [...]}``
-    └── HandlerLoadError             a handler could not be imported or configured (exit 78)
+    ├── HandlerLoadError             a handler could not be imported or configured (exit 78)
+    ├── templating.TemplateError     a rule's template could not be filled from an event
+    └── handlers.rpc.RulesFailed     one or more rules of the ``rpc`` handler failed
 
 Messages are lowercase facts and never carry a secret.
 """

@@ -1,7 +1,9 @@
 """The composition root: settings in, a running daemon out.
 
-Builds the shared HTTP client, the token source and the session supervisor, runs them until
-asked to stop, then stops them in order.
+Builds the shared HTTP pool, the token source, the RPC client, the handlers and the dispatcher
+and the session supervisor; runs them until asked to stop; then stops them in order: leave the
+channel (no new events), let handlers drain for ``service.drain_timeout``, tear handlers down,
+close the pool.
 """
 
 from __future__ import annotations
@@ -9,17 +11,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable
+from collections.abc import Sequence
 
 import httpx
+import structlog
 
-from listener.config import SippetSettings
-from listener.connection import LinkSettings
-from listener.events import Event
+from listener.config import Settings, SippetSettings
+from listener.connection import EventSink, LinkSettings
+from listener.dispatch import Dispatcher, DispatchReport, HandlerRunner
+from listener.errors import HandlerLoadError
+from listener.handler import Context
+from listener.registry import LoadedHandler
+from listener.rpc import RpcClient
 from listener.session import Session, SessionSettings
 from listener.tokens import TokenSource
 
 __all__ = ["Daemon", "session_settings", "stop_on_signals"]
+
+_log = structlog.get_logger(__name__)
 
 
 def session_settings(sippet: SippetSettings) -> SessionSettings:
@@ -44,18 +53,27 @@ def session_settings(sippet: SippetSettings) -> SessionSettings:
 
 
 class Daemon:
-    """Keeps the channel joined and hands every event to ``deliver`` until stopped.
+    """Keeps the channel joined and feeds every event to the handlers until stopped.
 
     Args:
-        sippet: the ``[sippet]`` settings.
+        settings: the whole configuration.
         api_key: the organisation's secret key.
-        deliver: called once per event, on the event loop; must not block.
+        handlers: the loaded handlers (see ``listener.registry``).
+        sink: instead of handlers, one callable that takes every event (``tail`` uses it).
     """
 
     def __init__(
-        self, sippet: SippetSettings, api_key: str, deliver: Callable[[Event], None]
+        self,
+        settings: Settings,
+        api_key: str,
+        handlers: Sequence[LoadedHandler] = (),
+        *,
+        sink: EventSink | None = None,
     ) -> None:
+        sippet = settings.sippet
+        self.settings = settings
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(15.0, connect=10.0))
+        self.rpc = RpcClient(sippet.base_url, api_key, http=self._http)
         tokens = TokenSource(
             self._http,
             sippet.base_url,
@@ -64,10 +82,33 @@ class Daemon:
             backoff_initial=sippet.backoff_initial,
             backoff_max=sippet.backoff_max,
         )
-        self.session = Session(session_settings(sippet), tokens, deliver)
+        self.handlers = list(handlers)
+        self.contexts = [
+            Context(
+                rpc=self.rpc,
+                config=item.handler.config,
+                name=item.settings.name,
+                state_dir=settings.service.state_dir,
+            )
+            for item in self.handlers
+        ]
+        self.dispatcher = Dispatcher(
+            [
+                HandlerRunner(item.handler, item.settings, context)
+                for item, context in zip(self.handlers, self.contexts, strict=True)
+            ]
+        )
+        self.session = Session(session_settings(sippet), tokens, sink or self.dispatcher.submit)
+        self.report: DispatchReport | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set, then leave the channel and close everything."""
+        """Set up the handlers, run until ``stop`` is set, then shut down in order.
+
+        Raises:
+            HandlerLoadError: a handler's ``setup`` failed; nothing was connected.
+        """
+        await self._setup()
+        self.dispatcher.start()
         runner = asyncio.create_task(self.session.run(), name="sippet-session")
         stopping = asyncio.create_task(stop.wait())
         try:
@@ -80,7 +121,30 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError):
                 await runner
             await self.session.stop()
+            self.report = await self.dispatcher.stop(self.settings.service.drain_timeout)
+            await self._teardown()
             await self._http.aclose()
+
+    async def _setup(self) -> None:
+        for item, context in zip(self.handlers, self.contexts, strict=True):
+            try:
+                await item.handler.setup(context)
+            except Exception as exc:
+                await self._http.aclose()
+                raise HandlerLoadError(
+                    item.settings.name, f"setup failed: {type(exc).__name__}: {exc}"
+                ) from None
+
+    async def _teardown(self) -> None:
+        for item in self.handlers:
+            try:
+                await item.handler.teardown()
+            except Exception as exc:
+                _log.error(
+                    "handler teardown failed",
+                    handler=item.settings.name,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
 
 
 def stop_on_signals(stop: asyncio.Event) -> None:

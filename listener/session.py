@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import structlog
 
 from listener import metrics
 from listener.backoff import Backoff
-from listener.connection import Connection, LinkSettings
+from listener.connection import Connection, EventSink, LinkSettings
 from listener.errors import AuthError, LinkError, MintError
 from listener.events import Event
 from listener.handover import Handover
@@ -83,14 +84,15 @@ class Session:
     Args:
         settings: see :class:`SessionSettings`.
         tokens: where tokens come from.
-        deliver: called once per event, in arrival order, on the event loop; must not block.
+        deliver: called once per event, in arrival order, on the event loop; must not block,
+            but may return an awaitable to slow the intake down (see ``Connection``).
     """
 
     def __init__(
         self,
         settings: SessionSettings,
         tokens: TokenSource,
-        deliver: Callable[[Event], None],
+        deliver: EventSink,
     ) -> None:
         self.settings = settings
         self._tokens = tokens
@@ -186,9 +188,9 @@ class Session:
         handover = Handover()
         deliver = self._deliver
 
-        def from_old(event: Event) -> None:
-            deliver(event)
+        def from_old(event: Event) -> Awaitable[Any] | None:
             handover.from_old(event)
+            return deliver(event)
 
         old.on_event = from_old
         try:
@@ -207,7 +209,9 @@ class Session:
         self.connection = new
         await old.leave()
         for event in handover.finish():
-            deliver(event)
+            wait = deliver(event)
+            if wait is not None:
+                await wait
         new.on_event = deliver
         self.rotations += 1
         metrics.ROTATIONS.inc()
@@ -252,7 +256,7 @@ class Session:
             token = self._token = await self._tokens.mint()
         return token
 
-    def _new_connection(self, token: SessionToken, on_event: Callable[[Event], None]) -> Connection:
+    def _new_connection(self, token: SessionToken, on_event: EventSink) -> Connection:
         self._link_count += 1
         self._links = {link for link in self._links if not link.closed}
         url = socket_url(self.settings.base_url, token.value)

@@ -42,7 +42,7 @@ async def test_check_config_valid_and_invalid(tmp_path: Path) -> None:
     code, out, _ = await run_cli(
         "check-config", "--config", str(good), env={"SIPPET_SECRET_KEY": "sk_test_x1"}
     )
-    assert (code, out.strip()) == (0, f"{good}: ok")
+    assert (code, out.strip()) == (0, f"{good}: ok (handlers: none)")
 
     bad = write_config(tmp_path / "bad.toml", "[sippet]\nheartbeat_intervall = 5\n")
     code, _, err = await run_cli(
@@ -101,11 +101,106 @@ async def test_tail_prints_one_json_object_per_event(fake: FakeSippet, tmp_path:
 
 
 @pytest.mark.timeout(60)
-async def test_demo_runs_on_the_embedded_fake_server() -> None:
-    code, out, err = await run_cli(
-        "demo", "--duration", "4", "--speed", "4", "--calls-per-second", "3", "--token-ttl", "2"
+async def test_demo_runs_handlers_on_the_embedded_fake_server() -> None:
+    code, _, err = await run_cli(
+        "demo", "--duration", "5", "--speed", "4", "--calls-per-second", "3", "--token-ttl", "2"
     )
     assert code == 0, err
-    names = {json.loads(line)["event"] for line in out.splitlines()}
-    assert {"incoming_call", "call_answered", "call_ended"} <= names
-    assert "token rotated" in err
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    received = {line["event_name"] for line in lines if line["event"] == "event received"}
+    assert {"incoming_call", "call_answered", "call_ended"} <= received
+    fired = [line for line in lines if line["event"] == "rpc rule fired"]
+    assert fired, "the demo's block-list rule never fired"
+    assert fired[0]["action"] == "end_call"
+    assert any(line["event"] == "token rotated" for line in lines)
+
+
+async def test_run_dispatches_to_configured_handlers_and_stops_on_sigterm(
+    fake: FakeSippet, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path / "config.toml",
+        (
+            f'[sippet]\nbase_url = "{fake.base_url}"\n'
+            f'[service]\nstate_dir = "{tmp_path}"\nlog_format = "json"\n'
+            '[[handlers]]\nuse = "log"\nevents = ["call_*"]\n'
+            '[[handlers]]\nuse = "rpc"\n[[handlers.rules]]\non = "incoming_call"\n'
+            'when = { fromNumber = ["+15550000000"] }\naction = "end_call"\n'
+            'input = { callUuid = "{call_key}" }\n'
+        ),
+    )
+    process = await asyncio.create_subprocess_exec(
+        *CLI,
+        "run",
+        "--config",
+        str(config),
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "SIPPET_SECRET_KEY": fake.api_key},
+    )
+    assert process.stderr is not None
+    await fake.wait_until(lambda: fake.joins >= 1)
+    await fake.broadcast("incoming_call", {"call_uuid": "c-7", "from_number": "+15550000000"})
+    await fake.broadcast("call_ended", {"call_uuid": "c-7"})
+    await fake.wait_until(lambda: len(fake.rpc_requests) >= 1)
+    process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(10):
+        err = (await process.stderr.read()).decode()
+        assert await process.wait() == 0
+    assert fake.rpc_requests[0].body == {"action": "end_call", "input": {"callUuid": "c-7"}}
+    logged = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert [line["event_name"] for line in logged if line["event"] == "event received"] == [
+        "call_ended"
+    ]
+
+
+async def test_rpc_command_prints_data_and_reports_errors(fake: FakeSippet, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.toml", f'[sippet]\nbase_url = "{fake.base_url}"\n')
+    env = {"SIPPET_SECRET_KEY": fake.api_key}
+    fake.script_rpc(body={"success": True, "data": [{"id": "a", "status": "answered"}]})
+    code, out, _ = await run_cli(
+        "rpc", "list_calls", "--fields", "id,status", "--config", str(config), env=env
+    )
+    assert code == 0
+    assert json.loads(out) == [{"id": "a", "status": "answered"}]
+    assert fake.rpc_requests[-1].body == {"action": "list_calls", "fields": ["id", "status"]}
+
+    fake.script_rpc(
+        body={
+            "success": False,
+            "errors": [{"type": "not_found", "message": "no call %{id}", "vars": {"id": "x"}}],
+        }
+    )
+    code, out, err = await run_cli(
+        "rpc", "end_call", "--input", '{"callUuid": "x"}', "--config", str(config), env=env
+    )
+    assert code == 1
+    assert "not_found: no call x" in err
+    assert json.loads(out)["success"] is False
+
+    code, _, err = await run_cli(
+        "rpc", "end_call", "--input", "{}", "--config", str(config), env=env
+    )
+    assert code == 1
+    assert "callUuid" in err
+
+    code, _, err = await run_cli(
+        "rpc", "list_calls", "--filter", "{oops", "--config", str(config), env=env
+    )
+    assert code == 78
+    assert "--filter: not valid JSON" in err
+
+
+async def test_mint_token_hides_the_token_unless_asked(fake: FakeSippet, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.toml", f'[sippet]\nbase_url = "{fake.base_url}"\n')
+    env = {"SIPPET_SECRET_KEY": fake.api_key}
+    code, out, _ = await run_cli("mint-token", "--config", str(config), env=env)
+    assert code == 0
+    assert set(json.loads(out)) == {"ttl_seconds", "expires_at"}
+    code, out, _ = await run_cli("mint-token", "--show", "--config", str(config), env=env)
+    assert json.loads(out)["token"] in fake._tokens
+    code, _, err = await run_cli(
+        "mint-token", "--config", str(config), env={"SIPPET_SECRET_KEY": "sk_wrong_123456"}
+    )
+    assert code == 1
+    assert "HTTP 401" in err
+    assert "sk_wrong_123456" not in err

@@ -7,6 +7,7 @@ fixture.
 
 from __future__ import annotations
 
+from listener.testing.harness import running_daemon, settle
 from listener.testing.server import Behaviour, FakeSippet, RecordedRpc, Upgrade
 
-__all__ = ["Behaviour", "FakeSippet", "RecordedRpc", "Upgrade"]
+__all__ = ["Behaviour", "FakeSippet", "RecordedRpc", "Upgrade", "running_daemon", "settle"]

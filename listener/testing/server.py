@@ -164,6 +164,7 @@ class FakeSippet:
         self.upgrades: list[Upgrade] = []
         self.rpc_requests: list[RecordedRpc] = []
         self.sent_events = 0
+        self.rpc_listeners: list[Callable[[RecordedRpc], None]] = []
         self._tokens: dict[str, float] = {}
         self._sockets: set[_Socket] = set()
         self._scripted: deque[_ScriptedReply] = deque()
@@ -331,8 +332,11 @@ class FakeSippet:
             body = json.loads(raw)
         except ValueError:
             body = raw.decode("utf-8", "replace")
-        self.rpc_requests.append(RecordedRpc(request.url.path, dict(request.headers), body))
+        recorded = RecordedRpc(request.url.path, dict(request.headers), body)
+        self.rpc_requests.append(recorded)
         await self._notify()
+        for listener in self.rpc_listeners:
+            listener(recorded)
         if not self._key_ok(request):
             return JSONResponse({"error": "unauthorized"}, status_code=401)
         if self._scripted:

@@ -1,0 +1,46 @@
+"""The ``log`` handler: one structured log line per event.
+
+Also the smallest complete example of a handler with settings, for plugin authors.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from listener.events import Event
+from listener.handler import Context, Handler
+
+__all__ = ["LogHandler"]
+
+
+class LogHandler(Handler):
+    """Logs every event it is subscribed to (all of them by default)."""
+
+    name = "log"
+    events = ("*",)
+
+    class Config(BaseModel):
+        """``[[handlers]]`` settings for ``use = "log"``."""
+
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+        level: Literal["debug", "info", "warning"] = "info"
+        payload: bool = True
+        max_payload_chars: int = Field(default=2000, ge=0)
+
+    config: Config
+
+    def __init__(self, config: Config | None = None) -> None:
+        super().__init__(config or self.Config())
+
+    async def handle(self, event: Event, ctx: Context) -> None:
+        fields: dict[str, object] = {"topic": event.topic}
+        if self.config.payload:
+            text = json.dumps(event.payload, separators=(",", ":"), default=str)
+            limit = self.config.max_payload_chars
+            # One oversized event (an AI audit blob) must not flood the journal.
+            fields["payload"] = text if len(text) <= limit else f"{text[:limit]}...(truncated)"
+        getattr(ctx.log, self.config.level)("event received", **fields)

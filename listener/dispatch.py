@@ -1,0 +1,309 @@
+"""The dispatcher: events in from the socket, out to every handler that wants them.
+
+Each handler gets its own :class:`HandlerRunner`: a bounded queue, a concurrency limit, a
+timeout, and *lanes* that keep one call's events in arrival order while different calls run in
+parallel. A handler that raises or hangs is logged and counted; it never delays another handler,
+and the socket only waits for a handler when that handler's queue is full and its policy is
+``wait`` (the default: lose nothing, slow the intake instead).
+
+:meth:`Dispatcher.submit` is on the socket's hot path: it returns None when every interested
+handler took the event at once, or an awaitable for the caller to wait on when a full queue
+must first make room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import time
+from collections import deque
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import structlog
+
+from listener import metrics
+from listener.events import Event
+from listener.handler import Context, Handler
+
+__all__ = ["DispatchReport", "Dispatcher", "HandlerRunner", "RunnerSettings"]
+
+_log = structlog.get_logger(__name__)
+OnFull = Literal["wait", "drop"]
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerSettings:
+    """How one handler is fed.
+
+    Attributes:
+        name: the handler's name in logs and metrics.
+        events: event-name globs it subscribes to (``*`` for all).
+        timeout: seconds one ``handle`` call may take before it is cancelled.
+        concurrency: how many events it handles at once (one per call at most).
+        queue_size: events that may wait for it before ``on_full`` applies.
+        on_full: ``wait`` makes the intake wait for room (nothing lost); ``drop`` drops the
+            event with a warning and a metric.
+    """
+
+    name: str
+    events: Sequence[str] = ("*",)
+    timeout: float = 30.0
+    concurrency: int = 8
+    queue_size: int = 10_000
+    on_full: OnFull = "wait"
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchReport:
+    """What a stop left undone: events queued or in flight when the grace period ran out."""
+
+    abandoned: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        """All abandoned events, over every handler."""
+        return sum(self.abandoned.values())
+
+
+class HandlerRunner:
+    """Feeds one handler: queue, lanes, concurrency, timeout, isolation, metrics."""
+
+    def __init__(self, handler: Handler, settings: RunnerSettings, context: Context) -> None:
+        self.handler = handler
+        self.settings = settings
+        self.context = context
+        self._queue: asyncio.Queue[Event] = asyncio.Queue(settings.queue_size)
+        # A call with an event in flight has a lane holding its next events, in order.
+        self._lanes: dict[str, deque[Event]] = {}
+        self._laned = 0
+        # Taken off the queue, waiting for a free slot: still pending.
+        self._held = 0
+        self._room = asyncio.Event()
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._scheduler: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._depth = metrics.HANDLER_QUEUE_DEPTH.labels(handler=settings.name)
+        self._duration = metrics.HANDLER_DURATION.labels(handler=settings.name)
+        self._outcomes = {
+            outcome: metrics.HANDLER_OUTCOMES.labels(handler=settings.name, outcome=outcome)
+            for outcome in ("ok", "error", "timeout", "dropped")
+        }
+        self._globs = tuple(settings.events)
+        self._match_all = "*" in self._globs
+
+    def subscribes(self, name: str) -> bool:
+        """Whether the handler's globs cover the event name."""
+        return self._match_all or any(fnmatch.fnmatchcase(name, glob) for glob in self._globs)
+
+    @property
+    def pending(self) -> int:
+        """Events queued, waiting in a lane, or being handled."""
+        return self._queue.qsize() + self._laned + self._held + len(self._tasks)
+
+    def start(self) -> None:
+        """Start taking events off the queue."""
+        self._scheduler = asyncio.create_task(
+            self._schedule(), name=f"handler-{self.settings.name}"
+        )
+
+    def offer(self, event: Event) -> Awaitable[None] | None:
+        """Queue ``event``; return an awaitable if the caller must wait for room."""
+        if not self.handler.matches(event):
+            return None
+        self._idle.clear()
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            if self.settings.on_full == "drop":
+                self._outcomes["dropped"].inc()
+                _log.warning(
+                    "handler queue full, event dropped",
+                    handler=self.settings.name,
+                    event_name=event.name,
+                    call_key=event.call_key,
+                )
+                return None
+            return self._queue.put(event)
+        self._depth.set(self._queue.qsize())
+        return None
+
+    async def drain(self) -> None:
+        """Wait until nothing is queued or in flight."""
+        while self.pending:
+            self._idle.clear()
+            await self._idle.wait()
+
+    async def stop(self) -> int:
+        """Cancel everything still pending; return how many events were abandoned."""
+        abandoned = self.pending
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+        for task in self._tasks:
+            task.cancel()
+        waiting = {*self._tasks, *([self._scheduler] if self._scheduler else [])}
+        if waiting:
+            await asyncio.wait(waiting)
+        self._depth.set(0)
+        return abandoned
+
+    async def _schedule(self) -> None:
+        queue, lanes = self._queue, self._lanes
+        while True:
+            while self._laned >= self.settings.queue_size:
+                # Lanes count against the bound too, or one busy call could grow them forever.
+                self._room.clear()
+                await self._room.wait()
+            event = await queue.get()
+            self._depth.set(queue.qsize())
+            key = event.call_key
+            if key is not None and key in lanes:
+                lanes[key].append(event)
+                self._laned += 1
+                continue
+            self._held = 1
+            await self._slots.acquire()
+            self._held = 0
+            if key is not None:
+                lanes[key] = deque()
+            task = asyncio.create_task(self._drive(event))
+            self._tasks.add(task)
+            task.add_done_callback(self._finished)
+
+    async def _drive(self, event: Event) -> None:
+        """Handle ``event``, then the events that queued up behind it in its call's lane."""
+        key = event.call_key
+        try:
+            while True:
+                await self._invoke(event)
+                lane = self._lanes.get(key) if key is not None else None
+                if not lane:
+                    return
+                event = lane.popleft()
+                self._laned -= 1
+                self._room.set()
+        finally:
+            if key is not None:
+                lane = self._lanes.pop(key, None)
+                if lane:
+                    self._laned -= len(lane)
+                    self._room.set()
+            self._slots.release()
+
+    async def _invoke(self, event: Event) -> None:
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                await self.handler.handle(event, self.context.for_event(event))
+        except TimeoutError:
+            self._outcomes["timeout"].inc()
+            _log.warning(
+                "handler timed out",
+                handler=self.settings.name,
+                event_name=event.name,
+                call_key=event.call_key,
+                timeout=self.settings.timeout,
+            )
+        except Exception as exc:
+            self._outcomes["error"].inc()
+            _log.error(
+                "handler failed",
+                handler=self.settings.name,
+                event_name=event.name,
+                call_key=event.call_key,
+                error=f"{type(exc).__name__}: {exc}",
+                exc_info=exc,
+            )
+        else:
+            self._outcomes["ok"].inc()
+        finally:
+            self._duration.observe(time.perf_counter() - started)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not self.pending:
+            self._idle.set()
+
+
+class Dispatcher:
+    """Routes every event to the runners that subscribe to it.
+
+    Args:
+        runners: one per handler, in config order.
+    """
+
+    def __init__(self, runners: Sequence[HandlerRunner]) -> None:
+        self.runners = list(runners)
+        # Event names are few: remember, per name, its counter and the runners that want it.
+        self._routes: dict[str, tuple[Any, list[HandlerRunner]]] = {}
+        self.received = 0
+        self._awaited: tuple[int, asyncio.Future[None]] | None = None
+
+    def start(self) -> None:
+        """Start every runner."""
+        for runner in self.runners:
+            runner.start()
+
+    def submit(self, event: Event) -> Awaitable[Any] | None:
+        """Offer ``event`` to every subscribed handler.
+
+        Returns:
+            None if every handler took it at once; otherwise an awaitable that completes
+            when the full queues have taken it.
+        """
+        route = self._routes.get(event.name)
+        if route is None:
+            route = self._routes[event.name] = (
+                metrics.EVENTS_RECEIVED.labels(event=event.name),
+                [runner for runner in self.runners if runner.subscribes(event.name)],
+            )
+        received, routes = route
+        received.inc()
+        self.received += 1
+        if self._awaited is not None and self.received >= self._awaited[0]:
+            self._awaited[1].set_result(None)
+            self._awaited = None
+        waits: list[Awaitable[None]] | None = None
+        for runner in routes:
+            wait = runner.offer(event)
+            if wait is not None:
+                waits = [*(waits or []), wait]
+        if waits is None:
+            return None
+        return asyncio.gather(*waits)
+
+    async def wait_received(self, count: int) -> None:
+        """Wait until ``count`` events have been submitted since start (tests, harnesses)."""
+        if self.received >= count:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._awaited = (count, future)
+        await future
+
+    async def drain(self) -> None:
+        """Wait until every handler has nothing queued or in flight."""
+        await asyncio.gather(*(runner.drain() for runner in self.runners))
+
+    async def stop(self, grace: float) -> DispatchReport:
+        """Let queued and in-flight events finish for up to ``grace`` seconds, then cancel.
+
+        Returns:
+            How many events each handler had to abandon.
+        """
+        pending = [asyncio.ensure_future(runner.drain()) for runner in self.runners]
+        if pending:
+            await asyncio.wait(pending, timeout=grace)
+        for waiter in pending:
+            waiter.cancel()
+        abandoned = {}
+        for runner in self.runners:
+            count = await runner.stop()
+            if count:
+                abandoned[runner.settings.name] = count
+        report = DispatchReport(abandoned)
+        if report.total:
+            _log.warning("handlers stopped with events unhandled", abandoned=abandoned, grace=grace)
+        return report

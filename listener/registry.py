@@ -1,0 +1,190 @@
+"""Loading handlers named in the configuration.
+
+``use`` in a ``[[handlers]]`` table names the handler, tried in this order:
+
+1. a built-in short name (``log``, ``rpc``, ``webhook``);
+2. an entry point of the ``sippet_listener.handlers`` group, so installed plugins are used by
+   name (``use = "slack"``);
+3. ``package.module:attribute``.
+
+The attribute may be a :class:`~listener.handler.Handler` subclass (instantiated with its
+validated ``Config``), a handler made with :func:`~listener.handler.handler`, or a plain async
+function. Every failure is a :class:`~listener.errors.HandlerLoadError` or
+:class:`~listener.errors.ConfigError` naming the handler and the key: start-up stops with exit
+code 78 and one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from listener.config import format_validation_error
+from listener.dispatch import RunnerSettings
+from listener.errors import ConfigError, HandlerLoadError
+from listener.handler import FunctionHandler, Handler
+
+__all__ = ["BUILTINS", "ENTRY_POINT_GROUP", "LoadedHandler", "load_handler", "load_handlers"]
+
+ENTRY_POINT_GROUP = "sippet_listener.handlers"
+BUILTINS: Mapping[str, str] = {
+    "log": "handlers.log:LogHandler",
+    "rpc": "handlers.rpc:RpcHandler",
+    "webhook": "handlers.webhook:WebhookHandler",
+}
+
+
+class _DispatchOptions(BaseModel):
+    """The keys of a ``[[handlers]]`` table that belong to the dispatcher, not the handler."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    use: str
+    name: str | None = None
+    events: list[str] | None = None
+    timeout: float = Field(default=30.0, gt=0)
+    concurrency: int = Field(default=8, ge=1)
+    queue_size: int = Field(default=10_000, ge=1)
+    on_full: str = Field(default="wait", pattern="^(wait|drop)$")
+
+
+_DISPATCH_KEYS = frozenset(_DispatchOptions.model_fields)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedHandler:
+    """A handler instance and how the dispatcher must feed it."""
+
+    handler: Handler
+    settings: RunnerSettings
+
+
+def load_handlers(entries: Sequence[Mapping[str, Any]]) -> list[LoadedHandler]:
+    """Load every ``[[handlers]]`` entry, in order.
+
+    Raises:
+        ConfigError: a key is invalid (named as ``handlers[N].key``), or two handlers share
+            a name.
+        HandlerLoadError: a handler cannot be imported or built.
+    """
+    loaded = [load_handler(entry, f"handlers[{index}]") for index, entry in enumerate(entries)]
+    seen: dict[str, int] = {}
+    for index, item in enumerate(loaded):
+        name = item.settings.name
+        if name in seen:
+            raise ConfigError(
+                f"handlers[{index}].name",
+                f"{name!r} is already the name of handlers[{seen[name]}]; "
+                "give one of them another name",
+            )
+        seen[name] = index
+    return loaded
+
+
+def load_handler(entry: Mapping[str, Any], key: str) -> LoadedHandler:
+    """Load one ``[[handlers]]`` entry; ``key`` is its place in the file, for errors."""
+    try:
+        options = _DispatchOptions.model_validate(entry)
+    except ValidationError as exc:
+        field, problem = format_validation_error(exc, _DispatchOptions)
+        raise ConfigError(f"{key}.{field}", problem) from None
+    target = _resolve(options.use)
+    section = {name: value for name, value in entry.items() if name not in _DISPATCH_KEYS}
+    handler = _build(target, section, options.use, key)
+    name = options.name or handler.name or options.use
+    events = options.events if options.events is not None else list(handler.events)
+    settings = RunnerSettings(
+        name=name,
+        events=tuple(events),
+        timeout=options.timeout,
+        concurrency=options.concurrency,
+        queue_size=options.queue_size,
+        on_full="drop" if options.on_full == "drop" else "wait",
+    )
+    return LoadedHandler(handler, settings)
+
+
+def _resolve(use: str) -> object:
+    reference = BUILTINS.get(use)
+    if reference is None and ":" not in use:
+        reference = _entry_point(use)
+    if reference is None:
+        reference = use
+    module_name, _, attribute = reference.partition(":")
+    if not module_name or not attribute:
+        raise HandlerLoadError(
+            use,
+            "not a built-in handler (log, rpc, webhook), not an "
+            f"installed {ENTRY_POINT_GROUP!r} entry point, and not "
+            "'package.module:attribute'",
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise HandlerLoadError(
+            use, f"cannot import {module_name}: {type(exc).__name__}: {exc}"
+        ) from None
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise HandlerLoadError(
+            use, f"module {module_name} has no attribute {attribute!r}"
+        ) from None
+
+
+def _entry_point(name: str) -> str | None:
+    for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry_point.name == name:
+            return str(entry_point.value)
+    return None
+
+
+def _build(target: object, section: dict[str, Any], use: str, key: str) -> Handler:
+    if isinstance(target, type) and issubclass(target, Handler):
+        return _instantiate(target, section, use, key)
+    if isinstance(target, Handler):
+        _no_settings(section, use, key)
+        return target
+    if inspect.iscoroutinefunction(target):
+        _no_settings(section, use, key)
+        name = getattr(target, "__name__", use)
+        return FunctionHandler(target, name=name, events=("*",))
+    raise HandlerLoadError(
+        use,
+        f"{type(target).__name__} is not a Handler subclass, a "
+        "@handler function or an async function",
+    )
+
+
+def _instantiate(cls: type[Handler], section: dict[str, Any], use: str, key: str) -> Handler:
+    model = cls.Config
+    if model is None:
+        _no_settings(section, use, key)
+        config: Any = None
+    else:
+        try:
+            config = model.model_validate(section)
+        except ValidationError as exc:
+            field, problem = format_validation_error(exc, model)
+            raise ConfigError(f"{key}.{field}", problem) from None
+    try:
+        return cls(config)
+    except ConfigError as exc:
+        # The handler names keys within its own section; say where that section is.
+        raise ConfigError(f"{key}.{exc.key}" if exc.key else key, exc.problem) from None
+    except HandlerLoadError:
+        raise
+    except Exception as exc:
+        raise HandlerLoadError(use, f"could not be created: {type(exc).__name__}: {exc}") from None
+
+
+def _no_settings(section: dict[str, Any], use: str, key: str) -> None:
+    if section:
+        first = sorted(section)[0]
+        raise ConfigError(f"{key}.{first}", f"unknown key; handler {use!r} takes no settings")

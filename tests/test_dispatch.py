@@ -1,0 +1,187 @@
+"""The dispatcher, end to end: real daemon, real socket, real handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import defaultdict
+
+from listener import metrics
+from listener.dispatch import RunnerSettings
+from listener.events import Event
+from listener.handler import Context, Handler, handler
+from listener.registry import LoadedHandler
+from listener.testing import FakeSippet, running_daemon, settle
+
+
+def outcome(name: str, result: str) -> float:
+    value = metrics.REGISTRY.get_sample_value(
+        "sippet_listener_handler_events_total", {"handler": name, "outcome": result}
+    )
+    return value or 0.0
+
+
+class Recorder(Handler):
+    """Records (event, call key, start time); optionally slow, failing or hanging."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        delay: float = 0.0,
+        fail: bool = False,
+        hang: bool = False,
+        events: tuple[str, ...] = ("*",),
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.events = events
+        self.delay, self.fail, self.hang = delay, fail, hang
+        self.seen: list[tuple[str, str | None, float]] = []
+        self.active = 0
+        self.max_active = 0
+
+    async def handle(self, event: Event, ctx: Context) -> None:
+        self.seen.append((event.name, event.call_key, time.monotonic()))
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            if self.hang:
+                await asyncio.Event().wait()
+            if self.delay:
+                await asyncio.sleep(self.delay if self.delay > 0 else random.uniform(0, 0.02))
+            if self.fail:
+                raise RuntimeError(f"{self.name} broke on purpose")
+        finally:
+            self.active -= 1
+
+
+def loaded(item: Handler, **settings: object) -> LoadedHandler:
+    return LoadedHandler(
+        item, RunnerSettings(name=item.name, events=tuple(item.events), **settings)
+    )  # type: ignore[arg-type]
+
+
+async def test_a_slow_handler_does_not_delay_a_fast_one(fake: FakeSippet) -> None:
+    slow, fast = Recorder("slow", delay=0.5), Recorder("fast")
+    async with running_daemon(fake, [loaded(slow, concurrency=1), fast]) as daemon:
+        sent_at = time.monotonic()
+        for seq in range(20):
+            await fake.broadcast("incoming_call", {"callUuid": f"c-{seq}"})
+        await asyncio.wait_for(daemon.dispatcher.wait_received(20), 10)
+        await asyncio.wait_for(daemon.dispatcher.runners[1].drain(), 5)
+        fast_done = time.monotonic() - sent_at
+        assert len(fast.seen) == 20
+        # The slow handler has barely started: 20 events at 0.5 s each, one at a time.
+        assert len(slow.seen) <= 2
+    assert fast_done < 0.5, f"fast handler took {fast_done:.3f}s for 20 events"
+
+
+async def test_a_raising_handler_is_isolated_and_counted(fake: FakeSippet) -> None:
+    broken, healthy = Recorder("broken", fail=True), Recorder("healthy")
+    before = outcome("broken", "error")
+    async with running_daemon(fake, [broken, healthy]) as daemon:
+        for seq in range(5):
+            await fake.broadcast("call_ended", {"callUuid": f"c-{seq}"})
+        await settle(daemon, 5)
+    assert len(broken.seen) == len(healthy.seen) == 5
+    assert outcome("broken", "error") - before == 5
+    assert outcome("healthy", "ok") >= 5
+
+
+async def test_timeouts_fire_and_the_handler_goes_on(fake: FakeSippet) -> None:
+    stuck = Recorder("stuck", hang=True)
+    before = outcome("stuck", "timeout")
+    async with running_daemon(fake, [loaded(stuck, timeout=0.1)]) as daemon:
+        for seq in range(3):
+            await fake.broadcast("incoming_call", {"callUuid": "same-call", "seq": seq})
+        await settle(daemon, 3)
+    # Each event of the call was attempted in turn, each cut off by the timeout.
+    assert len(stuck.seen) == 3
+    assert outcome("stuck", "timeout") - before == 3
+
+
+async def test_per_call_order_holds_while_calls_run_in_parallel(fake: FakeSippet) -> None:
+    jittery = Recorder("jittery", delay=-1)
+    order = [f"call-{n % 7}" for n in range(140)]
+    async with running_daemon(fake, [loaded(jittery, concurrency=4)]) as daemon:
+        for seq, call in enumerate(order):
+            await fake.broadcast("call_transcript_delta", {"callUuid": call, "seq": seq})
+        await settle(daemon, len(order))
+    assert len(jittery.seen) == len(order)
+    assert jittery.max_active > 1, "calls were not handled in parallel"
+    assert jittery.max_active <= 4, "the concurrency limit was exceeded"
+
+
+async def test_events_of_one_call_arrive_in_order(fake: FakeSippet) -> None:
+    seen: dict[str, list[int]] = defaultdict(list)
+
+    @handler(events=["call_*"])
+    async def ordered(event: Event, ctx: Context) -> None:
+        await asyncio.sleep(random.uniform(0, 0.01))
+        seen[str(event.call_key)].append(int(event.payload["seq"]))
+
+    async with running_daemon(fake, [loaded(ordered, concurrency=8)]) as daemon:
+        for seq in range(150):
+            await fake.broadcast("call_transcript_delta", {"callUuid": f"c-{seq % 5}", "seq": seq})
+        await fake.broadcast("incoming_call", {"callUuid": "not-subscribed"})
+        await settle(daemon, 151)
+    assert sorted(seen) == [f"c-{n}" for n in range(5)]
+    for call, seqs in seen.items():
+        assert seqs == sorted(seqs), f"{call} out of order: {seqs}"
+        assert len(seqs) == 30
+
+
+async def test_full_queue_waits_by_default_and_heartbeats_keep_flowing(
+    fake: FakeSippet,
+) -> None:
+    slow = Recorder("slow", delay=0.05)
+    async with running_daemon(
+        fake, [loaded(slow, queue_size=2, concurrency=1)], sippet={"heartbeat_interval": 0.2}
+    ) as daemon:
+        for seq in range(40):
+            await fake.broadcast("incoming_call", {"callUuid": f"c-{seq}"})
+        await settle(daemon, 40)
+        assert daemon.session.reconnects == 0, "a busy handler made the link look dead"
+    assert len(slow.seen) == 40
+
+
+async def test_full_queue_can_drop_with_a_metric(fake: FakeSippet) -> None:
+    stuck = Recorder("dropper", hang=True)
+    before = outcome("dropper", "dropped")
+    async with running_daemon(
+        fake, [loaded(stuck, queue_size=2, concurrency=1, on_full="drop", timeout=60)]
+    ) as daemon:
+        for seq in range(10):
+            await fake.broadcast("incoming_call", {"callUuid": f"c-{seq}"})
+        await asyncio.wait_for(daemon.dispatcher.wait_received(10), 10)
+        dropped = outcome("dropper", "dropped") - before
+    # At most one in flight, one held by the scheduler and two queued: the rest were dropped,
+    # each counted, and what was taken was abandoned at stop (the handler never returns).
+    assert dropped >= 10 - 4
+    assert daemon.report is not None
+    assert daemon.report.abandoned["dropper"] + dropped == 10
+
+
+async def test_stop_drains_in_flight_work_within_the_grace_period(fake: FakeSippet) -> None:
+    slow = Recorder("drainer", delay=0.1)
+    async with running_daemon(
+        fake, [loaded(slow, concurrency=1)], service={"drain_timeout": 5.0}
+    ) as daemon:
+        for seq in range(5):
+            await fake.broadcast("incoming_call", {"callUuid": f"c-{seq}"})
+        await asyncio.wait_for(daemon.dispatcher.wait_received(5), 10)
+    assert len(slow.seen) == 5
+    assert daemon.report is not None
+    assert daemon.report.total == 0
+
+
+async def test_unknown_events_reach_wildcard_handlers_only(fake: FakeSippet) -> None:
+    everything, calls = Recorder("everything"), Recorder("calls", events=("call_*",))
+    async with running_daemon(fake, [everything, calls]) as daemon:
+        await fake.broadcast("brand_new_thing", {"x": 1})
+        await fake.broadcast("call_ended", {"callUuid": "c"})
+        await settle(daemon, 2)
+    assert [name for name, _, _ in everything.seen] == ["brand_new_thing", "call_ended"]
+    assert [name for name, _, _ in calls.seen] == ["call_ended"]
