@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -24,12 +25,13 @@ from listener.errors import ConfigError, HandlerLoadError, ListenerError, RpcAct
 from listener.events import Event
 from listener.httputil import VERSION
 from listener.logs import configure_logging, register_secret
-from listener.registry import load_handlers
+from listener.registry import LoadedHandler, load_handlers
 from listener.rpc import RpcClient
 from listener.service import Daemon, stop_on_signals
 from listener.testing.server import FakeSippet
 from listener.testing.traffic import CALLERS, simulate_calls
 from listener.tokens import TokenSource
+from listener.webhooks_cli import add_webhooks_commands
 
 __all__ = ["EX_CONFIG", "main"]
 
@@ -66,7 +68,21 @@ async def _run(args: argparse.Namespace) -> int:
     configure_logging(settings.service.log_level, settings.service.log_format)
     stop = asyncio.Event()
     stop_on_signals(stop)
-    await Daemon(settings, api_key, handlers).run(stop)
+    daemon = Daemon(settings, api_key, handlers)
+
+    def load() -> tuple[config.Settings, list[LoadedHandler]]:
+        fresh, _ = _load(args.config)
+        return fresh, load_handlers(fresh.handlers)
+
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_sighup() -> None:
+        task = asyncio.create_task(daemon.reload(load))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
+    await daemon.run(stop)
     return 0
 
 
@@ -304,6 +320,8 @@ def _parser() -> argparse.ArgumentParser:
     mint.add_argument("--show", action="store_true", help="also print the token")
     _with_config(mint)
     mint.set_defaults(run=_mint_token)
+
+    add_webhooks_commands(commands)
     return parser
 
 
@@ -313,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Until a command knows its configured level: stdout carries command output only.
     configure_logging("warning", "auto")
     try:
-        code: int = asyncio.run(args.run(args))
+        code: int = args.sync(args) if hasattr(args, "sync") else asyncio.run(args.run(args))
     except (ConfigError, HandlerLoadError) as exc:
         sys.stderr.write(f"sippet-listener: configuration error: {exc}\n")
         return EX_CONFIG

@@ -35,6 +35,7 @@ __all__ = [
     "load_settings",
     "parse_settings",
     "read_secret",
+    "read_secret_file",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/sippet-listener/config.toml")
@@ -79,6 +80,27 @@ class ServiceSettings(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     drain_timeout: float = Field(default=10.0, ge=0)
+    metrics_listen: str = ""
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value and _split_host_port(value) is None:
+            raise ValueError(f"{value!r} is not host:port, e.g. 127.0.0.1:9464")
+        return value
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """``metrics_listen`` as (host, port), or None when metrics are off."""
+        return _split_host_port(self.metrics_listen) if self.metrics_listen else None
+
+
+def _split_host_port(value: str) -> tuple[str, int] | None:
+    host, sep, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
 
 
 class Settings(_Section):
@@ -190,18 +212,27 @@ def read_secret(env: str, file: Path | None, credential: str, key: str) -> str:
     if value:
         return value
     if file is not None:
-        return _read_secret_file(file, key)
+        return read_secret_file(file, key)
     credentials = os.environ.get("CREDENTIALS_DIRECTORY")
     if credentials:
         path = Path(credentials) / credential
         if path.exists():
-            return _read_secret_file(path, key)
+            return read_secret_file(path, key)
     raise ConfigError(
         key, f"no secret key: set ${env}, {key}, or the systemd credential {credential!r}"
     )
 
 
-def _read_secret_file(path: Path, key: str) -> str:
+def read_secret_file(path: Path, key: str) -> str:
+    """Read a secret from ``path``; a relative path is looked up in ``$CREDENTIALS_DIRECTORY``
+    first, so ``LoadCredential=name:/etc/...`` pairs with ``..._file = "name"``.
+
+    Raises:
+        ConfigError: naming ``key``, if it cannot be read or is empty.
+    """
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not path.is_absolute() and credentials and (Path(credentials) / path).exists():
+        path = Path(credentials) / path
     try:
         value = path.read_text(encoding="utf-8").strip()
     except OSError as exc:

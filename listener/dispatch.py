@@ -104,6 +104,11 @@ class HandlerRunner:
         """Events queued, waiting in a lane, or being handled."""
         return self._queue.qsize() + self._laned + self._held + len(self._tasks)
 
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` was called."""
+        return self._scheduler is not None
+
     def start(self) -> None:
         """Start taking events off the queue."""
         self._scheduler = asyncio.create_task(
@@ -246,6 +251,18 @@ class Dispatcher:
         """Start every runner."""
         for runner in self.runners:
             runner.start()
+
+    def replace(self, runners: Sequence[HandlerRunner]) -> list[HandlerRunner]:
+        """Route from now on to ``runners`` (starting the new ones); return the runners that
+        are no longer routed to, still holding their queued events: drain, then stop them."""
+        kept = {id(runner) for runner in runners}
+        removed = [runner for runner in self.runners if id(runner) not in kept]
+        for runner in runners:
+            if not runner.started:
+                runner.start()
+        self.runners = list(runners)
+        self._routes.clear()
+        return removed
 
     def submit(self, event: Event) -> Awaitable[Any] | None:
         """Offer ``event`` to every subscribed handler.

@@ -127,6 +127,10 @@ class Handler:
     async def teardown(self) -> None:
         """Release what :meth:`setup` took; called on stop and when a reload removes it."""
 
+    def status(self) -> str | None:
+        """A few words for the service status line (``systemctl status``), or None."""
+        return None
+
 
 class FunctionHandler(Handler):
     """A plain async function as a handler (made by :func:`handler` or by the loader)."""

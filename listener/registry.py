@@ -59,10 +59,15 @@ _DISPATCH_KEYS = frozenset(_DispatchOptions.model_fields)
 
 @dataclass(frozen=True, slots=True)
 class LoadedHandler:
-    """A handler instance and how the dispatcher must feed it."""
+    """A handler instance, how the dispatcher must feed it, and the table it came from.
+
+    ``entry`` lets a reload keep a handler whose table did not change (no teardown, no
+    setup, no lost queue); it is None for handlers built in code.
+    """
 
     handler: Handler
     settings: RunnerSettings
+    entry: Mapping[str, Any] | None = None
 
 
 def load_handlers(entries: Sequence[Mapping[str, Any]]) -> list[LoadedHandler]:
@@ -98,6 +103,8 @@ def load_handler(entry: Mapping[str, Any], key: str) -> LoadedHandler:
     section = {name: value for name, value in entry.items() if name not in _DISPATCH_KEYS}
     handler = _build(target, section, options.use, key)
     name = options.name or handler.name or options.use
+    # The instance answers to its configured name from now on (logs, outbox file names).
+    handler.name = name
     events = options.events if options.events is not None else list(handler.events)
     settings = RunnerSettings(
         name=name,
@@ -107,7 +114,7 @@ def load_handler(entry: Mapping[str, Any], key: str) -> LoadedHandler:
         queue_size=options.queue_size,
         on_full="drop" if options.on_full == "drop" else "wait",
     )
-    return LoadedHandler(handler, settings)
+    return LoadedHandler(handler, settings, dict(entry))
 
 
 def _resolve(use: str) -> object:

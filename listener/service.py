@@ -1,9 +1,15 @@
 """The composition root: settings in, a running daemon out.
 
-Builds the shared HTTP pool, the token source, the RPC client, the handlers and the dispatcher
-and the session supervisor; runs them until asked to stop; then stops them in order: leave the
-channel (no new events), let handlers drain for ``service.drain_timeout``, tear handlers down,
-close the pool.
+Builds the shared HTTP pool, the token source, the RPC client, the handlers, the dispatcher and
+the session supervisor; runs them until asked to stop; then stops them in order: tell systemd
+(``STOPPING=1``), leave the channel (no new events), let handlers drain for
+``service.drain_timeout``, tear handlers down, close the pool.
+
+systemd hears ``READY=1`` only once the channel is joined, ``WATCHDOG=1`` only while its
+heartbeats are answered, and a ``STATUS=`` line that says what is going on. A reload
+(:meth:`Daemon.reload`, on SIGHUP) keeps the socket: handlers whose ``[[handlers]]`` table did
+not change keep running untouched, removed ones drain and are torn down, new ones are set up;
+a configuration that does not load leaves the running one in place.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import httpx
 import structlog
@@ -19,16 +25,23 @@ import structlog
 from listener.config import Settings, SippetSettings
 from listener.connection import EventSink, LinkSettings
 from listener.dispatch import Dispatcher, DispatchReport, HandlerRunner
-from listener.errors import HandlerLoadError
+from listener.errors import ConfigError, HandlerLoadError, ListenerError
 from listener.handler import Context
+from listener.health import HealthServer
+from listener.logs import configure_logging
 from listener.registry import LoadedHandler
 from listener.rpc import RpcClient
 from listener.session import Session, SessionSettings
+from listener.systemd import Notifier
 from listener.tokens import TokenSource
 
-__all__ = ["Daemon", "session_settings", "stop_on_signals"]
+__all__ = ["Daemon", "Loader", "session_settings", "stop_on_signals"]
 
 _log = structlog.get_logger(__name__)
+# How often the status line is refreshed when systemd asked for no watchdog.
+_STATUS_EVERY = 10.0
+
+Loader = Callable[[], tuple[Settings, list[LoadedHandler]]]
 
 
 def session_settings(sippet: SippetSettings) -> SessionSettings:
@@ -60,6 +73,7 @@ class Daemon:
         api_key: the organisation's secret key.
         handlers: the loaded handlers (see ``listener.registry``).
         sink: instead of handlers, one callable that takes every event (``tail`` uses it).
+        notifier: where service notifications go (default: ``$NOTIFY_SOCKET``, if set).
     """
 
     def __init__(
@@ -69,9 +83,11 @@ class Daemon:
         handlers: Sequence[LoadedHandler] = (),
         *,
         sink: EventSink | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         sippet = settings.sippet
         self.settings = settings
+        self.notifier = notifier or Notifier.from_environment()
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(15.0, connect=10.0))
         self.rpc = RpcClient(sippet.base_url, api_key, http=self._http)
         tokens = TokenSource(
@@ -83,60 +99,198 @@ class Daemon:
             backoff_max=sippet.backoff_max,
         )
         self.handlers = list(handlers)
-        self.contexts = [
-            Context(
-                rpc=self.rpc,
-                config=item.handler.config,
-                name=item.settings.name,
-                state_dir=settings.service.state_dir,
-            )
-            for item in self.handlers
-        ]
-        self.dispatcher = Dispatcher(
-            [
-                HandlerRunner(item.handler, item.settings, context)
-                for item, context in zip(self.handlers, self.contexts, strict=True)
-            ]
-        )
+        self.dispatcher = Dispatcher([self._runner(item) for item in self.handlers])
         self.session = Session(session_settings(sippet), tokens, sink or self.dispatcher.submit)
         self.report: DispatchReport | None = None
+        self._reloading = asyncio.Lock()
+        self._status = ""
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, reason): joined, and its heartbeats answered."""
+        if not self.session.joined.is_set():
+            return False, "events channel not joined"
+        if not self.session.healthy:
+            return False, "heartbeats unanswered"
+        return True, "joined"
+
+    def status_line(self) -> str:
+        """What ``systemctl status`` shows: link state, handlers, and their own words."""
+        state = "joined" if self.session.joined.is_set() else "connecting"
+        parts = [f"{state} {self.settings.sippet.topic}", f"{self.dispatcher.received} events"]
+        for item, runner in zip(self.handlers, self.dispatcher.runners, strict=True):
+            extra = item.handler.status()
+            pending = f", {runner.pending} pending" if runner.pending else ""
+            parts.append(f"{item.settings.name}{pending}{f': {extra}' if extra else ''}")
+        return "; ".join(parts)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Set up the handlers, run until ``stop`` is set, then shut down in order.
 
         Raises:
             HandlerLoadError: a handler's ``setup`` failed; nothing was connected.
+            ListenerError: the metrics endpoint could not listen.
         """
-        await self._setup()
+        health = self._health_server()
+        await self._setup(self.handlers)
+        if health is not None:
+            await health.start()
         self.dispatcher.start()
-        runner = asyncio.create_task(self.session.run(), name="sippet-session")
+        # These run for the life of the daemon: either ending means something broke.
+        lifelong = {
+            asyncio.create_task(self.session.run(), name="sippet-session"),
+            asyncio.create_task(self._keep_watch(), name="sippet-watchdog"),
+        }
+        ready = asyncio.create_task(self._notify_ready(), name="sippet-ready")
         stopping = asyncio.create_task(stop.wait())
         try:
-            await asyncio.wait({runner, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if runner.done():
-                runner.result()
+            done, _ = await asyncio.wait({*lifelong, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done - {stopping}:
+                task.result()
         finally:
-            runner.cancel()
-            stopping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
+            self.notifier.stopping()
+            _log.info("stopping", drain_timeout=self.settings.service.drain_timeout)
+            for task in (*lifelong, ready, stopping):
+                task.cancel()
+            for task in (*lifelong, ready):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await self.session.stop()
             self.report = await self.dispatcher.stop(self.settings.service.drain_timeout)
-            await self._teardown()
+            await self._teardown(self.handlers)
+            if health is not None:
+                await health.stop()
             await self._http.aclose()
+            self.notifier.close()
 
-    async def _setup(self) -> None:
-        for item, context in zip(self.handlers, self.contexts, strict=True):
+    async def reload(self, load: Loader) -> bool:
+        """Apply a new configuration without dropping the socket; False if it was refused.
+
+        ``load`` reads and validates the configuration and loads its handlers; any
+        ``ConfigError`` or ``HandlerLoadError`` (from it or from a new handler's setup) keeps
+        the running configuration, and says so in the logs and the service status.
+        """
+        async with self._reloading:
+            self.notifier.reloading()
+            try:
+                settings, handlers = load()
+                await self._apply(settings, handlers)
+            except (ConfigError, HandlerLoadError) as exc:
+                _log.error(
+                    "reload refused; the previous configuration keeps running", error=str(exc)
+                )
+                self.notifier.ready(f"reload failed: {exc}; running the previous configuration")
+                return False
+            _log.info(
+                "configuration reloaded", handlers=[item.settings.name for item in self.handlers]
+            )
+            self.notifier.ready(self.status_line())
+            return True
+
+    async def _apply(self, settings: Settings, loaded: list[LoadedHandler]) -> None:
+        old = list(zip(self.handlers, self.dispatcher.runners, strict=True))
+        handlers: list[LoadedHandler] = []
+        runners: list[HandlerRunner] = []
+        fresh: list[LoadedHandler] = []
+        for item in loaded:
+            match = next(
+                (pair for pair in old if pair[0].entry is not None and pair[0].entry == item.entry),
+                None,
+            )
+            if match is None:
+                handlers.append(item)
+                runners.append(self._runner(item))
+                fresh.append(item)
+            else:
+                # Unchanged table: keep the running instance, its queue and its state.
+                old.remove(match)
+                handlers.append(match[0])
+                runners.append(match[1])
+        await self._setup(fresh)
+        if settings.sippet != self.settings.sippet:
+            _log.warning("[sippet] settings changed: they apply after a restart")
+        service = settings.service
+        if (service.log_level, service.log_format) != (
+            self.settings.service.log_level,
+            self.settings.service.log_format,
+        ):
+            configure_logging(service.log_level, service.log_format)
+        self.settings = settings.model_copy(update={"sippet": self.settings.sippet})
+        removed = self.dispatcher.replace(runners)
+        self.handlers = handlers
+        for runner in removed:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(service.drain_timeout):
+                    await runner.drain()
+            abandoned = await runner.stop()
+            if abandoned:
+                _log.warning(
+                    "removed handler stopped with events unhandled",
+                    handler=runner.settings.name,
+                    abandoned=abandoned,
+                )
+        await self._teardown([pair[0] for pair in old])
+
+    def _runner(self, item: LoadedHandler) -> HandlerRunner:
+        context = Context(
+            rpc=self.rpc,
+            config=item.handler.config,
+            name=item.settings.name,
+            state_dir=self.settings.service.state_dir,
+        )
+        return HandlerRunner(item.handler, item.settings, context)
+
+    def _health_server(self) -> HealthServer | None:
+        address = self.settings.service.metrics_address
+        if address is None:
+            return None
+        try:
+            return HealthServer(*address, readiness=self.readiness)
+        except OSError as exc:
+            raise ListenerError(
+                f"service.metrics_listen: cannot listen on "
+                f"{self.settings.service.metrics_listen}: {exc.strerror}"
+            ) from None
+
+    async def _notify_ready(self) -> None:
+        await self.session.joined.wait()
+        self._status = self.status_line()
+        self.notifier.ready(self._status)
+
+    async def _keep_watch(self) -> None:
+        """Ping the watchdog while the link is healthy; keep the status line current."""
+        interval = self.notifier.watchdog_interval()
+        period = min(interval / 2, _STATUS_EVERY) if interval else _STATUS_EVERY
+        while True:
+            await asyncio.sleep(period)
+            if self.session.healthy:
+                # A link that stopped answering heartbeats gets no ping: if it does not
+                # recover, systemd restarts the service.
+                self.notifier.watchdog()
+            status = self.status_line()
+            if status != self._status:
+                self._status = status
+                self.notifier.status(status)
+
+    async def _setup(self, handlers: Sequence[LoadedHandler]) -> None:
+        done: list[LoadedHandler] = []
+        for item in handlers:
+            context = Context(
+                rpc=self.rpc,
+                config=item.handler.config,
+                name=item.settings.name,
+                state_dir=self.settings.service.state_dir,
+            )
             try:
                 await item.handler.setup(context)
             except Exception as exc:
-                await self._http.aclose()
+                await self._teardown(done)
                 raise HandlerLoadError(
                     item.settings.name, f"setup failed: {type(exc).__name__}: {exc}"
                 ) from None
+            done.append(item)
 
-    async def _teardown(self) -> None:
-        for item in self.handlers:
+    async def _teardown(self, handlers: Sequence[LoadedHandler]) -> None:
+        for item in handlers:
             try:
                 await item.handler.teardown()
             except Exception as exc:

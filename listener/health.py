@@ -1,0 +1,62 @@
+"""The metrics and health endpoint: ``/metrics``, ``/healthz`` and ``/readyz`` on loopback.
+
+``/healthz`` answers 200 while the process serves requests at all (liveness). ``/readyz``
+answers 200 only while the events channel is joined and its heartbeats are answered, 503
+otherwise, with the reason in the body (readiness).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from listener import metrics
+from listener.asgi import AsgiServer
+
+__all__ = ["HealthServer"]
+
+
+class HealthServer:
+    """Serves the endpoints; ``readiness`` returns (ready, reason) on each ``/readyz``.
+
+    Raises:
+        OSError: from the constructor, when the address cannot be bound (in use, not local).
+    """
+
+    def __init__(self, host: str, port: int, readiness: Callable[[], tuple[bool, str]]) -> None:
+        self._readiness = readiness
+        app = Starlette(
+            routes=[
+                Route("/metrics", self._metrics),
+                Route("/healthz", self._healthz),
+                Route("/readyz", self._readyz),
+            ]
+        )
+        self._server = AsgiServer(app, host, port)
+        self.port = self._server.port
+
+    async def start(self) -> None:
+        """Start serving."""
+        await self._server.start()
+
+    async def stop(self) -> None:
+        """Stop serving."""
+        await self._server.stop()
+
+    async def _metrics(self, request: Request) -> Response:
+        del request
+        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    async def _healthz(self, request: Request) -> Response:
+        del request
+        return JSONResponse({"status": "alive"})
+
+    async def _readyz(self, request: Request) -> Response:
+        del request
+        ready, reason = self._readiness()
+        return JSONResponse({"ready": ready, "reason": reason}, status_code=200 if ready else 503)

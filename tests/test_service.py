@@ -1,0 +1,263 @@
+"""``sippet-listener run`` as systemd runs it: a real process, a real notify socket, signals,
+the metrics and health endpoint, reloads, and nothing secret in anything it prints."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from listener.testing import FakeSippet
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class ServiceProcess:
+    """The daemon in a child process, with its notify socket and its log file."""
+
+    def __init__(self, tmp_path: Path, fake: FakeSippet) -> None:
+        self.fake = fake
+        self.config = tmp_path / "config.toml"
+        self.log = tmp_path / "daemon.log"
+        self.port = free_port()
+        self.notify_path = tmp_path / "notify.sock"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.notify_path))
+        self.notify.setblocking(False)
+        self.messages: list[str] = []
+        self.process: asyncio.subprocess.Process | None = None
+
+    def write_config(self, handlers: str = '[[handlers]]\nuse = "log"\n', extra: str = "") -> None:
+        self.config.write_text(
+            f'[sippet]\nbase_url = "{self.fake.base_url}"\nheartbeat_interval = 0.5\n'
+            "backoff_initial = 0.05\nbackoff_max = 0.2\n"
+            f'[service]\nstate_dir = "{self.config.parent}"\nlog_format = "json"\n'
+            f'log_level = "debug"\nmetrics_listen = "127.0.0.1:{self.port}"\n'
+            f"drain_timeout = 2.0\n{extra}{handlers}"
+        )
+
+    async def start(self, *, watchdog_usec: int | None = None) -> None:
+        env = {
+            **os.environ,
+            "SIPPET_SECRET_KEY": self.fake.api_key,
+            "NOTIFY_SOCKET": str(self.notify_path),
+        }
+        if watchdog_usec is not None:
+            env["WATCHDOG_USEC"] = str(watchdog_usec)
+        with self.log.open("wb") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "listener.cli",
+                "run",
+                "--config",
+                str(self.config),
+                stderr=log,
+                env=env,
+            )
+
+    async def message(self, starts: str, timeout: float = 10.0) -> str:
+        """The next notification starting with ``starts`` (earlier ones are kept)."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            while True:
+                data = (await loop.sock_recv(self.notify, 4096)).decode()
+                self.messages.append(data)
+                if data.startswith(starts):
+                    return data
+
+    def pending_messages(self) -> list[str]:
+        """Notifications already waiting, without blocking."""
+        found = []
+        while True:
+            try:
+                found.append(self.notify.recv(4096).decode())
+            except BlockingIOError:
+                self.messages.extend(found)
+                return found
+
+    async def get(self, path: str) -> httpx.Response:
+        async with httpx.AsyncClient() as client:
+            return await client.get(f"http://127.0.0.1:{self.port}{path}")
+
+    async def poll(self, path: str, check: Callable[[httpx.Response], bool]) -> str:
+        """GET ``path`` until ``check`` holds: the state lives in another process."""
+        async with asyncio.timeout(10):
+            while True:
+                response = await self.get(path)
+                if check(response):
+                    return response.text
+                await asyncio.sleep(0.02)
+
+    async def signal_and_wait(self, signum: int, timeout: float = 10.0) -> int:
+        assert self.process is not None
+        self.process.send_signal(signum)
+        async with asyncio.timeout(timeout):
+            return await self.process.wait()
+
+    def log_lines(self) -> list[dict[str, object]]:
+        return [
+            json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")
+        ]
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+        self.notify.close()
+
+
+@pytest.fixture
+async def service(tmp_path: Path, fake: FakeSippet) -> AsyncIterator[ServiceProcess]:
+    process = ServiceProcess(tmp_path, fake)
+    process.write_config()
+    yield process
+    await process.stop()
+
+
+async def test_ready_only_after_join_and_readyz_follows_the_link(
+    service: ServiceProcess, fake: FakeSippet
+) -> None:
+    fake.behaviour.refuse_joins = True
+    await service.start()
+    await fake.wait_until(lambda: fake.join_refusals >= 2)
+    assert not [m for m in service.pending_messages() if "READY=1" in m]
+    assert (await service.get("/readyz")).status_code == 503
+    assert (await service.get("/healthz")).status_code == 200
+
+    fake.behaviour.refuse_joins = False
+    ready = await service.message("READY=1")
+    assert "STATUS=joined events" in ready
+    readyz = await service.get("/readyz")
+    assert (readyz.status_code, readyz.json()["reason"]) == (200, "joined")
+
+    # The server goes away: readiness drops until the link is back.
+    fake.behaviour.upgrade_status = 503
+    await fake.drop_all()
+    await service.poll("/readyz", lambda r: r.status_code == 503)
+    fake.behaviour.upgrade_status = None
+    await service.poll("/readyz", lambda r: r.status_code == 200)
+    assert await service.signal_and_wait(signal.SIGTERM) == 0
+
+
+async def test_watchdog_pings_only_while_heartbeats_are_answered(
+    service: ServiceProcess, fake: FakeSippet
+) -> None:
+    await service.start(watchdog_usec=200_000)
+    await service.message("READY=1")
+    await service.message("WATCHDOG=1")
+    fake.behaviour.answer_heartbeats = False
+    fake.behaviour.refuse_joins = True
+    await fake.drop_all()
+    await fake.wait_until(lambda: fake.join_refusals >= 1)
+    service.pending_messages()
+    # Not joined: a second of silence from the watchdog, then it resumes once joined again.
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await service.message("WATCHDOG=1", timeout=1.0)
+    assert time.monotonic() - started >= 1.0
+    fake.behaviour.answer_heartbeats = True
+    fake.behaviour.refuse_joins = False
+    await service.message("WATCHDOG=1")
+    assert await service.signal_and_wait(signal.SIGTERM) == 0
+
+
+async def test_sighup_applies_a_valid_config_and_keeps_the_socket(
+    service: ServiceProcess, fake: FakeSippet
+) -> None:
+    await service.start()
+    await service.message("READY=1")
+    service.write_config(
+        handlers=(
+            '[[handlers]]\nuse = "log"\n'
+            '[[handlers]]\nuse = "log"\nname = "calls-only"\nevents = ["call_*"]\n'
+        )
+    )
+    assert service.process is not None
+    service.process.send_signal(signal.SIGHUP)
+    reloading = await service.message("RELOADING=1")
+    monotonic_usec = int(reloading.split("MONOTONIC_USEC=")[1].split()[0])
+    assert abs(monotonic_usec - time.monotonic_ns() // 1000) < 30_000_000
+    after = await service.message("READY=1")
+    assert "calls-only" in after
+    await fake.broadcast("call_ended", {"callUuid": "c-1"})
+    await fake.broadcast("incoming_call", {"callUuid": "c-2"})
+    await service.poll("/metrics", lambda r: 'handler="calls-only",outcome="ok"} 1.0' in r.text)
+    assert (fake.mints, fake.joins) == (1, 1), "the reload dropped the socket"
+    assert await service.signal_and_wait(signal.SIGTERM) == 0
+
+
+async def test_sighup_with_an_invalid_config_keeps_the_old_one(
+    service: ServiceProcess, fake: FakeSippet
+) -> None:
+    await service.start()
+    await service.message("READY=1")
+    service.write_config(handlers='[[handlers]]\nuse = "log"\nlevle = "debug"\n')
+    assert service.process is not None
+    service.process.send_signal(signal.SIGHUP)
+    await service.message("RELOADING=1")
+    refused = await service.message("READY=1")
+    assert "reload failed: handlers[0].levle: unknown key; did you mean 'level'?" in refused
+    assert "running the previous configuration" in refused
+    await fake.broadcast("incoming_call", {"callUuid": "c-1"})
+    await service.poll("/metrics", lambda r: 'handler="log",outcome="ok"} 1.0' in r.text)
+    assert await service.signal_and_wait(signal.SIGTERM) == 0
+    assert any(
+        line["event"] == "reload refused; the previous configuration keeps running"
+        for line in service.log_lines()
+    )
+
+
+async def test_sigterm_drains_and_exits_0_in_bounded_time(
+    service: ServiceProcess, fake: FakeSippet
+) -> None:
+    service.write_config(handlers='[[handlers]]\nuse = "tests.sample_handlers:plain"\n')
+    await service.start()
+    await service.message("READY=1")
+    for seq in range(20):
+        await fake.broadcast("incoming_call", {"callUuid": f"c-{seq}"})
+    started = time.monotonic()
+    assert await service.signal_and_wait(signal.SIGTERM, timeout=10) == 0
+    assert time.monotonic() - started < 5
+    assert any(m.startswith("STOPPING=1") for m in service.messages + service.pending_messages())
+    await fake.wait_until(lambda: fake.stats()["sockets"] == 0)
+
+
+async def test_metrics_count_what_happened_and_no_secret_is_printed(
+    service: ServiceProcess, fake: FakeSippet
+) -> None:
+    fake.token_ttl = 1.0
+    await service.start()
+    await service.message("READY=1")
+    for seq in range(3):
+        await fake.broadcast("incoming_call", {"callUuid": f"c-{seq}"})
+    await fake.broadcast("brand_new_event", {})
+    await fake.wait_until(lambda: fake.mints >= 2)
+    text = ""
+    async with asyncio.timeout(10):
+        while "sippet_listener_token_rotations_total 1.0" not in text:
+            text = (await service.get("/metrics")).text
+            await asyncio.sleep(0.02)
+    assert 'sippet_listener_events_received_total{event="incoming_call"} 3.0' in text
+    assert 'sippet_listener_events_received_total{event="brand_new_event"} 1.0' in text
+    assert 'sippet_listener_token_mints_total{outcome="ok"}' in text
+    assert "sippet_listener_socket_joined 1.0" in text
+    assert "sippet_listener_heartbeat_rtt_seconds_count" in text
+    assert await service.signal_and_wait(signal.SIGTERM) == 0
+    output = service.log.read_text()
+    assert "session_token=[REDACTED]" in output, "debug logs should show the redacted URL"
+    assert fake.api_key not in output
+    assert not [token for token in fake._tokens if token in output]
