@@ -170,6 +170,8 @@ def _destination(
             max_age=fields.max_age,
         )
     except ConfigError as exc:
-        # Destination names its keys as webhooks.<name>.<key>; here they live in the table.
+        # Destination names its keys as webhooks.<name>.<key>; here they live in the table,
+        # and its secrets come from secret or secret_file.
         field = exc.key.rsplit(".", 1)[-1] if exc.key.startswith("webhooks.") else exc.key
-        raise ConfigError(prefix + field, exc.problem) from None
+        key = secret_key if field == "secrets" else prefix + field
+        raise ConfigError(key, exc.problem) from None

@@ -76,7 +76,12 @@ class SippetSettings(_Section):
 class ServiceSettings(_Section):
     """``[service]``: how the process runs."""
 
-    state_dir: Path = Path("/var/lib/sippet-listener")
+    # systemd's StateDirectory= says where in $STATE_DIRECTORY (one per template instance).
+    state_dir: Path = Field(
+        default_factory=lambda: Path(
+            os.environ.get("STATE_DIRECTORY", "").split(":")[0] or "/var/lib/sippet-listener"
+        )
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     drain_timeout: float = Field(default=10.0, ge=0)

@@ -174,9 +174,11 @@ class Destination:
                 Webhook(secret)
             except Exception as exc:  # the library raises assorted types
                 # Never echo the secret itself.
+                del exc
                 raise ConfigError(
                     f"webhooks.{self.name}.secrets",
-                    f"not a valid whsec_ secret: {type(exc).__name__}",
+                    "not a valid Standard Webhooks secret: expected whsec_ followed by "
+                    "base64 (24 to 64 random bytes)",
                 ) from None
 
     def _check_headers(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -14,14 +16,24 @@ from listener.config import (
     read_secret,
 )
 from listener.errors import ConfigError
+from listener.registry import load_handlers
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_example_config_is_valid() -> None:
+def test_example_config_is_valid_and_every_commented_handler_loads() -> None:
+    text = (REPO / "config.example.toml").read_text()
     settings = load_settings(REPO / "config.example.toml")
     assert settings.sippet.topic == "events"
     assert settings.sippet.heartbeat_interval == 30.0
+    assert [item.settings.name for item in load_handlers(settings.handlers)] == ["log"]
+    # Uncomment the optional handler tables: they must load as documented.
+    uncommented = re.sub(r"(?m)^# (?=\[|[a-z_]+ = )", "", text)
+    uncommented = uncommented.replace(
+        'secret_file = "crm.whsec"', 'secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"'
+    )
+    every = parse_settings(tomllib.loads(uncommented))
+    assert [item.settings.name for item in load_handlers(every.handlers)] == ["log", "rpc", "crm"]
 
 
 def test_defaults() -> None:
@@ -89,3 +101,12 @@ def test_secret_sources_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert caught.value.key == "sippet.api_key_file"
     with pytest.raises(ConfigError, match="cannot read"):
         read_secret(ENV_SECRET_KEY, tmp_path / "nope", CREDENTIAL_NAME, "sippet.api_key_file")
+
+
+def test_state_dir_follows_systemd_state_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    assert str(parse_settings({}).service.state_dir) == "/var/lib/sippet-listener"
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/sippet-listener/acme")
+    assert str(parse_settings({}).service.state_dir) == "/var/lib/sippet-listener/acme"
+    explicit = parse_settings({"service": {"state_dir": "/srv/state"}})
+    assert str(explicit.service.state_dir) == "/srv/state"

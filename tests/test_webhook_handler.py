@@ -75,6 +75,12 @@ def test_config_errors_name_the_key() -> None:
     assert caught.value.key == "handlers[0].secret"
     with pytest.raises(ConfigError) as caught:
         load_handler(
+            {"use": "webhook", "url": "https://x.example", "secret": "whsec_short"}, "handlers[0]"
+        )
+    assert caught.value.key == "handlers[0].secret"
+    assert "whsec_short" not in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        load_handler(
             {
                 "use": "webhook",
                 "url": "https://x",
