@@ -5,7 +5,7 @@ Theory of operation::
     submit(event) ─► batch in memory ─► writer ─► outbox (SQLite) ◄─ CLI process
                                                     │ due rows  ▲ outcomes
                                                     ▼           │
-                                  one worker per destination ─► attempts (httpx, max_in_flight)
+                                  one worker per destination ─► attempts (http1, max_in_flight)
 
 :meth:`WebhookForwarder.submit` serializes the event once, appends one row per matching
 destination to an in-memory batch and returns. A writer task commits the batch and the outcomes
@@ -54,6 +54,7 @@ from standardwebhooks.webhooks import Webhook
 
 from listener.errors import ConfigError, ListenerError
 from listener.events import Event
+from listener.http1 import Http1Error, Http1Pool
 from listener.httputil import USER_AGENT, retry_after_seconds
 from listener.metrics import DEAD_LETTERS, OUTBOX_OLDEST_AGE, OUTBOX_PENDING, WEBHOOK_DELIVERIES
 from listener.outbox import Delivery, DestinationStats, NewDelivery, Outbox
@@ -352,7 +353,7 @@ class _Running:
     """What exists between start and stop."""
 
     store: _Store
-    client: httpx.AsyncClient
+    client: Http1Pool
     writer: asyncio.Task[None]
     measurer: asyncio.Task[None]
 
@@ -422,11 +423,9 @@ class WebhookForwarder:
         if self._state != "new":
             raise ForwarderStateError(f"webhook forwarder cannot start: it is {self._state}")
         store = await _Store.open(self._path)
-        slots = sum(d.max_in_flight for d in self.destinations)
-        # Enough pooled connections for every destination's slots: a destination that hangs
-        # must not starve the others of connections.
-        limits = httpx.Limits(max_connections=slots, max_keepalive_connections=slots)
-        client = httpx.AsyncClient(follow_redirects=False, limits=limits)
+        # Connections are per origin and unbounded in number: each destination's slots
+        # (max_in_flight) bound them, and a hung destination cannot starve another.
+        client = Http1Pool(user_agent=USER_AGENT)
         self._workers = {
             d.name: _Worker(
                 d, store, client, self._record, self._announce_commit, self._poll_interval
@@ -623,7 +622,7 @@ class _Worker:
         self,
         destination: Destination,
         store: _Store,
-        client: httpx.AsyncClient,
+        client: Http1Pool,
         record: Callable[[_Outcome], None],
         announce_commit: Callable[[], None],
         poll_interval: float,
@@ -740,26 +739,18 @@ class _Worker:
             **sign_headers(destination.secrets, row.msg_id, int(time.time()), row.body),
         }
         try:
-            # httpx's timeout bounds each read; this one bounds the whole attempt, so that a
-            # receiver trickling bytes cannot hold a slot for ever.
+            # Bounds the whole attempt, so that a receiver trickling bytes cannot hold a slot
+            # for ever.
             async with asyncio.timeout(destination.timeout):
-                async with self._client.stream(
-                    "POST",
-                    destination.url,
-                    content=row.body,
-                    headers=headers,
-                    timeout=destination.timeout,
-                ) as response:
-                    await _discard_body(response)
-        except (TimeoutError, httpx.TimeoutException):
+                reply = await self._client.post(
+                    destination.url, row.body, headers, max_answer=_MAX_ANSWER_BYTES
+                )
+        except TimeoutError:
             return _Answer(None, f"timed out after {destination.timeout:g} s")
-        except httpx.HTTPError as exc:
-            detail = str(exc)
-            return _Answer(
-                None, f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-            )
-        retry_after = retry_after_seconds(response.headers)
-        return _Answer(response.status_code, f"HTTP {response.status_code}", retry_after)
+        except Http1Error as exc:
+            return _Answer(None, str(exc))
+        retry_after = retry_after_seconds(reply.headers)
+        return _Answer(reply.status, f"HTTP {reply.status}", retry_after)
 
     def _judge(self, row: Delivery, answer: _Answer, now: float) -> _Outcome:
         """Decide what happens to ``row`` after ``answer``; count and log it."""
@@ -851,16 +842,3 @@ def _claim_due(
     rows = outbox.due(name, now, limit, exclude=held, per_call=per_call)
     exclude = held | {row.msg_id for row in rows}
     return rows, outbox.next_due(name, exclude=exclude, per_call=per_call), evicted
-
-
-async def _discard_body(response: httpx.Response) -> None:
-    """Read and drop up to ``_MAX_ANSWER_BYTES`` of the answer body.
-
-    Reading it whole lets the connection be reused; a larger body is abandoned (closing the
-    connection) rather than read into memory.
-    """
-    received = 0
-    async for chunk in response.aiter_raw():
-        received += len(chunk)
-        if received > _MAX_ANSWER_BYTES:
-            return
