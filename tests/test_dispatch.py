@@ -6,6 +6,7 @@ import asyncio
 import random
 import time
 from collections import defaultdict
+from typing import Any
 
 from listener import metrics
 from listener.dispatch import RunnerSettings
@@ -57,10 +58,10 @@ class Recorder(Handler):
             self.active -= 1
 
 
-def loaded(item: Handler, **settings: object) -> LoadedHandler:
+def loaded(item: Handler, **settings: Any) -> LoadedHandler:
     return LoadedHandler(
         item, RunnerSettings(name=item.name, events=tuple(item.events), **settings)
-    )  # type: ignore[arg-type]
+    )
 
 
 async def test_a_slow_handler_does_not_delay_a_fast_one(fake: FakeSippet) -> None:

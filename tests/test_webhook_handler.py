@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,9 @@ CLI = [sys.executable, "-m", "listener.cli"]
 
 
 @pytest.fixture
-async def receiver() -> WebhookReceiver:
+async def receiver() -> AsyncIterator[WebhookReceiver]:
     async with WebhookReceiver() as server:
-        yield server  # type: ignore[misc]
+        yield server
 
 
 def by_id(receiver: WebhookReceiver) -> dict[str, set[bytes]]:
