@@ -1,9 +1,12 @@
 """The dispatcher: events in from the socket, out to every handler that wants them.
 
-Each handler gets its own :class:`HandlerRunner`: a bounded queue, a concurrency limit, a
-timeout, and *lanes* that keep one call's events in arrival order while different calls run in
-parallel. A handler that raises or hangs is logged and counted; it never delays another handler,
-and the socket only waits for a handler when that handler's queue is full and its policy is
+Each handler gets its own :class:`HandlerRunner`: a bounded queue, ``concurrency`` worker
+tasks, a timeout, and *lanes* that keep one call's events in arrival order while different
+calls run in parallel: a worker that takes an event of a call another worker is busy with
+leaves it in that call's lane, and the busy worker handles it next.
+
+A handler that raises or hangs is logged and counted; it never delays another handler, and
+the socket only waits for a handler when that handler's queue is full and its policy is
 ``wait`` (the default: lose nothing, slow the intake instead).
 
 :meth:`Dispatcher.submit` is on the socket's hot path: it returns None when every interested
@@ -78,15 +81,12 @@ class HandlerRunner:
         # A call with an event in flight has a lane holding its next events, in order.
         self._lanes: dict[str, deque[Event]] = {}
         self._laned = 0
-        # Taken off the queue, waiting for a free slot: still pending.
-        self._held = 0
+        self._busy = 0
         self._room = asyncio.Event()
-        self._slots = asyncio.Semaphore(settings.concurrency)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._scheduler: asyncio.Task[None] | None = None
+        self._workers: list[asyncio.Task[None]] = []
         self._idle = asyncio.Event()
         self._idle.set()
-        self._depth = metrics.HANDLER_QUEUE_DEPTH.labels(handler=settings.name)
+        self.stopped = False
         self._duration = metrics.HANDLER_DURATION.labels(handler=settings.name)
         self._outcomes = {
             outcome: metrics.HANDLER_OUTCOMES.labels(handler=settings.name, outcome=outcome)
@@ -102,17 +102,23 @@ class HandlerRunner:
     @property
     def pending(self) -> int:
         """Events queued, waiting in a lane, or being handled."""
-        return self._queue.qsize() + self._laned + self._held + len(self._tasks)
+        return self._queue.qsize() + self._laned + self._busy
 
     @property
     def started(self) -> bool:
         """Whether :meth:`start` was called."""
-        return self._scheduler is not None
+        return bool(self._workers)
 
     def start(self) -> None:
-        """Start taking events off the queue."""
-        self._scheduler = asyncio.create_task(
-            self._schedule(), name=f"handler-{self.settings.name}"
+        """Start the workers."""
+        name = self.settings.name
+        self._workers = [
+            asyncio.create_task(self._work(), name=f"handler-{name}-{index}")
+            for index in range(self.settings.concurrency)
+        ]
+        # Read when scraped, so the hot path never touches the gauge.
+        metrics.HANDLER_QUEUE_DEPTH.labels(handler=name).set_function(
+            lambda: 0 if self.stopped else self._queue.qsize() + self._laned
         )
 
     def offer(self, event: Event) -> Awaitable[None] | None:
@@ -133,7 +139,6 @@ class HandlerRunner:
                 )
                 return None
             return self._queue.put(event)
-        self._depth.set(self._queue.qsize())
         return None
 
     async def drain(self) -> None:
@@ -145,17 +150,14 @@ class HandlerRunner:
     async def stop(self) -> int:
         """Cancel everything still pending; return how many events were abandoned."""
         abandoned = self.pending
-        if self._scheduler is not None:
-            self._scheduler.cancel()
-        for task in self._tasks:
-            task.cancel()
-        waiting = {*self._tasks, *([self._scheduler] if self._scheduler else [])}
-        if waiting:
-            await asyncio.wait(waiting)
-        self._depth.set(0)
+        self.stopped = True
+        for worker in self._workers:
+            worker.cancel()
+        if self._workers:
+            await asyncio.wait(self._workers)
         return abandoned
 
-    async def _schedule(self) -> None:
+    async def _work(self) -> None:
         queue, lanes = self._queue, self._lanes
         while True:
             while self._laned >= self.settings.queue_size:
@@ -163,40 +165,32 @@ class HandlerRunner:
                 self._room.clear()
                 await self._room.wait()
             event = await queue.get()
-            self._depth.set(queue.qsize())
             key = event.call_key
-            if key is not None and key in lanes:
-                lanes[key].append(event)
+            if key is None:
+                lane = None
+            elif (lane := lanes.get(key)) is not None:
+                lane.append(event)
                 self._laned += 1
                 continue
-            self._held = 1
-            await self._slots.acquire()
-            self._held = 0
-            if key is not None:
-                lanes[key] = deque()
-            task = asyncio.create_task(self._drive(event))
-            self._tasks.add(task)
-            task.add_done_callback(self._finished)
-
-    async def _drive(self, event: Event) -> None:
-        """Handle ``event``, then the events that queued up behind it in its call's lane."""
-        key = event.call_key
-        try:
-            while True:
+            else:
+                lane = lanes[key] = deque()
+            self._busy += 1
+            try:
                 await self._invoke(event)
-                lane = self._lanes.get(key) if key is not None else None
-                if not lane:
-                    return
-                event = lane.popleft()
-                self._laned -= 1
-                self._room.set()
-        finally:
-            if key is not None:
-                lane = self._lanes.pop(key, None)
-                if lane:
-                    self._laned -= len(lane)
+                while lane:
+                    event = lane.popleft()
+                    self._laned -= 1
                     self._room.set()
-            self._slots.release()
+                    await self._invoke(event)
+            finally:
+                if key is not None:
+                    lanes.pop(key, None)
+                    if lane:
+                        # Cancelled mid-lane: those events are abandoned, and counted so.
+                        self._laned -= len(lane)
+                self._busy -= 1
+                if not self.pending:
+                    self._idle.set()
 
     async def _invoke(self, event: Event) -> None:
         started = time.perf_counter()
@@ -226,11 +220,6 @@ class HandlerRunner:
             self._outcomes["ok"].inc()
         finally:
             self._duration.observe(time.perf_counter() - started)
-
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not self.pending:
-            self._idle.set()
 
 
 class Dispatcher:
