@@ -86,10 +86,17 @@ def decode(data: str | bytes) -> Frame:
     """
     if isinstance(data, bytes | bytearray | memoryview):
         return _decode_binary(bytes(data))
+    return _frame(_load(data))
+
+
+def _load(text: str) -> Any:
     try:
-        decoded = json.loads(data)
+        return json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise RemoteProtocolError(f"frame is not valid JSON: {exc}") from None
+
+
+def _frame(decoded: Any) -> Frame:
     if not isinstance(decoded, list) or len(decoded) < 5:
         raise RemoteProtocolError("frame is not a [join_ref, ref, topic, event, payload] array")
     join_ref, ref, topic, event, payload = decoded[:5]
@@ -284,7 +291,23 @@ class ChannelProtocol:
         Raises:
             RemoteProtocolError: the message is not a valid V2 frame. The state is unchanged.
         """
-        frame = decode(data)
+        if type(data) is str:
+            decoded = _load(data)
+            # The hot path: a broadcast on our topic, nothing to check but its shape.
+            if (
+                type(decoded) is list
+                and len(decoded) >= 5
+                and decoded[0] is None
+                and (decoded[1] is None or type(decoded[1]) is str)
+                and decoded[2] == self.topic
+                and type(decoded[4]) is dict
+                and type(decoded[3]) is str
+                and decoded[3] not in _CONTROL_EVENTS
+            ):
+                return [Message(decoded[3], decoded[4])]
+            frame = _frame(decoded)
+        else:
+            frame = decode(data)
         if frame.topic == self.topic:
             if frame.join_ref is not None and frame.join_ref != self.join_ref:
                 return []

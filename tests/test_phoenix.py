@@ -205,3 +205,17 @@ def test_arbitrary_arrays_raise_only_remote_protocol_error(items: list[object]) 
 def test_known_malformed_frames(data: str | bytes) -> None:
     with pytest.raises(RemoteProtocolError):
         decode(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        '[null,{},"events","incoming_call",{}]',
+        '[null,null,"events","incoming_call",[]]',
+        '[null,null,"events",7,{}]',
+        '[null,null,"events"]',
+    ],
+)
+def test_malformed_broadcasts_on_our_topic_are_refused(data: str) -> None:
+    with pytest.raises(RemoteProtocolError):
+        joined_channel().receive(data)
