@@ -59,7 +59,8 @@ class _DestinationFields(BaseModel):
     secret: str | list[str] | None = None
     secret_file: Path | None = None
     headers: dict[str, str] = Field(default_factory=dict)
-    timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0)
+    # Not "timeout": that key is the dispatcher's (how long handle() may take).
+    request_timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0)
     retry_schedule: list[float] = Field(
         default_factory=lambda: list(DEFAULT_RETRY_SCHEDULE), min_length=1
     )
@@ -162,7 +163,7 @@ def _destination(
             secrets=fields.secrets(secret_key),
             events=events,
             headers=dict(fields.headers),
-            timeout=fields.timeout,
+            timeout=fields.request_timeout,
             retry_schedule=tuple(fields.retry_schedule),
             ordering=fields.ordering,
             max_in_flight=fields.max_in_flight,

@@ -123,7 +123,19 @@ class HandlerRunner:
 
     def offer(self, event: Event) -> Awaitable[None] | None:
         """Queue ``event``; return an awaitable if the caller must wait for room."""
-        if not self.handler.matches(event):
+        try:
+            if not self.handler.matches(event):
+                return None
+        except Exception as exc:
+            # A broken filter is the handler's failure, not the socket's.
+            self._outcomes["error"].inc()
+            _log.error(
+                "handler filter failed",
+                handler=self.settings.name,
+                event_name=event.name,
+                call_key=event.call_key,
+                error=f"{type(exc).__name__}: {exc}",
+            )
             return None
         self._idle.clear()
         try:

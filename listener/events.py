@@ -8,6 +8,7 @@ itself is passed on exactly as received.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,14 @@ __all__ = ["Event", "call_key_of"]
 _CALL_KEY_FIELDS = ("callUuid", "call_uuid", "callId", "call_id")
 _NESTED_CALL_FIELDS = ("callUuid", "call_uuid", "uuid", "id")
 _MAX_LOG_PAYLOAD = 200
+
+
+@functools.lru_cache(maxsize=512)
+def _field_path(path: str) -> Any:
+    # Imported here: templating builds on this module.
+    from listener.templating import FieldPath
+
+    return FieldPath(path)
 
 
 def call_key_of(payload: dict[str, Any]) -> str | None:
@@ -60,6 +69,23 @@ class Event:
     def create(cls, name: str, payload: dict[str, Any], topic: str, received_at: float) -> Event:
         """Build an event, deriving its call key from the payload."""
         return cls(name, payload, topic, received_at, call_key_of(payload))
+
+    def field(self, path: str, default: Any = None) -> Any:
+        """Read a payload field whatever its spelling: ``event.field("fromNumber")`` finds
+        ``fromNumber``, ``from_number``, or either inside a nested ``call`` object; dotted
+        paths (``call.uuid``) and list indices (``legs.0``) work too. ``call_key``, ``event``,
+        ``topic`` and ``received_at`` name the event's own attributes.
+
+        Returns:
+            The value, or ``default`` when no spelling is present.
+
+        Raises:
+            ValueError: ``path`` is not a valid path (empty segment, spaces, ...).
+        """
+        from listener.templating import MISSING  # templating builds on this module
+
+        value = _field_path(path).find(self)
+        return default if value is MISSING else value
 
     def __str__(self) -> str:
         # A multi-megabyte AI audit payload must not flood the journal.

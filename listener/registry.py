@@ -16,6 +16,7 @@ code 78 and one line, never a traceback.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 from collections.abc import Mapping, Sequence
@@ -146,10 +147,16 @@ def _resolve(use: str) -> object:
 
 
 def _entry_point(name: str) -> str | None:
-    for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if entry_point.name == name:
-            return str(entry_point.value)
-    return None
+    found = {
+        str(ep.value) for ep in metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == name
+    }
+    if len(found) > 1:
+        raise HandlerLoadError(
+            name,
+            f"ambiguous: installed plugins define it as "
+            f"{', '.join(sorted(found))}; use 'module:attribute'",
+        )
+    return found.pop() if found else None
 
 
 def _build(target: object, section: dict[str, Any], use: str, key: str) -> Handler:
@@ -175,6 +182,7 @@ def _instantiate(cls: type[Handler], section: dict[str, Any], use: str, key: str
         _no_settings(section, use, key)
         config: Any = None
     else:
+        _check_model(model, section, use, key)
         try:
             config = model.model_validate(section)
         except ValidationError as exc:
@@ -189,6 +197,24 @@ def _instantiate(cls: type[Handler], section: dict[str, Any], use: str, key: str
         raise
     except Exception as exc:
         raise HandlerLoadError(use, f"could not be created: {type(exc).__name__}: {exc}") from None
+
+
+def _check_model(model: type[BaseModel], section: dict[str, Any], use: str, key: str) -> None:
+    """Enforce what every handler promises its users, whatever its model's own settings."""
+    clash = sorted(_DISPATCH_KEYS & set(model.model_fields))
+    if clash:
+        raise HandlerLoadError(
+            use,
+            f"its Config declares {', '.join(clash)}, which the dispatcher owns; rename the field",
+        )
+    known = {name for name, field in model.model_fields.items()} | {
+        field.alias for field in model.model_fields.values() if field.alias
+    }
+    for name in sorted(section):
+        if name not in known:
+            guess = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean {guess[0]!r}?" if guess else ""
+            raise ConfigError(f"{key}.{name}", f"unknown key{hint}")
 
 
 def _no_settings(section: dict[str, Any], use: str, key: str) -> None:

@@ -17,7 +17,7 @@ The API key is sent and never logged: log lines carry the action, path, status a
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -251,7 +251,7 @@ class RpcClient:
         page_size: int = 100,
         keyset: bool = False,
         unchecked: bool = False,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Yield every item of a list action, one page request at a time.
 
         Offset mode sends ``page: {limit, offset}``, advancing *offset* by the items received.

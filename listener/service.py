@@ -131,7 +131,12 @@ class Daemon:
             ListenerError: the metrics endpoint could not listen.
         """
         health = self._health_server()
-        await self._setup(self.handlers)
+        try:
+            await self._setup(self.handlers)
+        except BaseException:
+            await self._http.aclose()
+            self.notifier.close()
+            raise
         if health is not None:
             await health.start()
         self.dispatcher.start()

@@ -7,7 +7,15 @@ from pydantic import BaseModel, ConfigDict
 from listener.events import Event
 from listener.handler import Context, Handler, handler
 
-__all__ = ["BrokenSetup", "Greeter", "NotAHandler", "plain", "tagged"]
+__all__ = [
+    "BrokenSetup",
+    "Greeter",
+    "Lenient",
+    "NotAHandler",
+    "Shadowing",
+    "plain",
+    "tagged",
+]
 
 
 class Greeter(Handler):
@@ -21,6 +29,20 @@ class Greeter(Handler):
 
     async def handle(self, event: Event, ctx: Context) -> None:
         ctx.log.info("greeting", greeting=self.config.greeting)
+
+
+class Lenient(Handler):
+    """Its model does not forbid unknown keys; the loader must anyway."""
+
+    class Config(BaseModel):
+        greeting: str = "hi"
+
+
+class Shadowing(Handler):
+    """Its model declares a key the dispatcher owns, which would never reach it."""
+
+    class Config(BaseModel):
+        timeout: float = 1.0
 
 
 class BrokenSetup(Handler):

@@ -186,3 +186,20 @@ async def test_unknown_events_reach_wildcard_handlers_only(fake: FakeSippet) -> 
         await settle(daemon, 2)
     assert [name for name, _, _ in everything.seen] == ["brand_new_thing", "call_ended"]
     assert [name for name, _, _ in calls.seen] == ["call_ended"]
+
+
+async def test_a_raising_filter_is_isolated_and_counted(fake: FakeSippet) -> None:
+    class Picky(Recorder):
+        def matches(self, event: Event) -> bool:
+            return bool(event.payload["needed"])
+
+    picky, healthy = Picky("picky"), Recorder("steady")
+    before = outcome("picky", "error")
+    async with running_daemon(fake, [picky, healthy]) as daemon:
+        await fake.broadcast("incoming_call", {"callUuid": "c-1"})
+        await fake.broadcast("incoming_call", {"callUuid": "c-2", "needed": True})
+        await settle(daemon, 2)
+        assert daemon.session.reconnects == 0
+    assert len(healthy.seen) == 2
+    assert len(picky.seen) == 1
+    assert outcome("picky", "error") - before == 1

@@ -33,3 +33,18 @@ def test_payload_is_kept_untouched_and_str_is_bounded() -> None:
     assert event.payload is payload
     assert event.call_key == "c-1"
     assert len(str(event)) < 400
+
+
+def test_field_reads_every_spelling() -> None:
+    event = Event.create(
+        "incoming_call",
+        {"from_number": "+1", "call": {"callUuid": "u"}, "legs": [{"id": 7}]},
+        "events",
+        0.0,
+    )
+    assert event.field("fromNumber") == "+1"
+    assert event.field("call_uuid") == "u"
+    assert event.field("legs.0.id") == 7
+    assert event.field("call_key") == "u"
+    assert event.field("toNumber") is None
+    assert event.field("toNumber", "unknown") == "unknown"

@@ -54,3 +54,15 @@ async def test_plugin_fixture_serves_a_fresh_fake(
     assert minted.status_code == 200
     assert set(minted.json()) == {"token", "expires_at", "ttl_seconds"}
     assert fake_sippet.mints == 1
+
+
+async def test_scripted_replies_can_target_one_action(
+    fake: FakeSippet, http: httpx.AsyncClient
+) -> None:
+    fake.script_rpc(body={"success": True, "data": "for end_call"}, action="end_call")
+    fake.script_rpc(body={"success": True, "data": "for anything"})
+    headers = {"x-api-key": fake.api_key}
+    run = f"{fake.base_url}/rpc/public/run"
+    first = await http.post(run, json={"action": "list_calls"}, headers=headers)
+    second = await http.post(run, json={"action": "end_call"}, headers=headers)
+    assert (first.json()["data"], second.json()["data"]) == ("for anything", "for end_call")

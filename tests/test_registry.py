@@ -95,6 +95,18 @@ def test_config_errors_name_the_key(
     assert caught.value.problem.startswith(problem)
 
 
+def test_plugin_configs_are_held_to_the_same_rules() -> None:
+    # Lenient.Config does not forbid extras itself; the loader still refuses a typo.
+    with pytest.raises(ConfigError) as caught:
+        load_handler({"use": "tests.sample_handlers:Lenient", "greting": "yo"}, "handlers[0]")
+    assert (caught.value.key, caught.value.problem) == (
+        "handlers[0].greting",
+        "unknown key; did you mean 'greeting'?",
+    )
+    with pytest.raises(HandlerLoadError, match="declares timeout, which the dispatcher"):
+        load_handler({"use": "tests.sample_handlers:Shadowing"}, "handlers[0]")
+
+
 async def test_setup_failure_stops_start_up_naming_the_handler(fake: FakeSippet) -> None:
     with pytest.raises(HandlerLoadError, match=r"broken-setup.*setup failed: OSError"):
         async with running_daemon(fake, [{"use": "tests.sample_handlers:BrokenSetup"}]):

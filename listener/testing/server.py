@@ -168,6 +168,7 @@ class FakeSippet:
         self._tokens: dict[str, float] = {}
         self._sockets: set[_Socket] = set()
         self._scripted: deque[_ScriptedReply] = deque()
+        self._scripted_for: dict[str, deque[_ScriptedReply]] = {}
         self._changed = asyncio.Condition()
         self._server = AsgiServer(self._app(), host, port)
 
@@ -240,10 +241,20 @@ class FakeSippet:
         self.behaviour.key_revoked = False
 
     def script_rpc(
-        self, status: int = 200, body: Any = None, headers: dict[str, str] | None = None
+        self,
+        status: int = 200,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        *,
+        action: str | None = None,
     ) -> None:
-        """Queue one reply for the next RPC request (run or validate), first in first out."""
-        self._scripted.append(_ScriptedReply(status, body, headers or {}))
+        """Queue one reply for the next RPC request (run or validate), first in first out;
+        with ``action``, for the next request for that action only."""
+        reply = _ScriptedReply(status, body, headers or {})
+        if action is None:
+            self._scripted.append(reply)
+        else:
+            self._scripted_for.setdefault(action, deque()).append(reply)
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         """Wait until ``predicate()`` is true; it is re-checked whenever the server's state
@@ -339,8 +350,10 @@ class FakeSippet:
             listener(recorded)
         if not self._key_ok(request):
             return JSONResponse({"error": "unauthorized"}, status_code=401)
-        if self._scripted:
-            reply = self._scripted.popleft()
+        action = body.get("action") if isinstance(body, dict) else None
+        for_action = self._scripted_for.get(str(action))
+        if for_action or self._scripted:
+            reply = for_action.popleft() if for_action else self._scripted.popleft()
             return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
         if request.url.path.endswith("/validate"):
             return JSONResponse({"success": True})

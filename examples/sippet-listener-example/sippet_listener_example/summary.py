@@ -1,0 +1,19 @@
+"""``call_summary``: one log line per finished call, the smallest useful function handler."""
+
+from __future__ import annotations
+
+from listener.events import Event
+from listener.handler import Context, handler
+
+__all__ = ["call_summary"]
+
+
+@handler(events=["call_ended"], when=lambda event: event.call_key is not None)
+async def call_summary(event: Event, ctx: Context) -> None:
+    """Log the call's status, direction and duration, whichever spelling the payload uses."""
+    ctx.log.info(
+        "call summary",
+        status=event.field("status"),
+        direction=event.field("direction"),
+        duration_seconds=event.field("durationSeconds"),
+    )
