@@ -30,6 +30,8 @@ class LogHandler(Handler):
         level: Literal["debug", "info", "warning"] = "info"
         payload: bool = True
         max_payload_chars: int = Field(default=2000, ge=0)
+        # Payload fields to show as their own keys, read in any spelling (event.field).
+        fields: list[str] = Field(default_factory=list)
 
     config: Config
 
@@ -38,6 +40,8 @@ class LogHandler(Handler):
 
     async def handle(self, event: Event, ctx: Context) -> None:
         fields: dict[str, object] = {"topic": event.topic}
+        for name in self.config.fields:
+            fields[name] = event.field(name)
         if self.config.payload:
             text = json.dumps(event.payload, separators=(",", ":"), default=str)
             limit = self.config.max_payload_chars

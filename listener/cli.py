@@ -101,7 +101,7 @@ def _demo_settings(base_url: str, args: argparse.Namespace, state_dir: Path) -> 
             "sippet": {"base_url": base_url, "heartbeat_interval": args.heartbeat_interval},
             "service": {"state_dir": str(state_dir), "log_level": args.log_level},
             "handlers": [
-                {"use": "log", "payload": False},
+                {"use": "log", "payload": False, "fields": ["fromNumber", "status"]},
                 {
                     "use": "rpc",
                     "rules": [

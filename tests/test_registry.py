@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from handlers.log import LogHandler
 from listener.errors import ConfigError, HandlerLoadError
 from listener.handler import FunctionHandler
 from listener.registry import load_handler, load_handlers
-from listener.testing import FakeSippet, running_daemon
+from listener.testing import FakeSippet, running_daemon, settle
 from tests.sample_handlers import Greeter
 
 
@@ -132,3 +133,21 @@ async def test_run_exits_78_on_a_bad_handler_without_a_traceback(tmp_path: Path)
     text = err.decode()
     assert "handler 'no_such_module:Thing': cannot import no_such_module" in text
     assert "Traceback" not in text
+
+
+async def test_log_handler_shows_chosen_fields_in_any_spelling(fake: FakeSippet) -> None:
+    with capture_logs() as logs:
+        async with running_daemon(
+            fake, [{"use": "log", "payload": False, "fields": ["fromNumber", "status"]}]
+        ) as daemon:
+            await fake.broadcast(
+                "incoming_call", {"call": {"from_number": "+1555", "status": "ringing"}}
+            )
+            await settle(daemon, 1)
+    [line] = [entry for entry in logs if entry["event"] == "event received"]
+    assert (line["fromNumber"], line["status"], line["event_name"]) == (
+        "+1555",
+        "ringing",
+        "incoming_call",
+    )
+    assert "payload" not in line
