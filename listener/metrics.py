@@ -7,10 +7,11 @@ the server but are few; call keys and ids are never labels.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 __all__ = [
@@ -31,7 +32,9 @@ __all__ = [
     "TOKEN_MINTS",
     "WEBHOOK_DELIVERIES",
     "Cell",
+    "HistogramCell",
     "HotCounter",
+    "HotHistogram",
 ]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -79,6 +82,60 @@ class HotCounter(Collector):
         yield family
 
 
+class HistogramCell:
+    """One labelled histogram: bucket counts and a sum, updated without a lock."""
+
+    __slots__ = ("_bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        """Record one observation."""
+        self.counts[bisect.bisect_left(self._bounds, value)] += 1
+        self.total += value
+
+
+class HotHistogram(Collector):
+    """A histogram for the per-event hot path (see :class:`HotCounter` for why)."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: list[str],
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = labelnames
+        self._bounds = buckets
+        self._cells: dict[tuple[str, ...], HistogramCell] = {}
+        registry.register(self)
+
+    def labels(self, **values: str) -> HistogramCell:
+        """The histogram for these label values."""
+        key = tuple(values[name] for name in self._labelnames)
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = self._cells[key] = HistogramCell(self._bounds)
+        return cell
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for key, cell in self._cells.items():
+            cumulative, buckets = 0, []
+            bounds = [str(float(bound)) for bound in self._bounds] + ["+Inf"]
+            for bound, count in zip(bounds, cell.counts, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            family.add_metric(list(key), buckets, cell.total)
+        yield family
+
+
 EVENTS_RECEIVED = HotCounter(
     f"{_P}events_received_total", "Events received on the channel.", ["event"], registry=REGISTRY
 )
@@ -116,10 +173,27 @@ HANDLER_OUTCOMES = HotCounter(
     ["handler", "outcome"],
     registry=REGISTRY,
 )
-HANDLER_DURATION = Histogram(
+HANDLER_DURATION = HotHistogram(
     f"{_P}handler_duration_seconds",
     "Time a handler spent on one event.",
     ["handler"],
+    buckets=(
+        0.0001,
+        0.0005,
+        0.001,
+        0.005,
+        0.01,
+        0.025,
+        0.05,
+        0.1,
+        0.25,
+        0.5,
+        1.0,
+        2.5,
+        5.0,
+        10.0,
+        30.0,
+    ),
     registry=REGISTRY,
 )
 HANDLER_QUEUE_DEPTH = Gauge(
