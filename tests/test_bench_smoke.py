@@ -1,0 +1,39 @@
+"""The benchmark still runs: ``python -m bench --smoke`` prints every row of its table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(60)
+def test_bench_smoke_prints_the_table() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    measures = [row.split(" | ")[0].removeprefix("| ") for row in rows]
+    for prefix in (
+        "throughput, drain",
+        "latency at 500/s",
+        "recovery: drop_all",
+        "rotation: 200/s",
+        "webhooks: 100 deliveries x 1",
+        "webhooks: drain a 200 backlog",
+        "footprint",
+    ):
+        assert any(m.startswith(prefix) for m in measures), (prefix, done.stdout)
+    for client in ("bare websockets+json loop (limit)", "sippet-listener (Daemon"):
+        assert any(client in row for row in rows), (client, done.stdout)
+    assert "failed:" not in done.stdout, done.stdout
