@@ -258,7 +258,7 @@ class Connection:
                 for event in events:
                     if type(event) is Message:
                         wait = self.on_event(
-                            Event.create(event.event, event.payload, topic, time.time())
+                            Event.create(event.event, event.payload, topic, time.time(), len(data))
                         )
                         if wait is not None:
                             self._intake_paused = True

@@ -46,6 +46,9 @@ class RunnerSettings:
         timeout: seconds one ``handle`` call may take before it is cancelled.
         concurrency: how many events it handles at once (one per call at most).
         queue_size: events that may wait for it before ``on_full`` applies.
+        queue_bytes: bytes of events (as received) that may wait for it before ``on_full``
+            applies: a few multi-megabyte AI audit events must not exhaust memory. One event
+            larger than this is still taken when nothing else waits.
         on_full: ``wait`` makes the intake wait for room (nothing lost); ``drop`` drops the
             event with a warning and a metric.
     """
@@ -55,6 +58,7 @@ class RunnerSettings:
     timeout: float = 30.0
     concurrency: int = 8
     queue_size: int = 10_000
+    queue_bytes: int = 64 * 1024 * 1024
     on_full: OnFull = "wait"
 
 
@@ -82,6 +86,9 @@ class HandlerRunner:
         self._lanes: dict[str, deque[Event]] = {}
         self._laned = 0
         self._busy = 0
+        # Bytes of the events queued or waiting in a lane (not those being handled).
+        self._queued_bytes = 0
+        self._byte_room = asyncio.Event()
         self._room = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
         self._idle = asyncio.Event()
@@ -138,20 +145,39 @@ class HandlerRunner:
             )
             return None
         self._idle.clear()
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
-            if self.settings.on_full == "drop":
-                self._outcomes["dropped"].value += 1
-                _log.warning(
-                    "handler queue full, event dropped",
-                    handler=self.settings.name,
-                    event_name=event.name,
-                    call_key=event.call_key,
-                )
+        over_budget = self._queued_bytes + event.size > self.settings.queue_bytes
+        if not over_budget or not self.pending:
+            try:
+                self._queue.put_nowait(event)
+            except asyncio.QueueFull:
+                pass
+            else:
+                self._queued_bytes += event.size
                 return None
-            return self._queue.put(event)
-        return None
+        if self.settings.on_full == "drop":
+            self._outcomes["dropped"].value += 1
+            _log.warning(
+                "handler queue full, event dropped",
+                handler=self.settings.name,
+                event_name=event.name,
+                call_key=event.call_key,
+            )
+            return None
+        return self._admit(event)
+
+    async def _admit(self, event: Event) -> None:
+        """Queue ``event`` once there is room, by bytes and by count."""
+        while self.pending and self._queued_bytes + event.size > self.settings.queue_bytes:
+            self._byte_room.clear()
+            await self._byte_room.wait()
+        await self._queue.put(event)
+        self._queued_bytes += event.size
+
+    def _release(self, size: int) -> None:
+        """An event left the queue or a lane to be handled: its bytes no longer wait."""
+        if size:
+            self._queued_bytes -= size
+            self._byte_room.set()
 
     async def drain(self) -> None:
         """Wait until nothing is queued or in flight."""
@@ -195,12 +221,14 @@ class HandlerRunner:
                 continue
             else:
                 lane = lanes[key] = deque()
+            self._release(event.size)
             self._busy += 1
             try:
                 await self._invoke(event, deadline)
                 while lane:
                     event = lane.popleft()
                     self._laned -= 1
+                    self._release(event.size)
                     self._room.set()
                     await self._invoke(event, deadline)
             finally:
@@ -209,6 +237,7 @@ class HandlerRunner:
                     if lane:
                         # Cancelled mid-lane: those events are abandoned, and counted so.
                         self._laned -= len(lane)
+                        self._release(sum(waiting.size for waiting in lane))
                 self._busy -= 1
                 if not self.pending:
                     self._idle.set()

@@ -57,6 +57,8 @@ class Event:
         topic: the channel topic it arrived on (``events``).
         received_at: wall-clock time of receipt, seconds since the epoch.
         call_key: the call it belongs to (see :func:`call_key_of`), or None.
+        size: the size of the frame it came in, in bytes (0 when unknown); handler queues
+            are bounded by it as well as by count.
     """
 
     name: str
@@ -64,11 +66,14 @@ class Event:
     topic: str
     received_at: float
     call_key: str | None = field(default=None)
+    size: int = field(default=0)
 
     @classmethod
-    def create(cls, name: str, payload: dict[str, Any], topic: str, received_at: float) -> Event:
+    def create(
+        cls, name: str, payload: dict[str, Any], topic: str, received_at: float, size: int = 0
+    ) -> Event:
         """Build an event, deriving its call key from the payload."""
-        return cls(name, payload, topic, received_at, call_key_of(payload))
+        return cls(name, payload, topic, received_at, call_key_of(payload), size)
 
     def field(self, path: str, default: Any = None) -> Any:
         """Read a payload field whatever its spelling: ``event.field("fromNumber")`` finds

@@ -52,6 +52,7 @@ class _DispatchOptions(BaseModel):
     timeout: float = Field(default=30.0, gt=0)
     concurrency: int = Field(default=8, ge=1)
     queue_size: int = Field(default=10_000, ge=1)
+    queue_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     on_full: str = Field(default="wait", pattern="^(wait|drop)$")
 
 
@@ -113,6 +114,7 @@ def load_handler(entry: Mapping[str, Any], key: str) -> LoadedHandler:
         timeout=options.timeout,
         concurrency=options.concurrency,
         queue_size=options.queue_size,
+        queue_bytes=options.queue_bytes,
         on_full="drop" if options.on_full == "drop" else "wait",
     )
     return LoadedHandler(handler, settings, dict(entry))

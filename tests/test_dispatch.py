@@ -203,3 +203,33 @@ async def test_a_raising_filter_is_isolated_and_counted(fake: FakeSippet) -> Non
     assert len(healthy.seen) == 2
     assert len(picky.seen) == 1
     assert outcome("picky", "error") - before == 1
+
+
+async def test_queues_are_bounded_by_bytes_too(fake: FakeSippet) -> None:
+    stuck = Recorder("bytes", hang=True)
+    before = outcome("bytes", "dropped")
+    blob = "x" * 3000
+    async with running_daemon(
+        fake,
+        [loaded(stuck, queue_bytes=8192, concurrency=1, on_full="drop", timeout=60)],
+    ) as daemon:
+        for seq in range(10):
+            await fake.broadcast("call_ai_audit_event", {"callUuid": f"c-{seq}", "blob": blob})
+        await asyncio.wait_for(daemon.dispatcher.wait_received(10), 10)
+        dropped = outcome("bytes", "dropped") - before
+    # 3 KB each against an 8 KB budget: at most two wait (plus one in flight), the rest are
+    # dropped and counted; what was taken is abandoned at stop (the handler never returns).
+    assert dropped >= 7
+    assert daemon.report is not None
+    assert daemon.report.abandoned["bytes"] + dropped == 10
+
+
+async def test_a_byte_budget_slows_the_intake_without_losing_anything(fake: FakeSippet) -> None:
+    slow = Recorder("slow-bytes", delay=0.02)
+    blob = "x" * 3000
+    async with running_daemon(fake, [loaded(slow, queue_bytes=8192, concurrency=1)]) as daemon:
+        for seq in range(30):
+            await fake.broadcast("call_ai_audit_event", {"callUuid": f"c-{seq}", "blob": blob})
+        await settle(daemon, 30)
+        assert daemon.session.reconnects == 0
+    assert len(slow.seen) == 30
