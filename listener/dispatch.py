@@ -136,12 +136,8 @@ class HandlerRunner:
         except Exception as exc:
             # A broken filter is the handler's failure, not the socket's.
             self._outcomes["error"].value += 1
-            _log.error(
-                "handler filter failed",
-                handler=self.settings.name,
-                event_name=event.name,
-                call_key=event.call_key,
-                error=f"{type(exc).__name__}: {exc}",
+            self._report(
+                "error", "handler filter failed", event, error=f"{type(exc).__name__}: {exc}"
             )
             return None
         self._idle.clear()
@@ -156,12 +152,7 @@ class HandlerRunner:
                 return None
         if self.settings.on_full == "drop":
             self._outcomes["dropped"].value += 1
-            _log.warning(
-                "handler queue full, event dropped",
-                handler=self.settings.name,
-                event_name=event.name,
-                call_key=event.call_key,
-            )
+            self._report("warning", "handler queue full, event dropped", event)
             return None
         return self._admit(event)
 
@@ -261,22 +252,24 @@ class HandlerRunner:
         self._duration.observe(time.perf_counter() - started)
         self._outcomes[outcome].value += 1
         if outcome == "timeout":
-            _log.warning(
-                "handler timed out",
-                handler=self.settings.name,
-                event_name=event.name,
-                call_key=event.call_key,
-                timeout=self.settings.timeout,
-            )
+            self._report("warning", "handler timed out", event, timeout=self.settings.timeout)
         elif failure is not None:
-            _log.error(
+            self._report(
+                "error",
                 "handler failed",
-                handler=self.settings.name,
-                event_name=event.name,
-                call_key=event.call_key,
+                event,
                 error=f"{type(failure).__name__}: {failure}",
                 exc_info=failure,
             )
+
+    def _report(self, level: str, message: str, event: Event, **fields: Any) -> None:
+        getattr(_log, level)(
+            message,
+            handler=self.settings.name,
+            event_name=event.name,
+            call_key=event.call_key,
+            **fields,
+        )
 
 
 class _Deadline:
