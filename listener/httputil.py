@@ -7,7 +7,9 @@ import time
 from collections.abc import Mapping
 from importlib import metadata
 
-__all__ = ["USER_AGENT", "VERSION", "retry_after_seconds"]
+import tenacity
+
+__all__ = ["USER_AGENT", "VERSION", "WaitRetryAfterOrBackoff", "retry_after_seconds"]
 
 
 def _version() -> str:
@@ -38,3 +40,26 @@ def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) ->
         return None
     current = time.time() if now is None else now
     return max(0.0, when.timestamp() - current)
+
+
+class WaitRetryAfterOrBackoff(tenacity.wait.wait_base):
+    """tenacity wait: what the failure's ``retry_after`` asks for (capped), else exponential
+    backoff with full jitter.
+
+    Args:
+        initial: the backoff's first step, in seconds.
+        maximum: the longest backoff wait.
+        cap: the longest ``Retry-After`` honoured: a server must not park us for minutes.
+    """
+
+    def __init__(self, initial: float, maximum: float, cap: float) -> None:
+        self._backoff = tenacity.wait_random_exponential(multiplier=initial, max=maximum)
+        self._cap = cap
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        outcome = retry_state.outcome
+        exc = outcome.exception() if outcome is not None else None
+        retry_after = getattr(exc, "retry_after", None)
+        if isinstance(retry_after, int | float):
+            return min(float(retry_after), self._cap)
+        return float(self._backoff(retry_state))

@@ -29,11 +29,10 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_after_attempt,
-    wait_random_exponential,
 )
 
 from listener.errors import RpcActionError, RpcError, RpcInputError
-from listener.httputil import USER_AGENT, retry_after_seconds
+from listener.httputil import USER_AGENT, WaitRetryAfterOrBackoff, retry_after_seconds
 from listener.metrics import RPC_CALLS
 from listener.rpc_catalog import CATALOG, check_request
 
@@ -120,9 +119,9 @@ class RpcClient:
         self._owns_http = http is None
         self._http = httpx.AsyncClient(timeout=timeout) if http is None else http
         self._max_attempts = max_attempts
-        self._backoff_max = backoff_max
         # Full jitter: clients failing together do not retry together.
-        self._backoff = wait_random_exponential(multiplier=backoff_initial, max=backoff_max)
+        # Honour Retry-After, but never sleep for minutes on a server's say-so.
+        self._wait = WaitRetryAfterOrBackoff(backoff_initial, backoff_max, cap=backoff_max * 4)
 
     def __repr__(self) -> str:
         return f"RpcClient({self._base_url!r})"
@@ -356,14 +355,6 @@ class RpcClient:
             )
             raise _StatusError(action, response.status_code, retry_after)
         return response
-
-    def _wait(self, state: RetryCallState) -> float:
-        """Return the delay before the next attempt: Retry-After, else jittered backoff."""
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, _StatusError) and exc.retry_after is not None:
-            # Honour the server, but never sleep for minutes on its say-so.
-            return min(exc.retry_after, self._backoff_max * 4)
-        return float(self._backoff(state))
 
 
 def _payload(

@@ -132,7 +132,7 @@ class Daemon:
         """
         health = self._health_server()
         try:
-            await self._setup(self.handlers)
+            await self._setup(self.dispatcher.runners)
         except BaseException:
             await self._http.aclose()
             self.notifier.close()
@@ -161,7 +161,7 @@ class Daemon:
                     await task
             await self.session.stop()
             self.report = await self.dispatcher.stop(self.settings.service.drain_timeout)
-            await self._teardown(self.handlers)
+            await self._teardown(self.dispatcher.runners)
             if health is not None:
                 await health.stop()
             await self._http.aclose()
@@ -195,7 +195,7 @@ class Daemon:
         old = list(zip(self.handlers, self.dispatcher.runners, strict=True))
         handlers: list[LoadedHandler] = []
         runners: list[HandlerRunner] = []
-        fresh: list[LoadedHandler] = []
+        fresh: list[HandlerRunner] = []
         for item in loaded:
             match = next(
                 (pair for pair in old if pair[0].entry is not None and pair[0].entry == item.entry),
@@ -204,7 +204,7 @@ class Daemon:
             if match is None:
                 handlers.append(item)
                 runners.append(self._runner(item))
-                fresh.append(item)
+                fresh.append(runners[-1])
             else:
                 # Unchanged table: keep the running instance, its queue and its state.
                 old.remove(match)
@@ -233,7 +233,7 @@ class Daemon:
                     handler=runner.settings.name,
                     abandoned=abandoned,
                 )
-        await self._teardown([pair[0] for pair in old])
+        await self._teardown([pair[1] for pair in old])
 
     def _runner(self, item: LoadedHandler) -> HandlerRunner:
         context = Context(
@@ -276,32 +276,26 @@ class Daemon:
                 self._status = status
                 self.notifier.status(status)
 
-    async def _setup(self, handlers: Sequence[LoadedHandler]) -> None:
-        done: list[LoadedHandler] = []
-        for item in handlers:
-            context = Context(
-                rpc=self.rpc,
-                config=item.handler.config,
-                name=item.settings.name,
-                state_dir=self.settings.service.state_dir,
-            )
+    async def _setup(self, runners: Sequence[HandlerRunner]) -> None:
+        done: list[HandlerRunner] = []
+        for runner in runners:
             try:
-                await item.handler.setup(context)
+                await runner.handler.setup(runner.context)
             except Exception as exc:
                 await self._teardown(done)
                 raise HandlerLoadError(
-                    item.settings.name, f"setup failed: {type(exc).__name__}: {exc}"
+                    runner.settings.name, f"setup failed: {type(exc).__name__}: {exc}"
                 ) from None
-            done.append(item)
+            done.append(runner)
 
-    async def _teardown(self, handlers: Sequence[LoadedHandler]) -> None:
-        for item in handlers:
+    async def _teardown(self, runners: Sequence[HandlerRunner]) -> None:
+        for runner in runners:
             try:
-                await item.handler.teardown()
+                await runner.handler.teardown()
             except Exception as exc:
                 _log.error(
                     "handler teardown failed",
-                    handler=item.settings.name,
+                    handler=runner.settings.name,
                     error=f"{type(exc).__name__}: {exc}",
                 )
 

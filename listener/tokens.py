@@ -19,7 +19,7 @@ import tenacity
 
 from listener import metrics
 from listener.errors import AuthError, MintError
-from listener.httputil import USER_AGENT, retry_after_seconds
+from listener.httputil import USER_AGENT, WaitRetryAfterOrBackoff, retry_after_seconds
 from listener.logs import register_secret
 
 __all__ = ["DEFAULT_TTL", "SessionToken", "TokenSource", "parse_mint_response"]
@@ -98,21 +98,6 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
-class _WaitRetryAfterOrBackoff(tenacity.wait.wait_base):
-    """Wait what the server asked for in ``Retry-After``, else exponential backoff with jitter."""
-
-    def __init__(self, initial: float, maximum: float) -> None:
-        self._backoff = tenacity.wait_random_exponential(multiplier=initial, max=maximum)
-        self._maximum = maximum
-
-    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
-        outcome = retry_state.outcome
-        exc = outcome.exception() if outcome is not None else None
-        if isinstance(exc, _Retryable) and exc.retry_after is not None:
-            return min(exc.retry_after, self._maximum)
-        return float(self._backoff(retry_state))
-
-
 class TokenSource:
     """Mints session tokens, retrying transient failures.
 
@@ -141,7 +126,7 @@ class TokenSource:
         register_secret(api_key)
         self._retrying = tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception_type(_Retryable),
-            wait=_WaitRetryAfterOrBackoff(backoff_initial, backoff_max),
+            wait=WaitRetryAfterOrBackoff(backoff_initial, backoff_max, cap=backoff_max),
             stop=tenacity.stop_after_attempt(attempts),
             reraise=True,
             before_sleep=self._log_retry,
