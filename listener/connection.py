@@ -103,7 +103,6 @@ class Connection:
         self._task: asyncio.Task[LinkError] | None = None
         self._closing = False
         self._intake_paused = False
-        self.heartbeat_rtt: float | None = None
         self.joined_at: float | None = None
         self.last_heartbeat_ok: float | None = None
 
@@ -274,9 +273,8 @@ class Connection:
     def _on_control(self, event: ProtocolEvent) -> None:
         if isinstance(event, HeartbeatReply):
             now = time.monotonic()
-            self.heartbeat_rtt = now - event.sent_at
             self.last_heartbeat_ok = now
-            metrics.HEARTBEAT_RTT.observe(self.heartbeat_rtt)
+            metrics.HEARTBEAT_RTT.observe(now - event.sent_at)
         elif isinstance(event, JoinOk):
             self._resolve(self._joined)
             self.joined_at = self.last_heartbeat_ok = time.monotonic()

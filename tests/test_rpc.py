@@ -21,6 +21,7 @@ from listener.errors import RpcActionError, RpcError, RpcInputError
 from listener.metrics import REGISTRY
 from listener.rpc import RpcClient, ValidationResult
 from listener.testing import FakeSippet
+from listener.testing.receiver import WebhookReceiver
 
 KEY = "sk_test_secret"
 REFERENCE = Path(__file__).parents[2] / "shared" / "reference"
@@ -272,16 +273,15 @@ async def test_reply_that_is_no_envelope(fake: FakeSippet, client: RpcClient) ->
 
 
 async def test_reply_that_is_not_json() -> None:
-    """A 200 that is not JSON is refused, with its status (through an injected client)."""
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, text="<html>maintenance</html>")
-
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-        async with RpcClient("http://sippet.test", KEY, http=http) as rpc_client:
+    """A 200 that is not JSON is refused, with its status (a real server on loopback that
+    answers every POST with an empty body; the caller's client is left open)."""
+    async with WebhookReceiver() as server, httpx.AsyncClient() as http:
+        base_url = server.url.removesuffix("/hook")
+        async with RpcClient(base_url, KEY, http=http) as rpc_client:
             with pytest.raises(RpcError, match=r"^rpc who_am_i failed: HTTP 200: .* not JSON$"):
                 await rpc_client.run("who_am_i", fields=["id"])
         assert not http.is_closed
+        assert server.requests[0].path == "/rpc/public/run"
 
 
 async def test_refused_key(fake: FakeSippet) -> None:
