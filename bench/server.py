@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from listener.asgi import AsgiServer
+from listener.service.asgi import AsgiServer
 from listener.testing import FakeSippet
 
 __all__ = ["call_event"]

@@ -35,12 +35,12 @@ from typing import Any
 import httpx
 
 from bench.server import call_event
-from listener.delivery import Destination, WebhookForwarder, encode_body, new_message_id
-from listener.delivery import sign_headers as sign
-from listener.events import Event
-from listener.logs import configure_logging
-from listener.metrics import REGISTRY
-from listener.outbox import Outbox
+from listener.core.events import Event
+from listener.core.logs import configure_logging
+from listener.core.metrics import REGISTRY
+from listener.webhooks.forwarder import Destination, WebhookForwarder, encode_body, new_message_id
+from listener.webhooks.forwarder import sign_headers as sign
+from listener.webhooks.outbox import Outbox
 
 _DESTINATION = "bench"
 # Failed attempts are retried after 1 s, and often enough that no row dies in the outage.

@@ -10,8 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from listener.events import Event
-from listener.handler import Context, Handler
+from listener import Context, Event, Handler
 
 __all__ = ["LogHandler"]
 

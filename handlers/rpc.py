@@ -11,7 +11,7 @@
     input = { callUuid = "{call_key}" }
 
 A rule *matches* an event when the event's name matches one of its ``on`` globs and every
-``when`` condition holds. A condition's key is a field path (see :mod:`listener.templating`:
+``when`` condition holds. A condition's key is a field path (see :mod:`listener.core.templating`:
 camelCase and snake_case spellings and a nested ``call`` object are all tried; a nested TOML
 table such as ``when = { call = { direction = "inbound" } }`` means ``call.direction``). A list
 of values holds when the field equals any of them, a single value when it equals that one.
@@ -20,14 +20,14 @@ A missing field never holds. Equality is JSON equality: ``true`` does not equal 
 The payload keys (``input``, ``identity``, ``fields``, ``filter``, ``sort``, ``page``,
 ``metadata_fields``) are templates, filled in from the event. Everything is checked when the
 config is loaded, not at the first event: template syntax, ``when`` paths, and, unless
-``unchecked = true``, that the action is in :data:`~listener.rpc_catalog.CATALOG`, that it takes
+``unchecked = true``, that the action is in :data:`~listener.rpc.catalog.CATALOG`, that it takes
 each payload key given, and that every key and ``input`` field it requires is present.
 Problems are pydantic errors located at the offending key (``rules.0.input.callUuid``), so
 the loader reports them like any other config error.
 
 Error handling, per event: rules run in order, one RPC call at a time. A rule whose template
-cannot be filled in (:class:`~listener.templating.TemplateError`) or whose call fails
-(:class:`~listener.errors.RpcError`, including ``{"success": false}``) is logged with its index
+cannot be filled in (:class:`~listener.core.templating.TemplateError`) or whose call fails
+(:class:`~listener.RpcError`, including ``{"success": false}``) is logged with its index
 and action, and the remaining rules still run: one rule's failure must not cancel another's
 independent action. When every rule has had its turn, :class:`RulesFailed` is raised if any
 failed, so the dispatcher counts the event as failed. Any other exception is a bug and
@@ -47,14 +47,17 @@ from typing import Any, Self, TypeAlias
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from listener.errors import ListenerError, RpcError
-from listener.events import Event
-from listener.handler import Context, Handler
-from listener.rpc_catalog import CATALOG, PAYLOAD_KEYS
-from listener.templating import (
+from listener import (
+    CATALOG,
     MISSING,
+    PAYLOAD_KEYS,
+    Context,
+    Event,
     FieldPath,
+    Handler,
+    ListenerError,
     Location,
+    RpcError,
     Template,
     TemplateError,
     compile_template,
@@ -139,7 +142,7 @@ class Rule(BaseModel):
 
     def render(self, event: Event) -> dict[str, Any]:
         """Return the payload keys filled in from ``event``, as keyword arguments of
-        :meth:`~listener.rpc.RpcClient.run`.
+        :meth:`~listener.rpc.client.RpcClient.run`.
 
         Raises:
             TemplateError: a template names a field the event lacks.

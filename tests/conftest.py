@@ -11,11 +11,11 @@ from typing import Any
 import httpx
 import pytest
 
-from listener.connection import LinkSettings
-from listener.events import Event
-from listener.session import Session, SessionSettings
+from listener.core.events import Event
+from listener.realtime.connection import LinkSettings
+from listener.realtime.session import Session, SessionSettings
+from listener.realtime.tokens import TokenSource
 from listener.testing import FakeSippet
-from listener.tokens import TokenSource
 
 # Timing-driven tests scale from this unit (seconds) so the suite stays fast.
 MS = 0.001

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from listener.events import Event
-from listener.handler import Context, Handler, handler
+from listener.core.events import Event
+from listener.dispatch.handler import Context, Handler, handler
 
 __all__ = [
     "BrokenSetup",

@@ -13,7 +13,7 @@ import pytest
 
 from listener.testing import FakeSippet
 
-CLI = [sys.executable, "-m", "listener.cli"]
+CLI = [sys.executable, "-m", "listener.service.cli"]
 
 
 def write_config(path: Path, body: str) -> Path:

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from listener.config import (
+from listener.core.errors import ConfigError
+from listener.dispatch.loader import load_handlers
+from listener.service.config import (
     CREDENTIAL_NAME,
     ENV_SECRET_KEY,
     load_settings,
     parse_settings,
     read_secret,
 )
-from listener.errors import ConfigError
-from listener.registry import load_handlers
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,11 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from structlog.testing import capture_logs
 
-from listener.delivery import (
+from listener.core.errors import ConfigError
+from listener.core.events import Event
+from listener.core.metrics import REGISTRY
+from listener.testing.receiver import ReceivedRequest, WebhookReceiver
+from listener.webhooks.forwarder import (
     DEFAULT_RETRY_SCHEDULE,
     Destination,
     ForwarderStateError,
@@ -26,11 +30,7 @@ from listener.delivery import (
     encode_body,
     sign_headers,
 )
-from listener.errors import ConfigError
-from listener.events import Event
-from listener.metrics import REGISTRY
-from listener.outbox import DestinationStats, Outbox
-from listener.testing.receiver import ReceivedRequest, WebhookReceiver
+from listener.webhooks.outbox import DestinationStats, Outbox
 
 SECRET = "whsec_" + base64.b64encode(b"\x01" * 32).decode()
 OLD_SECRET = "whsec_" + base64.b64encode(b"\x02" * 32).decode()
@@ -369,8 +369,8 @@ async def test_restart_redelivers_pending_rows_with_the_same_ids(
 
 _CHILD = """
 import asyncio, sys, time
-from listener.delivery import Destination, WebhookForwarder
-from listener.events import Event
+from listener.webhooks.forwarder import Destination, WebhookForwarder
+from listener.core.events import Event
 
 async def main(url, db, secret):
     hook = Destination("hooks", url, (secret,), retry_schedule=(0, 60))

@@ -8,11 +8,11 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from listener import metrics
-from listener.dispatch import RunnerSettings
-from listener.events import Event
-from listener.handler import Context, Handler, handler
-from listener.registry import LoadedHandler
+from listener.core import metrics
+from listener.core.events import Event
+from listener.dispatch.dispatcher import RunnerSettings
+from listener.dispatch.handler import Context, Handler, handler
+from listener.dispatch.loader import LoadedHandler
 from listener.testing import FakeSippet, running_daemon, settle
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from listener.events import Event, call_key_of
+from listener.core.events import Event, call_key_of
 
 
 @pytest.mark.parametrize(

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from listener.errors import ConfigError
-from listener.handler import FunctionHandler
-from listener.registry import ENTRY_POINT_GROUP, load_handler
+from listener.core.errors import ConfigError
+from listener.dispatch.handler import FunctionHandler
+from listener.dispatch.loader import ENTRY_POINT_GROUP, load_handler
 from listener.testing import FakeSippet, running_daemon, settle
 
 try:
@@ -80,7 +80,7 @@ async def test_check_config_finds_the_plugin_in_a_fresh_process(tmp_path: Path) 
         encoding="utf-8",
     )
     process = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "listener.cli", "check-config", "--config", str(config)),
+        *(sys.executable, "-m", "listener.service.cli", "check-config", "--config", str(config)),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "SIPPET_SECRET_KEY": "sk_test_x1"},

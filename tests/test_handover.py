@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from listener.events import Event
-from listener.handover import Handover
+from listener.core.events import Event
+from listener.realtime.handover import Handover
 
 
 def ev(seq: int, name: str = "incoming_call") -> Event:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import trustme
 
-from listener.http1 import Http1Error, Http1Pool
+from listener.webhooks.http1 import Http1Error, Http1Pool
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
 

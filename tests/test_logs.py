@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from listener.logs import configure_logging, redact_text, register_secret
+from listener.core.logs import configure_logging, redact_text, register_secret
 from listener.testing import FakeSippet
 from tests.conftest import RunSession
 

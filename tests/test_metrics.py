@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from listener.metrics import HotCounter, HotHistogram
+from listener.core.metrics import HotCounter, HotHistogram
 
 
 def test_hot_counter_and_histogram_exposition() -> None:

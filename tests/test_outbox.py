@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 
-from listener.outbox import SCHEMA_VERSION, DeadLetter, Delivery, NewDelivery, Outbox, OutboxError
+from listener.webhooks.outbox import (
+    SCHEMA_VERSION,
+    DeadLetter,
+    Delivery,
+    NewDelivery,
+    Outbox,
+    OutboxError,
+)
 
 T0 = 1_800_000_000.0
 

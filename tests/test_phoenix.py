@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from listener.errors import LocalProtocolError, RemoteProtocolError
-from listener.phoenix import (
+from listener.core.errors import LocalProtocolError, RemoteProtocolError
+from listener.realtime.protocol import (
     ChannelClosed,
     ChannelErrored,
     ChannelProtocol,

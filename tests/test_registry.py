@@ -10,9 +10,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from handlers.log import LogHandler
-from listener.errors import ConfigError, HandlerLoadError
-from listener.handler import FunctionHandler
-from listener.registry import load_handler, load_handlers
+from listener.core.errors import ConfigError, HandlerLoadError
+from listener.dispatch.handler import FunctionHandler
+from listener.dispatch.loader import load_handler, load_handlers
 from listener.testing import FakeSippet, running_daemon, settle
 from tests.sample_handlers import Greeter
 
@@ -121,7 +121,7 @@ async def test_run_exits_78_on_a_bad_handler_without_a_traceback(tmp_path: Path)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "listener.cli",
+        "listener.service.cli",
         "run",
         "--config",
         str(config),

@@ -17,9 +17,9 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from listener.errors import RpcActionError, RpcError, RpcInputError
-from listener.metrics import REGISTRY
-from listener.rpc import RpcClient, ValidationResult
+from listener.core.errors import RpcActionError, RpcError, RpcInputError
+from listener.core.metrics import REGISTRY
+from listener.rpc.client import RpcClient, ValidationResult
 from listener.testing import FakeSippet
 from listener.testing.receiver import WebhookReceiver
 

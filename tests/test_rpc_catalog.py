@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from listener.errors import RpcInputError
-from listener.rpc_catalog import CATALOG, CURRENT, LEGACY, PAYLOAD_KEYS, ActionSpec, check_request
+from listener.core.errors import RpcInputError
+from listener.rpc.catalog import CATALOG, CURRENT, LEGACY, PAYLOAD_KEYS, ActionSpec, check_request
 
 REFERENCE = Path(__file__).parents[2] / "shared" / "reference"
 

@@ -11,12 +11,12 @@ from pydantic import ValidationError
 from structlog.testing import capture_logs
 
 from handlers.rpc import RpcConfig, RpcHandler, RulesFailed
-from listener.config import format_validation_error
-from listener.errors import ConfigError, RpcActionError, RpcError
-from listener.events import Event
-from listener.handler import Context
-from listener.rpc import RpcClient
-from listener.templating import TemplateError
+from listener.core.errors import ConfigError, RpcActionError, RpcError
+from listener.core.events import Event
+from listener.core.templating import TemplateError
+from listener.core.validation import format_validation_error
+from listener.dispatch.handler import Context
+from listener.rpc.client import RpcClient
 from listener.testing import FakeSippet
 
 BLOCKED = "+15550000000"

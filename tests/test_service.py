@@ -61,7 +61,7 @@ class ServiceProcess:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "listener.cli",
+                "listener.service.cli",
                 "run",
                 "--config",
                 str(self.config),

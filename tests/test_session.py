@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from listener import metrics
-from listener.session import Session
+from listener.core import metrics
+from listener.realtime.session import Session
 from listener.testing import FakeSippet
 from listener.testing.traffic import call_payload
 from tests.conftest import MS, RunSession

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from listener.systemd import Notifier
+from listener.service.systemd import Notifier
 
 
 def drain(sock: socket.socket) -> list[bytes]:

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from listener.events import Event
-from listener.templating import MISSING, FieldPath, TemplateError, compile_template
+from listener.core.events import Event
+from listener.core.templating import MISSING, FieldPath, TemplateError, compile_template
 
 PAYLOAD: dict[str, Any] = {
     "callUuid": "c-1",

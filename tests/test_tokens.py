@@ -7,9 +7,9 @@ import time
 import httpx
 import pytest
 
-from listener.errors import AuthError, MintError
+from listener.core.errors import AuthError, MintError
+from listener.realtime.tokens import DEFAULT_TTL, TokenSource, parse_mint_response
 from listener.testing import FakeSippet
-from listener.tokens import DEFAULT_TTL, TokenSource, parse_mint_response
 
 NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 

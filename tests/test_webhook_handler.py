@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from listener.errors import ConfigError
-from listener.registry import load_handler
+from listener.core.errors import ConfigError
+from listener.dispatch.loader import load_handler
 from listener.testing import FakeSippet, running_daemon, settle
 from listener.testing.receiver import WebhookReceiver
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 OLD_SECRET = "whsec_dGhlIG9sZCBzZWNyZXQgc3RpbGwgdmFsaWQ="
-CLI = [sys.executable, "-m", "listener.cli"]
+CLI = [sys.executable, "-m", "listener.service.cli"]
 
 
 @pytest.fixture

@@ -15,13 +15,13 @@ from typing import Any
 
 from common import Recorder, driver_args, serve
 
-from listener.config import parse_settings
-from listener.dispatch import RunnerSettings
-from listener.events import Event
-from listener.handler import Context, Handler
-from listener.logs import configure_logging
-from listener.registry import LoadedHandler
-from listener.service import Daemon
+from listener.core.events import Event
+from listener.core.logs import configure_logging
+from listener.dispatch.dispatcher import RunnerSettings
+from listener.dispatch.handler import Context, Handler
+from listener.dispatch.loader import LoadedHandler
+from listener.service.config import parse_settings
+from listener.service.daemon import Daemon
 
 
 class _Record(Handler):

@@ -17,11 +17,11 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from listener.config import parse_settings
-from listener.dispatch import RunnerSettings
-from listener.handler import Handler
-from listener.registry import LoadedHandler, load_handler
-from listener.service import Daemon
+from listener.dispatch.dispatcher import RunnerSettings
+from listener.dispatch.handler import Handler
+from listener.dispatch.loader import LoadedHandler, load_handler
+from listener.service.config import parse_settings
+from listener.service.daemon import Daemon
 from listener.testing.server import FakeSippet
 
 __all__ = ["running_daemon", "settle"]

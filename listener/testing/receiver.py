@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from listener.asgi import AsgiServer
+from listener.service.asgi import AsgiServer
 
 __all__ = ["ReceivedRequest", "Reply", "WebhookReceiver"]
 

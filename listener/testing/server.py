@@ -31,9 +31,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from listener.asgi import AsgiServer
-from listener.errors import RemoteProtocolError
-from listener.phoenix import PHOENIX_TOPIC, decode, encode
+from listener.core.errors import RemoteProtocolError
+from listener.realtime.protocol import PHOENIX_TOPIC, decode, encode
+from listener.service.asgi import AsgiServer
 
 __all__ = ["Behaviour", "FakeSippet", "RecordedRpc", "Upgrade"]
 

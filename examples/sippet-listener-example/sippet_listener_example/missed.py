@@ -25,9 +25,7 @@ from weakref import WeakValueDictionary
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from listener.errors import RpcError
-from listener.events import Event
-from listener.handler import Context, Handler
+from listener import Context, Event, Handler, RpcError
 
 __all__ = ["MissedCalls"]
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from listener.events import Event
-from listener.handler import Context, handler
+from listener import Context, Event, handler
 
 __all__ = ["call_summary"]
 

@@ -9,8 +9,8 @@ import pytest
 from sippet_listener_example import MissedCalls, call_summary
 from structlog.testing import capture_logs
 
-from listener.errors import ConfigError, HandlerLoadError
-from listener.registry import load_handler
+from listener import ConfigError, HandlerLoadError
+from listener.dispatch.loader import load_handler
 from listener.testing import FakeSippet, running_daemon, settle
 
 CALLER = "+15550100"

@@ -21,7 +21,7 @@ or several behind one outbox, each with its own filter::
 Requests follow Standard Webhooks (``webhook-id``, ``webhook-timestamp``,
 ``webhook-signature``). An event counts as handled once it is committed to the outbox
 (SQLite under ``service.state_dir``), so a crash after that loses nothing; delivery, retries,
-dead letters and 410s are ``listener.delivery``'s business.
+dead letters and 410s are ``listener.webhooks.forwarder``'s business.
 """
 
 from __future__ import annotations
@@ -32,18 +32,18 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from listener.config import read_secret_file
-from listener.delivery import (
+from listener.core.errors import ConfigError
+from listener.core.events import Event
+from listener.core.logs import register_secret
+from listener.core.secrets import read_secret_file
+from listener.dispatch.handler import Context, Handler
+from listener.webhooks.forwarder import (
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_RETRY_SCHEDULE,
     DEFAULT_TIMEOUT,
     Destination,
     WebhookForwarder,
 )
-from listener.errors import ConfigError
-from listener.events import Event
-from listener.handler import Context, Handler
-from listener.logs import register_secret
 
 __all__ = ["DestinationConfig", "WebhookConfig", "WebhookHandler", "outbox_path"]
 

@@ -1,7 +1,7 @@
 """The durable webhook outbox: pending deliveries, dead letters and disabled destinations.
 
 Pure storage over one SQLite file: no HTTP, no asyncio, no clock (every method that needs the
-time takes ``now``, seconds since the epoch). The delivery engine (:mod:`listener.delivery`)
+time takes ``now``, seconds since the epoch). The delivery engine (:mod:`.forwarder`)
 drives it from a single thread of its own; the CLI opens the same file from another process
 while the daemon runs. WAL journaling lets that reader/writer pair proceed without blocking
 each other for long, and ``busy_timeout`` makes a writer wait for the other's commit instead of
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Concatenate, ParamSpec, TypeVar
 
-from listener.errors import ListenerError
+from listener.core.errors import ListenerError
 
 __all__ = [
     "SCHEMA_VERSION",

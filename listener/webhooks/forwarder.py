@@ -52,12 +52,18 @@ import httpx
 import structlog
 from standardwebhooks.webhooks import Webhook
 
-from listener.errors import ConfigError, ListenerError
-from listener.events import Event
-from listener.http1 import Http1Error, Http1Pool
-from listener.httputil import USER_AGENT, retry_after_seconds
-from listener.metrics import DEAD_LETTERS, OUTBOX_OLDEST_AGE, OUTBOX_PENDING, WEBHOOK_DELIVERIES
-from listener.outbox import Delivery, DestinationStats, NewDelivery, Outbox
+from listener.core.errors import ConfigError, ListenerError
+from listener.core.events import Event
+from listener.core.httputil import USER_AGENT
+from listener.core.metrics import (
+    DEAD_LETTERS,
+    OUTBOX_OLDEST_AGE,
+    OUTBOX_PENDING,
+    WEBHOOK_DELIVERIES,
+)
+from listener.core.retry import retry_after_seconds
+from listener.webhooks.http1 import Http1Error, Http1Pool
+from listener.webhooks.outbox import Delivery, DestinationStats, NewDelivery, Outbox
 
 __all__ = [
     "DEFAULT_MAX_IN_FLIGHT",

@@ -1,6 +1,6 @@
 """The configuration file, validated into one typed, frozen settings object.
 
-TOML in, :class:`Settings` out. Every problem becomes a :class:`~listener.errors.ConfigError`
+TOML in, :class:`Settings` out. Every problem becomes a :class:`~listener.ConfigError`
 naming the dotted key and saying what is wrong in one line; unknown keys are errors with a
 "did you mean" hint, because a typo that is silently ignored is a setting that silently
 does not apply.
@@ -12,17 +12,17 @@ file named by ``sippet.api_key_file``, or from the systemd credential ``sippet-s
 
 from __future__ import annotations
 
-import difflib
 import os
 import tomllib
-import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from listener.errors import ConfigError
+from listener.core.errors import ConfigError
+from listener.core.secrets import read_secret, read_secret_file
+from listener.core.validation import format_validation_error
 
 __all__ = [
     "CREDENTIAL_NAME",
@@ -144,104 +144,3 @@ def load_settings(path: Path) -> Settings:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{path}: not valid TOML: {exc}") from None
     return parse_settings(data)
-
-
-def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> tuple[str, str]:
-    """Turn pydantic's first error into ``(dotted key, one-line problem)``.
-
-    List positions read as TOML users count them: ``handlers[1].rules[0].action``.
-    """
-    errors = exc.errors()
-    # A misspelt key shows up twice: as unknown, and as its real name missing. The unknown
-    # one, with its "did you mean", is the useful report.
-    error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = list(error["loc"])
-    key = _dotted(loc)
-    if error["type"] == "extra_forbidden":
-        known = _known_keys(model, loc[:-1])
-        guess = difflib.get_close_matches(str(loc[-1]), known, n=1)
-        hint = f"; did you mean {guess[0]!r}?" if guess else ""
-        return key, f"unknown key{hint}"
-    message = error["msg"]
-    if error["type"] == "value_error":
-        message = message.removeprefix("Value error, ")
-    return key, message[0].lower() + message[1:]
-
-
-def _dotted(loc: list[int | str]) -> str:
-    key = ""
-    for part in loc:
-        key += f"[{part}]" if isinstance(part, int) else f".{part}" if key else str(part)
-    return key
-
-
-def _known_keys(model: type[BaseModel], loc: list[int | str]) -> list[str]:
-    """The field names valid at ``loc`` inside ``model`` (looking through lists)."""
-    current: Any = model
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
-            return []
-        field = current.model_fields.get(part)
-        current = _model_inside(field.annotation) if field is not None else None
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
-
-
-def _model_inside(annotation: Any) -> Any:
-    """``Model`` for ``Model``, ``list[Model]``, ``Model | None`` and the like."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for argument in typing.get_args(annotation):
-        found = _model_inside(argument)
-        if found is not None:
-            return found
-    return None
-
-
-def read_secret(env: str, file: Path | None, credential: str, key: str) -> str:
-    """Find a secret: environment variable, then ``*_file``, then a systemd credential.
-
-    Args:
-        env: the environment variable to look at first.
-        file: the path configured by a ``*_file`` key, if any.
-        credential: the credential name under ``$CREDENTIALS_DIRECTORY``.
-        key: the config key to name in errors.
-
-    Raises:
-        ConfigError: no source holds the secret, or the named file cannot be read.
-    """
-    value = os.environ.get(env, "").strip()
-    if value:
-        return value
-    if file is not None:
-        return read_secret_file(file, key)
-    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    if credentials:
-        path = Path(credentials) / credential
-        if path.exists():
-            return read_secret_file(path, key)
-    raise ConfigError(
-        key, f"no secret key: set ${env}, {key}, or the systemd credential {credential!r}"
-    )
-
-
-def read_secret_file(path: Path, key: str) -> str:
-    """Read a secret from ``path``; a relative path is looked up in ``$CREDENTIALS_DIRECTORY``
-    first, so ``LoadCredential=name:/etc/...`` pairs with ``..._file = "name"``.
-
-    Raises:
-        ConfigError: naming ``key``, if it cannot be read or is empty.
-    """
-    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not path.is_absolute() and credentials and (Path(credentials) / path).exists():
-        path = Path(credentials) / path
-    try:
-        value = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
-    if not value:
-        raise ConfigError(key, f"{path} is empty")
-    return value

@@ -3,13 +3,13 @@
 Every request is one JSON object, ``{"action": ..., <payload keys>}``, sent with the secret key in
 ``x-api-key``. Sippet answers HTTP 200 both when an action succeeds,
 ``{"success": true, "data": ...}``, and when it fails, ``{"success": false, "errors": [...]}``;
-the latter becomes :class:`~listener.errors.RpcActionError`. Any other answer, and any transport
-failure that outlived its retries, becomes :class:`~listener.errors.RpcError`.
+the latter becomes :class:`~listener.RpcActionError`. Any other answer, and any transport
+failure that outlived its retries, becomes :class:`~listener.RpcError`.
 
 Retries never repeat a side effect unasked. A request that certainly never left (connect errors,
 connect and pool timeouts) is retried for every action. A request that may have reached Sippet
 (read timeouts, dropped connections, HTTP 429/502/503/504) is retried only for pure reads (see
-:attr:`listener.rpc_catalog.ActionSpec.mutating`), or when the caller passes ``retry_unsafe=True``
+:attr:`listener.rpc.catalog.ActionSpec.mutating`), or when the caller passes ``retry_unsafe=True``
 because the action is idempotent for them.
 
 The API key is sent and never logged: log lines carry the action, path, status and attempt only.
@@ -31,10 +31,11 @@ from tenacity import (
     stop_after_attempt,
 )
 
-from listener.errors import RpcActionError, RpcError, RpcInputError
-from listener.httputil import USER_AGENT, WaitRetryAfterOrBackoff, retry_after_seconds
-from listener.metrics import RPC_CALLS
-from listener.rpc_catalog import CATALOG, check_request
+from listener.core.errors import RpcActionError, RpcError, RpcInputError
+from listener.core.httputil import USER_AGENT
+from listener.core.metrics import RPC_CALLS
+from listener.core.retry import BackoffPolicy, TenacityWait, retry_after_seconds
+from listener.rpc.catalog import CATALOG, check_request
 
 __all__ = ["RpcClient", "ValidationResult"]
 
@@ -121,7 +122,10 @@ class RpcClient:
         self._max_attempts = max_attempts
         # Full jitter: clients failing together do not retry together.
         # Honour Retry-After, but never sleep for minutes on a server's say-so.
-        self._wait = WaitRetryAfterOrBackoff(backoff_initial, backoff_max, cap=backoff_max * 4)
+        self._wait = TenacityWait(
+            BackoffPolicy(initial=backoff_initial, cap=backoff_max, jitter=1.0),
+            cap=backoff_max * 4,
+        )
 
     def __repr__(self) -> str:
         return f"RpcClient({self._base_url!r})"

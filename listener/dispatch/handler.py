@@ -35,8 +35,8 @@ from typing import Any, ClassVar, TypeAlias
 import structlog
 from pydantic import BaseModel
 
-from listener.events import Event
-from listener.rpc import RpcClient
+from listener.core.events import Event
+from listener.rpc.client import RpcClient
 
 __all__ = ["Context", "FunctionHandler", "Handler", "HandlerFunction", "handler"]
 

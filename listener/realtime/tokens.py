@@ -17,10 +17,11 @@ import httpx
 import structlog
 import tenacity
 
-from listener import metrics
-from listener.errors import AuthError, MintError
-from listener.httputil import USER_AGENT, WaitRetryAfterOrBackoff, retry_after_seconds
-from listener.logs import register_secret
+from listener.core import metrics
+from listener.core.errors import AuthError, MintError
+from listener.core.httputil import USER_AGENT
+from listener.core.logs import register_secret
+from listener.core.retry import BackoffPolicy, TenacityWait, retry_after_seconds
 
 __all__ = ["DEFAULT_TTL", "SessionToken", "TokenSource", "parse_mint_response"]
 
@@ -126,7 +127,10 @@ class TokenSource:
         register_secret(api_key)
         self._retrying = tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception_type(_Retryable),
-            wait=WaitRetryAfterOrBackoff(backoff_initial, backoff_max, cap=backoff_max),
+            wait=TenacityWait(
+                BackoffPolicy(initial=backoff_initial, cap=backoff_max, jitter=1.0),
+                cap=backoff_max,
+            ),
             stop=tenacity.stop_after_attempt(attempts),
             reraise=True,
             before_sleep=self._log_retry,

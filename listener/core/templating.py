@@ -38,8 +38,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, Final, TypeAlias
 
-from listener.errors import ListenerError
-from listener.events import Event
+from listener.core.errors import ListenerError
+from listener.core.events import Event
 
 __all__ = ["MISSING", "FieldPath", "Location", "Template", "TemplateError", "compile_template"]
 

@@ -13,7 +13,7 @@ type and lists both generations. Payload keys are written as the references writ
 notation with the camelCase names of the input types.
 
 :func:`check_request` is pure: it looks at a payload before it is sent and raises
-:class:`~listener.errors.RpcInputError` for mistakes Sippet would reject anyway. It does not
+:class:`~listener.RpcInputError` for mistakes Sippet would reject anyway. It does not
 reject *unknown input fields*: input types grow over time and Sippet judges those itself.
 """
 
@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from listener.errors import RpcInputError
+from listener.core.errors import RpcInputError
 
 __all__ = [
     "CATALOG",

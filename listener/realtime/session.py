@@ -14,7 +14,7 @@ seconds, so a server that accepts and then drops every socket is not hammered.
 
 Tokens are rotated before they expire, make-before-break: at ``rotate_at`` of the TTL a new
 token is minted and a second socket joined; then the old socket leaves. Events that reach both
-sockets during the overlap are delivered once (``listener.handover``).
+sockets during the overlap are delivered once (``listener.realtime.handover``).
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import structlog
 
-from listener import metrics
-from listener.backoff import Backoff
-from listener.connection import Connection, EventSink, LinkSettings
-from listener.errors import AuthError, LinkError, MintError
-from listener.events import Event
-from listener.handover import Handover
-from listener.tokens import SessionToken, TokenSource
+from listener.core import metrics
+from listener.core.errors import AuthError, LinkError, MintError
+from listener.core.events import Event
+from listener.core.retry import Backoff, BackoffPolicy
+from listener.realtime.connection import Connection, EventSink, LinkSettings
+from listener.realtime.handover import Handover
+from listener.realtime.tokens import SessionToken, TokenSource
 
 __all__ = ["Session", "SessionSettings", "socket_url"]
 
@@ -97,7 +97,9 @@ class Session:
         self.settings = settings
         self._tokens = tokens
         self._deliver = deliver
-        self._backoff = Backoff(initial=settings.backoff_initial, cap=settings.backoff_max)
+        self._backoff = Backoff(
+            BackoffPolicy(initial=settings.backoff_initial, cap=settings.backoff_max)
+        )
         self._token: SessionToken | None = None
         self._auth_failures = 0
         self._link_count = 0

@@ -7,7 +7,7 @@ A :class:`ChannelProtocol` is fed every text (or binary) message the socket rece
 (:class:`Message`, :class:`JoinOk`, :class:`JoinRefused`, ...). Frames to send are returned as
 text by :meth:`join`, :meth:`leave` and :meth:`heartbeat`: the caller must write them to the
 socket. Nothing here reads a clock; time is passed in where it matters, and timers belong to the
-caller (``listener.connection``).
+caller (``listener.realtime.connection``).
 
 Wire format (``vsn=2.0.0``): ``[join_ref, ref, topic, event, payload]``, extra trailing elements
 tolerated as the server does. Refs are normalised to strings because the server echoes whatever
@@ -15,8 +15,8 @@ JSON the client sent. Broadcasts carry ``join_ref = null``; following phoenix.js
 frame is stale only when its join_ref is not null and differs from the current join.
 
 Join state is a table (:data:`TRANSITIONS`); an illegal move raises
-:class:`~listener.errors.LocalProtocolError`, which is a bug in this package. Anything the server
-sends that cannot be read raises :class:`~listener.errors.RemoteProtocolError` and nothing else:
+:class:`~listener.LocalProtocolError`, which is a bug in this package. Anything the server
+sends that cannot be read raises :class:`~listener.RemoteProtocolError` and nothing else:
 the caller drops that frame and carries on.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from listener.errors import LocalProtocolError, RemoteProtocolError
+from listener.core.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "PHOENIX_TOPIC",

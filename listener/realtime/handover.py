@@ -9,7 +9,7 @@ what follows it in the new socket's buffer is new, and only that is delivered.
 
 from __future__ import annotations
 
-from listener.events import Event
+from listener.core.events import Event
 
 __all__ = ["Handover"]
 

@@ -15,8 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from listener import metrics
-from listener.asgi import AsgiServer
+from listener.core import metrics
+from listener.service.asgi import AsgiServer
 
 __all__ = ["HealthServer"]
 

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import h11
 
-from listener.errors import ListenerError
+from listener.core.errors import ListenerError
 
 __all__ = ["Http1Error", "Http1Pool", "Reply"]
 

@@ -26,9 +26,9 @@ from typing import Any, Literal
 
 import structlog
 
-from listener import metrics
-from listener.events import Event
-from listener.handler import Context, Handler
+from listener.core import metrics
+from listener.core.events import Event
+from listener.dispatch.handler import Context, Handler
 
 __all__ = ["DispatchReport", "Dispatcher", "HandlerRunner", "RunnerSettings"]
 

@@ -11,7 +11,6 @@ import asyncio
 import json
 import signal
 import sys
-import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,25 +19,21 @@ from typing import Any
 import httpx
 import structlog
 
-from listener import config
-from listener.errors import ConfigError, HandlerLoadError, ListenerError, RpcActionError
-from listener.events import Event
-from listener.httputil import VERSION
-from listener.logs import configure_logging, register_secret
-from listener.registry import LoadedHandler, load_handlers
-from listener.rpc import RpcClient
-from listener.service import Daemon, stop_on_signals
-from listener.testing.server import FakeSippet
-from listener.testing.traffic import CALLERS, simulate_calls
-from listener.tokens import TokenSource
-from listener.webhooks_cli import add_webhooks_commands
+from listener.core.errors import ConfigError, HandlerLoadError, ListenerError, RpcActionError
+from listener.core.events import Event
+from listener.core.httputil import VERSION
+from listener.core.logs import configure_logging, register_secret
+from listener.dispatch.loader import LoadedHandler, load_handlers
+from listener.realtime.tokens import TokenSource
+from listener.rpc.client import RpcClient
+from listener.service import config
+from listener.service.daemon import Daemon, stop_on_signals
+from listener.service.webhooks_cli import add_webhooks_commands
 
 __all__ = ["EX_CONFIG", "main"]
 
 EX_CONFIG = 78
 _log = structlog.get_logger(__name__)
-# The demo's rpc rule ends every call from this (simulated) caller.
-_DEMO_BLOCKED = CALLERS[1]
 
 
 def _print_json(value: Any) -> None:
@@ -95,62 +90,22 @@ async def _tail(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_settings(base_url: str, args: argparse.Namespace, state_dir: Path) -> config.Settings:
-    return config.parse_settings(
-        {
-            "sippet": {"base_url": base_url, "heartbeat_interval": args.heartbeat_interval},
-            "service": {"state_dir": str(state_dir), "log_level": args.log_level},
-            "handlers": [
-                {"use": "log", "payload": False, "fields": ["fromNumber", "status"]},
-                {
-                    "use": "rpc",
-                    "rules": [
-                        {
-                            "on": "incoming_call",
-                            "when": {"fromNumber": [_DEMO_BLOCKED]},
-                            "action": "end_call",
-                            "input": {"callUuid": "{call_key}"},
-                        }
-                    ],
-                },
-            ],
-        }
-    )
-
-
 async def _demo(args: argparse.Namespace) -> int:
+    # Imported here: the demo brings the embedded fake Sippet, which no other command needs.
+    from listener.service.demo import run_demo
+
     configure_logging(args.log_level, "auto")
     stop = asyncio.Event()
     stop_on_signals(stop)
-    with tempfile.TemporaryDirectory(prefix="sippet-listener-demo-") as state_dir:
-        async with FakeSippet(token_ttl=args.token_ttl) as fake:
-            # A strict server: the demo shows tokens being rotated before it acts.
-            fake.behaviour.expiry_action = "close_socket"
-            settings = _demo_settings(fake.base_url, args, Path(state_dir))
-            _log.info(
-                "demo: fake Sippet listening",
-                base_url=fake.base_url,
-                token_ttl=args.token_ttl,
-                blocked_number=_DEMO_BLOCKED,
-            )
-            traffic = asyncio.create_task(
-                simulate_calls(fake, calls_per_second=args.calls_per_second, speed=args.speed)
-            )
-            if args.duration is not None:
-                asyncio.get_running_loop().call_later(args.duration, stop.set)
-            try:
-                daemon = Daemon(settings, fake.api_key, load_handlers(settings.handlers))
-                await daemon.run(stop)
-            finally:
-                traffic.cancel()
-                await asyncio.wait({traffic})
-            _log.info(
-                "demo: done",
-                events=daemon.dispatcher.received,
-                rotations=daemon.session.rotations,
-                rpc_calls=len(fake.rpc_requests),
-            )
-    return 0
+    return await run_demo(
+        stop,
+        token_ttl=args.token_ttl,
+        heartbeat_interval=args.heartbeat_interval,
+        calls_per_second=args.calls_per_second,
+        speed=args.speed,
+        duration=args.duration,
+        log_level=args.log_level,
+    )
 
 
 async def _check_config(args: argparse.Namespace) -> int:
@@ -251,7 +206,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run against an embedded fake Sippet with simulated calls",
         description="Start a fake Sippet server on loopback with simulated call traffic and "
         "run the daemon against it with two handlers: 'log' (one line per event) "
-        f"and an 'rpc' rule that ends calls from {_DEMO_BLOCKED}. No account "
+        "and an 'rpc' rule that ends calls from one blocked number. No account "
         "needed.",
     )
     demo.add_argument("--calls-per-second", type=float, default=0.5)

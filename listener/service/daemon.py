@@ -22,18 +22,18 @@ from collections.abc import Callable, Sequence
 import httpx
 import structlog
 
-from listener.config import Settings, SippetSettings
-from listener.connection import EventSink, LinkSettings
-from listener.dispatch import Dispatcher, DispatchReport, HandlerRunner
-from listener.errors import ConfigError, HandlerLoadError, ListenerError
-from listener.handler import Context
-from listener.health import HealthServer
-from listener.logs import configure_logging
-from listener.registry import LoadedHandler
-from listener.rpc import RpcClient
-from listener.session import Session, SessionSettings
-from listener.systemd import Notifier
-from listener.tokens import TokenSource
+from listener.core.errors import ConfigError, HandlerLoadError, ListenerError
+from listener.core.logs import configure_logging
+from listener.dispatch.dispatcher import Dispatcher, DispatchReport, HandlerRunner
+from listener.dispatch.handler import Context
+from listener.dispatch.loader import LoadedHandler
+from listener.realtime.connection import EventSink, LinkSettings
+from listener.realtime.session import Session, SessionSettings
+from listener.realtime.tokens import TokenSource
+from listener.rpc.client import RpcClient
+from listener.service.config import Settings, SippetSettings
+from listener.service.health import HealthServer
+from listener.service.systemd import Notifier
 
 __all__ = ["Daemon", "Loader", "session_settings", "stop_on_signals"]
 
@@ -71,7 +71,7 @@ class Daemon:
     Args:
         settings: the whole configuration.
         api_key: the organisation's secret key.
-        handlers: the loaded handlers (see ``listener.registry``).
+        handlers: the loaded handlers (see ``listener.dispatch.loader``).
         sink: instead of handlers, one callable that takes every event (``tail`` uses it).
         notifier: where service notifications go (default: ``$NOTIFY_SOCKET``, if set).
     """

@@ -7,10 +7,10 @@
    name (``use = "slack"``);
 3. ``package.module:attribute``.
 
-The attribute may be a :class:`~listener.handler.Handler` subclass (instantiated with its
-validated ``Config``), a handler made with :func:`~listener.handler.handler`, or a plain async
-function. Every failure is a :class:`~listener.errors.HandlerLoadError` or
-:class:`~listener.errors.ConfigError` naming the handler and the key: start-up stops with exit
+The attribute may be a :class:`~listener.Handler` subclass (instantiated with its
+validated ``Config``), a handler made with :func:`~listener.handler`, or a plain async
+function. Every failure is a :class:`~listener.HandlerLoadError` or
+:class:`~listener.ConfigError` naming the handler and the key: start-up stops with exit
 code 78 and one line, never a traceback.
 """
 
@@ -26,10 +26,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from listener.config import format_validation_error
-from listener.dispatch import RunnerSettings
-from listener.errors import ConfigError, HandlerLoadError
-from listener.handler import FunctionHandler, Handler
+from listener.core.errors import ConfigError, HandlerLoadError
+from listener.core.validation import format_validation_error
+from listener.dispatch.dispatcher import RunnerSettings
+from listener.dispatch.handler import FunctionHandler, Handler
 
 __all__ = ["BUILTINS", "ENTRY_POINT_GROUP", "LoadedHandler", "load_handler", "load_handlers"]
 
@@ -37,7 +37,7 @@ ENTRY_POINT_GROUP = "sippet_listener.handlers"
 BUILTINS: Mapping[str, str] = {
     "log": "handlers.log:LogHandler",
     "rpc": "handlers.rpc:RpcHandler",
-    "webhook": "handlers.webhook:WebhookHandler",
+    "webhook": "listener.webhooks.handler:WebhookHandler",
 }
 
 

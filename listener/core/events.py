@@ -23,7 +23,7 @@ _MAX_LOG_PAYLOAD = 200
 @functools.lru_cache(maxsize=512)
 def _field_path(path: str) -> Any:
     # Imported here: templating builds on this module.
-    from listener.templating import FieldPath
+    from listener.core.templating import FieldPath
 
     return FieldPath(path)
 
@@ -87,7 +87,7 @@ class Event:
         Raises:
             ValueError: ``path`` is not a valid path (empty segment, spaces, ...).
         """
-        from listener.templating import MISSING  # templating builds on this module
+        from listener.core.templating import MISSING  # templating builds on this module
 
         value = _field_path(path).find(self)
         return default if value is MISSING else value

@@ -16,10 +16,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from handlers.webhook import outbox_path
-from listener.config import DEFAULT_CONFIG_PATH, Settings, load_settings
-from listener.errors import ConfigError
-from listener.outbox import Outbox
+from listener.core.errors import ConfigError
+from listener.service.config import DEFAULT_CONFIG_PATH, Settings, load_settings
+from listener.webhooks.handler import outbox_path
+from listener.webhooks.outbox import Outbox
 
 __all__ = ["add_webhooks_commands"]
 

@@ -1,9 +1,9 @@
-"""One websocket to Sippet, joined to one topic: the I/O shell around ``listener.phoenix``.
+"""One websocket to Sippet, joined to one topic: the I/O shell around the protocol core.
 
 A :class:`Connection` connects, joins, reads, answers nothing and heartbeats on a fixed
 schedule (never reset by incoming traffic, which would starve heartbeats on a busy channel).
 It owns its clock; the protocol core owns the rules. However it ends, :meth:`wait_closed`
-returns a :class:`~listener.errors.LinkError` saying why, for the session to act on.
+returns a :class:`~listener.LinkError` saying why, for the session to act on.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from listener import metrics
-from listener.errors import LinkError, RemoteProtocolError
-from listener.events import Event
-from listener.httputil import USER_AGENT, retry_after_seconds
-from listener.phoenix import (
+from listener.core import metrics
+from listener.core.errors import LinkError, RemoteProtocolError
+from listener.core.events import Event
+from listener.core.httputil import USER_AGENT
+from listener.core.retry import retry_after_seconds
+from listener.realtime.protocol import (
     ChannelClosed,
     ChannelErrored,
     ChannelProtocol,
