@@ -30,7 +30,7 @@ def read_secret(env: str, file: Path | None, credential: str, key: str) -> str:
     credentials = os.environ.get("CREDENTIALS_DIRECTORY")
     if credentials:
         path = Path(credentials) / credential
-        if path.exists():
+        if _present(path, key):
             return read_secret_file(path, key)
     raise ConfigError(
         key, f"no secret key: set ${env}, {key}, or the systemd credential {credential!r}"
@@ -45,7 +45,7 @@ def read_secret_file(path: Path, key: str) -> str:
         ConfigError: naming ``key``, if it cannot be read or is empty.
     """
     credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not path.is_absolute() and credentials and (Path(credentials) / path).exists():
+    if not path.is_absolute() and credentials and _present(Path(credentials) / path, key):
         path = Path(credentials) / path
     try:
         value = path.read_text(encoding="utf-8").strip()
@@ -54,3 +54,15 @@ def read_secret_file(path: Path, key: str) -> str:
     if not value:
         raise ConfigError(key, f"{path} is empty")
     return value
+
+
+def _present(path: Path, key: str) -> bool:
+    """Whether ``path`` exists; a directory we may not even look into is an error, not "no".
+
+    systemd 252 hides ``/run/credentials`` from ``ExecReload=`` (issue #35227): that must
+    read as one line naming the place, not as a traceback.
+    """
+    try:
+        return path.exists()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None

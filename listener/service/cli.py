@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from listener.realtime.tokens import TokenSource
 from listener.rpc.client import RpcClient
 from listener.service import config
 from listener.service.daemon import Daemon, stop_on_signals
+from listener.service.reload import ReloadRecord, ReloadTimeout, request_reload
 from listener.service.webhooks_cli import add_webhooks_commands
 
 __all__ = ["EX_CONFIG", "main"]
@@ -69,10 +71,21 @@ async def _run(args: argparse.Namespace) -> int:
         fresh, _ = _load(args.config)
         return fresh, load_handlers(fresh.handlers)
 
-    reloads: set[asyncio.Task[bool]] = set()
+    reloads: set[asyncio.Task[None]] = set()
+    generation = 0
+
+    async def reload() -> None:
+        nonlocal generation
+        ok = await daemon.reload(load)
+        generation += 1
+        record = ReloadRecord(os.getpid(), generation, ok, daemon.last_reload_error)
+        try:
+            record.write(daemon.settings.service.state_dir)
+        except OSError as exc:
+            _log.warning("cannot record the reload's outcome", error=exc.strerror)
 
     def on_sighup() -> None:
-        task = asyncio.create_task(daemon.reload(load))
+        task = asyncio.create_task(reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
@@ -161,6 +174,35 @@ async def _mint_token(args: argparse.Namespace) -> int:
         result["token"] = token.value
     _print_json(result)
     return 0
+
+
+async def _reload(args: argparse.Namespace) -> int:
+    state_dir = _reload_state_dir(args.config)
+    try:
+        record = await asyncio.to_thread(request_reload, args.pid, state_dir, timeout=args.timeout)
+    except ProcessLookupError:
+        sys.stderr.write(f"sippet-listener: reload: no process {args.pid}\n")
+        return 1
+    except ReloadTimeout as exc:
+        sys.stderr.write(f"sippet-listener: reload: {exc}\n")
+        return 1
+    if not record.ok:
+        sys.stderr.write(f"sippet-listener: reload refused: {record.error}\n")
+        return EX_CONFIG
+    sys.stdout.write("reloaded\n")
+    return 0
+
+
+def _reload_state_dir(path: Path) -> Path:
+    """Where the daemon records reloads: systemd's $STATE_DIRECTORY, else the config's.
+
+    The configuration is read without secrets: it may be the very file being reloaded, and
+    ExecReload= may not see the credentials anyway.
+    """
+    directory = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if directory:
+        return Path(directory)
+    return config.load_settings(path).service.state_dir
 
 
 def _with_config(sub: argparse.ArgumentParser) -> None:
@@ -275,6 +317,21 @@ def _parser() -> argparse.ArgumentParser:
     mint.add_argument("--show", action="store_true", help="also print the token")
     _with_config(mint)
     mint.set_defaults(run=_mint_token)
+
+    reload = commands.add_parser(
+        "reload",
+        help="ask the running daemon to reload its configuration, and wait for its verdict",
+        description="Send SIGHUP to the daemon and wait until it has validated and applied "
+        "the configuration (exit 0), or refused it and kept the running one (exit 78, with "
+        "the reason). The daemon does the validation, where its secrets are readable: this "
+        "is the unit's ExecReload=.",
+    )
+    reload.add_argument("--pid", type=int, required=True, help="the daemon's pid ($MAINPID)")
+    reload.add_argument(
+        "--timeout", type=float, default=60.0, help="how long to wait (default: %(default)s s)"
+    )
+    _with_config(reload)
+    reload.set_defaults(run=_reload)
 
     add_webhooks_commands(commands)
     return parser

@@ -103,6 +103,8 @@ class Daemon:
         self.session = Session(session_settings(sippet), tokens, sink or self.dispatcher.submit)
         self.report: DispatchReport | None = None
         self._reloading = asyncio.Lock()
+        # Why the latest reload was refused (None after one that applied), for `reload`.
+        self.last_reload_error: str | None = None
         self._status = ""
 
     def readiness(self) -> tuple[bool, str]:
@@ -184,7 +186,9 @@ class Daemon:
                     "reload refused; the previous configuration keeps running", error=str(exc)
                 )
                 self.notifier.ready(f"reload failed: {exc}; running the previous configuration")
+                self.last_reload_error = str(exc)
                 return False
+            self.last_reload_error = None
             _log.info(
                 "configuration reloaded", handlers=[item.settings.name for item in self.handlers]
             )
