@@ -20,10 +20,11 @@ from structlog.testing import capture_logs
 
 from listener.core.events import Event
 from listener.core.metrics import REGISTRY
+from listener.core.retry import honour_retry_after
 from listener.testing.receiver import ReceivedRequest, WebhookReceiver
 from listener.webhooks.destination import Destination
 from listener.webhooks.forwarder import ForwarderStateError, WebhookForwarder
-from listener.webhooks.outbox import DestinationStats, Outbox
+from listener.webhooks.outbox import DestinationStats, Outbox, OutboxError
 from listener.webhooks.signing import encode_body, sign_headers
 
 SECRET = "whsec_" + base64.b64encode(b"\x01" * 32).decode()
@@ -210,21 +211,37 @@ async def test_gone_disables_the_destination_until_enabled(
 
 
 @pytest.mark.parametrize(
-    ("schedule", "gap"),
-    [((0, 0.05, 10), 1.0), ((0, 0.05, 0.3), 0.3)],
-    ids=["honoured", "capped-at-longest-step"],
+    ("schedule", "retry_after", "gap"),
+    [((0, 0.05, 0.1), "1", 1.0), ((0, 0.6, 10), "0", 0.6)],
+    ids=["lengthens-the-delay", "never-shortens-it"],
 )
-async def test_retry_after_sets_the_next_attempt_time(
-    receiver: WebhookReceiver, db: Path, schedule: tuple[float, ...], gap: float
+async def test_retry_after_is_a_lower_bound_on_the_next_attempt(
+    receiver: WebhookReceiver, db: Path, schedule: tuple[float, ...], retry_after: str, gap: float
 ) -> None:
-    """A 503's Retry-After replaces the schedule's delay, up to the schedule's longest step."""
-    receiver.respond_with(503, {"retry-after": "1"}, times=1)
+    """A 503's Retry-After may push the next attempt later than the schedule, never sooner."""
+    receiver.respond_with(503, {"retry-after": retry_after}, times=1)
     hook = destination(receiver.url, retry_schedule=schedule)
     async with WebhookForwarder([hook], db, poll_interval=POLL) as forwarder:
         forwarder.submit(event())
         first, second = await receiver.wait_for(2, timeout=5)
     assert first.headers["webhook-id"] == second.headers["webhook-id"]
     assert gap - 0.05 <= second.received_at - first.received_at < gap + 0.5
+
+
+async def test_retry_after_is_capped_by_the_shared_retry_policy(
+    receiver: WebhookReceiver, db: Path, cli: Outbox
+) -> None:
+    """A Retry-After of days parks the delivery no longer than the daemon's one cap allows."""
+    receiver.respond_with(429, {"retry-after": "999999"}, times=1)
+    async with WebhookForwarder([destination(receiver.url)], db, poll_interval=POLL) as forwarder:
+        forwarder.submit(event())
+        await receiver.wait_for(1)
+        await eventually(forwarder, lambda: stats(cli).failing == 1)
+        attempted = receiver.requests[0].received_at
+    [row] = cli.due("hooks", time.time() + 10 * 86400, 1)
+    allowed = honour_retry_after(FAST[1], 999999.0)
+    assert allowed < 999999.0
+    assert abs(row.due_at - (attempted + allowed)) < 2
 
 
 async def test_redirect_is_a_failure_and_is_not_followed(
@@ -442,6 +459,33 @@ async def test_outbox_bound_moves_the_oldest_to_dead_letters_loudly(
     assert deliveries_counted("hooks", "evicted") == before + 7
     warnings = [entry for entry in logs if entry["log_level"] == "warning"]
     assert any("bound reached" in entry["event"] for entry in warnings)
+
+
+async def test_failed_commit_is_retried_and_its_submits_wait_for_it(
+    receiver: WebhookReceiver, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit that fails keeps its batch; the retry commits it and settles the future."""
+    add = Outbox.add
+    calls = 0
+
+    def fail_first_add(outbox: Outbox, deliveries: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OutboxError("outbox add failed: disk I/O error")
+        add(outbox, deliveries)
+
+    monkeypatch.setattr(Outbox, "add", fail_first_add)
+    with capture_logs() as logs:
+        async with WebhookForwarder([destination(receiver.url)], db, poll_interval=POLL) as hooks:
+            committed = hooks.submit(event(7))
+            assert committed is not None
+            await asyncio.wait_for(committed, 5)
+            [request] = await receiver.wait_for(1)
+    assert numbers([request]) == [7]
+    assert [entry["event"] for entry in logs if entry["log_level"] == "error"] == [
+        "webhook outbox commit failed"
+    ]
 
 
 async def test_receiver_going_down_answers_waiting_requests_and_refuses_new_ones() -> None:

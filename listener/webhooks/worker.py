@@ -9,9 +9,11 @@ knows exactly which rows are in flight and must stay.
 
 Answers, per the Standard Webhooks spec: 2xx is success and anything else a failure (redirects
 are not followed); 410 Gone disables the destination until the CLI enables it, keeping its
-deliveries pending; 429, 502, 503 and 504 may carry ``Retry-After``, which then sets the next
-attempt's time (capped at the schedule's longest step). Timeouts and connection errors are
-retried on the schedule; when it is used up the delivery becomes a dead letter.
+deliveries pending. A failure is retried on the destination's schedule; a ``Retry-After`` on a
+"not now" status (:data:`~listener.core.retry.RETRYABLE_STATUSES`) can only lengthen that
+delay, up to the daemon's one cap (:func:`~listener.core.retry.honour_retry_after`). Timeouts
+and connection errors are failures like any other; when the schedule is used up the delivery
+becomes a dead letter.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Literal
 import structlog
 
 from listener.core.metrics import WEBHOOK_DELIVERIES
-from listener.core.retry import retry_after_seconds
+from listener.core.retry import RETRYABLE_STATUSES, honour_retry_after, retry_after_seconds
 from listener.webhooks.destination import Destination
 from listener.webhooks.http1 import Http1Error, Http1Pool
 from listener.webhooks.outbox import Claim, Delivery, Outbox
@@ -39,8 +41,6 @@ __all__ = ["Worker"]
 _log = structlog.get_logger(__name__)
 # A receiver's answer body is never used; read this much so the connection can be reused.
 _MAX_ANSWER_BYTES = 64 * 1024
-# Standard Webhooks: "429/502/504 ⇒ throttle"; 503 carries Retry-After by RFC 9110.
-_THROTTLE_STATUSES = frozenset({429, 502, 503, 504})
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,11 +242,9 @@ class Worker:
             )
         else:
             delay = schedule[attempts]
-            throttled = answer.status in _THROTTLE_STATUSES and answer.retry_after is not None
-            if throttled and answer.retry_after is not None:
-                # Honour the receiver, but a hostile or broken value must not park the row for
-                # ever.
-                delay = min(answer.retry_after, max(schedule))
+            throttled = answer.status in RETRYABLE_STATUSES and answer.retry_after is not None
+            if throttled:
+                delay = honour_retry_after(delay, answer.retry_after)
             kind, due_at = "retry", now + delay
             WEBHOOK_DELIVERIES.labels(name, "throttled" if throttled else "failed").inc()
             self._log.debug(

@@ -3,18 +3,20 @@
 Submitted rows and finished attempts' outcomes collect in memory; one task commits them in a
 single transaction on the outbox thread, and while it commits the next batch fills up, so
 transactions grow with load instead of being paid per event. A failed commit keeps its batch
-and is retried.
+and is retried on a :class:`~listener.core.retry.Backoff`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 import structlog
 
+from listener.core.retry import Backoff, BackoffPolicy
 from listener.webhooks.outbox import NewDelivery, Outbox
 from listener.webhooks.store import Store
 
@@ -22,7 +24,9 @@ __all__ = ["BatchWriter", "Outcome"]
 
 _log = structlog.get_logger(__name__)
 
-_WRITE_RETRY_DELAY = 0.5
+# A failed commit (the CLI holding the write lock past busy_timeout, a full disk) holds back
+# every handle() waiting for durability: retried at once, then backing off to at most 5 s.
+_COMMIT_RETRY = BackoffPolicy(initial=0.5, cap=5.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +97,7 @@ class BatchWriter:
     ) -> None:
         self._store = store
         self._committed = committed
+        self._backoff = Backoff(_COMMIT_RETRY)
         self._rows: list[NewDelivery] = []
         self._outcomes: list[Outcome] = []
         self._dirty = asyncio.Event()
@@ -133,12 +138,16 @@ class BatchWriter:
             await self._dirty.wait()
             self._dirty.clear()
             if await self._flush():
+                self._backoff.reset()
                 if self._closing.is_set() and not (self._rows or self._outcomes):
                     return
             elif self._closing.is_set():
                 return
             else:
-                await asyncio.sleep(_WRITE_RETRY_DELAY)
+                # Not woken by new rows: retrying at every submit would hammer a failing disk.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._backoff.next_delay()):
+                        await self._closing.wait()
                 self._dirty.set()
 
     async def _flush(self) -> bool:
