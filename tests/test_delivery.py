@@ -7,6 +7,7 @@ import base64
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
@@ -444,21 +445,62 @@ async def test_stop_lets_running_attempts_finish_within_grace(
 async def test_outbox_bound_moves_the_oldest_to_dead_letters_loudly(
     receiver: WebhookReceiver, db: Path, cli: Outbox
 ) -> None:
-    """Beyond max_pending the oldest become dead letters, with a warning and a metric."""
+    """Beyond max_pending the oldest become dead letters, with a warning and a metric.
+
+    The wait is on the report, not the table: a stop right after the eviction's commit must
+    not leave it unreported.
+    """
     hook = destination(receiver.url, max_pending=3, retry_schedule=(30,))
     before = deliveries_counted("hooks", "evicted")
     with capture_logs() as logs:
         async with WebhookForwarder([hook], db, poll_interval=POLL) as forwarder:
             for i in range(10):
                 forwarder.submit(event(i))
-            await eventually(forwarder, lambda: stats(cli).dead == 7)
+            await eventually(forwarder, lambda: deliveries_counted("hooks", "evicted") > before)
+    assert deliveries_counted("hooks", "evicted") == before + 7
+    warnings = [entry for entry in logs if "bound reached" in entry["event"]]
+    assert [(w["log_level"], w["reason"], w["count"]) for w in warnings] == [
+        ("warning", "max_pending", 7)
+    ]
     dead = cli.dead_letters()
     assert [json.loads(d.body)["data"]["i"] for d in dead] == list(range(7))
     assert {d.reason for d in dead} == {"max_pending"}
     assert stats(cli).pending == 3
-    assert deliveries_counted("hooks", "evicted") == before + 7
-    warnings = [entry for entry in logs if entry["log_level"] == "warning"]
-    assert any("bound reached" in entry["event"] for entry in warnings)
+
+
+async def test_eviction_committed_as_stop_cancels_the_claim_is_still_reported(
+    receiver: WebhookReceiver, db: Path, cli: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outbox thread commits an eviction, a stop cancels the claim waiting for it: the
+    eviction is still counted and logged."""
+    committed, release = threading.Event(), threading.Event()
+    evict = Outbox.evict
+
+    def evict_then_stall(outbox: Outbox, *args: Any, **kwargs: Any) -> dict[str, int]:
+        moved = evict(outbox, *args, **kwargs)
+        if moved:
+            committed.set()
+            release.wait(5)
+        return moved
+
+    monkeypatch.setattr(Outbox, "evict", evict_then_stall)
+    hook = destination(receiver.url, max_pending=1, retry_schedule=(30,))
+    before = deliveries_counted("hooks", "evicted")
+    forwarder = WebhookForwarder([hook], db, poll_interval=POLL)
+    with capture_logs() as logs:
+        await forwarder.start()
+        forwarder.submit(event(0))
+        forwarder.submit(event(1))
+        assert await asyncio.to_thread(committed.wait, 5)
+        [claiming] = [task for task in asyncio.all_tasks() if task.get_name() == "webhook-hooks"]
+        stopping = asyncio.create_task(forwarder.stop())
+        await asyncio.wait([claiming])
+        assert claiming.cancelled()
+        release.set()
+        await stopping
+    assert deliveries_counted("hooks", "evicted") == before + 1
+    assert any("bound reached" in entry["event"] for entry in logs)
+    assert stats(cli).dead == 1
 
 
 async def test_failed_commit_is_retried_and_its_submits_wait_for_it(

@@ -18,7 +18,11 @@ _P = ParamSpec("_P")
 
 
 class Store:
-    """Runs calls on the outbox, one at a time, on the outbox's own thread."""
+    """Runs calls on the outbox, one at a time, on the outbox's own thread.
+
+    A call runs to its end even if the awaiting task is cancelled: what must happen with a
+    commit (counting, logging) belongs inside the call, not after the ``await``.
+    """
 
     def __init__(self, executor: ThreadPoolExecutor, outbox: Outbox) -> None:
         self._executor = executor

@@ -144,7 +144,9 @@ class Worker:
         if enforce:
             self._next_bound_check = time.monotonic() + self._poll_interval
         if claim.evicted:
-            self._report_evicted(claim.evicted)
+            # Only a wake-up for watchers, already counted and logged: if a stop cancels us
+            # before this line, the stop wakes them itself.
+            self._announce_commit()
         for row in claim.rows:
             self.held.add(row.msg_id)
             task = asyncio.create_task(self._attempt(row))
@@ -159,9 +161,10 @@ class Worker:
     def _claim_on_store(
         self, outbox: Outbox, free: int, held: frozenset[str], enforce: bool
     ) -> Claim:
-        """The claim, run on the outbox thread."""
+        """The claim, run on the outbox thread. Evictions are reported here, right after
+        their commit: a stop cancelling the awaiting task must not make them silent."""
         destination = self.destination
-        return outbox.claim(
+        claim = outbox.claim(
             destination.name,
             time.time(),
             free,
@@ -170,17 +173,14 @@ class Worker:
             max_pending=destination.max_pending if enforce else None,
             max_age=destination.max_age if enforce else None,
         )
-
-    def _report_evicted(self, evicted: dict[str, int]) -> None:
-        """Say loudly that the bound pushed deliveries out."""
-        self._announce_commit()
-        for reason, count in evicted.items():
-            WEBHOOK_DELIVERIES.labels(self.destination.name, "evicted").inc(count)
+        for reason, count in claim.evicted.items():
+            WEBHOOK_DELIVERIES.labels(destination.name, "evicted").inc(count)
             self._log.warning(
                 "webhook outbox bound reached: oldest deliveries moved to dead letters",
                 reason=reason,
                 count=count,
             )
+        return claim
 
     def _attempt_done(self, task: asyncio.Task[None]) -> None:
         self.attempts.discard(task)
