@@ -21,6 +21,7 @@ from listener.testing import FakeSippet, running_daemon, settle
 from listener.testing.receiver import WebhookReceiver
 from listener.webhooks.config import WebhookConfig
 from listener.webhooks.destination import Destination
+from listener.webhooks.handler import OutboxFile, outbox_files
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 OLD_SECRET = "whsec_dGhlIG9sZCBzZWNyZXQgc3RpbGwgdmFsaWQ="
@@ -165,6 +166,29 @@ def test_validated_settings_become_destinations_with_the_same_defaults(tmp_path:
     with pytest.raises(ConfigError) as caught:
         config.build("my crm", config.signing_secrets())
     assert caught.value.key == "name"
+
+
+def test_outbox_files_are_named_as_the_daemon_names_them(tmp_path: Path) -> None:
+    """The CLI's view of the outboxes, without reading a secret."""
+    single = {"use": "webhook", "url": "https://example.com/", "secret": SECRET}
+    fanout = {
+        "use": "webhook",
+        "name": "fanout",
+        "events": ["call_*"],
+        "destinations": [
+            {"name": "a", "url": "https://a.example/", "secret_file": "/not/read.whsec"},
+            {"name": "b", "url": "https://b.example/", "secret": SECRET},
+        ],
+    }
+    files = outbox_files([{"use": "log"}, single, fanout], tmp_path)
+    assert files == [
+        OutboxFile(tmp_path / "webhooks-webhook.sqlite3", ("webhook",)),
+        OutboxFile(tmp_path / "webhooks-fanout.sqlite3", ("a", "b")),
+    ]
+    assert load_handler(single, "handlers[1]").settings.name == "webhook"
+    with pytest.raises(ConfigError) as caught:
+        outbox_files([{"use": "webhook", "url": "ftp://x", "secret": SECRET}], tmp_path)
+    assert caught.value.key == "handlers[0].url"
 
 
 def config_text(

@@ -28,19 +28,60 @@ dead letters and 410s are ``listener.webhooks.forwarder``'s business. The settin
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from pydantic import ValidationError
+
+from listener.core.errors import ConfigError
 from listener.core.events import Event
+from listener.core.validation import format_validation_error
 from listener.dispatch.handler import Context, Handler
 from listener.webhooks.config import WebhookConfig
 from listener.webhooks.forwarder import WebhookForwarder
 
-__all__ = ["WebhookHandler", "outbox_path"]
+__all__ = ["OutboxFile", "WebhookHandler", "outbox_files", "outbox_path"]
 
 
 def outbox_path(state_dir: Path, handler_name: str) -> Path:
     """Where the handler called ``handler_name`` keeps its outbox."""
     return state_dir / f"webhooks-{handler_name}.sqlite3"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxFile:
+    """A webhook handler's outbox and the destinations whose deliveries it keeps."""
+
+    path: Path
+    destinations: tuple[str, ...]
+
+
+def outbox_files(handlers: Sequence[Mapping[str, Any]], state_dir: Path) -> list[OutboxFile]:
+    """Every ``webhook`` handler's outbox, named as the running daemon names it.
+
+    Takes the ``[[handlers]]`` tables as read from the file. Each webhook table's own keys
+    are validated, but no secret is read: inspecting an outbox needs none.
+
+    Raises:
+        ConfigError: a webhook table is invalid (``handlers[N].key``).
+    """
+    found = []
+    for index, entry in enumerate(handlers):
+        if entry.get("use") != "webhook":
+            continue
+        # The loader's rule: the table's name, else the handler's own.
+        name = str(entry.get("name") or WebhookHandler.name)
+        section = {key: value for key, value in entry.items() if key in WebhookConfig.model_fields}
+        try:
+            config = WebhookConfig.model_validate(section)
+        except ValidationError as exc:
+            field, problem = format_validation_error(exc, WebhookConfig)
+            raise ConfigError(f"handlers[{index}].{field}", problem) from None
+        names = tuple(config.destination_names(name))
+        found.append(OutboxFile(outbox_path(state_dir, name), names))
+    return found
 
 
 class WebhookHandler(Handler):
