@@ -295,7 +295,7 @@ class Daemon:
     async def _teardown(self, runners: Sequence[HandlerRunner]) -> None:
         for runner in runners:
             try:
-                await runner.handler.teardown()
+                await runner.handler.teardown(runner.context)
             except Exception as exc:
                 _log.error(
                     "handler teardown failed",

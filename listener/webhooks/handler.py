@@ -112,7 +112,7 @@ class WebhookHandler(Handler):
             # Handled means durable: after this, a crash cannot lose the event.
             await asyncio.shield(committed)
 
-    async def teardown(self) -> None:
+    async def teardown(self, ctx: Context) -> None:
         if self.forwarder is not None:
             await self.forwarder.stop(self.config.stop_grace)
 
