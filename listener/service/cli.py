@@ -167,7 +167,10 @@ async def _rpc(args: argparse.Namespace) -> int:
 async def _mint_token(args: argparse.Namespace) -> int:
     settings, api_key = _load(args.config)
     async with httpx.AsyncClient() as http:
-        token = await TokenSource(http, settings.sippet.base_url, api_key).mint()
+        source = TokenSource(
+            http, settings.sippet.base_url, api_key, attempts=settings.sippet.mint_attempts
+        )
+        token = await source.mint()
     expires = datetime.fromtimestamp(token.expires_at, UTC).isoformat(timespec="seconds")
     result: dict[str, Any] = {"ttl_seconds": token.ttl, "expires_at": expires}
     if args.show:

@@ -159,6 +159,7 @@ class FakeSippet:
         self.mints = 0
         self.mint_refusals = 0
         self.joins = 0
+        self.join_times: list[float] = []
         self.join_refusals = 0
         self.heartbeats = 0
         self.upgrades: list[Upgrade] = []
@@ -258,7 +259,7 @@ class FakeSippet:
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         """Wait until ``predicate()`` is true; it is re-checked whenever the server's state
-        changes (a mint, an upgrade, a join, a leave, a socket closing).
+        changes (a mint, an upgrade, a join, a heartbeat, a leave, a socket closing).
 
         Raises:
             TimeoutError: it did not become true in time.
@@ -441,6 +442,7 @@ class FakeSippet:
             self.heartbeats += 1
             if self.behaviour.answer_heartbeats:
                 sock.outbox.put_nowait(_reply(ref, None, PHOENIX_TOPIC, "ok"))
+            await self._notify()
             return
         if frame.event == "phx_join":
             await self._on_join(sock, frame.topic, ref)
@@ -468,6 +470,7 @@ class FakeSippet:
             sock.outbox.put_nowait(encode(sock.join_ref, sock.join_ref, topic, "phx_close", {}))
         sock.join_ref = ref
         self.joins += 1
+        self.join_times.append(time.time())
         sock.outbox.put_nowait(_reply(ref, ref, topic, "ok"))
         await self._notify()
 
