@@ -9,10 +9,12 @@
   (C pooled connections), no signature, no storage.
 - ``signed``: ``plain`` plus the Standard Webhooks signature of every request, to separate
   the signing cost from the outbox's.
-- ``backlog``: the receiver is down; N events are submitted through the forwarder (each gets
-  its first, failing, attempt as the worker reaches it) and the process prints
+- ``backlog``: the receiver is down; N events are submitted through the forwarder (the first
+  attempts fail and the destination is probed, one request at a time) and the process prints
   ``{"submitted": ...}``; once told ``up`` on stdin (the receiver is back), it reports how
-  long the outbox took to empty.
+  long the outbox took to empty. Probes are at most 0.5 s apart (the default is 5 s), so that
+  the figure is the drain rather than the wait for the next probe. If stdin closes instead
+  (the parent is gone), it exits; every wait is bounded by ``--timeout``.
 
 Prints one JSON line with ``seconds``, ``rate`` (deliveries/s) and ``cpu`` (this process's
 CPU time over the wall time: 1.0 is one core saturated).
@@ -45,8 +47,7 @@ from listener.webhooks.signing import encode_body, new_message_id
 from listener.webhooks.signing import sign_headers as sign
 
 _DESTINATION = "bench"
-# Failed attempts are retried after 1 s, and often enough that no row dies in the outage.
-_RETRY_SCHEDULE = (0.0,) + (1.0,) * 60
+_PROBE_INTERVAL = 0.5
 
 
 def _secret() -> str:
@@ -57,27 +58,21 @@ def _events(count: int) -> list[Event]:
     return [Event.create(*call_event(seq), "events", time.time()) for seq in range(count)]
 
 
+def _counted(name: str, **labels: str) -> float:
+    value = REGISTRY.get_sample_value(
+        f"sippet_listener_{name}", {"destination": _DESTINATION, **labels}
+    )
+    return value or 0.0
+
+
 def _delivered() -> float:
-    value = REGISTRY.get_sample_value(
-        "sippet_listener_webhook_deliveries_total",
-        {"destination": _DESTINATION, "outcome": "delivered"},
-    )
-    return value or 0.0
+    return _counted("webhook_deliveries_total", outcome="delivered")
 
 
-def _failed() -> float:
-    value = REGISTRY.get_sample_value(
-        "sippet_listener_webhook_deliveries_total",
-        {"destination": _DESTINATION, "outcome": "failed"},
-    )
-    return value or 0.0
-
-
-async def _until_delivered(forwarder: WebhookForwarder, count: int, timeout: float) -> None:
+async def _until_delivered(forwarder: WebhookForwarder, count: int) -> None:
     """Wait until ``count`` deliveries were answered with a 2xx and their outcome committed."""
-    async with asyncio.timeout(timeout):
-        while _delivered() < count:
-            await forwarder.wait_committed()
+    while _delivered() < count:
+        await forwarder.wait_committed()
 
 
 def _forwarder(url: str, concurrency: int, state: Path) -> WebhookForwarder:
@@ -86,7 +81,7 @@ def _forwarder(url: str, concurrency: int, state: Path) -> WebhookForwarder:
         url=url,
         secrets=(_secret(),),
         max_in_flight=concurrency,
-        retry_schedule=_RETRY_SCHEDULE,
+        max_probe_interval=_PROBE_INTERVAL,
     )
     return WebhookForwarder([destination], state / "outbox.sqlite3")
 
@@ -97,7 +92,8 @@ async def _outbox(args: argparse.Namespace, state: Path) -> dict[str, Any]:
         began, cpu = time.perf_counter(), time.process_time()
         for event in events:
             forwarder.submit(event)
-        await _until_delivered(forwarder, args.count, args.timeout)
+        async with asyncio.timeout(args.timeout):
+            await _until_delivered(forwarder, args.count)
         seconds = time.perf_counter() - began
         cpu = time.process_time() - cpu
     return {"seconds": seconds, "rate": args.count / seconds, "cpu": cpu / seconds}
@@ -142,22 +138,27 @@ async def _backlog(args: argparse.Namespace, state: Path) -> dict[str, Any]:
         if committed is not None:
             await committed
         _say({"submitted": args.count, "committed_after": time.perf_counter() - began})
-        await loop.run_in_executor(None, sys.stdin.readline)
-        up, failed = time.perf_counter(), _failed()
-        await _until_delivered(forwarder, args.count, args.timeout)
-        delivered = time.perf_counter() - up
-        while True:
-            await forwarder.wait_committed()
-            with Outbox(state / "outbox.sqlite3") as outbox:
-                (stats,) = outbox.stats(time.time(), [_DESTINATION])
-            if stats.pending == 0:
-                break
+        if not await loop.run_in_executor(None, sys.stdin.readline):
+            sys.exit("bench.webhooks: standard input closed before 'up': the parent is gone")
+        up = time.perf_counter()
+        failed = _counted("webhook_deliveries_total", outcome="failed")
+        probes = _counted("webhook_probes_total")
+        async with asyncio.timeout(args.timeout):
+            await _until_delivered(forwarder, args.count)
+            delivered = time.perf_counter() - up
+            while True:
+                with Outbox(state / "outbox.sqlite3") as outbox:
+                    (stats,) = outbox.stats(time.time(), [_DESTINATION])
+                if stats.pending == 0:
+                    break
+                await forwarder.wait_committed()
         seconds = time.perf_counter() - up
     return {
         "seconds": seconds,
         "delivered_after": delivered,
         "rate": args.count / seconds,
         "failed_attempts_in_outage": failed,
+        "probes_in_outage": probes,
         "dead": stats.dead,
     }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import subprocess
 import sys
@@ -21,7 +22,6 @@ from structlog.testing import capture_logs
 
 from listener.core.events import Event
 from listener.core.metrics import REGISTRY
-from listener.core.retry import honour_retry_after
 from listener.testing.receiver import ReceivedRequest, WebhookReceiver
 from listener.webhooks.destination import Destination
 from listener.webhooks.forwarder import ForwarderStateError, WebhookForwarder
@@ -33,11 +33,18 @@ OLD_SECRET = "whsec_" + base64.b64encode(b"\x02" * 32).decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(b"\x03" * 32).decode()
 FAST = (0.0, 0.05, 0.1)
 POLL = 0.05
+# Probes of an unhealthy destination every 50 ms instead of from 1 s up to 5 s.
+PROBE = 0.05
 REPO = Path(__file__).resolve().parents[1]
 
 
 def destination(url: str, name: str = "hooks", **overrides: Any) -> Destination:
-    settings: dict[str, Any] = {"secrets": (SECRET,), "retry_schedule": FAST, **overrides}
+    settings: dict[str, Any] = {
+        "secrets": (SECRET,),
+        "retry_schedule": FAST,
+        "max_probe_interval": PROBE,
+        **overrides,
+    }
     return Destination(name, url, **settings)
 
 
@@ -176,7 +183,7 @@ async def test_only_matching_events_are_enqueued(
 async def test_receiver_down_then_up_gets_everything(
     receiver: WebhookReceiver, db: Path, cli: Outbox
 ) -> None:
-    """Refused connections are retried on the schedule until the receiver is back."""
+    """Refused connections are retried (probed) until the receiver is back."""
     await receiver.down()
     hook = destination(receiver.url, retry_schedule=(0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6))
     async with WebhookForwarder([hook], db, poll_interval=POLL) as forwarder:
@@ -212,16 +219,17 @@ async def test_gone_disables_the_destination_until_enabled(
 
 
 @pytest.mark.parametrize(
-    ("schedule", "retry_after", "gap"),
-    [((0, 0.05, 0.1), "1", 1.0), ((0, 0.6, 10), "0", 0.6)],
-    ids=["lengthens-the-delay", "never-shortens-it"],
+    ("probe_interval", "retry_after", "gap"),
+    [(PROBE, "1", 1.0), (0.6, "0", 0.6)],
+    ids=["lengthens-the-backoff", "never-shortens-it"],
 )
-async def test_retry_after_is_a_lower_bound_on_the_next_attempt(
-    receiver: WebhookReceiver, db: Path, schedule: tuple[float, ...], retry_after: str, gap: float
+async def test_retry_after_is_a_lower_bound_on_the_next_probe(
+    receiver: WebhookReceiver, db: Path, probe_interval: float, retry_after: str, gap: float
 ) -> None:
-    """A 503's Retry-After may push the next attempt later than the schedule, never sooner."""
+    """A 503's Retry-After may push the next attempt (the probe) later than the backoff,
+    never sooner."""
     receiver.respond_with(503, {"retry-after": retry_after}, times=1)
-    hook = destination(receiver.url, retry_schedule=schedule)
+    hook = destination(receiver.url, max_probe_interval=probe_interval)
     async with WebhookForwarder([hook], db, poll_interval=POLL) as forwarder:
         forwarder.submit(event())
         first, second = await receiver.wait_for(2, timeout=5)
@@ -229,20 +237,22 @@ async def test_retry_after_is_a_lower_bound_on_the_next_attempt(
     assert gap - 0.05 <= second.received_at - first.received_at < gap + 0.5
 
 
-async def test_retry_after_is_capped_by_the_shared_retry_policy(
+async def test_a_retry_after_of_days_holds_the_probes_back(
     receiver: WebhookReceiver, db: Path, cli: Outbox
 ) -> None:
-    """A Retry-After of days parks the delivery no longer than the daemon's one cap allows."""
+    """A 429 asking for days: no probe follows for now (the wait is capped at the daemon's one
+    cap, :data:`~listener.core.retry.RETRY_AFTER_CAP`, see test_webhook_health), the delivery
+    keeps all its attempts but the one that ended the healthy period."""
     receiver.respond_with(429, {"retry-after": "999999"}, times=1)
     async with WebhookForwarder([destination(receiver.url)], db, poll_interval=POLL) as forwarder:
         forwarder.submit(event())
         await receiver.wait_for(1)
         await eventually(forwarder, lambda: stats(cli).failing == 1)
-        attempted = receiver.requests[0].received_at
-    [row] = cli.due("hooks", time.time() + 10 * 86400, 1)
-    allowed = honour_retry_after(FAST[1], 999999.0)
-    assert allowed < 999999.0
-    assert abs(row.due_at - (attempted + allowed)) < 2
+        with pytest.raises(TimeoutError):
+            await receiver.wait_for(2, timeout=20 * PROBE)
+        assert "hooks unhealthy for" in forwarder.describe()
+    [row] = cli.due("hooks", time.time(), 1)
+    assert row.attempts == 1
 
 
 async def test_redirect_is_a_failure_and_is_not_followed(
@@ -274,16 +284,17 @@ async def test_slow_attempt_times_out_and_is_retried(receiver: WebhookReceiver, 
 async def test_exhausted_schedule_dead_letters_then_replay_delivers_same_id(
     receiver: WebhookReceiver, db: Path, cli: Outbox
 ) -> None:
-    """After the last attempt the delivery is dead; a CLI replay is picked up while running."""
-    receiver.respond_with(500)
+    """After the last attempt the receiver rejects, the delivery is dead; a CLI replay is
+    picked up while running."""
+    receiver.respond_with(422)
     async with WebhookForwarder([destination(receiver.url)], db, poll_interval=POLL) as forwarder:
         forwarder.submit(event())
         await eventually(forwarder, lambda: stats(cli).dead == 1)
         [dead] = cli.dead_letters()
-        assert (dead.attempts, dead.last_status, dead.last_error) == (3, 500, "HTTP 500")
+        assert (dead.attempts, dead.last_status, dead.last_error) == (3, 422, "HTTP 422")
         assert len(receiver.requests) == len(FAST)
         receiver.respond_with(200)
-        assert cli.replay(time.time(), msg_ids=[dead.msg_id]) == 1
+        assert cli.replay(time.time(), msg_ids=[dead.msg_id]) == {"dead": 1}
         requests = await receiver.wait_for(4)
         await eventually(forwarder, lambda: stats(cli).pending == 0)
     assert set(ids(requests)) == {dead.msg_id}
@@ -324,6 +335,147 @@ async def test_max_in_flight_bounds_concurrent_attempts(
         requests = await receiver.wait_for(4)
     arrivals = sorted(request.received_at for request in requests)
     assert arrivals[2] - arrivals[0] >= 0.18
+
+
+# Outages, health and pace.
+
+
+def metric(name: str, destination: str = "hooks") -> float:
+    value = REGISTRY.get_sample_value(f"sippet_listener_{name}", {"destination": destination})
+    return value or 0.0
+
+
+def counted(outbox: Outbox, requests: list[ReceivedRequest]) -> int:
+    """How many recorded attempts of these requests' messages used up one of their own."""
+    return sum(a.counted for msg_id in set(ids(requests)) for a in outbox.attempts(msg_id))
+
+
+async def test_an_outage_is_probed_one_request_at_a_time_and_costs_no_attempts(
+    receiver: WebhookReceiver, db: Path, cli: Outbox
+) -> None:
+    """The first 503 pauses the destination: one probe at a time, a line and a gauge when it
+    goes unhealthy and when it recovers; then the whole backlog goes at once, nothing dead,
+    and only the failure that began the outage counted against its delivery."""
+    receiver.respond_with(503)
+    hook = destination(receiver.url, max_in_flight=8)
+    probes = metric("webhook_probes_total")
+    with capture_logs() as logs:
+        async with WebhookForwarder([hook], db, poll_interval=POLL) as forwarder:
+            for i in range(20):
+                forwarder.submit(event(i))
+            # The 8 attempts that met the outage, then a run of probes.
+            await receiver.wait_for(8 + 10)
+            assert metric("webhook_destination_healthy") == 0
+            receiver.respond_with(200)
+            ended = time.time()
+            await eventually(forwarder, lambda: stats(cli).pending == 0)
+            drained = time.time() - ended
+    probing = [r.received_at for r in receiver.requests[8:] if r.status == 503]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(probing)]
+    # Jitter spreads probes over half to all of the 50 ms backoff, never two at once.
+    assert min(gaps) >= PROBE / 2 - 0.005
+    assert drained < 1.0
+    delivered = [r for r in receiver.requests if r.status == 200]
+    assert sorted(numbers(delivered)) == list(range(20))
+    assert stats(cli).dead == 0
+    assert counted(cli, receiver.requests) == 1
+    assert metric("webhook_destination_healthy") == 1
+    assert metric("webhook_probes_total") - probes >= 10
+    assert 0 < metric("webhook_success_ratio") < 1
+    health = [e for e in logs if "webhook destination" in e["event"]]
+    assert [(e["log_level"], e["event"].split(":")[0]) for e in health] == [
+        ("warning", "webhook destination unhealthy"),
+        ("info", "webhook destination recovered"),
+    ]
+    recovered = health[1]
+    assert recovered["outage_seconds"] > 10 * PROBE / 2
+    assert recovered["probes"] >= 10
+    assert 0 < recovered["backlog"] <= 20
+
+
+async def test_an_outage_far_longer_than_the_schedule_dead_letters_nothing(
+    receiver: WebhookReceiver, db: Path, cli: Outbox
+) -> None:
+    """Refused for forty probes, over ten times the whole retry schedule (0.15 s): nothing
+    dies before max_age, everything is delivered once the receiver is back."""
+    await receiver.down()
+    hook = destination(receiver.url, max_age=60)
+    probes = metric("webhook_probes_total")
+    async with WebhookForwarder([hook], db, poll_interval=POLL) as forwarder:
+        for i in range(10):
+            forwarder.submit(event(i))
+        outage = time.monotonic()
+        await eventually(forwarder, lambda: metric("webhook_probes_total") - probes >= 40)
+        assert time.monotonic() - outage > 10 * sum(FAST)
+        assert stats(cli).dead == 0
+        await receiver.up()
+        await eventually(forwarder, lambda: stats(cli).pending == 0)
+    assert sorted(numbers(receiver.requests)) == list(range(10))
+    assert stats(cli).dead == 0
+
+
+async def test_past_max_age_a_pending_delivery_is_a_dead_letter_and_not_before(
+    receiver: WebhookReceiver, db: Path, cli: Outbox
+) -> None:
+    """max_age gives up on a delivery by its age, whatever its attempts."""
+    await receiver.down()
+    hook = destination(receiver.url, max_age=0.5)
+    async with WebhookForwarder([hook], db, poll_interval=POLL) as forwarder:
+        for i in range(3):
+            forwarder.submit(event(i))
+        await eventually(forwarder, lambda: stats(cli).dead == 3)
+    dead = cli.dead_letters()
+    assert {d.reason for d in dead} == {"max_age"}
+    assert all(0.5 <= d.dead_at - d.created_at < 0.5 + 0.5 for d in dead)
+
+
+async def test_a_body_the_receiver_rejects_uses_up_its_schedule_alone(
+    receiver: WebhookReceiver, db: Path, cli: Outbox
+) -> None:
+    """A 422 for one body while the others succeed: that delivery alone is retried on its
+    schedule and becomes a dead letter; the destination stays healthy and the others flow."""
+    receiver.respond_with(422, when=lambda body: b'"data":{"i":3}' in body)
+    with capture_logs() as logs:
+        async with WebhookForwarder(
+            [destination(receiver.url)], db, poll_interval=POLL
+        ) as forwarder:
+            for i in range(10):
+                forwarder.submit(event(i))
+            await eventually(forwarder, lambda: (stats(cli).pending, stats(cli).dead) == (0, 1))
+    [dead] = cli.dead_letters()
+    assert json.loads(dead.body)["data"] == {"i": 3}
+    assert (dead.attempts, dead.last_status, dead.reason) == (len(FAST), 422, "exhausted")
+    timeline = cli.attempts(dead.msg_id)
+    assert [(a.status, a.error_class, a.counted, a.probe) for a in timeline] == [
+        (422, "rejected", True, False)
+    ] * len(FAST)
+    delivered = [r for r in receiver.requests if r.status == 200]
+    assert sorted(numbers(delivered)) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    assert not any("unhealthy" in entry["event"] for entry in logs)
+
+
+def rate(requests: list[ReceivedRequest]) -> float:
+    """Requests per second from the first arrival to the last."""
+    arrivals = sorted(r.received_at for r in requests)
+    return (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+
+
+async def test_rate_limit_is_held_within_five_percent_replays_included(
+    receiver: WebhookReceiver, db: Path, cli: Outbox
+) -> None:
+    """40/s with 8 slots free: sent at 40/s, and a replay of what was delivered too."""
+    hook = destination(receiver.url, rate_limit=40.0)
+    async with WebhookForwarder([hook], db, poll_interval=POLL) as forwarder:
+        for i in range(60):
+            forwarder.submit(event(i))
+        sent = await receiver.wait_for(60, timeout=10)
+        await eventually(forwarder, lambda: stats(cli).pending == 0)
+        assert cli.replay(time.time(), sources=["delivered"]) == {"delivered": 60}
+        resent = (await receiver.wait_for(120, timeout=10))[60:]
+        await eventually(forwarder, lambda: stats(cli).pending == 0)
+    assert 40 * 0.95 <= rate(sent) <= 40 * 1.05
+    assert 40 * 0.95 <= rate(resent) <= 40 * 1.05
+    assert sorted(ids(resent)) == sorted(ids(sent))
 
 
 # Ordering.

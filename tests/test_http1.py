@@ -100,7 +100,7 @@ async def test_a_connection_the_server_closed_is_retried_on_a_fresh_one(
     assert server.connections == 2
 
 
-async def test_headers_are_returned_and_large_bodies_not_read(
+async def test_headers_and_the_start_of_the_body_are_returned_large_bodies_not_read(
     pool: Http1Pool, serve: Callable[..., RawServer]
 ) -> None:
     big = b"x" * 200_000
@@ -113,21 +113,24 @@ async def test_headers_are_returned_and_large_bodies_not_read(
         )
     )
     url = await server.start()
-    reply = await pool.post(url, b"{}", {}, max_answer=1000)
-    assert (reply.status, reply.headers["retry-after"]) == (429, "7")
+    reply = await pool.post(url, b"{}", {}, max_answer=1000, keep=10)
+    assert (reply.status, reply.headers["retry-after"], reply.body) == (429, "7", b"x" * 10)
+    assert (await pool.post(url, b"{}", {}, max_answer=1000)).body == b""
 
 
 async def test_refused_and_garbage_answers_raise_http1_error(
     pool: Http1Pool, serve: Callable[..., RawServer]
 ) -> None:
-    with pytest.raises(Http1Error, match="cannot connect"):
+    with pytest.raises(Http1Error, match="cannot connect") as refused:
         await pool.post("http://127.0.0.1:9/x", b"", {})
     server = serve(lambda _: b"SMTP ready\r\n\r\n")
     url = await server.start()
-    with pytest.raises(Http1Error):
+    with pytest.raises(Http1Error) as garbage:
         await pool.post(url, b"{}", {})
-    with pytest.raises(Http1Error, match="not an http"):
+    with pytest.raises(Http1Error, match="not an http") as ours:
         await pool.post("ftp://example.com/", b"", {})
+    kinds = [caught.value.kind for caught in (refused, garbage, ours)]
+    assert kinds == ["connection", "protocol", "request"]
 
 
 async def test_a_cancelled_request_drops_its_connection(

@@ -11,6 +11,7 @@ import pytest
 
 from listener.webhooks.outbox import (
     SCHEMA_VERSION,
+    Attempt,
     DeadLetter,
     Delivery,
     NewDelivery,
@@ -19,6 +20,7 @@ from listener.webhooks.outbox import (
 )
 
 T0 = 1_800_000_000.0
+V1_SCHEMA = Path(__file__).parent / "data" / "outbox-v1.sql"
 
 
 def new(i: int, destination: str = "a", *, call: str | None = None, due: float = T0) -> NewDelivery:
@@ -51,7 +53,7 @@ def test_new_file_gets_schema_in_wal_mode(path: Path) -> None:
         assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         tables = {name for (name,) in raw.execute("SELECT name FROM sqlite_master")}
     raw.close()
-    assert {"deliveries", "dead_letters", "destinations"} <= tables
+    assert {"deliveries", "dead_letters", "destinations", "delivered", "attempts"} <= tables
 
 
 def test_newer_schema_is_refused(path: Path) -> None:
@@ -107,7 +109,7 @@ def test_per_call_ordering_holds_back_later_deliveries_of_a_call(outbox: Outbox)
     assert ids(outbox.due("a", T0, 10, per_call=True)) == ["msg_3", "msg_4"]
     assert ids(outbox.due("a", T0, 10)) == ["msg_2", "msg_3", "msg_4"]
     assert outbox.next_due("a", exclude={"msg_3", "msg_4"}, per_call=True) == T0 + 30
-    outbox.mark_delivered("a", ["msg_1"])
+    outbox.mark_delivered("a", [("msg_1", T0)])
     assert ids(outbox.due("a", T0, 10, per_call=True)) == ["msg_2", "msg_3", "msg_4"]
 
 
@@ -191,7 +193,7 @@ def test_replay_moves_selected_dead_letters_back(
     for destination, msg_id in (("a", "msg_1"), ("a", "msg_2"), ("b", "msg_3")):
         outbox.bury(destination, msg_id, now=T0 + 5, reason="exhausted", attempts=3)
     assert ids(outbox.dead_letters(**filters)) == expected
-    assert outbox.replay(T0 + 100, **filters) == len(expected)
+    assert outbox.replay(T0 + 100, **filters) == {"dead": len(expected)}
     pending = [*outbox.due("a", T0 + 100, 10), *outbox.due("b", T0 + 100, 10)]
     assert sorted(ids(pending)) == expected
     assert all(row.attempts == 0 and row.due_at == T0 + 100 for row in pending)
@@ -274,7 +276,7 @@ def test_a_second_process_reads_and_writes_while_the_first_is_open(path: Path) -
         daemon.add([new(1)])
         daemon.bury("a", "msg_1", now=T0, reason="exhausted")
         assert cli.stats(T0)[0].dead == 1
-        assert cli.replay(T0) == 1
+        assert cli.replay(T0) == {"dead": 1}
         assert ids(daemon.due("a", T0, 10)) == ["msg_1"]
 
 
@@ -286,3 +288,132 @@ def test_writer_waits_for_another_writers_commit(path: Path) -> None:
             with pytest.raises(OutboxError, match="locked"):
                 cli.enable("a")
         assert cli.enable("a") is False
+
+
+def attempt(i: int, at: float, destination: str = "a", **fields: Any) -> Attempt:
+    """An attempt at ``msg_{i}`` made at ``at``, answered 503 unless ``fields`` say otherwise."""
+    values: dict[str, Any] = {
+        "latency": 0.01,
+        "status": 503,
+        "error_class": "not_now",
+        "error": "HTTP 503",
+        "answer": b"down for maintenance",
+        "probe": False,
+        "counted": True,
+        **fields,
+    }
+    return Attempt(destination, f"msg_{i}", at, **values)
+
+
+def test_a_version_1_file_is_migrated_and_keeps_its_rows(path: Path) -> None:
+    """A file written by version 1 (its schema as released) opens at the current version with
+    its pending rows, dead letters and disabled destinations as they were."""
+    with sqlite3.connect(path) as raw:
+        raw.executescript(V1_SCHEMA.read_text())
+        raw.execute(
+            "INSERT INTO deliveries (destination, msg_id, event, call_key, body, created_at,"
+            " due_at, attempts, last_attempt_at, last_status, last_error)"
+            " VALUES ('a', 'msg_1', 'call_started', 'x', '{}', ?, ?, 2, ?, 503, 'HTTP 503')",
+            (T0, T0 + 5, T0 + 1),
+        )
+        raw.execute(
+            "INSERT INTO dead_letters (seq, destination, msg_id, event, body, created_at,"
+            " attempts, dead_at, reason) VALUES (7, 'a', 'msg_7', 'e', '{}', ?, 8, ?, 'exhausted')",
+            (T0, T0),
+        )
+        raw.execute("INSERT INTO destinations VALUES ('b', ?, 'HTTP 410 Gone')", (T0,))
+    raw.close()
+    with Outbox(path) as migrated:
+        [row] = migrated.due("a", T0 + 5, 10)
+        assert (row.msg_id, row.call_key, row.attempts, row.due_at) == ("msg_1", "x", 2, T0 + 5)
+        assert ids(migrated.dead_letters()) == ["msg_7"]
+        assert migrated.is_disabled("b")
+        migrated.record_attempts([attempt(1, T0 + 5)])
+        migrated.mark_delivered("a", [("msg_1", T0 + 5)])
+        assert migrated.whereabouts("a", "msg_1") == ("delivered", T0 + 5)
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    raw.close()
+    with Outbox(path) as reopened:
+        assert [a.msg_id for a in reopened.attempts("msg_1")] == ["msg_1"]
+
+
+def test_attempts_are_recorded_in_order_with_their_answer(outbox: Outbox) -> None:
+    """Each attempt keeps its time, status, latency, class, flags and answer."""
+    outbox.record_attempts(
+        [
+            attempt(1, T0 + 2, probe=True, counted=False),
+            attempt(1, T0, status=None, error_class="timeout", answer=b""),
+            attempt(2, T0 + 1),
+            attempt(1, T0 + 3, status=200, error_class=None, error="", answer=b"ok"),
+        ]
+    )
+    timeline = outbox.attempts("msg_1")
+    assert [(a.at, a.status, a.error_class, a.probe, a.counted) for a in timeline] == [
+        (T0, None, "timeout", False, True),
+        (T0 + 2, 503, "not_now", True, False),
+        (T0 + 3, 200, None, False, True),
+    ]
+    assert (timeline[1].answer, timeline[1].latency) == (b"down for maintenance", 0.01)
+    assert outbox.attempts("msg_3") == []
+
+
+def test_delivered_rows_are_kept_where_replay_finds_them(outbox: Outbox) -> None:
+    """A delivered row leaves the pending ones for ``delivered``, once, whatever it took."""
+    outbox.add([new(1), new(2)])
+    outbox.mark_delivered("a", [("msg_1", T0 + 9)])
+    assert ids(outbox.due("a", T0 + 9, 10)) == ["msg_2"]
+    assert outbox.whereabouts("a", "msg_1") == ("delivered", T0 + 9)
+    assert outbox.whereabouts("a", "msg_2") == ("pending", None)
+    assert outbox.whereabouts("a", "msg_3") is None
+    assert outbox.pending_count("a") == 1
+    assert outbox.replay(T0 + 20, sources=["delivered"]) == {"delivered": 1}
+    assert outbox.pending_count("a") == 2
+    outbox.mark_delivered("a", [("msg_1", T0 + 30)])
+    assert outbox.whereabouts("a", "msg_1") == ("delivered", T0 + 30)
+
+
+def test_replay_selects_by_time_range_and_status_and_dry_run_changes_nothing(
+    outbox: Outbox,
+) -> None:
+    """[since, until) on the events' time, dead letters, delivered rows or both."""
+    outbox.add([new(i) for i in range(6)])
+    outbox.mark_delivered("a", [(f"msg_{i}", T0 + 10) for i in (0, 1, 2)])
+    for i in (3, 4, 5):
+        outbox.bury("a", f"msg_{i}", now=T0 + 10, reason="exhausted")
+    window: dict[str, Any] = {"since": T0 + 1, "until": T0 + 4}
+    assert outbox.replay(T0 + 20, sources=["delivered", "dead"], dry_run=True, **window) == {
+        "delivered": 2,
+        "dead": 1,
+    }
+    assert outbox.pending_count("a") == 0
+    assert outbox.replay(T0 + 20, sources=["delivered"], destination="b", **window) == {
+        "delivered": 0
+    }
+    assert outbox.replay(T0 + 20, sources=["delivered"], **window) == {"delivered": 2}
+    assert sorted(ids(outbox.due("a", T0 + 20, 10))) == ["msg_1", "msg_2"]
+    assert outbox.replay(T0 + 20, until=T0 + 4) == {"dead": 1}
+    assert ids(outbox.dead_letters()) == ["msg_4", "msg_5"]
+
+
+def test_prune_forgets_old_attempts_and_deliveries_a_bounded_batch_at_a_time(
+    outbox: Outbox,
+) -> None:
+    """Attempts and delivered rows older than the cut-off go, oldest first; dead letters and
+    pending rows stay."""
+    outbox.add([new(i) for i in range(5)])
+    outbox.record_attempts([attempt(i, T0 + i) for i in range(5)])
+    outbox.mark_delivered("a", [(f"msg_{i}", T0 + i) for i in range(4)])
+    outbox.bury("a", "msg_4", now=T0, reason="exhausted")
+    assert outbox.prune(T0 + 3, limit=2) == 4
+    assert [outbox.attempts(f"msg_{i}") != [] for i in range(5)] == [False] * 2 + [True] * 3
+    assert outbox.prune(T0 + 3) == 2
+    assert [outbox.whereabouts("a", f"msg_{i}") for i in range(5)] == [
+        None,
+        None,
+        None,
+        ("delivered", T0 + 3),
+        ("dead", T0),
+    ]
+    assert outbox.prune(T0 + 3) == 0
+    assert outbox.prune(T0 + 100) == 3

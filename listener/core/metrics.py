@@ -31,6 +31,9 @@ __all__ = [
     "SOCKET_STATE",
     "TOKEN_MINTS",
     "WEBHOOK_DELIVERIES",
+    "WEBHOOK_HEALTHY",
+    "WEBHOOK_PROBES",
+    "WEBHOOK_SUCCESS_RATIO",
     "Cell",
     "HistogramCell",
     "HotCounter",
@@ -226,6 +229,24 @@ OUTBOX_OLDEST_AGE = Gauge(
 DEAD_LETTERS = Gauge(
     f"{_P}webhook_dead_letters",
     "Webhook deliveries in the dead-letter table.",
+    ["destination"],
+    registry=REGISTRY,
+)
+WEBHOOK_HEALTHY = Gauge(
+    f"{_P}webhook_destination_healthy",
+    "1 while a webhook destination takes deliveries, 0 while it is unhealthy and probed.",
+    ["destination"],
+    registry=REGISTRY,
+)
+WEBHOOK_PROBES = Counter(
+    f"{_P}webhook_probes_total",
+    "Probes sent to unhealthy webhook destinations.",
+    ["destination"],
+    registry=REGISTRY,
+)
+WEBHOOK_SUCCESS_RATIO = Gauge(
+    f"{_P}webhook_success_ratio",
+    "Share of a webhook destination's attempts answered 2xx, over about the last minute.",
     ["destination"],
     registry=REGISTRY,
 )

@@ -19,7 +19,7 @@ from typing import Any
 from listener.core.errors import ConfigError
 from listener.service.config import DEFAULT_CONFIG_PATH, load_settings
 from listener.webhooks.handler import outbox_files
-from listener.webhooks.outbox import Outbox
+from listener.webhooks.outbox import Outbox, ReplaySource
 
 __all__ = ["add_webhooks_commands"]
 
@@ -41,10 +41,10 @@ def _open_all(args: argparse.Namespace) -> Iterator[tuple[tuple[str, ...], Outbo
         raise ConfigError("handlers", f"no {what} in {args.config}")
 
 
-def _when(timestamp: float | None) -> str:
+def _when(timestamp: float | None, timespec: str = "seconds") -> str:
     if timestamp is None:
         return "-"
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec=timespec)
 
 
 def _emit(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -> None:
@@ -112,24 +112,109 @@ def _dead(args: argparse.Namespace) -> int:
     return 0
 
 
-def _since(text: str) -> float:
+def _moment(text: str | None, flag: str) -> float | None:
+    """An ISO 8601 time (UTC unless it says otherwise) as seconds since the epoch."""
+    if text is None:
+        return None
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise ConfigError("--since", f"{text!r} is not an ISO 8601 time") from None
+        raise ConfigError(flag, f"{text!r} is not an ISO 8601 time") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
 
 
+_SOURCES: dict[str, tuple[ReplaySource, ...]] = {
+    "dead": ("dead",),
+    "delivered": ("delivered",),
+    "all": ("dead", "delivered"),
+}
+
+
 def _replay(args: argparse.Namespace) -> int:
-    since = _since(args.since) if args.since else None
-    total = 0
-    for _, outbox in _open_all(args):
-        total += outbox.replay(
-            time.time(), destination=args.destination, since=since, msg_ids=args.id or None
+    since, until = _moment(args.since, "--since"), _moment(args.until, "--until")
+    narrowed = args.id or since is not None or until is not None
+    if args.all and narrowed:
+        raise ConfigError("--all", "replays everything: drop --id, --since and --until")
+    if not (args.all or narrowed or args.destination):
+        raise ConfigError(
+            "replay", "say what to replay: --destination, --since/--until, --id or --all"
         )
-    sys.stdout.write(f"replayed {total} dead letter{'s' if total != 1 else ''}\n")
+    sources = _SOURCES[args.status]
+    moved = dict.fromkeys(sources, 0)
+    for _, outbox in _open_all(args):
+        found = outbox.replay(
+            time.time(),
+            sources=sources,
+            destination=args.destination,
+            since=since,
+            until=until,
+            msg_ids=args.id or None,
+            dry_run=args.dry_run,
+        )
+        for source, count in found.items():
+            moved[source] += count
+    counts = [
+        f"{count} delivered" if source == "delivered" else f"{count} dead letter{_s(count)}"
+        for source, count in moved.items()
+    ]
+    verb = "would replay" if args.dry_run else "replayed"
+    sys.stdout.write(f"{verb} {', '.join(counts)}\n")
+    return 0
+
+
+def _s(count: int) -> str:
+    return "" if count == 1 else "s"
+
+
+def _answer_text(answer: bytes, limit: int | None) -> str:
+    text = answer.decode("utf-8", "replace")
+    if limit is None:
+        return text
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _attempts(args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]] = []
+    notes = []
+    for _, outbox in _open_all(args):
+        attempts = [
+            a for a in outbox.attempts(args.id) if args.destination in (None, a.destination)
+        ]
+        for destination in dict.fromkeys(a.destination for a in attempts):
+            found = outbox.whereabouts(destination, args.id)
+            state = "no longer in the outbox" if found is None else found[0]
+            if found is not None and found[1] is not None:
+                state += f" at {_when(found[1])}"
+            notes.append(f"{args.id} to {destination}: {state}")
+        for attempt in attempts:
+            flags = [] if attempt.counted or attempt.error_class is None else ["not counted"]
+            if attempt.probe:
+                flags.insert(0, "probe")
+            rows.append(
+                {
+                    "at": _when(attempt.at, "milliseconds"),
+                    "destination": attempt.destination,
+                    "status": "-" if attempt.status is None else attempt.status,
+                    "latency_ms": round(attempt.latency * 1000, 1),
+                    "class": attempt.error_class or "-",
+                    "note": ", ".join(flags) or "-",
+                    "error": attempt.error,
+                    "answer": _answer_text(attempt.answer, None if args.json else 60),
+                }
+            )
+    if not rows:
+        sys.stderr.write(f"{args.id}: no attempt on record (never made, or pruned)\n")
+        return 1
+    if not args.json:
+        sys.stdout.write("".join(note + "\n" for note in notes))
+    _emit(
+        rows,
+        args.json,
+        ["at", "destination", "status", "latency_ms", "class", "note", "answer"],
+    )
     return 0
 
 
@@ -143,7 +228,7 @@ def _enable(args: argparse.Namespace) -> int:
 
 
 def add_webhooks_commands(commands: Any) -> None:
-    """Add ``webhooks status|dead|replay|enable`` to the CLI's sub-parsers."""
+    """Add ``webhooks status|dead|replay|attempts|enable`` to the CLI's sub-parsers."""
     webhooks = commands.add_parser(
         "webhooks",
         help="inspect webhook outboxes, list and replay dead letters",
@@ -179,13 +264,35 @@ def add_webhooks_commands(commands: Any) -> None:
     dead.add_argument("--json", action="store_true", help="one JSON object per line")
     dead.set_defaults(sync=_dead)
 
-    replay = sub.add_parser("replay", help="move dead letters back to pending (same webhook-id)")
+    replay = sub.add_parser(
+        "replay",
+        help="send dead or delivered deliveries again (same webhook-id, at the rate limit)",
+        description="Move the selected deliveries back to pending: the daemon sends them "
+        "again with their webhook-id, at the destination's rate_limit. Times are the events' "
+        "(when they were enqueued), ISO 8601, UTC unless they say otherwise.",
+    )
     common(replay)
-    which = replay.add_mutually_exclusive_group(required=True)
-    which.add_argument("--id", action="append", help="a webhook-id (repeatable)")
-    which.add_argument("--all", action="store_true", help="every dead letter")
-    which.add_argument("--since", help="dead letters of events since this ISO 8601 time")
+    replay.add_argument("--id", action="append", help="a webhook-id (repeatable)")
+    replay.add_argument("--all", action="store_true", help="every one (of --status)")
+    replay.add_argument("--since", help="events enqueued at or after this time")
+    replay.add_argument("--until", help="events enqueued before this time")
+    replay.add_argument(
+        "--status",
+        choices=tuple(_SOURCES),
+        default="dead",
+        help="dead letters, delivered deliveries (kept for the handler's retention) or both"
+        " (default: %(default)s)",
+    )
+    replay.add_argument("--dry-run", action="store_true", help="only count what would be replayed")
     replay.set_defaults(sync=_replay)
+
+    attempts = sub.add_parser(
+        "attempts", help="one message's attempts: time, status, latency, class, answer"
+    )
+    common(attempts)
+    attempts.add_argument("--id", required=True, help="the webhook-id")
+    attempts.add_argument("--json", action="store_true", help="one JSON object per line")
+    attempts.set_defaults(sync=_attempts)
 
     enable = sub.add_parser("enable", help="re-enable a destination disabled by HTTP 410")
     common(enable, destination=False)

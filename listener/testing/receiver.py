@@ -5,6 +5,7 @@ port, so deliveries cross a real TCP connection and a real HTTP parser::
 
     async with WebhookReceiver() as receiver:
         receiver.respond_with(503, {"retry-after": "1"}, times=1)   # then 200 again
+        receiver.respond_with(422, when=lambda body: b'"bad"' in body)  # only those
         ...  # point a destination at receiver.url
         first, second = await receiver.wait_for(2)
 
@@ -92,6 +93,7 @@ class WebhookReceiver:
         self._path = path
         self._default = Reply()
         self._once: deque[Reply] = deque()
+        self._rules: list[tuple[Callable[[bytes], bool], Reply]] = []
         self._changed = asyncio.Condition()
         self._server: AsgiServer | None = None
         # Set when going down: requests waiting out a delay are answered at once.
@@ -127,6 +129,7 @@ class WebhookReceiver:
         delay: float = 0.0,
         *,
         times: int | None = None,
+        when: Callable[[bytes], bool] | None = None,
     ) -> None:
         """Set how requests are answered.
 
@@ -136,12 +139,17 @@ class WebhookReceiver:
             delay: seconds to wait before answering; a long one simulates a hung receiver.
             times: answer only the next ``times`` requests this way (after any one-off answers
                 already queued), then go back to the standing answer. None makes this the
-                standing answer for every later request and drops queued one-offs.
+                standing answer for every later request and drops queued one-offs and rules.
+            when: answer this way every request whose body it accepts, before any other
+                answer (the first matching rule wins); ``times`` does not apply.
         """
         reply = Reply(status, tuple((headers or {}).items()), delay)
-        if times is None:
+        if when is not None:
+            self._rules.append((when, reply))
+        elif times is None:
             self._default = reply
             self._once.clear()
+            self._rules.clear()
         else:
             self._once.extend([reply] * times)
 
@@ -205,7 +213,9 @@ class WebhookReceiver:
         body = await _read_body(receive)
         if body is None:
             return
-        reply = self._once.popleft() if self._once else self._default
+        reply = next((reply for match, reply in self._rules if match(body)), None)
+        if reply is None:
+            reply = self._once.popleft() if self._once else self._default
         headers: dict[str, str] = {}
         for raw_name, raw_value in scope["headers"]:
             name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")

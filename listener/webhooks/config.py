@@ -23,7 +23,10 @@ from listener.core.errors import ConfigError
 from listener.core.logs import register_secret
 from listener.core.secrets import read_secret_file
 from listener.webhooks.destination import (
+    DEFAULT_MAX_AGE,
     DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_PROBE_INTERVAL,
+    DEFAULT_RETENTION,
     DEFAULT_RETRY_SCHEDULE,
     DEFAULT_TIMEOUT,
     Destination,
@@ -104,7 +107,9 @@ class _DestinationFields(BaseModel):
     ordering: Literal["none", "per_call"] = "none"
     max_in_flight: int = Field(default=DEFAULT_MAX_IN_FLIGHT, ge=1)
     max_pending: int | None = Field(default=None, ge=1)
-    max_age: float | None = Field(default=None, gt=0)
+    max_age: float = Field(default=DEFAULT_MAX_AGE, gt=0)
+    rate_limit: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    max_probe_interval: float = Field(default=DEFAULT_MAX_PROBE_INTERVAL, gt=0, allow_inf_nan=False)
 
     def _signing_secrets(self, prefix: str) -> tuple[str, ...]:
         """The secrets from ``secret_file`` (one per line) or ``secret``, registered for
@@ -139,6 +144,8 @@ class _DestinationFields(BaseModel):
             max_in_flight=self.max_in_flight,
             max_pending=self.max_pending,
             max_age=self.max_age,
+            rate_limit=self.rate_limit,
+            max_probe_interval=self.max_probe_interval,
         )
 
 
@@ -158,6 +165,8 @@ class WebhookConfig(_DestinationFields):
         default_factory=list
     )
     stop_grace: float = Field(default=5.0, ge=0)
+    # The outbox's, not a destination's: attempts and delivered rows older than this go.
+    retention: float = Field(default=DEFAULT_RETENTION, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _one_form(self) -> WebhookConfig:

@@ -12,13 +12,29 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Literal
 
-__all__ = ["DEFAULT_MAX_IN_FLIGHT", "DEFAULT_RETRY_SCHEDULE", "DEFAULT_TIMEOUT", "Destination"]
+__all__ = [
+    "DEFAULT_MAX_AGE",
+    "DEFAULT_MAX_IN_FLIGHT",
+    "DEFAULT_MAX_PROBE_INTERVAL",
+    "DEFAULT_RETENTION",
+    "DEFAULT_RETRY_SCHEDULE",
+    "DEFAULT_TIMEOUT",
+    "Destination",
+]
 
 # Svix's schedule, the one the Standard Webhooks spec's example follows: about 27.5 hours.
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
 # The spec recommends "somewhere between 15 and 30s".
 DEFAULT_TIMEOUT = 15.0
 DEFAULT_MAX_IN_FLIGHT = 8
+# Svix and Stripe keep retrying for about three days: an outage shorter than that loses nothing.
+DEFAULT_MAX_AGE = 3 * 86400.0
+# A receiver back from an outage gets its backlog at most this much later; a dead one costs one
+# request per interval, and its Retry-After can ask for longer.
+DEFAULT_MAX_PROBE_INTERVAL = 5.0
+# How long the outbox keeps attempts and delivered deliveries (for timelines and replays):
+# a day of events costs about a day of their bodies on disk.
+DEFAULT_RETENTION = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +52,9 @@ class Destination:
             content headers).
         timeout: seconds one attempt may take in all, from connecting to the last byte read.
         retry_schedule: delay before each attempt, in seconds: the first entry is the delay of
-            the first attempt after enqueueing, and its length is the number of attempts.
+            the first attempt after enqueueing, the others follow a delivery's own failures,
+            and its length is how many of those it may have (see :mod:`.worker`: failures
+            during an outage of the destination do not count).
         ordering: ``per_call`` holds back a call's delivery while an earlier delivery of the
             same call to this destination is pending (even if it is waiting for a retry hours
             away); ``none`` attempts everything as soon as it is due.
@@ -46,6 +64,10 @@ class Destination:
             worker has a free slot, so it can be exceeded for a while. None for no bound.
         max_age: pending deliveries older than this many seconds become dead letters. None for
             no bound.
+        rate_limit: attempts started per second at most (token bucket), replays included;
+            None for no limit.
+        max_probe_interval: the longest wait, in seconds, between probes of an unhealthy
+            destination (the backoff starts at 1 s, or this if shorter; 0 probes at once).
     """
 
     name: str
@@ -58,7 +80,9 @@ class Destination:
     ordering: Literal["none", "per_call"] = "none"
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     max_pending: int | None = None
-    max_age: float | None = None
+    max_age: float | None = DEFAULT_MAX_AGE
+    rate_limit: float | None = None
+    max_probe_interval: float = DEFAULT_MAX_PROBE_INTERVAL
 
     def accepts(self, event_name: str) -> bool:
         """Return whether events named ``event_name`` are forwarded here."""

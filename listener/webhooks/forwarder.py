@@ -31,10 +31,10 @@ import structlog
 from listener.core.errors import ListenerError
 from listener.core.events import Event
 from listener.core.httputil import USER_AGENT
-from listener.webhooks.destination import Destination
+from listener.webhooks.destination import DEFAULT_RETENTION, Destination
 from listener.webhooks.gauges import Gauges
 from listener.webhooks.http1 import Http1Pool
-from listener.webhooks.outbox import NewDelivery
+from listener.webhooks.outbox import NewDelivery, Outbox
 from listener.webhooks.signing import encode_body, new_message_id
 from listener.webhooks.store import Store
 from listener.webhooks.worker import Worker
@@ -56,7 +56,7 @@ class _Running:
     store: Store
     client: Http1Pool
     writer: BatchWriter
-    measurer: asyncio.Task[None]
+    housekeeper: asyncio.Task[None]
 
 
 class WebhookForwarder:
@@ -70,7 +70,9 @@ class WebhookForwarder:
         outbox_path: the SQLite file (created if missing; its directory must exist). One
             forwarder per file: two would attempt the same deliveries.
         poll_interval: how often an idle worker looks for rows made due by another process
-            (the CLI's replay or enable), and how often gauges and outbox bounds are checked.
+            (the CLI's replay or enable), and how often gauges and outbox bounds are checked
+            and old records pruned.
+        retention: seconds the outbox keeps attempts and delivered deliveries.
 
     Raises:
         ValueError: two destinations share a name (the configuration refuses that first).
@@ -82,6 +84,7 @@ class WebhookForwarder:
         outbox_path: str | os.PathLike[str],
         *,
         poll_interval: float = 0.5,
+        retention: float = DEFAULT_RETENTION,
     ) -> None:
         names = [d.name for d in destinations]
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -90,10 +93,11 @@ class WebhookForwarder:
         self.destinations: tuple[Destination, ...] = tuple(destinations)
         self._path = outbox_path
         self._poll_interval = poll_interval
+        self._retention = retention
         self._state: Literal["new", "running", "stopping", "stopped"] = "new"
         self._running: _Running | None = None
         self._workers: dict[str, Worker] = {}
-        self._gauges = Gauges(names, poll_interval)
+        self._gauges = Gauges(names)
         self._committed = asyncio.Event()
 
     async def __aenter__(self) -> WebhookForwarder:
@@ -128,8 +132,8 @@ class WebhookForwarder:
             )
             for d in self.destinations
         }
-        measurer = asyncio.create_task(self._gauges.run(store), name="webhook-gauges")
-        self._running = _Running(store, client, writer, measurer)
+        housekeeper = asyncio.create_task(self._housekeep(store), name="webhook-housekeeping")
+        self._running = _Running(store, client, writer, housekeeper)
         self._state = "running"
         writer.start()
         for worker in self._workers.values():
@@ -184,8 +188,8 @@ class WebhookForwarder:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        running.measurer.cancel()
-        await asyncio.gather(running.measurer, return_exceptions=True)
+        running.housekeeper.cancel()
+        await asyncio.gather(running.housekeeper, return_exceptions=True)
         await running.writer.close()
         await running.client.aclose()
         await running.store.close()
@@ -205,8 +209,24 @@ class WebhookForwarder:
             await self._committed.wait()
 
     def describe(self) -> str:
-        """A few words for the service status: the backlog as last measured."""
-        return self._gauges.describe()
+        """A few words for the service status: the backlog as last measured, and health."""
+        now = time.monotonic()
+        unhealthy = {
+            name: seconds
+            for name, worker in self._workers.items()
+            if (seconds := worker.health.unhealthy_for(now)) is not None
+        }
+        return self._gauges.describe(unhealthy)
+
+    async def _housekeep(self, store: Store) -> None:
+        """Every ``poll_interval`` until cancelled: measure the outbox, prune old records."""
+        while True:
+            await self._gauges.measure(store)
+            try:
+                await store.run(Outbox.prune, time.time() - self._retention)
+            except Exception:
+                _log.exception("webhook outbox prune failed")
+            await asyncio.sleep(self._poll_interval)
 
     def _announce_commit(self) -> None:
         """Wake every :meth:`wait_committed` caller."""

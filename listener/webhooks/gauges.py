@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import structlog
 
@@ -22,32 +21,31 @@ class Gauges:
 
     Args:
         names: the configured destinations.
-        poll_interval: seconds between measurements.
     """
 
-    def __init__(self, names: Sequence[str], poll_interval: float) -> None:
+    def __init__(self, names: Sequence[str]) -> None:
         self._names = list(names)
-        self._poll_interval = poll_interval
         self._stats: list[DestinationStats] = []
+        self._measured = False
 
-    async def run(self, store: Store) -> None:
-        """Measure until cancelled."""
-        first = True
-        while True:
-            try:
-                stats = await store.run(Outbox.stats, time.time(), self._names)
-            except Exception:
-                _log.exception("webhook outbox stats failed")
-            else:
-                self._publish(stats, warn_unknown=first)
-                first = False
-            await asyncio.sleep(self._poll_interval)
+    async def measure(self, store: Store) -> None:
+        """Measure once; a failure is logged and the last figures stay."""
+        try:
+            stats = await store.run(Outbox.stats, time.time(), self._names)
+        except Exception:
+            _log.exception("webhook outbox stats failed")
+            return
+        self._publish(stats, warn_unknown=not self._measured)
+        self._measured = True
 
-    def describe(self) -> str:
-        """A few words for the service status: the backlog as last measured."""
+    def describe(self, unhealthy: Mapping[str, float]) -> str:
+        """A few words for the service status: the backlog as last measured, and how long
+        each ``unhealthy`` destination has been so."""
         parts = []
         for entry in self._stats:
             state = "disabled, " if entry.disabled else ""
+            if entry.name in unhealthy:
+                state += f"unhealthy for {unhealthy[entry.name]:.0f} s, "
             parts.append(f"{entry.name} {state}{entry.pending} pending, {entry.dead} dead")
         return "; ".join(parts) or "outbox not measured yet"
 

@@ -102,7 +102,9 @@ class WebhookHandler(Handler):
     async def setup(self, ctx: Context) -> None:
         destinations = self.config.build(ctx.name, self._secrets)
         ctx.state_dir.mkdir(parents=True, exist_ok=True)
-        self.forwarder = WebhookForwarder(destinations, outbox_path(ctx.state_dir, ctx.name))
+        self.forwarder = WebhookForwarder(
+            destinations, outbox_path(ctx.state_dir, ctx.name), retention=self.config.retention
+        )
         await self.forwarder.start()
 
     async def handle(self, event: Event, ctx: Context) -> None:

@@ -14,6 +14,7 @@ import asyncio
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import urlsplit
 
 import h11
@@ -25,18 +26,29 @@ __all__ = ["Http1Error", "Http1Pool", "Reply"]
 _READ_SIZE = 65536
 _MAX_IDLE_PER_ORIGIN = 64
 Origin = tuple[str, str, int]
+_Kind = Literal["connection", "protocol", "request"]
 
 
 class Http1Error(ListenerError):
-    """The request failed below HTTP: connection refused or reset, or a malformed answer."""
+    """The request failed below HTTP.
+
+    Attributes:
+        kind: ``connection`` (refused, reset, closed before answering), ``protocol`` (the
+            answer is not HTTP/1.1) or ``request`` (ours cannot be sent: a bad URL or header).
+    """
+
+    def __init__(self, message: str, kind: _Kind = "connection") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """An answer: its status and its headers (names in lower case)."""
+    """An answer: its status, its headers (names in lower case) and the start of its body."""
 
     status: int
     headers: Mapping[str, str]
+    body: bytes = b""
 
 
 class _Stale(Exception):
@@ -86,13 +98,20 @@ class Http1Pool:
         self._closed = False
 
     async def post(
-        self, url: str, body: bytes, headers: Mapping[str, str], *, max_answer: int = 65536
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        max_answer: int = 65536,
+        keep: int = 0,
     ) -> Reply:
-        """POST ``body`` to ``url``; return the answer's status and headers.
+        """POST ``body`` to ``url``; return the answer's status, headers and first ``keep``
+        bytes of its body.
 
-        The answer body is read up to ``max_answer`` bytes and dropped (a longer one closes
-        the connection instead of being read). Bound the call with ``asyncio.timeout``: a
-        cancelled request closes its connection.
+        The answer body is read up to ``max_answer`` bytes, the rest of it dropped (a longer
+        one closes the connection instead of being read). Bound the call with
+        ``asyncio.timeout``: a cancelled request closes its connection.
 
         Raises:
             Http1Error: connection failure or malformed answer.
@@ -100,7 +119,7 @@ class Http1Pool:
         """
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise Http1Error(f"not an http(s) URL: {parts.scheme}://...")
+            raise Http1Error(f"not an http(s) URL: {parts.scheme}://...", "request")
         origin = (
             parts.scheme,
             parts.hostname,
@@ -114,7 +133,7 @@ class Http1Pool:
         for _ in range(2):
             connection, reused = await self._acquire(origin)
             try:
-                reply = await self._exchange(connection, target, request, body, max_answer)
+                reply = await self._exchange(connection, target, request, body, max_answer, keep)
             except _Stale:
                 connection.close()
                 if reused:
@@ -173,9 +192,11 @@ class Http1Pool:
         headers: list[tuple[str, str]],
         body: bytes,
         max_answer: int,
+        keep: int,
     ) -> Reply:
         protocol = connection.protocol
         answered = False
+        kept = bytearray()
         try:
             connection.writer.write(
                 protocol.send(h11.Request(method="POST", target=target, headers=headers))
@@ -198,10 +219,12 @@ class Http1Pool:
                     }
                 elif isinstance(event, h11.Data):
                     received += len(event.data)
+                    if len(kept) < keep:
+                        kept += event.data[: keep - len(kept)]
                     if received > max_answer:
                         # Not worth reading into memory: give up the connection instead.
                         connection.close()
-                        return Reply(status, reply_headers)
+                        return Reply(status, reply_headers, bytes(kept))
                 elif isinstance(event, h11.EndOfMessage):
                     break
                 elif isinstance(event, h11.ConnectionClosed):
@@ -209,9 +232,10 @@ class Http1Pool:
         except (ConnectionError, h11.RemoteProtocolError) as exc:
             if not answered:
                 raise _Stale from None
-            raise Http1Error(f"{type(exc).__name__}: {exc}") from None
+            kind: _Kind = "connection" if isinstance(exc, ConnectionError) else "protocol"
+            raise Http1Error(f"{type(exc).__name__}: {exc}", kind) from None
         except h11.LocalProtocolError as exc:
-            raise Http1Error(f"invalid request: {exc}") from None
+            raise Http1Error(f"invalid request: {exc}", "request") from None
         if protocol.our_state is h11.DONE and protocol.their_state is h11.DONE:
             protocol.start_next_cycle()
-        return Reply(status, reply_headers)
+        return Reply(status, reply_headers, bytes(kept))

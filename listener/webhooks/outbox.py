@@ -8,16 +8,20 @@ without blocking each other for long, and ``busy_timeout`` makes a writer wait f
 commit instead of failing.
 
 Theory of operation. A delivery is one event for one destination. It is inserted before its
-first attempt and deleted once a 2xx answer arrives; until then it is *pending*. A failed
-attempt reschedules it; when its retry schedule is exhausted, or the outbox bound for its
-destination is exceeded, it moves to ``dead_letters``, from where :meth:`Outbox.replay` moves it
-back. Its ``msg_id`` (the Standard Webhooks ``webhook-id``) never changes along the way.
+first attempt and moved to ``delivered`` once a 2xx answer arrives; until then it is *pending*.
+A failed attempt reschedules it; when its retry schedule is exhausted, or the outbox bound for
+its destination is exceeded, it moves to ``dead_letters``. :meth:`Outbox.replay` moves dead or
+delivered ones back to pending. Its ``msg_id`` (the Standard Webhooks ``webhook-id``) never
+changes along the way, and it is in exactly one of the three tables. Every attempt is recorded
+in ``attempts``; those and the delivered rows are kept for a retention period
+(:meth:`Outbox.prune`), dead letters until replayed.
 
 Nothing here marks a row as "being attempted": one process delivers from a file, and it keeps
 the ids of its in-flight rows in memory and passes them as ``exclude``. After a crash nothing is
 stranded: every pending row is simply due again.
 
-The schema (``PRAGMA user_version`` = 1)::
+The schema (``PRAGMA user_version`` = 2; a file is brought up to it by each step of
+``_MIGRATIONS`` it has not had, in order, so a new file and an old one end up alike)::
 
     deliveries    seq PK (enqueue order), destination, msg_id, event, call_key, body,
                   created_at, due_at, attempts, last_attempt_at, last_status, last_error;
@@ -25,6 +29,10 @@ The schema (``PRAGMA user_version`` = 1)::
     dead_letters  the same columns plus dead_at and reason
                   ("exhausted", "max_pending", "max_age")
     destinations  name PK, disabled_at, disabled_reason (a row exists once it was disabled)
+    delivered     id PK (delivery order), seq, destination, msg_id, event, call_key, body,
+                  created_at, attempts, delivered_at; UNIQUE (destination, msg_id)   [v2]
+    attempts      id PK (record order), destination, msg_id, at, latency, status,
+                  error_class, error, answer (its first 1 KiB), probe, counted        [v2]
 """
 
 from __future__ import annotations
@@ -37,12 +45,13 @@ import sqlite3
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Concatenate, Literal, ParamSpec, TypeVar
 
 from listener.core.errors import ListenerError
 
 __all__ = [
     "SCHEMA_VERSION",
+    "Attempt",
     "Claim",
     "DeadLetter",
     "Delivery",
@@ -50,11 +59,11 @@ __all__ = [
     "NewDelivery",
     "Outbox",
     "OutboxError",
+    "ReplaySource",
 ]
 
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
+# Version 1, as it was released: files on users' disks have exactly this.
+_SCHEMA_V1 = """
 CREATE TABLE deliveries (
     seq             INTEGER PRIMARY KEY AUTOINCREMENT,
     destination     TEXT    NOT NULL,
@@ -96,11 +105,49 @@ CREATE TABLE destinations (
     disabled_reason TEXT
 ) WITHOUT ROWID;
 """
+# Version 2: delivered rows are kept (replays by time), every attempt is on record. Both are
+# keyed by an id in the order rows are written, so that pruning walks the oldest from the
+# start of the table instead of needing a time index that every insert would pay for.
+_V1_TO_V2 = """
+CREATE TABLE delivered (
+    id              INTEGER PRIMARY KEY,
+    seq             INTEGER NOT NULL,
+    destination     TEXT    NOT NULL,
+    msg_id          TEXT    NOT NULL,
+    event           TEXT    NOT NULL,
+    call_key        TEXT,
+    body            BLOB    NOT NULL,
+    created_at      REAL    NOT NULL,
+    attempts        INTEGER NOT NULL,
+    delivered_at    REAL    NOT NULL,
+    UNIQUE (destination, msg_id)
+);
+CREATE TABLE attempts (
+    id              INTEGER PRIMARY KEY,
+    destination     TEXT    NOT NULL,
+    msg_id          TEXT    NOT NULL,
+    at              REAL    NOT NULL,
+    latency         REAL    NOT NULL,
+    status          INTEGER,
+    error_class     TEXT,
+    error           TEXT    NOT NULL,
+    answer          BLOB    NOT NULL,
+    probe           INTEGER NOT NULL,
+    counted         INTEGER NOT NULL
+);
+CREATE INDEX attempts_msg ON attempts (msg_id);
+"""
+# Step n takes a file from version n to n + 1; a new file (version 0) takes them all.
+_MIGRATIONS = (_SCHEMA_V1, _V1_TO_V2)
+SCHEMA_VERSION = len(_MIGRATIONS)
 
 _DELIVERY_COLUMNS = "seq, destination, msg_id, event, call_key, body, created_at, due_at, attempts"
 _DEAD_COLUMNS = (
     "seq, destination, msg_id, event, call_key, body, created_at, attempts, last_status,"
     " last_error, dead_at, reason"
+)
+_ATTEMPT_COLUMNS = (
+    "destination, msg_id, at, latency, status, error_class, error, answer, probe, counted"
 )
 
 # Queries are assembled from the module's own constants (S608 is silenced for that reason only);
@@ -135,26 +182,63 @@ SELECT seq, destination, msg_id, event, call_key, body, created_at,
 FROM deliveries WHERE destination = :destination AND msg_id = :msg_id
 """
 
-# Filters shared by listing and replaying dead letters; a NULL parameter means "any".
-_DEAD_FILTER = """
+# Filters shared by listing and replaying dead and delivered rows; a NULL parameter means
+# "any". Times are the event's (when it was enqueued), so a range selects what users expect.
+_FILTER = """
     (:destination IS NULL OR destination = :destination)
     AND (:since IS NULL OR created_at >= :since)
+    AND (:until IS NULL OR created_at < :until)
     AND (:msg_ids IS NULL OR msg_id IN (SELECT value FROM json_each(:msg_ids)))
 """
 _SELECT_DEAD = (
-    f"SELECT {_DEAD_COLUMNS} FROM dead_letters WHERE {_DEAD_FILTER}"  # noqa: S608
+    f"SELECT {_DEAD_COLUMNS} FROM dead_letters WHERE {_FILTER}"  # noqa: S608
     " ORDER BY seq LIMIT :limit"
 )
-_REPLAY = f"""
+# What replay reads from, by the name users give it.
+_REPLAY_TABLES = {"dead": "dead_letters", "delivered": "delivered"}
+_REPLAY = {
+    source: f"""
 INSERT OR IGNORE INTO deliveries (
     seq, destination, msg_id, event, call_key, body, created_at, due_at, attempts)
 SELECT seq, destination, msg_id, event, call_key, body, created_at, :now, 0
-FROM dead_letters WHERE {_DEAD_FILTER}
+FROM {table} WHERE {_FILTER}
 """  # noqa: S608
-_DELETE_DEAD = f"DELETE FROM dead_letters WHERE {_DEAD_FILTER}"  # noqa: S608
+    for source, table in _REPLAY_TABLES.items()
+}
+_DELETE_REPLAYED = {
+    source: f"DELETE FROM {table} WHERE {_FILTER}"  # noqa: S608
+    for source, table in _REPLAY_TABLES.items()
+}
+_COUNT_REPLAYABLE = {
+    source: f"SELECT COUNT(*) FROM {table} WHERE {_FILTER}"  # noqa: S608
+    for source, table in _REPLAY_TABLES.items()
+}
+_DELIVER = """
+INSERT OR REPLACE INTO delivered (
+    seq, destination, msg_id, event, call_key, body, created_at, attempts, delivered_at)
+SELECT seq, destination, msg_id, event, call_key, body, created_at, attempts, ?
+FROM deliveries WHERE destination = ? AND msg_id = ?
+"""
+# Rows go in id order, oldest first, at most :limit a call so that a file left unpruned for
+# days does not hold the outbox thread in one long delete. Ids follow the order rows were
+# written, times the attempts': an attempt that took its whole timeout is written after later
+# ones, so the walk may keep a row up to one timeout past the cut-off.
+_PRUNE = {
+    table: f"""
+DELETE FROM {table} WHERE id < MIN(
+    COALESCE(
+        (SELECT id FROM {table} WHERE {column} >= :before ORDER BY id LIMIT 1),
+        (SELECT MAX(id) + 1 FROM {table})),
+    (SELECT MIN(id) FROM {table}) + :limit)
+"""  # noqa: S608
+    for table, column in (("attempts", "at"), ("delivered", "delivered_at"))
+}
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
+
+ReplaySource = Literal["dead", "delivered"]
+_DEAD_ONLY: tuple[ReplaySource, ...] = ("dead",)
 
 
 class OutboxError(ListenerError):
@@ -259,13 +343,41 @@ class DeadLetter:
 
 
 @dataclass(frozen=True, slots=True)
+class Attempt:
+    """One attempt, as recorded.
+
+    Attributes:
+        at: when it started, seconds since the epoch.
+        latency: seconds until it was answered, or failed.
+        status: the HTTP status; None when there was no answer.
+        error_class: None for a 2xx, else what kind of failure (see
+            :mod:`listener.webhooks.worker`).
+        error: the failure as a short fact ("HTTP 503", "timed out after 15 s").
+        answer: the first bytes of the answer's body (1 KiB).
+        probe: it was the one probe of an unhealthy destination.
+        counted: it used up one attempt of the delivery's retry schedule.
+    """
+
+    destination: str
+    msg_id: str
+    at: float
+    latency: float
+    status: int | None
+    error_class: str | None
+    error: str
+    answer: bytes
+    probe: bool
+    counted: bool
+
+
+@dataclass(frozen=True, slots=True)
 class DestinationStats:
     """One destination's outbox state.
 
     Attributes:
         pending: deliveries not yet delivered (including any being attempted right now).
         oldest_age: seconds since the oldest pending delivery was enqueued; None if none.
-        failing: pending deliveries that were attempted at least once and failed.
+        failing: pending deliveries that were attempted and failed at least once.
         dead: deliveries in the dead-letter table.
         disabled_at: when the destination was disabled (HTTP 410), None while enabled.
         disabled_reason: why it was disabled.
@@ -324,16 +436,19 @@ class Outbox:
         self._conn.execute("PRAGMA synchronous = NORMAL")
         with self.transaction():
             (version,) = self._conn.execute("PRAGMA user_version").fetchone()
-            if version == 0:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        self._conn.execute(statement)
-                self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif version > SCHEMA_VERSION:
+            if version > SCHEMA_VERSION:
                 raise OutboxError(
                     f"outbox schema version {version} is newer than this program's"
                     f" ({SCHEMA_VERSION})"
                 )
+            # One transaction for every step: a file is at its old version or the current one,
+            # never half-way.
+            for step in _MIGRATIONS[version:]:
+                for statement in step.split(";"):
+                    if statement.strip():
+                        self._conn.execute(statement)
+            if version < SCHEMA_VERSION:
+                self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         """Close the connection; calling it again does nothing."""
@@ -443,12 +558,82 @@ class Outbox:
         return Claim(rows, self.next_due(destination, exclude=taken, per_call=per_call), evicted)
 
     @_mapped
-    def mark_delivered(self, destination: str, msg_ids: Iterable[str]) -> None:
-        """Forget deliveries that were answered with a 2xx."""
+    def mark_delivered(self, destination: str, delivered: Collection[tuple[str, float]]) -> None:
+        """Move deliveries answered with a 2xx, given as ``(msg_id, when)``, to ``delivered``."""
+        with self.transaction():
+            self._conn.executemany(
+                _DELIVER, ((at, destination, msg_id) for msg_id, at in delivered)
+            )
+            self._conn.executemany(
+                "DELETE FROM deliveries WHERE destination = ? AND msg_id = ?",
+                ((destination, msg_id) for msg_id, _ in delivered),
+            )
+
+    @_mapped
+    def pending_count(self, destination: str) -> int:
+        """Return how many deliveries to ``destination`` are pending."""
+        (count,) = self._conn.execute(
+            "SELECT COUNT(*) FROM deliveries WHERE destination = ?", (destination,)
+        ).fetchone()
+        return int(count)
+
+    # Attempts and what was delivered.
+
+    @_mapped
+    def record_attempts(self, attempts: Iterable[Attempt]) -> None:
+        """Add attempts to the record."""
         self._conn.executemany(
-            "DELETE FROM deliveries WHERE destination = ? AND msg_id = ?",
-            ((destination, msg_id) for msg_id in msg_ids),
+            f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+            (
+                (
+                    a.destination,
+                    a.msg_id,
+                    a.at,
+                    a.latency,
+                    a.status,
+                    a.error_class,
+                    a.error,
+                    a.answer,
+                    int(a.probe),
+                    int(a.counted),
+                )
+                for a in attempts
+            ),
         )
+
+    @_mapped
+    def attempts(self, msg_id: str) -> list[Attempt]:
+        """Return the recorded attempts of message ``msg_id``, to any destination, in order."""
+        rows = self._conn.execute(
+            f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE msg_id = ? ORDER BY at, id",  # noqa: S608
+            (msg_id,),
+        )
+        return [Attempt(*row[:8], *(bool(flag) for flag in row[8:])) for row in rows]
+
+    @_mapped
+    def whereabouts(self, destination: str, msg_id: str) -> tuple[str, float | None] | None:
+        """Return where a delivery is: ``pending`` (with None), ``dead`` (with when it died) or
+        ``delivered`` (with when); None if the outbox does not have it (any more)."""
+        row = self._conn.execute(
+            "SELECT 'pending', NULL FROM deliveries WHERE destination = :d AND msg_id = :m"
+            " UNION ALL SELECT 'dead', dead_at FROM dead_letters"
+            " WHERE destination = :d AND msg_id = :m"
+            " UNION ALL SELECT 'delivered', delivered_at FROM delivered"
+            " WHERE destination = :d AND msg_id = :m",
+            {"d": destination, "m": msg_id},
+        ).fetchone()
+        return None if row is None else (str(row[0]), row[1])
+
+    @_mapped
+    def prune(self, before: float, limit: int = 10_000) -> int:
+        """Forget attempts and delivered rows written before ``before``, the oldest first and
+        at most about ``limit`` of each; return how many rows went."""
+        removed = 0
+        with self.transaction():
+            for statement in _PRUNE.values():
+                cursor = self._conn.execute(statement, {"before": before, "limit": limit})
+                removed += cursor.rowcount
+        return removed
 
     @_mapped
     def reschedule(
@@ -596,7 +781,7 @@ class Outbox:
         pending = {
             name: (count, oldest, failing)
             for name, count, oldest, failing in self._conn.execute(
-                "SELECT destination, COUNT(*), MIN(created_at), SUM(attempts > 0)"
+                "SELECT destination, COUNT(*), MIN(created_at), SUM(last_attempt_at IS NOT NULL)"
                 " FROM deliveries GROUP BY destination"
             )
         }
@@ -649,7 +834,7 @@ class Outbox:
             msg_ids: only these message ids.
             limit: at most this many, the oldest first.
         """
-        params = _dead_filter_params(destination, since, msg_ids)
+        params = _filter_params(destination, since, None, msg_ids)
         rows = self._conn.execute(_SELECT_DEAD, {**params, "limit": -1 if limit is None else limit})
         return [DeadLetter(*row) for row in rows]
 
@@ -658,22 +843,34 @@ class Outbox:
         self,
         now: float,
         *,
+        sources: Collection[ReplaySource] = _DEAD_ONLY,
         destination: str | None = None,
         since: float | None = None,
+        until: float | None = None,
         msg_ids: Collection[str] | None = None,
-    ) -> int:
-        """Move dead letters back to pending, due at ``now`` with their attempts reset.
+        dry_run: bool = False,
+    ) -> dict[ReplaySource, int]:
+        """Move dead letters, delivered rows or both back to pending, due at ``now`` with
+        their attempts reset.
 
         They keep their ``msg_id`` (receivers deduplicate on it) and their place in the
-        enqueue order. The filters are those of :meth:`dead_letters`; none means all.
+        enqueue order. The filters are those of :meth:`dead_letters`, plus ``until``
+        (enqueued before it); none means all.
 
         Returns:
-            How many deliveries were moved back.
+            How many deliveries were moved back (with ``dry_run``: would be), by source.
         """
-        params = _dead_filter_params(destination, since, msg_ids)
+        params = _filter_params(destination, since, until, msg_ids)
+        if dry_run:
+            return {
+                source: self._conn.execute(_COUNT_REPLAYABLE[source], params).fetchone()[0]
+                for source in sources
+            }
+        moved: dict[ReplaySource, int] = {}
         with self.transaction():
-            moved = self._conn.execute(_REPLAY, {**params, "now": now}).rowcount
-            self._conn.execute(_DELETE_DEAD, params)
+            for source in sources:
+                moved[source] = self._conn.execute(_REPLAY[source], {**params, "now": now}).rowcount
+                self._conn.execute(_DELETE_REPLAYED[source], params)
         return moved
 
 
@@ -688,12 +885,16 @@ def _eligible_params(
     }
 
 
-def _dead_filter_params(
-    destination: str | None, since: float | None, msg_ids: Collection[str] | None
+def _filter_params(
+    destination: str | None,
+    since: float | None,
+    until: float | None,
+    msg_ids: Collection[str] | None,
 ) -> dict[str, object]:
-    """Return the parameters of the ``_DEAD_FILTER`` clause."""
+    """Return the parameters of the ``_FILTER`` clause."""
     return {
         "destination": destination,
         "since": since,
+        "until": until,
         "msg_ids": None if msg_ids is None else json.dumps(list(msg_ids)),
     }

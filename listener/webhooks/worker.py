@@ -3,17 +3,38 @@
 The worker asks the outbox for due rows whenever an attempt slot is free and something may
 have changed (a commit, a finished attempt, a scheduled retry falling due, or every
 ``poll_interval`` for changes made by the CLI), and runs up to ``max_in_flight`` attempts at
-once. A slow or dead destination only ever occupies its own slots. It also enforces its
-destination's outbox bound, at most every ``poll_interval``, in the same call as a claim: so it
-knows exactly which rows are in flight and must stay.
+once, no faster than ``rate_limit``. A slow or dead destination only ever occupies its own
+slots. It also enforces its destination's outbox bound (``max_pending``, ``max_age``), at most
+every ``poll_interval``, in the same call as a claim: so it knows exactly which rows are in
+flight and must stay.
 
-Answers, per the Standard Webhooks spec: 2xx is success and anything else a failure (redirects
-are not followed); 410 Gone disables the destination until the CLI enables it, keeping its
-deliveries pending. A failure is retried on the destination's schedule; a ``Retry-After`` on a
-"not now" status (:data:`~listener.core.retry.RETRYABLE_STATUSES`) can only lengthen that
-delay, up to the daemon's one cap (:func:`~listener.core.retry.honour_retry_after`). Timeouts
-and connection errors are failures like any other; when the schedule is used up the delivery
-becomes a dead letter.
+Every attempt's answer falls in one class (recorded with the attempt):
+
+============  ================================================  ==============================
+class         what                                              then
+============  ================================================  ==============================
+(none)        2xx                                               delivered
+not_now       429, 5xx                                          the destination is unhealthy
+timeout       no answer within ``timeout``                      the destination is unhealthy
+connection    refused, reset, closed before answering           the destination is unhealthy
+protocol      the answer is not HTTP/1.1                        the destination is unhealthy
+rejected      any other status (3xx: redirects are not          this delivery failed: retried
+              followed; 4xx but 410 and 429)                    on its schedule, then dead
+gone          410                                               the destination is disabled
+                                                                until the CLI enables it
+internal      our own bug (the attempt crashed)                 as ``rejected``
+============  ================================================  ==============================
+
+While unhealthy (:mod:`.health`) a destination gets one probe at a time, the oldest due
+delivery, at backoff intervals with ``Retry-After`` as a lower bound; the first answer that is
+not "not now" ends the outage and the backlog flows at once. A "not now" failure leaves its
+delivery due, behind the rows due before it, so that probes go round the backlog and nothing
+waits for a retry of its own once the destination is back.
+
+Only a delivery's own failures use up its retry schedule: a ``rejected`` (or ``internal``)
+one, retried after the schedule's next delay, and the one "not now" failure that ends a
+healthy period, so that a body which alone crashes the receiver still comes to an end while
+the others flow. Past ``max_age`` any pending delivery becomes a dead letter.
 """
 
 from __future__ import annotations
@@ -27,33 +48,53 @@ from typing import Literal
 
 import structlog
 
-from listener.core.metrics import WEBHOOK_DELIVERIES
-from listener.core.retry import RETRYABLE_STATUSES, honour_retry_after, retry_after_seconds
+from listener.core.metrics import (
+    WEBHOOK_DELIVERIES,
+    WEBHOOK_HEALTHY,
+    WEBHOOK_PROBES,
+    WEBHOOK_SUCCESS_RATIO,
+)
+from listener.core.retry import is_retryable_status, retry_after_seconds
 from listener.webhooks.destination import Destination
+from listener.webhooks.health import Health, Outage, SuccessRatio, probe_policy
 from listener.webhooks.http1 import Http1Error, Http1Pool
-from listener.webhooks.outbox import Claim, Delivery, Outbox
+from listener.webhooks.outbox import Attempt, Claim, Delivery, Outbox
+from listener.webhooks.ratelimit import TokenBucket
 from listener.webhooks.signing import request_headers
 from listener.webhooks.store import Store
 from listener.webhooks.writer import Outcome
 
-__all__ = ["Worker"]
+__all__ = ["ErrorClass", "Worker"]
 
 _log = structlog.get_logger(__name__)
-# A receiver's answer body is never used; read this much so the connection can be reused.
+# A receiver's answer is read this far, so that the connection can be reused; its first KiB is
+# kept on the attempt's record.
 _MAX_ANSWER_BYTES = 64 * 1024
+_KEPT_ANSWER_BYTES = 1024
+
+ErrorClass = Literal["not_now", "timeout", "connection", "protocol", "rejected", "gone", "internal"]
+# The destination's trouble, not the delivery's.
+_NOT_NOW: frozenset[ErrorClass] = frozenset({"not_now", "timeout", "connection", "protocol"})
 
 
 @dataclass(frozen=True, slots=True)
 class _Answer:
-    """What one attempt got: an HTTP status, or no answer and an error."""
+    """What one attempt got: a status, or no answer and an error; and how it classes."""
 
     status: int | None
-    error: str = ""
+    error: str
+    error_class: ErrorClass | None
+    latency: float
     retry_after: float | None = None
+    body: bytes = b""
 
-    @property
-    def ok(self) -> bool:
-        return self.status is not None and 200 <= self.status < 300
+
+def _classify(status: int) -> ErrorClass | None:
+    if 200 <= status < 300:
+        return None
+    if status == 410:
+        return "gone"
+    return "not_now" if is_retryable_status(status) else "rejected"
 
 
 class Worker:
@@ -93,7 +134,11 @@ class Worker:
         self.attempts: set[asyncio.Task[None]] = set()
         self.wake = asyncio.Event()
         self._log = _log.bind(destination=destination.name)
-        self._failing = False
+        self.health = Health(probe_policy(destination.max_probe_interval))
+        self._ratio = SuccessRatio()
+        self._bucket = (
+            None if destination.rate_limit is None else TokenBucket(destination.rate_limit)
+        )
         # The id of a row answered with 410 whose outcome (disabling us) is not committed yet:
         # until it is, the outbox does not know, so claiming pauses.
         self._gone_msg_id: str | None = None
@@ -101,6 +146,7 @@ class Worker:
 
     def start(self) -> None:
         """Start claiming and attempting."""
+        WEBHOOK_HEALTHY.labels(self.destination.name).set(1)
         self._claim_task = asyncio.create_task(
             self._claim_loop(), name=f"webhook-{self.destination.name}"
         )
@@ -123,21 +169,39 @@ class Worker:
         while True:
             # Cleared before looking, so that a wake-up during the look is not lost.
             self.wake.clear()
-            free = self.destination.max_in_flight - len(self.attempts)
-            paused = self._gone_msg_id is not None
-            timeout = await self._claim(free) if free > 0 and not paused else None
+            timeout = None if self._gone_msg_id is not None else await self._claim()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self.wake.wait()
 
-    async def _claim(self, free: int) -> float | None:
-        """Start attempts on up to ``free`` due rows; return how long to sleep at most.
+    def _allowance(self) -> tuple[int, float | None]:
+        """How many attempts may start now, and when to look again if it is fewer than the
+        free slots (None: when an attempt ends)."""
+        free = self.destination.max_in_flight - len(self.attempts)
+        limit, wait = self.health.allowance(free, time.monotonic())
+        if self._bucket is not None and limit > 0:
+            tokens = self._bucket.available()
+            if tokens < limit:
+                limit = tokens
+                wait = self._bucket.wait() if tokens == 0 else None
+        return limit, wait
 
-        None means "until woken": every slot is busy, and a finished attempt will wake us.
+    async def _claim(self) -> float | None:
+        """Start the attempts allowed now on due rows; return how long to sleep at most.
+
+        None means "until woken": a running attempt's end will wake us.
         """
+        limit, wait = self._allowance()
         enforce = self._bounded and time.monotonic() >= self._next_bound_check
+        if limit == 0 and not enforce:
+            return self._capped(wait)
+        # Decided now: if an attempt running meanwhile ends the healthy period, what this
+        # claim brings are ordinary attempts, and their failures are not counted.
+        probe = not self.health.healthy
         try:
-            claim = await self._store.run(self._claim_on_store, free, frozenset(self.held), enforce)
+            claim = await self._store.run(
+                self._claim_on_store, limit, frozenset(self.held), enforce
+            )
         except Exception:
             self._log.exception("webhook outbox claim failed")
             return self._poll_interval
@@ -147,19 +211,33 @@ class Worker:
             # Only a wake-up for watchers, already counted and logged: if a stop cancels us
             # before this line, the stop wakes them itself.
             self._announce_commit()
+        if self._bucket is not None:
+            self._bucket.take(len(claim.rows))
         for row in claim.rows:
+            if probe:
+                self.health.probe_started()
+                WEBHOOK_PROBES.labels(self.destination.name).inc()
             self.held.add(row.msg_id)
-            task = asyncio.create_task(self._attempt(row))
+            task = asyncio.create_task(self._attempt(row, probe))
             self.attempts.add(task)
             task.add_done_callback(self._attempt_done)
-        if len(claim.rows) == free:
-            return None
+        if limit == 0:
+            return self._capped(wait)
+        if len(claim.rows) == limit:
+            # Everything allowed was taken: look again once more is allowed.
+            more, wait = self._allowance()
+            return 0.0 if more else self._capped(wait)
         if claim.next_due is None:
             return self._poll_interval
         return min(self._poll_interval, max(0.0, claim.next_due - time.time()))
 
+    def _capped(self, wait: float | None) -> float | None:
+        """A wait for slots, a token or a probe, but looking at least every ``poll_interval``
+        while it is not for slots, so that the outbox bound is still enforced."""
+        return None if wait is None else min(wait, self._poll_interval)
+
     def _claim_on_store(
-        self, outbox: Outbox, free: int, held: frozenset[str], enforce: bool
+        self, outbox: Outbox, limit: int, held: frozenset[str], enforce: bool
     ) -> Claim:
         """The claim, run on the outbox thread. Evictions are reported here, right after
         their commit: a stop cancelling the awaiting task must not make them silent."""
@@ -167,7 +245,7 @@ class Worker:
         claim = outbox.claim(
             destination.name,
             time.time(),
-            free,
+            limit,
             exclude=held,
             per_call=destination.ordering == "per_call",
             max_pending=destination.max_pending if enforce else None,
@@ -186,85 +264,152 @@ class Worker:
         self.attempts.discard(task)
         self.wake.set()
 
-    async def _attempt(self, row: Delivery) -> None:
+    async def _attempt(self, row: Delivery, probe: bool) -> None:
         """Attempt one delivery and queue its outcome."""
+        started = time.time()
         try:
             answer = await self._send(row)
         except Exception as exc:
             # A bug here must not strand the row: it is retried on the schedule like any failure.
             self._log.exception("webhook attempt crashed", msg_id=row.msg_id)
-            answer = _Answer(None, f"internal error: {type(exc).__name__}")
-        self._record(self._judge(row, answer, time.time()))
+            answer = _Answer(
+                None, f"internal error: {type(exc).__name__}", "internal", time.time() - started
+            )
+        outcome, outage = self._judge(row, answer, started, probe)
+        if probe:
+            self.health.probe_ended()
+        self._record(outcome)
+        if outage is not None:
+            await self._report_recovery(outage)
 
     async def _send(self, row: Delivery) -> _Answer:
         """POST the row's body; return the status, or the reason there was none."""
         destination = self.destination
         headers = request_headers(destination, row.msg_id, row.body)
+        began = time.perf_counter()
         try:
             # Bounds the whole attempt, so that a receiver trickling bytes cannot hold a slot
             # for ever.
             async with asyncio.timeout(destination.timeout):
                 reply = await self._client.post(
-                    destination.url, row.body, headers, max_answer=_MAX_ANSWER_BYTES
+                    destination.url,
+                    row.body,
+                    headers,
+                    max_answer=_MAX_ANSWER_BYTES,
+                    keep=_KEPT_ANSWER_BYTES,
                 )
         except TimeoutError:
-            return _Answer(None, f"timed out after {destination.timeout:g} s")
+            latency = time.perf_counter() - began
+            return _Answer(None, f"timed out after {destination.timeout:g} s", "timeout", latency)
         except Http1Error as exc:
-            return _Answer(None, str(exc))
-        retry_after = retry_after_seconds(reply.headers)
-        return _Answer(reply.status, f"HTTP {reply.status}", retry_after)
+            kind: ErrorClass = "internal" if exc.kind == "request" else exc.kind
+            return _Answer(None, str(exc), kind, time.perf_counter() - began)
+        latency = time.perf_counter() - began
+        error = "" if 200 <= reply.status < 300 else f"HTTP {reply.status}"
+        return _Answer(
+            reply.status,
+            error,
+            _classify(reply.status),
+            latency,
+            retry_after_seconds(reply.headers),
+            reply.body,
+        )
 
-    def _judge(self, row: Delivery, answer: _Answer, now: float) -> Outcome:
-        """Decide what happens to ``row`` after ``answer``; count and log it."""
+    def _judge(
+        self, row: Delivery, answer: _Answer, started: float, probe: bool
+    ) -> tuple[Outcome, Outage | None]:
+        """Decide what happens to ``row`` after ``answer`` to the attempt made at ``started``;
+        count and log it. Returns the outcome, and the outage it ended if any."""
         name = self.destination.name
-        if answer.ok:
-            WEBHOOK_DELIVERIES.labels(name, "delivered").inc()
-            if self._failing:
-                self._failing = False
-                self._log.info("webhook destination recovered", msg_id=row.msg_id)
-            return Outcome(name, row.msg_id, "delivered", now)
-        if answer.status == 410:
-            return self._gone(row, now)
-        facts = {"msg_id": row.msg_id, "status": answer.status, "error": answer.error}
-        if not self._failing:
+        error_class = answer.error_class
+        clock = time.monotonic()
+        WEBHOOK_SUCCESS_RATIO.labels(name).set(self._ratio.observe(error_class is None, clock))
+        not_now = error_class in _NOT_NOW
+        outage = None if not_now or error_class == "internal" else self.health.answered(clock)
+        counted = error_class in ("rejected", "internal")
+        if not_now and self.health.failed(clock, answer.retry_after, probe=probe):
+            counted = True
+            WEBHOOK_HEALTHY.labels(name).set(0)
             # One line per change of health, not one per attempt: a backlog of thousands
-            # failing against a dead receiver must not flood the journal. Attempts log at DEBUG.
-            self._failing = True
-            self._log.warning("webhook destination failing: deliveries will be retried", **facts)
+            # failing against a dead receiver must not flood the journal.
+            self._log.warning(
+                "webhook destination unhealthy: deliveries paused, probing it",
+                msg_id=row.msg_id,
+                status=answer.status,
+                error=answer.error,
+                retry_after=answer.retry_after,
+            )
+        attempt = Attempt(
+            name,
+            row.msg_id,
+            started,
+            answer.latency,
+            answer.status,
+            error_class,
+            answer.error,
+            answer.body,
+            probe,
+            counted,
+        )
+        if error_class is None:
+            WEBHOOK_DELIVERIES.labels(name, "delivered").inc()
+            return Outcome(attempt, "delivered"), outage
+        if error_class == "gone":
+            return self._gone(attempt, row.attempts), outage
+        throttled = not_now and answer.retry_after is not None
+        return self._failed(attempt, row, throttled), outage
+
+    def _failed(self, attempt: Attempt, row: Delivery, throttled: bool) -> Outcome:
+        """Reschedule or bury a failed delivery."""
+        name = self.destination.name
+        WEBHOOK_DELIVERIES.labels(name, "throttled" if throttled else "failed").inc()
+        facts = {"msg_id": row.msg_id, "status": attempt.status, "error": attempt.error}
+        if not attempt.counted:
+            self._log.debug("webhook delivery failed during an outage: not counted", **facts)
+            return Outcome(attempt, "retry", row.attempts, attempt.at)
         attempts = row.attempts + 1
         schedule = self.destination.retry_schedule
-        kind: Literal["retry", "exhausted"]
         if attempts >= len(schedule):
-            kind, due_at = "exhausted", now
-            WEBHOOK_DELIVERIES.labels(name, kind).inc()
+            WEBHOOK_DELIVERIES.labels(name, "exhausted").inc()
             self._log.warning(
                 "webhook delivery gave up: moved to dead letters", attempts=attempts, **facts
             )
-        else:
-            delay = schedule[attempts]
-            throttled = answer.status in RETRYABLE_STATUSES and answer.retry_after is not None
-            if throttled:
-                delay = honour_retry_after(delay, answer.retry_after)
-            kind, due_at = "retry", now + delay
-            WEBHOOK_DELIVERIES.labels(name, "throttled" if throttled else "failed").inc()
-            self._log.debug(
-                "webhook delivery failed: will retry",
-                attempts=attempts,
-                retry_in=round(delay, 3),
-                **facts,
-            )
-        return Outcome(name, row.msg_id, kind, now, attempts, due_at, answer.status, answer.error)
+            return Outcome(attempt, "exhausted", attempts, attempt.at)
+        # The destination's health paces "not now" failures; the schedule, a delivery's own.
+        delay = 0.0 if attempt.error_class in _NOT_NOW else schedule[attempts]
+        self._log.debug(
+            "webhook delivery failed: will retry",
+            attempts=attempts,
+            retry_in=round(delay, 3),
+            **facts,
+        )
+        return Outcome(attempt, "retry", attempts, attempt.at + delay)
 
-    def _gone(self, row: Delivery, now: float) -> Outcome:
+    def _gone(self, attempt: Attempt, attempts: int) -> Outcome:
         """Handle 410 Gone: disable the destination and keep the row, due once re-enabled."""
-        name = self.destination.name
-        self._gone_msg_id = row.msg_id
-        WEBHOOK_DELIVERIES.labels(name, "gone").inc()
+        self._gone_msg_id = attempt.msg_id
+        WEBHOOK_DELIVERIES.labels(self.destination.name, "gone").inc()
         self._log.error(
             "webhook destination answered 410 Gone: disabled until re-enabled with the CLI;"
             " its deliveries stay pending",
-            msg_id=row.msg_id,
+            msg_id=attempt.msg_id,
         )
         # The attempt is not counted: a 410 says nothing about this delivery, and after
         # re-enabling it should get its full schedule.
-        return Outcome(name, row.msg_id, "gone", now, row.attempts, now, 410, "HTTP 410 Gone")
+        return Outcome(attempt, "gone", attempts, attempt.at)
+
+    async def _report_recovery(self, outage: Outage) -> None:
+        """Log the end of an outage with the backlog it left."""
+        WEBHOOK_HEALTHY.labels(self.destination.name).set(1)
+        try:
+            backlog: int | None = await self._store.run(Outbox.pending_count, self.destination.name)
+        except Exception:
+            # The line still matters without its figure; the outbox's failures are logged
+            # by the commits that meet them.
+            backlog = None
+        self._log.info(
+            "webhook destination recovered: delivering its backlog",
+            outage_seconds=round(outage.seconds, 3),
+            probes=outage.probes,
+            backlog=backlog,
+        )

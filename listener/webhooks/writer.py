@@ -17,7 +17,7 @@ from typing import Literal
 import structlog
 
 from listener.core.retry import Backoff, BackoffPolicy
-from listener.webhooks.outbox import NewDelivery, Outbox
+from listener.webhooks.outbox import Attempt, NewDelivery, Outbox
 from listener.webhooks.store import Store
 
 __all__ = ["BatchWriter", "Outcome"]
@@ -31,52 +31,60 @@ _COMMIT_RETRY = BackoffPolicy(initial=0.5, cap=5.0)
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """The result of one attempt, to be committed to the outbox."""
+    """The result of one attempt, to be committed to the outbox with its record."""
 
-    destination: str
-    msg_id: str
+    attempt: Attempt
     kind: Literal["delivered", "retry", "gone", "exhausted"]
-    at: float
     attempts: int = 0
     due_at: float = 0.0
-    status: int | None = None
-    error: str = ""
+
+    @property
+    def destination(self) -> str:
+        return self.attempt.destination
+
+    @property
+    def msg_id(self) -> str:
+        return self.attempt.msg_id
 
     def apply(self, outbox: Outbox) -> None:
         """Record this failed attempt's outcome (inside the caller's transaction); delivered
         outcomes are recorded together by :func:`_commit`."""
+        attempt = self.attempt
         if self.kind == "exhausted":
             outbox.bury(
-                self.destination,
-                self.msg_id,
-                now=self.at,
+                attempt.destination,
+                attempt.msg_id,
+                now=attempt.at,
                 reason="exhausted",
                 attempts=self.attempts,
-                status=self.status,
-                error=self.error,
+                status=attempt.status,
+                error=attempt.error,
             )
             return
         if self.kind == "gone":
-            outbox.disable(self.destination, self.at, "HTTP 410 Gone")
+            outbox.disable(attempt.destination, attempt.at, "HTTP 410 Gone")
         outbox.reschedule(
-            self.destination,
-            self.msg_id,
+            attempt.destination,
+            attempt.msg_id,
             due_at=self.due_at,
             attempts=self.attempts,
-            attempted_at=self.at,
-            status=self.status,
-            error=self.error,
+            attempted_at=attempt.at,
+            status=attempt.status,
+            error=attempt.error,
         )
 
 
 def _commit(outbox: Outbox, rows: list[NewDelivery], outcomes: list[Outcome]) -> None:
-    """Insert new rows and record outcomes in one transaction."""
+    """Insert new rows and record outcomes and their attempts in one transaction."""
     with outbox.transaction():
         outbox.add(rows)
-        delivered: dict[str, list[str]] = {}
+        outbox.record_attempts(outcome.attempt for outcome in outcomes)
+        delivered: dict[str, list[tuple[str, float]]] = {}
         for outcome in outcomes:
             if outcome.kind == "delivered":
-                delivered.setdefault(outcome.destination, []).append(outcome.msg_id)
+                delivered.setdefault(outcome.destination, []).append(
+                    (outcome.msg_id, outcome.attempt.at)
+                )
             else:
                 outcome.apply(outbox)
         # One statement per destination: per-row deletes were a quarter of the outbox's time.
