@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from listener.core.templating import FieldPath
+
 __all__ = ["Event", "call_key_of"]
 
 _CALL_KEY_FIELDS = ("callUuid", "call_uuid", "callId", "call_id")
@@ -21,10 +23,7 @@ _MAX_LOG_PAYLOAD = 200
 
 
 @functools.lru_cache(maxsize=512)
-def _field_path(path: str) -> Any:
-    # Imported here: templating builds on this module.
-    from listener.core.templating import FieldPath
-
+def _field_path(path: str) -> FieldPath:
     return FieldPath(path)
 
 

@@ -36,10 +36,13 @@ import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from listener.core.errors import ListenerError
-from listener.core.events import Event
+
+if TYPE_CHECKING:
+    # Only for annotations: events.py builds Event.field on this module, not the reverse.
+    from listener.core.events import Event
 
 __all__ = ["MISSING", "FieldPath", "Location", "Template", "TemplateError", "compile_template"]
 
