@@ -129,7 +129,10 @@ def test_every_invalid_key_is_named_where_it_is_written(
     change: dict[str, Any], key: str, form: str
 ) -> None:
     """Each bad setting stops loading with its own key, in either form, and never its secret."""
-    table = {"url": "https://example.com/hook", "secret": SECRET, **change}
+    table: dict[str, Any] = {"url": "https://example.com/hook"}
+    if not {"secret", "secret_file"} & change.keys():
+        table["secret"] = SECRET
+    table.update(change)
     if form == "url":
         entry, where = {"use": "webhook", **table}, "handlers[3]"
     else:
@@ -157,6 +160,45 @@ def test_destination_table_keys_are_named(
         load_handler({"use": "webhook", "destinations": tables}, "handlers[1]")
     assert caught.value.key == f"handlers[1].{key}"
     assert problem in caught.value.problem
+
+
+@pytest.mark.parametrize(
+    ("entry", "where"),
+    [
+        ({"url": "https://a.example/", "secret": SECRET, "secret_file": "a.whsec"}, "handlers[1]"),
+        (
+            {
+                "secret": SECRET,
+                "secret_file": "a.whsec",
+                "destinations": [{"name": "a", "url": "https://a.example/"}],
+            },
+            "handlers[1]",
+        ),
+        (
+            {
+                "destinations": [
+                    {
+                        "name": "a",
+                        "url": "https://a.example/",
+                        "secret": SECRET,
+                        "secret_file": "a.whsec",
+                    }
+                ]
+            },
+            "handlers[1].destinations[0]",
+        ),
+    ],
+)
+def test_secret_and_secret_file_together_are_an_error(entry: dict[str, Any], where: str) -> None:
+    """Neither wins silently; the CLI, which reads no secret, refuses the table too."""
+    with pytest.raises(ConfigError) as caught:
+        load_handler({"use": "webhook", **entry}, "handlers[1]")
+    assert caught.value.key == f"{where}.secret_file"
+    assert "secret and secret_file are both given" in caught.value.problem
+    assert SECRET not in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        outbox_files([{"use": "log"}, {"use": "webhook", **entry}], Path("/state"))
+    assert caught.value.key == f"{where}.secret_file"
 
 
 def test_validated_settings_become_destinations_with_the_same_defaults(tmp_path: Path) -> None:

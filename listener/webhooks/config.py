@@ -5,6 +5,8 @@ names it (``handlers[N].key``; the loader adds the ``handlers[N].`` part). Two c
 more than the table and come after validation, named the same way: the signing secrets (read
 from ``secret_file``, checked by the Standard Webhooks library) and the handler's name, which
 also names the destination of the one-``url`` form.
+
+``secret`` and ``secret_file`` in one table are an error, as nothing says which to trust.
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import httpx
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from standardwebhooks.webhooks import Webhook
 
 from listener.core.errors import ConfigError
@@ -110,6 +120,13 @@ class _DestinationFields(BaseModel):
     max_age: float = Field(default=DEFAULT_MAX_AGE, gt=0)
     rate_limit: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     max_probe_interval: float = Field(default=DEFAULT_MAX_PROBE_INTERVAL, gt=0, allow_inf_nan=False)
+
+    @field_validator("secret_file")
+    @classmethod
+    def _one_secret_source(cls, secret_file: Path | None, info: ValidationInfo) -> Path | None:
+        if secret_file is not None and info.data.get("secret") is not None:
+            raise ValueError("secret and secret_file are both given: keep one")
+        return secret_file
 
     def _signing_secrets(self, prefix: str) -> tuple[str, ...]:
         """The secrets from ``secret_file`` (one per line) or ``secret``, registered for
