@@ -25,7 +25,9 @@ from listener.core.metrics import REGISTRY
 from listener.testing.receiver import ReceivedRequest, WebhookReceiver
 from listener.webhooks.destination import Destination
 from listener.webhooks.forwarder import ForwarderStateError, WebhookForwarder
-from listener.webhooks.outbox import DestinationStats, Outbox, OutboxError
+from listener.webhooks.outbox import Outbox
+from listener.webhooks.outbox_connection import OutboxError
+from listener.webhooks.outbox_rows import DestinationStats
 from listener.webhooks.signing import encode_body, sign_headers
 
 SECRET = "whsec_" + base64.b64encode(b"\x01" * 32).decode()

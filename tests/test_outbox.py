@@ -9,15 +9,10 @@ from typing import Any
 
 import pytest
 
-from listener.webhooks.outbox import (
-    SCHEMA_VERSION,
-    Attempt,
-    DeadLetter,
-    Delivery,
-    NewDelivery,
-    Outbox,
-    OutboxError,
-)
+from listener.webhooks.outbox import Outbox
+from listener.webhooks.outbox_connection import OutboxError
+from listener.webhooks.outbox_rows import Attempt, DeadLetter, Delivery, NewDelivery
+from listener.webhooks.outbox_schema import SCHEMA_VERSION
 
 T0 = 1_800_000_000.0
 V1_SCHEMA = Path(__file__).parent / "data" / "outbox-v1.sql"

@@ -124,17 +124,25 @@ _SHARED_KEYS = [
 
 
 @pytest.mark.parametrize(("change", "key"), _SHARED_KEYS)
-@pytest.mark.parametrize("form", ["url", "destinations"])
+@pytest.mark.parametrize("form", ["url", "destinations", "top level of destinations"])
 def test_every_invalid_key_is_named_where_it_is_written(
     change: dict[str, Any], key: str, form: str
 ) -> None:
-    """Each bad setting stops loading with its own key, in either form, and never its secret."""
-    table = {"url": "https://example.com/hook", "secret": SECRET, **change}
+    """Each bad setting stops loading with its own key, in either form and as every
+    destination's default, and never with its secret."""
+    table: dict[str, Any] = {"url": "https://example.com/hook"}
+    if not {"secret", "secret_file"} & change.keys():
+        table["secret"] = SECRET
+    table.update(change)
     if form == "url":
         entry, where = {"use": "webhook", **table}, "handlers[3]"
-    else:
+    elif form == "destinations":
         entry = {"use": "webhook", "destinations": [{"name": "a", **table}]}
         where = "handlers[3].destinations[0]"
+    else:
+        shared = {name: value for name, value in table.items() if name != "url" or name in change}
+        destination = {"name": "a", "url": "https://example.com/hook"}
+        entry, where = {"use": "webhook", **shared, "destinations": [destination]}, "handlers[3]"
     with pytest.raises(ConfigError) as caught:
         load_handler(entry, "handlers[3]")
     assert caught.value.key == f"{where}.{key}"
@@ -157,6 +165,133 @@ def test_destination_table_keys_are_named(
         load_handler({"use": "webhook", "destinations": tables}, "handlers[1]")
     assert caught.value.key == f"handlers[1].{key}"
     assert problem in caught.value.problem
+
+
+# A value other than the default for every key a destination can take from the top level.
+_LENT = {
+    "headers": {"x-team": "ops"},
+    "request_timeout": 3.0,
+    "retry_schedule": [1, 2],
+    "ordering": "per_call",
+    "max_in_flight": 2,
+    "max_pending": 10,
+    "max_age": 60.0,
+    "rate_limit": 5.0,
+    "max_probe_interval": 0.5,
+}
+
+
+def test_top_level_keys_are_every_destinations_defaults() -> None:
+    """In the destinations form no top-level key is left unused: each one, the secret too, is
+    the default of every destination, and a destination's own key replaces it whole."""
+    # A setting added later is either lent here or the handler's own, never ignored.
+    assert (
+        _LENT.keys() | {"url", "secret", "secret_file", "destinations", "stop_grace", "retention"}
+        == WebhookConfig.model_fields.keys()
+    )
+    own = {
+        "headers": {"x-own": "1"},
+        "request_timeout": 4.0,
+        "retry_schedule": [3],
+        "ordering": "none",
+        "max_in_flight": 3,
+        "max_pending": 20,
+        "max_age": 120.0,
+        "rate_limit": 7.0,
+        "max_probe_interval": 1.5,
+    }
+    config = WebhookConfig.model_validate(
+        {
+            "secret": SECRET,
+            **_LENT,
+            "destinations": [
+                {"name": "a", "url": "https://a.example/"},
+                {"name": "b", "url": "https://b.example/", "secret": OLD_SECRET, **own},
+            ],
+        }
+    )
+    a, b = config.build("fanout", config.signing_secrets())
+    assert a == Destination("a", "https://a.example/", (SECRET,), **as_destination(_LENT))
+    assert b == Destination("b", "https://b.example/", (OLD_SECRET,), **as_destination(own))
+
+
+def as_destination(settings: dict[str, Any]) -> dict[str, Any]:
+    """A table's settings as the Destination fields they become."""
+    return {
+        "timeout" if key == "request_timeout" else key: (
+            tuple(value) if isinstance(value, list) else value
+        )
+        for key, value in settings.items()
+    }
+
+
+def test_a_top_level_secret_file_signs_for_destinations_without_one(tmp_path: Path) -> None:
+    shared = tmp_path / "shared.whsec"
+    shared.write_text(f"{SECRET}\n")
+    destinations = [
+        {"name": "a", "url": "https://a.example/"},
+        {"name": "b", "url": "https://b.example/", "secret": OLD_SECRET},
+    ]
+    config = WebhookConfig.model_validate(
+        {"secret_file": str(shared), "destinations": destinations}
+    )
+    assert config.signing_secrets() == [(SECRET,), (OLD_SECRET,)]
+    shared.unlink()
+    with pytest.raises(ConfigError) as caught:
+        load_handler(
+            {"use": "webhook", "secret_file": str(shared), "destinations": destinations},
+            "handlers[2]",
+        )
+    assert caught.value.key == "handlers[2].secret_file"
+
+
+def test_a_destination_without_a_secret_anywhere_is_named() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_handler(
+            {"use": "webhook", "destinations": [{"name": "a", "url": "https://a.example/"}]},
+            "handlers[0]",
+        )
+    assert caught.value.key == "handlers[0].destinations[0].secret"
+    assert "once at the top level" in caught.value.problem
+
+
+@pytest.mark.parametrize(
+    ("entry", "where"),
+    [
+        ({"url": "https://a.example/", "secret": SECRET, "secret_file": "a.whsec"}, "handlers[1]"),
+        (
+            {
+                "secret": SECRET,
+                "secret_file": "a.whsec",
+                "destinations": [{"name": "a", "url": "https://a.example/"}],
+            },
+            "handlers[1]",
+        ),
+        (
+            {
+                "destinations": [
+                    {
+                        "name": "a",
+                        "url": "https://a.example/",
+                        "secret": SECRET,
+                        "secret_file": "a.whsec",
+                    }
+                ]
+            },
+            "handlers[1].destinations[0]",
+        ),
+    ],
+)
+def test_secret_and_secret_file_together_are_an_error(entry: dict[str, Any], where: str) -> None:
+    """Neither wins silently; the CLI, which reads no secret, refuses the table too."""
+    with pytest.raises(ConfigError) as caught:
+        load_handler({"use": "webhook", **entry}, "handlers[1]")
+    assert caught.value.key == f"{where}.secret_file"
+    assert "secret and secret_file are both given" in caught.value.problem
+    assert SECRET not in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        outbox_files([{"use": "log"}, {"use": "webhook", **entry}], Path("/state"))
+    assert caught.value.key == f"{where}.secret_file"
 
 
 def test_validated_settings_become_destinations_with_the_same_defaults(tmp_path: Path) -> None:

@@ -5,6 +5,11 @@ names it (``handlers[N].key``; the loader adds the ``handlers[N].`` part). Two c
 more than the table and come after validation, named the same way: the signing secrets (read
 from ``secret_file``, checked by the Standard Webhooks library) and the handler's name, which
 also names the destination of the one-``url`` form.
+
+In the ``destinations`` form, the destination keys written at the handler's top level (all but
+``url``, which picks the other form) are every destination's defaults: a destination's own key
+replaces its default whole (``headers`` too), and ``secret`` and ``secret_file`` count as one
+key. ``secret`` and ``secret_file`` in one table are an error, as nothing says which to trust.
 """
 
 from __future__ import annotations
@@ -16,7 +21,15 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import httpx
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from standardwebhooks.webhooks import Webhook
 
 from listener.core.errors import ConfigError
@@ -111,6 +124,17 @@ class _DestinationFields(BaseModel):
     rate_limit: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     max_probe_interval: float = Field(default=DEFAULT_MAX_PROBE_INTERVAL, gt=0, allow_inf_nan=False)
 
+    @field_validator("secret_file")
+    @classmethod
+    def _one_secret_source(cls, secret_file: Path | None, info: ValidationInfo) -> Path | None:
+        if secret_file is not None and info.data.get("secret") is not None:
+            raise ValueError("secret and secret_file are both given: keep one")
+        return secret_file
+
+    @property
+    def _has_secret(self) -> bool:
+        return self.secret is not None or self.secret_file is not None
+
     def _signing_secrets(self, prefix: str) -> tuple[str, ...]:
         """The secrets from ``secret_file`` (one per line) or ``secret``, registered for
         redaction and checked; ``prefix`` places this table's keys in the handler's."""
@@ -123,7 +147,8 @@ class _DestinationFields(BaseModel):
         else:
             values = (self.secret,) if self.secret else ()
         if not values:
-            raise ConfigError(key, "a signing secret is required: secret or secret_file")
+            where = " (on the destination, or once at the top level for all)" if prefix else ""
+            raise ConfigError(key, f"a signing secret is required: secret or secret_file{where}")
         for value in values:
             register_secret(value)
             _check_secret(value, key)
@@ -157,8 +182,14 @@ class DestinationConfig(_DestinationFields):
     events: Annotated[tuple[str, ...], AfterValidator(_check_events)] = ("*",)
 
 
+# The top-level keys that destinations default to. The secrets are lent apart, by
+# signing_secrets, so that a shared file is read once and its errors name the top-level key.
+_SHARED = frozenset(_DestinationFields.model_fields) - {"secret", "secret_file"}
+
+
 class WebhookConfig(_DestinationFields):
-    """``[[handlers]]`` settings for ``use = "webhook"``: ``url`` or ``destinations``."""
+    """``[[handlers]]`` settings for ``use = "webhook"``: ``url`` or ``destinations``, whose
+    entries take the top-level destination keys as defaults."""
 
     url: _Url | None = None
     destinations: Annotated[list[DestinationConfig], AfterValidator(_check_unique)] = Field(
@@ -189,8 +220,11 @@ class WebhookConfig(_DestinationFields):
         """
         if self.url is not None:
             return [self._signing_secrets("")]
+        shared = self._signing_secrets("") if self._has_secret else None
         return [
-            item._signing_secrets(f"destinations[{index}].")
+            shared
+            if shared is not None and not item._has_secret
+            else item._signing_secrets(f"destinations[{index}].")
             for index, item in enumerate(self.destinations)
         ]
 
@@ -210,6 +244,11 @@ class WebhookConfig(_DestinationFields):
                 )
             return [self._destination(names[0], self.url, ("*",), secrets[0])]
         return [
-            item._destination(name, item.url, item.events, found)
+            self._defaults_for(item)._destination(name, item.url, item.events, found)
             for item, name, found in zip(self.destinations, names, secrets, strict=True)
         ]
+
+    def _defaults_for(self, item: DestinationConfig) -> DestinationConfig:
+        """``item`` with each key it leaves out that the top level sets taken from there."""
+        lent = (self.model_fields_set & _SHARED) - item.model_fields_set
+        return item.model_copy(update={key: getattr(self, key) for key in lent})

@@ -34,7 +34,8 @@ from listener.core.httputil import USER_AGENT
 from listener.webhooks.destination import DEFAULT_RETENTION, Destination
 from listener.webhooks.gauges import Gauges
 from listener.webhooks.http1 import Http1Pool
-from listener.webhooks.outbox import NewDelivery, Outbox
+from listener.webhooks.outbox import Outbox
+from listener.webhooks.outbox_rows import NewDelivery
 from listener.webhooks.signing import encode_body, new_message_id
 from listener.webhooks.store import Store
 from listener.webhooks.worker import Worker

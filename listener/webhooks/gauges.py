@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 import structlog
 
 from listener.core.metrics import DEAD_LETTERS, OUTBOX_OLDEST_AGE, OUTBOX_PENDING
-from listener.webhooks.outbox import DestinationStats, Outbox
+from listener.webhooks.outbox import Outbox
+from listener.webhooks.outbox_rows import DestinationStats
 from listener.webhooks.store import Store
 
 __all__ = ["Gauges"]

@@ -9,14 +9,15 @@ One destination per table::
     secret = "whsec_..."               # or secret_file = "..."; a list during rotation
     events = ["call_*"]
 
-or several behind one outbox, each with its own filter::
+or several behind one outbox, each with its own filter; destination keys at the top level
+(all but ``url``) are every destination's defaults::
 
     [[handlers]]
     use = "webhook"
+    secret_file = "/etc/sippet-listener/shared.whsec"
     [[handlers.destinations]]
     name = "crm"
     url = "..."
-    secret_file = "/etc/sippet-listener/crm.whsec"
 
 Requests follow Standard Webhooks (``webhook-id``, ``webhook-timestamp``,
 ``webhook-signature``). An event counts as handled once it is committed to the outbox

@@ -3,9 +3,9 @@
 Pure storage over one SQLite file: no HTTP, no asyncio, no clock (every method that needs the
 time takes ``now``, seconds since the epoch). The delivery engine (:mod:`.forwarder`)
 drives it from a single thread of its own (:mod:`.store`); the CLI opens the same file from
-another process while the daemon runs. WAL journaling lets that reader/writer pair proceed
-without blocking each other for long, and ``busy_timeout`` makes a writer wait for the other's
-commit instead of failing.
+another process while the daemon runs (:mod:`.outbox_connection` says how they share it).
+The file's schema and the longer queries are in :mod:`.outbox_schema`, the rows that go in
+and come out in :mod:`.outbox_rows`.
 
 Theory of operation. A delivery is one event for one destination. It is inserted before its
 first attempt and moved to ``delivered`` once a 2xx answer arrives; until then it is *pending*.
@@ -19,473 +19,55 @@ in ``attempts``; those and the delivered rows are kept for a retention period
 Nothing here marks a row as "being attempted": one process delivers from a file, and it keeps
 the ids of its in-flight rows in memory and passes them as ``exclude``. After a crash nothing is
 stranded: every pending row is simply due again.
-
-The schema (``PRAGMA user_version`` = 2; a file is brought up to it by each step of
-``_MIGRATIONS`` it has not had, in order, so a new file and an old one end up alike)::
-
-    deliveries    seq PK (enqueue order), destination, msg_id, event, call_key, body,
-                  created_at, due_at, attempts, last_attempt_at, last_status, last_error;
-                  UNIQUE (destination, msg_id)
-    dead_letters  the same columns plus dead_at and reason
-                  ("exhausted", "max_pending", "max_age")
-    destinations  name PK, disabled_at, disabled_reason (a row exists once it was disabled)
-    delivered     id PK (delivery order), seq, destination, msg_id, event, call_key, body,
-                  created_at, attempts, delivered_at; UNIQUE (destination, msg_id)   [v2]
-    attempts      id PK (record order), destination, msg_id, at, latency, status,
-                  error_class, error, answer (its first 1 KiB), probe, counted        [v2]
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
-import os
-import sqlite3
-from collections.abc import Callable, Collection, Iterable, Iterator
-from dataclasses import dataclass
-from types import TracebackType
-from typing import Concatenate, Literal, ParamSpec, TypeVar
+from collections.abc import Collection, Iterable
+from typing import Literal
 
-from listener.core.errors import ListenerError
-
-__all__ = [
-    "SCHEMA_VERSION",
-    "Attempt",
-    "Claim",
-    "DeadLetter",
-    "Delivery",
-    "DestinationStats",
-    "NewDelivery",
-    "Outbox",
-    "OutboxError",
-    "ReplaySource",
-]
-
-# Version 1, as it was released: files on users' disks have exactly this.
-_SCHEMA_V1 = """
-CREATE TABLE deliveries (
-    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
-    destination     TEXT    NOT NULL,
-    msg_id          TEXT    NOT NULL,
-    event           TEXT    NOT NULL,
-    call_key        TEXT,
-    body            BLOB    NOT NULL,
-    created_at      REAL    NOT NULL,
-    due_at          REAL    NOT NULL,
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    last_attempt_at REAL,
-    last_status     INTEGER,
-    last_error      TEXT,
-    UNIQUE (destination, msg_id)
-);
-CREATE INDEX deliveries_due ON deliveries (destination, due_at);
-CREATE INDEX deliveries_call ON deliveries (destination, call_key, seq)
-    WHERE call_key IS NOT NULL;
-CREATE TABLE dead_letters (
-    seq             INTEGER PRIMARY KEY,
-    destination     TEXT    NOT NULL,
-    msg_id          TEXT    NOT NULL,
-    event           TEXT    NOT NULL,
-    call_key        TEXT,
-    body            BLOB    NOT NULL,
-    created_at      REAL    NOT NULL,
-    attempts        INTEGER NOT NULL,
-    last_attempt_at REAL,
-    last_status     INTEGER,
-    last_error      TEXT,
-    dead_at         REAL    NOT NULL,
-    reason          TEXT    NOT NULL,
-    UNIQUE (destination, msg_id)
-);
-CREATE INDEX dead_letters_created ON dead_letters (destination, created_at);
-CREATE TABLE destinations (
-    name            TEXT PRIMARY KEY,
-    disabled_at     REAL,
-    disabled_reason TEXT
-) WITHOUT ROWID;
-"""
-# Version 2: delivered rows are kept (replays by time), every attempt is on record. Both are
-# keyed by an id in the order rows are written, so that pruning walks the oldest from the
-# start of the table instead of needing a time index that every insert would pay for.
-_V1_TO_V2 = """
-CREATE TABLE delivered (
-    id              INTEGER PRIMARY KEY,
-    seq             INTEGER NOT NULL,
-    destination     TEXT    NOT NULL,
-    msg_id          TEXT    NOT NULL,
-    event           TEXT    NOT NULL,
-    call_key        TEXT,
-    body            BLOB    NOT NULL,
-    created_at      REAL    NOT NULL,
-    attempts        INTEGER NOT NULL,
-    delivered_at    REAL    NOT NULL,
-    UNIQUE (destination, msg_id)
-);
-CREATE TABLE attempts (
-    id              INTEGER PRIMARY KEY,
-    destination     TEXT    NOT NULL,
-    msg_id          TEXT    NOT NULL,
-    at              REAL    NOT NULL,
-    latency         REAL    NOT NULL,
-    status          INTEGER,
-    error_class     TEXT,
-    error           TEXT    NOT NULL,
-    answer          BLOB    NOT NULL,
-    probe           INTEGER NOT NULL,
-    counted         INTEGER NOT NULL
-);
-CREATE INDEX attempts_msg ON attempts (msg_id);
-"""
-# Step n takes a file from version n to n + 1; a new file (version 0) takes them all.
-_MIGRATIONS = (_SCHEMA_V1, _V1_TO_V2)
-SCHEMA_VERSION = len(_MIGRATIONS)
-
-_DELIVERY_COLUMNS = "seq, destination, msg_id, event, call_key, body, created_at, due_at, attempts"
-_DEAD_COLUMNS = (
-    "seq, destination, msg_id, event, call_key, body, created_at, attempts, last_status,"
-    " last_error, dead_at, reason"
+from listener.webhooks.outbox_connection import OutboxConnection, maps_sqlite_errors
+from listener.webhooks.outbox_rows import (
+    Attempt,
+    Claim,
+    DeadLetter,
+    Delivery,
+    DestinationStats,
+    NewDelivery,
 )
-_ATTEMPT_COLUMNS = (
-    "destination, msg_id, at, latency, status, error_class, error, answer, probe, counted"
+from listener.webhooks.outbox_schema import (
+    BURY,
+    COUNT_REPLAYABLE,
+    DELETE_REPLAYED,
+    DELIVER,
+    INSERT_ATTEMPTS,
+    PRUNE,
+    REPLAY,
+    SELECT_ATTEMPTS,
+    SELECT_DEAD,
+    SELECT_DUE,
+    SELECT_NEXT_DUE,
+    eligible_params,
+    filter_params,
 )
 
-# Queries are assembled from the module's own constants (S608 is silenced for that reason only);
-# every value travels as a parameter.
-
-# A row is eligible when no in-flight attempt holds it and, under per-call ordering, no earlier
-# delivery of the same call to the same destination is still pending.
-_ELIGIBLE = """
-    d.destination = :destination
-    AND d.msg_id NOT IN (SELECT value FROM json_each(:exclude))
-    AND (:per_call = 0 OR d.call_key IS NULL OR NOT EXISTS (
-        SELECT 1 FROM deliveries AS e
-        WHERE e.destination = d.destination AND e.call_key = d.call_key AND e.seq < d.seq))
-"""
-_SELECT_DUE = (
-    f"SELECT {_DELIVERY_COLUMNS} FROM deliveries AS d WHERE {_ELIGIBLE}"  # noqa: S608
-    " AND d.due_at <= :now ORDER BY d.due_at, d.seq LIMIT :limit"
-)
-# Not MIN(): with the extra conditions that would read every row; this walks the index.
-_SELECT_NEXT_DUE = (
-    f"SELECT d.due_at FROM deliveries AS d WHERE {_ELIGIBLE}"  # noqa: S608
-    " ORDER BY d.due_at LIMIT 1"
-)
-
-_BURY = """
-INSERT OR REPLACE INTO dead_letters (
-    seq, destination, msg_id, event, call_key, body, created_at, attempts, last_attempt_at,
-    last_status, last_error, dead_at, reason)
-SELECT seq, destination, msg_id, event, call_key, body, created_at,
-    COALESCE(:attempts, attempts), IIF(:attempts IS NULL, last_attempt_at, :now),
-    COALESCE(:status, last_status), COALESCE(:error, last_error), :now, :reason
-FROM deliveries WHERE destination = :destination AND msg_id = :msg_id
-"""
-
-# Filters shared by listing and replaying dead and delivered rows; a NULL parameter means
-# "any". Times are the event's (when it was enqueued), so a range selects what users expect.
-_FILTER = """
-    (:destination IS NULL OR destination = :destination)
-    AND (:since IS NULL OR created_at >= :since)
-    AND (:until IS NULL OR created_at < :until)
-    AND (:msg_ids IS NULL OR msg_id IN (SELECT value FROM json_each(:msg_ids)))
-"""
-_SELECT_DEAD = (
-    f"SELECT {_DEAD_COLUMNS} FROM dead_letters WHERE {_FILTER}"  # noqa: S608
-    " ORDER BY seq LIMIT :limit"
-)
-# What replay reads from, by the name users give it.
-_REPLAY_TABLES = {"dead": "dead_letters", "delivered": "delivered"}
-_REPLAY = {
-    source: f"""
-INSERT OR IGNORE INTO deliveries (
-    seq, destination, msg_id, event, call_key, body, created_at, due_at, attempts)
-SELECT seq, destination, msg_id, event, call_key, body, created_at, :now, 0
-FROM {table} WHERE {_FILTER}
-"""  # noqa: S608
-    for source, table in _REPLAY_TABLES.items()
-}
-_DELETE_REPLAYED = {
-    source: f"DELETE FROM {table} WHERE {_FILTER}"  # noqa: S608
-    for source, table in _REPLAY_TABLES.items()
-}
-_COUNT_REPLAYABLE = {
-    source: f"SELECT COUNT(*) FROM {table} WHERE {_FILTER}"  # noqa: S608
-    for source, table in _REPLAY_TABLES.items()
-}
-_DELIVER = """
-INSERT OR REPLACE INTO delivered (
-    seq, destination, msg_id, event, call_key, body, created_at, attempts, delivered_at)
-SELECT seq, destination, msg_id, event, call_key, body, created_at, attempts, ?
-FROM deliveries WHERE destination = ? AND msg_id = ?
-"""
-# Rows go in id order, oldest first, at most :limit a call so that a file left unpruned for
-# days does not hold the outbox thread in one long delete. Ids follow the order rows were
-# written, times the attempts': an attempt that took its whole timeout is written after later
-# ones, so the walk may keep a row up to one timeout past the cut-off.
-_PRUNE = {
-    table: f"""
-DELETE FROM {table} WHERE id < MIN(
-    COALESCE(
-        (SELECT id FROM {table} WHERE {column} >= :before ORDER BY id LIMIT 1),
-        (SELECT MAX(id) + 1 FROM {table})),
-    (SELECT MIN(id) FROM {table}) + :limit)
-"""  # noqa: S608
-    for table, column in (("attempts", "at"), ("delivered", "delivered_at"))
-}
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
+__all__ = ["Outbox", "ReplaySource"]
 
 ReplaySource = Literal["dead", "delivered"]
 _DEAD_ONLY: tuple[ReplaySource, ...] = ("dead",)
 
 
-class OutboxError(ListenerError):
-    """The outbox file could not be opened, read or written (the message says why)."""
-
-
-def _mapped(
-    method: Callable[Concatenate[Outbox, _P], _R],
-) -> Callable[Concatenate[Outbox, _P], _R]:
-    """Translate sqlite3 errors raised by an :class:`Outbox` method into :class:`OutboxError`."""
-
-    @functools.wraps(method)
-    def wrapper(self: Outbox, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        try:
-            return method(self, *args, **kwargs)
-        except sqlite3.Error as exc:
-            raise OutboxError(f"outbox {method.__name__} failed: {exc}") from exc
-
-    return wrapper
-
-
-@dataclass(frozen=True, slots=True)
-class NewDelivery:
-    """A delivery to insert: one event's serialized body for one destination.
-
-    Attributes:
-        destination: the destination's name.
-        msg_id: the Standard Webhooks message id, also in ``body``; stable for ever.
-        event: the event name (for listings; the body is what is sent).
-        call_key: the call the event belongs to, for per-call ordering; None if none.
-        body: the exact bytes every attempt sends.
-        created_at: when the event was enqueued.
-        due_at: when the first attempt may start.
-    """
-
-    destination: str
-    msg_id: str
-    event: str
-    call_key: str | None
-    body: bytes
-    created_at: float
-    due_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """A pending delivery as read back from the outbox.
-
-    ``attempts`` counts the attempts made so far; ``seq`` is the enqueue order.
-    """
-
-    seq: int
-    destination: str
-    msg_id: str
-    event: str
-    call_key: str | None
-    body: bytes
-    created_at: float
-    due_at: float
-    attempts: int
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """What a worker gets from :meth:`Outbox.claim`.
-
-    Attributes:
-        rows: the due deliveries to attempt now.
-        next_due: when the next eligible delivery falls due; None if none is pending.
-        evicted: how many deliveries the bound moved to the dead letters, by reason.
-    """
-
-    rows: list[Delivery]
-    next_due: float | None
-    evicted: dict[str, int]
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A delivery given up on.
-
-    Attributes:
-        last_status: the HTTP status of the last attempt, None if it got no answer.
-        last_error: what went wrong last, as a short fact.
-        dead_at: when it was moved here.
-        reason: ``exhausted`` (retry schedule used up), ``max_pending`` or ``max_age`` (the
-            outbox bound pushed it out).
-    """
-
-    seq: int
-    destination: str
-    msg_id: str
-    event: str
-    call_key: str | None
-    body: bytes
-    created_at: float
-    attempts: int
-    last_status: int | None
-    last_error: str | None
-    dead_at: float
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """One attempt, as recorded.
-
-    Attributes:
-        at: when it started, seconds since the epoch.
-        latency: seconds until it was answered, or failed.
-        status: the HTTP status; None when there was no answer.
-        error_class: None for a 2xx, else what kind of failure (see
-            :mod:`listener.webhooks.worker`).
-        error: the failure as a short fact ("HTTP 503", "timed out after 15 s").
-        answer: the first bytes of the answer's body (1 KiB).
-        probe: it was the one probe of an unhealthy destination.
-        counted: it used up one attempt of the delivery's retry schedule.
-    """
-
-    destination: str
-    msg_id: str
-    at: float
-    latency: float
-    status: int | None
-    error_class: str | None
-    error: str
-    answer: bytes
-    probe: bool
-    counted: bool
-
-
-@dataclass(frozen=True, slots=True)
-class DestinationStats:
-    """One destination's outbox state.
-
-    Attributes:
-        pending: deliveries not yet delivered (including any being attempted right now).
-        oldest_age: seconds since the oldest pending delivery was enqueued; None if none.
-        failing: pending deliveries that were attempted and failed at least once.
-        dead: deliveries in the dead-letter table.
-        disabled_at: when the destination was disabled (HTTP 410), None while enabled.
-        disabled_reason: why it was disabled.
-    """
-
-    name: str
-    pending: int
-    oldest_age: float | None
-    failing: int
-    dead: int
-    disabled_at: float | None
-    disabled_reason: str | None
-
-    @property
-    def disabled(self) -> bool:
-        """Whether the destination is disabled; its deliveries wait until it is enabled."""
-        return self.disabled_at is not None
-
-
-class Outbox:
+class Outbox(OutboxConnection):
     """The outbox stored in one SQLite file, created on first open.
 
-    An ``Outbox`` wraps one connection: use it from one thread at a time (the connection is
-    opened with ``check_same_thread=False`` so that a dedicated worker thread may own it).
-    Methods are atomic on their own; wrap several in :meth:`transaction` to commit them as
-    one. Every method raises :class:`OutboxError` when SQLite fails (a lock held longer than
-    ``busy_timeout``, a full disk, a corrupt file); anything else is a bug.
-
-    Args:
-        path: the database file; its directory must exist.
-        busy_timeout: seconds to wait for another process's write lock before failing.
-
-    Raises:
-        OutboxError: the file cannot be opened or was written by a newer schema version.
+    How to open it, share it between threads, group calls in transactions and what it raises:
+    see :class:`~listener.webhooks.outbox_connection.OutboxConnection`.
     """
-
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
-        try:
-            self._conn = sqlite3.connect(
-                path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
-            )
-        except sqlite3.Error as exc:
-            raise OutboxError(f"outbox open failed: {exc}") from exc
-        try:
-            self._setup()
-        except BaseException:
-            self._conn.close()
-            raise
-
-    @_mapped
-    def _setup(self) -> None:
-        """Switch to WAL and create or check the schema."""
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        # With WAL, NORMAL loses at most the last commits on power loss, never on a crash of
-        # this process, and skips an fsync per commit.
-        self._conn.execute("PRAGMA synchronous = NORMAL")
-        with self.transaction():
-            (version,) = self._conn.execute("PRAGMA user_version").fetchone()
-            if version > SCHEMA_VERSION:
-                raise OutboxError(
-                    f"outbox schema version {version} is newer than this program's"
-                    f" ({SCHEMA_VERSION})"
-                )
-            # One transaction for every step: a file is at its old version or the current one,
-            # never half-way.
-            for step in _MIGRATIONS[version:]:
-                for statement in step.split(";"):
-                    if statement.strip():
-                        self._conn.execute(statement)
-            if version < SCHEMA_VERSION:
-                self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-    def close(self) -> None:
-        """Close the connection; calling it again does nothing."""
-        self._conn.close()
-
-    def __enter__(self) -> Outbox:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """Run the enclosed calls as one transaction; nested uses join the outer one.
-
-        The write lock is taken at the start (``BEGIN IMMEDIATE``), so a transaction never
-        fails half-way because another process wrote first.
-        """
-        if self._conn.in_transaction:
-            yield
-            return
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
 
     # Pending deliveries.
 
-    @_mapped
+    @maps_sqlite_errors
     def add(self, deliveries: Iterable[NewDelivery]) -> None:
         """Insert deliveries; one whose (destination, msg_id) is already pending is skipped."""
         self._conn.executemany(
@@ -498,7 +80,7 @@ class Outbox:
             ),
         )
 
-    @_mapped
+    @maps_sqlite_errors
     def due(
         self,
         destination: str,
@@ -516,11 +98,11 @@ class Outbox:
         """
         if self.is_disabled(destination):
             return []
-        params = _eligible_params(destination, exclude, per_call)
-        rows = self._conn.execute(_SELECT_DUE, {**params, "now": now, "limit": limit})
+        params = eligible_params(destination, exclude, per_call)
+        rows = self._conn.execute(SELECT_DUE, {**params, "now": now, "limit": limit})
         return [Delivery(*row) for row in rows]
 
-    @_mapped
+    @maps_sqlite_errors
     def next_due(
         self, destination: str, *, exclude: Collection[str] = (), per_call: bool = False
     ) -> float | None:
@@ -530,8 +112,8 @@ class Outbox:
         """
         if self.is_disabled(destination):
             return None
-        params = _eligible_params(destination, exclude, per_call)
-        row = self._conn.execute(_SELECT_NEXT_DUE, params).fetchone()
+        params = eligible_params(destination, exclude, per_call)
+        row = self._conn.execute(SELECT_NEXT_DUE, params).fetchone()
         return None if row is None else float(row[0])
 
     def claim(
@@ -557,19 +139,17 @@ class Outbox:
         taken = {*exclude, *(row.msg_id for row in rows)}
         return Claim(rows, self.next_due(destination, exclude=taken, per_call=per_call), evicted)
 
-    @_mapped
+    @maps_sqlite_errors
     def mark_delivered(self, destination: str, delivered: Collection[tuple[str, float]]) -> None:
         """Move deliveries answered with a 2xx, given as ``(msg_id, when)``, to ``delivered``."""
         with self.transaction():
-            self._conn.executemany(
-                _DELIVER, ((at, destination, msg_id) for msg_id, at in delivered)
-            )
+            self._conn.executemany(DELIVER, ((at, destination, msg_id) for msg_id, at in delivered))
             self._conn.executemany(
                 "DELETE FROM deliveries WHERE destination = ? AND msg_id = ?",
                 ((destination, msg_id) for msg_id, _ in delivered),
             )
 
-    @_mapped
+    @maps_sqlite_errors
     def pending_count(self, destination: str) -> int:
         """Return how many deliveries to ``destination`` are pending."""
         (count,) = self._conn.execute(
@@ -579,11 +159,11 @@ class Outbox:
 
     # Attempts and what was delivered.
 
-    @_mapped
+    @maps_sqlite_errors
     def record_attempts(self, attempts: Iterable[Attempt]) -> None:
         """Add attempts to the record."""
         self._conn.executemany(
-            f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+            INSERT_ATTEMPTS,
             (
                 (
                     a.destination,
@@ -601,16 +181,13 @@ class Outbox:
             ),
         )
 
-    @_mapped
+    @maps_sqlite_errors
     def attempts(self, msg_id: str) -> list[Attempt]:
         """Return the recorded attempts of message ``msg_id``, to any destination, in order."""
-        rows = self._conn.execute(
-            f"SELECT {_ATTEMPT_COLUMNS} FROM attempts WHERE msg_id = ? ORDER BY at, id",  # noqa: S608
-            (msg_id,),
-        )
+        rows = self._conn.execute(SELECT_ATTEMPTS, (msg_id,))
         return [Attempt(*row[:8], *(bool(flag) for flag in row[8:])) for row in rows]
 
-    @_mapped
+    @maps_sqlite_errors
     def whereabouts(self, destination: str, msg_id: str) -> tuple[str, float | None] | None:
         """Return where a delivery is: ``pending`` (with None), ``dead`` (with when it died) or
         ``delivered`` (with when); None if the outbox does not have it (any more)."""
@@ -624,18 +201,18 @@ class Outbox:
         ).fetchone()
         return None if row is None else (str(row[0]), row[1])
 
-    @_mapped
+    @maps_sqlite_errors
     def prune(self, before: float, limit: int = 10_000) -> int:
         """Forget attempts and delivered rows written before ``before``, the oldest first and
         at most about ``limit`` of each; return how many rows went."""
         removed = 0
         with self.transaction():
-            for statement in _PRUNE.values():
+            for statement in PRUNE.values():
                 cursor = self._conn.execute(statement, {"before": before, "limit": limit})
                 removed += cursor.rowcount
         return removed
 
-    @_mapped
+    @maps_sqlite_errors
     def reschedule(
         self,
         destination: str,
@@ -654,7 +231,7 @@ class Outbox:
             (due_at, attempts, attempted_at, status, error, destination, msg_id),
         )
 
-    @_mapped
+    @maps_sqlite_errors
     def bury(
         self,
         destination: str,
@@ -681,7 +258,7 @@ class Outbox:
             "error": error,
         }
         with self.transaction():
-            if self._conn.execute(_BURY, params).rowcount == 0:
+            if self._conn.execute(BURY, params).rowcount == 0:
                 return False
             self._conn.execute(
                 "DELETE FROM deliveries WHERE destination = ? AND msg_id = ?",
@@ -689,7 +266,7 @@ class Outbox:
             )
         return True
 
-    @_mapped
+    @maps_sqlite_errors
     def evict(
         self,
         destination: str,
@@ -745,7 +322,7 @@ class Outbox:
 
     # Destinations.
 
-    @_mapped
+    @maps_sqlite_errors
     def disable(self, destination: str, now: float, reason: str) -> bool:
         """Disable a destination; return False if it already was (its reason is kept)."""
         cursor = self._conn.execute(
@@ -756,7 +333,7 @@ class Outbox:
         )
         return cursor.rowcount > 0
 
-    @_mapped
+    @maps_sqlite_errors
     def enable(self, destination: str) -> bool:
         """Enable a destination again; return False if it was not disabled."""
         cursor = self._conn.execute(
@@ -766,7 +343,7 @@ class Outbox:
         )
         return cursor.rowcount > 0
 
-    @_mapped
+    @maps_sqlite_errors
     def is_disabled(self, destination: str) -> bool:
         """Return whether the destination is disabled."""
         row = self._conn.execute(
@@ -775,7 +352,7 @@ class Outbox:
         ).fetchone()
         return row is not None
 
-    @_mapped
+    @maps_sqlite_errors
     def stats(self, now: float, destinations: Iterable[str] = ()) -> list[DestinationStats]:
         """Return the state of every destination named here or present in the file, by name."""
         pending = {
@@ -816,7 +393,7 @@ class Outbox:
 
     # Dead letters.
 
-    @_mapped
+    @maps_sqlite_errors
     def dead_letters(
         self,
         *,
@@ -834,11 +411,11 @@ class Outbox:
             msg_ids: only these message ids.
             limit: at most this many, the oldest first.
         """
-        params = _filter_params(destination, since, None, msg_ids)
-        rows = self._conn.execute(_SELECT_DEAD, {**params, "limit": -1 if limit is None else limit})
+        params = filter_params(destination, since, None, msg_ids)
+        rows = self._conn.execute(SELECT_DEAD, {**params, "limit": -1 if limit is None else limit})
         return [DeadLetter(*row) for row in rows]
 
-    @_mapped
+    @maps_sqlite_errors
     def replay(
         self,
         now: float,
@@ -860,41 +437,15 @@ class Outbox:
         Returns:
             How many deliveries were moved back (with ``dry_run``: would be), by source.
         """
-        params = _filter_params(destination, since, until, msg_ids)
+        params = filter_params(destination, since, until, msg_ids)
         if dry_run:
             return {
-                source: self._conn.execute(_COUNT_REPLAYABLE[source], params).fetchone()[0]
+                source: self._conn.execute(COUNT_REPLAYABLE[source], params).fetchone()[0]
                 for source in sources
             }
         moved: dict[ReplaySource, int] = {}
         with self.transaction():
             for source in sources:
-                moved[source] = self._conn.execute(_REPLAY[source], {**params, "now": now}).rowcount
-                self._conn.execute(_DELETE_REPLAYED[source], params)
+                moved[source] = self._conn.execute(REPLAY[source], {**params, "now": now}).rowcount
+                self._conn.execute(DELETE_REPLAYED[source], params)
         return moved
-
-
-def _eligible_params(
-    destination: str, exclude: Collection[str], per_call: bool
-) -> dict[str, object]:
-    """Return the parameters of the ``_ELIGIBLE`` clause."""
-    return {
-        "destination": destination,
-        "exclude": json.dumps(list(exclude)),
-        "per_call": int(per_call),
-    }
-
-
-def _filter_params(
-    destination: str | None,
-    since: float | None,
-    until: float | None,
-    msg_ids: Collection[str] | None,
-) -> dict[str, object]:
-    """Return the parameters of the ``_FILTER`` clause."""
-    return {
-        "destination": destination,
-        "since": since,
-        "until": until,
-        "msg_ids": None if msg_ids is None else json.dumps(list(msg_ids)),
-    }

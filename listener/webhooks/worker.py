@@ -58,7 +58,8 @@ from listener.core.retry import is_retryable_status, retry_after_seconds
 from listener.webhooks.destination import Destination
 from listener.webhooks.health import Health, Outage, SuccessRatio, probe_policy
 from listener.webhooks.http1 import Http1Error, Http1Pool
-from listener.webhooks.outbox import Attempt, Claim, Delivery, Outbox
+from listener.webhooks.outbox import Outbox
+from listener.webhooks.outbox_rows import Attempt, Claim, Delivery
 from listener.webhooks.ratelimit import TokenBucket
 from listener.webhooks.signing import request_headers
 from listener.webhooks.store import Store

@@ -17,7 +17,8 @@ from typing import Literal
 import structlog
 
 from listener.core.retry import Backoff, BackoffPolicy
-from listener.webhooks.outbox import Attempt, NewDelivery, Outbox
+from listener.webhooks.outbox import Outbox
+from listener.webhooks.outbox_rows import Attempt, NewDelivery
 from listener.webhooks.store import Store
 
 __all__ = ["BatchWriter", "Outcome"]
