@@ -26,10 +26,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Final
 
-from listener.calls.state import STATUSES, TRANSITIONS, CallState, Status, StatusMap
+from listener.calls.state import (
+    STATUSES,
+    TRANSITIONS,
+    CallState,
+    Status,
+    StatusMap,
+    format_time,
+)
 from listener.core.events import call_key_of
 from listener.core.ids import lifecycle_id
 
@@ -146,12 +152,6 @@ def diff(state: CallState, rows: Iterable[object], statuses: StatusMap = _DEFAUL
     return Diff(tuple(missed), malformed, unknown)
 
 
-def _iso(seconds: float) -> str:
-    """Write a time as Sippet does: ISO 8601, UTC, milliseconds, ``Z``."""
-    text = datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
-    return text.replace("+00:00", "Z")
-
-
 def list_calls_request(
     state: CallState,
     *,
@@ -180,7 +180,7 @@ def list_calls_request(
         events come out in the order the calls began).
     """
     floor = now - lookback_max
-    start = _iso(max(since - margin, floor))
+    start = format_time(max(since - margin, floor))
     open_keys = sorted(r.call_key for r in state.open_calls() if r.last_event_at >= floor)
     clauses: list[dict[str, Any]] = [
         {"startedAt": {"greaterThanOrEqual": start}},

@@ -40,6 +40,7 @@ __all__ = [
     "Status",
     "StatusMap",
     "Transition",
+    "format_time",
     "parse_time",
 ]
 
@@ -106,6 +107,12 @@ class StatusMap:
             if word in getattr(self, status):
                 return status
         return None
+
+
+def format_time(seconds: float) -> str:
+    """Write a time as Sippet does: ISO 8601 in UTC, to the millisecond, with ``Z``."""
+    text = datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
 
 
 def parse_time(value: object) -> float | None:
