@@ -36,6 +36,7 @@ import base64
 import hashlib
 import math
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import orjson
@@ -84,27 +85,23 @@ def _normalised(value: Any) -> Any:
         return value
     if isinstance(value, int | float):
         return _number(value)
+    slots: Iterable[tuple[Any, Any]]
+    container: Callable[[Any], Any]
     if isinstance(value, dict):
-        copy: dict[Any, Any] | None = None
-        for key, item in value.items():
-            if type(item) in _PLAIN or (type(item) is int and _INT_MIN <= item < _INT_END):
-                continue
-            new = _normalised(item)
-            if new is not item:
-                copy = dict(value) if copy is None else copy
-                copy[key] = new
-        return value if copy is None else copy
-    if isinstance(value, list | tuple):
-        items: list[Any] | None = None
-        for index, item in enumerate(value):
-            if type(item) in _PLAIN or (type(item) is int and _INT_MIN <= item < _INT_END):
-                continue
-            new = _normalised(item)
-            if new is not item:
-                items = list(value) if items is None else items
-                items[index] = new
-        return value if items is None else items
-    raise TypeError(f"{type(value).__name__} is not a JSON value")
+        slots, container = value.items(), dict
+    elif isinstance(value, list | tuple):
+        slots, container = enumerate(value), list
+    else:
+        raise TypeError(f"{type(value).__name__} is not a JSON value")
+    copy: Any = None
+    for slot, item in slots:
+        if type(item) in _PLAIN or (type(item) is int and _INT_MIN <= item < _INT_END):
+            continue
+        new = _normalised(item)
+        if new is not item:
+            copy = container(value) if copy is None else copy
+            copy[slot] = new
+    return value if copy is None else copy
 
 
 def canonical_json(value: Any) -> bytes:
