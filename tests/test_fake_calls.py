@@ -139,6 +139,7 @@ async def test_times_compare_as_instants_whatever_the_offset(
         ("--durationSeconds", ["a", "c", "b"]),
         ("++endedAt", ["b", "a", "c"]),
         ("status,-callUuid", ["a", "c", "b"]),
+        ("insertedAt,callUuid", ["a", "b", "c"]),  # sortable, as every Ash timestamp
     ],
 )
 async def test_list_calls_sorts(
@@ -159,6 +160,7 @@ async def test_list_calls_sorts(
         ({"sort": "-callerId"}, "no_such_field", ["callerId"]),
         ({"fields": ["callUuid", "callerId"]}, "no_such_field", ["callerId"]),
         ({"fields": []}, "required", ["fields"]),
+        ({"fields": ["insertedAt"]}, "no_such_field", ["insertedAt"]),  # not selectable
     ],
 )
 async def test_list_calls_refuses_what_ash_refuses(

@@ -69,7 +69,10 @@ CALL_FIELDS: Final = (
     "platformAiOutputTokens",
     "platformAiTotalTokens",
 )
-_KNOWN: Final = frozenset(CALL_FIELDS)
+_SELECTABLE: Final = frozenset(CALL_FIELDS)
+# Filters and sorts may also use the timestamps every Ash resource has: the reference's own
+# list_calls example sorts by insertedAt.
+_KNOWN: Final = _SELECTABLE | {"insertedAt", "updatedAt"}
 # What a row holds from the start: the REST Call attributes, with the call's id and answer
 # time; the other fields read as nil until a test sets them.
 _MODELLED: Final = (
@@ -87,7 +90,7 @@ _MODELLED: Final = (
     "durationSeconds",
     "conversationId",
 )
-_TIMES: Final = frozenset(name for name in CALL_FIELDS if name.endswith("At"))
+_TIMES: Final = frozenset(name for name in _KNOWN if name.endswith("At"))
 _NUMBERS: Final = frozenset(
     {
         "durationSeconds",
@@ -277,6 +280,7 @@ class CallTable:
                 "direction": "inbound",
                 "status": "ringing",
                 "startedAt": format_time(now),
+                "insertedAt": format_time(now),
             }
         if event == "call_answered":
             row.update(status="answered", answeredAt=format_time(now))
@@ -299,7 +303,7 @@ class CallTable:
             if not isinstance(fields, list) or not fields:
                 raise AshError("required", "fields is required", "fields")
             for name in fields:
-                if name not in _KNOWN:
+                if name not in _SELECTABLE:
                     raise _no_such_field(name)
             spec, sort = request.get("filter"), request.get("sort")
             keep = None if spec is None else compile_filter(spec)

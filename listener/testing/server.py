@@ -231,7 +231,7 @@ class FakeSippet:
         :meth:`CallTable.apply <listener.testing.calls.CallTable.apply>`).
         """
         row = self.calls.apply(event, call_uuid, time.time(), **fields)
-        return await self.broadcast(event, call_payload(dict(row), style))
+        return await self.broadcast(event, call_payload(row, style))
 
     async def outage(self, seconds: float) -> None:
         """Lose the realtime side for ``seconds``: close every socket now and refuse every
