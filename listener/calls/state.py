@@ -57,6 +57,12 @@ TRANSITIONS: Final[Mapping[str, Status]] = {
     "call_ended": "ended",
 }
 _RANK: Final[Mapping[Status, int]] = {status: rank for rank, status in enumerate(STATUSES)}
+# Where each transition's time is kept, in a record and in a payload.
+_TIME_ATTRIBUTE: Final[Mapping[Status, str]] = {
+    "ringing": "started_at",
+    "answered": "answered_at",
+    "ended": "ended_at",
+}
 _TIME_FIELD: Final[Mapping[Status, str]] = {
     "ringing": "startedAt",
     "answered": "answeredAt",
@@ -118,8 +124,8 @@ def format_time(seconds: float) -> str:
 def parse_time(value: object) -> float | None:
     """Read an ISO 8601 time (``2026-01-02T03:04:05.678Z``) as seconds since the epoch.
 
-    A time without an offset is taken as UTC. Anything else, numbers included (seconds or
-    milliseconds?), is no time: None.
+    A time without an offset is taken as UTC. Anything else is None, numbers too: nothing
+    says whether one counts seconds or milliseconds.
     """
     if not isinstance(value, str):
         return None
@@ -159,13 +165,6 @@ class CallRecord:
     def rank(self) -> int:
         """The status's position in :data:`STATUSES`."""
         return _RANK[self.status]
-
-
-_TIME_ATTRIBUTE: Final[Mapping[Status, str]] = {
-    "ringing": "started_at",
-    "answered": "answered_at",
-    "ended": "ended_at",
-}
 
 
 @dataclass(frozen=True, slots=True)

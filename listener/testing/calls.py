@@ -126,7 +126,7 @@ def call_payload(fields: dict[str, Any], style: PayloadStyle) -> dict[str, Any]:
     return {"call": snake, "occurredAt": fields.get("startedAt") or format_time(time.time())}
 
 
-class AshError(Exception):
+class _AshError(Exception):
     """A request Ash would refuse; :meth:`error` is the ``AshRpcError`` it would answer."""
 
     def __init__(self, kind: str, message: str, field: str | None = None, **values: Any) -> None:
@@ -144,12 +144,12 @@ class AshError(Exception):
         }
 
 
-def _no_such_field(name: object) -> AshError:
-    return AshError("no_such_field", "No such field %{field}", str(name))
+def _no_such_field(name: object) -> _AshError:
+    return _AshError("no_such_field", "No such field %{field}", str(name))
 
 
-def _invalid(field: str, value: Any) -> AshError:
-    return AshError(
+def _invalid(field: str, value: Any) -> _AshError:
+    return _AshError(
         "invalid_filter_value", "Invalid value %{value} for %{field}", field, value=value
     )
 
@@ -182,31 +182,31 @@ def _comparison(field: str, name: str, operand: Any) -> Predicate:
         return lambda row: row.get(field) is not None and _cast(field, row[field]) in wanted
     test = _OPERATORS.get(name)
     if test is None:
-        raise AshError("no_such_operator", "No such operator %{operator}", field, operator=name)
+        raise _AshError("no_such_operator", "No such operator %{operator}", field, operator=name)
     against = _cast(field, operand)
     if against is None:
         return lambda row: False
     return lambda row: row.get(field) is not None and test(_cast(field, row[field]), against)
 
 
-def compile_filter(spec: Any) -> Predicate:
+def _compiled(spec: Any) -> Predicate:
     """Compile an Ash filter into a row predicate, refusing it whole as Ash does (before any
     row is read) when it names an unknown field or operator.
 
     Raises:
-        AshError: what Ash would answer.
+        _AshError: what Ash would answer.
     """
     if not isinstance(spec, dict):
-        raise AshError("invalid_filter", "a filter is an object")
+        raise _AshError("invalid_filter", "a filter is an object")
     parts: list[Predicate] = []
     for key, value in spec.items():
         if key in ("and", "or"):
             if not isinstance(value, list):
-                raise AshError("invalid_filter", f"{key} takes a list of filters")
-            inner = [compile_filter(item) for item in value]
+                raise _AshError("invalid_filter", f"{key} takes a list of filters")
+            inner = [_compiled(item) for item in value]
             parts.append(_all_of(inner) if key == "and" else _any_of(inner))
         elif key == "not":
-            parts.append(_none_of([compile_filter(value)]))
+            parts.append(_none_of([_compiled(value)]))
         elif key not in _KNOWN:
             raise _no_such_field(key)
         else:
@@ -231,7 +231,7 @@ def _none_of(parts: list[Predicate]) -> Predicate:
 def _sorted(rows: list[dict[str, Any]], spec: Any) -> list[dict[str, Any]]:
     """Sort rows by an Ash sort string (``startedAt``, ``-endedAt,++status``)."""
     if not isinstance(spec, str):
-        raise AshError("invalid_sort", "sort is a string")
+        raise _AshError("invalid_sort", "sort is a string")
     # Stable sorts, last key first, leave the rows ordered by the first key, then the next.
     for part in reversed(spec.split(",")):
         rows = _sorted_by(rows, part.strip())
@@ -301,15 +301,15 @@ class CallTable:
         try:
             fields = request.get("fields")
             if not isinstance(fields, list) or not fields:
-                raise AshError("required", "fields is required", "fields")
+                raise _AshError("required", "fields is required", "fields")
             for name in fields:
                 if name not in _SELECTABLE:
                     raise _no_such_field(name)
             spec, sort = request.get("filter"), request.get("sort")
-            keep = None if spec is None else compile_filter(spec)
+            keep = None if spec is None else _compiled(spec)
             rows = [row for row in self.rows.values() if keep is None or keep(row)]
             if sort is not None:
                 rows = _sorted(rows, sort)
-        except AshError as exc:
+        except _AshError as exc:
             return {"success": False, "errors": [exc.error()]}
         return {"success": True, "data": [{name: row.get(name) for name in fields} for row in rows]}
