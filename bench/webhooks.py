@@ -38,9 +38,11 @@ from bench.server import call_event
 from listener.core.events import Event
 from listener.core.logs import configure_logging
 from listener.core.metrics import REGISTRY
-from listener.webhooks.forwarder import Destination, WebhookForwarder, encode_body, new_message_id
-from listener.webhooks.forwarder import sign_headers as sign
+from listener.webhooks.destination import Destination
+from listener.webhooks.forwarder import WebhookForwarder
 from listener.webhooks.outbox import Outbox
+from listener.webhooks.signing import encode_body, new_message_id
+from listener.webhooks.signing import sign_headers as sign
 
 _DESTINATION = "bench"
 # Failed attempts are retried after 1 s, and often enough that no row dies in the outage.

@@ -12,32 +12,31 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from listener import Context, Event, Handler
 
-__all__ = ["LogHandler"]
+__all__ = ["LogConfig", "LogHandler"]
 
 
-class LogHandler(Handler):
+class LogConfig(BaseModel):
+    """``[[handlers]]`` settings for ``use = "log"``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    level: Literal["debug", "info", "warning"] = "info"
+    payload: bool = True
+    max_payload_chars: int = Field(default=2000, ge=0)
+    # Payload fields to show as their own keys, read in any spelling (event.field).
+    fields: list[str] = Field(default_factory=list)
+
+
+class LogHandler(Handler[LogConfig]):
     """Logs every event it is subscribed to (all of them by default)."""
 
     name = "log"
     events = ("*",)
 
-    class Config(BaseModel):
-        """``[[handlers]]`` settings for ``use = "log"``."""
+    def __init__(self, config: LogConfig | None = None) -> None:
+        super().__init__(config or LogConfig())
 
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
-        level: Literal["debug", "info", "warning"] = "info"
-        payload: bool = True
-        max_payload_chars: int = Field(default=2000, ge=0)
-        # Payload fields to show as their own keys, read in any spelling (event.field).
-        fields: list[str] = Field(default_factory=list)
-
-    config: Config
-
-    def __init__(self, config: Config | None = None) -> None:
-        super().__init__(config or self.Config())
-
-    async def handle(self, event: Event, ctx: Context) -> None:
+    async def handle(self, event: Event, ctx: Context[LogConfig]) -> None:
         fields: dict[str, object] = {"topic": event.topic}
         for name in self.config.fields:
             fields[name] = event.field(name)

@@ -266,15 +266,13 @@ class RulesFailed(ListenerError):
         self.failures = tuple(failures)
 
 
-class RpcHandler(Handler):
+class RpcHandler(Handler[RpcConfig]):
     """Run RPC actions for events, as declared by rules; see the module docstring.
 
     Subscribes to the union of the rules' ``on`` globs, in rule order.
     """
 
     name = "rpc"
-    Config = RpcConfig
-    config: RpcConfig
 
     def __init__(self, config: RpcConfig) -> None:
         super().__init__(config)
@@ -284,7 +282,7 @@ class RpcHandler(Handler):
         """Whether any rule applies to ``event``; no template is rendered."""
         return any(rule.applies(event) for rule in self.config.rules)
 
-    async def handle(self, event: Event, ctx: Context) -> None:
+    async def handle(self, event: Event, ctx: Context[RpcConfig]) -> None:
         """Run the action of every rule that applies to ``event``, in order.
 
         Raises:
@@ -303,7 +301,9 @@ class RpcHandler(Handler):
             raise RulesFailed(event.name, failures) from failures[0].error
 
 
-async def _fire(index: int, rule: Rule, event: Event, ctx: Context) -> RuleFailure | None:
+async def _fire(
+    index: int, rule: Rule, event: Event, ctx: Context[RpcConfig]
+) -> RuleFailure | None:
     """Run one rule's action; log the outcome and return the failure, if any."""
     try:
         await ctx.rpc.run(

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from listener.core.events import Event
+from listener.core.retry import BackoffPolicy
 from listener.realtime.connection import LinkSettings
 from listener.realtime.session import Session, SessionSettings
 from listener.realtime.tokens import TokenSource
@@ -51,9 +52,7 @@ def fast_settings(base_url: str, **overrides: Any) -> SessionSettings:
     settings = SessionSettings(
         base_url,
         link,
-        stable_after=5.0,
-        backoff_initial=50 * MS,
-        backoff_max=400 * MS,
+        backoff=BackoffPolicy(initial=50 * MS, cap=400 * MS),
         rotation_retry=200 * MS,
     )
     link_fields = {k: overrides.pop(k) for k in list(overrides) if hasattr(link, k)}
@@ -84,13 +83,7 @@ def run_session(fake: FakeSippet, http: httpx.AsyncClient) -> RunSession:
         *, wait_joined: bool = True, api_key: str | None = None, **overrides: Any
     ) -> AsyncIterator[tuple[Session, Collector]]:
         collector = Collector()
-        tokens = TokenSource(
-            http,
-            fake.base_url,
-            api_key or fake.api_key,
-            backoff_initial=10 * MS,
-            backoff_max=100 * MS,
-        )
+        tokens = TokenSource(http, fake.base_url, api_key or fake.api_key)
         session = Session(fast_settings(fake.base_url, **overrides), tokens, collector)
         task = asyncio.create_task(session.run())
         try:

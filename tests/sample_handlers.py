@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from listener.core.events import Event
-from listener.dispatch.handler import Context, Handler, handler
+from listener import Context, Event, Handler, handler
 
 __all__ = [
+    "BadPolicy",
     "BrokenSetup",
+    "Declared",
     "Greeter",
     "Lenient",
     "NotAHandler",
@@ -19,6 +20,8 @@ __all__ = [
 
 
 class Greeter(Handler):
+    """Written before the generics: a nested ``Config`` and no type parameter."""
+
     name = "greeter"
     events = ("incoming_call",)
 
@@ -45,20 +48,33 @@ class Shadowing(Handler):
         timeout: float = 1.0
 
 
-class BrokenSetup(Handler):
+class BrokenSetup(Handler[None]):
     name = "broken-setup"
 
-    async def setup(self, ctx: Context) -> None:
+    async def setup(self, ctx: Context[None]) -> None:
         raise OSError("cannot reach the CRM")
 
 
-async def plain(event: Event, ctx: Context) -> None:
+class Declared(Handler[None]):
+    """Declares its dispatcher policy in code."""
+
+    timeout = 2.5
+    concurrency = 1
+    on_full = "drop"
+
+
+class BadPolicy(Handler[None]):
+    concurrency = 0
+
+
+async def plain(event: Event, ctx: Context[None]) -> None:
     del event, ctx
 
 
-@handler(events=["call_*"], name="tagged-calls")
-async def tagged(event: Event, ctx: Context) -> None:
-    del event, ctx
+@handler(events=["call_*"], name="tagged-calls", timeout=4.0, queue_size=50)
+async def tagged(event: Event, ctx: Context[None]) -> None:
+    del event
+    ctx.log.info("tagged")
 
 
 NotAHandler = 42

@@ -183,11 +183,86 @@ async def test_rpc_command_prints_data_and_reports_errors(fake: FakeSippet, tmp_
     assert code == 1
     assert "callUuid" in err
 
+
+@pytest.mark.parametrize(
+    ("given", "sent"),
+    [
+        ("3f0c9e2a-7b1d-4c55-9a0e-2d6f8b1c4e77", "3f0c9e2a-7b1d-4c55-9a0e-2d6f8b1c4e77"),
+        ("0042", "0042"),
+        ("42", 42),
+        ('"42"', "42"),
+        ('{"id": "c-1"}', {"id": "c-1"}),
+    ],
+)
+async def test_rpc_identity_is_a_bare_key_an_integer_or_json(
+    fake: FakeSippet, tmp_path: Path, given: str, sent: object
+) -> None:
+    config = write_config(tmp_path / "c.toml", f'[sippet]\nbase_url = "{fake.base_url}"\n')
     code, _, err = await run_cli(
-        "rpc", "list_calls", "--filter", "{oops", "--config", str(config), env=env
+        "rpc",
+        "update_contact",
+        "--identity",
+        given,
+        "--input",
+        '{"notes":"x"}',
+        "--config",
+        str(config),
+        env={"SIPPET_SECRET_KEY": fake.api_key},
+    )
+    assert code == 0, err
+    assert [request.body for request in fake.rpc_requests] == [
+        {"action": "update_contact", "identity": sent, "input": {"notes": "x"}}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "problem"),
+    [
+        ("--input", "{bad", "not valid JSON"),
+        ("--input", "[1]", "must be a JSON object, not list"),
+        ("--filter", "{oops", "not valid JSON"),
+        ("--page", "20", "must be a JSON object, not int"),
+        ("--identity", '{"id": ', "not valid JSON"),
+    ],
+)
+async def test_rpc_arguments_that_cannot_be_read_exit_64_naming_the_flag(
+    fake: FakeSippet, tmp_path: Path, flag: str, value: str, problem: str
+) -> None:
+    # The configuration is valid: a usage error must not be reported as a configuration one.
+    config = write_config(tmp_path / "c.toml", f'[sippet]\nbase_url = "{fake.base_url}"\n')
+    identity = [] if flag == "--identity" else ["--identity", "c-1"]
+    code, out, err = await run_cli(
+        "rpc",
+        "update_contact",
+        *identity,
+        flag,
+        value,
+        "--config",
+        str(config),
+        env={"SIPPET_SECRET_KEY": fake.api_key},
+    )
+    assert code == 64
+    assert err.startswith(f"sippet-listener: {flag}: {problem}")
+    assert err.count("\n") == 1
+    assert out == ""
+    assert fake.rpc_requests == []
+
+
+async def test_rpc_with_a_broken_configuration_still_exits_78(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.toml", "[sippet]\nbase_urll = 1\n")
+    code, _, err = await run_cli(
+        "rpc",
+        "update_contact",
+        "--identity",
+        "c-1",
+        "--input",
+        "{}",
+        "--config",
+        str(config),
+        env={"SIPPET_SECRET_KEY": "sk_test_x1"},
     )
     assert code == 78
-    assert "--filter: not valid JSON" in err
+    assert "configuration error: sippet.base_urll: unknown key" in err
 
 
 async def test_mint_token_hides_the_token_unless_asked(fake: FakeSippet, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import base64
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
@@ -18,19 +19,14 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from structlog.testing import capture_logs
 
-from listener.core.errors import ConfigError
 from listener.core.events import Event
 from listener.core.metrics import REGISTRY
+from listener.core.retry import honour_retry_after
 from listener.testing.receiver import ReceivedRequest, WebhookReceiver
-from listener.webhooks.forwarder import (
-    DEFAULT_RETRY_SCHEDULE,
-    Destination,
-    ForwarderStateError,
-    WebhookForwarder,
-    encode_body,
-    sign_headers,
-)
-from listener.webhooks.outbox import DestinationStats, Outbox
+from listener.webhooks.destination import Destination
+from listener.webhooks.forwarder import ForwarderStateError, WebhookForwarder
+from listener.webhooks.outbox import DestinationStats, Outbox, OutboxError
+from listener.webhooks.signing import encode_body, sign_headers
 
 SECRET = "whsec_" + base64.b64encode(b"\x01" * 32).decode()
 OLD_SECRET = "whsec_" + base64.b64encode(b"\x02" * 32).decode()
@@ -216,21 +212,37 @@ async def test_gone_disables_the_destination_until_enabled(
 
 
 @pytest.mark.parametrize(
-    ("schedule", "gap"),
-    [((0, 0.05, 10), 1.0), ((0, 0.05, 0.3), 0.3)],
-    ids=["honoured", "capped-at-longest-step"],
+    ("schedule", "retry_after", "gap"),
+    [((0, 0.05, 0.1), "1", 1.0), ((0, 0.6, 10), "0", 0.6)],
+    ids=["lengthens-the-delay", "never-shortens-it"],
 )
-async def test_retry_after_sets_the_next_attempt_time(
-    receiver: WebhookReceiver, db: Path, schedule: tuple[float, ...], gap: float
+async def test_retry_after_is_a_lower_bound_on_the_next_attempt(
+    receiver: WebhookReceiver, db: Path, schedule: tuple[float, ...], retry_after: str, gap: float
 ) -> None:
-    """A 503's Retry-After replaces the schedule's delay, up to the schedule's longest step."""
-    receiver.respond_with(503, {"retry-after": "1"}, times=1)
+    """A 503's Retry-After may push the next attempt later than the schedule, never sooner."""
+    receiver.respond_with(503, {"retry-after": retry_after}, times=1)
     hook = destination(receiver.url, retry_schedule=schedule)
     async with WebhookForwarder([hook], db, poll_interval=POLL) as forwarder:
         forwarder.submit(event())
         first, second = await receiver.wait_for(2, timeout=5)
     assert first.headers["webhook-id"] == second.headers["webhook-id"]
     assert gap - 0.05 <= second.received_at - first.received_at < gap + 0.5
+
+
+async def test_retry_after_is_capped_by_the_shared_retry_policy(
+    receiver: WebhookReceiver, db: Path, cli: Outbox
+) -> None:
+    """A Retry-After of days parks the delivery no longer than the daemon's one cap allows."""
+    receiver.respond_with(429, {"retry-after": "999999"}, times=1)
+    async with WebhookForwarder([destination(receiver.url)], db, poll_interval=POLL) as forwarder:
+        forwarder.submit(event())
+        await receiver.wait_for(1)
+        await eventually(forwarder, lambda: stats(cli).failing == 1)
+        attempted = receiver.requests[0].received_at
+    [row] = cli.due("hooks", time.time() + 10 * 86400, 1)
+    allowed = honour_retry_after(FAST[1], 999999.0)
+    assert allowed < 999999.0
+    assert abs(row.due_at - (attempted + allowed)) < 2
 
 
 async def test_redirect_is_a_failure_and_is_not_followed(
@@ -369,7 +381,8 @@ async def test_restart_redelivers_pending_rows_with_the_same_ids(
 
 _CHILD = """
 import asyncio, sys, time
-from listener.webhooks.forwarder import Destination, WebhookForwarder
+from listener.webhooks.destination import Destination
+from listener.webhooks.forwarder import WebhookForwarder
 from listener.core.events import Event
 
 async def main(url, db, secret):
@@ -432,21 +445,89 @@ async def test_stop_lets_running_attempts_finish_within_grace(
 async def test_outbox_bound_moves_the_oldest_to_dead_letters_loudly(
     receiver: WebhookReceiver, db: Path, cli: Outbox
 ) -> None:
-    """Beyond max_pending the oldest become dead letters, with a warning and a metric."""
+    """Beyond max_pending the oldest become dead letters, with a warning and a metric.
+
+    The wait is on the report, not the table: a stop right after the eviction's commit must
+    not leave it unreported.
+    """
     hook = destination(receiver.url, max_pending=3, retry_schedule=(30,))
     before = deliveries_counted("hooks", "evicted")
     with capture_logs() as logs:
         async with WebhookForwarder([hook], db, poll_interval=POLL) as forwarder:
             for i in range(10):
                 forwarder.submit(event(i))
-            await eventually(forwarder, lambda: stats(cli).dead == 7)
+            await eventually(forwarder, lambda: deliveries_counted("hooks", "evicted") > before)
+    assert deliveries_counted("hooks", "evicted") == before + 7
+    warnings = [entry for entry in logs if "bound reached" in entry["event"]]
+    assert [(w["log_level"], w["reason"], w["count"]) for w in warnings] == [
+        ("warning", "max_pending", 7)
+    ]
     dead = cli.dead_letters()
     assert [json.loads(d.body)["data"]["i"] for d in dead] == list(range(7))
     assert {d.reason for d in dead} == {"max_pending"}
     assert stats(cli).pending == 3
-    assert deliveries_counted("hooks", "evicted") == before + 7
-    warnings = [entry for entry in logs if entry["log_level"] == "warning"]
-    assert any("bound reached" in entry["event"] for entry in warnings)
+
+
+async def test_eviction_committed_as_stop_cancels_the_claim_is_still_reported(
+    receiver: WebhookReceiver, db: Path, cli: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outbox thread commits an eviction, a stop cancels the claim waiting for it: the
+    eviction is still counted and logged."""
+    committed, release = threading.Event(), threading.Event()
+    evict = Outbox.evict
+
+    def evict_then_stall(outbox: Outbox, *args: Any, **kwargs: Any) -> dict[str, int]:
+        moved = evict(outbox, *args, **kwargs)
+        if moved:
+            committed.set()
+            release.wait(5)
+        return moved
+
+    monkeypatch.setattr(Outbox, "evict", evict_then_stall)
+    hook = destination(receiver.url, max_pending=1, retry_schedule=(30,))
+    before = deliveries_counted("hooks", "evicted")
+    forwarder = WebhookForwarder([hook], db, poll_interval=POLL)
+    with capture_logs() as logs:
+        await forwarder.start()
+        forwarder.submit(event(0))
+        forwarder.submit(event(1))
+        assert await asyncio.to_thread(committed.wait, 5)
+        [claiming] = [task for task in asyncio.all_tasks() if task.get_name() == "webhook-hooks"]
+        stopping = asyncio.create_task(forwarder.stop())
+        await asyncio.wait([claiming])
+        assert claiming.cancelled()
+        release.set()
+        await stopping
+    assert deliveries_counted("hooks", "evicted") == before + 1
+    assert any("bound reached" in entry["event"] for entry in logs)
+    assert stats(cli).dead == 1
+
+
+async def test_failed_commit_is_retried_and_its_submits_wait_for_it(
+    receiver: WebhookReceiver, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit that fails keeps its batch; the retry commits it and settles the future."""
+    add = Outbox.add
+    calls = 0
+
+    def fail_first_add(outbox: Outbox, deliveries: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OutboxError("outbox add failed: disk I/O error")
+        add(outbox, deliveries)
+
+    monkeypatch.setattr(Outbox, "add", fail_first_add)
+    with capture_logs() as logs:
+        async with WebhookForwarder([destination(receiver.url)], db, poll_interval=POLL) as hooks:
+            committed = hooks.submit(event(7))
+            assert committed is not None
+            await asyncio.wait_for(committed, 5)
+            [request] = await receiver.wait_for(1)
+    assert numbers([request]) == [7]
+    assert [entry["event"] for entry in logs if entry["log_level"] == "error"] == [
+        "webhook outbox commit failed"
+    ]
 
 
 async def test_receiver_going_down_answers_waiting_requests_and_refuses_new_ones() -> None:
@@ -503,45 +584,8 @@ async def test_logs_and_reprs_never_show_secrets(receiver: WebhookReceiver, db: 
     assert "authorization" not in repr(hook)
 
 
-@pytest.mark.parametrize(
-    ("overrides", "key"),
-    [
-        ({"url": "ftp://example.com/"}, "webhooks.hooks.url"),
-        ({"url": "/relative"}, "webhooks.hooks.url"),
-        ({"secrets": ()}, "webhooks.hooks.secrets"),
-        ({"secrets": SECRET}, "webhooks.hooks.secrets"),
-        ({"secrets": ("whsec_",)}, "webhooks.hooks.secrets"),
-        ({"headers": {"Webhook-Signature": "x"}}, "webhooks.hooks.headers"),
-        ({"events": ()}, "webhooks.hooks.events"),
-        ({"timeout": 0}, "webhooks.hooks.timeout"),
-        ({"retry_schedule": ()}, "webhooks.hooks.retry_schedule"),
-        ({"retry_schedule": (0, -1)}, "webhooks.hooks.retry_schedule"),
-        ({"ordering": "fifo"}, "webhooks.hooks.ordering"),
-        ({"max_in_flight": 0}, "webhooks.hooks.max_in_flight"),
-        ({"max_pending": 0}, "webhooks.hooks.max_pending"),
-        ({"max_age": 0}, "webhooks.hooks.max_age"),
-    ],
-)
-def test_invalid_destination_names_the_key(overrides: dict[str, Any], key: str) -> None:
-    """Each invalid field raises ConfigError naming it, and never echoes a secret."""
-    settings = {"url": "https://example.com/hook", **overrides}
-    with pytest.raises(ConfigError) as raised:
-        destination(**settings)
-    assert raised.value.key == key
-    assert SECRET not in str(raised.value)
-
-
-def test_destination_defaults_and_name_rules() -> None:
-    """Defaults follow the spec; names are safe for metrics and the CLI; names are unique."""
-    hook = destination("https://example.com/", retry_schedule=DEFAULT_RETRY_SCHEDULE)
-    assert (hook.timeout, hook.max_in_flight, hook.ordering, hook.events) == (
-        15.0,
-        8,
-        "none",
-        ("*",),
-    )
-    assert len(hook.retry_schedule) == 8
-    with pytest.raises(ConfigError):
-        destination("https://example.com/", "bad name")
-    with pytest.raises(ConfigError, match="duplicate"):
+def test_forwarder_refuses_duplicate_destination_names() -> None:
+    """Workers are keyed by name: two destinations sharing one are a programming error."""
+    hook = destination("https://example.com/")
+    with pytest.raises(ValueError, match="duplicate destination names: hooks"):
         WebhookForwarder([hook, hook], "unused.sqlite3")

@@ -61,9 +61,12 @@ def test_use_by_name_loads_the_example_handlers() -> None:
         5.0,
     )
     summary = load_handler({"use": "call_summary"}, "handlers[1]")
-    assert summary.handler is example.call_summary
+    # The table's own copy of the decorated function, with the policy it declares.
     assert isinstance(summary.handler, FunctionHandler)
-    assert summary.settings.name == "call_summary"
+    assert isinstance(example.call_summary, FunctionHandler)
+    assert summary.handler is not example.call_summary
+    assert summary.handler.function is example.call_summary.function
+    assert (summary.settings.name, summary.settings.on_full) == ("call_summary", "drop")
 
 
 def test_a_misspelt_plugin_setting_is_named() -> None:

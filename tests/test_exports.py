@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
+import os
+import shutil
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
 import listener
 import listener.testing
+
+ROOT = Path(__file__).resolve().parent.parent
+# Code that must use the door like any plugin: the built-in handlers and the example plugin.
+PLUGIN_CODE = (
+    ROOT / "handlers",
+    ROOT / "examples" / "sippet-listener-example" / "sippet_listener_example",
+)
 
 # What docs/handlers.md promises plugin authors; removing one breaks plugins in the wild.
 PROMISED = {
@@ -49,3 +62,143 @@ def test_the_daemon_does_not_load_the_test_kit() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert out == ""
+
+
+def _defining_modules() -> dict[str, str]:
+    """Each name ``listener`` re-exports, by the module it is defined in."""
+    tree = ast.parse(Path(listener.__file__).read_text(encoding="utf-8"))
+    return {
+        alias.asname or alias.name: node.module
+        for node in tree.body
+        if isinstance(node, ast.ImportFrom) and node.module and node.module != "__future__"
+        for alias in node.names
+    }
+
+
+def _has_doc_comment(module: str, name: str) -> bool:
+    """Whether ``name`` is assigned in ``module`` right under a ``#:`` comment (Sphinx's
+    convention for documenting data, which has no ``__doc__`` of its own)."""
+    lines = inspect.getsource(sys.modules[module]).splitlines()
+    return any(
+        line.startswith((f"{name} =", f"{name}:")) and index and lines[index - 1].startswith("#:")
+        for index, line in enumerate(lines)
+    )
+
+
+def test_every_exported_name_is_documented() -> None:
+    modules = _defining_modules()
+    undocumented = []
+    for name in listener.__all__:
+        value = getattr(listener, name)
+        if inspect.isclass(value):
+            # Its own docstring: a class without one would show its base class's.
+            documented = bool(value.__dict__.get("__doc__"))
+        elif inspect.isfunction(value):
+            documented = bool(value.__doc__)
+        else:
+            documented = _has_doc_comment(modules[name], name)
+        if not documented:
+            undocumented.append(name)
+    assert not undocumented
+
+
+def test_plugin_code_imports_listener_only_through_the_door() -> None:
+    offending = []
+    for path in sorted(file for folder in PLUGIN_CODE for file in folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+                bad = [name for name in names if name.split(".")[0] == "listener"]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                if node.module == "listener":
+                    # ``from listener import core`` would reach inside too.
+                    bad = [a.name for a in node.names if a.name not in listener.__all__]
+                else:
+                    bad = [node.module] if node.module.split(".")[0] == "listener" else []
+            else:
+                continue
+            offending += [f"{path.relative_to(ROOT)}:{node.lineno}: {name}" for name in bad]
+    assert not offending
+
+
+def test_lint_imports_fails_when_a_handler_reaches_inside(tmp_path: Path) -> None:
+    """The contract in pyproject.toml is live: break it in a copy, and lint-imports says so."""
+    ignore = shutil.ignore_patterns("__pycache__")
+    for package in ("listener", "handlers"):
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=ignore)
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    log = tmp_path / "handlers" / "log.py"
+    log.write_text(
+        log.read_text(encoding="utf-8") + "\nfrom listener.core.events import Event as _Event\n",
+        encoding="utf-8",
+    )
+    result = subprocess.run(
+        [Path(sys.executable).with_name("lint-imports"), "--no-cache"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "Built-in handlers and plugins use only the public API BROKEN" in result.stdout
+    assert "handlers.log -> listener.core.events" in result.stdout
+
+
+# Runs pytest with pytest-asyncio unimportable, as where the testing extra is not installed.
+_WITHOUT_PYTEST_ASYNCIO = textwrap.dedent(
+    """
+    import sys
+    from importlib.abc import MetaPathFinder
+
+    class Uninstalled(MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] == "pytest_asyncio":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    sys.meta_path.insert(0, Uninstalled())
+    import pytest
+
+    sys.exit(pytest.main(sys.argv[1:]))
+    """
+)
+
+_PLUGIN_USER_TESTS = textwrap.dedent(
+    """
+    import sys
+
+    def test_the_plugin_loaded_without_pytest_asyncio():
+        assert "listener.testing.pytest_plugin" in sys.modules
+        assert "pytest_asyncio" not in sys.modules
+
+    def test_the_fixture_says_what_to_install(fake_sippet):
+        pass
+    """
+)
+
+
+def test_the_pytest_plugin_loads_without_pytest_asyncio(tmp_path: Path) -> None:
+    (tmp_path / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")
+    (tmp_path / "test_plugin_user.py").write_text(_PLUGIN_USER_TESTS, encoding="utf-8")
+    environment = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("PYTEST_ADDOPTS", "PYTEST_DISABLE_PLUGIN_AUTOLOAD", "PYTEST_PLUGINS")
+    }
+    result = subprocess.run(
+        # The distribution is still installed: keep pytest from loading its entry point, and
+        # its assertion rewriter (which would find the module) from going before the blocker.
+        [sys.executable, "-c", _WITHOUT_PYTEST_ASYNCIO, "-p", "no:asyncio", "--assert=plain"],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    out = result.stdout
+    assert result.returncode == pytest.ExitCode.TESTS_FAILED, out + result.stderr
+    assert "1 passed, 1 error" in out
+    assert (
+        "the fake_sippet fixture needs pytest-asyncio: pip install 'sippet-listener[testing]'"
+    ) in out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 import websockets
@@ -33,6 +35,31 @@ async def test_control_api_drives_the_server(
         stats = (await http.get(f"{control}/stats")).json()
     assert stats["joins"] == 2
     assert stats["sent_events"] == 1
+
+
+async def test_the_socket_speaks_v2_frames_written_out_by_hand(
+    fake: FakeSippet, http: httpx.AsyncClient
+) -> None:
+    # A bare websocket client and literal frames: neither side uses the daemon's codec.
+    minted = await http.post(
+        f"{fake.base_url}/api/realtime/session", headers={"x-api-key": fake.api_key}
+    )
+    query = f"session_token={minted.json()['token']}&vsn=2.0.0"
+    url = fake.base_url.replace("http", "ws") + f"/socket/websocket?{query}"
+    ok = '{"status":"ok","response":{}}'
+    async with websockets.connect(url) as ws, asyncio.timeout(10):
+        await ws.send('["1","1","events","phx_join",{}]')
+        assert await ws.recv() == f'["1","1","events","phx_reply",{ok}]'
+        await fake.broadcast("incoming_call", {"callUuid": "c-1", "name": "Zoë"})
+        assert (
+            await ws.recv()
+            == '[null,null,"events","incoming_call",{"callUuid":"c-1","name":"Zoë"}]'
+        )
+        await ws.send('[null,"2","phoenix","heartbeat",{}]')
+        assert await ws.recv() == f'[null,"2","phoenix","phx_reply",{ok}]'
+        await ws.send('["1","3","events","phx_leave",{}]')
+        assert await ws.recv() == f'["1","3","events","phx_reply",{ok}]'
+        assert await ws.recv() == '["1","1","events","phx_close",{}]'
 
 
 @pytest.mark.parametrize("query", ["session_token=unknown&vsn=2.0.0", "session_token=x"])

@@ -234,6 +234,18 @@ def test_evict_max_age(outbox: Outbox) -> None:
     assert outbox.stats(T0 + 12)[0].pending == 2
 
 
+def test_claim_enforces_the_bound_then_returns_due_rows_and_the_next_due(outbox: Outbox) -> None:
+    """One call per claim: the bound first (sparing rows in flight), then what to attempt."""
+    outbox.add([new(0), new(1), new(2), new(3, due=T0 + 5), new(4, due=T0 + 9)])
+    unbounded = outbox.claim("a", T0, 1, exclude={"msg_1"})
+    assert (ids(unbounded.rows), unbounded.evicted) == (["msg_0"], {})
+    claim = outbox.claim("a", T0, 1, exclude={"msg_1"}, max_pending=4)
+    assert claim.evicted == {"max_pending": 1}
+    assert ids(outbox.dead_letters()) == ["msg_0"]
+    assert ids(claim.rows) == ["msg_2"]
+    assert claim.next_due == T0 + 5
+
+
 def test_stats_lists_named_and_stored_destinations(outbox: Outbox) -> None:
     """Stats cover configured names without rows and stored names not configured."""
     outbox.add([new(1, "stored")])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -20,6 +22,7 @@ from listener.realtime.protocol import (
     JoinState,
     LeaveOk,
     Message,
+    ProtocolEvent,
     decode,
     encode,
 )
@@ -152,6 +155,35 @@ def test_binary_frames_are_decoded() -> None:
     assert (frame.event, frame.ref, frame.payload["status"]) == ("phx_reply", "4", "ok")
 
 
+def test_frames_match_the_v2_wire_format_written_out_by_hand() -> None:
+    # Literal frames, not built with this package's encoder: a codec bug cannot cancel out.
+    channel = ChannelProtocol("events", {"token": "t"})
+    assert channel.join() == '["1","1","events","phx_join",{"token":"t"}]'
+    assert channel.receive('["1","1","events","phx_reply",{"status":"ok","response":{"k":1}}]') == [
+        JoinOk({"k": 1})
+    ]
+    assert channel.heartbeat(now=4.0) == '[null,"2","phoenix","heartbeat",{}]'
+    assert channel.receive('[null,"2","phoenix","phx_reply",{"status":"ok","response":{}}]') == [
+        HeartbeatReply(4.0, ok=True)
+    ]
+    broadcast = '[null,null,"events","incoming_call",{"callUuid":"c-1","n":[1,2.5,null,true]}]'
+    assert channel.receive(broadcast) == [
+        Message("incoming_call", {"callUuid": "c-1", "n": [1, 2.5, None, True]})
+    ]
+    # Phoenix's JSON encoder writes UTF-8 as is; other servers escape it.
+    assert channel.receive('[null,null,"events","x",{"name":"Zoë","alt":"Zo\\u00eb"}]') == [
+        Message("x", {"name": "Zoë", "alt": "Zoë"})
+    ]
+    assert channel.receive('["1",null,"events","call_ended",{}]') == [Message("call_ended", {})]
+    assert channel.leave() == '["1","3","events","phx_leave",{}]'
+    assert channel.receive('["1","3","events","phx_reply",{"status":"ok","response":{}}]') == [
+        LeaveOk()
+    ]
+    assert (
+        encode(None, None, "events", "e", {"a": "é"}) == '[null,null,"events","e",{"a":"\\u00e9"}]'
+    )
+
+
 def test_encode_round_trips() -> None:
     text = encode(None, "5", "events", "x", {"a": [1, 2]})
     frame = decode(text)
@@ -219,3 +251,82 @@ def test_known_malformed_frames(data: str | bytes) -> None:
 def test_malformed_broadcasts_on_our_topic_are_refused(data: str) -> None:
     with pytest.raises(RemoteProtocolError):
         joined_channel().receive(data)
+
+
+def test_a_broadcast_on_our_topic_skips_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    channel = joined_channel()
+
+    def general(self: ChannelProtocol, frame: object) -> list[ProtocolEvent]:
+        raise AssertionError("the general path was taken")
+
+    monkeypatch.setattr(ChannelProtocol, "_receive_frame", general)
+    assert channel.receive('[null,null,"events","incoming_call",{}]') == [
+        Message("incoming_call", {})
+    ]
+    assert channel.receive('[null,"7","events","x",{"a":1},"extra"]') == [Message("x", {"a": 1})]
+
+
+# The channel under test is in one of these states when the frame arrives.
+def _joined_with_heartbeat_pending() -> ChannelProtocol:
+    channel = joined_channel()
+    channel.heartbeat(now=1.0)  # ref "2"
+    return channel
+
+
+def _leaving() -> ChannelProtocol:
+    channel = joined_channel()
+    channel.leave()  # ref "2"
+    return channel
+
+
+def _joining() -> ChannelProtocol:
+    channel = ChannelProtocol("events")
+    channel.join()  # ref "1"
+    return channel
+
+
+_CHANNELS: dict[str, Callable[[], ChannelProtocol]] = {
+    "joined": joined_channel,
+    "heartbeat pending": _joined_with_heartbeat_pending,
+    "leaving": _leaving,
+    "joining": _joining,
+}
+_refs = st.one_of(
+    st.none(),
+    st.sampled_from(["1", "2", "99", ""]),
+    st.integers(-1, 3),
+    st.sampled_from([True, 1.5, {}]),
+)
+_replies = st.fixed_dictionaries(
+    {"status": st.sampled_from(["ok", "error", None])},
+    optional={"response": json_values},
+)
+_frames = st.tuples(
+    _refs,
+    _refs,
+    st.sampled_from(["events", "other", "phoenix", "Events"]),
+    st.one_of(
+        st.sampled_from(
+            ["phx_join", "phx_leave", "phx_reply", "phx_error", "phx_close", "heartbeat"]
+        ),
+        st.text(max_size=12),
+    ),
+    st.one_of(st.dictionaries(st.text(max_size=8), json_values, max_size=4), _replies, json_values),
+    st.lists(json_values, max_size=2),
+).map(lambda parts: json.dumps([*parts[:5], *parts[5]]))
+
+
+def _outcome(channel: ChannelProtocol, feed: Callable[[], list[ProtocolEvent]]) -> tuple[Any, ...]:
+    try:
+        events: Any = feed()
+    except RemoteProtocolError:
+        events = RemoteProtocolError
+    return events, channel.state, channel.join_ref, channel.heartbeat_pending
+
+
+@given(state=st.sampled_from(sorted(_CHANNELS)), text=_frames)
+def test_the_broadcast_fast_path_agrees_with_the_general_path(state: str, text: str) -> None:
+    fast, general = _CHANNELS[state](), _CHANNELS[state]()
+    assert _outcome(fast, lambda: fast.receive(text)) == _outcome(
+        general, lambda: general._receive_frame(decode(text))
+    )

@@ -248,6 +248,17 @@ async def test_retry_after_is_honoured_up_to_its_cap(fake: FakeSippet) -> None:
     assert 0.4 <= elapsed < 0.9
 
 
+async def test_retry_after_is_honoured_on_every_retryable_status(fake: FakeSippet) -> None:
+    """One rule for all of them: a 502 that asks for a wait gets it (up to the cap)."""
+    fake.script_rpc(status=502, body={}, headers={"retry-after": "120"})
+    async with _client(fake.base_url, backoff_max=0.05) as rpc_client:
+        started = time.monotonic()
+        await rpc_client.run("list_contacts", fields=["id"])
+        elapsed = time.monotonic() - started
+    assert len(fake.rpc_requests) == 2
+    assert 0.2 <= elapsed < 0.6
+
+
 async def test_retries_stop_after_max_attempts(fake: FakeSippet, client: RpcClient) -> None:
     """When every attempt fails the caller sees the last error."""
     for _ in range(3):

@@ -9,8 +9,13 @@ import time
 import pytest
 
 from listener.core import metrics
-from listener.realtime.session import Session
+from listener.core.errors import AuthError, LinkError, MintError
+from listener.core.retry import NO_DELAY, BackoffPolicy
+from listener.realtime.session import Decision, Failure, Session, SessionSettings, classify
+from listener.service.config import parse_settings
+from listener.service.daemon import session_settings
 from listener.testing import FakeSippet
+from listener.testing.harness import running_daemon
 from listener.testing.traffic import call_payload
 from tests.conftest import MS, RunSession
 
@@ -99,7 +104,7 @@ async def test_silent_heartbeats_are_detected_and_the_link_replaced(
 async def test_a_403_storm_is_paced_by_the_backoff(
     fake: FakeSippet, run_session: RunSession
 ) -> None:
-    async with run_session(backoff_initial=40 * MS, backoff_max=320 * MS) as _:
+    async with run_session(backoff=BackoffPolicy(initial=40 * MS, cap=320 * MS)) as _:
         fake.behaviour.upgrade_status = 403
         storm_started = time.time()
         await fake.drop_all()
@@ -108,9 +113,9 @@ async def test_a_403_storm_is_paced_by_the_backoff(
         await fake.wait_until(lambda: fake.joins >= 2)
     refused = [u.at for u in fake.upgrades if u.status == 403 and u.at >= storm_started]
     gaps = [b - a for a, b in itertools.pairwise(refused)]
-    # Nominal schedule after the immediate re-mint: 0, 40, 80, 160, 320, 320 ... ms, each
-    # jittered down by at most half. The first auth failure retries at once, once.
-    nominal = [0.0, 0.04, 0.08, 0.16, 0.32, 0.32]
+    # The drop took the schedule's first (immediate) step, the first refusal its second, at
+    # once with a fresh token; then 80, 160, 320, 320 ... ms, each jittered down by at most half.
+    nominal = [0.0, 0.08, 0.16, 0.32, 0.32]
     for gap, expected in zip(gaps, nominal, strict=False):
         assert gap >= expected * 0.5 - 0.005, (gaps, nominal)
     assert sum(1 for gap in gaps if gap < 0.015) <= 2, gaps
@@ -138,7 +143,7 @@ async def test_malformed_frames_amid_events_lose_nothing(
 async def test_revoked_key_then_restored_recovers_without_restart(
     fake: FakeSippet, run_session: RunSession
 ) -> None:
-    async with run_session() as (session, events):
+    async with run_session(backoff=NO_DELAY) as (session, events):
         fake.revoke_key()
         await fake.drop_all()
         await fake.wait_until(lambda: fake.mint_refusals >= 3)
@@ -150,10 +155,8 @@ async def test_revoked_key_then_restored_recovers_without_restart(
     assert events.payloads("seq") == [7]
 
 
-async def test_refused_join_re_mints_then_backs_off(
-    fake: FakeSippet, run_session: RunSession
-) -> None:
-    async with run_session() as (session, _):
+async def test_every_refused_join_re_mints(fake: FakeSippet, run_session: RunSession) -> None:
+    async with run_session(backoff=NO_DELAY) as (session, _):
         fake.behaviour.refuse_joins = True
         mints_before = fake.mints
         await fake.drop_all()
@@ -180,9 +183,9 @@ async def test_unsolicited_channel_close_rejoins_with_a_fresh_token(
 async def test_server_restart_is_rejoined_at_once(
     fake: FakeSippet, run_session: RunSession
 ) -> None:
-    async with run_session(backoff_initial=5.0) as (session, _):
+    async with run_session(backoff=BackoffPolicy(initial=5.0)) as (session, _):
         await fake.drop_all(code=1012)
-        # backoff_initial is 5 s: only the immediate first retry can rejoin this fast.
+        # The backoff starts at 5 s: only the immediate first retry can rejoin this fast.
         await rejoined(fake, session, 2, timeout=3)
         # The token is still good: no re-mint for a plain restart.
         assert fake.mints == 1
@@ -191,10 +194,8 @@ async def test_server_restart_is_rejoined_at_once(
 async def test_a_failing_link_is_not_hammered_when_the_server_drops_every_join(
     fake: FakeSippet, run_session: RunSession
 ) -> None:
-    async with run_session(backoff_initial=50 * MS, backoff_max=200 * MS, stable_after=60.0) as (
-        session,
-        _,
-    ):
+    backoff = BackoffPolicy(initial=50 * MS, cap=200 * MS)
+    async with run_session(backoff=backoff, stable_after=60.0) as (session, _):
         for joins in range(1, 6):
             await rejoined(fake, session, joins)
             await fake.drop_all()
@@ -203,6 +204,22 @@ async def test_a_failing_link_is_not_hammered_when_the_server_drops_every_join(
     # Reconnects are paced although each one joined: joining is not "stable".
     assert session.reconnects == 5
     assert session._backoff.attempt >= 5
+
+
+async def test_a_deaf_link_does_not_prove_healthy_however_long_it_stayed_joined(
+    fake: FakeSippet, run_session: RunSession
+) -> None:
+    """Each link lives about two heartbeat intervals, longer than stable_after, but none of
+    its heartbeats was answered: no reset, the backoff keeps climbing."""
+    fake.behaviour.answer_heartbeats = False
+    backoff = BackoffPolicy(initial=10 * MS, cap=50 * MS)
+    async with run_session(heartbeat_interval=0.2, stable_after=0.3, backoff=backoff) as (
+        session,
+        _,
+    ):
+        await rejoined(fake, session, 4)
+    assert session.reconnects == 3
+    assert session._backoff.attempt == 3
 
 
 async def test_large_events_are_received(fake: FakeSippet, run_session: RunSession) -> None:
@@ -219,3 +236,151 @@ async def test_stop_leaves_the_channel(fake: FakeSippet, run_session: RunSession
     async with run_session():
         assert fake.joined_sockets == 1
     await fake.wait_until(lambda: fake.stats()["sockets"] == 0)
+
+
+def test_the_config_defaults_are_the_session_defaults() -> None:
+    sippet = parse_settings({}).sippet
+    assert session_settings(sippet) == SessionSettings(sippet.base_url)
+
+
+BACK_OFF = Decision()
+REMINT = Decision(drop_token=True)
+REMINT_AT_ONCE = Decision(drop_token=True, at_once=True)
+
+
+@pytest.mark.parametrize(
+    ("failure", "remaining", "refusals", "expected"),
+    [
+        # The token refused, in every way the server says it: a fresh one, at once the first
+        # time in a row, then on the backoff; a Retry-After still holds.
+        (LinkError("upgrade_refused", status=403), 200.0, 0, REMINT_AT_ONCE),
+        (LinkError("upgrade_refused", status=401), 200.0, 1, REMINT),
+        (
+            LinkError("upgrade_refused", status=403, retry_after=3.0),
+            200.0,
+            0,
+            Decision(drop_token=True, at_once=True, retry_after=3.0),
+        ),
+        (LinkError("join_refused", "unauthorized"), 200.0, 0, REMINT_AT_ONCE),
+        (LinkError("channel_closed"), 200.0, 2, REMINT),
+        (LinkError("server_closed", close_code=1008), 200.0, 0, REMINT_AT_ONCE),
+        # A server close as the token runs out is the token running out.
+        (LinkError("server_closed", close_code=1001), 1.0, 0, REMINT_AT_ONCE),
+        # Anything else keeps the token and backs off.
+        (LinkError("server_closed", close_code=1012), 200.0, 0, BACK_OFF),
+        (LinkError("server_closed", close_code=1001), None, 0, BACK_OFF),
+        (
+            LinkError("upgrade_refused", status=429, retry_after=7.0),
+            200.0,
+            0,
+            Decision(retry_after=7.0),
+        ),
+        (LinkError("upgrade_refused", status=503), 200.0, 0, BACK_OFF),
+        (LinkError("heartbeat_timeout"), 200.0, 0, BACK_OFF),
+        (LinkError("connect_failed", "OSError"), 200.0, 0, BACK_OFF),
+        (LinkError("join_timeout"), 200.0, 0, BACK_OFF),
+        # A refused key cannot be hurried; a failed mint honours its Retry-After.
+        (AuthError(401), None, 0, BACK_OFF),
+        (MintError("session mint failed: HTTP 503"), None, 0, BACK_OFF),
+        (
+            MintError("session mint failed: HTTP 429", retry_after=5.0),
+            None,
+            0,
+            Decision(retry_after=5.0),
+        ),
+    ],
+)
+def test_classify(
+    failure: Failure, remaining: float | None, refusals: int, expected: Decision
+) -> None:
+    assert classify(failure, token_remaining=remaining, refusals=refusals) == expected
+
+
+def test_classify_starts_over_only_after_a_healthy_link() -> None:
+    for failure in (LinkError("heartbeat_timeout"), LinkError("channel_closed")):
+        healthy = classify(failure, token_remaining=200.0, refusals=0, proved_healthy=True)
+        assert healthy.start_over
+        assert not classify(failure, token_remaining=200.0, refusals=0).start_over
+
+
+HEARTBEAT = 0.2
+# Fault windows (refusals, mint outage), in seconds.
+WINDOW = 0.8
+
+
+async def test_faults_every_second_are_ridden_out_without_backoff_creep(fake: FakeSippet) -> None:
+    """The daemon against a fake that fails every second or so, in turn: drops, a window of
+    refused upgrades, a mint outage, a silent server. Each fault comes after the link proved
+    healthy, so each is retried from the shortest delay: the delays a refusal window climbed
+    to must not carry over to the next fault. All times are the server's records."""
+    sippet = {
+        "heartbeat_interval": HEARTBEAT,
+        "stable_after": 2 * HEARTBEAT,
+        "backoff_initial": 0.05,
+        "backoff_max": 3.0,
+    }
+    rejoin: dict[str, float] = {}
+
+    async def prove_healthy() -> None:
+        # Three heartbeats answered after the join: a link's worth of health.
+        seen = fake.heartbeats
+        await fake.wait_until(lambda: fake.heartbeats >= seen + 3)
+
+    async def joined_after(joins: int) -> float:
+        await fake.wait_until(lambda: fake.joins > joins)
+        return fake.join_times[joins]
+
+    async def drop(name: str) -> None:
+        await prove_healthy()
+        joins, began = fake.joins, time.time()
+        await fake.drop_all()
+        rejoin[name] = await joined_after(joins) - began
+
+    async with running_daemon(fake, [], sippet=sippet):
+        await drop("drop 1")
+
+        await prove_healthy()
+        joins, began = fake.joins, time.time()
+        fake.behaviour.upgrade_status = 403
+        await fake.drop_all()
+        await asyncio.sleep(WINDOW)
+        fake.behaviour.upgrade_status = None
+        ended = time.time()
+        rejoin["after refusals"] = await joined_after(joins) - ended
+        refused = sum(1 for u in fake.upgrades if u.status == 403 and began <= u.at <= ended)
+
+        await drop("drop 2")
+
+        await prove_healthy()
+        joins, failed_before = fake.joins, fake.mint_refusals
+        fake.behaviour.mint_failures = 1_000_000
+        await fake.close_channels()
+        await asyncio.sleep(WINDOW)
+        fake.behaviour.mint_failures = 0
+        ended = time.time()
+        rejoin["after mint outage"] = await joined_after(joins) - ended
+        failed_mints = fake.mint_refusals - failed_before
+
+        await prove_healthy()
+        joins, began = fake.joins, time.time()
+        fake.behaviour.answer_heartbeats = False
+        rejoined_at = await joined_after(joins)
+        fake.behaviour.answer_heartbeats = True
+        rejoin["after silence"] = rejoined_at - began
+
+        await drop("drop 3")
+
+    print("rejoined (s):", {name: round(delay, 3) for name, delay in rejoin.items()})
+    print("attempts in the windows: refused upgrades", refused, "failed mints", failed_mints)
+    # Drops after refusal and outage windows are retried at once, like the first one: no
+    # creep. (The climbed-to delay would be 0.4 s or more by then.)
+    assert all(rejoin[name] < 0.25 for name in ("drop 1", "drop 2", "drop 3")), rejoin
+    assert rejoin["after refusals"] < 3.0, rejoin
+    assert rejoin["after mint outage"] < 3.0, rejoin
+    # Declared dead within two heartbeat intervals (the protocol's bound); the rest is the
+    # reconnect itself.
+    assert rejoin["after silence"] < 2 * HEARTBEAT + 0.1, rejoin
+    # The windows were paced by the backoff (not hammered), and retried all along; each
+    # supervisor attempt is one mint request.
+    assert 3 <= refused <= 12, refused
+    assert 3 <= failed_mints <= 12, failed_mints

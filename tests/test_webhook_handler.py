@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from standardwebhooks.webhooks import Webhook
@@ -17,6 +19,9 @@ from listener.core.errors import ConfigError
 from listener.dispatch.loader import load_handler
 from listener.testing import FakeSippet, running_daemon, settle
 from listener.testing.receiver import WebhookReceiver
+from listener.webhooks.config import WebhookConfig
+from listener.webhooks.destination import Destination
+from listener.webhooks.handler import OutboxFile, outbox_files
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 OLD_SECRET = "whsec_dGhlIG9sZCBzZWNyZXQgc3RpbGwgdmFsaWQ="
@@ -91,6 +96,99 @@ def test_config_errors_name_the_key() -> None:
             "handlers[0]",
         )
     assert "either url" in caught.value.problem
+
+
+_SHARED_KEYS = [
+    ({"url": "ftp://example.com/"}, "url"),
+    ({"url": "/relative"}, "url"),
+    ({"secret": []}, "secret"),
+    ({"secret": [SECRET, "whsec_"]}, "secret"),
+    ({"secret_file": "/nonexistent/crm.whsec"}, "secret_file"),
+    ({"headers": {"Webhook-Signature": "x"}}, "headers"),
+    ({"request_timeout": 0}, "request_timeout"),
+    ({"request_timeout": math.inf}, "request_timeout"),
+    ({"retry_schedule": []}, "retry_schedule"),
+    ({"retry_schedule": [0, -1]}, "retry_schedule"),
+    ({"retry_schedule": [0, math.nan]}, "retry_schedule"),
+    ({"ordering": "fifo"}, "ordering"),
+    ({"max_in_flight": 0}, "max_in_flight"),
+    ({"max_pending": 0}, "max_pending"),
+    ({"max_age": 0}, "max_age"),
+]
+
+
+@pytest.mark.parametrize(("change", "key"), _SHARED_KEYS)
+@pytest.mark.parametrize("form", ["url", "destinations"])
+def test_every_invalid_key_is_named_where_it_is_written(
+    change: dict[str, Any], key: str, form: str
+) -> None:
+    """Each bad setting stops loading with its own key, in either form, and never its secret."""
+    table = {"url": "https://example.com/hook", "secret": SECRET, **change}
+    if form == "url":
+        entry, where = {"use": "webhook", **table}, "handlers[3]"
+    else:
+        entry = {"use": "webhook", "destinations": [{"name": "a", **table}]}
+        where = "handlers[3].destinations[0]"
+    with pytest.raises(ConfigError) as caught:
+        load_handler(entry, "handlers[3]")
+    assert caught.value.key == f"{where}.{key}"
+    assert SECRET not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("destinations", "key", "problem"),
+    [
+        ([{"name": "a", "events": []}], "destinations[0].events", "at least one glob"),
+        ([{"name": "bad name"}], "destinations[0].name", "pattern"),
+        ([{"name": "a"}, {"name": "a"}], "destinations", "duplicate destination names: a"),
+    ],
+)
+def test_destination_table_keys_are_named(
+    destinations: list[dict[str, Any]], key: str, problem: str
+) -> None:
+    tables = [{"url": "https://example.com/", "secret": SECRET, **item} for item in destinations]
+    with pytest.raises(ConfigError) as caught:
+        load_handler({"use": "webhook", "destinations": tables}, "handlers[1]")
+    assert caught.value.key == f"handlers[1].{key}"
+    assert problem in caught.value.problem
+
+
+def test_validated_settings_become_destinations_with_the_same_defaults(tmp_path: Path) -> None:
+    """A table with only the required keys gives a Destination with its own defaults; a
+    secret file holds one secret per line during a rotation."""
+    secret_file = tmp_path / "crm.whsec"
+    secret_file.write_text(f"{SECRET}\n{OLD_SECRET}\n")
+    config = WebhookConfig.model_validate(
+        {"url": "https://example.com/", "secret_file": str(secret_file)}
+    )
+    [hook] = config.build("crm", config.signing_secrets())
+    assert hook == Destination("crm", "https://example.com/", (SECRET, OLD_SECRET))
+    with pytest.raises(ConfigError) as caught:
+        config.build("my crm", config.signing_secrets())
+    assert caught.value.key == "name"
+
+
+def test_outbox_files_are_named_as_the_daemon_names_them(tmp_path: Path) -> None:
+    """The CLI's view of the outboxes, without reading a secret."""
+    single = {"use": "webhook", "url": "https://example.com/", "secret": SECRET}
+    fanout = {
+        "use": "webhook",
+        "name": "fanout",
+        "events": ["call_*"],
+        "destinations": [
+            {"name": "a", "url": "https://a.example/", "secret_file": "/not/read.whsec"},
+            {"name": "b", "url": "https://b.example/", "secret": SECRET},
+        ],
+    }
+    files = outbox_files([{"use": "log"}, single, fanout], tmp_path)
+    assert files == [
+        OutboxFile(tmp_path / "webhooks-webhook.sqlite3", ("webhook",)),
+        OutboxFile(tmp_path / "webhooks-fanout.sqlite3", ("a", "b")),
+    ]
+    assert load_handler(single, "handlers[1]").settings.name == "webhook"
+    with pytest.raises(ConfigError) as caught:
+        outbox_files([{"use": "webhook", "url": "ftp://x", "secret": SECRET}], tmp_path)
+    assert caught.value.key == "handlers[0].url"
 
 
 def config_text(

@@ -9,7 +9,7 @@ The tree::
     │   └── RemoteProtocolError      the server sent a frame we cannot read
     ├── TokenError
     │   ├── AuthError                the secret key was refused (HTTP 401/403)
-    │   └── MintError                minting failed after retries (network, 5xx, 429)
+    │   └── MintError                minting failed (network, 5xx, 429, unusable answer)
     ├── LinkError                    the realtime link failed; ``reason`` says how
     ├── RpcError                     an RPC call failed before or at the HTTP layer
     │   ├── RpcInputError            the request was rejected locally, before sending
@@ -81,15 +81,24 @@ class AuthError(TokenError):
 
 
 class MintError(TokenError):
-    """Minting failed after its retries (network error, HTTP 5xx or 429)."""
+    """Minting failed (network error, HTTP 5xx or 429, or an unusable answer).
+
+    ``retry_after`` is the server's ``Retry-After``, in seconds, when it sent one.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class LinkError(ListenerError):
     """The realtime link failed.
 
     ``reason`` is a short machine-readable word (``upgrade_refused``, ``join_refused``,
-    ``channel_closed``, ``heartbeat_timeout``, ...) used for metrics and the reconnect policy;
-    ``auth`` says whether the failure looks like the token was refused, so a fresh one is needed.
+    ``channel_closed``, ``server_closed``, ``heartbeat_timeout``, ...) used for metrics. The
+    other attributes are what the server said, when it said it: ``status`` of a refused
+    upgrade, ``close_code`` of a server close, ``retry_after`` from a ``Retry-After`` header.
+    Which of these mean "the token was refused" is the session's call, not the link's.
     """
 
     def __init__(
@@ -97,13 +106,15 @@ class LinkError(ListenerError):
         reason: str,
         detail: str = "",
         *,
-        auth: bool = False,
+        status: int | None = None,
+        close_code: int | None = None,
         retry_after: float | None = None,
     ) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
-        self.auth = auth
+        self.status = status
+        self.close_code = close_code
         self.retry_after = retry_after
 
 

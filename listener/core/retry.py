@@ -4,12 +4,14 @@ Every client of the daemon (token minting, the session supervisor, RPC, webhook 
 this module, so a rule changes in one place:
 
 - :data:`AUTH_STATUSES` are refusals of our credentials: never retried blindly.
-- :data:`RETRYABLE_STATUSES` are the server saying "not now" (429, 502, 503, 504, and any
-  other 5xx where :func:`is_retryable_status` says so): retried after a wait.
-- :func:`retry_after_seconds` reads a ``Retry-After`` header (both RFC 9110 forms), and
-  :func:`honour_retry_after` applies it as a **lower bound** on the wait, capped at
-  :data:`RETRY_AFTER_CAP`: a server may slow us down, never park us for hours, and never
-  hurry us past our own backoff.
+- :data:`RETRYABLE_STATUSES` are the server saying "not now" (429, 502, 503, 504): retried
+  after a wait. :func:`is_retryable_status` also counts any other 5xx, for requests worth
+  another try after a server error (a token mint); where a 500 is an answer that resending
+  would repeat (an RPC action), only the set is retried.
+- :func:`retry_after_seconds` reads a ``Retry-After`` header (both RFC 9110 forms), wherever a
+  retryable answer carries one, and :func:`honour_retry_after` applies it as a **lower
+  bound** on the wait, capped (at :data:`RETRY_AFTER_CAP` unless the caller says less): a
+  server may slow us down, never park us for hours, and never hurry us past our own backoff.
 - :class:`Backoff` is the pure schedule (no sleeping here: the caller sleeps, so tests inject
   :data:`NO_DELAY` and wait on events instead of the clock).
 - :class:`TenacityWait` adapts a :class:`BackoffPolicy` to tenacity for request-level retries.

@@ -22,23 +22,23 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 
 from listener.core import metrics
 from listener.core.events import Event
-from listener.dispatch.handler import Context, Handler
+from listener.dispatch.handler import Context, Handler, OnFull
 
 __all__ = ["DispatchReport", "Dispatcher", "HandlerRunner", "RunnerSettings"]
 
 _log = structlog.get_logger(__name__)
-OnFull = Literal["wait", "drop"]
 
 
 @dataclass(frozen=True, slots=True)
 class RunnerSettings:
-    """How one handler is fed.
+    """How one handler is fed. Its defaults are the dispatcher's, the only place they are
+    written: a handler's declared policy and its ``[[handlers]]`` table override them.
 
     Attributes:
         name: the handler's name in logs and metrics.
@@ -235,10 +235,11 @@ class HandlerRunner:
 
     async def _invoke(self, event: Event, deadline: _Deadline) -> None:
         started = time.perf_counter()
+        context = self.context.for_event(event)
         deadline.arm(self.settings.timeout)
         failure: Exception | None = None
         try:
-            await self.handler.handle(event, self.context.for_event(event))
+            await self.handler.handle(event, context)
         except asyncio.CancelledError:
             if not deadline.disarm():
                 raise
@@ -253,6 +254,7 @@ class HandlerRunner:
         self._outcomes[outcome].value += 1
         if outcome == "timeout":
             self._report("warning", "handler timed out", event, timeout=self.settings.timeout)
+            failure = TimeoutError(f"handler timed out after {self.settings.timeout}s")
         elif failure is not None:
             self._report(
                 "error",
@@ -260,6 +262,23 @@ class HandlerRunner:
                 event,
                 error=f"{type(failure).__name__}: {failure}",
                 exc_info=failure,
+            )
+        if failure is not None:
+            await self._tell_error_hook(event, failure, context)
+
+    async def _tell_error_hook(self, event: Event, error: Exception, context: Context) -> None:
+        # Failures only, so asyncio.timeout's timer per call (see _Deadline) costs nothing
+        # here; a hook that alerts over the network gets the handler's timeout.
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                await self.handler.on_error(event, error, context)
+        except Exception as exc:
+            self._report(
+                "error",
+                "handler error hook failed",
+                event,
+                error=f"{type(exc).__name__}: {exc}",
+                exc_info=exc,
             )
 
     def _report(self, level: str, message: str, event: Event, **fields: Any) -> None:

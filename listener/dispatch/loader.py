@@ -8,14 +8,22 @@
 3. ``package.module:attribute``.
 
 The attribute may be a :class:`~listener.Handler` subclass (instantiated with its
-validated ``Config``), a handler made with :func:`~listener.handler`, or a plain async
-function. Every failure is a :class:`~listener.HandlerLoadError` or
+validated settings model), a handler made with :func:`~listener.handler` (copied), or a plain
+async function. Each table gets an instance of its own, so one attribute may serve several
+tables under different names, and a reload never sets up or tears down a running instance.
+
+The dispatcher's policy (``timeout``, ``concurrency``, ...) is what the table says, else what
+the handler declares in code, else :class:`~listener.dispatch.dispatcher.RunnerSettings`'
+default.
+
+Every failure is a :class:`~listener.HandlerLoadError` or
 :class:`~listener.ConfigError` naming the handler and the key: start-up stops with exit
 code 78 and one line, never a traceback.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib
 import inspect
@@ -31,7 +39,14 @@ from listener.core.validation import format_validation_error
 from listener.dispatch.dispatcher import RunnerSettings
 from listener.dispatch.handler import FunctionHandler, Handler
 
-__all__ = ["BUILTINS", "ENTRY_POINT_GROUP", "LoadedHandler", "load_handler", "load_handlers"]
+__all__ = [
+    "BUILTINS",
+    "ENTRY_POINT_GROUP",
+    "LoadedHandler",
+    "load_handler",
+    "load_handlers",
+    "loaded_instance",
+]
 
 ENTRY_POINT_GROUP = "sippet_listener.handlers"
 BUILTINS: Mapping[str, str] = {
@@ -41,21 +56,30 @@ BUILTINS: Mapping[str, str] = {
 }
 
 
-class _DispatchOptions(BaseModel):
-    """The keys of a ``[[handlers]]`` table that belong to the dispatcher, not the handler."""
+class _Policy(BaseModel):
+    """The dispatcher's knobs for one handler, as a table or the handler's code gives them.
+
+    None: not given here. The defaults are RunnerSettings' own, so they are written once.
+    """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
+
+    timeout: float | None = Field(default=None, gt=0)
+    concurrency: int | None = Field(default=None, ge=1)
+    queue_size: int | None = Field(default=None, ge=1)
+    queue_bytes: int | None = Field(default=None, ge=1024)
+    on_full: str | None = Field(default=None, pattern="^(wait|drop)$")
+
+
+class _DispatchOptions(_Policy):
+    """The keys of a ``[[handlers]]`` table that belong to the dispatcher, not the handler."""
 
     use: str
     name: str | None = None
     events: list[str] | None = None
-    timeout: float = Field(default=30.0, gt=0)
-    concurrency: int = Field(default=8, ge=1)
-    queue_size: int = Field(default=10_000, ge=1)
-    queue_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
-    on_full: str = Field(default="wait", pattern="^(wait|drop)$")
 
 
+_POLICY_KEYS = frozenset(_Policy.model_fields)
 _DISPATCH_KEYS = frozenset(_DispatchOptions.model_fields)
 
 
@@ -105,19 +129,39 @@ def load_handler(entry: Mapping[str, Any], key: str) -> LoadedHandler:
     section = {name: value for name, value in entry.items() if name not in _DISPATCH_KEYS}
     handler = _build(target, section, options.use, key)
     name = options.name or handler.name or options.use
-    # The instance answers to its configured name from now on (logs, outbox file names).
+    # The instance is this table's own: it answers to the table's name (logs, outbox files).
     handler.name = name
-    events = options.events if options.events is not None else list(handler.events)
-    settings = RunnerSettings(
-        name=name,
-        events=tuple(events),
-        timeout=options.timeout,
-        concurrency=options.concurrency,
-        queue_size=options.queue_size,
-        queue_bytes=options.queue_bytes,
-        on_full="drop" if options.on_full == "drop" else "wait",
-    )
+    events = options.events if options.events is not None else handler.events
+    settings = _settings(handler, name, events, options, options.use)
     return LoadedHandler(handler, settings, dict(entry))
+
+
+def loaded_instance(handler: Handler) -> LoadedHandler:
+    """A handler built in code (tests, harnesses), fed as it declares.
+
+    Raises:
+        HandlerLoadError: it declares a policy value the dispatcher cannot take.
+    """
+    name = handler.name or type(handler).__name__.lower()
+    return LoadedHandler(handler, _settings(handler, name, handler.events, _Policy(), name))
+
+
+def _settings(
+    handler: Handler, name: str, events: Sequence[str], table: _Policy, use: str
+) -> RunnerSettings:
+    """The runner's settings: the table's policy over the handler's, over the defaults."""
+    try:
+        declared = _Policy.model_validate({key: getattr(handler, key) for key in _POLICY_KEYS})
+    except ValidationError as exc:
+        field, problem = format_validation_error(exc, _Policy)
+        raise HandlerLoadError(
+            use, f"declares {field} = {getattr(handler, field)!r}: {problem}"
+        ) from None
+    policy = {
+        **declared.model_dump(exclude_none=True),
+        **table.model_dump(include=set(_POLICY_KEYS), exclude_none=True),
+    }
+    return RunnerSettings(name=name, events=tuple(events), **policy)
 
 
 def _resolve(use: str) -> object:
@@ -166,7 +210,8 @@ def _build(target: object, section: dict[str, Any], use: str, key: str) -> Handl
         return _instantiate(target, section, use, key)
     if isinstance(target, Handler):
         _no_settings(section, use, key)
-        return target
+        # A module-level handler may serve several tables: each table gets a copy.
+        return copy.copy(target)
     if inspect.iscoroutinefunction(target):
         _no_settings(section, use, key)
         name = getattr(target, "__name__", use)

@@ -3,7 +3,9 @@
 A :class:`Connection` connects, joins, reads, answers nothing and heartbeats on a fixed
 schedule (never reset by incoming traffic, which would starve heartbeats on a busy channel).
 It owns its clock; the protocol core owns the rules. However it ends, :meth:`wait_closed`
-returns a :class:`~listener.LinkError` saying why, for the session to act on.
+returns a :class:`~listener.LinkError` saying what happened (a reason, the HTTP status of a
+refused upgrade, the server's close code): facts only. What they mean for the token and the
+next attempt is decided by the session, in one place.
 """
 
 from __future__ import annotations
@@ -43,8 +45,6 @@ __all__ = ["Connection", "EventSink", "LinkSettings"]
 EventSink = Callable[[Event], Awaitable[Any] | None]
 
 _log = structlog.get_logger(__name__)
-# Statuses at upgrade that mean "this token (or key) is not accepted".
-_AUTH_STATUSES = frozenset({401, 403})
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +83,12 @@ class Connection:
             completes (back-pressure from full handler queues). It may be replaced at any time
             (the session does, during a token rotation).
         name: a short label for logs.
+
+    Attributes:
+        joined_at: when the join was accepted (monotonic clock; None before).
+        last_heartbeat_ok: when the last heartbeat reply, or the join reply, arrived.
+        answered_until: once the link has ended, the last moment the server was known to be
+            answering: the end itself, or the last heartbeat reply if it ended for want of one.
     """
 
     def __init__(
@@ -106,6 +112,7 @@ class Connection:
         self._intake_paused = False
         self.joined_at: float | None = None
         self.last_heartbeat_ok: float | None = None
+        self.answered_until: float | None = None
 
     def __repr__(self) -> str:
         return f"<Connection {self.name} {self._protocol.state.value}>"
@@ -116,11 +123,6 @@ class Connection:
         return self._joined is not None and self._joined.done() and not self.closed
 
     @property
-    def joined_for(self) -> float:
-        """Seconds since the join was accepted (0 if it was not)."""
-        return 0.0 if self.joined_at is None else time.monotonic() - self.joined_at
-
-    @property
     def closed(self) -> bool:
         """Whether the connection has ended (see :meth:`wait_closed` for why)."""
         return self._task is not None and self._task.done()
@@ -129,10 +131,9 @@ class Connection:
         """Connect and join; return once the join is accepted.
 
         Raises:
-            LinkError: the upgrade was refused (``upgrade_refused``, ``auth`` set for 401/403),
-                the connection failed (``connect_failed``), the join was refused
-                (``join_refused``, ``auth`` set) or timed out (``join_timeout``), or the link
-                ended during the join.
+            LinkError: the upgrade was refused (``upgrade_refused``, with its ``status``), the
+                connection failed (``connect_failed``), the join was refused (``join_refused``)
+                or timed out (``join_timeout``), or the link ended during the join.
         """
         self._ws = await self._connect()
         self._joined = asyncio.get_running_loop().create_future()
@@ -210,7 +211,7 @@ class Connection:
             raise LinkError(
                 "upgrade_refused",
                 f"HTTP {status}",
-                auth=status in _AUTH_STATUSES,
+                status=status,
                 retry_after=retry_after_seconds(exc.response.headers),
             ) from None
         except InvalidURI:
@@ -236,6 +237,9 @@ class Connection:
             await asyncio.wait({heartbeat})
         if self._closing and failure.reason in ("server_closed", "heartbeat_timeout"):
             failure = LinkError("closed", "closed by us")
+        # A deaf server was last heard from at its last heartbeat reply, not when we gave up.
+        deaf = failure.reason == "heartbeat_timeout"
+        self.answered_until = self.last_heartbeat_ok if deaf else time.monotonic()
         # A pending leave waited for the link to go away: it has.
         self._resolve(self._left)
         if not ws.transport.is_closing():
@@ -269,7 +273,7 @@ class Connection:
         except ConnectionClosed:
             pass
         code, reason = ws.close_code, ws.close_reason or ""
-        return LinkError("server_closed", f"code {code} {reason}".strip(), auth=code == 1008)
+        return LinkError("server_closed", f"code {code} {reason}".strip(), close_code=code)
 
     def _on_control(self, event: ProtocolEvent) -> None:
         if isinstance(event, HeartbeatReply):
@@ -280,12 +284,12 @@ class Connection:
             self._resolve(self._joined)
             self.joined_at = self.last_heartbeat_ok = time.monotonic()
         elif isinstance(event, JoinRefused):
-            raise LinkError("join_refused", _reason(event.response), auth=True)
+            raise LinkError("join_refused", _reason(event.response))
         elif isinstance(event, LeaveOk):
             self._resolve(self._left)
             raise LinkError("closed", "left")
         elif isinstance(event, ChannelClosed):
-            raise LinkError("channel_closed", "phx_close from the server", auth=True)
+            raise LinkError("channel_closed", "phx_close from the server")
         elif isinstance(event, ChannelErrored):
             raise LinkError("channel_error", _reason(event.payload))
 

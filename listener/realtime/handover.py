@@ -5,6 +5,25 @@ in the same order, for a while. Phoenix gives events no id, so the overlap is fo
 sequence alignment: the events the old socket delivered since the rotation began end with a
 run that the new socket's buffered events start with. The longest such run is the overlap;
 what follows it in the new socket's buffer is new, and only that is delivered.
+
+Identical events (same name, equal payload) are matched by position, never merged by value:
+an event that occurred twice counts twice.
+
+- Repeats heard by both sockets are delivered once per occurrence, in the old socket's order:
+  the old socket delivered each, and the overlap holds one copy of each in the new buffer.
+- A repeat heard only by the new socket (it occurred after the old socket's last event) is
+  delivered, unless it lengthens the alignment: when the new buffer up to and including it
+  equals the old socket's last events, it is taken for one of them and dropped. Dropping ``p``
+  such events needs them to repeat verbatim the last ``p`` events the old socket delivered,
+  with the overlap before them repeating at the same period (``A A | A``, ``A B | A B``). Then
+  the same two recordings come from a stream without them in which the new socket joined
+  ``p`` events earlier, and nothing here can tell which stream happened; the longest
+  alignment picks the one that doubles nothing.
+
+So: old delivered ``A``, new holds ``A A B``: ``A B`` is delivered (one ``A`` was heard by
+both, the other is new). Old delivered ``A A``, new holds ``A A B``: only ``B`` is delivered,
+though the new socket may have heard a third ``A``. No event is delivered twice; the only loss
+is such a verbatim repeat, heard by the new socket alone while its events were held back.
 """
 
 from __future__ import annotations

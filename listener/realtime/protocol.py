@@ -312,6 +312,10 @@ class ChannelProtocol:
             frame = _frame(decoded)
         else:
             frame = decode(data)
+        return self._receive_frame(frame)
+
+    def _receive_frame(self, frame: Frame) -> list[ProtocolEvent]:
+        """The general path, which the hot path above must agree with (a test holds it to)."""
         if frame.topic == self.topic:
             if frame.join_ref is not None and frame.join_ref != self.join_ref:
                 return []

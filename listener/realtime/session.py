@@ -1,20 +1,31 @@
 """The session supervisor: keeps one joined socket alive for the life of the process.
 
 Each attempt takes a token (re-minted when it is missing, refused or past its rotation
-point), builds the socket URL anew, connects and joins. Every failure is classified once,
-in :meth:`Session._after_failure`:
+point), builds the socket URL anew, connects and joins. A failure, of a mint or of a link,
+is classified in one place, the pure function :func:`classify`, into a :class:`Decision`:
 
-- auth-shaped (401/403 at upgrade, a refused join, a ``phx_close`` we did not ask for, a
-  server close once the token has expired): drop the token; the first such failure in a row
-  retries at once with a fresh token, later ones back off;
-- anything else: back off, keeping the token if it is still good.
+- the token was refused (HTTP 401/403 at upgrade, a refused join, a ``phx_close`` we did not
+  ask for, close code 1008, a server close once the token has run out): drop it; the first
+  such failure in a row retries at once with a fresh token, later ones back off;
+- the key was refused at mint (401/403), the mint failed (network, 5xx, 429), or the link
+  failed in any other way: back off, keeping the token if it is still good;
+- a ``Retry-After`` from the server is a lower bound on the wait (``listener.core.retry``).
 
-Backoff never gives up and resets only after a socket stayed joined for ``stable_after``
-seconds, so a server that accepts and then drops every socket is not hammered.
+Mints are single requests: this loop is the only retry schedule, so a mint outage is paced
+by the same backoff as everything else and ends within one delay of the server recovering.
 
-Tokens are rotated before they expire, make-before-break: at ``rotate_at`` of the TTL a new
-token is minted and a second socket joined; then the old socket leaves. Events that reach both
-sockets during the overlap are delivered once (``listener.realtime.handover``).
+The backoff starts over after a link that proved healthy: joined, with its heartbeats
+answered, for ``stable_after`` seconds (rotations do not interrupt that; a link that went
+deaf counts only up to its last answered heartbeat). Its failure is
+retried at once, and further failures climb the schedule again from the shortest delay, so a
+fault after a healthy spell never waits out the delays of earlier faults. A link that fails
+before it proved healthy does not reset anything: a server that accepts and then drops every
+socket, or keeps refusing, meets an ever longer backoff (up to its cap), never a hammering.
+
+Tokens are rotated before they expire, make-before-break: at ``rotate_at`` of the TTL (on
+the monotonic clock) a new token is minted and a second socket joined; then the old socket
+leaves. Events that reach both sockets during the overlap are delivered once
+(``listener.realtime.handover``).
 """
 
 from __future__ import annotations
@@ -31,16 +42,23 @@ import structlog
 from listener.core import metrics
 from listener.core.errors import AuthError, LinkError, MintError
 from listener.core.events import Event
-from listener.core.retry import Backoff, BackoffPolicy
+from listener.core.retry import AUTH_STATUSES, Backoff, BackoffPolicy, honour_retry_after
 from listener.realtime.connection import Connection, EventSink, LinkSettings
 from listener.realtime.handover import Handover
 from listener.realtime.tokens import SessionToken, TokenSource
 
-__all__ = ["Session", "SessionSettings", "socket_url"]
+__all__ = ["Decision", "Failure", "Session", "SessionSettings", "classify", "socket_url"]
+
+# What a mint or a link can fail with.
+Failure = AuthError | MintError | LinkError
 
 _log = structlog.get_logger(__name__)
 # A server close this close to the token's expiry is taken as the token running out.
 _EXPIRY_SKEW = 2.0
+# Close code 1008, policy violation: the server refusing what we sent, here the token.
+_POLICY_VIOLATION = 1008
+# Failures that mean the server no longer accepts this token.
+_TOKEN_REFUSALS = frozenset({"join_refused", "channel_closed"})
 
 
 def socket_url(base_url: str, token: str) -> str:
@@ -59,23 +77,81 @@ def socket_url(base_url: str, token: str) -> str:
 class SessionSettings:
     """How the supervisor behaves. Durations are in seconds.
 
+    These defaults are the daemon's: the ``[sippet]`` configuration section reads them from
+    here.
+
     Attributes:
         base_url: Sippet's API root; the socket URL is derived from it.
         link: per-socket settings.
         rotate_at: fraction of a token's TTL after which it is rotated.
-        stable_after: a socket joined this long resets the backoff.
-        backoff_initial: first backoff delay (the very first retry goes at once).
-        backoff_max: the longest delay between attempts.
+        stable_after: a link joined, its heartbeats answered, this long has proved healthy:
+            if it fails, the backoff starts over.
+        backoff: the reconnect schedule (its first delay is for the first retry).
         rotation_retry: wait before retrying a failed rotation (the old socket stays up).
     """
 
     base_url: str
     link: LinkSettings = field(default_factory=LinkSettings)
     rotate_at: float = 0.75
-    stable_after: float = 30.0
-    backoff_initial: float = 0.5
-    backoff_max: float = 30.0
+    stable_after: float = 5.0
+    backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     rotation_retry: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do after a failure (see :func:`classify`); nothing set means "back off".
+
+    Attributes:
+        drop_token: the token was refused or has run out: mint a fresh one.
+        at_once: retry without waiting (the schedule still advances, so this happens once).
+        start_over: the failed link had proved healthy: restart the schedule first.
+        retry_after: the server's lower bound on the wait, in seconds.
+    """
+
+    drop_token: bool = False
+    at_once: bool = False
+    start_over: bool = False
+    retry_after: float | None = None
+
+
+def classify(
+    failure: Failure,
+    *,
+    token_remaining: float | None,
+    refusals: int,
+    proved_healthy: bool = False,
+) -> Decision:
+    """Decide what a failed mint or link means for the token and the next attempt.
+
+    Args:
+        failure: what failed, as the token source or the link reported it.
+        token_remaining: seconds of validity left on the token in use (None: no token).
+        refusals: token refusals in a row before this one, since the last join.
+        proved_healthy: the link had proved healthy before it failed.
+    """
+    if isinstance(failure, AuthError):
+        # The key itself was refused: a fresh token cannot be had sooner by hurrying.
+        return Decision()
+    if isinstance(failure, MintError):
+        return Decision(retry_after=failure.retry_after)
+    refused = (
+        failure.status in AUTH_STATUSES
+        or failure.reason in _TOKEN_REFUSALS
+        or failure.close_code == _POLICY_VIOLATION
+        or (
+            failure.reason == "server_closed"
+            and token_remaining is not None
+            and token_remaining <= _EXPIRY_SKEW
+        )
+    )
+    return Decision(
+        drop_token=refused,
+        # The token may simply have run out: one immediate retry with a fresh one.
+        at_once=refused and refusals == 0,
+        start_over=proved_healthy,
+        retry_after=failure.retry_after,
+    )
 
 
 class Session:
@@ -83,7 +159,8 @@ class Session:
 
     Args:
         settings: see :class:`SessionSettings`.
-        tokens: where tokens come from.
+        tokens: where tokens come from. Each :meth:`TokenSource.mint` should be one request
+            (the default): this loop does the retrying.
         deliver: called once per event, in arrival order, on the event loop; must not block,
             but may return an awaitable to slow the intake down (see ``Connection``).
     """
@@ -97,11 +174,10 @@ class Session:
         self.settings = settings
         self._tokens = tokens
         self._deliver = deliver
-        self._backoff = Backoff(
-            BackoffPolicy(initial=settings.backoff_initial, cap=settings.backoff_max)
-        )
+        self._backoff = Backoff(settings.backoff)
         self._token: SessionToken | None = None
-        self._auth_failures = 0
+        self._refusals = 0
+        self._joined_since = 0.0
         self._link_count = 0
         self.connection: Connection | None = None
         self._links: set[Connection] = set()
@@ -122,8 +198,8 @@ class Session:
         """Keep the channel joined until cancelled; never returns on its own."""
         while True:
             connection = await self._establish()
-            failure = await self._serve(connection)
-            await self._after_failure(failure, joined_since=connection)
+            link, failure = await self._serve(connection)
+            await self._recover(failure, proved_healthy=self._proved_healthy(link))
 
     async def stop(self) -> None:
         """Leave the channel and close every socket (call after cancelling :meth:`run`)."""
@@ -139,54 +215,43 @@ class Session:
                 token = await self._fresh_token()
                 connection = self._new_connection(token, self._deliver)
                 await connection.open()
-            except AuthError as exc:
-                self._token = None
-                delay = self._backoff.next_delay()
-                _log.error(
-                    "secret key refused; check SIPPET_SECRET_KEY",
-                    status=exc.status,
-                    retry_in=round(delay, 3),
-                )
-                await asyncio.sleep(delay)
+            except (AuthError, MintError, LinkError) as exc:
+                await self._recover(exc)
                 continue
-            except MintError as exc:
-                delay = self._backoff.next_delay()
-                _log.warning("session mint failed", error=str(exc), retry_in=round(delay, 3))
-                await asyncio.sleep(delay)
-                continue
-            except LinkError as exc:
-                await self._after_failure(exc, joined_since=None)
-                continue
-            self._auth_failures = 0
+            assert connection.joined_at is not None
+            self._refusals = 0
+            self._joined_since = connection.joined_at
             self.connection = connection
             self._set_joined(True)
             _log.info("channel joined", topic=self.settings.link.topic, link=connection.name)
             return connection
 
-    async def _serve(self, connection: Connection) -> LinkError:
-        """Hold the link, rotating its token on time; return why the link finally failed."""
+    async def _serve(self, connection: Connection) -> tuple[Connection, LinkError]:
+        """Hold the link, rotating its token on time; return the link that finally failed
+        (``connection`` or a successor), and why."""
         retry_rotation_at: float | None = None
         while True:
             token = self._token
             assert token is not None
-            rotate_at = token.minted_at + token.ttl * self.settings.rotate_at
+            rotate_at = token.deadline(self.settings.rotate_at)
             if retry_rotation_at is not None:
                 rotate_at = retry_rotation_at
             ended = asyncio.ensure_future(connection.wait_closed())
-            done, _ = await asyncio.wait({ended}, timeout=max(0.0, rotate_at - time.time()))
+            done, _ = await asyncio.wait({ended}, timeout=max(0.0, rotate_at - time.monotonic()))
             if ended in done:
                 self._set_joined(False)
                 self.connection = None
-                return ended.result()
+                return connection, ended.result()
             ended.cancel()
             rotated = await self._rotate(connection)
-            if rotated is None:
-                retry_rotation_at = time.time() + self.settings.rotation_retry
-            else:
+            if isinstance(rotated, Connection):
                 connection, retry_rotation_at = rotated, None
+            else:
+                retry_rotation_at = time.monotonic() + rotated
 
-    async def _rotate(self, old: Connection) -> Connection | None:
-        """Replace ``old`` by a socket on a fresh token; None if that failed (``old`` stays)."""
+    async def _rotate(self, old: Connection) -> Connection | float:
+        """Replace ``old`` by a socket on a fresh token; if that failed (``old`` stays up),
+        return the seconds to wait before trying again."""
         handover = Handover()
         deliver = self._deliver
 
@@ -201,12 +266,16 @@ class Session:
             await new.open()
         except (AuthError, MintError, LinkError) as exc:
             old.on_event = deliver
+            # Only the pacing applies: the current socket keeps its token, and every rotation
+            # mints afresh anyway.
+            decision = classify(exc, token_remaining=_remaining(self._token), refusals=0)
+            retry_in = honour_retry_after(self.settings.rotation_retry, decision.retry_after)
             _log.warning(
                 "token rotation failed; keeping the current socket",
                 error=str(exc),
-                retry_in=self.settings.rotation_retry,
+                retry_in=round(retry_in, 3),
             )
-            return None
+            return retry_in
         self._token = token
         self.connection = new
         await old.leave()
@@ -220,41 +289,54 @@ class Session:
         _log.info("token rotated", link=new.name, held_back=handover.held)
         return new
 
-    async def _after_failure(self, failure: LinkError, joined_since: Connection | None) -> None:
-        """Classify a failure, pick the delay, wait it out."""
-        token = self._token
-        auth = failure.auth or (
-            failure.reason == "server_closed"
-            and token is not None
-            and token.remaining() <= _EXPIRY_SKEW
+    async def _recover(self, failure: Failure, *, proved_healthy: bool = False) -> None:
+        """Act on the classification of ``failure``, then wait as long as it says."""
+        decision = classify(
+            failure,
+            token_remaining=_remaining(self._token),
+            refusals=self._refusals,
+            proved_healthy=proved_healthy,
         )
-        self.reconnects += 1
-        metrics.RECONNECTS.labels(reason=failure.reason).inc()
-        if joined_since is not None and joined_since.joined_for >= self.settings.stable_after:
+        if decision.start_over:
             self._backoff.reset()
-        if auth:
+        if decision.drop_token:
             self._token = None
-            self._auth_failures += 1
+            self._refusals += 1
         delay = self._backoff.next_delay()
-        if auth and self._auth_failures == 1:
-            # The token may simply have run out: one immediate retry with a fresh one.
+        if decision.at_once:
             delay = 0.0
-        if failure.retry_after is not None:
-            delay = max(delay, failure.retry_after)
-        _log.warning(
-            "realtime link failed",
-            reason=failure.reason,
-            detail=failure.detail,
-            auth=auth,
-            retry_in=round(delay, 3),
-        )
+        delay = honour_retry_after(delay, decision.retry_after)
+        retry_in = round(delay, 3)
+        if isinstance(failure, AuthError):
+            _log.error(
+                "secret key refused; check SIPPET_SECRET_KEY",
+                status=failure.status,
+                retry_in=retry_in,
+            )
+        elif isinstance(failure, LinkError):
+            self.reconnects += 1
+            metrics.RECONNECTS.labels(reason=failure.reason).inc()
+            _log.warning(
+                "realtime link failed",
+                reason=failure.reason,
+                detail=failure.detail,
+                token_refused=decision.drop_token,
+                retry_in=retry_in,
+            )
+        else:
+            _log.warning("session mint failed", error=str(failure), retry_in=retry_in)
         if delay:
             await asyncio.sleep(delay)
+
+    def _proved_healthy(self, link: Connection) -> bool:
+        # Rotations hand over without a gap, so health is counted from the session's join.
+        until = link.answered_until
+        return until is not None and until - self._joined_since >= self.settings.stable_after
 
     async def _fresh_token(self) -> SessionToken:
         """The current token while it is before its rotation point, else a new one."""
         token = self._token
-        if token is None or token.remaining() <= token.ttl * (1 - self.settings.rotate_at):
+        if token is None or time.monotonic() >= token.deadline(self.settings.rotate_at):
             token = self._token = await self._tokens.mint()
         return token
 
@@ -272,3 +354,7 @@ class Session:
             self.joined.set()
         else:
             self.joined.clear()
+
+
+def _remaining(token: SessionToken | None) -> float | None:
+    return None if token is None else token.remaining()

@@ -21,36 +21,53 @@ from listener.core import metrics
 from listener.core.errors import AuthError, MintError
 from listener.core.httputil import USER_AGENT
 from listener.core.logs import register_secret
-from listener.core.retry import BackoffPolicy, TenacityWait, retry_after_seconds
+from listener.core.retry import (
+    AUTH_STATUSES,
+    BackoffPolicy,
+    TenacityWait,
+    is_retryable_status,
+    retry_after_seconds,
+)
 
 __all__ = ["DEFAULT_TTL", "SessionToken", "TokenSource", "parse_mint_response"]
 
 DEFAULT_TTL = 300.0
 _log = structlog.get_logger(__name__)
+# Between a one-off caller's tries: full jitter, so clients failing together spread apart.
+_FULL_JITTER = BackoffPolicy(jitter=1.0)
 
 
 @dataclass(frozen=True, slots=True)
 class SessionToken:
     """A minted token. ``value`` never shows in ``repr`` or logs.
 
+    Its lifetime is measured on the monotonic clock, which a wall-clock step (NTP, a
+    suspended VM) cannot move; the wall-clock times are for display only.
+
     Attributes:
         value: the token itself, for the socket URL only.
         ttl: seconds it was valid for when minted.
         minted_at: local wall-clock time of the mint.
+        minted_monotonic: monotonic time of the mint.
     """
 
     value: str = field(repr=False)
     ttl: float
     minted_at: float
+    minted_monotonic: float = field(default_factory=time.monotonic)
 
     @property
     def expires_at(self) -> float:
         """Local wall-clock time at which the token stops being valid."""
         return self.minted_at + self.ttl
 
-    def remaining(self, now: float | None = None) -> float:
+    def deadline(self, fraction: float = 1.0) -> float:
+        """The monotonic time at which ``fraction`` of the token's lifetime has gone."""
+        return self.minted_monotonic + self.ttl * fraction
+
+    def remaining(self) -> float:
         """Seconds of validity left (negative once expired)."""
-        return self.expires_at - (time.time() if now is None else now)
+        return self.deadline() - time.monotonic()
 
 
 def _parse_expires_at(value: object) -> float | None:
@@ -92,7 +109,7 @@ def parse_mint_response(body: Any, now: float) -> SessionToken:
 
 
 class _Retryable(Exception):
-    """A mint attempt that may succeed if tried again (network error, 5xx, 429)."""
+    """A mint attempt that may succeed if tried again (network error, a retryable status)."""
 
     def __init__(self, detail: str, retry_after: float | None = None) -> None:
         super().__init__(detail)
@@ -100,15 +117,18 @@ class _Retryable(Exception):
 
 
 class TokenSource:
-    """Mints session tokens, retrying transient failures.
+    """Mints session tokens.
+
+    By default each :meth:`mint` is one request: the session supervisor retries in its own
+    loop, on its own backoff, and a second schedule nested inside it would only stretch every
+    wait. A one-off caller (``sippet-listener mint-token``) asks for ``attempts`` instead.
 
     Args:
         http: the client to use (its pool is shared with the rest of the daemon).
         base_url: Sippet's API root, e.g. ``https://api.sippet.ai``.
         api_key: the organisation's secret key; sent as ``x-api-key`` and nowhere else.
-        attempts: tries per :meth:`mint` call for network errors, 5xx and 429.
-        backoff_initial: first retry delay in seconds (grows exponentially, with jitter).
-        backoff_max: the longest single wait, also the cap on a ``Retry-After``.
+        attempts: tries per :meth:`mint` call for network errors and retryable statuses.
+        backoff: the wait between those tries; its ``cap`` also caps a ``Retry-After``.
     """
 
     def __init__(
@@ -117,9 +137,8 @@ class TokenSource:
         base_url: str,
         api_key: str,
         *,
-        attempts: int = 5,
-        backoff_initial: float = 0.5,
-        backoff_max: float = 30.0,
+        attempts: int = 1,
+        backoff: BackoffPolicy = _FULL_JITTER,
     ) -> None:
         self._http = http
         self._url = base_url.rstrip("/") + "/api/realtime/session"
@@ -127,10 +146,7 @@ class TokenSource:
         register_secret(api_key)
         self._retrying = tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception_type(_Retryable),
-            wait=TenacityWait(
-                BackoffPolicy(initial=backoff_initial, cap=backoff_max, jitter=1.0),
-                cap=backoff_max,
-            ),
+            wait=TenacityWait(backoff, cap=backoff.cap),
             stop=tenacity.stop_after_attempt(attempts),
             reraise=True,
             before_sleep=self._log_retry,
@@ -140,14 +156,15 @@ class TokenSource:
         """Mint a fresh token.
 
         Raises:
-            AuthError: the key was refused (HTTP 401/403); not retried here.
-            MintError: every attempt failed, or the answer was unusable.
+            AuthError: the key was refused (HTTP 401/403); never retried here.
+            MintError: every attempt failed (with the last ``Retry-After``, if any), or the
+                answer was unusable.
         """
         try:
             token: SessionToken = await self._retrying(self._mint_once)
         except _Retryable as exc:
             metrics.TOKEN_MINTS.labels(outcome="failed").inc()
-            raise MintError(f"session mint failed: {exc}") from None
+            raise MintError(f"session mint failed: {exc}", retry_after=exc.retry_after) from None
         except AuthError:
             metrics.TOKEN_MINTS.labels(outcome="refused").inc()
             raise
@@ -169,9 +186,9 @@ class TokenSource:
         except httpx.TransportError as exc:
             raise _Retryable(f"{type(exc).__name__}") from None
         status = response.status_code
-        if status in (401, 403):
+        if status in AUTH_STATUSES:
             raise AuthError(status)
-        if status == 429 or status >= 500:
+        if is_retryable_status(status):
             raise _Retryable(f"HTTP {status}", retry_after_seconds(response.headers))
         if not response.is_success:
             raise MintError(f"session mint failed: HTTP {status}")

@@ -34,7 +34,13 @@ from tenacity import (
 from listener.core.errors import RpcActionError, RpcError, RpcInputError
 from listener.core.httputil import USER_AGENT
 from listener.core.metrics import RPC_CALLS
-from listener.core.retry import BackoffPolicy, TenacityWait, retry_after_seconds
+from listener.core.retry import (
+    AUTH_STATUSES,
+    RETRYABLE_STATUSES,
+    BackoffPolicy,
+    TenacityWait,
+    retry_after_seconds,
+)
 from listener.rpc.catalog import CATALOG, check_request
 
 __all__ = ["RpcClient", "ValidationResult"]
@@ -49,9 +55,6 @@ _UNSENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 # The request may have been written, even processed: resend only what is safe to repeat.
 # (LocalProtocolError, ProxyError and UnsupportedProtocol are ours to fix; retrying won't help.)
 _MAYBE_SENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
-_RETRY_STATUSES = frozenset({429, 502, 503, 504})
-_RETRY_AFTER_STATUSES = frozenset({429, 503})
-_AUTH_STATUSES = frozenset({401, 403})
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,13 +354,10 @@ class RpcClient:
             self._base_url + path, json=body, headers=self._headers, timeout=self._timeout
         )
         log.debug("< rpc", action=action, path=path, status=response.status_code)
-        if response.status_code in _RETRY_STATUSES:
-            retry_after = (
-                retry_after_seconds(response.headers)
-                if response.status_code in _RETRY_AFTER_STATUSES
-                else None
-            )
-            raise _StatusError(action, response.status_code, retry_after)
+        # The explicit "not now" statuses only: another 5xx is the action's answer (it broke),
+        # and sending it again would run it again.
+        if response.status_code in RETRYABLE_STATUSES:
+            raise _StatusError(action, response.status_code, retry_after_seconds(response.headers))
         return response
 
 
@@ -394,7 +394,7 @@ def _payload(
 def _envelope(action: str, response: httpx.Response) -> dict[str, Any]:
     """Return the decoded RPC envelope of a response, or raise :class:`RpcError`."""
     status = response.status_code
-    if status in _AUTH_STATUSES:
+    if status in AUTH_STATUSES:
         raise RpcError(f"rpc {action} refused: HTTP {status}: the api key was not accepted")
     if not response.is_success:
         raise RpcError(f"rpc {action} failed: HTTP {status}")

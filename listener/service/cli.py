@@ -1,7 +1,8 @@
 """The ``sippet-listener`` command.
 
-Exit codes follow sysexits: 0 success, 78 (EX_CONFIG) for any configuration or handler-loading
-problem, 1 for other failures (a refused key, an RPC error), 130 when interrupted.
+Exit codes follow sysexits: 0 success, 64 (EX_USAGE) for a command-line argument that cannot be
+read, 78 (EX_CONFIG) for any configuration or handler-loading problem, 1 for other failures (a
+refused key, an RPC error), 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from listener.service.daemon import Daemon, stop_on_signals
 from listener.service.reload import ReloadRecord, ReloadTimeout, request_reload
 from listener.service.webhooks_cli import add_webhooks_commands
 
-__all__ = ["EX_CONFIG", "main"]
+__all__ = ["EX_CONFIG", "EX_USAGE", "main"]
 
+EX_USAGE = 64
 EX_CONFIG = 78
 _log = structlog.get_logger(__name__)
 
@@ -129,26 +131,55 @@ async def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _json_arg(text: str | None, flag: str) -> Any:
-    if text is None:
-        return None
+class _UsageError(Exception):
+    """A command-line argument cannot be read: the configuration is not at fault."""
+
+    def __init__(self, flag: str, problem: str) -> None:
+        super().__init__(f"{flag}: {problem}")
+
+
+def _json(text: str, flag: str) -> Any:
     try:
         return json.loads(text)
     except ValueError as exc:
-        raise ConfigError(flag, f"not valid JSON: {exc}") from None
+        raise _UsageError(flag, f"not valid JSON: {exc}") from None
+
+
+def _json_object(text: str | None, flag: str) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    value = _json(text, flag)
+    if not isinstance(value, dict):
+        raise _UsageError(flag, f"must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _identity(text: str | None) -> Any:
+    """A bare key, as identities usually are, goes out as a string; JSON is read only where a
+    key cannot be meant: an object or a quoted string. An integer goes out as a number."""
+    if text is None:
+        return None
+    if text.startswith(("{", '"')):
+        return _json(text, "--identity")
+    try:
+        number = json.loads(text)
+    except ValueError:
+        return text
+    return number if type(number) is int else text
 
 
 async def _rpc(args: argparse.Namespace) -> int:
-    settings, api_key = _load(args.config)
+    # Read before the configuration, so a typo in a flag is reported as such.
     payload: dict[str, Any] = {
-        "input": _json_arg(args.input, "--input"),
-        "identity": _json_arg(args.identity, "--identity"),
+        "input": _json_object(args.input, "--input"),
+        "identity": _identity(args.identity),
         "fields": args.fields.split(",") if args.fields else None,
-        "filter": _json_arg(args.filter, "--filter"),
+        "filter": _json_object(args.filter, "--filter"),
         "sort": args.sort,
-        "page": _json_arg(args.page, "--page"),
+        "page": _json_object(args.page, "--page"),
         "unchecked": args.unchecked,
     }
+    settings, api_key = _load(args.config)
     async with RpcClient(settings.sippet.base_url, api_key) as client:
         if args.validate:
             result = await client.validate(args.action, **payload)
@@ -167,7 +198,10 @@ async def _rpc(args: argparse.Namespace) -> int:
 async def _mint_token(args: argparse.Namespace) -> int:
     settings, api_key = _load(args.config)
     async with httpx.AsyncClient() as http:
-        token = await TokenSource(http, settings.sippet.base_url, api_key).mint()
+        source = TokenSource(
+            http, settings.sippet.base_url, api_key, attempts=settings.sippet.mint_attempts
+        )
+        token = await source.mint()
     expires = datetime.fromtimestamp(token.expires_at, UTC).isoformat(timespec="seconds")
     result: dict[str, Any] = {"ttl_seconds": token.ttl, "expires_at": expires}
     if args.show:
@@ -289,7 +323,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     rpc.add_argument("action", help="the action, e.g. list_calls or end_call")
     rpc.add_argument("--input", help="the input object, as JSON")
-    rpc.add_argument("--identity", help="the identity (a JSON value, e.g. '\"<uuid>\"')")
+    rpc.add_argument(
+        "--identity",
+        help="the record to act on: its key, sent as a string (an integer is sent as a number; "
+        "quote it, '\"42\"', to send a string), or a JSON object",
+    )
     rpc.add_argument("--fields", help="comma-separated fields to return, e.g. id,status")
     rpc.add_argument("--filter", help="the filter object, as JSON")
     rpc.add_argument("--sort", help="the sort string, e.g. -insertedAt")
@@ -344,6 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging("warning", "auto")
     try:
         code: int = args.sync(args) if hasattr(args, "sync") else asyncio.run(args.run(args))
+    except _UsageError as exc:
+        sys.stderr.write(f"sippet-listener: {exc}\n")
+        return EX_USAGE
     except (ConfigError, HandlerLoadError) as exc:
         sys.stderr.write(f"sippet-listener: configuration error: {exc}\n")
         return EX_CONFIG

@@ -12,6 +12,7 @@ file named by ``sippet.api_key_file``, or from the systemd credential ``sippet-s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping
@@ -21,8 +22,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from listener.core.errors import ConfigError
+from listener.core.retry import BackoffPolicy
 from listener.core.secrets import read_secret, read_secret_file
 from listener.core.validation import format_validation_error
+from listener.realtime.connection import LinkSettings
+from listener.realtime.session import SessionSettings
 
 __all__ = [
     "CREDENTIAL_NAME",
@@ -47,22 +51,32 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _default(settings: type[Any], name: str) -> Any:
+    """The default of field ``name`` of a settings dataclass: each is written there, once."""
+    return next(item.default for item in dataclasses.fields(settings) if item.name == name)
+
+
 class SippetSettings(_Section):
-    """``[sippet]``: where Sippet is and how the realtime link behaves."""
+    """``[sippet]``: where Sippet is and how the realtime link behaves.
+
+    The link and session defaults are those of :class:`LinkSettings`, :class:`SessionSettings`
+    and :class:`BackoffPolicy`; :func:`listener.service.daemon.session_settings` maps back.
+    """
 
     base_url: str = "https://api.sippet.ai"
-    topic: str = "events"
-    heartbeat_interval: float = Field(default=30.0, gt=0)
+    topic: str = _default(LinkSettings, "topic")
+    heartbeat_interval: float = Field(default=_default(LinkSettings, "heartbeat_interval"), gt=0)
     api_key_file: Path | None = None
-    join_timeout: float = Field(default=10.0, gt=0)
-    connect_timeout: float = Field(default=10.0, gt=0)
-    close_timeout: float = Field(default=5.0, gt=0)
-    max_message_size: int = Field(default=64 * 1024 * 1024, ge=1024)
-    rotate_at: float = Field(default=0.75, gt=0, lt=1)
-    stable_after: float = Field(default=30.0, ge=0)
-    backoff_initial: float = Field(default=0.5, gt=0)
-    backoff_max: float = Field(default=30.0, gt=0)
-    rotation_retry: float = Field(default=5.0, gt=0)
+    join_timeout: float = Field(default=_default(LinkSettings, "join_timeout"), gt=0)
+    connect_timeout: float = Field(default=_default(LinkSettings, "connect_timeout"), gt=0)
+    close_timeout: float = Field(default=_default(LinkSettings, "close_timeout"), gt=0)
+    max_message_size: int = Field(default=_default(LinkSettings, "max_message_size"), ge=1024)
+    rotate_at: float = Field(default=_default(SessionSettings, "rotate_at"), gt=0, lt=1)
+    stable_after: float = Field(default=_default(SessionSettings, "stable_after"), ge=0)
+    backoff_initial: float = Field(default=_default(BackoffPolicy, "initial"), gt=0)
+    backoff_max: float = Field(default=_default(BackoffPolicy, "cap"), gt=0)
+    rotation_retry: float = Field(default=_default(SessionSettings, "rotation_retry"), gt=0)
+    # Tries per `mint-token` run; the daemon retries mints in its session loop instead.
     mint_attempts: int = Field(default=5, ge=1)
 
     @field_validator("base_url")

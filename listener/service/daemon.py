@@ -24,6 +24,7 @@ import structlog
 
 from listener.core.errors import ConfigError, HandlerLoadError, ListenerError
 from listener.core.logs import configure_logging
+from listener.core.retry import BackoffPolicy
 from listener.dispatch.dispatcher import Dispatcher, DispatchReport, HandlerRunner
 from listener.dispatch.handler import Context
 from listener.dispatch.loader import LoadedHandler
@@ -59,8 +60,7 @@ def session_settings(sippet: SippetSettings) -> SessionSettings:
         link=link,
         rotate_at=sippet.rotate_at,
         stable_after=sippet.stable_after,
-        backoff_initial=sippet.backoff_initial,
-        backoff_max=sippet.backoff_max,
+        backoff=BackoffPolicy(initial=sippet.backoff_initial, cap=sippet.backoff_max),
         rotation_retry=sippet.rotation_retry,
     )
 
@@ -90,14 +90,8 @@ class Daemon:
         self.notifier = notifier or Notifier.from_environment()
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(15.0, connect=10.0))
         self.rpc = RpcClient(sippet.base_url, api_key, http=self._http)
-        tokens = TokenSource(
-            self._http,
-            sippet.base_url,
-            api_key,
-            attempts=sippet.mint_attempts,
-            backoff_initial=sippet.backoff_initial,
-            backoff_max=sippet.backoff_max,
-        )
+        # One request per mint: the session's own backoff paces the retries.
+        tokens = TokenSource(self._http, sippet.base_url, api_key)
         self.handlers = list(handlers)
         self.dispatcher = Dispatcher([self._runner(item) for item in self.handlers])
         self.session = Session(session_settings(sippet), tokens, sink or self.dispatcher.submit)
@@ -295,7 +289,7 @@ class Daemon:
     async def _teardown(self, runners: Sequence[HandlerRunner]) -> None:
         for runner in runners:
             try:
-                await runner.handler.teardown()
+                await runner.handler.teardown(runner.context)
             except Exception as exc:
                 _log.error(
                     "handler teardown failed",

@@ -17,37 +17,25 @@ from pathlib import Path
 from typing import Any
 
 from listener.core.errors import ConfigError
-from listener.service.config import DEFAULT_CONFIG_PATH, Settings, load_settings
-from listener.webhooks.handler import outbox_path
+from listener.service.config import DEFAULT_CONFIG_PATH, load_settings
+from listener.webhooks.handler import outbox_files
 from listener.webhooks.outbox import Outbox
 
 __all__ = ["add_webhooks_commands"]
 
 
-def _outboxes(settings: Settings, state_dir: Path | None) -> Iterator[tuple[list[str], Path]]:
-    """(destination names, outbox file) for every webhook handler in the configuration."""
-    root = state_dir or settings.service.state_dir
-    for entry in settings.handlers:
-        if entry.get("use") != "webhook":
-            continue
-        name = str(entry.get("name") or "webhook")
-        listed = entry.get("destinations") or []
-        names = [str(item.get("name")) for item in listed] if listed else [name]
-        yield names, outbox_path(root, name)
-
-
-def _open_all(args: argparse.Namespace) -> Iterator[tuple[list[str], Outbox]]:
+def _open_all(args: argparse.Namespace) -> Iterator[tuple[tuple[str, ...], Outbox]]:
     settings = load_settings(args.config)
     found = False
-    for names, path in _outboxes(settings, args.state_dir):
-        if args.destination and args.destination not in names:
+    for file in outbox_files(settings.handlers, args.state_dir or settings.service.state_dir):
+        if args.destination and args.destination not in file.destinations:
             continue
         found = True
-        if not path.exists():
-            sys.stderr.write(f"{path}: no outbox yet (the daemon creates it on start)\n")
+        if not file.path.exists():
+            sys.stderr.write(f"{file.path}: no outbox yet (the daemon creates it on start)\n")
             continue
-        with Outbox(path) as outbox:
-            yield names, outbox
+        with Outbox(file.path) as outbox:
+            yield file.destinations, outbox
     if not found:
         what = f"destination {args.destination!r}" if args.destination else "webhook handler"
         raise ConfigError("handlers", f"no {what} in {args.config}")

@@ -2,7 +2,7 @@
 
 ::
 
-    async with running_daemon(fake_sippet, [MyHandler(MyHandler.Config(...))]) as daemon:
+    async with running_daemon(fake_sippet, [MyHandler(MyConfig(...))]) as daemon:
         await fake_sippet.broadcast("incoming_call", {"callUuid": "c-1"})
         await settle(daemon, events=1)
         assert fake_sippet.rpc_requests[0].body["action"] == "end_call"
@@ -17,9 +17,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from listener.dispatch.dispatcher import RunnerSettings
 from listener.dispatch.handler import Handler
-from listener.dispatch.loader import LoadedHandler, load_handler
+from listener.dispatch.loader import LoadedHandler, load_handler, loaded_instance
 from listener.service.config import parse_settings
 from listener.service.daemon import Daemon
 from listener.testing.server import FakeSippet
@@ -40,8 +39,7 @@ def _loaded(item: Handler | LoadedHandler | Mapping[str, Any], index: int) -> Lo
     if isinstance(item, LoadedHandler):
         return item
     if isinstance(item, Handler):
-        name = item.name or type(item).__name__.lower()
-        return LoadedHandler(item, RunnerSettings(name=name, events=tuple(item.events)))
+        return loaded_instance(item)
     return load_handler(item, f"handlers[{index}]")
 
 
@@ -58,8 +56,9 @@ async def running_daemon(
 
     Args:
         fake: the server to connect to.
-        handlers: handler instances, loaded handlers, or ``[[handlers]]`` tables as dicts
-            (``{"use": "log"}``), which go through the same loader as a config file.
+        handlers: handler instances (fed as they declare: timeout, concurrency, ...), loaded
+            handlers, or ``[[handlers]]`` tables as dicts (``{"use": "log"}``), which go
+            through the same loader as a config file.
         sippet: overrides for the ``[sippet]`` section (short intervals are the default).
         service: overrides for the ``[service]`` section (``state_dir`` defaults to a fresh
             temporary directory).

@@ -21,31 +21,28 @@ or several behind one outbox, each with its own filter::
 Requests follow Standard Webhooks (``webhook-id``, ``webhook-timestamp``,
 ``webhook-signature``). An event counts as handled once it is committed to the outbox
 (SQLite under ``service.state_dir``), so a crash after that loses nothing; delivery, retries,
-dead letters and 410s are ``listener.webhooks.forwarder``'s business.
+dead letters and 410s are ``listener.webhooks.forwarder``'s business. The settings are
+:class:`~listener.webhooks.config.WebhookConfig`.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ValidationError
 
 from listener.core.errors import ConfigError
 from listener.core.events import Event
-from listener.core.logs import register_secret
-from listener.core.secrets import read_secret_file
+from listener.core.validation import format_validation_error
 from listener.dispatch.handler import Context, Handler
-from listener.webhooks.forwarder import (
-    DEFAULT_MAX_IN_FLIGHT,
-    DEFAULT_RETRY_SCHEDULE,
-    DEFAULT_TIMEOUT,
-    Destination,
-    WebhookForwarder,
-)
+from listener.webhooks.config import WebhookConfig
+from listener.webhooks.forwarder import WebhookForwarder
 
-__all__ = ["DestinationConfig", "WebhookConfig", "WebhookHandler", "outbox_path"]
+__all__ = ["OutboxFile", "WebhookHandler", "outbox_files", "outbox_path"]
 
 
 def outbox_path(state_dir: Path, handler_name: str) -> Path:
@@ -53,58 +50,38 @@ def outbox_path(state_dir: Path, handler_name: str) -> Path:
     return state_dir / f"webhooks-{handler_name}.sqlite3"
 
 
-class _DestinationFields(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+@dataclass(frozen=True, slots=True)
+class OutboxFile:
+    """A webhook handler's outbox and the destinations whose deliveries it keeps."""
 
-    secret: str | list[str] | None = None
-    secret_file: Path | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
-    # Not "timeout": that key is the dispatcher's (how long handle() may take).
-    request_timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0)
-    retry_schedule: list[float] = Field(
-        default_factory=lambda: list(DEFAULT_RETRY_SCHEDULE), min_length=1
-    )
-    ordering: Literal["none", "per_call"] = "none"
-    max_in_flight: int = Field(default=DEFAULT_MAX_IN_FLIGHT, ge=1)
-    max_pending: int | None = Field(default=None, ge=1)
-    max_age: float | None = Field(default=None, gt=0)
-
-    def secrets(self, key: str) -> tuple[str, ...]:
-        """The signing secrets, from ``secret`` or ``secret_file`` (one per line)."""
-        if self.secret_file is not None:
-            text = read_secret_file(self.secret_file, key)
-            values = tuple(line.strip() for line in text.splitlines() if line.strip())
-        elif isinstance(self.secret, list):
-            values = tuple(self.secret)
-        elif self.secret:
-            values = (self.secret,)
-        else:
-            raise ConfigError(key, "a signing secret is required: secret or secret_file")
-        for value in values:
-            register_secret(value)
-        return values
+    path: Path
+    destinations: tuple[str, ...]
 
 
-class DestinationConfig(_DestinationFields):
-    """One entry of ``destinations``."""
+def outbox_files(handlers: Sequence[Mapping[str, Any]], state_dir: Path) -> list[OutboxFile]:
+    """Every ``webhook`` handler's outbox, named as the running daemon names it.
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    url: str
-    events: list[str] = Field(default_factory=lambda: ["*"])
+    Takes the ``[[handlers]]`` tables as read from the file. Each webhook table's own keys
+    are validated, but no secret is read: inspecting an outbox needs none.
 
-
-class WebhookConfig(_DestinationFields):
-    """``[[handlers]]`` settings for ``use = "webhook"``: ``url`` or ``destinations``."""
-
-    url: str | None = None
-    destinations: list[DestinationConfig] = Field(default_factory=list)
-    stop_grace: float = Field(default=5.0, ge=0)
-
-    @model_validator(mode="after")
-    def _one_form(self) -> WebhookConfig:
-        if (self.url is None) == (not self.destinations):
-            raise ValueError("give either url (one destination) or [[destinations]]")
-        return self
+    Raises:
+        ConfigError: a webhook table is invalid (``handlers[N].key``).
+    """
+    found = []
+    for index, entry in enumerate(handlers):
+        if entry.get("use") != "webhook":
+            continue
+        # The loader's rule: the table's name, else the handler's own.
+        name = str(entry.get("name") or WebhookHandler.name)
+        section = {key: value for key, value in entry.items() if key in WebhookConfig.model_fields}
+        try:
+            config = WebhookConfig.model_validate(section)
+        except ValidationError as exc:
+            field, problem = format_validation_error(exc, WebhookConfig)
+            raise ConfigError(f"handlers[{index}].{field}", problem) from None
+        names = tuple(config.destination_names(name))
+        found.append(OutboxFile(outbox_path(state_dir, name), names))
+    return found
 
 
 class WebhookHandler(Handler):
@@ -117,15 +94,15 @@ class WebhookHandler(Handler):
 
     def __init__(self, config: WebhookConfig) -> None:
         super().__init__(config)
-        # Build the destinations once now so a bad URL or secret stops start-up, named.
-        self._destinations(self.name)
+        # Read and check the secrets now, so that a bad one stops start-up, named; the
+        # destinations are built in setup, once the handler's name is known.
+        self._secrets = config.signing_secrets()
         self.forwarder: WebhookForwarder | None = None
 
     async def setup(self, ctx: Context) -> None:
+        destinations = self.config.build(ctx.name, self._secrets)
         ctx.state_dir.mkdir(parents=True, exist_ok=True)
-        self.forwarder = WebhookForwarder(
-            self._destinations(ctx.name), outbox_path(ctx.state_dir, ctx.name)
-        )
+        self.forwarder = WebhookForwarder(destinations, outbox_path(ctx.state_dir, ctx.name))
         await self.forwarder.start()
 
     async def handle(self, event: Event, ctx: Context) -> None:
@@ -135,44 +112,9 @@ class WebhookHandler(Handler):
             # Handled means durable: after this, a crash cannot lose the event.
             await asyncio.shield(committed)
 
-    async def teardown(self) -> None:
+    async def teardown(self, ctx: Context) -> None:
         if self.forwarder is not None:
             await self.forwarder.stop(self.config.stop_grace)
 
     def status(self) -> str | None:
         return None if self.forwarder is None else self.forwarder.describe()
-
-    def _destinations(self, handler_name: str) -> list[Destination]:
-        config = self.config
-        if config.url is not None:
-            return [_destination(config, handler_name, config.url, ("*",), "")]
-        return [
-            _destination(item, item.name, item.url, tuple(item.events), f"destinations[{index}].")
-            for index, item in enumerate(config.destinations)
-        ]
-
-
-def _destination(
-    fields: _DestinationFields, name: str, url: str, events: tuple[str, ...], prefix: str
-) -> Destination:
-    secret_key = prefix + ("secret_file" if fields.secret_file else "secret")
-    try:
-        return Destination(
-            name=name,
-            url=url,
-            secrets=fields.secrets(secret_key),
-            events=events,
-            headers=dict(fields.headers),
-            timeout=fields.request_timeout,
-            retry_schedule=tuple(fields.retry_schedule),
-            ordering=fields.ordering,
-            max_in_flight=fields.max_in_flight,
-            max_pending=fields.max_pending,
-            max_age=fields.max_age,
-        )
-    except ConfigError as exc:
-        # Destination names its keys as webhooks.<name>.<key>; here they live in the table,
-        # and its secrets come from secret or secret_file.
-        field = exc.key.rsplit(".", 1)[-1] if exc.key.startswith("webhooks.") else exc.key
-        key = secret_key if field == "secrets" else prefix + field
-        raise ConfigError(key, exc.problem) from None

@@ -2,10 +2,10 @@
 
 Pure storage over one SQLite file: no HTTP, no asyncio, no clock (every method that needs the
 time takes ``now``, seconds since the epoch). The delivery engine (:mod:`.forwarder`)
-drives it from a single thread of its own; the CLI opens the same file from another process
-while the daemon runs. WAL journaling lets that reader/writer pair proceed without blocking
-each other for long, and ``busy_timeout`` makes a writer wait for the other's commit instead of
-failing.
+drives it from a single thread of its own (:mod:`.store`); the CLI opens the same file from
+another process while the daemon runs. WAL journaling lets that reader/writer pair proceed
+without blocking each other for long, and ``busy_timeout`` makes a writer wait for the other's
+commit instead of failing.
 
 Theory of operation. A delivery is one event for one destination. It is inserted before its
 first attempt and deleted once a 2xx answer arrives; until then it is *pending*. A failed
@@ -43,6 +43,7 @@ from listener.core.errors import ListenerError
 
 __all__ = [
     "SCHEMA_VERSION",
+    "Claim",
     "DeadLetter",
     "Delivery",
     "DestinationStats",
@@ -214,6 +215,21 @@ class Delivery:
     created_at: float
     due_at: float
     attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What a worker gets from :meth:`Outbox.claim`.
+
+    Attributes:
+        rows: the due deliveries to attempt now.
+        next_due: when the next eligible delivery falls due; None if none is pending.
+        evicted: how many deliveries the bound moved to the dead letters, by reason.
+    """
+
+    rows: list[Delivery]
+    next_due: float | None
+    evicted: dict[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +418,29 @@ class Outbox:
         params = _eligible_params(destination, exclude, per_call)
         row = self._conn.execute(_SELECT_NEXT_DUE, params).fetchone()
         return None if row is None else float(row[0])
+
+    def claim(
+        self,
+        destination: str,
+        now: float,
+        limit: int,
+        *,
+        exclude: Collection[str] = (),
+        per_call: bool = False,
+        max_pending: int | None = None,
+        max_age: float | None = None,
+    ) -> Claim:
+        """Enforce the outbox bound if one is given (see :meth:`evict`), then return up to
+        ``limit`` due deliveries (see :meth:`due`) and when the next one after them falls due.
+        """
+        evicted: dict[str, int] = {}
+        if max_pending is not None or max_age is not None:
+            evicted = self.evict(
+                destination, now, max_pending=max_pending, max_age=max_age, exclude=exclude
+            )
+        rows = self.due(destination, now, limit, exclude=exclude, per_call=per_call)
+        taken = {*exclude, *(row.msg_id for row in rows)}
+        return Claim(rows, self.next_due(destination, exclude=taken, per_call=per_call), evicted)
 
     @_mapped
     def mark_delivered(self, destination: str, msg_ids: Iterable[str]) -> None:

@@ -7,7 +7,7 @@ group): ``use = "missed_calls"`` (:class:`MissedCalls`) and ``use = "call_summar
 
 from __future__ import annotations
 
-from sippet_listener_example.missed import MissedCalls
+from sippet_listener_example.missed import MissedCalls, MissedCallsConfig
 from sippet_listener_example.summary import call_summary
 
-__all__ = ["MissedCalls", "call_summary"]
+__all__ = ["MissedCalls", "MissedCallsConfig", "call_summary"]

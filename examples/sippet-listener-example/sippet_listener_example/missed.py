@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from listener import Context, Event, Handler, RpcError
 
-__all__ = ["MissedCalls"]
+__all__ = ["MissedCalls", "MissedCallsConfig"]
 
 # Withheld and internal numbers ("anonymous", "1001") are nobody to call back.
 _E164 = re.compile(r"\+[1-9][0-9]{6,14}")
@@ -46,44 +46,45 @@ def _caller(event: Event) -> str | None:
     return number if isinstance(number, str) and _E164.fullmatch(number) else None
 
 
-class MissedCalls(Handler):
+class MissedCallsConfig(BaseModel):
+    """``[[handlers]]`` settings for ``use = "missed_calls"``.
+
+    Attributes:
+        statuses: call statuses that mean "missed" (spelling-insensitive).
+        inbound_only: ignore outbound calls nobody picked up.
+        full_name: the new contact's name; ``{number}`` is replaced by the caller's number.
+        metadata: set on every contact created.
+        remember: how many followed-up calls to remember, to skip repeated deliveries.
+    """
+
+    # forbid: a misspelt key is a start-up error naming it, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    statuses: list[str] = Field(default=["no_answer"], min_length=1)
+    inbound_only: bool = True
+    full_name: str = Field(default="Missed call {number}", min_length=1)
+    metadata: dict[str, str] = {"source": "missed-call"}
+    remember: int = Field(default=10_000, ge=1)
+
+
+class MissedCalls(Handler[MissedCallsConfig]):
     """Create a contact for each caller whose call ended unanswered, unless one exists."""
 
     name = "missed_calls"
     events = ("call_ended",)
+    # A lookup and a create, each retried through transient failures, fit well within this;
+    # the table's ``timeout = ...`` overrides it.
+    timeout = 20.0
 
-    class Config(BaseModel):
-        """``[[handlers]]`` settings for ``use = "missed_calls"``.
-
-        Attributes:
-            statuses: call statuses that mean "missed" (spelling-insensitive).
-            inbound_only: ignore outbound calls nobody picked up.
-            full_name: the new contact's name; ``{number}`` is replaced by the caller's number.
-            metadata: set on every contact created.
-            remember: how many followed-up calls to remember, to skip repeated deliveries.
-        """
-
-        # forbid: a misspelt key is a start-up error naming it, not a silently ignored setting.
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
-        statuses: list[str] = Field(default=["no_answer"], min_length=1)
-        inbound_only: bool = True
-        full_name: str = Field(default="Missed call {number}", min_length=1)
-        metadata: dict[str, str] = {"source": "missed-call"}
-        remember: int = Field(default=10_000, ge=1)
-
-    config: Config
-
-    def __init__(self, config: Config | None = None) -> None:
-        super().__init__(config or self.Config())
+    def __init__(self, config: MissedCallsConfig | None = None) -> None:
+        super().__init__(config or MissedCallsConfig())
         self._statuses = frozenset(_normal(status) for status in self.config.statuses)
         # Calls followed up, oldest first; a repeated delivery of one of them is skipped.
         self._done: OrderedDict[str, None] = OrderedDict()
         # One lock per number being followed up; it goes away when nobody holds it.
         self._numbers: WeakValueDictionary[str, asyncio.Lock] = WeakValueDictionary()
-        # teardown() is given no context: keep setup's logger for it.
-        self._log: Any = None
         self.created = 0
+        self.failed = 0
 
     def matches(self, event: Event) -> bool:
         """Only unanswered (inbound) calls from a real number; no I/O, as matches() must."""
@@ -95,13 +96,12 @@ class MissedCalls(Handler):
             return False
         return _caller(event) is not None
 
-    async def setup(self, ctx: Context) -> None:
+    async def setup(self, ctx: Context[MissedCallsConfig]) -> None:
         """Ask Sippet once whether it would accept the contacts this handler creates.
 
         Raises:
             ValueError: Sippet rejects them (say, a metadata key it refuses): start-up stops.
         """
-        self._log = ctx.log
         try:
             verdict = await ctx.rpc.validate("create_contact", input=self._contact(_SAMPLE_NUMBER))
         except RpcError as exc:
@@ -113,7 +113,7 @@ class MissedCalls(Handler):
             raise ValueError(f"sippet rejects the contacts this handler would create: {problem}")
         ctx.log.info("missed-call follow-up ready", statuses=sorted(self.config.statuses))
 
-    async def handle(self, event: Event, ctx: Context) -> None:
+    async def handle(self, event: Event, ctx: Context[MissedCallsConfig]) -> None:
         """Make the caller a contact, unless this call was followed up or one exists."""
         key = event.call_key
         number = _caller(event)
@@ -136,16 +136,26 @@ class MissedCalls(Handler):
         if key is not None:
             self._remember(key)
 
-    async def teardown(self) -> None:
+    async def on_error(
+        self, event: Event, error: Exception, ctx: Context[MissedCallsConfig]
+    ) -> None:
+        """A follow-up failed (Sippet refused, or the timeout ran out): the caller still needs
+        a call back, so say who, for whoever reads the logs, and count it for the status."""
+        self.failed += 1
+        ctx.log.warning("call the missed caller back by hand", caller=_caller(event))
+
+    async def teardown(self, ctx: Context[MissedCallsConfig]) -> None:
         """Say how much was done; there is nothing to release."""
-        if self._log is not None:
-            self._log.info("missed-call follow-up stopped", contacts_created=self.created)
+        ctx.log.info(
+            "missed-call follow-up stopped", contacts_created=self.created, failed=self.failed
+        )
 
     def status(self) -> str | None:
         """What ``systemctl status`` shows for this handler."""
-        return f"contacts created: {self.created}"
+        failed = f", failed: {self.failed}" if self.failed else ""
+        return f"contacts created: {self.created}{failed}"
 
-    async def _find(self, ctx: Context, number: str) -> str | None:
+    async def _find(self, ctx: Context[MissedCallsConfig], number: str) -> str | None:
         """The id of a contact with ``number``, or None."""
         # A pure read: the client retries it through any transient failure.
         data = await ctx.rpc.run(
@@ -158,11 +168,12 @@ class MissedCalls(Handler):
                 return str(item["id"])
         return None
 
-    async def _create(self, ctx: Context, number: str) -> str | None:
+    async def _create(self, ctx: Context[MissedCallsConfig], number: str) -> str | None:
         """Create the contact for ``number``; return its id."""
         # Not retry_unsafe: after a lost reply, a resend could create the contact twice.
-        # A failure propagates instead; the dispatcher logs it and the call is not remembered,
-        # so a redelivery tries again (and finds the contact if the first try did land).
+        # A failure propagates instead; the dispatcher logs it, on_error asks for a call back,
+        # and the call is not remembered, so a redelivery tries again (and finds the contact
+        # if the first try did land).
         data = await ctx.rpc.run("create_contact", input=self._contact(number), fields=["id"])
         contact_id = data.get("id") if isinstance(data, dict) else None
         return None if contact_id is None else str(contact_id)

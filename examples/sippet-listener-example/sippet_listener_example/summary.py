@@ -7,8 +7,9 @@ from listener import Context, Event, handler
 __all__ = ["call_summary"]
 
 
-@handler(events=["call_ended"], when=lambda event: event.call_key is not None)
-async def call_summary(event: Event, ctx: Context) -> None:
+# A summary line is worth less than slowing the intake: under a flood, drop it.
+@handler(events=["call_ended"], when=lambda event: event.call_key is not None, on_full="drop")
+async def call_summary(event: Event, ctx: Context[None]) -> None:
     """Log the call's status, direction and duration, whichever spelling the payload uses."""
     ctx.log.info(
         "call summary",

@@ -10,7 +10,6 @@ from sippet_listener_example import MissedCalls, call_summary
 from structlog.testing import capture_logs
 
 from listener import ConfigError, HandlerLoadError
-from listener.dispatch.loader import load_handler
 from listener.testing import FakeSippet, running_daemon, settle
 
 CALLER = "+15550100"
@@ -125,11 +124,39 @@ async def test_settings_come_from_the_handlers_table(fake_sippet: FakeSippet) ->
     assert runs(fake_sippet)[1]["input"]["fullName"] == f"Call back {CALLER}"
 
 
-def test_a_misspelt_setting_is_named() -> None:
+async def test_a_misspelt_setting_is_named(fake_sippet: FakeSippet) -> None:
     with pytest.raises(ConfigError) as caught:
-        load_handler({"use": "missed_calls", "statuse": ["busy"]}, "handlers[0]")
+        async with running_daemon(fake_sippet, [{"use": "missed_calls", "statuse": ["busy"]}]):
+            pass
     assert caught.value.key == "handlers[0].statuse"
     assert "did you mean 'statuses'" in caught.value.problem
+
+
+async def test_a_failed_follow_up_asks_for_a_call_back(fake_sippet: FakeSippet) -> None:
+    handler = MissedCalls()
+    with capture_logs() as logs:
+        async with running_daemon(fake_sippet, [handler]) as daemon:
+            fake_sippet.script_rpc(body={"success": True, "data": []})
+            fake_sippet.script_rpc(
+                body={"success": False, "errors": [{"type": "invalid", "message": "no"}]}
+            )
+            await fake_sippet.broadcast("call_ended", MISSED)
+            await settle(daemon, events=1)
+            assert handler.status() == "contacts created: 0, failed: 1"
+    [call_back] = [
+        entry for entry in logs if entry["event"] == "call the missed caller back by hand"
+    ]
+    assert (call_back["caller"], call_back["call_key"]) == (CALLER, "c-1")
+    [stopped] = [entry for entry in logs if entry["event"] == "missed-call follow-up stopped"]
+    assert (stopped["contacts_created"], stopped["failed"]) == (0, 1)
+
+
+async def test_the_table_overrides_the_declared_timeout(fake_sippet: FakeSippet) -> None:
+    async with running_daemon(
+        fake_sippet, [MissedCalls(), {"use": "missed_calls", "name": "b", "timeout": 3}]
+    ) as daemon:
+        declared, configured = (runner.settings.timeout for runner in daemon.dispatcher.runners)
+    assert (declared, configured) == (MissedCalls.timeout, 3.0)
 
 
 async def test_start_up_stops_when_sippet_rejects_the_contact(fake_sippet: FakeSippet) -> None:

@@ -1,0 +1,67 @@
+"""The outbox as measured every ``poll_interval``: Prometheus gauges and the status line."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import structlog
+
+from listener.core.metrics import DEAD_LETTERS, OUTBOX_OLDEST_AGE, OUTBOX_PENDING
+from listener.webhooks.outbox import DestinationStats, Outbox
+from listener.webhooks.store import Store
+
+__all__ = ["Gauges"]
+
+_log = structlog.get_logger(__name__)
+
+
+class Gauges:
+    """Measures the configured destinations' backlog in the outbox.
+
+    Args:
+        names: the configured destinations.
+        poll_interval: seconds between measurements.
+    """
+
+    def __init__(self, names: Sequence[str], poll_interval: float) -> None:
+        self._names = list(names)
+        self._poll_interval = poll_interval
+        self._stats: list[DestinationStats] = []
+
+    async def run(self, store: Store) -> None:
+        """Measure until cancelled."""
+        first = True
+        while True:
+            try:
+                stats = await store.run(Outbox.stats, time.time(), self._names)
+            except Exception:
+                _log.exception("webhook outbox stats failed")
+            else:
+                self._publish(stats, warn_unknown=first)
+                first = False
+            await asyncio.sleep(self._poll_interval)
+
+    def describe(self) -> str:
+        """A few words for the service status: the backlog as last measured."""
+        parts = []
+        for entry in self._stats:
+            state = "disabled, " if entry.disabled else ""
+            parts.append(f"{entry.name} {state}{entry.pending} pending, {entry.dead} dead")
+        return "; ".join(parts) or "outbox not measured yet"
+
+    def _publish(self, stats: list[DestinationStats], *, warn_unknown: bool) -> None:
+        """Set the gauges; on the first round, warn about rows nobody will deliver."""
+        self._stats = [entry for entry in stats if entry.name in self._names]
+        for entry in stats:
+            if entry.name in self._names:
+                OUTBOX_PENDING.labels(entry.name).set(entry.pending)
+                OUTBOX_OLDEST_AGE.labels(entry.name).set(entry.oldest_age or 0.0)
+                DEAD_LETTERS.labels(entry.name).set(entry.dead)
+            elif warn_unknown and entry.pending:
+                _log.warning(
+                    "webhook outbox holds deliveries for an unconfigured destination",
+                    destination=entry.name,
+                    pending=entry.pending,
+                )

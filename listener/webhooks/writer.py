@@ -1,0 +1,182 @@
+"""The batch writer: new deliveries and attempt outcomes, committed together.
+
+Submitted rows and finished attempts' outcomes collect in memory; one task commits them in a
+single transaction on the outbox thread, and while it commits the next batch fills up, so
+transactions grow with load instead of being paid per event. A failed commit keeps its batch
+and is retried on a :class:`~listener.core.retry.Backoff`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import structlog
+
+from listener.core.retry import Backoff, BackoffPolicy
+from listener.webhooks.outbox import NewDelivery, Outbox
+from listener.webhooks.store import Store
+
+__all__ = ["BatchWriter", "Outcome"]
+
+_log = structlog.get_logger(__name__)
+
+# A failed commit (the CLI holding the write lock past busy_timeout, a full disk) holds back
+# every handle() waiting for durability: retried at once, then backing off to at most 5 s.
+_COMMIT_RETRY = BackoffPolicy(initial=0.5, cap=5.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of one attempt, to be committed to the outbox."""
+
+    destination: str
+    msg_id: str
+    kind: Literal["delivered", "retry", "gone", "exhausted"]
+    at: float
+    attempts: int = 0
+    due_at: float = 0.0
+    status: int | None = None
+    error: str = ""
+
+    def apply(self, outbox: Outbox) -> None:
+        """Record this failed attempt's outcome (inside the caller's transaction); delivered
+        outcomes are recorded together by :func:`_commit`."""
+        if self.kind == "exhausted":
+            outbox.bury(
+                self.destination,
+                self.msg_id,
+                now=self.at,
+                reason="exhausted",
+                attempts=self.attempts,
+                status=self.status,
+                error=self.error,
+            )
+            return
+        if self.kind == "gone":
+            outbox.disable(self.destination, self.at, "HTTP 410 Gone")
+        outbox.reschedule(
+            self.destination,
+            self.msg_id,
+            due_at=self.due_at,
+            attempts=self.attempts,
+            attempted_at=self.at,
+            status=self.status,
+            error=self.error,
+        )
+
+
+def _commit(outbox: Outbox, rows: list[NewDelivery], outcomes: list[Outcome]) -> None:
+    """Insert new rows and record outcomes in one transaction."""
+    with outbox.transaction():
+        outbox.add(rows)
+        delivered: dict[str, list[str]] = {}
+        for outcome in outcomes:
+            if outcome.kind == "delivered":
+                delivered.setdefault(outcome.destination, []).append(outcome.msg_id)
+            else:
+                outcome.apply(outbox)
+        # One statement per destination: per-row deletes were a quarter of the outbox's time.
+        for destination, msg_ids in delivered.items():
+            outbox.mark_delivered(destination, msg_ids)
+
+
+class BatchWriter:
+    """Commits what :meth:`add` and :meth:`record` queue, batch after batch, until closed.
+
+    Args:
+        store: the outbox's thread.
+        committed: called on the loop after each successful commit, with what it held.
+    """
+
+    def __init__(
+        self, store: Store, committed: Callable[[list[NewDelivery], list[Outcome]], None]
+    ) -> None:
+        self._store = store
+        self._committed = committed
+        self._backoff = Backoff(_COMMIT_RETRY)
+        self._rows: list[NewDelivery] = []
+        self._outcomes: list[Outcome] = []
+        self._dirty = asyncio.Event()
+        self._closing = asyncio.Event()
+        # Completed when the rows added since the last commit are committed.
+        self._batch: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start committing."""
+        self._task = asyncio.create_task(self._run(), name="webhook-writer")
+
+    def add(self, rows: Iterable[NewDelivery]) -> asyncio.Future[None]:
+        """Queue rows for the next commit; return a future completed once they are committed.
+
+        A failed commit is retried; the future waits for it.
+        """
+        self._rows.extend(rows)
+        self._dirty.set()
+        if self._batch is None:
+            self._batch = asyncio.get_running_loop().create_future()
+        return self._batch
+
+    def record(self, outcome: Outcome) -> None:
+        """Queue an attempt's outcome for the next commit."""
+        self._outcomes.append(outcome)
+        self._dirty.set()
+
+    async def close(self) -> None:
+        """Commit what is queued (one last try if commits are failing), then stop."""
+        self._closing.set()
+        self._dirty.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            if await self._flush():
+                self._backoff.reset()
+                if self._closing.is_set() and not (self._rows or self._outcomes):
+                    return
+            elif self._closing.is_set():
+                return
+            else:
+                # Not woken by new rows: retrying at every submit would hammer a failing disk.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._backoff.next_delay()):
+                        await self._closing.wait()
+                self._dirty.set()
+
+    async def _flush(self) -> bool:
+        """Commit the current batch; on failure keep it for the next try and return False."""
+        rows, self._rows = self._rows, []
+        outcomes, self._outcomes = self._outcomes, []
+        batch, self._batch = self._batch, None
+        if not (rows or outcomes):
+            return True
+        try:
+            await self._store.run(_commit, rows, outcomes)
+        except Exception:
+            self._rows[:0], self._outcomes[:0] = rows, outcomes
+            if batch is not None:
+                # Rows added meanwhile join the retried batch: its future settles theirs.
+                newer = self._batch
+                if newer is not None:
+                    batch.add_done_callback(lambda _: newer.done() or newer.set_result(None))
+                self._batch = batch
+            # When closing there is no next try: added rows are lost, and attempts whose
+            # outcome is lost will simply be made again by the next run.
+            _log.exception(
+                "webhook outbox commit failed",
+                deliveries=len(rows),
+                outcomes=len(outcomes),
+                lost=self._closing.is_set(),
+            )
+            return False
+        if batch is not None and not batch.done():
+            batch.set_result(None)
+        self._committed(rows, outcomes)
+        return True
