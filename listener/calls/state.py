@@ -25,15 +25,16 @@ Nothing here reads a clock or does I/O: callers pass ``now``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
-from listener.core.events import Event
+from listener.core.events import Event, Origin
 
 __all__ = [
     "STATUSES",
     "TRANSITIONS",
+    "CallLookup",
     "CallRecord",
     "CallState",
     "Origin",
@@ -45,8 +46,6 @@ __all__ = [
 ]
 
 Status = Literal["ringing", "answered", "ended"]
-#: Where a transition was learnt: from the channel, or rebuilt from ``list_calls``.
-Origin = Literal["realtime", "reconcile"]
 
 #: The statuses, in the only order a call moves through them.
 STATUSES: Final[tuple[Status, ...]] = ("ringing", "answered", "ended")
@@ -190,29 +189,51 @@ class Transition:
         return self.record.origins[self.record.status]
 
 
+def _field(event: Event, name: str) -> Any:
+    """:meth:`Event.field`, quicker when the payload spells ``name`` as given (the spelling
+    it tries first, and the one ``list_calls`` rows use)."""
+    payload = event.payload
+    return payload[name] if name in payload else event.field(name)
+
+
 def _text(event: Event, name: str) -> str | None:
     """Return a payload field that is a non-empty string, else None."""
-    value = event.field(name)
+    value = _field(event, name)
     return value if isinstance(value, str) and value else None
 
 
-def _times(record: CallRecord, event: Event, heard: float | None) -> dict[str, Any]:
-    """Return the transition times of ``record`` with what ``event`` adds.
+def _times(
+    status: Status, known: CallRecord | None, event: Event, heard: float | None
+) -> dict[str, Any]:
+    """Return the transition times of a call at ``status``: what ``known`` had, with what
+    ``event`` adds.
 
     A status the call has not reached gets no time; one it reached keeps the time it has,
     else takes the payload's, else ``heard`` (when the move to it was heard) for the status
     it is at now.
     """
     times: dict[str, Any] = {}
-    for step in STATUSES[: record.rank() + 1]:
+    for step in STATUSES[: _RANK[status] + 1]:
         attribute = _TIME_ATTRIBUTE[step]
-        when = getattr(record, attribute)
+        when = None if known is None else getattr(known, attribute)
         if when is None:
-            when = parse_time(event.field(_TIME_FIELD[step]))
-        if when is None and step == record.status:
+            when = parse_time(_field(event, _TIME_FIELD[step]))
+        if when is None and step == status:
             when = heard
         times[attribute] = when
     return times
+
+
+class CallLookup(Protocol):
+    """The call map as handlers read it (``ctx.calls``): live, and read-only."""
+
+    def get(self, call_key: str) -> CallRecord | None:
+        """Return what the map knows of a call now, or None."""
+        ...
+
+    def open_calls(self) -> list[CallRecord]:
+        """Return the calls not ended."""
+        ...
 
 
 class CallState:
@@ -253,32 +274,41 @@ class CallState:
             origin: ``realtime`` for the channel, ``reconcile`` for a rebuilt event.
             now: when the event was heard, seconds since the epoch.
         """
-        event = Event.create(name, payload, "", now)
+        return self.merge_event(Event.create(name, payload, "", now, origin=origin))
+
+    def merge_event(self, event: Event) -> Transition | None:
+        """:meth:`merge` for an event already built: its origin, and ``received_at`` as the
+        moment it was heard."""
         key = event.call_key
         if key is None:
             return None
-        target = TRANSITIONS.get(name)
+        now = event.received_at
+        target = TRANSITIONS.get(event.name)
         known = self._calls.get(key)
-        record = known
+        before = None if known is None else known.status
         if target is not None and (known is None or _RANK[target] > known.rank()):
-            base = known or CallRecord(key, target, now)
-            record = replace(base, status=target, origins={**base.origins, target: origin})
-        if record is None:
+            status: Status = target
+            earlier = known.origins if known else {}
+            origins: Mapping[Status, Origin] = {**earlier, target: event.origin}
+        elif known is not None:
+            status, origins = known.status, known.origins
+        else:
             return None
-        moved = record is not known
-        updated = replace(
-            record,
-            last_event_at=max(record.last_event_at, now),
-            from_number=record.from_number or _text(event, "fromNumber"),
-            to_number=record.to_number or _text(event, "toNumber"),
-            **_times(record, event, now if moved else None),
+        moved = status != before
+        # One constructor call: dataclasses.replace cost more than the rest of the merge.
+        updated = CallRecord(
+            key,
+            status,
+            now if known is None else max(known.last_event_at, now),
+            (known and known.from_number) or _text(event, "fromNumber"),
+            (known and known.to_number) or _text(event, "toNumber"),
+            origins=origins,
+            **_times(status, known, event, now if moved else None),
         )
         if updated != known:
             self._calls[key] = updated
             self._changed.add(key)
-        if not moved:
-            return None
-        return Transition(None if known is None else known.status, updated)
+        return Transition(before, updated) if moved else None
 
     def changed(self) -> list[CallRecord]:
         """Return the calls changed since the last call (for the store), and forget them."""
