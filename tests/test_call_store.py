@@ -24,7 +24,7 @@ def test_what_is_saved_is_there_after_reopening(tmp_path: Path) -> None:
     state.merge("call_ended", {"callUuid": "c-1", "endedAt": "x"}, "reconcile", 12.0)
     state.merge("call_answered", {"call": {"call_uuid": "c-2"}}, "realtime", 11.0)
     with CallStore(path) as store:
-        store.save(12.0, calls=state.changed(), handled=["evt_a", "evt_b"])
+        store.save(12.0, calls=state.changed(), handled=["evt_a", "evt_b"], seen_until=12.0)
     with CallStore(path) as store:
         restored = CallState(store.calls())
         assert store.handled_ids() == {"evt_a", "evt_b"}
@@ -44,10 +44,11 @@ def test_saving_again_replaces_a_call_and_keeps_a_handled_id_once(tmp_path: Path
             calls=[CallRecord("c", "answered", 2.0, origins={"answered": "realtime"})],
             handled=["evt_a", "evt_b"],
         )
-        store.save(3.0)  # alive, nothing new
+        store.save(3.0, seen_until=2.5)  # nothing new, nothing missed until 2.5
+        store.save(4.0)  # nothing said of what was missed: the last moment seen stays
         assert store.calls() == [CallRecord("c", "answered", 2.0, origins={"answered": "realtime"})]
         assert store.handled_ids() == {"evt_a", "evt_b"}
-        assert store.last_seen() == 3.0
+        assert store.last_seen() == 2.5
         # The first save's time stays with evt_a: pruning at 1.5 forgets it, not evt_b.
         store.prune(before=1.5)
         assert store.handled_ids() == {"evt_b"}
@@ -86,7 +87,7 @@ def test_a_failed_batch_writes_nothing(tmp_path: Path) -> None:
             raise RuntimeError("the caller failed half-way")
 
         with pytest.raises(RuntimeError):
-            store.save(1.0, calls=records(), handled=["evt_a"])
+            store.save(1.0, calls=records(), handled=["evt_a"], seen_until=1.0)
         assert store.calls() == []
         assert (store.handled_ids(), store.last_seen()) == (set(), None)
         store.save(2.0, handled=["evt_b"])  # and the store still works

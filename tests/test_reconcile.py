@@ -9,7 +9,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from listener.calls.reconcile import CALL_FIELDS, Diff, Missed, diff, list_calls_request
+from listener.calls.reconcile import (
+    CALL_FIELDS,
+    Diff,
+    Missed,
+    diff,
+    list_calls_request,
+    open_calls_request,
+    refresh_request,
+)
 from listener.calls.state import CallRecord, CallState, StatusMap
 from listener.core.ids import EventIds, lifecycle_id
 
@@ -191,4 +199,36 @@ def test_the_request_looks_back_no_further_than_lookback_max() -> None:
             {"startedAt": {"greaterThanOrEqual": "2026-03-01T11:00:00.000Z"}},
             {"endedAt": {"greaterThanOrEqual": "2026-03-01T11:00:00.000Z"}},
         ]
+    }
+
+
+def test_a_refresh_asks_after_the_calls_open_for_a_while_only() -> None:
+    state = CallState(
+        [
+            CallRecord("long", "answered", T0 - 5, started_at=T0 - 300),
+            CallRecord("heard-late", "answered", T0 - 200, answered_at=T0 - 200),
+            CallRecord("fresh", "ringing", T0 - 5, started_at=T0 - 5),
+            CallRecord("over", "ended", T0 - 500, started_at=T0 - 600),
+            CallRecord("stale", "ringing", T0 - 90000, started_at=T0 - 90000),
+        ]
+    )
+    request = refresh_request(state, now=T0, open_for=60, lookback_max=86400)
+    assert request == {
+        "fields": list(CALL_FIELDS),
+        "filter": {"callUuid": {"in": ["heard-late", "long"]}},
+        "sort": "startedAt",
+    }
+    assert refresh_request(state_at(c="ended"), now=T0, open_for=60) is None
+
+
+def test_the_first_start_asks_for_the_calls_not_ended_within_the_lookback() -> None:
+    assert open_calls_request(now=T0, lookback_max=3600) == {
+        "fields": list(CALL_FIELDS),
+        "filter": {
+            "and": [
+                {"endedAt": {"isNil": True}},
+                {"startedAt": {"greaterThanOrEqual": "2026-03-01T11:00:00.000Z"}},
+            ]
+        },
+        "sort": "startedAt",
     }

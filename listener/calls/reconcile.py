@@ -1,9 +1,11 @@
 """Reconciliation: the call transitions the channel missed, rebuilt from ``list_calls``.
 
 Sippet's channel has no replay, so whatever it broadcast while no socket was joined is gone.
-Sippet's own list of calls is not: after a gap (and on a timer, because the channel promises
-nothing even while joined), :func:`list_calls_request` asks for every call that may have
-moved meanwhile, and :func:`diff` compares the answer with the call map.
+Sippet's own list of calls is not: after a gap :func:`list_calls_request` asks for every call
+that may have moved meanwhile, on a timer (because the channel promises nothing even while
+joined) :func:`refresh_request` asks after the calls open for a while, and :func:`diff`
+compares the answer with the call map. The very first start, with no history at all, loads
+the open calls (:func:`open_calls_request`).
 
 Each row stands for the transitions its call went through: ``incoming_call`` once it exists,
 ``call_answered`` when its status says so or when it ended after being answered (an
@@ -31,6 +33,7 @@ from typing import Any, Final
 from listener.calls.state import (
     STATUSES,
     TRANSITIONS,
+    CallRecord,
     CallState,
     Status,
     StatusMap,
@@ -39,7 +42,15 @@ from listener.calls.state import (
 from listener.core.events import call_key_of
 from listener.core.ids import lifecycle_id
 
-__all__ = ["CALL_FIELDS", "Diff", "Missed", "diff", "list_calls_request"]
+__all__ = [
+    "CALL_FIELDS",
+    "Diff",
+    "Missed",
+    "diff",
+    "list_calls_request",
+    "open_calls_request",
+    "refresh_request",
+]
 
 #: The ``list_calls`` fields reconciliation asks for: what the call map reads, plus the
 #: call's id and direction, which handlers of a rebuilt event are likely to want.
@@ -152,6 +163,16 @@ def diff(state: CallState, rows: Iterable[object], statuses: StatusMap = _DEFAUL
     return Diff(tuple(missed), malformed, unknown)
 
 
+def _request(filter: dict[str, Any]) -> dict[str, Any]:
+    """The payload keys of a ``list_calls`` request for the rows ``filter`` selects."""
+    return {"fields": list(CALL_FIELDS), "filter": filter, "sort": "startedAt"}
+
+
+def _tracked(state: CallState, floor: float) -> list[CallRecord]:
+    """The open calls heard of since ``floor``: older ones are taken as lost."""
+    return [record for record in state.open_calls() if record.last_event_at >= floor]
+
+
 def list_calls_request(
     state: CallState,
     *,
@@ -169,7 +190,7 @@ def list_calls_request(
 
     Args:
         state: the call map; only read.
-        since: when the gap began (for a pass on a timer: when the previous pass ran).
+        since: when the gap began.
         now: the current time.
         margin: how much earlier to look, for events in flight when the gap began and for
             the skew between this clock and Sippet's.
@@ -181,11 +202,36 @@ def list_calls_request(
     """
     floor = now - lookback_max
     start = format_time(max(since - margin, floor))
-    open_keys = sorted(r.call_key for r in state.open_calls() if r.last_event_at >= floor)
+    open_keys = sorted(record.call_key for record in _tracked(state, floor))
     clauses: list[dict[str, Any]] = [
         {"startedAt": {"greaterThanOrEqual": start}},
         {"endedAt": {"greaterThanOrEqual": start}},
     ]
     if open_keys:
         clauses.insert(0, {"callUuid": {"in": open_keys}})
-    return {"fields": list(CALL_FIELDS), "filter": {"or": clauses}, "sort": "startedAt"}
+    return _request({"or": clauses})
+
+
+def refresh_request(
+    state: CallState, *, now: float, open_for: float, lookback_max: float = 86400.0
+) -> dict[str, Any] | None:
+    """Return the ``list_calls`` request of a refresh on a timer, or None if it has nothing
+    to ask: the calls open in the map for ``open_for`` seconds or more, so that a
+    ``call_ended`` the channel lost while joined is still seen. Open calls silent for longer
+    than ``lookback_max`` are left out, as by :func:`list_calls_request`."""
+    cut = now - open_for
+    keys = sorted(
+        record.call_key
+        for record in _tracked(state, now - lookback_max)
+        if (record.started_at or record.answered_at or record.last_event_at) <= cut
+    )
+    return _request({"callUuid": {"in": keys}}) if keys else None
+
+
+def open_calls_request(*, now: float, lookback_max: float = 86400.0) -> dict[str, Any]:
+    """Return the ``list_calls`` request of the very first start: every call not ended that
+    started within ``lookback_max``, to load into an empty map."""
+    start = format_time(now - lookback_max)
+    return _request(
+        {"and": [{"endedAt": {"isNil": True}}, {"startedAt": {"greaterThanOrEqual": start}}]}
+    )

@@ -1,10 +1,10 @@
-"""The call map, the handled lifecycle ids and the last moment alive, in one SQLite file.
+"""The call map, the handled lifecycle ids and the last moment seen, in one SQLite file.
 
 What must outlive the process: the call map (so that a late event does not reopen a call
 ended before a restart, and reconciliation knows what was already seen), the ids of the
 lifecycle events already handled (so that none is handled twice, whatever the restarts), and
-the last moment the daemon persisted anything (so that the next start knows how long it was
-away: that time is a gap to reconcile).
+the last moment until which the daemon had missed nothing (so that the next start knows how
+long it was away: from then on is a gap to reconcile).
 
 Pure storage: no asyncio, no clock (callers pass ``now``). Writes come in batches, one
 transaction each (:meth:`CallStore.save`), into a WAL journal (see
@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Final
 
 from listener.calls.state import CallRecord
 from listener.core.errors import ListenerError
 from listener.core.sqlite import Database
 
-__all__ = ["SCHEMA_VERSION", "CallStore", "StoreError"]
+__all__ = ["SCHEMA_VERSION", "CallStore", "StoreError", "store_path"]
 
 SCHEMA_VERSION: Final = 1
 
@@ -61,6 +62,11 @@ _UPSERT_CALL: Final = (
 _SELECT_CALLS: Final = f"SELECT {_CALL_COLUMNS} FROM calls"  # noqa: S608
 
 
+def store_path(state_dir: Path) -> Path:
+    """Where the daemon keeps its call store under ``service.state_dir``."""
+    return state_dir / "calls.sqlite3"
+
+
 class StoreError(ListenerError):
     """The call store could not be opened, read or written (the message says why)."""
 
@@ -86,20 +92,27 @@ class CallStore(Database):
     version = SCHEMA_VERSION
 
     def save(
-        self, now: float, *, calls: Iterable[CallRecord] = (), handled: Iterable[str] = ()
+        self,
+        now: float,
+        *,
+        calls: Iterable[CallRecord] = (),
+        handled: Iterable[str] = (),
+        seen_until: float | None = None,
     ) -> None:
         """Write a batch in one transaction: calls (replacing what was stored of them), ids
-        newly handled (one already stored keeps its time), and ``now`` as the last moment
-        alive. ``save(now)`` alone marks the daemon alive."""
+        newly handled at ``now`` (one already stored keeps its time) and, when given,
+        ``seen_until`` as the last moment until which nothing was missed."""
         with self.translated("save"), self.transaction():
             self.conn.executemany(_UPSERT_CALL, (_row(record) for record in calls))
             self.conn.executemany(
                 "INSERT OR IGNORE INTO handled (id, handled_at) VALUES (?, ?)",
                 ((msg_id, now) for msg_id in handled),
             )
-            self.conn.execute(
-                "INSERT OR REPLACE INTO moments (name, at) VALUES ('last_seen', ?)", (now,)
-            )
+            if seen_until is not None:
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO moments (name, at) VALUES ('last_seen', ?)",
+                    (seen_until,),
+                )
 
     def calls(self) -> list[CallRecord]:
         """Return every stored call."""
@@ -113,7 +126,7 @@ class CallStore(Database):
             return {msg_id for (msg_id,) in self.conn.execute("SELECT id FROM handled")}
 
     def last_seen(self) -> float | None:
-        """Return the last moment alive that :meth:`save` wrote, or None for a new file."""
+        """Return the last ``seen_until`` that :meth:`save` wrote, or None when none was."""
         with self.translated("read"):
             row = self.conn.execute("SELECT at FROM moments WHERE name = 'last_seen'").fetchone()
         return None if row is None else float(row[0])
