@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from listener.calls.state import CallRecord
+from listener.calls.store import CallStore, store_path
 from listener.testing import FakeSippet
 
 CLI = [sys.executable, "-m", "listener.service.cli"]
@@ -288,3 +290,32 @@ async def test_mint_token_hides_the_token_unless_asked(fake: FakeSippet, tmp_pat
     assert code == 1
     assert "HTTP 401" in err
     assert "sk_wrong_123456" not in err
+
+
+async def test_calls_prints_the_call_map_open_calls_first(tmp_path: Path) -> None:
+    code, _, err = await run_cli("calls", "--state-dir", str(tmp_path))
+    assert (code, err.strip()) == (
+        1,
+        f"{tmp_path / 'calls.sqlite3'}: no call store yet (the daemon creates it on start)",
+    )
+    with CallStore(store_path(tmp_path)) as store:
+        store.save(
+            30.0,
+            calls=[
+                CallRecord("c-ended", "ended", 30.0, "+15550100", None, 10.0, 12.0, 30.0),
+                CallRecord("c-ringing", "ringing", 20.0, "+15550101", started_at=20.0),
+            ],
+        )
+    code, out, _ = await run_cli("calls", "--state-dir", str(tmp_path))
+    assert code == 0
+    header, ringing, ended = (line.split() for line in out.splitlines())
+    assert header == ["call", "status", "from", "to", "started", "answered", "ended", "last_event"]
+    assert ringing[:6] == [
+        "c-ringing",
+        "ringing",
+        "+15550101",
+        "-",
+        "1970-01-01T00:00:20+00:00",
+        "-",
+    ]
+    assert ended[:3] == ["c-ended", "ended", "+15550100"]

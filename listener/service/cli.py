@@ -30,6 +30,7 @@ from listener.dispatch.loader import LoadedHandler, load_handlers, loaded_instan
 from listener.realtime.tokens import TokenSource
 from listener.rpc.client import RpcClient
 from listener.service import config
+from listener.service.calls_cli import add_calls_command
 from listener.service.daemon import Daemon, stop_on_signals
 from listener.service.reload import ReloadRecord, ReloadTimeout, request_reload
 from listener.service.webhooks_cli import add_webhooks_commands
@@ -376,6 +377,7 @@ def _parser() -> argparse.ArgumentParser:
     _with_config(reload)
     reload.set_defaults(run=_reload)
 
+    add_calls_command(commands)
     add_webhooks_commands(commands)
     return parser
 
