@@ -9,6 +9,9 @@ seconds, in memory and on disk; the final batch is written on :meth:`Persister.c
 
 A crash loses at most the last batch: those calls are then rebuilt by the reconciliation
 after the restart, which starts from the last moment seen the store still has.
+
+Without a store (``tail``, which must not write a running daemon's state directory) the
+batches are dropped and only the pruning is done, so that memory stays bounded all the same.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class Persister:
     Use :meth:`open`, then run :meth:`run` as a task, then :meth:`close`.
 
     Args:
-        store: the open store.
+        store: the open store, or None to keep nothing.
         tracker: whose map and handled ids are kept.
         covered_until: the last moment until which nothing was missed, given ``now``
             (None: no history yet, nothing to record).
@@ -52,7 +55,7 @@ class Persister:
 
     def __init__(
         self,
-        store: CallStore,
+        store: CallStore | None,
         tracker: CallTracker,
         covered_until: Callable[[float], float | None],
         *,
@@ -104,11 +107,15 @@ class Persister:
     async def flush(self) -> None:
         """Write what changed since the last batch (and what that one failed to write)."""
         now = self._clock()
-        self._calls.update((record.call_key, record) for record in self._tracker.state.changed())
-        self._handled.extend(self._tracker.unsaved())
+        changed, unsaved = self._tracker.state.changed(), self._tracker.unsaved()
+        store = self._store
+        if store is None:
+            return
+        self._calls.update((record.call_key, record) for record in changed)
+        self._handled.extend(unsaved)
         calls, handled = list(self._calls.values()), list(self._handled)
         save = functools.partial(
-            self._store.save, now, calls=calls, handled=handled, seen_until=self._covered_until(now)
+            store.save, now, calls=calls, handled=handled, seen_until=self._covered_until(now)
         )
         try:
             await self._off_loop(save)
@@ -126,12 +133,13 @@ class Persister:
         self._pruned_at = now
         forgotten = self._tracker.prune(before)
         self._calls = {k: r for k, r in self._calls.items() if r.last_event_at >= before}
-        try:
-            await self._off_loop(functools.partial(self._store.prune, before))
-        except StoreError as exc:
-            metrics.CALL_STORE_FAILURES.inc()
-            _log.error("call store prune failed", error=str(exc))
-            return
+        if self._store is not None:
+            try:
+                await self._off_loop(functools.partial(self._store.prune, before))
+            except StoreError as exc:
+                metrics.CALL_STORE_FAILURES.inc()
+                _log.error("call store prune failed", error=str(exc))
+                return
         if forgotten:
             _log.info("calls pruned", forgotten=forgotten, retain=self._retain)
 
@@ -142,7 +150,8 @@ class Persister:
         finally:
             if self._busy is not None:
                 await asyncio.wait({self._busy})
-            self._store.close()
+            if self._store is not None:
+                self._store.close()
 
     async def _off_loop(self, work: Callable[[], _T]) -> _T:
         """Run ``work`` on a worker thread, one at a time: a caller cancelled meanwhile does

@@ -177,8 +177,7 @@ class Daemon:
             try:
                 await self._setup(self.dispatcher.runners)
             except BaseException:
-                if persister is not None:
-                    await persister.close()
+                await persister.close()
                 raise
         except BaseException:
             await self._http.aclose()
@@ -192,10 +191,9 @@ class Daemon:
             asyncio.create_task(self.session.run(), name="sippet-session"),
             asyncio.create_task(self._keep_watch(), name="sippet-watchdog"),
         }
+        lifelong.add(asyncio.create_task(persister.run(), name="sippet-call-store"))
         if self.reconciler.settings.enabled:
             lifelong.add(asyncio.create_task(self.reconciler.run(), name="sippet-reconciler"))
-        if persister is not None:
-            lifelong.add(asyncio.create_task(persister.run(), name="sippet-call-store"))
         ready = asyncio.create_task(self._notify_ready(), name="sippet-ready")
         stopping = asyncio.create_task(stop.wait())
         try:
@@ -212,8 +210,7 @@ class Daemon:
                     await task
             await self.session.stop()
             self.report = await self.dispatcher.stop(self.settings.service.drain_timeout)
-            if persister is not None:
-                await persister.close()
+            await persister.close()
             await self._teardown(self.dispatcher.runners)
             if health is not None:
                 await health.stop()
@@ -303,14 +300,15 @@ class Daemon:
         )
         return HandlerRunner(item.handler, item.settings, context)
 
-    async def _open_store(self) -> Persister | None:
+    async def _open_store(self) -> Persister:
         """Load the call store into the tracker and tell the reconciler where history ends.
 
         Raises:
             ListenerError: the state directory or the store cannot be opened.
         """
+        retain = self.settings.calls.retain_ended
         if not self._persist:
-            return None
+            return Persister(None, self.tracker, self.reconciler.covered_until, retain=retain)
         state_dir = self.settings.service.state_dir
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
@@ -320,12 +318,7 @@ class Daemon:
             ) from None
         store, last_seen = await Persister.open(store_path(state_dir), self.tracker)
         self.reconciler.resume(last_seen)
-        return Persister(
-            store,
-            self.tracker,
-            self.reconciler.covered_until,
-            retain=self.settings.calls.retain_ended,
-        )
+        return Persister(store, self.tracker, self.reconciler.covered_until, retain=retain)
 
     def _health_server(self) -> HealthServer | None:
         address = self.settings.service.metrics_address
