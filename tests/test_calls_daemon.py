@@ -199,22 +199,29 @@ async def test_a_periodic_refresh_finds_a_call_ended_lost_without_a_gap(
     interval = 0.3
     asked = list_calls_times(fake)
     calls = {"reconcile": True, "reconcile_interval": interval}
-    async with running_daemon(fake, [seen], calls=calls) as daemon:
-        await caught_up(daemon)
-        await fake.call_event("incoming_call", "c-1")
-        await fake.call_event("call_answered", "c-1")
-        await seen.wait_for(2)
-        # Sippet ends the call but the channel drops the event: no gap anywhere.
-        fake.calls.apply("call_ended", "c-1", time.time())
-        await seen.wait_for(3)
-        # Nothing is open any more, so a refresh has nothing to ask: an absence takes time.
-        after = len(asked)
-        await asyncio.sleep(2 * interval)
-        assert len(asked) == after
+    with capture_logs() as logs:
+        async with running_daemon(fake, [seen], calls=calls) as daemon:
+            await caught_up(daemon)
+            await fake.call_event("incoming_call", "c-1")
+            await fake.call_event("call_answered", "c-1")
+            await seen.wait_for(2)
+            # Sippet ends the call but the channel drops the event: no gap anywhere. The
+            # first refresh that asks fails, and waits for the next interval.
+            fake.script_rpc(action="list_calls", status=500, body={})
+            fake.calls.apply("call_ended", "c-1", time.time())
+            await seen.wait_for(3)
+            # Nothing is open any more, so a refresh has nothing to ask: an absence takes time.
+            after = len(asked)
+            await asyncio.sleep(2 * interval)
+            assert len(asked) == after
     assert seen.transitions()[-1] == ("call_ended", "c-1", "reconcile")
     assert fake.joins == 1
-    # The first start's load, then refreshes: never two list_calls within an interval.
-    assert len(asked) >= 2
+    assert [line["reason"] for line in logs if line["event"] == "list_calls refresh failed"] == [
+        "request"
+    ]
+    # The first start's load, a failed refresh, the one that found it: never two within an
+    # interval.
+    assert len(asked) >= 3
     assert all(b - a >= interval * 0.9 for a, b in itertools.pairwise(asked))
 
 

@@ -326,14 +326,18 @@ class Reconciler:
         return emitted, loaded
 
     async def _failed(self, gap: _Gap | None, reason: str, *, error: str, **detail: int) -> None:
-        """Count and log a failed pass, then wait out the backoff (a new gap cuts it short)."""
+        """Count and log a failed pass; after a gap's, wait out the backoff (a new gap cuts it
+        short). A failed refresh waits for the next interval instead."""
         metrics.RECONCILE_FAILURES.labels(reason=reason).inc()
+        if gap is None:
+            _log.warning("list_calls refresh failed", reason=reason, error=error, **detail)
+            return
         delay = self._backoff.next_delay()
         _log.warning(
-            "list_calls pass failed; the gap stays open" if gap else "list_calls refresh failed",
+            "list_calls pass failed; the gap stays open",
             reason=reason,
             error=error,
-            retry_in=round(delay, 3) if gap else None,
+            retry_in=round(delay, 3),
             **detail,
         )
         with contextlib.suppress(TimeoutError):

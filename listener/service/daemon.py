@@ -190,8 +190,8 @@ class Daemon:
         lifelong = {
             asyncio.create_task(self.session.run(), name="sippet-session"),
             asyncio.create_task(self._keep_watch(), name="sippet-watchdog"),
+            asyncio.create_task(persister.run(), name="sippet-call-store"),
         }
-        lifelong.add(asyncio.create_task(persister.run(), name="sippet-call-store"))
         if self.reconciler.settings.enabled:
             lifelong.add(asyncio.create_task(self.reconciler.run(), name="sippet-reconciler"))
         ready = asyncio.create_task(self._notify_ready(), name="sippet-ready")
