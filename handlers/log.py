@@ -37,7 +37,12 @@ class LogHandler(Handler[LogConfig]):
         super().__init__(config or LogConfig())
 
     async def handle(self, event: Event, ctx: Context[LogConfig]) -> None:
-        fields: dict[str, object] = {"topic": event.topic}
+        # origin tells a transition rebuilt after a gap from one the channel delivered.
+        fields: dict[str, object] = {
+            "topic": event.topic,
+            "origin": event.origin,
+            "event_id": event.id,
+        }
         for name in self.config.fields:
             fields[name] = event.field(name)
         if self.config.payload:

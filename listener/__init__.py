@@ -2,12 +2,14 @@
 
 This module is the plugin authors' door, and the only one: everything a handler needs is
 importable from here (and the test kit from :mod:`listener.testing`). The subpackages
-(``listener.core``, ``listener.realtime``, ``listener.rpc``, ``listener.dispatch``,
-``listener.webhooks``, ``listener.service``) are internal and change without notice.
+(``listener.core``, ``listener.realtime``, ``listener.rpc``, ``listener.calls``,
+``listener.dispatch``, ``listener.webhooks``, ``listener.service``) are internal and change
+without notice.
 """
 
 from __future__ import annotations
 
+from listener.calls.state import CallLookup, CallRecord
 from listener.core.errors import (
     AuthError,
     ConfigError,
@@ -39,6 +41,8 @@ __all__ = [
     "PAYLOAD_KEYS",
     "ActionSpec",
     "AuthError",
+    "CallLookup",
+    "CallRecord",
     "ConfigError",
     "Context",
     "Event",

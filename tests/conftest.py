@@ -14,7 +14,7 @@ import pytest
 from listener.core.events import Event
 from listener.core.retry import BackoffPolicy
 from listener.realtime.connection import LinkSettings
-from listener.realtime.session import Session, SessionSettings
+from listener.realtime.session import LinkWatch, Session, SessionSettings
 from listener.realtime.tokens import TokenSource
 from listener.testing import FakeSippet
 
@@ -80,11 +80,16 @@ def run_session(fake: FakeSippet, http: httpx.AsyncClient) -> RunSession:
 
     @contextlib.asynccontextmanager
     async def start(
-        *, wait_joined: bool = True, api_key: str | None = None, **overrides: Any
+        *,
+        wait_joined: bool = True,
+        api_key: str | None = None,
+        watch: LinkWatch | None = None,
+        **overrides: Any,
     ) -> AsyncIterator[tuple[Session, Collector]]:
         collector = Collector()
         tokens = TokenSource(http, fake.base_url, api_key or fake.api_key)
-        session = Session(fast_settings(fake.base_url, **overrides), tokens, collector)
+        settings = fast_settings(fake.base_url, **overrides)
+        session = Session(settings, tokens, collector, watch=watch)
         task = asyncio.create_task(session.run())
         try:
             if wait_joined:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from listener.calls.state import CallRecord
+from listener.calls.store import CallStore, store_path
 from listener.testing import FakeSippet
 
 CLI = [sys.executable, "-m", "listener.service.cli"]
@@ -91,8 +93,12 @@ async def test_tail_prints_one_json_object_per_event(fake: FakeSippet, tmp_path:
         err = (await process.stderr.read()).decode()
         assert await process.wait() == 0
     assert lines == [
-        {"event": "incoming_call", "payload": {"callUuid": "c-1", "fromNumber": "+15550100"}},
-        {"event": "call_ended", "payload": {"call_uuid": "c-1"}},
+        {
+            "event": "incoming_call",
+            "payload": {"callUuid": "c-1", "fromNumber": "+15550100"},
+            "origin": "realtime",
+        },
+        {"event": "call_ended", "payload": {"call_uuid": "c-1"}, "origin": "realtime"},
     ]
     assert "channel joined" in err
     assert fake.api_key not in err
@@ -141,12 +147,17 @@ async def test_run_dispatches_to_configured_handlers_and_stops_on_sigterm(
     await fake.wait_until(lambda: fake.joins >= 1)
     await fake.broadcast("incoming_call", {"call_uuid": "c-7", "from_number": "+15550000000"})
     await fake.broadcast("call_ended", {"call_uuid": "c-7"})
-    await fake.wait_until(lambda: len(fake.rpc_requests) >= 1)
+
+    def rule_calls() -> list[object]:
+        # The first start's list_calls (reconciliation) goes through the same endpoint.
+        return [r.body for r in fake.rpc_requests if r.body["action"] != "list_calls"]
+
+    await fake.wait_until(lambda: len(rule_calls()) >= 1)
     process.send_signal(signal.SIGTERM)
     async with asyncio.timeout(10):
         err = (await process.stderr.read()).decode()
         assert await process.wait() == 0
-    assert fake.rpc_requests[0].body == {"action": "end_call", "input": {"callUuid": "c-7"}}
+    assert rule_calls() == [{"action": "end_call", "input": {"callUuid": "c-7"}}]
     logged = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert [line["event_name"] for line in logged if line["event"] == "event received"] == [
         "call_ended"
@@ -279,3 +290,32 @@ async def test_mint_token_hides_the_token_unless_asked(fake: FakeSippet, tmp_pat
     assert code == 1
     assert "HTTP 401" in err
     assert "sk_wrong_123456" not in err
+
+
+async def test_calls_prints_the_call_map_open_calls_first(tmp_path: Path) -> None:
+    code, _, err = await run_cli("calls", "--state-dir", str(tmp_path))
+    assert (code, err.strip()) == (
+        1,
+        f"{tmp_path / 'calls.sqlite3'}: no call store yet (the daemon creates it on start)",
+    )
+    with CallStore(store_path(tmp_path)) as store:
+        store.save(
+            30.0,
+            calls=[
+                CallRecord("c-ended", "ended", 30.0, "+15550100", None, 10.0, 12.0, 30.0),
+                CallRecord("c-ringing", "ringing", 20.0, "+15550101", started_at=20.0),
+            ],
+        )
+    code, out, _ = await run_cli("calls", "--state-dir", str(tmp_path))
+    assert code == 0
+    header, ringing, ended = (line.split() for line in out.splitlines())
+    assert header == ["call", "status", "from", "to", "started", "answered", "ended", "last_event"]
+    assert ringing[:6] == [
+        "c-ringing",
+        "ringing",
+        "+15550101",
+        "-",
+        "1970-01-01T00:00:20+00:00",
+        "-",
+    ]
+    assert ended[:3] == ["c-ended", "ended", "+15550100"]

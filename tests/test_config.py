@@ -43,6 +43,12 @@ def test_defaults() -> None:
     settings = parse_settings({})
     assert settings.sippet.base_url == "https://api.sippet.ai"
     assert settings.service.log_format == "auto"
+    calls = settings.calls
+    assert (calls.reconcile, calls.reconcile_interval, calls.id_window) == (True, 60.0, 2.0)
+    assert calls.retain_ended >= calls.lookback_max
+    assert calls.statuses.status_of("in_progress") == "answered"
+    custom = parse_settings({"calls": {"ended_statuses": ["done"]}}).calls.statuses
+    assert (custom.status_of("Done"), custom.status_of("completed")) == ("ended", None)
 
 
 @pytest.mark.parametrize(
@@ -66,6 +72,23 @@ def test_defaults() -> None:
         ),
         ({"sippet": {"base_url": "api.sippet.ai"}}, "sippet.base_url", "must start with https://"),
         ({"service": {"log_level": "loud"}}, "service.log_level", "input should be"),
+        (
+            {"calls": {"reconcile_intervall": 5}},
+            "calls.reconcile_intervall",
+            "unknown key; did you mean 'reconcile_interval'?",
+        ),
+        ({"calls": {"reconcile": "sometimes"}}, "calls.reconcile", "input should be a valid"),
+        ({"calls": {"id_window": 0}}, "calls.id_window", "input should be greater than 0"),
+        (
+            {"calls": {"lookback_max": 7200, "retain_ended": 3600}},
+            "calls.retain_ended",
+            "must be at least calls.lookback_max (7200 s)",
+        ),
+        (
+            {"calls": {"ended_statuses": ["completed", "No Answer", "ringing"]}},
+            "calls.ended_statuses",
+            "status 'ringing' is both ringing and ended",
+        ),
     ],
 )
 def test_errors_name_the_key(data: dict[str, object], key: str, problem: str) -> None:

@@ -131,6 +131,7 @@ def test_body_is_ascii_json_even_for_lone_surrogates() -> None:
         "type": "x",
         "occurred_at": "1970-01-01T00:00:00.250Z",
         "topic": "events",
+        "origin": "realtime",
         "data": {"name": "Zoë \ud800"},
     }
 
@@ -160,6 +161,7 @@ async def test_request_is_signed_with_every_secret_and_shaped_per_spec(
         "type": "call_started",
         "occurred_at": "2027-01-15T08:00:00.500Z",
         "topic": "events",
+        "origin": "realtime",
         "data": {"callUuid": "c-1", "n": [1, 2]},
     }
     assert datetime.fromisoformat(body["occurred_at"]) == datetime.fromtimestamp(1.8e9 + 0.5, UTC)

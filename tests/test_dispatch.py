@@ -106,7 +106,8 @@ async def test_timeouts_fire_and_the_handler_goes_on(fake: FakeSippet) -> None:
     before = outcome("stuck", "timeout")
     async with running_daemon(fake, [loaded(stuck, timeout=0.1)]) as daemon:
         for seq in range(3):
-            await fake.broadcast("incoming_call", {"callUuid": "same-call", "seq": seq})
+            # Not a lifecycle event: three incoming_call of one call would be handled once.
+            await fake.broadcast("call_transcript_delta", {"callUuid": "same-call", "seq": seq})
         await settle(daemon, 3)
     # Each event of the call was attempted in turn, each cut off by the timeout.
     assert len(stuck.seen) == 3

@@ -10,6 +10,7 @@ import pytest
 
 from listener.core import metrics
 from listener.core.errors import AuthError, LinkError, MintError
+from listener.core.ids import lifecycle_id
 from listener.core.retry import NO_DELAY, BackoffPolicy
 from listener.realtime.session import Decision, Failure, Session, SessionSettings, classify
 from listener.service.config import parse_settings
@@ -82,6 +83,62 @@ async def test_rotations_under_a_steady_stream_lose_and_duplicate_nothing(
     assert session.reconnects == 0
     assert sorted(seqs) == list(range(sent)), "lost or duplicated events"
     assert seqs == list(range(sent)), "events out of order"
+    # Each is stamped once, after the handover: the id its call's lifecycle event has.
+    ids = [event.id for event in events.events[:-1]]
+    assert ids == [lifecycle_id("incoming_call", f"c-{seq}") for seq in seqs]
+
+
+async def test_identical_events_are_numbered_as_one_stream_across_a_rotation(
+    fake: FakeSippet, run_session: RunSession
+) -> None:
+    fake.token_ttl = 0.6
+    async with run_session() as (session, events):
+        for _ in range(2):
+            await fake.broadcast("agent_status", {"agent": "a-1", "status": "busy"})
+        await events.wait_for(2)
+        # Rotated: a second socket joined, and the first one left.
+        await fake.wait_until(lambda: fake.joins >= 2 and fake.joined_sockets == 1)
+        await fake.broadcast("agent_status", {"agent": "a-1", "status": "busy"})
+        received = await events.wait_for(3)
+    # Three occurrences within the id window, three ids: a count of its own on the new
+    # socket would have given the third the first one's id.
+    assert session.rotations == 1
+    assert len({event.id for event in received}) == 3
+    assert all(event.id.startswith("evt_") and event.origin == "realtime" for event in received)
+
+
+class Watch:
+    """Records what a session tells its LinkWatch."""
+
+    def __init__(self) -> None:
+        self.heard: list[tuple[str, float]] = []
+
+    def lost(self, at: float) -> None:
+        self.heard.append(("lost", at))
+
+    def joined(self, at: float) -> None:
+        self.heard.append(("joined", at))
+
+
+async def test_the_watch_hears_each_gap_from_the_last_frame_to_the_join_reply(
+    fake: FakeSippet, run_session: RunSession
+) -> None:
+    watch = Watch()
+    async with run_session(watch=watch) as (session, _):
+        fake.behaviour.upgrade_status = 503
+        dropped = time.time()
+        await fake.drop_all()
+        await fake.wait_until(lambda: len(fake.upgrades) >= 3)
+        fake.behaviour.upgrade_status = None
+        await rejoined(fake, session, 2)
+        reopened = time.time()
+    (first, joined_at), (lost, lost_at), (again, rejoined_at), (left, left_at) = watch.heard
+    assert (first, lost, again, left) == ("joined", "lost", "joined", "lost")
+    assert abs(joined_at - fake.join_times[0]) < 0.05
+    assert dropped <= lost_at < dropped + 0.2
+    assert abs(rejoined_at - fake.join_times[1]) < 0.05
+    assert lost_at < rejoined_at <= reopened
+    assert left_at >= reopened, "stop leaves the channel: nothing is covered after it"
 
 
 async def test_silent_heartbeats_are_detected_and_the_link_replaced(

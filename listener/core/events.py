@@ -4,6 +4,10 @@ Sippet does not document its realtime payload field names: the docs key client s
 ``callUuid`` while its REST resources say ``call_uuid``. An event's *call key* is therefore
 taken from whichever spelling is present, including a nested ``call`` object, and the payload
 itself is passed on exactly as received.
+
+Each event also carries a stable id (:mod:`listener.core.ids` says how it is made) and its
+origin: ``realtime`` when the channel delivered it, ``reconcile`` when it was rebuilt from
+``list_calls`` after the daemon missed it.
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from listener.core.templating import FieldPath
+from listener.core.templating import MISSING, FieldPath
 
-__all__ = ["Event", "call_key_of"]
+__all__ = ["Event", "Origin", "call_key_of"]
+
+#: Where an event was learnt: from the channel, or rebuilt from ``list_calls``.
+Origin = Literal["realtime", "reconcile"]
 
 _CALL_KEY_FIELDS = ("callUuid", "call_uuid", "callId", "call_id")
 _NESTED_CALL_FIELDS = ("callUuid", "call_uuid", "uuid", "id")
@@ -58,6 +65,10 @@ class Event:
         call_key: the call it belongs to (see :func:`call_key_of`), or None.
         size: the size of the frame it came in, in bytes (0 when unknown); handler queues
             are bounded by it as well as by count.
+        id: its stable id (``evt_...``): a lifecycle event of a call has the same one however
+            often and however it is heard. Empty for an event made outside the daemon's
+            intake (a test's, say).
+        origin: ``realtime``, or ``reconcile`` for a transition rebuilt from ``list_calls``.
     """
 
     name: str
@@ -66,13 +77,23 @@ class Event:
     received_at: float
     call_key: str | None = field(default=None)
     size: int = field(default=0)
+    id: str = field(default="")
+    origin: Origin = field(default="realtime")
 
     @classmethod
     def create(
-        cls, name: str, payload: dict[str, Any], topic: str, received_at: float, size: int = 0
+        cls,
+        name: str,
+        payload: dict[str, Any],
+        topic: str,
+        received_at: float,
+        size: int = 0,
+        *,
+        id: str = "",
+        origin: Origin = "realtime",
     ) -> Event:
         """Build an event, deriving its call key from the payload."""
-        return cls(name, payload, topic, received_at, call_key_of(payload), size)
+        return cls(name, payload, topic, received_at, call_key_of(payload), size, id, origin)
 
     def field(self, path: str, default: Any = None) -> Any:
         """Read a payload field whatever its spelling: ``event.field("fromNumber")`` finds
@@ -86,8 +107,6 @@ class Event:
         Raises:
             ValueError: ``path`` is not a valid path (empty segment, spaces, ...).
         """
-        from listener.core.templating import MISSING  # templating builds on this module
-
         value = _field_path(path).find(self)
         return default if value is MISSING else value
 

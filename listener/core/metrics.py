@@ -15,15 +15,21 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 
 __all__ = [
+    "CALL_STORE_FAILURES",
     "DEAD_LETTERS",
+    "EVENTS_DUPLICATE",
     "EVENTS_RECEIVED",
     "FRAMES_MALFORMED",
+    "GAPS",
+    "GAP_SECONDS",
     "HANDLER_DURATION",
     "HANDLER_OUTCOMES",
     "HANDLER_QUEUE_DEPTH",
     "HEARTBEAT_RTT",
     "OUTBOX_OLDEST_AGE",
     "OUTBOX_PENDING",
+    "RECONCILED",
+    "RECONCILE_FAILURES",
     "RECONNECTS",
     "REGISTRY",
     "ROTATIONS",
@@ -141,6 +147,41 @@ class HotHistogram(Collector):
 
 EVENTS_RECEIVED = HotCounter(
     f"{_P}events_received_total", "Events received on the channel.", ["event"], registry=REGISTRY
+)
+EVENTS_DUPLICATE = HotCounter(
+    f"{_P}events_duplicate_total",
+    "Events not handed to handlers: their id was handed on before.",
+    ["event"],
+    registry=REGISTRY,
+)
+GAPS = Counter(
+    f"{_P}gaps_total",
+    "Times no socket was joined and healthy, by cause (link, restart, first_start).",
+    ["cause"],
+    registry=REGISTRY,
+)
+GAP_SECONDS = Counter(
+    f"{_P}gap_seconds_total",
+    "Seconds no socket was joined and healthy, by cause.",
+    ["cause"],
+    registry=REGISTRY,
+)
+RECONCILE_FAILURES = Counter(
+    f"{_P}reconcile_failures_total",
+    "list_calls passes that left something to retry, by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+RECONCILED = Counter(
+    f"{_P}reconciled_events_total",
+    "Transitions the channel missed, rebuilt from list_calls, by event.",
+    ["event"],
+    registry=REGISTRY,
+)
+CALL_STORE_FAILURES = Counter(
+    f"{_P}call_store_failures_total",
+    "Writes of the call store that failed (they are retried with the next batch).",
+    registry=REGISTRY,
 )
 FRAMES_MALFORMED = Counter(
     f"{_P}frames_malformed_total",

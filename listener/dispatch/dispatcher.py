@@ -9,6 +9,11 @@ A handler that raises or hangs is logged and counted; it never delays another ha
 the socket only waits for a handler when that handler's queue is full and its policy is
 ``wait`` (the default: lose nothing, slow the intake instead).
 
+Before any handler sees an event, :meth:`Dispatcher.submit` asks the
+:class:`~listener.calls.tracker.CallTracker` whether its id was handed on before (a duplicate
+goes no further: counted, never handled) and merges it into the call map; each handler then
+gets the call's record as of this event with it, as ``ctx.call``.
+
 :meth:`Dispatcher.submit` is on the socket's hot path: it returns None when every interested
 handler took the event at once, or an awaitable for the caller to wait on when a full queue
 must first make room.
@@ -22,10 +27,12 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import structlog
 
+from listener.calls.state import CallRecord
+from listener.calls.tracker import CallTracker
 from listener.core import metrics
 from listener.core.events import Event
 from listener.dispatch.handler import Context, Handler, OnFull
@@ -33,6 +40,8 @@ from listener.dispatch.handler import Context, Handler, OnFull
 __all__ = ["DispatchReport", "Dispatcher", "HandlerRunner", "RunnerSettings"]
 
 _log = structlog.get_logger(__name__)
+# An event and its call as of this event, as they wait for a handler.
+_Item: TypeAlias = tuple[Event, CallRecord | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +90,9 @@ class HandlerRunner:
         self.handler = handler
         self.settings = settings
         self.context = context
-        self._queue: asyncio.Queue[Event] = asyncio.Queue(settings.queue_size)
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(settings.queue_size)
         # A call with an event in flight has a lane holding its next events, in order.
-        self._lanes: dict[str, deque[Event]] = {}
+        self._lanes: dict[str, deque[_Item]] = {}
         self._laned = 0
         self._busy = 0
         # Bytes of the events queued or waiting in a lane (not those being handled).
@@ -128,8 +137,9 @@ class HandlerRunner:
             lambda: 0 if self.stopped else self._queue.qsize() + self._laned
         )
 
-    def offer(self, event: Event) -> Awaitable[None] | None:
-        """Queue ``event``; return an awaitable if the caller must wait for room."""
+    def offer(self, event: Event, call: CallRecord | None = None) -> Awaitable[None] | None:
+        """Queue ``event`` (``call``: its call as of this event); return an awaitable if the
+        caller must wait for room."""
         try:
             if not self.handler.matches(event):
                 return None
@@ -144,7 +154,7 @@ class HandlerRunner:
         over_budget = self._queued_bytes + event.size > self.settings.queue_bytes
         if not over_budget or not self.pending:
             try:
-                self._queue.put_nowait(event)
+                self._queue.put_nowait((event, call))
             except asyncio.QueueFull:
                 pass
             else:
@@ -154,14 +164,14 @@ class HandlerRunner:
             self._outcomes["dropped"].value += 1
             self._report("warning", "handler queue full, event dropped", event)
             return None
-        return self._admit(event)
+        return self._admit(event, call)
 
-    async def _admit(self, event: Event) -> None:
+    async def _admit(self, event: Event, call: CallRecord | None) -> None:
         """Queue ``event`` once there is room, by bytes and by count."""
         while self.pending and self._queued_bytes + event.size > self.settings.queue_bytes:
             self._byte_room.clear()
             await self._byte_room.wait()
-        await self._queue.put(event)
+        await self._queue.put((event, call))
         self._queued_bytes += event.size
 
     def _release(self, size: int) -> None:
@@ -202,40 +212,40 @@ class HandlerRunner:
                 # Lanes count against the bound too, or one busy call could grow them forever.
                 self._room.clear()
                 await self._room.wait()
-            event = await queue.get()
-            key = event.call_key
+            item = await queue.get()
+            key = item[0].call_key
             if key is None:
                 lane = None
             elif (lane := lanes.get(key)) is not None:
-                lane.append(event)
+                lane.append(item)
                 self._laned += 1
                 continue
             else:
                 lane = lanes[key] = deque()
-            self._release(event.size)
+            self._release(item[0].size)
             self._busy += 1
             try:
-                await self._invoke(event, deadline)
+                await self._invoke(*item, deadline)
                 while lane:
-                    event = lane.popleft()
+                    item = lane.popleft()
                     self._laned -= 1
-                    self._release(event.size)
+                    self._release(item[0].size)
                     self._room.set()
-                    await self._invoke(event, deadline)
+                    await self._invoke(*item, deadline)
             finally:
                 if key is not None:
                     lanes.pop(key, None)
                     if lane:
                         # Cancelled mid-lane: those events are abandoned, and counted so.
                         self._laned -= len(lane)
-                        self._release(sum(waiting.size for waiting in lane))
+                        self._release(sum(waiting.size for waiting, _ in lane))
                 self._busy -= 1
                 if not self.pending:
                     self._idle.set()
 
-    async def _invoke(self, event: Event, deadline: _Deadline) -> None:
+    async def _invoke(self, event: Event, call: CallRecord | None, deadline: _Deadline) -> None:
         started = time.perf_counter()
-        context = self.context.for_event(event)
+        context = self.context.for_event(event, call)
         deadline.arm(self.settings.timeout)
         failure: Exception | None = None
         try:
@@ -341,14 +351,18 @@ class _Deadline:
 
 
 class Dispatcher:
-    """Routes every event to the runners that subscribe to it.
+    """Routes every new event to the runners that subscribe to it.
 
     Args:
         runners: one per handler, in config order.
+        tracker: the call map and the ids handed on (a fresh, empty one by default).
     """
 
-    def __init__(self, runners: Sequence[HandlerRunner]) -> None:
+    def __init__(
+        self, runners: Sequence[HandlerRunner], tracker: CallTracker | None = None
+    ) -> None:
         self.runners = list(runners)
+        self.tracker = tracker or CallTracker()
         # Event names are few: remember, per name, its counter and the runners that want it.
         self._routes: dict[str, tuple[Any, list[HandlerRunner]]] = {}
         self.received = 0
@@ -372,11 +386,13 @@ class Dispatcher:
         return removed
 
     def submit(self, event: Event) -> Awaitable[Any] | None:
-        """Offer ``event`` to every subscribed handler.
+        """Offer ``event`` to every subscribed handler, unless its id was handed on before.
+
+        Every event counts as received, duplicates too.
 
         Returns:
-            None if every handler took it at once; otherwise an awaitable that completes
-            when the full queues have taken it.
+            None if every handler took it at once (or it was a duplicate); otherwise an
+            awaitable that completes when the full queues have taken it.
         """
         route = self._routes.get(event.name)
         if route is None:
@@ -390,9 +406,14 @@ class Dispatcher:
         if self._awaited is not None and self.received >= self._awaited[0]:
             self._awaited[1].set_result(None)
             self._awaited = None
+        tracker = self.tracker
+        if not tracker.admit(event):
+            metrics.EVENTS_DUPLICATE.labels(event=event.name).value += 1
+            return None
+        call = tracker.merge(event)
         waits: list[Awaitable[None]] | None = None
         for runner in routes:
-            wait = runner.offer(event)
+            wait = runner.offer(event, call)
             if wait is not None:
                 waits = [*(waits or []), wait]
         if waits is None:

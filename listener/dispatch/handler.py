@@ -42,6 +42,7 @@ from pydantic import BaseModel
 from structlog.typing import FilteringBoundLogger
 from typing_extensions import TypeVar
 
+from listener.calls.state import CallLookup, CallRecord, CallState
 from listener.core.events import Event
 from listener.rpc.client import RpcClient
 
@@ -95,9 +96,14 @@ class Context(Generic[ConfigT]):
         state_dir: a directory the handler may keep files in (created on demand by the
             caller of ``mkdir``); it survives restarts.
         event: the event being handled (None during setup and teardown).
+        call: the event's call as of this event, merged into the call map before it was
+            dispatched (None for an event of no call the map knows, and outside ``handle``).
+            It does not change when later events of the call come in.
+        calls: the live call map, shared by every handler: ``calls.get(call_key)`` is what
+            the daemon knows of a call now, ``calls.open_calls()`` the calls not ended.
     """
 
-    __slots__ = ("_log", "config", "event", "name", "rpc", "state_dir")
+    __slots__ = ("_log", "call", "calls", "config", "event", "name", "rpc", "state_dir")
 
     def __init__(
         self,
@@ -107,12 +113,16 @@ class Context(Generic[ConfigT]):
         name: str,
         state_dir: Path,
         event: Event | None = None,
+        call: CallRecord | None = None,
+        calls: CallLookup | None = None,
     ) -> None:
         self.rpc = rpc
         self.config = config
         self.name = name
         self.state_dir = state_dir
         self.event = event
+        self.call = call
+        self.calls: CallLookup = CallState() if calls is None else calls
         self._log: FilteringBoundLogger | None = None
 
     @property
@@ -126,10 +136,16 @@ class Context(Generic[ConfigT]):
             self._log = log
         return self._log
 
-    def for_event(self, event: Event) -> Context[ConfigT]:
-        """A copy of this context for handling ``event``."""
+    def for_event(self, event: Event, call: CallRecord | None = None) -> Context[ConfigT]:
+        """A copy of this context for handling ``event``, of ``call`` as of this event."""
         return Context(
-            rpc=self.rpc, config=self.config, name=self.name, state_dir=self.state_dir, event=event
+            rpc=self.rpc,
+            config=self.config,
+            name=self.name,
+            state_dir=self.state_dir,
+            event=event,
+            call=call,
+            calls=self.calls,
         )
 
 

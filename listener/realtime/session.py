@@ -26,6 +26,17 @@ Tokens are rotated before they expire, make-before-break: at ``rotate_at`` of th
 the monotonic clock) a new token is minted and a second socket joined; then the old socket
 leaves. Events that reach both sockets during the overlap are delivered once
 (``listener.realtime.handover``).
+
+Every event delivered gets its stable id (``listener.core.ids``) on the way out, after the
+handover's de-duplication, from one :class:`~listener.core.ids.EventIds` that lives as long
+as the session. One numbering for the stream delivered, not one per socket: a socket's own
+count of identical events would start again at 0 on its successor and re-issue, within the
+id window, an id its predecessor had just given to another occurrence.
+
+A :class:`LinkWatch` hears when no socket is joined and healthy any more (at the last moment
+the failed link was heard from) and when one is again (at its join reply): the gaps that
+reconciliation covers. A rotation has no gap, unless the old socket died before the new one
+was joined.
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ import asyncio
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import structlog
@@ -42,12 +53,21 @@ import structlog
 from listener.core import metrics
 from listener.core.errors import AuthError, LinkError, MintError
 from listener.core.events import Event
+from listener.core.ids import EventIds
 from listener.core.retry import AUTH_STATUSES, Backoff, BackoffPolicy, honour_retry_after
 from listener.realtime.connection import Connection, EventSink, LinkSettings
 from listener.realtime.handover import Handover
 from listener.realtime.tokens import SessionToken, TokenSource
 
-__all__ = ["Decision", "Failure", "Session", "SessionSettings", "classify", "socket_url"]
+__all__ = [
+    "Decision",
+    "Failure",
+    "LinkWatch",
+    "Session",
+    "SessionSettings",
+    "classify",
+    "socket_url",
+]
 
 # What a mint or a link can fail with.
 Failure = AuthError | MintError | LinkError
@@ -154,8 +174,31 @@ def classify(
     )
 
 
+class LinkWatch(Protocol):
+    """Told when the channel stops and starts being covered; times are wall-clock seconds."""
+
+    def lost(self, at: float) -> None:
+        """No socket is joined and healthy since ``at`` (its last frame or heartbeat reply)."""
+
+    def joined(self, at: float) -> None:
+        """A socket is joined again since ``at`` (its join reply)."""
+
+
+class _Unwatched:
+    def lost(self, at: float) -> None:
+        del at
+
+    def joined(self, at: float) -> None:
+        del at
+
+
+def _wall(monotonic: float) -> float:
+    """The wall-clock time of a moment on the monotonic clock."""
+    return time.time() - (time.monotonic() - monotonic)
+
+
 class Session:
-    """Keeps the events channel joined and passes every event to ``deliver``.
+    """Keeps the events channel joined and passes every event to ``deliver``, with its id.
 
     Args:
         settings: see :class:`SessionSettings`.
@@ -163,6 +206,8 @@ class Session:
             (the default): this loop does the retrying.
         deliver: called once per event, in arrival order, on the event loop; must not block,
             but may return an awaitable to slow the intake down (see ``Connection``).
+        ids: gives each event its id (its window is the id window).
+        watch: told of every gap (see :class:`LinkWatch`).
     """
 
     def __init__(
@@ -170,10 +215,16 @@ class Session:
         settings: SessionSettings,
         tokens: TokenSource,
         deliver: EventSink,
+        *,
+        ids: EventIds | None = None,
+        watch: LinkWatch | None = None,
     ) -> None:
         self.settings = settings
         self._tokens = tokens
-        self._deliver = deliver
+        self._sink = deliver
+        self._deliver: EventSink = self._stamped
+        self._ids = ids or EventIds()
+        self._watch: LinkWatch = watch or _Unwatched()
         self._backoff = Backoff(settings.backoff)
         self._token: SessionToken | None = None
         self._refusals = 0
@@ -199,10 +250,13 @@ class Session:
         while True:
             connection = await self._establish()
             link, failure = await self._serve(connection)
+            self._watch.lost(_wall(link.answered_until or time.monotonic()))
             await self._recover(failure, proved_healthy=self._proved_healthy(link))
 
     async def stop(self) -> None:
         """Leave the channel and close every socket (call after cancelling :meth:`run`)."""
+        if self.connection is not None:
+            self._watch.lost(time.time())
         self.connection = None
         self._set_joined(False)
         links, self._links = self._links, set()
@@ -223,6 +277,7 @@ class Session:
             self._joined_since = connection.joined_at
             self.connection = connection
             self._set_joined(True)
+            self._watch.joined(_wall(connection.joined_at))
             _log.info("channel joined", topic=self.settings.link.topic, link=connection.name)
             return connection
 
@@ -278,6 +333,11 @@ class Session:
             return retry_in
         self._token = token
         self.connection = new
+        until, joined_at = old.answered_until, new.joined_at
+        if old.closed and until is not None and joined_at is not None and until < joined_at:
+            # The old socket died while the new one was joining: what came between was missed.
+            self._watch.lost(_wall(until))
+            self._watch.joined(_wall(joined_at))
         await old.leave()
         for event in handover.finish():
             wait = deliver(event)
@@ -327,6 +387,21 @@ class Session:
             _log.warning("session mint failed", error=str(failure), retry_in=retry_in)
         if delay:
             await asyncio.sleep(delay)
+
+    def _stamped(self, event: Event) -> Awaitable[Any] | None:
+        # orjson decoded the payload, so it has the canonical form an id needs.
+        event_id = self._ids.assign(event.name, event.payload, event.received_at)
+        return self._sink(
+            Event(
+                event.name,
+                event.payload,
+                event.topic,
+                event.received_at,
+                event.call_key,
+                event.size,
+                event_id,
+            )
+        )
 
     def _proved_healthy(self, link: Connection) -> bool:
         # Rotations hand over without a gap, so health is counted from the session's join.

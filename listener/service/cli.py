@@ -25,10 +25,12 @@ from listener.core.errors import ConfigError, HandlerLoadError, ListenerError, R
 from listener.core.events import Event
 from listener.core.httputil import VERSION
 from listener.core.logs import configure_logging, register_secret
-from listener.dispatch.loader import LoadedHandler, load_handlers
+from listener.dispatch.handler import Context, FunctionHandler
+from listener.dispatch.loader import LoadedHandler, load_handlers, loaded_instance
 from listener.realtime.tokens import TokenSource
 from listener.rpc.client import RpcClient
 from listener.service import config
+from listener.service.calls_cli import add_calls_command
 from listener.service.daemon import Daemon, stop_on_signals
 from listener.service.reload import ReloadRecord, ReloadTimeout, request_reload
 from listener.service.webhooks_cli import add_webhooks_commands
@@ -45,8 +47,9 @@ def _print_json(value: Any) -> None:
     sys.stdout.flush()
 
 
-def _print_event(event: Event) -> None:
-    _print_json({"event": event.name, "payload": event.payload})
+async def _print_event(event: Event, ctx: Context[None]) -> None:
+    del ctx
+    _print_json({"event": event.name, "payload": event.payload, "origin": event.origin})
 
 
 def _load(path: Path) -> tuple[config.Settings, str]:
@@ -101,7 +104,10 @@ async def _tail(args: argparse.Namespace) -> int:
     configure_logging(settings.service.log_level, settings.service.log_format)
     stop = asyncio.Event()
     stop_on_signals(stop)
-    await Daemon(settings, api_key, sink=_print_event).run(stop)
+    # One worker: lines come out in the order events were taken, whatever their call.
+    printer = FunctionHandler(_print_event, name="tail", concurrency=1)
+    # tail keeps nothing on disk: a daemon may be using the state directory.
+    await Daemon(settings, api_key, [loaded_instance(printer)], persist=False).run(stop)
     return 0
 
 
@@ -371,6 +377,7 @@ def _parser() -> argparse.ArgumentParser:
     _with_config(reload)
     reload.set_defaults(run=_reload)
 
+    add_calls_command(commands)
     add_webhooks_commands(commands)
     return parser
 

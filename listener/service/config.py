@@ -19,8 +19,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
+from listener.calls.reconciler import ReconcileSettings
+from listener.calls.state import StatusMap
 from listener.core.errors import ConfigError
 from listener.core.retry import BackoffPolicy
 from listener.core.secrets import read_secret, read_secret_file
@@ -32,6 +41,7 @@ __all__ = [
     "CREDENTIAL_NAME",
     "DEFAULT_CONFIG_PATH",
     "ENV_SECRET_KEY",
+    "CallsSettings",
     "ServiceSettings",
     "Settings",
     "SippetSettings",
@@ -114,6 +124,55 @@ class ServiceSettings(_Section):
         return _split_host_port(self.metrics_listen) if self.metrics_listen else None
 
 
+def _statuses(status: str) -> list[str]:
+    """The default spellings of one status in the status map, sorted."""
+    words: frozenset[str] = getattr(StatusMap(), status)
+    return sorted(words)
+
+
+class CallsSettings(_Section):
+    """``[calls]``: the call map, stable event ids and reconciliation with ``list_calls``.
+
+    The reconciliation defaults are :class:`ReconcileSettings`'s, the status spellings
+    :class:`StatusMap`'s.
+    """
+
+    reconcile: bool = _default(ReconcileSettings, "enabled")
+    reconcile_interval: float = Field(default=_default(ReconcileSettings, "interval"), gt=0)
+    lookback_max: float = Field(default=_default(ReconcileSettings, "lookback_max"), gt=0)
+    retain_ended: float = Field(default=86400.0, gt=0)
+    ringing_statuses: list[str] = Field(default_factory=lambda: _statuses("ringing"))
+    answered_statuses: list[str] = Field(default_factory=lambda: _statuses("answered"))
+    ended_statuses: list[str] = Field(default_factory=lambda: _statuses("ended"))
+    id_window: float = Field(default=2.0, gt=0)
+
+    @field_validator("retain_ended")
+    @classmethod
+    def _keeps_what_a_pass_may_ask(cls, value: float, info: ValidationInfo) -> float:
+        lookback = info.data.get("lookback_max")
+        if lookback is not None and value < lookback:
+            # A call forgotten while a pass may still return it would be rebuilt again.
+            raise ValueError(f"must be at least calls.lookback_max ({lookback:g} s)")
+        return value
+
+    @field_validator("ended_statuses")
+    @classmethod
+    def _one_meaning_each(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        ringing, answered = info.data.get("ringing_statuses"), info.data.get("answered_statuses")
+        if ringing is not None and answered is not None:
+            StatusMap(frozenset(ringing), frozenset(answered), frozenset(value))
+        return value
+
+    @property
+    def statuses(self) -> StatusMap:
+        """The status mapping the lists make."""
+        return StatusMap(
+            frozenset(self.ringing_statuses),
+            frozenset(self.answered_statuses),
+            frozenset(self.ended_statuses),
+        )
+
+
 def _split_host_port(value: str) -> tuple[str, int] | None:
     host, sep, port = value.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
@@ -127,6 +186,7 @@ class Settings(_Section):
 
     sippet: SippetSettings = Field(default_factory=SippetSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
+    calls: CallsSettings = Field(default_factory=CallsSettings)
     handlers: list[dict[str, Any]] = []
 
 

@@ -1,9 +1,16 @@
 """The composition root: settings in, a running daemon out.
 
-Builds the shared HTTP pool, the token source, the RPC client, the handlers, the dispatcher and
-the session supervisor; runs them until asked to stop; then stops them in order: tell systemd
-(``STOPPING=1``), leave the channel (no new events), let handlers drain for
-``service.drain_timeout``, tear handlers down, close the pool.
+Builds the shared HTTP pool, the token source, the RPC client, the handlers, the call tracker,
+the dispatcher, the reconciler and the session supervisor; loads the call store; runs them
+until asked to stop; then stops them in order: tell systemd (``STOPPING=1``), leave the
+channel (no new events), let handlers drain for ``service.drain_timeout``, write the call
+store's last batch, tear handlers down, close the pool.
+
+The flow of an event: the session stamps its id; the dispatcher drops it if that id was
+handed on before, merges it into the call map and queues it for each handler with its call
+as of this event. The reconciler hears of every gap from the session and feeds what the
+link missed into the same dispatcher; the persister writes the map, the ids handed on and the
+last moment seen to ``calls.sqlite3`` under ``service.state_dir``, once a second.
 
 systemd hears ``READY=1`` only once the channel is joined, ``WATCHDOG=1`` only while its
 heartbeats are answered, and a ``STATUS=`` line that says what is going on. A reload
@@ -22,13 +29,18 @@ from collections.abc import Callable, Sequence
 import httpx
 import structlog
 
+from listener.calls.persister import Persister
+from listener.calls.reconciler import Reconciler, ReconcileSettings
+from listener.calls.store import store_path
+from listener.calls.tracker import CallTracker
 from listener.core.errors import ConfigError, HandlerLoadError, ListenerError
+from listener.core.ids import EventIds
 from listener.core.logs import configure_logging
 from listener.core.retry import BackoffPolicy
 from listener.dispatch.dispatcher import Dispatcher, DispatchReport, HandlerRunner
 from listener.dispatch.handler import Context
 from listener.dispatch.loader import LoadedHandler
-from listener.realtime.connection import EventSink, LinkSettings
+from listener.realtime.connection import LinkSettings
 from listener.realtime.session import Session, SessionSettings
 from listener.realtime.tokens import TokenSource
 from listener.rpc.client import RpcClient
@@ -36,13 +48,29 @@ from listener.service.config import Settings, SippetSettings
 from listener.service.health import HealthServer
 from listener.service.systemd import Notifier
 
-__all__ = ["Daemon", "Loader", "session_settings", "stop_on_signals"]
+__all__ = ["Daemon", "Loader", "reconcile_settings", "session_settings", "stop_on_signals"]
 
 _log = structlog.get_logger(__name__)
 # How often the status line is refreshed when systemd asked for no watchdog.
 _STATUS_EVERY = 10.0
 
 Loader = Callable[[], tuple[Settings, list[LoadedHandler]]]
+
+
+def _backoff(sippet: SippetSettings) -> BackoffPolicy:
+    return BackoffPolicy(initial=sippet.backoff_initial, cap=sippet.backoff_max)
+
+
+def reconcile_settings(settings: Settings) -> ReconcileSettings:
+    """Map the ``[calls]`` section (and ``[sippet]``'s backoff) onto the reconciler's."""
+    calls = settings.calls
+    return ReconcileSettings(
+        enabled=calls.reconcile,
+        interval=calls.reconcile_interval,
+        lookback_max=calls.lookback_max,
+        statuses=calls.statuses,
+        backoff=_backoff(settings.sippet),
+    )
 
 
 def session_settings(sippet: SippetSettings) -> SessionSettings:
@@ -60,7 +88,7 @@ def session_settings(sippet: SippetSettings) -> SessionSettings:
         link=link,
         rotate_at=sippet.rotate_at,
         stable_after=sippet.stable_after,
-        backoff=BackoffPolicy(initial=sippet.backoff_initial, cap=sippet.backoff_max),
+        backoff=_backoff(sippet),
         rotation_retry=sippet.rotation_retry,
     )
 
@@ -72,7 +100,9 @@ class Daemon:
         settings: the whole configuration.
         api_key: the organisation's secret key.
         handlers: the loaded handlers (see ``listener.dispatch.loader``).
-        sink: instead of handlers, one callable that takes every event (``tail`` uses it).
+        persist: keep the call map, the ids handed on and the last moment seen in
+            ``service.state_dir``; without it (``tail``) they live in memory only and every
+            start is a first start.
         notifier: where service notifications go (default: ``$NOTIFY_SOCKET``, if set).
     """
 
@@ -82,7 +112,7 @@ class Daemon:
         api_key: str,
         handlers: Sequence[LoadedHandler] = (),
         *,
-        sink: EventSink | None = None,
+        persist: bool = True,
         notifier: Notifier | None = None,
     ) -> None:
         sippet = settings.sippet
@@ -93,8 +123,23 @@ class Daemon:
         # One request per mint: the session's own backoff paces the retries.
         tokens = TokenSource(self._http, sippet.base_url, api_key)
         self.handlers = list(handlers)
-        self.dispatcher = Dispatcher([self._runner(item) for item in self.handlers])
-        self.session = Session(session_settings(sippet), tokens, sink or self.dispatcher.submit)
+        self.tracker = CallTracker(settings.calls.id_window)
+        self.dispatcher = Dispatcher([self._runner(item) for item in self.handlers], self.tracker)
+        self.reconciler = Reconciler(
+            reconcile_settings(settings),
+            self.rpc,
+            self.tracker,
+            self.dispatcher.submit,
+            topic=sippet.topic,
+        )
+        self.session = Session(
+            session_settings(sippet),
+            tokens,
+            self.dispatcher.submit,
+            ids=EventIds(settings.calls.id_window),
+            watch=self.reconciler,
+        )
+        self._persist = persist
         self.report: DispatchReport | None = None
         self._reloading = asyncio.Lock()
         # Why the latest reload was refused (None after one that applied), for `reload`.
@@ -128,7 +173,12 @@ class Daemon:
         """
         health = self._health_server()
         try:
-            await self._setup(self.dispatcher.runners)
+            persister = await self._open_store()
+            try:
+                await self._setup(self.dispatcher.runners)
+            except BaseException:
+                await persister.close()
+                raise
         except BaseException:
             await self._http.aclose()
             self.notifier.close()
@@ -136,11 +186,14 @@ class Daemon:
         if health is not None:
             await health.start()
         self.dispatcher.start()
-        # These run for the life of the daemon: either ending means something broke.
+        # These run for the life of the daemon: any ending means something broke.
         lifelong = {
             asyncio.create_task(self.session.run(), name="sippet-session"),
             asyncio.create_task(self._keep_watch(), name="sippet-watchdog"),
+            asyncio.create_task(persister.run(), name="sippet-call-store"),
         }
+        if self.reconciler.settings.enabled:
+            lifelong.add(asyncio.create_task(self.reconciler.run(), name="sippet-reconciler"))
         ready = asyncio.create_task(self._notify_ready(), name="sippet-ready")
         stopping = asyncio.create_task(stop.wait())
         try:
@@ -157,6 +210,7 @@ class Daemon:
                     await task
             await self.session.stop()
             self.report = await self.dispatcher.stop(self.settings.service.drain_timeout)
+            await persister.close()
             await self._teardown(self.dispatcher.runners)
             if health is not None:
                 await health.stop()
@@ -209,15 +263,18 @@ class Daemon:
                 handlers.append(match[0])
                 runners.append(match[1])
         await self._setup(fresh)
-        if settings.sippet != self.settings.sippet:
-            _log.warning("[sippet] settings changed: they apply after a restart")
+        for section in ("sippet", "calls"):
+            if getattr(settings, section) != getattr(self.settings, section):
+                _log.warning(f"[{section}] settings changed: they apply after a restart")
         service = settings.service
         if (service.log_level, service.log_format) != (
             self.settings.service.log_level,
             self.settings.service.log_format,
         ):
             configure_logging(service.log_level, service.log_format)
-        self.settings = settings.model_copy(update={"sippet": self.settings.sippet})
+        self.settings = settings.model_copy(
+            update={"sippet": self.settings.sippet, "calls": self.settings.calls}
+        )
         removed = self.dispatcher.replace(runners)
         self.handlers = handlers
         for runner in removed:
@@ -239,8 +296,29 @@ class Daemon:
             config=item.handler.config,
             name=item.settings.name,
             state_dir=self.settings.service.state_dir,
+            calls=self.tracker,
         )
         return HandlerRunner(item.handler, item.settings, context)
+
+    async def _open_store(self) -> Persister:
+        """Load the call store into the tracker and tell the reconciler where history ends.
+
+        Raises:
+            ListenerError: the state directory or the store cannot be opened.
+        """
+        retain = self.settings.calls.retain_ended
+        if not self._persist:
+            return Persister(None, self.tracker, self.reconciler.covered_until, retain=retain)
+        state_dir = self.settings.service.state_dir
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ListenerError(
+                f"service.state_dir: cannot create {state_dir}: {exc.strerror}"
+            ) from None
+        store, last_seen = await Persister.open(store_path(state_dir), self.tracker)
+        self.reconciler.resume(last_seen)
+        return Persister(store, self.tracker, self.reconciler.covered_until, retain=retain)
 
     def _health_server(self) -> HealthServer | None:
         address = self.settings.service.metrics_address

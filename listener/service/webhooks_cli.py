@@ -8,16 +8,15 @@ Outboxes are found from the configuration: each ``webhook`` handler keeps one fi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from listener.core.errors import ConfigError
-from listener.service.config import DEFAULT_CONFIG_PATH, load_settings
+from listener.service.config import load_settings
+from listener.service.inspection import add_state_arguments, print_rows, when
 from listener.webhooks.handler import outbox_files
 from listener.webhooks.outbox import Outbox, ReplaySource
 
@@ -41,26 +40,6 @@ def _open_all(args: argparse.Namespace) -> Iterator[tuple[tuple[str, ...], Outbo
         raise ConfigError("handlers", f"no {what} in {args.config}")
 
 
-def _when(timestamp: float | None, timespec: str = "seconds") -> str:
-    if timestamp is None:
-        return "-"
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec=timespec)
-
-
-def _emit(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -> None:
-    if as_json:
-        for row in rows:
-            sys.stdout.write(json.dumps(row, default=str) + "\n")
-        return
-    table = [columns] + [[str(row.get(column, "")) for column in columns] for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-    for line in table:
-        sys.stdout.write(
-            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-            + "\n"
-        )
-
-
 def _status(args: argparse.Namespace) -> int:
     now = time.time()
     rows = []
@@ -80,7 +59,7 @@ def _status(args: argparse.Namespace) -> int:
                     else f"yes ({entry.disabled_reason})",
                 }
             )
-    _emit(
+    print_rows(
         rows, args.json, ["destination", "pending", "oldest_age_s", "failing", "dead", "disabled"]
     )
     return 0
@@ -96,15 +75,15 @@ def _dead(args: argparse.Namespace) -> int:
                     "destination": letter.destination,
                     "event": letter.event,
                     "call_key": letter.call_key,
-                    "created": _when(letter.created_at),
-                    "dead_since": _when(letter.dead_at),
+                    "created": when(letter.created_at),
+                    "dead_since": when(letter.dead_at),
                     "attempts": letter.attempts,
                     "last_status": letter.last_status,
                     "reason": letter.reason,
                     "last_error": letter.last_error,
                 }
             )
-    _emit(
+    print_rows(
         rows,
         args.json,
         ["id", "destination", "event", "created", "attempts", "last_status", "reason"],
@@ -187,7 +166,7 @@ def _attempts(args: argparse.Namespace) -> int:
             found = outbox.whereabouts(destination, args.id)
             state = "no longer in the outbox" if found is None else found[0]
             if found is not None and found[1] is not None:
-                state += f" at {_when(found[1])}"
+                state += f" at {when(found[1])}"
             notes.append(f"{args.id} to {destination}: {state}")
         for attempt in attempts:
             flags = [] if attempt.counted or attempt.error_class is None else ["not counted"]
@@ -195,7 +174,7 @@ def _attempts(args: argparse.Namespace) -> int:
                 flags.insert(0, "probe")
             rows.append(
                 {
-                    "at": _when(attempt.at, "milliseconds"),
+                    "at": when(attempt.at, "milliseconds"),
                     "destination": attempt.destination,
                     "status": "-" if attempt.status is None else attempt.status,
                     "latency_ms": round(attempt.latency * 1000, 1),
@@ -210,7 +189,7 @@ def _attempts(args: argparse.Namespace) -> int:
         return 1
     if not args.json:
         sys.stdout.write("".join(note + "\n" for note in notes))
-    _emit(
+    print_rows(
         rows,
         args.json,
         ["at", "destination", "status", "latency_ms", "class", "note", "answer"],
@@ -238,16 +217,7 @@ def add_webhooks_commands(commands: Any) -> None:
     sub = webhooks.add_subparsers(dest="webhooks_command", required=True, metavar="COMMAND")
 
     def common(parser: argparse.ArgumentParser, destination: bool = True) -> None:
-        parser.add_argument(
-            "--config",
-            "-c",
-            type=Path,
-            default=DEFAULT_CONFIG_PATH,
-            help="TOML configuration file (default: %(default)s)",
-        )
-        parser.add_argument(
-            "--state-dir", type=Path, default=None, help="override service.state_dir"
-        )
+        add_state_arguments(parser)
         if destination:
             parser.add_argument("--destination", "-d", help="only this destination")
 

@@ -50,6 +50,7 @@ async def running_daemon(
     *,
     sippet: Mapping[str, Any] | None = None,
     service: Mapping[str, Any] | None = None,
+    calls: Mapping[str, Any] | None = None,
     join_timeout: float = 10.0,
 ) -> AsyncIterator[Daemon]:
     """Start a daemon on ``fake`` with ``handlers``; yield it once joined; stop it after.
@@ -62,6 +63,9 @@ async def running_daemon(
         sippet: overrides for the ``[sippet]`` section (short intervals are the default).
         service: overrides for the ``[service]`` section (``state_dir`` defaults to a fresh
             temporary directory).
+        calls: overrides for the ``[calls]`` section. Reconciliation is off unless
+            ``{"reconcile": True}``: its ``list_calls`` requests would take the replies a test
+            scripts for its handler (``script_rpc``) and show in ``rpc_requests``.
         join_timeout: how long to wait for the first join.
     """
     with tempfile.TemporaryDirectory(prefix="sippet-listener-test-") as state_dir:
@@ -73,6 +77,7 @@ async def running_daemon(
                     "drain_timeout": 2.0,
                     **(service or {}),
                 },
+                "calls": {"reconcile": False, **(calls or {})},
             }
         )
         loaded = [_loaded(item, index) for index, item in enumerate(handlers)]

@@ -10,7 +10,11 @@ deployments may show are switched on through :class:`Behaviour`, from Python or 
 
 Control API (JSON over HTTP, for tests in other processes and for poking the demo):
 ``POST /_fake/broadcast`` ``{"event", "payload"}``, ``POST /_fake/behaviour`` (any
-:class:`Behaviour` fields), ``POST /_fake/drop``, ``POST /_fake/malformed``, ``GET /_fake/stats``.
+:class:`Behaviour` fields), ``POST /_fake/drop``, ``POST /_fake/malformed``,
+``POST /_fake/outage`` ``{"seconds"}``, ``GET /_fake/stats``.
+
+Calls: :attr:`FakeSippet.calls` is a table of Call rows (:mod:`listener.testing.calls`) that
+``list_calls`` answers from; :meth:`FakeSippet.call_event` changes it and broadcasts the event.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from listener.service.asgi import AsgiServer
+from listener.testing.calls import CallTable, PayloadStyle, call_payload
 
 __all__ = ["Behaviour", "FakeSippet", "RecordedRpc", "Upgrade"]
 
@@ -203,6 +208,8 @@ class FakeSippet:
         self._scripted_for: dict[str, deque[_ScriptedReply]] = {}
         self._changed = asyncio.Condition()
         self._server = AsgiServer(self._app(), host, port)
+        self.calls = CallTable()
+        self._outage_until = 0.0
 
     @property
     def base_url(self) -> str:
@@ -244,6 +251,25 @@ class FakeSippet:
                 sock.outbox.put_nowait(frame)
         self.sent_events += 1
         return len(receivers)
+
+    async def call_event(
+        self, event: str, call_uuid: str, *, style: PayloadStyle = "camel", **fields: Any
+    ) -> int:
+        """Create or advance a call in :attr:`calls` as ``event`` does (``incoming_call``,
+        ``call_answered``, ``call_ended``), then broadcast the event with the call's row as
+        its payload, spelled as ``style`` says; return how many sockets got it.
+
+        ``fields`` (camelCase) set anything else on the row (see
+        :meth:`CallTable.apply <listener.testing.calls.CallTable.apply>`).
+        """
+        row = self.calls.apply(event, call_uuid, time.time(), **fields)
+        return await self.broadcast(event, call_payload(row, style))
+
+    async def outage(self, seconds: float) -> None:
+        """Lose the realtime side for ``seconds``: close every socket now and refuse every
+        upgrade (HTTP 503) until then. Minting, RPC and call events go on meanwhile."""
+        self._outage_until = time.time() + seconds
+        await self.drop_all()
 
     async def send_malformed(self) -> None:
         """Send every kind of malformed frame to every socket."""
@@ -329,6 +355,7 @@ class FakeSippet:
                 Route("/_fake/drop", self._control_drop, methods=["POST"]),
                 Route("/_fake/malformed", self._control_malformed, methods=["POST"]),
                 Route("/_fake/stats", self._control_stats, methods=["GET"]),
+                Route("/_fake/outage", self._control_outage, methods=["POST"]),
             ]
         )
 
@@ -389,6 +416,8 @@ class FakeSippet:
             return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
         if request.url.path.endswith("/validate"):
             return JSONResponse({"success": True})
+        if action == "list_calls":
+            return JSONResponse(self.calls.list_calls(body))
         return JSONResponse({"success": True, "data": None})
 
     def _retry_after_header(self) -> dict[str, str]:
@@ -399,6 +428,8 @@ class FakeSippet:
         refusal = self.behaviour.upgrade_status
         if refusal is not None:
             return refusal
+        if time.time() < self._outage_until:
+            return 503
         if vsn is None or not vsn.startswith("2."):
             # Phoenix answers a vsn no serializer matches with 403; no vsn means V1 frames,
             # which this server does not speak.
@@ -544,6 +575,11 @@ class FakeSippet:
         del request
         await self.send_malformed()
         return JSONResponse({"sent": len(_MALFORMED)})
+
+    async def _control_outage(self, request: Request) -> Response:
+        body = await request.json()
+        await self.outage(float(body["seconds"]))
+        return JSONResponse({"until": self._outage_until})
 
     async def _control_stats(self, request: Request) -> Response:
         del request

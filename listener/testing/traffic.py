@@ -4,8 +4,9 @@ Each call rings (``incoming_call``), is usually answered (``call_answered``) and
 (``call_ended``); some carry transcript events, which the daemon passes on like any other. An
 ``end_call`` RPC for a live call ends it at once, as Sippet would. Callers take turns from a
 fixed list, so a given number calls regularly (the demo blocks one of them).
-Payloads mirror Sippet's ``Call`` resource, in camelCase, snake_case or nested under ``call``,
-because the realtime field spelling is not documented.
+Call events go through :meth:`FakeSippet.call_event`, so the fake's call table (and its
+``list_calls``) follows the traffic; their payloads are the call's row, in camelCase, snake_case
+or nested under ``call``, because the realtime field spelling is not documented.
 """
 
 from __future__ import annotations
@@ -13,40 +14,13 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from datetime import UTC, datetime
-from typing import Any, Literal
 
+from listener.testing.calls import PayloadStyle, call_payload
 from listener.testing.server import FakeSippet, RecordedRpc
 
 __all__ = ["CALLERS", "PayloadStyle", "call_payload", "simulate_calls"]
 
-PayloadStyle = Literal["camel", "snake", "nested"]
 CALLERS = ("+15550100", "+15550000000", "+442071838750", "+15550101", "+4915112345678")
-_SNAKE = {
-    "callUuid": "call_uuid",
-    "fromNumber": "from_number",
-    "toNumber": "to_number",
-    "sipUsername": "sip_username",
-    "callSource": "call_source",
-    "startedAt": "started_at",
-    "endedAt": "ended_at",
-    "durationSeconds": "duration_seconds",
-    "conversationId": "conversation_id",
-}
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def call_payload(fields: dict[str, Any], style: PayloadStyle) -> dict[str, Any]:
-    """Spell a camelCase call payload the way ``style`` says."""
-    if style == "camel":
-        return fields
-    snake = {_SNAKE.get(name, name): value for name, value in fields.items()}
-    if style == "snake":
-        return snake
-    return {"call": snake, "occurredAt": fields.get("startedAt") or _now()}
 
 
 class _Calls:
@@ -56,27 +30,17 @@ class _Calls:
         self, fake: FakeSippet, style: PayloadStyle, speed: float, rng: random.Random
     ) -> None:
         self.fake, self.style, self.speed, self.rng = fake, style, speed, rng
-        self.live: dict[str, tuple[asyncio.Task[None], dict[str, Any]]] = {}
+        self.live: dict[str, asyncio.Task[None]] = {}
         self.started = 0
-        self._ending: set[asyncio.Task[None]] = set()
+        self._ending: set[asyncio.Task[int]] = set()
 
     def start(self) -> asyncio.Task[None]:
         caller = CALLERS[self.started % len(CALLERS)]
         self.started += 1
-        call: dict[str, Any] = {
-            "callUuid": str(uuid.uuid4()),
-            "direction": "inbound",
-            "fromNumber": caller,
-            "toNumber": "+15557654321",
-            "sipUsername": None,
-            "callSource": "pstn",
-            "status": "ringing",
-            "startedAt": _now(),
-            "conversationId": str(uuid.uuid4()),
-        }
-        task = asyncio.create_task(self._lifecycle(call))
-        self.live[call["callUuid"]] = (task, call)
-        task.add_done_callback(lambda _: self.live.pop(call["callUuid"], None))
+        call_uuid = str(uuid.uuid4())
+        task = asyncio.create_task(self._lifecycle(call_uuid, caller))
+        self.live[call_uuid] = task
+        task.add_done_callback(lambda _: self.live.pop(call_uuid, None))
         return task
 
     def on_rpc(self, request: RecordedRpc) -> None:
@@ -84,46 +48,53 @@ class _Calls:
         call_uuid = (body.get("input") or {}).get("callUuid")
         if body.get("action") != "end_call" or call_uuid not in self.live:
             return
-        task, call = self.live.pop(call_uuid)
-        task.cancel()
-        call.update(status="completed", endedAt=_now(), durationSeconds=0, endedBy="api")
-        ending = asyncio.get_running_loop().create_task(self._send("call_ended", call))
+        self.live.pop(call_uuid).cancel()
+        ending = asyncio.get_running_loop().create_task(
+            self.fake.call_event(
+                "call_ended",
+                call_uuid,
+                style=self.style,
+                status="completed",
+                durationSeconds=0,
+                endedBy="api",
+            )
+        )
         self._ending.add(ending)
         ending.add_done_callback(self._ending.discard)
-
-    async def _send(self, name: str, fields: dict[str, Any]) -> None:
-        await self.fake.broadcast(name, call_payload(dict(fields), self.style))
 
     async def _pause(self, low: float, high: float) -> None:
         await asyncio.sleep(self.rng.uniform(low, high) / self.speed)
 
-    async def _lifecycle(self, call: dict[str, Any]) -> None:
-        rng = self.rng
-        await self._send("incoming_call", call)
+    async def _lifecycle(self, call_uuid: str, caller: str) -> None:
+        rng, fake, style = self.rng, self.fake, self.style
+        await fake.call_event(
+            "incoming_call",
+            call_uuid,
+            style=style,
+            fromNumber=caller,
+            toNumber="+15557654321",
+            callSource="pstn",
+            conversationId=str(uuid.uuid4()),
+        )
         await self._pause(0.5, 2.0)
         answered = rng.random() < 0.8
         if answered:
-            call.update(status="answered", sipUsername=f"operator{rng.randint(1, 9)}")
-            await self._send("call_answered", call)
+            operator = f"operator{rng.randint(1, 9)}"
+            await fake.call_event("call_answered", call_uuid, style=style, sipUsername=operator)
             for index in range(rng.randint(0, 2)):
                 await self._pause(0.3, 1.0)
-                await self._send(
-                    "call_transcript_delta",
-                    {
-                        "callUuid": call["callUuid"],
-                        "speaker": "caller",
-                        "contentIndex": index,
-                        "content": rng.choice(("Hello?", "I need help with my order.", "Thanks!")),
-                    },
-                )
+                delta = {
+                    "callUuid": call_uuid,
+                    "speaker": "caller",
+                    "contentIndex": index,
+                    "content": rng.choice(("Hello?", "I need help with my order.", "Thanks!")),
+                }
+                await fake.broadcast("call_transcript_delta", call_payload(delta, style))
         await self._pause(1.0, 4.0)
-        self.live.pop(call["callUuid"], None)
-        call.update(
-            status="completed" if answered else "no_answer",
-            endedAt=_now(),
-            durationSeconds=rng.randint(3, 600) if answered else 0,
-        )
-        await self._send("call_ended", call)
+        self.live.pop(call_uuid, None)
+        # Sped-up calls are short: a duration in the range of real calls reads better.
+        duration = rng.randint(3, 600) if answered else 0
+        await fake.call_event("call_ended", call_uuid, style=style, durationSeconds=duration)
 
 
 async def simulate_calls(
@@ -144,7 +115,7 @@ async def simulate_calls(
             await asyncio.sleep(rng.expovariate(calls_per_second))
     finally:
         fake.rpc_listeners.remove(calls.on_rpc)
-        tasks = [task for task, _ in calls.live.values()]
+        tasks = list(calls.live.values())
         for task in tasks:
             task.cancel()
         if tasks:

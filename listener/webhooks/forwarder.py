@@ -160,7 +160,8 @@ class WebhookForwarder:
         targets = [d for d in self.destinations if d.accepts(event.name)]
         if not targets:
             return None
-        msg_id = new_message_id()
+        # The event's stable id: its reconciled twin, or a redelivery after a restart, keeps it.
+        msg_id = event.id or new_message_id()
         body = encode_body(msg_id, event)
         now = time.time()
         return running.writer.add(

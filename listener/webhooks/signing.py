@@ -31,15 +31,18 @@ RESERVED_HEADERS = frozenset(
 
 
 def new_message_id() -> str:
-    """Return a fresh Standard Webhooks message id (``msg_`` + 32 hex digits)."""
+    """Return a fresh Standard Webhooks message id (``msg_`` + 32 hex digits), for an event
+    that has no id of its own."""
     return f"msg_{uuid.uuid4().hex}"
 
 
 def encode_body(msg_id: str, event: Event) -> bytes:
     """Return the request body for ``event``: the bytes that every attempt sends and signs.
 
-    ``{"id", "type", "occurred_at", "topic", "data"}``: ``id`` equals the ``webhook-id``
-    header, ``occurred_at`` is RFC 3339 UTC, ``data`` is the payload as received. ASCII-only
+    ``{"id", "type", "occurred_at", "topic", "origin", "data"}``: ``id`` equals the
+    ``webhook-id`` header, ``occurred_at`` is RFC 3339 UTC, ``origin`` says whether the event
+    came from the channel (``realtime``) or was rebuilt from ``list_calls`` (``reconcile``),
+    ``data`` is the payload as received (a ``list_calls`` row for a rebuilt one). ASCII-only
     JSON, so that any string the channel delivered (even a lone surrogate) encodes.
 
     Raises:
@@ -51,6 +54,7 @@ def encode_body(msg_id: str, event: Event) -> bytes:
         "type": event.name,
         "occurred_at": occurred.replace("+00:00", "Z"),
         "topic": event.topic,
+        "origin": event.origin,
         "data": event.payload,
     }
     return json.dumps(envelope, separators=(",", ":")).encode("ascii")

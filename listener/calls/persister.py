@@ -1,0 +1,163 @@
+"""Keeps the call store in step with the call map: in batches, off the event loop.
+
+Events only touch memory (the map notes which calls changed, the tracker which lifecycle ids
+it handed on). Every ``every`` seconds the changes go to the store in one transaction, on a
+worker thread, with the last moment until which nothing was missed (the reconciler's
+``covered_until``); the cost per event is the share of one ``executemany`` row. A batch that
+fails is logged, counted and kept for the next one. Ended calls are pruned after ``retain``
+seconds, in memory and on disk; the final batch is written on :meth:`Persister.close`.
+
+A crash loses at most the last batch: those calls are then rebuilt by the reconciliation
+after the restart, which starts from the last moment seen the store still has.
+
+Without a store (``tail``, which must not write a running daemon's state directory) the
+batches are dropped and only the pruning is done, so that memory stays bounded all the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from listener.calls.state import CallRecord
+from listener.calls.store import CallStore, StoreError
+from listener.calls.tracker import CallTracker
+from listener.core import metrics
+
+__all__ = ["Persister"]
+
+_log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
+# Pruning scans the whole map: an hour apart is soon enough for a retention counted in hours.
+_PRUNE_EVERY = 3600.0
+
+
+class Persister:
+    """Writes the tracker's changes to the store (see the module docstring).
+
+    Use :meth:`open`, then run :meth:`run` as a task, then :meth:`close`.
+
+    Args:
+        store: the open store, or None to keep nothing.
+        tracker: whose map and handled ids are kept.
+        covered_until: the last moment until which nothing was missed, given ``now``
+            (None: no history yet, nothing to record).
+        retain: seconds a call is kept after its last event.
+        every: seconds between batches.
+        clock: wall-clock seconds.
+    """
+
+    def __init__(
+        self,
+        store: CallStore | None,
+        tracker: CallTracker,
+        covered_until: Callable[[float], float | None],
+        *,
+        retain: float,
+        every: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._tracker = tracker
+        self._covered_until = covered_until
+        self._retain = retain
+        self._every = every
+        self._clock = clock
+        # What a failed batch did not write, kept for the next one.
+        self._calls: dict[str, CallRecord] = {}
+        self._handled: list[str] = []
+        self._pruned_at = clock()
+        self._busy: asyncio.Future[Any] | None = None
+
+    @staticmethod
+    async def open(path: Path, tracker: CallTracker) -> tuple[CallStore, float | None]:
+        """Open the store at ``path``, load it into ``tracker``; return it and the last
+        moment seen (None when it has no history).
+
+        Raises:
+            StoreError: the file cannot be opened or read.
+        """
+
+        def load() -> tuple[CallStore, list[CallRecord], set[str], float | None]:
+            store = CallStore(path)
+            try:
+                return store, store.calls(), store.handled_ids(), store.last_seen()
+            except StoreError:
+                store.close()
+                raise
+
+        store, records, handled, last_seen = await asyncio.to_thread(load)
+        tracker.load(records, handled, time.time())
+        return store, last_seen
+
+    async def run(self) -> None:
+        """Write a batch every ``every`` seconds, prune now and then, until cancelled."""
+        while True:
+            await asyncio.sleep(self._every)
+            await self.flush()
+            if self._clock() - self._pruned_at >= _PRUNE_EVERY:
+                await self.prune()
+
+    async def flush(self) -> None:
+        """Write what changed since the last batch (and what that one failed to write)."""
+        now = self._clock()
+        changed, unsaved = self._tracker.state.changed(), self._tracker.unsaved()
+        store = self._store
+        if store is None:
+            return
+        self._calls.update((record.call_key, record) for record in changed)
+        self._handled.extend(unsaved)
+        calls, handled = list(self._calls.values()), list(self._handled)
+        save = functools.partial(
+            store.save, now, calls=calls, handled=handled, seen_until=self._covered_until(now)
+        )
+        try:
+            await self._off_loop(save)
+        except StoreError as exc:
+            metrics.CALL_STORE_FAILURES.inc()
+            _log.error("call store write failed; retrying with the next batch", error=str(exc))
+            return
+        self._calls.clear()
+        del self._handled[: len(handled)]
+
+    async def prune(self) -> None:
+        """Forget the calls and handled ids older than the retention."""
+        now = self._clock()
+        before = now - self._retain
+        self._pruned_at = now
+        forgotten = self._tracker.prune(before)
+        self._calls = {k: r for k, r in self._calls.items() if r.last_event_at >= before}
+        if self._store is not None:
+            try:
+                await self._off_loop(functools.partial(self._store.prune, before))
+            except StoreError as exc:
+                metrics.CALL_STORE_FAILURES.inc()
+                _log.error("call store prune failed", error=str(exc))
+                return
+        if forgotten:
+            _log.info("calls pruned", forgotten=forgotten, retain=self._retain)
+
+    async def close(self) -> None:
+        """Write the last batch and close the store."""
+        try:
+            await self.flush()
+        finally:
+            if self._busy is not None:
+                await asyncio.wait({self._busy})
+            if self._store is not None:
+                self._store.close()
+
+    async def _off_loop(self, work: Callable[[], _T]) -> _T:
+        """Run ``work`` on a worker thread, one at a time: a caller cancelled meanwhile does
+        not stop it, and the next one waits for it, so the store never has two threads."""
+        if self._busy is not None:
+            await asyncio.wait({self._busy})
+        busy = asyncio.ensure_future(asyncio.to_thread(work))
+        self._busy = busy
+        return await asyncio.shield(busy)

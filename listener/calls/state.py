@@ -1,0 +1,328 @@
+"""The live call map: what the daemon knows of each call, merged from events.
+
+Theory of operation. A call moves through three statuses, ``ringing`` → ``answered`` →
+``ended``, and never backwards: the channel may deliver events late, twice or out of order,
+so an event that would move a call back (an ``incoming_call`` after its ``call_answered``, a
+``call_answered`` after its ``call_ended``) changes no status, and an ended call stays ended.
+A status may be passed over: a call first heard of through ``call_ended`` is ended, and its
+``ringing`` and ``answered`` transitions are simply absent from :attr:`CallRecord.origins`.
+
+Only the three transition events move a call (:data:`TRANSITIONS`). Their payload's
+``status`` is a snapshot that may lag, and any other event carrying a ``status`` is left to
+reconciliation: if it ended a call, ``list_calls`` says so and the missing ``call_ended`` is
+rebuilt, whereas ending the call here would swallow that event. Every event of a known call
+still fills what the map lacks (numbers, times) and counts as its last sign of life.
+
+Payloads are read in any spelling (``fromNumber``, ``from_number``, either inside a nested
+``call`` object), as :meth:`Event.field <listener.core.events.Event.field>` reads them, and the
+call key is :func:`~listener.core.events.call_key_of`'s. Times are seconds since the epoch: a
+transition's time is the payload's own (``startedAt``, ``answeredAt``, ``endedAt``) when it
+has one, else ``now``, the moment the transition was heard.
+
+Nothing here reads a clock or does I/O: callers pass ``now``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final, Literal, Protocol
+
+from listener.core.events import Event, Origin
+
+__all__ = [
+    "STATUSES",
+    "TRANSITIONS",
+    "CallLookup",
+    "CallRecord",
+    "CallState",
+    "Origin",
+    "Status",
+    "StatusMap",
+    "Transition",
+    "format_time",
+    "parse_time",
+]
+
+Status = Literal["ringing", "answered", "ended"]
+
+#: The statuses, in the only order a call moves through them.
+STATUSES: Final[tuple[Status, ...]] = ("ringing", "answered", "ended")
+#: The events that move a call, and where to.
+TRANSITIONS: Final[Mapping[str, Status]] = {
+    "incoming_call": "ringing",
+    "call_answered": "answered",
+    "call_ended": "ended",
+}
+_RANK: Final[Mapping[Status, int]] = {status: rank for rank, status in enumerate(STATUSES)}
+# Where each transition's time is kept, in a record and in a payload.
+_TIME_ATTRIBUTE: Final[Mapping[Status, str]] = {
+    "ringing": "started_at",
+    "answered": "answered_at",
+    "ended": "ended_at",
+}
+_TIME_FIELD: Final[Mapping[Status, str]] = {
+    "ringing": "startedAt",
+    "answered": "answeredAt",
+    "ended": "endedAt",
+}
+
+
+def _word(status: str) -> str:
+    """Spell a status one way: ``No_Answer`` and ``no answer`` are ``no-answer``."""
+    return status.strip().lower().replace("_", "-").replace(" ", "-")
+
+
+@dataclass(frozen=True, slots=True)
+class StatusMap:
+    """Which of Sippet's ``status`` strings mean which status of the call map.
+
+    Sippet does not document its full list, so the defaults take every plausible telephony
+    spelling; a status in none of the sets is unknown and never moves a call. Matching
+    ignores case, and ``_``, ``-`` and spaces are one character (``no_answer`` is
+    ``no-answer``).
+
+    Raises:
+        ValueError: a status is in two sets.
+    """
+
+    ringing: frozenset[str] = frozenset({"initiated", "ringing", "queued"})
+    answered: frozenset[str] = frozenset({"in-progress", "answered", "active"})
+    ended: frozenset[str] = frozenset(
+        {"completed", "ended", "failed", "busy", "no-answer", "canceled", "missed"}
+    )
+
+    def __post_init__(self) -> None:
+        seen: dict[str, str] = {}
+        for status in STATUSES:
+            words = frozenset(_word(raw) for raw in getattr(self, status))
+            for word in words:
+                if word in seen:
+                    raise ValueError(f"status {word!r} is both {seen[word]} and {status}")
+                seen[word] = status
+            object.__setattr__(self, status, words)
+
+    def status_of(self, raw: object) -> Status | None:
+        """Return what Sippet's ``raw`` status means, or None when it is not known."""
+        if not isinstance(raw, str):
+            return None
+        word = _word(raw)
+        for status in STATUSES:
+            if word in getattr(self, status):
+                return status
+        return None
+
+
+def format_time(seconds: float) -> str:
+    """Write a time as Sippet does: ISO 8601 in UTC, to the millisecond, with ``Z``."""
+    text = datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+def parse_time(value: object) -> float | None:
+    """Read an ISO 8601 time (``2026-01-02T03:04:05.678Z``) as seconds since the epoch.
+
+    A time without an offset is taken as UTC. Anything else is None, numbers too: nothing
+    says whether one counts seconds or milliseconds.
+    """
+    if not isinstance(value, str):
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """What the map knows of one call.
+
+    Attributes:
+        call_key: the call's key (its ``callUuid``).
+        status: how far the call got; it never moves backwards.
+        last_event_at: when the last event of this call was heard.
+        from_number, to_number: the parties, once an event named them.
+        started_at, answered_at, ended_at: when each transition happened, once known.
+        origins: each transition the call went through, and where it was learnt; a status
+            passed over is absent. Read-only.
+    """
+
+    call_key: str
+    status: Status
+    last_event_at: float
+    from_number: str | None = None
+    to_number: str | None = None
+    started_at: float | None = None
+    answered_at: float | None = None
+    ended_at: float | None = None
+    origins: Mapping[Status, Origin] = field(default_factory=dict)
+
+    def rank(self) -> int:
+        """The status's position in :data:`STATUSES`."""
+        return _RANK[self.status]
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A call that moved: ``before`` is None for a call the map did not know."""
+
+    before: Status | None
+    record: CallRecord
+
+    @property
+    def call_key(self) -> str:
+        """The call that moved."""
+        return self.record.call_key
+
+    @property
+    def after(self) -> Status:
+        """Where it moved to."""
+        return self.record.status
+
+    @property
+    def origin(self) -> Origin:
+        """Where the move was learnt."""
+        return self.record.origins[self.record.status]
+
+
+def _field(event: Event, name: str) -> Any:
+    """:meth:`Event.field`, quicker when the payload spells ``name`` as given (the spelling
+    it tries first, and the one ``list_calls`` rows use)."""
+    payload = event.payload
+    return payload[name] if name in payload else event.field(name)
+
+
+def _text(event: Event, name: str) -> str | None:
+    """Return a payload field that is a non-empty string, else None."""
+    value = _field(event, name)
+    return value if isinstance(value, str) and value else None
+
+
+def _times(
+    status: Status, known: CallRecord | None, event: Event, heard: float | None
+) -> dict[str, Any]:
+    """Return the transition times of a call at ``status``: what ``known`` had, with what
+    ``event`` adds.
+
+    A status the call has not reached gets no time; one it reached keeps the time it has,
+    else takes the payload's, else ``heard`` (when the move to it was heard) for the status
+    it is at now.
+    """
+    times: dict[str, Any] = {}
+    for step in STATUSES[: _RANK[status] + 1]:
+        attribute = _TIME_ATTRIBUTE[step]
+        when = None if known is None else getattr(known, attribute)
+        if when is None:
+            when = parse_time(_field(event, _TIME_FIELD[step]))
+        if when is None and step == status:
+            when = heard
+        times[attribute] = when
+    return times
+
+
+class CallLookup(Protocol):
+    """The call map as handlers read it (``ctx.calls``): live, and read-only."""
+
+    def get(self, call_key: str) -> CallRecord | None:
+        """Return what the map knows of a call now, or None."""
+        ...
+
+    def open_calls(self) -> list[CallRecord]:
+        """Return the calls not ended."""
+        ...
+
+
+class CallState:
+    """The call map, keyed by call key.
+
+    Args:
+        records: the calls to start from (as loaded from the store).
+    """
+
+    def __init__(self, records: Iterable[CallRecord] = ()) -> None:
+        self._calls = {record.call_key: record for record in records}
+        self._changed: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def get(self, call_key: str) -> CallRecord | None:
+        """Return what the map knows of a call, or None."""
+        return self._calls.get(call_key)
+
+    def open_calls(self) -> list[CallRecord]:
+        """Return the calls not ended."""
+        return [record for record in self._calls.values() if record.status != "ended"]
+
+    def merge(
+        self, name: str, payload: dict[str, Any], origin: Origin, now: float
+    ) -> Transition | None:
+        """Merge one event into the map; return the transition it made, or None.
+
+        A transition event of an unknown call adds the call. Any event of a known call fills
+        in what the map lacked and sets its last event time, but only a transition event
+        beyond the call's status moves it (see the module docstring). An event without a
+        call key, or of an unknown call and no transition, changes nothing.
+
+        Args:
+            name: the event name.
+            payload: the payload, in any spelling; it is only read.
+            origin: ``realtime`` for the channel, ``reconcile`` for a rebuilt event.
+            now: when the event was heard, seconds since the epoch.
+        """
+        return self.merge_event(Event.create(name, payload, "", now, origin=origin))
+
+    def merge_event(self, event: Event) -> Transition | None:
+        """:meth:`merge` for an event already built: its origin, and ``received_at`` as the
+        moment it was heard."""
+        key = event.call_key
+        if key is None:
+            return None
+        now = event.received_at
+        target = TRANSITIONS.get(event.name)
+        known = self._calls.get(key)
+        before = None if known is None else known.status
+        if target is not None and (known is None or _RANK[target] > known.rank()):
+            status: Status = target
+            earlier = known.origins if known else {}
+            origins: Mapping[Status, Origin] = {**earlier, target: event.origin}
+        elif known is not None:
+            status, origins = known.status, known.origins
+        else:
+            return None
+        moved = status != before
+        # One constructor call: dataclasses.replace cost more than the rest of the merge.
+        updated = CallRecord(
+            key,
+            status,
+            now if known is None else max(known.last_event_at, now),
+            (known and known.from_number) or _text(event, "fromNumber"),
+            (known and known.to_number) or _text(event, "toNumber"),
+            origins=origins,
+            **_times(status, known, event, now if moved else None),
+        )
+        if updated != known:
+            self._calls[key] = updated
+            self._changed.add(key)
+        return Transition(before, updated) if moved else None
+
+    def changed(self) -> list[CallRecord]:
+        """Return the calls changed since the last call (for the store), and forget them."""
+        keys, self._changed = self._changed, set()
+        return [self._calls[key] for key in keys if key in self._calls]
+
+    def prune(self, before: float) -> int:
+        """Forget the calls whose last event came before ``before``; return how many.
+
+        Open calls too: a call silent that long is taken as lost, so the cut-off must be
+        further back than the longest call (and than reconciliation's lookback).
+        """
+        stale = [key for key, record in self._calls.items() if record.last_event_at < before]
+        for key in stale:
+            del self._calls[key]
+            self._changed.discard(key)
+        return len(stale)

@@ -1,0 +1,172 @@
+"""The call map, the handled lifecycle ids and the last moment seen, in one SQLite file.
+
+What must outlive the process: the call map (so that a late event does not reopen a call
+ended before a restart, and reconciliation knows what was already seen), the ids of the
+lifecycle events already handled (so that none is handled twice, whatever the restarts), and
+the last moment until which the daemon had missed nothing (so that the next start knows how
+long it was away: from then on is a gap to reconcile).
+
+Pure storage: no asyncio, no clock (callers pass ``now``). Writes come in batches, one
+transaction each (:meth:`CallStore.save`), into a WAL journal (see
+:class:`~listener.core.sqlite.Database`): a commit costs a write of the log and no fsync.
+
+The schema (``PRAGMA user_version`` = 1)::
+
+    calls    call_key PK, status, last_event_at, from_number, to_number, started_at,
+             answered_at, ended_at, origins (JSON: status -> origin)
+    handled  id PK, handled_at
+    moments  name PK (``last_seen``), at
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Final
+
+from listener.calls.state import CallRecord
+from listener.core.errors import ListenerError
+from listener.core.sqlite import Database
+
+__all__ = ["SCHEMA_VERSION", "CallStore", "StoreError", "store_path"]
+
+SCHEMA_VERSION: Final = 1
+
+_SCHEMA: Final = (
+    """CREATE TABLE calls (
+        call_key      TEXT PRIMARY KEY,
+        status        TEXT NOT NULL,
+        last_event_at REAL NOT NULL,
+        from_number   TEXT,
+        to_number     TEXT,
+        started_at    REAL,
+        answered_at   REAL,
+        ended_at      REAL,
+        origins       TEXT NOT NULL
+    ) WITHOUT ROWID""",
+    "CREATE INDEX calls_last_event ON calls (last_event_at)",
+    "CREATE TABLE handled (id TEXT PRIMARY KEY, handled_at REAL NOT NULL) WITHOUT ROWID",
+    "CREATE INDEX handled_at ON handled (handled_at)",
+    "CREATE TABLE moments (name TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID",
+)
+_CALL_COLUMNS: Final = (
+    "call_key, status, last_event_at, from_number, to_number, started_at, answered_at,"
+    " ended_at, origins"
+)
+# Assembled from the module's own constants only (hence the S608 silences); values travel as
+# parameters.
+_UPSERT_CALL: Final = (
+    f"INSERT OR REPLACE INTO calls ({_CALL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
+)
+_SELECT_CALLS: Final = f"SELECT {_CALL_COLUMNS} FROM calls"  # noqa: S608
+
+
+def store_path(state_dir: Path) -> Path:
+    """Where the daemon keeps its call store under ``service.state_dir``."""
+    return state_dir / "calls.sqlite3"
+
+
+class StoreError(ListenerError):
+    """The call store could not be opened, read or written (the message says why)."""
+
+
+class CallStore(Database):
+    """The store in one SQLite file, created on first open.
+
+    Use it from one thread at a time. Every method raises :class:`StoreError` when SQLite
+    fails (a lock held past ``busy_timeout``, a full disk, a corrupt file); anything else
+    is a bug.
+
+    Args:
+        path: the database file; its directory must exist.
+        busy_timeout: seconds to wait for another connection's write lock.
+
+    Raises:
+        StoreError: the file cannot be opened or was written by a newer schema version.
+    """
+
+    what = "call store"
+    error = StoreError
+    schema = _SCHEMA
+    version = SCHEMA_VERSION
+
+    def save(
+        self,
+        now: float,
+        *,
+        calls: Iterable[CallRecord] = (),
+        handled: Iterable[str] = (),
+        seen_until: float | None = None,
+    ) -> None:
+        """Write a batch in one transaction: calls (replacing what was stored of them), ids
+        newly handled at ``now`` (one already stored keeps its time) and, when given,
+        ``seen_until`` as the last moment until which nothing was missed."""
+        with self.translated("save"), self.transaction():
+            self.conn.executemany(_UPSERT_CALL, (_row(record) for record in calls))
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO handled (id, handled_at) VALUES (?, ?)",
+                ((msg_id, now) for msg_id in handled),
+            )
+            if seen_until is not None:
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO moments (name, at) VALUES ('last_seen', ?)",
+                    (seen_until,),
+                )
+
+    def calls(self) -> list[CallRecord]:
+        """Return every stored call."""
+        with self.translated("read"):
+            rows = self.conn.execute(_SELECT_CALLS).fetchall()
+        return [_record(row) for row in rows]
+
+    def handled_ids(self) -> set[str]:
+        """Return the ids of every event stored as handled."""
+        with self.translated("read"):
+            return {msg_id for (msg_id,) in self.conn.execute("SELECT id FROM handled")}
+
+    def last_seen(self) -> float | None:
+        """Return the last ``seen_until`` that :meth:`save` wrote, or None when none was."""
+        with self.translated("read"):
+            row = self.conn.execute("SELECT at FROM moments WHERE name = 'last_seen'").fetchone()
+        return None if row is None else float(row[0])
+
+    def prune(self, before: float) -> int:
+        """Forget the calls whose last event, and the ids handled, before ``before``.
+
+        Returns:
+            How many calls were forgotten.
+        """
+        with self.translated("prune"), self.transaction():
+            forgotten = self.conn.execute("DELETE FROM calls WHERE last_event_at < ?", (before,))
+            self.conn.execute("DELETE FROM handled WHERE handled_at < ?", (before,))
+        return forgotten.rowcount
+
+
+def _row(record: CallRecord) -> tuple[object, ...]:
+    return (
+        record.call_key,
+        record.status,
+        record.last_event_at,
+        record.from_number,
+        record.to_number,
+        record.started_at,
+        record.answered_at,
+        record.ended_at,
+        json.dumps(dict(record.origins)),
+    )
+
+
+def _record(row: Any) -> CallRecord:
+    key, status, last_event_at, from_number, to_number, started, answered, ended, origins = row
+    return CallRecord(
+        key,
+        status,
+        last_event_at,
+        from_number,
+        to_number,
+        started,
+        answered,
+        ended,
+        json.loads(origins),
+    )

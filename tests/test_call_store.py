@@ -1,0 +1,118 @@
+"""The call store, against a real SQLite file: round trips, reopening, pruning, errors."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from listener.calls.state import CallRecord, CallState
+from listener.calls.store import SCHEMA_VERSION, CallStore, StoreError
+
+
+def test_a_new_store_is_empty(tmp_path: Path) -> None:
+    with CallStore(tmp_path / "calls.db") as store:
+        assert (store.calls(), store.handled_ids(), store.last_seen()) == ([], set(), None)
+
+
+def test_what_is_saved_is_there_after_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "calls.db"
+    state = CallState()
+    state.merge("incoming_call", {"callUuid": "c-1", "fromNumber": "+1"}, "realtime", 10.0)
+    state.merge("call_ended", {"callUuid": "c-1", "endedAt": "x"}, "reconcile", 12.0)
+    state.merge("call_answered", {"call": {"call_uuid": "c-2"}}, "realtime", 11.0)
+    with CallStore(path) as store:
+        store.save(12.0, calls=state.changed(), handled=["evt_a", "evt_b"], seen_until=12.0)
+    with CallStore(path) as store:
+        restored = CallState(store.calls())
+        assert store.handled_ids() == {"evt_a", "evt_b"}
+        assert store.last_seen() == 12.0
+    for key in ("c-1", "c-2"):
+        assert restored.get(key) == state.get(key)
+    record = restored.get("c-1")
+    assert record is not None
+    assert record.origins == {"ringing": "realtime", "ended": "reconcile"}
+
+
+def test_saving_again_replaces_a_call_and_keeps_a_handled_id_once(tmp_path: Path) -> None:
+    with CallStore(tmp_path / "calls.db") as store:
+        store.save(1.0, calls=[CallRecord("c", "ringing", 1.0)], handled=["evt_a"])
+        store.save(
+            2.0,
+            calls=[CallRecord("c", "answered", 2.0, origins={"answered": "realtime"})],
+            handled=["evt_a", "evt_b"],
+        )
+        store.save(3.0, seen_until=2.5)  # nothing new, nothing missed until 2.5
+        store.save(4.0)  # nothing said of what was missed: the last moment seen stays
+        assert store.calls() == [CallRecord("c", "answered", 2.0, origins={"answered": "realtime"})]
+        assert store.handled_ids() == {"evt_a", "evt_b"}
+        assert store.last_seen() == 2.5
+        # The first save's time stays with evt_a: pruning at 1.5 forgets it, not evt_b.
+        store.prune(before=1.5)
+        assert store.handled_ids() == {"evt_b"}
+
+
+def test_prune_forgets_calls_and_ids_older_than_the_cut_off(tmp_path: Path) -> None:
+    with CallStore(tmp_path / "calls.db") as store:
+        store.save(
+            5.0,
+            calls=[CallRecord("old", "ended", 1.0), CallRecord("new", "ended", 9.0)],
+            handled=["evt_old"],
+        )
+        store.save(9.0, handled=["evt_new"])
+        assert store.prune(before=6.0) == 1
+        assert [r.call_key for r in store.calls()] == ["new"]
+        assert store.handled_ids() == {"evt_new"}
+
+
+def test_the_file_is_in_wal_mode_and_readable_while_open(tmp_path: Path) -> None:
+    path = tmp_path / "calls.db"
+    with CallStore(path) as store:
+        store.save(1.0, handled=["evt_a"])
+        other = sqlite3.connect(path)
+        try:
+            assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+            assert other.execute("SELECT id FROM handled").fetchall() == [("evt_a",)]
+        finally:
+            other.close()
+
+
+def test_a_failed_batch_writes_nothing(tmp_path: Path) -> None:
+    with CallStore(tmp_path / "calls.db") as store:
+
+        def records() -> Iterator[CallRecord]:
+            yield CallRecord("c", "ringing", 1.0)
+            raise RuntimeError("the caller failed half-way")
+
+        with pytest.raises(RuntimeError):
+            store.save(1.0, calls=records(), handled=["evt_a"], seen_until=1.0)
+        assert store.calls() == []
+        assert (store.handled_ids(), store.last_seen()) == (set(), None)
+        store.save(2.0, handled=["evt_b"])  # and the store still works
+        assert store.handled_ids() == {"evt_b"}
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "calls.db"
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StoreError, match="call store schema version 2 is newer"):
+        CallStore(path)
+
+
+def test_an_unopenable_file_and_a_held_lock_are_store_errors(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="call store open failed"):
+        CallStore(tmp_path / "no-such-dir" / "calls.db")
+    path = tmp_path / "calls.db"
+    with CallStore(path, busy_timeout=0.05) as store:
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(StoreError, match="call store save failed"):
+                store.save(1.0)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()

@@ -1,0 +1,75 @@
+"""The call tracker: which events are new, and their call as of each (no I/O, no clock)."""
+
+from __future__ import annotations
+
+from listener.calls.state import CallRecord
+from listener.calls.tracker import CallTracker
+from listener.core.events import Event
+from listener.core.ids import EventIds, lifecycle_id
+
+
+def event(name: str, payload: dict[str, object], at: float, event_id: str | None = None) -> Event:
+    """An event as the session delivers it: with its stable id (or the one given)."""
+    stamped = event_id or EventIds().assign(name, payload, at)
+    return Event.create(name, payload, "events", at, id=stamped)
+
+
+def test_a_lifecycle_id_is_handed_on_once_however_late_its_twin_comes() -> None:
+    tracker = CallTracker(window=2.0)
+    realtime = event("call_ended", {"callUuid": "c-1"}, 10.0)
+    rebuilt = Event.create(
+        "call_ended",
+        {"callUuid": "c-1", "status": "completed"},
+        "events",
+        5000.0,
+        id=lifecycle_id("call_ended", "c-1"),
+        origin="reconcile",
+    )
+    assert tracker.admit(rebuilt)
+    assert not tracker.admit(realtime), "the same transition, heard the other way"
+    assert tracker.unsaved() == [rebuilt.id]
+    assert tracker.unsaved() == [], "each id goes to the store once"
+
+
+def test_other_ids_are_forgotten_after_the_window() -> None:
+    tracker = CallTracker(window=2.0)
+    first = event("agent_status", {"agent": "a-1"}, 0.0)
+    assert tracker.admit(first)
+    assert not tracker.admit(event("agent_status", {"agent": "a-1"}, 1.9, first.id))
+    assert tracker.admit(event("agent_status", {"agent": "a-1"}, 2.1, first.id))
+    assert tracker.unsaved() == [], "only lifecycle ids outlive the process"
+
+
+def test_an_event_without_an_id_is_always_new() -> None:
+    tracker = CallTracker()
+    made = Event.create("call_ended", {"callUuid": "c-1"}, "events", 1.0)
+    assert tracker.admit(made)
+    assert tracker.admit(made)
+
+
+def test_merge_returns_the_call_as_of_this_event() -> None:
+    tracker = CallTracker()
+    ringing = tracker.merge(event("incoming_call", {"callUuid": "c-1", "fromNumber": "+1"}, 1.0))
+    ended = tracker.merge(event("call_ended", {"callUuid": "c-1"}, 2.0))
+    assert ringing is not None
+    assert ended is not None
+    assert (ringing.status, ended.status) == ("ringing", "ended")
+    assert ended.from_number == "+1"
+    assert tracker.get("c-1") == ended
+    assert tracker.merge(event("call_transcript_delta", {"callUuid": "c-9"}, 3.0)) is None
+    assert tracker.merge(event("agent_status", {"agent": "a-1"}, 3.0)) is None
+    assert tracker.open_calls() == []
+
+
+def test_prune_forgets_old_calls_and_ids_and_load_restores_both() -> None:
+    tracker = CallTracker()
+    tracker.load(
+        [CallRecord("old", "ended", 1.0), CallRecord("new", "ringing", 9.0)], ["evt_a"], 1.0
+    )
+    assert [record.call_key for record in tracker.open_calls()] == ["new"]
+    assert not tracker.admit(
+        Event.create("call_ended", {"callUuid": "old"}, "events", 9.0, id="evt_a")
+    )
+    assert tracker.prune(before=5.0) == 1
+    assert tracker.get("old") is None
+    assert tracker.admit(Event.create("call_ended", {"callUuid": "old"}, "events", 9.0, id="evt_a"))

@@ -1,0 +1,82 @@
+"""The persister: the call map and handled ids reach the store in batches, failed ones later."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from listener.calls.persister import Persister
+from listener.calls.store import CallStore
+from listener.calls.tracker import CallTracker
+from listener.core import metrics
+from listener.core.events import Event
+from listener.core.ids import lifecycle_id
+
+
+def hand_on(tracker: CallTracker, name: str, key: str, at: float) -> str:
+    """Take an event through the tracker as the dispatcher does; return its id."""
+    event = Event.create(name, {"callUuid": key}, "events", at, id=lifecycle_id(name, key))
+    assert tracker.admit(event)
+    tracker.merge(event)
+    return event.id
+
+
+def failed_writes() -> float:
+    value = metrics.REGISTRY.get_sample_value("sippet_listener_call_store_failures_total")
+    return value or 0.0
+
+
+async def test_a_batch_that_failed_is_written_with_the_next_one(tmp_path: Path) -> None:
+    path = tmp_path / "calls.sqlite3"
+    tracker = CallTracker()
+    store = CallStore(path, busy_timeout=0.05)
+    persister = Persister(store, tracker, lambda now: now - 5, retain=3600, clock=lambda: 100.0)
+    first = hand_on(tracker, "incoming_call", "c-1", 90.0)
+    before = failed_writes()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        await persister.flush()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert failed_writes() == before + 1
+    second = hand_on(tracker, "call_ended", "c-1", 95.0)
+    await persister.close()
+    with CallStore(path) as reopened:
+        assert [(r.call_key, r.status) for r in reopened.calls()] == [("c-1", "ended")]
+        assert reopened.handled_ids() == {first, second}
+        assert reopened.last_seen() == 95.0
+
+
+async def test_nothing_missed_is_recorded_only_once_there_is_history(tmp_path: Path) -> None:
+    path = tmp_path / "calls.sqlite3"
+    persister = Persister(CallStore(path), CallTracker(), lambda now: None, retain=3600)
+    await persister.close()
+    with CallStore(path) as reopened:
+        assert reopened.last_seen() is None
+
+
+async def test_prune_forgets_old_calls_in_memory_and_on_disk(tmp_path: Path) -> None:
+    path = tmp_path / "calls.sqlite3"
+    tracker = CallTracker()
+    clock = [1000.0]
+    persister = Persister(
+        CallStore(path), tracker, lambda now: now, retain=100, clock=lambda: clock[0]
+    )
+    hand_on(tracker, "call_ended", "old", 850.0)
+    hand_on(tracker, "incoming_call", "new", 950.0)
+    await persister.flush()
+    await persister.prune()
+    assert (tracker.get("old"), tracker.get("new") is not None) == (None, True)
+    await persister.close()
+    with CallStore(path) as reopened:
+        assert [record.call_key for record in reopened.calls()] == ["new"]
+
+
+async def test_without_a_store_the_changes_are_let_go() -> None:
+    tracker = CallTracker()
+    persister = Persister(None, tracker, lambda now: now, retain=3600)
+    hand_on(tracker, "incoming_call", "c-1", 1.0)
+    await persister.close()
+    assert (tracker.state.changed(), tracker.unsaved()) == ([], [])
