@@ -1,0 +1,79 @@
+"""sippet-listener end to end: the real ``Daemon``, configured with one ``webhook`` handler.
+
+The configuration is what a user writes, loaded the way ``sippet-listener run`` loads it
+(``parse_settings`` + ``load_handlers``): ``[sippet]`` with the fake's URL, ``[service]`` with
+a fresh state directory, and one table::
+
+    [[handlers]]
+    use = "webhook"
+    name = "e2e"
+    url = "<the receiver>"
+    secret = "whsec_..."
+
+Everything else is a default: the dispatcher's (concurrency 8, queue 10,000), the
+destination's (8 in flight, the Svix retry schedule), production logging (JSON at info on
+stderr). Every event is committed to the SQLite outbox before its first attempt: the worker
+only ever attempts rows it read back from the file.
+
+Options (JSON): ``url``, ``secret``; ``handler``, extra keys for the ``[[handlers]]`` table
+(``concurrency``, ``max_in_flight``...); ``sippet``, overrides for ``[sippet]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import tempfile
+from typing import Any
+
+from common import Recorder, driver_args, serve
+
+from listener.core.logs import configure_logging
+from listener.dispatch.loader import load_handlers
+from listener.service.config import parse_settings
+from listener.service.daemon import Daemon
+
+
+async def main() -> None:
+    args = driver_args(__doc__ or "")
+    options: dict[str, Any] = json.loads(args.options)
+    configure_logging("info", "json", stream=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="sippet-bench-e2e-") as state_dir:
+        table = {
+            "use": "webhook",
+            "name": "e2e",
+            "url": options["url"],
+            "secret": options["secret"],
+            **options.get("handler", {}),
+        }
+        settings = parse_settings(
+            {
+                "sippet": {"base_url": args.base_url, **options.get("sippet", {})},
+                "service": {"state_dir": state_dir},
+                "handlers": [table],
+            }
+        )
+        daemon = Daemon(settings, args.api_key, load_handlers(settings.handlers))
+        stop = asyncio.Event()
+        running = asyncio.create_task(daemon.run(stop))
+        joined = asyncio.create_task(daemon.session.joined.wait())
+        await asyncio.wait({running, joined}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        if running.done():
+            running.result()
+        if not joined.done():
+            raise SystemExit("the daemon did not join within 10 s")
+
+        def stats() -> dict[str, Any]:
+            return {"received": daemon.dispatcher.received, "status": daemon.status_line()}
+
+        async def shutdown() -> None:
+            stop.set()
+            await running
+
+        # The receiver counts; the recorder only serves the command loop.
+        await serve(Recorder(), {"client": "sippet-listener webhook"}, stats, shutdown)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
