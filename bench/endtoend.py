@@ -220,14 +220,34 @@ def _round(
         driver.quit()
 
 
-def measure(mode: str, logs: Path, *, receiver_server: str = "lean") -> list[Result]:
-    """Every round of both forwarders against one server and one receiver.
+def _secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
-    ``receiver_server``: ``lean`` or ``uvicorn`` (see ``bench/endtoend_receiver.py``).
+
+def measure(
+    mode: str,
+    logs: Path,
+    *,
+    receiver_server: str = "lean",
+    daemon_options: dict[str, Any] | None = None,
+    only: tuple[str, ...] = (),
+) -> list[Result]:
+    """Every round of every forwarder against one server and one receiver.
+
+    ``receiver_server``: ``lean`` or ``uvicorn`` (see ``bench/endtoend_receiver.py``);
+    ``daemon_options``: extra options for the daemon's driver (experiments); ``only``: the
+    keys of the forwarders to run (all if empty).
     """
     size = SIZES[mode]
-    secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-    results = {c.key: Result(c) for c in CONTENDERS}
+    secret = _secret()
+    contenders = tuple(
+        Contender(c.key, c.label, c.script, {**c.options, **(daemon_options or {})})
+        if c is WEBHOOK_DAEMON
+        else c
+        for c in CONTENDERS
+        if not only or c.key in only
+    )
+    results = {c.key: Result(c) for c in contenders}
     seq = _Seq()
     server = BenchServer(logs / "e2e-server.log")
     try:
@@ -235,8 +255,8 @@ def measure(mode: str, logs: Path, *, receiver_server: str = "lean") -> list[Res
         receiver = _Receiver(secret, receiver_server, logs / "e2e-receiver.log")
         try:
             for index in range(size.rounds):
-                shift = index % len(CONTENDERS)
-                order = CONTENDERS[shift:] + CONTENDERS[:shift]
+                shift = index % len(contenders)
+                order = contenders[shift:] + contenders[:shift]
                 for contender in order:
                     result = results[contender.key]
                     if result.error:
@@ -259,8 +279,8 @@ def _n(value: float) -> str:
 def table(results: list[Result], mode: str) -> list[tuple[str, str, str, str, str]]:
     """The rows: (measure, client, result, vs reference, target)."""
     size = SIZES[mode]
-    loop = next(r for r in results if r.contender is LOOP)
-    limit = next(r for r in results if r.contender is LIMIT)
+    loop = next((r for r in results if r.contender.key == LOOP.key), Result(LOOP))
+    limit = next((r for r in results if r.contender.key == LIMIT.key), Result(LIMIT))
     loop_p99 = percentile(loop.latency_ms, 99) if loop.latency_ms else 0.0
     drain = (
         f"end to end: drain {_n(size.drain_events)} x {size.rounds}, server -> forwarder ->"
@@ -287,11 +307,11 @@ def table(results: list[Result], mode: str) -> list[tuple[str, str, str, str, st
             f" (receiver {statistics.median(r.receiver_cpu_us):.0f} µs); {checks}{missing}{failed}"
         )
         ratio = r.rate / loop.rate if loop.rate else 0.0
-        reference = "reference" if r.contender is LOOP else f"{ratio:.2f} x loop"
-        if r.contender is WEBHOOK_DAEMON and limit.rate:
+        reference = "reference" if r.contender.key == LOOP.key else f"{ratio:.2f} x loop"
+        if r.contender.key == WEBHOOK_DAEMON.key and limit.rate:
             reference += f", {r.rate / limit.rate:.2f} x limit"
         target = ""
-        if r.contender is WEBHOOK_DAEMON:
+        if r.contender.key == WEBHOOK_DAEMON.key:
             verdict = "PASS" if ratio >= _RATIO_TARGET and not r.lost else "MISS"
             target = f"{verdict} (>= 0.8 x loop, every event durable before its first attempt)"
         rows.append((drain, label, figures, reference, target))
@@ -308,10 +328,12 @@ def table(results: list[Result], mode: str) -> list[tuple[str, str, str, str, st
             f" (p99 per run {per_run}){lost}"
         )
         reference = (
-            "reference" if r.contender is LOOP else f"p99 {p99 / (loop_p99 or 1):.2f} x loop"
+            "reference"
+            if r.contender.key == LOOP.key
+            else f"p99 {p99 / (loop_p99 or 1):.2f} x loop"
         )
         target = ""
-        if r.contender is WEBHOOK_DAEMON:
+        if r.contender.key == WEBHOOK_DAEMON.key:
             target = f"{'PASS' if p99 <= _LATENCY_TARGET_MS else 'MISS'} (p99 <= 10 ms)"
         rows.append((latency, label, figures, reference, target))
     return rows
@@ -320,16 +342,25 @@ def table(results: list[Result], mode: str) -> list[tuple[str, str, str, str, st
 def main(argv: list[str] | None = None) -> int:
     """``python -m bench.endtoend``: only these rows (``python -m bench`` runs them too)."""
     import argparse
+    import json
 
     from bench.run import RESULTS, Row, _table
 
     parser = argparse.ArgumentParser(prog="python -m bench.endtoend", description=__doc__)
     parser.add_argument("mode", nargs="?", choices=tuple(SIZES), default="quick")
     parser.add_argument("--receiver", choices=("lean", "uvicorn"), default="lean")
+    parser.add_argument("--daemon-options", default="{}", help="extra driver options (JSON)")
+    parser.add_argument("--only", action="append", default=[], help="a forwarder's key")
     args = parser.parse_args(argv)
     logs = RESULTS / f"{args.mode}-e2e"
     logs.mkdir(parents=True, exist_ok=True)
-    results = measure(args.mode, logs, receiver_server=args.receiver)
+    results = measure(
+        args.mode,
+        logs,
+        receiver_server=args.receiver,
+        daemon_options=json.loads(args.daemon_options),
+        only=tuple(args.only),
+    )
     print(_table([Row(*cells) for cells in table(results, args.mode)]))
     return 0 if all(not r.error for r in results) else 1
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench import endtoend, scenarios
+from bench import endtoend, endtoend_profile, scenarios
 from bench.peers import BARE, DAEMON, PEERS, Client, ensure_venv
 from bench.procs import ROOT, BenchServer
 from bench.profile import RATE, Profile, py_spy
@@ -469,6 +469,11 @@ def main(argv: list[str] | None = None) -> int:
                 mode.profile_seconds,
                 ("MainThread", "sippet-outbox"),
             ),
+        )
+    if profile:
+        section(
+            "profile of the end-to-end webhook path",
+            lambda: endtoend_profile.report(mode.name, logs, mode.profile_seconds),
         )
     if footprints:
         rows += _footprint_rows(footprints)

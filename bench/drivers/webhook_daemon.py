@@ -16,7 +16,10 @@ stderr). Every event is committed to the SQLite outbox before its first attempt:
 only ever attempts rows it read back from the file.
 
 Options (JSON): ``url``, ``secret``; ``handler``, extra keys for the ``[[handlers]]`` table
-(``concurrency``, ``max_in_flight``...); ``sippet``, overrides for ``[sippet]``.
+(``concurrency``, ``max_in_flight``...); ``sippet``, overrides for ``[sippet]``; ``trace``:
+stamp each event along its path (``webhook_trace``) and hand the stamps over with ``stats``;
+``switch_interval``: ``sys.setswitchinterval`` (the GIL's, 5 ms by default), and ``pragmas``:
+``{name: value}`` run on the outbox's connection once it is open, for experiments.
 """
 
 from __future__ import annotations
@@ -35,10 +38,33 @@ from listener.service.config import parse_settings
 from listener.service.daemon import Daemon
 
 
+def _with_pragmas(pragmas: dict[str, Any]) -> None:
+    """Run ``PRAGMA name = value`` on every outbox connection after its own set-up."""
+    from listener.webhooks.outbox import Outbox
+
+    setup = Outbox._setup
+
+    def patched(self: Outbox) -> None:
+        setup(self)
+        for name, value in pragmas.items():
+            self._conn.execute(f"PRAGMA {name} = {value}")
+
+    Outbox._setup = patched  # type: ignore[method-assign]
+
+
 async def main() -> None:
     args = driver_args(__doc__ or "")
     options: dict[str, Any] = json.loads(args.options)
     configure_logging("info", "json", stream=sys.stderr)
+    trace = bool(options.get("trace"))
+    if trace:
+        import webhook_trace
+
+        webhook_trace.install()
+    if "switch_interval" in options:
+        sys.setswitchinterval(float(options["switch_interval"]))
+    if options.get("pragmas"):
+        _with_pragmas(options["pragmas"])
     with tempfile.TemporaryDirectory(prefix="sippet-bench-e2e-") as state_dir:
         table = {
             "use": "webhook",
@@ -65,7 +91,10 @@ async def main() -> None:
             raise SystemExit("the daemon did not join within 10 s")
 
         def stats() -> dict[str, Any]:
-            return {"received": daemon.dispatcher.received, "status": daemon.status_line()}
+            answer = {"received": daemon.dispatcher.received, "status": daemon.status_line()}
+            if trace:
+                answer["trace"], answer["counts"] = webhook_trace.take()
+            return answer
 
         async def shutdown() -> None:
             stop.set()
