@@ -5,7 +5,7 @@ joined socket), and POST to the same receiver:
 
 - the reference, ``bench/drivers/forward_loop.py`` in its ``h11`` style: a minimal non-durable
   loop (websockets + orjson, Standard Webhooks signing, 8 keep-alive HTTP/1.1 connections) on
-  the daemon's own HTTP and signing libraries, called directly;
+  the usual libraries (``h11``, ``standardwebhooks``), called directly;
 - the limit, the same loop in its ``raw`` style: HTTP/1.1 and the signature by hand;
 - sippet-listener, ``bench/drivers/webhook_daemon.py``: the real ``Daemon`` from a
   configuration with one ``webhook`` handler, every default kept, every event committed to
@@ -231,12 +231,14 @@ def measure(
     receiver_server: str = "lean",
     daemon_options: dict[str, Any] | None = None,
     only: tuple[str, ...] = (),
+    variants: dict[str, dict[str, Any]] | None = None,
 ) -> list[Result]:
     """Every round of every forwarder against one server and one receiver.
 
     ``receiver_server``: ``lean`` or ``uvicorn`` (see ``bench/endtoend_receiver.py``);
     ``daemon_options``: extra options for the daemon's driver (experiments); ``only``: the
-    keys of the forwarders to run (all if empty).
+    keys of the forwarders to run (all if empty); ``variants``: more daemons, ``{label:
+    driver options}``, run in the same rounds (A/B comparisons).
     """
     size = SIZES[mode]
     secret = _secret()
@@ -246,6 +248,14 @@ def measure(
         else c
         for c in CONTENDERS
         if not only or c.key in only
+    ) + tuple(
+        Contender(
+            f"{WEBHOOK_DAEMON.key}-{index}",
+            f"{WEBHOOK_DAEMON.label} [{label}]",
+            WEBHOOK_DAEMON.script,
+            options,
+        )
+        for index, (label, options) in enumerate((variants or {}).items(), 1)
     )
     results = {c.key: Result(c) for c in contenders}
     seq = _Seq()
@@ -351,6 +361,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--receiver", choices=("lean", "uvicorn"), default="lean")
     parser.add_argument("--daemon-options", default="{}", help="extra driver options (JSON)")
     parser.add_argument("--only", action="append", default=[], help="a forwarder's key")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=JSON",
+        help="one more daemon, with these driver options, in the same rounds",
+    )
     args = parser.parse_args(argv)
     logs = RESULTS / f"{args.mode}-e2e"
     logs.mkdir(parents=True, exist_ok=True)
@@ -360,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
         receiver_server=args.receiver,
         daemon_options=json.loads(args.daemon_options),
         only=tuple(args.only),
+        variants={
+            label: json.loads(options)
+            for label, _, options in (item.partition("=") for item in args.variant)
+        },
     )
     print(_table([Row(*cells) for cells in table(results, args.mode)]))
     return 0 if all(not r.error for r in results) else 1

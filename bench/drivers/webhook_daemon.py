@@ -19,7 +19,9 @@ Options (JSON): ``url``, ``secret``; ``handler``, extra keys for the ``[[handler
 (``concurrency``, ``max_in_flight``...); ``sippet``, overrides for ``[sippet]``; ``trace``:
 stamp each event along its path (``webhook_trace``) and hand the stamps over with ``stats``;
 ``switch_interval``: ``sys.setswitchinterval`` (the GIL's, 5 ms by default), and ``pragmas``:
-``{name: value}`` run on the outbox's connection once it is open, for experiments.
+``{name: value}`` run on the outbox's connection once it is open, and ``modules``:
+``{module: file}``, a module of ``listener`` loaded from another file (an older version, for
+an A/B run side by side), for experiments.
 """
 
 from __future__ import annotations
@@ -36,6 +38,20 @@ from listener.core.logs import configure_logging
 from listener.dispatch.loader import load_handlers
 from listener.service.config import parse_settings
 from listener.service.daemon import Daemon
+
+
+def _replace_module(name: str, path: str) -> None:
+    """Load ``name`` from ``path`` before anything imports it."""
+    import importlib.util
+
+    if name in sys.modules:
+        raise SystemExit(f"{name} is already imported: it cannot be replaced")
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
 
 
 def _with_pragmas(pragmas: dict[str, Any]) -> None:
@@ -56,6 +72,8 @@ async def main() -> None:
     args = driver_args(__doc__ or "")
     options: dict[str, Any] = json.loads(args.options)
     configure_logging("info", "json", stream=sys.stderr)
+    for name, path in options.get("modules", {}).items():
+        _replace_module(name, path)
     trace = bool(options.get("trace"))
     if trace:
         import webhook_trace
