@@ -9,11 +9,10 @@ daemon sends (``{"id", "type", "occurred_at", "topic", "data"}``, orjson) and si
 nothing retried: an event queued or in flight when the process dies, or answered with an
 error, is lost. Two styles (option ``style``):
 
-- ``h11`` (the reference of the targets): the daemon's own libraries, each called directly:
-  ``h11`` for HTTP/1.1 (one ``h11.Connection`` per socket, as ``listener.webhooks.http1``
-  drives it) and the ``standardwebhooks`` library's ``Webhook.sign``. Against it, the ratio
-  measures what the daemon adds around the same libraries: dispatch, the durable outbox,
-  the worker.
+- ``h11`` (the reference of the targets): the loop as one writes it with the usual
+  libraries, each called directly: ``h11`` for HTTP/1.1 (one ``h11.Connection`` per socket,
+  as ``listener.webhooks.http1`` drove it until it wrote its requests by hand) and the
+  ``standardwebhooks`` library's ``Webhook.sign`` (as ``listener.webhooks.signing`` does).
 - ``raw`` (the limit): the request written by hand and the answer's status line, headers
   and body (``Content-Length`` or chunked) read by hand; the signature with ``hmac`` and
   ``base64`` from the standard library. The least Python can do per event.
