@@ -27,6 +27,7 @@ Rounds rotate which forwarder goes first, so that a noisy neighbour spreads over
 from __future__ import annotations
 
 import base64
+import dataclasses
 import secrets
 import statistics
 import sys
@@ -232,15 +233,19 @@ def measure(
     daemon_options: dict[str, Any] | None = None,
     only: tuple[str, ...] = (),
     variants: dict[str, dict[str, Any]] | None = None,
+    rounds: int | None = None,
 ) -> list[Result]:
     """Every round of every forwarder against one server and one receiver.
 
     ``receiver_server``: ``lean`` or ``uvicorn`` (see ``bench/endtoend_receiver.py``);
     ``daemon_options``: extra options for the daemon's driver (experiments); ``only``: the
     keys of the forwarders to run (all if empty); ``variants``: more daemons, ``{label:
-    driver options}``, run in the same rounds (A/B comparisons).
+    driver options}``, run in the same rounds (A/B comparisons); ``rounds``: instead of the
+    mode's.
     """
     size = SIZES[mode]
+    if rounds is not None:
+        size = dataclasses.replace(size, rounds=rounds)
     secret = _secret()
     contenders = tuple(
         Contender(c.key, c.label, c.script, {**c.options, **(daemon_options or {})})
@@ -289,6 +294,8 @@ def _n(value: float) -> str:
 def table(results: list[Result], mode: str) -> list[tuple[str, str, str, str, str]]:
     """The rows: (measure, client, result, vs reference, target)."""
     size = SIZES[mode]
+    # The rounds run (a smaller figure if a forwarder failed, a larger one if asked for).
+    size = dataclasses.replace(size, rounds=max((len(r.rates) for r in results), default=0))
     loop = next((r for r in results if r.contender.key == LOOP.key), Result(LOOP))
     limit = next((r for r in results if r.contender.key == LIMIT.key), Result(LIMIT))
     loop_p99 = percentile(loop.latency_ms, 99) if loop.latency_ms else 0.0
@@ -361,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--receiver", choices=("lean", "uvicorn"), default="lean")
     parser.add_argument("--daemon-options", default="{}", help="extra driver options (JSON)")
     parser.add_argument("--only", action="append", default=[], help="a forwarder's key")
+    parser.add_argument("--rounds", type=int, help="instead of the mode's")
     parser.add_argument(
         "--variant",
         action="append",
@@ -377,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         receiver_server=args.receiver,
         daemon_options=json.loads(args.daemon_options),
         only=tuple(args.only),
+        rounds=args.rounds,
         variants={
             label: json.loads(options)
             for label, _, options in (item.partition("=") for item in args.variant)
