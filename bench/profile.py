@@ -27,8 +27,14 @@ RATE = 400
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<location>[^()]*)\)$")
 _LINE = re.compile(r"^(?P<stack>.*) (?P<count>\d+)$")
 # Innermost frames of a thread that is waiting, not working: the event loop's select, an
-# idle executor thread, the bench driver's stdin reader.
-_IDLE = ("EpollSelector.select ", "_worker (concurrent/futures/thread.py", "_read_commands ")
+# idle executor thread or outbox thread (waiting for its next call), the bench driver's stdin
+# reader.
+_IDLE = (
+    "EpollSelector.select ",
+    "_worker (concurrent/futures/thread.py",
+    "_Thread._serve (listener/webhooks/store.py",
+    "_read_commands ",
+)
 
 
 def py_spy() -> str | None:

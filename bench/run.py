@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench import scenarios
+from bench import endtoend, endtoend_profile, scenarios
 from bench.peers import BARE, DAEMON, PEERS, Client, ensure_venv
 from bench.procs import ROOT, BenchServer
 from bench.profile import RATE, Profile, py_spy
@@ -454,6 +454,12 @@ def main(argv: list[str] | None = None) -> int:
             rotations.append(scenarios.rotation(client, python, mode, logs))
     rows += _rotation_rows(rotations, mode)
     section("webhooks", lambda: _webhook_rows(scenarios.webhooks(mode, logs), mode))
+    section(
+        "end to end webhooks",
+        lambda: [
+            Row(*cells) for cells in endtoend.table(endtoend.measure(mode.name, logs), mode.name)
+        ],
+    )
     if profile:
         section(
             "profile of the webhook outbox",
@@ -463,6 +469,11 @@ def main(argv: list[str] | None = None) -> int:
                 mode.profile_seconds,
                 ("MainThread", "sippet-outbox"),
             ),
+        )
+    if profile:
+        section(
+            "profile of the end-to-end webhook path",
+            lambda: endtoend_profile.report(mode.name, logs, mode.profile_seconds),
         )
     if footprints:
         rows += _footprint_rows(footprints)

@@ -32,9 +32,16 @@ def test_bench_smoke_prints_the_table() -> None:
         "rotation: 200/s",
         "webhooks: 100 deliveries x 1",
         "webhooks: drain a 200 backlog",
+        "end to end: drain 300 x 1",
+        "end to end: latency at 500/s",
         "footprint",
     ):
         assert any(m.startswith(prefix) for m in measures), (prefix, done.stdout)
-    for client in ("bare websockets+json loop (limit)", "sippet-listener (Daemon"):
+    for client in (
+        "bare websockets+json loop (limit)",
+        "sippet-listener (Daemon",
+        "reference: forwarding loop",
+        "sippet-listener (Daemon, webhook handler",
+    ):
         assert any(client in row for row in rows), (client, done.stdout)
     assert "failed:" not in done.stdout, done.stdout

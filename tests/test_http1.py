@@ -165,3 +165,106 @@ async def test_https_with_a_trusted_certificate(serve: Callable[..., RawServer])
             await distrusting.post(url, b"{}", {})
     finally:
         await distrusting.aclose()
+
+
+@pytest.mark.parametrize(
+    ("answer", "close_after", "body", "kept_alive"),
+    [
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"2;x=1\r\nok\r\n3\r\n!!!\r\n0\r\n\r\n",
+            False,
+            b"ok!!!",
+            True,
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\ntrailer: 1\r\n\r\n",
+            False,
+            b"",
+            True,
+        ),
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
+            False,
+            b"ok",
+            True,
+        ),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", False, b"", True),
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+            False,
+            b"ok",
+            False,
+        ),
+        (b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok", False, b"ok", False),
+        (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", True, b"until the end", False),
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 2\r\n\r\nok",
+            False,
+            b"ok",
+            True,
+        ),
+    ],
+    ids=[
+        "chunked",
+        "chunked-trailers",
+        "interim-1xx",
+        "204",
+        "connection-close",
+        "http-1.0",
+        "until-close",
+        "repeated-length",
+    ],
+)
+async def test_answers_are_framed_as_http_1_1_says(
+    pool: Http1Pool,
+    serve: Callable[..., RawServer],
+    answer: bytes,
+    close_after: bool,
+    body: bytes,
+    kept_alive: bool,
+) -> None:
+    server = serve(lambda _: answer, close_after)
+    url = await server.start()
+    first = await pool.post(url, b"{}", {}, keep=100)
+    assert (first.status in (200, 201, 204), first.body) == (True, body)
+    await pool.post(url, b"{}", {}, keep=100)
+    assert server.connections == (1 if kept_alive else 2)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\ncontent-length: two\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\n folded: header\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        b"HTTP/2 200\r\n\r\n",
+    ],
+    ids=["conflicting-length", "bad-length", "gzip-coding", "bad-chunk", "folded", "101", "h2"],
+)
+async def test_malformed_answers_are_protocol_errors(
+    pool: Http1Pool, serve: Callable[..., RawServer], answer: bytes
+) -> None:
+    server = serve(lambda _: answer)
+    url = await server.start()
+    with pytest.raises(Http1Error) as caught:
+        await pool.post(url, b"{}", {})
+    assert caught.value.kind == "protocol"
+
+
+async def test_a_request_that_cannot_be_written_is_a_request_error(
+    pool: Http1Pool, serve: Callable[..., RawServer]
+) -> None:
+    server = serve(lambda _: OK)
+    url = await server.start()
+    for headers in ({"x-bad": "a\r\nx-injected: 1"}, {"bad name": "1"}, {"x-name": "é"}):
+        with pytest.raises(Http1Error) as caught:
+            await pool.post(url, b"{}", headers)
+        assert caught.value.kind == "request"
+    with pytest.raises(Http1Error) as caught:
+        await pool.post(url.replace("/hook", "/a b"), b"{}", {})
+    assert caught.value.kind == "request"
+    assert server.requests == []

@@ -1,0 +1,131 @@
+"""sippet-listener end to end: the real ``Daemon``, configured with one ``webhook`` handler.
+
+The configuration is what a user writes, loaded the way ``sippet-listener run`` loads it
+(``parse_settings`` + ``load_handlers``): ``[sippet]`` with the fake's URL, ``[service]`` with
+a fresh state directory, and one table::
+
+    [[handlers]]
+    use = "webhook"
+    name = "e2e"
+    url = "<the receiver>"
+    secret = "whsec_..."
+
+Everything else is a default: the dispatcher's (concurrency 8, queue 10,000), the
+destination's (8 in flight, the Svix retry schedule), production logging (JSON at info on
+stderr). Every event is committed to the SQLite outbox before its first attempt: the worker
+only ever attempts rows it read back from the file.
+
+Options (JSON): ``url``, ``secret``; ``handler``, extra keys for the ``[[handlers]]`` table
+(``concurrency``, ``max_in_flight``...); ``sippet``, overrides for ``[sippet]``; ``trace``:
+stamp each event along its path (``webhook_trace``) and hand the stamps over with ``stats``;
+``switch_interval``: ``sys.setswitchinterval`` (the GIL's, 5 ms by default), and ``pragmas``:
+``{name: value}`` run on the outbox's connection once it is open, and ``modules``:
+``{module: file}``, a module of ``listener`` loaded from another file (an older version, for
+an A/B run side by side), for experiments; ``prefetch`` and ``lean_records``: stand-ins for
+proposed changes (``webhook_experiments``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import tempfile
+from typing import Any
+
+from common import Recorder, driver_args, serve
+
+from listener.core.logs import configure_logging
+from listener.dispatch.loader import load_handlers
+from listener.service.config import parse_settings
+from listener.service.daemon import Daemon
+
+
+def _replace_module(name: str, path: str) -> None:
+    """Load ``name`` from ``path`` before anything imports it."""
+    import importlib.util
+
+    if name in sys.modules:
+        raise SystemExit(f"{name} is already imported: it cannot be replaced")
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+
+
+def _with_pragmas(pragmas: dict[str, Any]) -> None:
+    """Run ``PRAGMA name = value`` on every outbox connection after its own set-up."""
+    from listener.webhooks.outbox import Outbox
+
+    setup = Outbox._setup
+
+    def patched(self: Outbox) -> None:
+        setup(self)
+        for name, value in pragmas.items():
+            self._conn.execute(f"PRAGMA {name} = {value}")
+
+    Outbox._setup = patched  # type: ignore[method-assign]
+
+
+async def main() -> None:
+    args = driver_args(__doc__ or "")
+    options: dict[str, Any] = json.loads(args.options)
+    configure_logging("info", "json", stream=sys.stderr)
+    for name, path in options.get("modules", {}).items():
+        _replace_module(name, path)
+    trace = bool(options.get("trace"))
+    if trace:
+        import webhook_trace
+
+        webhook_trace.install()
+    if "switch_interval" in options:
+        sys.setswitchinterval(float(options["switch_interval"]))
+    if options.get("pragmas"):
+        _with_pragmas(options["pragmas"])
+    if options.get("prefetch") or options.get("lean_records"):
+        import webhook_experiments
+
+        webhook_experiments.install(options)
+    with tempfile.TemporaryDirectory(prefix="sippet-bench-e2e-") as state_dir:
+        table = {
+            "use": "webhook",
+            "name": "e2e",
+            "url": options["url"],
+            "secret": options["secret"],
+            **options.get("handler", {}),
+        }
+        settings = parse_settings(
+            {
+                "sippet": {"base_url": args.base_url, **options.get("sippet", {})},
+                "service": {"state_dir": state_dir},
+                "handlers": [table],
+            }
+        )
+        daemon = Daemon(settings, args.api_key, load_handlers(settings.handlers))
+        stop = asyncio.Event()
+        running = asyncio.create_task(daemon.run(stop))
+        joined = asyncio.create_task(daemon.session.joined.wait())
+        await asyncio.wait({running, joined}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        if running.done():
+            running.result()
+        if not joined.done():
+            raise SystemExit("the daemon did not join within 10 s")
+
+        def stats() -> dict[str, Any]:
+            answer = {"received": daemon.dispatcher.received, "status": daemon.status_line()}
+            if trace:
+                answer["trace"], answer["counts"] = webhook_trace.take()
+            return answer
+
+        async def shutdown() -> None:
+            stop.set()
+            await running
+
+        # The receiver counts; the recorder only serves the command loop.
+        await serve(Recorder(), {"client": "sippet-listener webhook"}, stats, shutdown)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,149 @@
+"""Where an event's time goes inside the daemon, from its intake to its POST: bench-only stamps.
+
+:func:`install` wraps, in this process only and before the daemon starts, the few functions an
+event passes through on its way to the receiver (no file of ``listener/`` is changed), and
+notes ``time.time()`` at each, keyed by the event's ``seq``:
+
+====================  =========================================================================
+stamp                 taken
+====================  =========================================================================
+``intake``            ``Event.received_at``: the frame was read and decoded
+``handle``            ``WebhookHandler.handle`` starts (the dispatcher's worker took the event)
+``commit_start``      ``writer._commit`` starts on the outbox thread (the batch holding the row)
+``commit_end``        ``writer._commit`` returns on the outbox thread
+``committed``         ``WebhookForwarder._on_commit`` runs on the loop (the batch's future is set)
+``claim_start``       ``Worker._claim_on_store`` starts on the outbox thread (the claim that
+                      returned the row)
+``claim_end``         ``Worker._claim_on_store`` returns
+``attempt``           ``Worker._attempt`` starts (its task got the loop)
+``post``              ``Http1Pool.post`` starts (headers signed)
+``answered``          ``Http1Pool.post`` returns (the answer read)
+====================  =========================================================================
+
+Each wrapper finds the ``seq`` in the event's payload or in the row's body (orjson): a few µs
+per stamp, so traced runs are for the breakdown, not for the throughput.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections import Counter
+from typing import Any
+
+import orjson
+
+from listener.webhooks import forwarder, handler, http1, worker, writer
+
+STAMPS = (
+    "intake",
+    "handle",
+    "commit_start",
+    "commit_end",
+    "committed",
+    "claim_start",
+    "claim_end",
+    "attempt",
+    "post",
+    "answered",
+)
+_AT = {name: index for index, name in enumerate(STAMPS)}
+TRACE: dict[int, list[float]] = {}
+# Calls on the outbox thread and what they carried: commits, rows, outcomes, claims, claimed.
+COUNTS: Counter[str] = Counter()
+
+
+def _seq_of(body: bytes) -> int | None:
+    seq = orjson.loads(body).get("data", {}).get("seq")
+    return seq if isinstance(seq, int) else None
+
+
+def _stamp(seq: int | None, name: str, at: float) -> None:
+    if seq is None:
+        return
+    stamps = TRACE.get(seq)
+    if stamps is None:
+        stamps = TRACE[seq] = [0.0] * len(STAMPS)
+    # The first time counts: a retried commit or a second attempt is not the path measured.
+    if not stamps[_AT[name]]:
+        stamps[_AT[name]] = at
+
+
+def install() -> None:
+    """Wrap the functions on the event's path (call before the daemon starts)."""
+    handle = handler.WebhookHandler.handle
+
+    @functools.wraps(handle)
+    async def traced_handle(self: Any, event: Any, ctx: Any) -> None:
+        seq = event.payload.get("seq")
+        _stamp(seq, "intake", event.received_at)
+        _stamp(seq, "handle", time.time())
+        await handle(self, event, ctx)
+
+    commit = writer._commit
+
+    @functools.wraps(commit)
+    def traced_commit(outbox: Any, rows: list[Any], outcomes: list[Any]) -> None:
+        began = time.time()
+        commit(outbox, rows, outcomes)
+        ended = time.time()
+        COUNTS.update(commits=1, rows=len(rows), outcomes=len(outcomes))
+        for row in rows:
+            seq = _seq_of(row.body)
+            _stamp(seq, "commit_start", began)
+            _stamp(seq, "commit_end", ended)
+
+    on_commit = forwarder.WebhookForwarder._on_commit
+
+    @functools.wraps(on_commit)
+    def traced_on_commit(self: Any, rows: list[Any], outcomes: list[Any]) -> None:
+        now = time.time()
+        for row in rows:
+            _stamp(_seq_of(row.body), "committed", now)
+        on_commit(self, rows, outcomes)
+
+    claim = worker.Worker._claim_on_store
+
+    @functools.wraps(claim)
+    def traced_claim(self: Any, outbox: Any, *args: Any, **kwargs: Any) -> Any:
+        began = time.time()
+        result = claim(self, outbox, *args, **kwargs)
+        ended = time.time()
+        COUNTS.update(claims=1, claimed=len(result.rows))
+        for row in result.rows:
+            seq = _seq_of(row.body)
+            _stamp(seq, "claim_start", began)
+            _stamp(seq, "claim_end", ended)
+        return result
+
+    attempt = worker.Worker._attempt
+
+    @functools.wraps(attempt)
+    async def traced_attempt(self: Any, row: Any, *args: Any, **kwargs: Any) -> None:
+        _stamp(_seq_of(row.body), "attempt", time.time())
+        await attempt(self, row, *args, **kwargs)
+
+    post = http1.Http1Pool.post
+
+    @functools.wraps(post)
+    async def traced_post(self: Any, url: str, body: bytes, *args: Any, **kwargs: Any) -> Any:
+        seq = _seq_of(body)
+        _stamp(seq, "post", time.time())
+        reply = await post(self, url, body, *args, **kwargs)
+        _stamp(seq, "answered", time.time())
+        return reply
+
+    handler.WebhookHandler.handle = traced_handle  # type: ignore[method-assign]
+    writer._commit = traced_commit
+    forwarder.WebhookForwarder._on_commit = traced_on_commit  # type: ignore[method-assign]
+    worker.Worker._claim_on_store = traced_claim  # type: ignore[method-assign]
+    worker.Worker._attempt = traced_attempt  # type: ignore[method-assign]
+    http1.Http1Pool.post = traced_post  # type: ignore[method-assign]
+
+
+def take() -> tuple[dict[int, list[float]], dict[str, int]]:
+    """The stamps and the counts so far, forgotten here."""
+    stamps, counts = dict(TRACE), dict(COUNTS)
+    TRACE.clear()
+    COUNTS.clear()
+    return stamps, counts

@@ -1,0 +1,399 @@
+"""End to end: fake Sippet -> forwarder -> signed webhook -> receiver, three processes.
+
+Three forwarders read the same server's socket, one at a time (a broadcast reaches every
+joined socket), and POST to the same receiver:
+
+- the reference, ``bench/drivers/forward_loop.py`` in its ``h11`` style: a minimal non-durable
+  loop (websockets + orjson, Standard Webhooks signing, 8 keep-alive HTTP/1.1 connections) on
+  the usual libraries (``h11``, ``standardwebhooks``), called directly;
+- the limit, the same loop in its ``raw`` style: HTTP/1.1 and the signature by hand;
+- sippet-listener, ``bench/drivers/webhook_daemon.py``: the real ``Daemon`` from a
+  configuration with one ``webhook`` handler, every default kept, every event committed to
+  its SQLite outbox before its first attempt.
+
+The receiver (``bench/endtoend_receiver.py``) timestamps each arrival and checks signatures.
+Per round, each forwarder gets a process of its own, then, in this order:
+
+1. warm-up: a few events, unpaced, all delivered;
+2. drain: the forwarder is SIGSTOPped, N events are streamed unpaced (into the socket buffers
+   and the server's queue), 0.5 s later SIGCONT; rate = N / (last arrival - SIGCONT);
+   ``µs CPU/delivery`` = the forwarder's process CPU time (all threads, from ``/proc``) from
+   SIGCONT until the receiver has all N, over N;
+3. latency: 500 events/s for a few seconds; latency = receiver arrival - the server's ``ts``.
+
+Rounds rotate which forwarder goes first, so that a noisy neighbour spreads over both.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import secrets
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.procs import BenchServer, Child, Driver, cpu_seconds
+from bench.scenarios import percentile
+
+__all__ = [
+    "LIMIT",
+    "LOOP",
+    "SIZES",
+    "WEBHOOK_DAEMON",
+    "Contender",
+    "Result",
+    "Size",
+    "measure",
+    "table",
+]
+
+_SETTLE = 0.5
+_LATENCY_RATE = 500.0
+_LATENCY_TARGET_MS = 10.0
+_RATIO_TARGET = 0.8
+
+
+@dataclass(frozen=True, slots=True)
+class Size:
+    """How big the end-to-end part of a run is."""
+
+    drain_events: int
+    rounds: int
+    warmup: int
+    latency_seconds: float
+
+
+SIZES = {
+    "smoke": Size(drain_events=300, rounds=1, warmup=50, latency_seconds=0.6),
+    "quick": Size(drain_events=5000, rounds=2, warmup=500, latency_seconds=4.0),
+    "full": Size(drain_events=20_000, rounds=3, warmup=1000, latency_seconds=10.0),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Contender:
+    """One forwarder: its driver and its label in the table."""
+
+    key: str
+    label: str
+    script: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+LIMIT = Contender(
+    "forward-raw",
+    "limit: forwarding loop, HTTP and signing by hand (non-durable)",
+    "forward_loop.py",
+    {"style": "raw"},
+)
+LOOP = Contender(
+    "forward-loop",
+    "reference: forwarding loop on h11 + standardwebhooks (non-durable)",
+    "forward_loop.py",
+    {"style": "h11"},
+)
+WEBHOOK_DAEMON = Contender(
+    "sippet-webhook",
+    "sippet-listener (Daemon, webhook handler, durable outbox, defaults)",
+    "webhook_daemon.py",
+)
+CONTENDERS = (LIMIT, LOOP, WEBHOOK_DAEMON)
+
+
+@dataclass
+class Result:
+    """One forwarder's figures over every round."""
+
+    contender: Contender
+    rates: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)
+    receiver_cpu_us: list[float] = field(default_factory=list)
+    lost: int = 0
+    duplicates: int = 0
+    latency_ms: list[float] = field(default_factory=list)
+    latency_p99s: list[float] = field(default_factory=list)
+    latency_lost: int = 0
+    verified: int = 0
+    bad: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(self.rates) if self.rates else 0.0
+
+
+class _Receiver(Child):
+    def __init__(self, secret: str, server: str, log: Path) -> None:
+        argv = [sys.executable, "-m", "bench.endtoend_receiver", secret, "--server", server]
+        super().__init__(argv, log)
+        info = self.read(timeout=20)
+        self.url: str = info["url"]
+
+    def reset(self) -> None:
+        self.request({"cmd": "reset"})
+
+    def wait(self, count: int, timeout: float) -> dict[str, Any]:
+        return self.request({"cmd": "wait", "count": count, "timeout": timeout}, timeout + 60)
+
+
+class _Seq:
+    def __init__(self) -> None:
+        self.next = 0
+
+    def take(self, count: int) -> int:
+        start, self.next = self.next, self.next + count
+        return start
+
+
+def _note(result: Result, answer: dict[str, Any], seqs: range) -> list[list[Any]]:
+    """Count what is missing or doubled; keep the signature check; return the records."""
+    records: list[list[Any]] = answer["records"]
+    seen = [record[0] for record in records]
+    result.lost += len(set(seqs) - set(seen))
+    result.duplicates += len(seen) - len(set(seen))
+    result.verified += answer["verified"]
+    result.bad += answer["bad"]
+    return records
+
+
+def _round(
+    contender: Contender,
+    result: Result,
+    server: BenchServer,
+    receiver: _Receiver,
+    size: Size,
+    seq: _Seq,
+    logs: Path,
+    secret: str,
+) -> None:
+    options = {"url": receiver.url, "secret": secret, **contender.options}
+    driver = Driver(
+        contender.label,
+        Path(sys.executable),
+        contender.script,
+        server,
+        logs / f"e2e-{contender.key}.log",
+        options,
+    )
+    try:
+        receiver.reset()
+        start = seq.take(size.warmup)
+        server.stream(size.warmup, start)
+        _note(result, receiver.wait(size.warmup, 30), range(start, start + size.warmup))
+
+        count = size.drain_events
+        receiver.reset()
+        driver.pause()
+        try:
+            start = seq.take(count)
+            server.stream(count, start)
+            time.sleep(_SETTLE)
+            cpu = cpu_seconds(driver.pid)
+            resumed = time.time()
+        finally:
+            driver.resume()
+        answer = receiver.wait(count, 60 + count / 200)
+        cpu = cpu_seconds(driver.pid) - cpu
+        records = _note(result, answer, range(start, start + count))
+        if records:
+            last = max(arrived for _, _, arrived in records)
+            result.rates.append(len(records) / (last - resumed))
+            result.cpu_us.append(cpu * 1e6 / len(records))
+            result.receiver_cpu_us.append(answer["cpu"] * 1e6 / len(records))
+
+        count = int(_LATENCY_RATE * size.latency_seconds)
+        receiver.reset()
+        start = seq.take(count)
+        server.stream(count, start, rate=_LATENCY_RATE)
+        answer = receiver.wait(count, 10)
+        lost = result.lost
+        records = _note(result, answer, range(start, start + count))
+        result.latency_lost += result.lost - lost
+        latencies = [(arrived - ts) * 1000 for _, ts, arrived in records]
+        if latencies:
+            result.latency_ms += latencies
+            result.latency_p99s.append(percentile(latencies, 99))
+    finally:
+        driver.quit()
+
+
+def _secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def measure(
+    mode: str,
+    logs: Path,
+    *,
+    receiver_server: str = "lean",
+    daemon_options: dict[str, Any] | None = None,
+    only: tuple[str, ...] = (),
+    variants: dict[str, dict[str, Any]] | None = None,
+    rounds: int | None = None,
+) -> list[Result]:
+    """Every round of every forwarder against one server and one receiver.
+
+    ``receiver_server``: ``lean`` or ``uvicorn`` (see ``bench/endtoend_receiver.py``);
+    ``daemon_options``: extra options for the daemon's driver (experiments); ``only``: the
+    keys of the forwarders to run (all if empty); ``variants``: more daemons, ``{label:
+    driver options}``, run in the same rounds (A/B comparisons); ``rounds``: instead of the
+    mode's.
+    """
+    size = SIZES[mode]
+    if rounds is not None:
+        size = dataclasses.replace(size, rounds=rounds)
+    secret = _secret()
+    contenders = tuple(
+        Contender(c.key, c.label, c.script, {**c.options, **(daemon_options or {})})
+        if c is WEBHOOK_DAEMON
+        else c
+        for c in CONTENDERS
+        if not only or c.key in only
+    ) + tuple(
+        Contender(
+            f"{WEBHOOK_DAEMON.key}-{index}",
+            f"{WEBHOOK_DAEMON.label} [{label}]",
+            WEBHOOK_DAEMON.script,
+            options,
+        )
+        for index, (label, options) in enumerate((variants or {}).items(), 1)
+    )
+    results = {c.key: Result(c) for c in contenders}
+    seq = _Seq()
+    server = BenchServer(logs / "e2e-server.log")
+    try:
+        server.call("/configure", {"token_ttl": 3600})
+        receiver = _Receiver(secret, receiver_server, logs / "e2e-receiver.log")
+        try:
+            for index in range(size.rounds):
+                shift = index % len(contenders)
+                order = contenders[shift:] + contenders[:shift]
+                for contender in order:
+                    result = results[contender.key]
+                    if result.error:
+                        continue
+                    try:
+                        _round(contender, result, server, receiver, size, seq, logs, secret)
+                    except (RuntimeError, TimeoutError, OSError) as exc:
+                        result.error = str(exc).splitlines()[0]
+        finally:
+            receiver.close()
+    finally:
+        server.close()
+    return list(results.values())
+
+
+def _n(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def table(results: list[Result], mode: str) -> list[tuple[str, str, str, str, str]]:
+    """The rows: (measure, client, result, vs reference, target)."""
+    size = SIZES[mode]
+    # The rounds run (a smaller figure if a forwarder failed, a larger one if asked for).
+    size = dataclasses.replace(size, rounds=max((len(r.rates) for r in results), default=0))
+    loop = next((r for r in results if r.contender.key == LOOP.key), Result(LOOP))
+    limit = next((r for r in results if r.contender.key == LIMIT.key), Result(LIMIT))
+    loop_p99 = percentile(loop.latency_ms, 99) if loop.latency_ms else 0.0
+    drain = (
+        f"end to end: drain {_n(size.drain_events)} x {size.rounds}, server -> forwarder ->"
+        " signed webhook -> receiver (events/s)"
+    )
+    latency = (
+        f"end to end: latency at 500/s for {size.latency_seconds:g} s x {size.rounds},"
+        " server send -> receiver arrival (ms)"
+    )
+    rows = []
+    for r in results:
+        label = r.contender.label
+        if not r.rates:
+            rows.append((drain, label, f"failed: {r.error}", "", ""))
+            continue
+        checks = f"signatures: {r.verified} checked valid" + (
+            f", {len(r.bad)} invalid ({r.bad[0]})" if r.bad else ""
+        )
+        missing = f"; {r.lost} lost, {r.duplicates} duplicates" if r.lost or r.duplicates else ""
+        failed = f"; then failed: {r.error}" if r.error else ""
+        runs = ", ".join(_n(rate) for rate in r.rates)
+        figures = (
+            f"{_n(r.rate)} (runs {runs}); {statistics.median(r.cpu_us):.0f} µs CPU/delivery"
+            f" (receiver {statistics.median(r.receiver_cpu_us):.0f} µs); {checks}{missing}{failed}"
+        )
+        ratio = r.rate / loop.rate if loop.rate else 0.0
+        reference = "reference" if r.contender.key == LOOP.key else f"{ratio:.2f} x loop"
+        if r.contender.key == WEBHOOK_DAEMON.key and limit.rate:
+            reference += f", {r.rate / limit.rate:.2f} x limit"
+        target = ""
+        if r.contender.key == WEBHOOK_DAEMON.key:
+            verdict = "PASS" if ratio >= _RATIO_TARGET and not r.lost else "MISS"
+            target = f"{verdict} (>= 0.8 x loop, every event durable before its first attempt)"
+        rows.append((drain, label, figures, reference, target))
+    for r in results:
+        label = r.contender.label
+        if not r.latency_ms:
+            rows.append((latency, label, f"failed: {r.error}", "", ""))
+            continue
+        p50, p99 = percentile(r.latency_ms, 50), percentile(r.latency_ms, 99)
+        per_run = ", ".join(f"{value:.1f}" for value in r.latency_p99s)
+        lost = f"; {r.latency_lost} lost" if r.latency_lost else ""
+        figures = (
+            f"p50 {p50:.2f} / p99 {p99:.2f} / max {max(r.latency_ms):.2f}"
+            f" (p99 per run {per_run}){lost}"
+        )
+        reference = (
+            "reference"
+            if r.contender.key == LOOP.key
+            else f"p99 {p99 / (loop_p99 or 1):.2f} x loop"
+        )
+        target = ""
+        if r.contender.key == WEBHOOK_DAEMON.key:
+            target = f"{'PASS' if p99 <= _LATENCY_TARGET_MS else 'MISS'} (p99 <= 10 ms)"
+        rows.append((latency, label, figures, reference, target))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.endtoend``: only these rows (``python -m bench`` runs them too)."""
+    import argparse
+    import json
+
+    from bench.run import RESULTS, Row, _table
+
+    parser = argparse.ArgumentParser(prog="python -m bench.endtoend", description=__doc__)
+    parser.add_argument("mode", nargs="?", choices=tuple(SIZES), default="quick")
+    parser.add_argument("--receiver", choices=("lean", "uvicorn"), default="lean")
+    parser.add_argument("--daemon-options", default="{}", help="extra driver options (JSON)")
+    parser.add_argument("--only", action="append", default=[], help="a forwarder's key")
+    parser.add_argument("--rounds", type=int, help="instead of the mode's")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=JSON",
+        help="one more daemon, with these driver options, in the same rounds",
+    )
+    args = parser.parse_args(argv)
+    logs = RESULTS / f"{args.mode}-e2e"
+    logs.mkdir(parents=True, exist_ok=True)
+    results = measure(
+        args.mode,
+        logs,
+        receiver_server=args.receiver,
+        daemon_options=json.loads(args.daemon_options),
+        only=tuple(args.only),
+        rounds=args.rounds,
+        variants={
+            label: json.loads(options)
+            for label, _, options in (item.partition("=") for item in args.variant)
+        },
+    )
+    print(_table([Row(*cells) for cells in table(results, args.mode)]))
+    return 0 if all(not r.error for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
