@@ -33,6 +33,8 @@ def test_bench_smoke_prints_the_table() -> None:
         "webhooks: 100 deliveries x 1",
         "webhooks: drain a 200 backlog",
         "footprint",
+        "reconcile: 100 open calls, 50 end",
+        "throughput, drain 500 x 1, call state on vs off",
     ):
         assert any(m.startswith(prefix) for m in measures), (prefix, done.stdout)
     for client in ("bare websockets+json loop (limit)", "sippet-listener (Daemon"):
