@@ -32,7 +32,6 @@ Nothing here reads a clock or does I/O: callers pass ``now``.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import math
 from collections import OrderedDict
@@ -57,6 +56,9 @@ _INT_END: Final = 2**64
 # Scalars written as they are, by exact type as JSON decoders build them: testing these inline
 # keeps the walk over a typical payload cheap.
 _PLAIN: Final = frozenset({str, bool, type(None)})
+# Every pair of base32 characters, by the 10 bits they write.
+_BASE32: Final = "abcdefghijklmnopqrstuvwxyz234567"
+_PAIRS: Final = tuple(first + second for first in _BASE32 for second in _BASE32)
 
 
 def _number(value: float) -> int | float:
@@ -122,9 +124,35 @@ def canonical_json(value: Any) -> bytes:
 
 
 def _id(text: bytes) -> str:
-    """Return the id made from ``text``."""
-    digest = hashlib.sha256(text).digest()
-    return "evt_" + base64.b32encode(digest[:20]).decode("ascii").lower()
+    """Return the id made from ``text``: ``evt_`` and the first 160 bits of its SHA-256 in
+    lower-case base32 (RFC 4648's alphabet, as ``base64.b32encode`` writes it).
+
+    Written 10 bits (two characters) at a time from one integer: ``base64.b32encode``, which
+    is pure Python, took 2.2 µs of every id, this 0.9 µs (the same characters).
+    """
+    bits = int.from_bytes(hashlib.sha256(text).digest()[:20], "big")
+    pair = _PAIRS
+    return "".join(
+        (
+            "evt_",
+            pair[bits >> 150],
+            pair[bits >> 140 & 1023],
+            pair[bits >> 130 & 1023],
+            pair[bits >> 120 & 1023],
+            pair[bits >> 110 & 1023],
+            pair[bits >> 100 & 1023],
+            pair[bits >> 90 & 1023],
+            pair[bits >> 80 & 1023],
+            pair[bits >> 70 & 1023],
+            pair[bits >> 60 & 1023],
+            pair[bits >> 50 & 1023],
+            pair[bits >> 40 & 1023],
+            pair[bits >> 30 & 1023],
+            pair[bits >> 20 & 1023],
+            pair[bits >> 10 & 1023],
+            pair[bits & 1023],
+        )
+    )
 
 
 def lifecycle_id(name: str, call_key: str) -> str:
@@ -132,8 +160,9 @@ def lifecycle_id(name: str, call_key: str) -> str:
 
     Also the id a reconciled transition gets, whatever the row it was rebuilt from says.
     """
-    # The first element keeps the two rules' inputs apart.
-    return _id(canonical_json(["call", name, call_key]))
+    # The first element keeps the two rules' inputs apart. Three strings are their own
+    # canonical form: orjson writes them as canonical_json would, without its walk (0.6 µs).
+    return _id(orjson.dumps(["call", name, call_key]))
 
 
 class EventIds:
