@@ -19,9 +19,13 @@ fresh state), in microseconds per event:
 - ``merge``: :meth:`CallTracker.merge <listener.calls.tracker.CallTracker.merge>`;
 - ``submit``: :meth:`Dispatcher.submit <listener.dispatch.dispatcher.Dispatcher.submit>` to
   one runner with the real tracker, less the same with a tracker that admits everything and
-  knows no call: de-dup, merge and handing the record on, as the dispatcher does them.
+  knows no call: de-dup, merge and handing the record on, as the dispatcher does them;
+- ``store``: the persister's batch for the stream (the calls it changed, the lifecycle ids
+  it handed on) written by :meth:`CallStore.save <listener.calls.store.CallStore.save>` into
+  a fresh file: off the event loop, on the persister's worker thread, but CPU all the same.
 
-``total`` is ``ids + stamp + submit``: what call state costs the socket's path per event.
+``total`` is ``ids + stamp + submit``: what call state costs the socket's path per event;
+``store`` comes on top, on another thread.
 ``--json`` prints the figures as JSON instead of a table.
 """
 
@@ -29,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +45,7 @@ import orjson
 
 from bench.server import call_event
 from listener.calls.state import CallRecord
+from listener.calls.store import CallStore
 from listener.calls.tracker import CallTracker
 from listener.core.events import Event
 from listener.core.ids import EventIds
@@ -220,6 +227,28 @@ def measure(stream: Stream, repeat: int) -> dict[str, float]:
         * per_event,
     }
     figures["total"] = figures["ids"] + figures["stamp"] + figures["submit"]
+
+    def store() -> Callable[[], object]:
+        tracker = stream.tracker()
+        tracker.state.changed()
+        tracker.unsaved()
+        for event in stamped:
+            if tracker.admit(event):
+                tracker.merge(event)
+        calls, handled = tracker.state.changed(), tracker.unsaved()
+        folder = Path(tempfile.mkdtemp(prefix="sippet-callcost-"))
+        opened = CallStore(folder / "calls.sqlite3")
+
+        def save() -> None:
+            try:
+                opened.save(time.time(), calls=calls, handled=handled, seen_until=time.time())
+            finally:
+                opened.close()
+                shutil.rmtree(folder)
+
+        return save
+
+    figures["store"] = _best(store, repeat) * per_event
     return figures
 
 
