@@ -238,3 +238,52 @@ def test_ids_are_the_reference_encoding(name: str, key: str, payload: dict[str, 
     assert lifecycle_id(name, key) == _reference_id(canonical_json(["call", name, key]))
     form = hashlib.sha256(canonical_json(["event", f"x_{name}", payload])).digest()
     assert EventIds().assign(f"x_{name}", payload, 0.0) == _reference_id(form + b"0")
+
+
+def _reference_normalised(value: Any) -> Any:
+    """The canonical form's number rule as first written: a walk by isinstance."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("not a JSON number")
+        return int(value) if value.is_integer() and -(2**63) <= value < 2**64 else value
+    if isinstance(value, int):
+        if -(2**63) <= value < 2**64:
+            return value
+        try:
+            return float(value)
+        except OverflowError:
+            raise ValueError("too large") from None
+    if isinstance(value, dict):
+        return {key: _reference_normalised(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_reference_normalised(item) for item in value]
+    raise TypeError(type(value).__name__)
+
+
+any_numbers = st.recursive(
+    scalars | st.floats() | st.integers(min_value=-(2**70), max_value=2**70) | st.just(10**400),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(max_size=6), inner)
+    ),
+    max_leaves=20,
+)
+
+
+@given(any_numbers)
+def test_the_canonical_form_is_the_reference_walk(value: Any) -> None:
+    """Every value, NaN, infinities and integers beyond a double included."""
+    try:
+        expected: bytes | type[Exception] = orjson.dumps(
+            _reference_normalised(value), option=orjson.OPT_SORT_KEYS
+        )
+    except (ValueError, TypeError) as exc:
+        expected = ValueError if isinstance(exc, ValueError) else TypeError
+    if isinstance(expected, bytes):
+        assert canonical_json(value) == expected
+    else:
+        with pytest.raises(expected):
+            canonical_json(value)
