@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench import endtoend, endtoend_profile, scenarios
+from bench import endtoend, endtoend_profile, reconcile, scenarios
 from bench.peers import BARE, DAEMON, PEERS, Client, ensure_venv
 from bench.procs import ROOT, BenchServer
 from bench.profile import RATE, Profile, py_spy
@@ -435,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             return []
 
         section("footprint", measure_footprint)
+        section("call state", lambda: [Row(*row) for row in reconcile.rows(server, mode, logs)])
         if profile:
             section(
                 "profile of the hot path",

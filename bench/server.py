@@ -11,6 +11,13 @@ on another port drives it for the benchmark without touching ``listener/testing`
 - ``POST /configure`` ``{"token_ttl", "behaviour"}``: change the TTL of tokens minted from
   now on, and any :class:`~listener.testing.server.Behaviour` field.
 - ``GET /stats``: ``FakeSippet.stats()``.
+- ``POST /calls/open`` ``{"count", "prefix"}``: ``count`` calls ``<prefix>-<n>`` ring and are
+  answered (``FakeSippet.call_event``, so the call table has them and every joined socket
+  hears both events); ``POST /calls/outage`` ``{"end", "prefix", "seconds", "timeout"}``:
+  an outage of ``seconds`` (sockets closed, upgrades refused), during which the first
+  ``end`` of those calls end, heard by no socket; answers once a socket joined again, with
+  the server's ``time.time()`` of that join; ``POST /calls/close``: every open call ends
+  (heard live), then the table is emptied. For ``bench.reconcile``.
 
 Run: ``python -m bench.server``; it prints one JSON line with both URLs and the API key,
 then serves until standard input closes.
@@ -65,6 +72,9 @@ class _Control:
                 Route("/drop", self.drop, methods=["POST"]),
                 Route("/configure", self.configure, methods=["POST"]),
                 Route("/stats", self.stats, methods=["GET"]),
+                Route("/calls/open", self.open_calls, methods=["POST"]),
+                Route("/calls/outage", self.calls_outage, methods=["POST"]),
+                Route("/calls/close", self.close_calls, methods=["POST"]),
             ]
         )
 
@@ -108,6 +118,52 @@ class _Control:
     async def stats(self, request: Request) -> JSONResponse:
         del request
         return JSONResponse(self.fake.stats())
+
+    async def open_calls(self, request: Request) -> JSONResponse:
+        body = await request.json()
+        count, prefix = int(body["count"]), str(body["prefix"])
+        heard = 0
+        for index in range(count):
+            if index % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            key = f"{prefix}-{index}"
+            heard += await self.fake.call_event(
+                "incoming_call", key, fromNumber="+15550100", toNumber="+15557654321"
+            )
+            heard += await self.fake.call_event("call_answered", key)
+        return JSONResponse({"opened": count, "heard": heard})
+
+    async def calls_outage(self, request: Request) -> JSONResponse:
+        body = await request.json()
+        fake, timeout = self.fake, float(body["timeout"])
+        joins = fake.joins
+        await fake.outage(float(body["seconds"]))
+        try:
+            await fake.wait_until(lambda: fake.joined_sockets == 0, timeout=timeout)
+            heard = 0
+            for index in range(int(body["end"])):
+                heard += await fake.call_event("call_ended", f"{body['prefix']}-{index}")
+            ended_at = time.time()
+            await fake.wait_until(lambda: fake.joins > joins, timeout=timeout)
+        except TimeoutError:
+            return JSONResponse({"rejoined": False})
+        return JSONResponse(
+            {
+                "rejoined": True,
+                "rejoined_at": fake.join_times[-1],
+                "ended_at": ended_at,
+                "heard": heard,
+            }
+        )
+
+    async def close_calls(self, request: Request) -> JSONResponse:
+        del request
+        table = self.fake.calls
+        still_open = [key for key, row in table.rows.items() if row["endedAt"] is None]
+        for key in still_open:
+            await self.fake.call_event("call_ended", key)
+        table.rows.clear()
+        return JSONResponse({"closed": len(still_open)})
 
 
 async def _stdin_closed() -> None:

@@ -35,6 +35,8 @@ def test_bench_smoke_prints_the_table() -> None:
         "end to end: drain 300 x 1",
         "end to end: latency at 500/s",
         "footprint",
+        "reconcile: 100 open calls, 50 end",
+        "throughput, drain 500 x 1, call state on vs off",
     ):
         assert any(m.startswith(prefix) for m in measures), (prefix, done.stdout)
     for client in (

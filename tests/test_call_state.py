@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from listener.calls.state import CallRecord, CallState, StatusMap, parse_time
+from listener.core.events import Event
 from listener.testing.traffic import PayloadStyle, call_payload
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC).timestamp()
@@ -236,3 +237,105 @@ def test_status_mapping_is_configurable_and_checked() -> None:
 )
 def test_parse_time(value: object, seconds: float | None) -> None:
     assert parse_time(value) == seconds
+
+
+class ReferenceState:
+    """The call map's merge as first written (before its short cuts), to check them against:
+    every field through ``Event.field``, a record built by ``CallRecord(...)``."""
+
+    times = {"ringing": "started_at", "answered": "answered_at", "ended": "ended_at"}
+    fields = {"ringing": "startedAt", "answered": "answeredAt", "ended": "endedAt"}
+    rank = {"ringing": 0, "answered": 1, "ended": 2}
+    moves = {"incoming_call": "ringing", "call_answered": "answered", "call_ended": "ended"}
+
+    def __init__(self) -> None:
+        self.calls: dict[str, CallRecord] = {}
+        self.changed: set[str] = set()
+
+    def _field(self, event: Event, name: str) -> Any:
+        return event.payload[name] if name in event.payload else event.field(name)
+
+    def _text(self, event: Event, name: str) -> str | None:
+        value = self._field(event, name)
+        return value if isinstance(value, str) and value else None
+
+    def merge(self, event: Event) -> tuple[Any, ...] | None:
+        key = event.call_key
+        if key is None:
+            return None
+        now, target = event.received_at, self.moves.get(event.name)
+        known = self.calls.get(key)
+        before = None if known is None else known.status
+        origins: dict[Any, Any]
+        if target is not None and (known is None or self.rank[target] > known.rank()):
+            origins = {**(known.origins if known else {}), target: event.origin}
+            status: Any = target
+        elif known is not None:
+            status, origins = known.status, dict(known.origins)
+        else:
+            return None
+        moved = status != before
+        times: dict[str, Any] = {}
+        for step in ("ringing", "answered", "ended")[: self.rank[status] + 1]:
+            when = None if known is None else getattr(known, self.times[step])
+            if when is None:
+                when = parse_time(self._field(event, self.fields[step]))
+            if when is None and step == status:
+                when = now if moved else None
+            times[self.times[step]] = when
+        updated = CallRecord(
+            key,
+            status,
+            now if known is None else max(known.last_event_at, now),
+            (known and known.from_number) or self._text(event, "fromNumber"),
+            (known and known.to_number) or self._text(event, "toNumber"),
+            origins=origins,
+            **times,
+        )
+        if updated != known:
+            self.calls[key] = updated
+            self.changed.add(key)
+        return (before, updated) if moved else None
+
+
+def _payload(key: str, extra: dict[str, Any], style: PayloadStyle) -> dict[str, Any]:
+    return call_payload({"callUuid": key, **extra}, style)
+
+
+steps = st.tuples(
+    st.sampled_from([*LIFECYCLE, "call_transcript_delta", "call_updated"]),
+    st.sampled_from(["c-1", "c-2"]),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "fromNumber": st.sampled_from(["", "+1", "+3"]),
+            "toNumber": st.just("+2"),
+            "startedAt": st.sampled_from([iso(T0), "not a time"]),
+            "answeredAt": st.just(iso(T0 + 5)),
+            "endedAt": st.just(iso(T0 + 60)),
+        },
+    ),
+    st.sampled_from(["camel", "snake", "nested"]),
+    st.floats(-5, 5),
+    st.sampled_from(["realtime", "reconcile"]),
+)
+
+
+@given(st.lists(steps, max_size=15))
+def test_merge_is_the_reference_merge(
+    events: list[tuple[str, str, dict[str, Any], Any, float, Any]],
+) -> None:
+    """Whatever the events, their order, spelling and times: the same records, transitions,
+    changes, and the record handlers get (``fold``) is the map's."""
+    state, reference = CallState(), ReferenceState()
+    now = T0
+    for name, key, extra, style, step, origin in events:
+        now += step
+        event = Event.create(name, _payload(key, extra, style), "events", now, origin=origin)
+        expected = reference.merge(event)
+        moved = state.merge_event(event)
+        assert (None if moved is None else (moved.before, moved.record)) == expected
+        assert state.get(key) == reference.calls.get(key)
+        assert state.fold(event) is state.get(key)  # again: changes nothing more
+        assert state.get(key) == reference.calls.get(key)
+    assert sorted(r.call_key for r in state.changed()) == sorted(reference.changed)

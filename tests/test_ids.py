@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import random
 import re
@@ -201,3 +203,87 @@ def test_a_stream_forgets_runs_that_ended() -> None:
         ids.assign("call_transcript_delta", {"contentIndex": index}, index * 0.01)
     ids.assign("call_transcript_delta", {"contentIndex": -1}, 100.0)
     assert len(ids._recent) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "expected"),
+    [
+        ("incoming_call", "c-1", "evt_vlt46ykufe7wbjnjsdda63l6fgdqk4ru"),
+        ("call_ended", 'caf\u00e9 "q"', "evt_w6bddkb4ftihc3mqxpw2y5yb6i2nbx6s"),
+    ],
+)
+def test_lifecycle_ids_are_pinned(name: str, key: str, expected: str) -> None:
+    """Stores and webhook receivers keep ids across upgrades: the bytes never change."""
+    assert lifecycle_id(name, key) == expected
+    assert lifecycle_id(name, key) == _reference_id(orjson.dumps(["call", name, key]))
+
+
+def test_ids_of_other_events_are_pinned() -> None:
+    ids = EventIds()
+    payload = {"callUuid": "c-1", "content": "Hello?", "n": 1.0, "x": [2.5, -0.0, {"b": 1}]}
+    assert [ids.assign("call_transcript_delta", payload, t) for t in (0.0, 0.5)] == [
+        "evt_mj6y3aii6lmi2fqamo4aw3kgs3lrtmn3",
+        "evt_xeehxgy5lmbqfukm53tbyw56h44xzgpi",
+    ]
+
+
+def _reference_id(text: bytes) -> str:
+    """The id rule as first written: SHA-256, 20 bytes, ``base64.b32encode``, lower case."""
+    digest = hashlib.sha256(text).digest()
+    return "evt_" + base64.b32encode(digest[:20]).decode("ascii").lower()
+
+
+@given(names, keys, payloads)
+def test_ids_are_the_reference_encoding(name: str, key: str, payload: dict[str, Any]) -> None:
+    assert lifecycle_id(name, key) == _reference_id(canonical_json(["call", name, key]))
+    form = hashlib.sha256(canonical_json(["event", f"x_{name}", payload])).digest()
+    assert EventIds().assign(f"x_{name}", payload, 0.0) == _reference_id(form + b"0")
+
+
+def _reference_normalised(value: Any) -> Any:
+    """The canonical form's number rule as first written: a walk by isinstance."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("not a JSON number")
+        return int(value) if value.is_integer() and -(2**63) <= value < 2**64 else value
+    if isinstance(value, int):
+        if -(2**63) <= value < 2**64:
+            return value
+        try:
+            return float(value)
+        except OverflowError:
+            raise ValueError("too large") from None
+    if isinstance(value, dict):
+        return {key: _reference_normalised(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_reference_normalised(item) for item in value]
+    raise TypeError(type(value).__name__)
+
+
+any_numbers = st.recursive(
+    scalars | st.floats() | st.integers(min_value=-(2**70), max_value=2**70) | st.just(10**400),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(max_size=6), inner)
+    ),
+    max_leaves=20,
+)
+
+
+@given(any_numbers)
+def test_the_canonical_form_is_the_reference_walk(value: Any) -> None:
+    """Every value, NaN, infinities and integers beyond a double included."""
+    try:
+        expected: bytes | type[Exception] = orjson.dumps(
+            _reference_normalised(value), option=orjson.OPT_SORT_KEYS
+        )
+    except (ValueError, TypeError) as exc:
+        expected = ValueError if isinstance(exc, ValueError) else TypeError
+    if isinstance(expected, bytes):
+        assert canonical_json(value) == expected
+    else:
+        with pytest.raises(expected):
+            canonical_json(value)

@@ -24,12 +24,13 @@ Nothing here reads a clock or does I/O: callers pass ``now``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, Protocol
 
 from listener.core.events import Event, Origin
+from listener.core.templating import MISSING, FieldPath
 
 __all__ = [
     "STATUSES",
@@ -56,17 +57,15 @@ TRANSITIONS: Final[Mapping[str, Status]] = {
     "call_ended": "ended",
 }
 _RANK: Final[Mapping[Status, int]] = {status: rank for rank, status in enumerate(STATUSES)}
-# Where each transition's time is kept, in a record and in a payload.
-_TIME_ATTRIBUTE: Final[Mapping[Status, str]] = {
-    "ringing": "started_at",
-    "answered": "answered_at",
-    "ended": "ended_at",
-}
+# Where each transition's time is in a payload.
 _TIME_FIELD: Final[Mapping[Status, str]] = {
     "ringing": "startedAt",
     "answered": "answeredAt",
     "ended": "endedAt",
 }
+# The same, by rank.
+_TIME_FIELDS: Final = tuple(_TIME_FIELD[status] for status in STATUSES)
+_NO_TIMES: Final[tuple[float | None, ...]] = (None, None, None)
 
 
 def _word(status: str) -> str:
@@ -190,10 +189,13 @@ class Transition:
 
 
 def _field(event: Event, name: str) -> Any:
-    """:meth:`Event.field`, quicker when the payload spells ``name`` as given (the spelling
-    it tries first, and the one ``list_calls`` rows use)."""
+    """:meth:`Event.field`, quicker: the payload's own spelling first (the one ``list_calls``
+    rows use), then a path parsed once (Event.field looks it up in a cache each time)."""
     payload = event.payload
-    return payload[name] if name in payload else event.field(name)
+    if name in payload:
+        return payload[name]
+    value = _PATHS[name].find(event)
+    return None if value is MISSING else value
 
 
 def _text(event: Event, name: str) -> str | None:
@@ -203,25 +205,69 @@ def _text(event: Event, name: str) -> str | None:
 
 
 def _times(
-    status: Status, known: CallRecord | None, event: Event, heard: float | None
-) -> dict[str, Any]:
-    """Return the transition times of a call at ``status``: what ``known`` had, with what
-    ``event`` adds.
+    status: Status, had: tuple[float | None, ...], event: Event, heard: float | None
+) -> tuple[float | None, ...]:
+    """Return the transition times (started, answered, ended) of a call at ``status``: what
+    it ``had``, with what ``event`` adds.
 
     A status the call has not reached gets no time; one it reached keeps the time it has,
     else takes the payload's, else ``heard`` (when the move to it was heard) for the status
     it is at now.
     """
-    times: dict[str, Any] = {}
-    for step in STATUSES[: _RANK[status] + 1]:
-        attribute = _TIME_ATTRIBUTE[step]
-        when = None if known is None else getattr(known, attribute)
+    reached = _RANK[status]
+    times: list[float | None] = [None, None, None]
+    for rank in range(reached + 1):
+        when = had[rank]
         if when is None:
-            when = parse_time(_field(event, _TIME_FIELD[step]))
-        if when is None and step == status:
-            when = heard
-        times[attribute] = when
-    return times
+            when = parse_time(_field(event, _TIME_FIELDS[rank]))
+            if when is None and rank == reached:
+                when = heard
+        times[rank] = when
+    return tuple(times)
+
+
+def _record_maker() -> Any:
+    """A constructor of CallRecord that takes its fields in order, as ``CallRecord(...)``
+    does, in half the time: a frozen dataclass's ``__init__`` sets each field through
+    ``object.__setattr__`` (1.0 µs for nine), the slots' own descriptors take 0.5 µs."""
+    names = tuple(item.name for item in fields(CallRecord))
+    if names != _RECORD_FIELDS:
+        raise AssertionError(f"CallRecord's fields changed: {names}")
+    (key, status, last, from_, to, started, answered, ended, origins) = (
+        CallRecord.__dict__[name].__set__ for name in names
+    )
+    new = object.__new__
+
+    def make(*values: Any) -> CallRecord:
+        record: CallRecord = new(CallRecord)
+        key(record, values[0])
+        status(record, values[1])
+        last(record, values[2])
+        from_(record, values[3])
+        to(record, values[4])
+        started(record, values[5])
+        answered(record, values[6])
+        ended(record, values[7])
+        origins(record, values[8])
+        return record
+
+    return make
+
+
+_RECORD_FIELDS: Final = (
+    "call_key",
+    "status",
+    "last_event_at",
+    "from_number",
+    "to_number",
+    "started_at",
+    "answered_at",
+    "ended_at",
+    "origins",
+)
+_record: Final[Callable[..., CallRecord]] = _record_maker()
+# The payload fields the map reads, parsed once.
+_PATHS: Final = {name: FieldPath(name) for name in ("fromNumber", "toNumber", *_TIME_FIELDS)}
 
 
 class CallLookup(Protocol):
@@ -280,35 +326,61 @@ class CallState:
         """:meth:`merge` for an event already built: its origin, and ``received_at`` as the
         moment it was heard."""
         key = event.call_key
+        known = None if key is None else self._calls.get(key)
+        record = self.fold(event)
+        if record is None or (known is not None and record.status == known.status):
+            return None
+        return Transition(None if known is None else known.status, record)
+
+    def fold(self, event: Event) -> CallRecord | None:
+        """Merge ``event`` into the map as :meth:`merge_event` does; return its call's record
+        as of this event (the map's, from now on), or None when the map does not know it."""
+        key = event.call_key
         if key is None:
             return None
-        now = event.received_at
-        target = TRANSITIONS.get(event.name)
         known = self._calls.get(key)
-        before = None if known is None else known.status
-        if target is not None and (known is None or _RANK[target] > known.rank()):
+        target = TRANSITIONS.get(event.name)
+        now = event.received_at
+        if known is None:
+            if target is None:
+                return None
             status: Status = target
-            earlier = known.origins if known else {}
-            origins: Mapping[Status, Origin] = {**earlier, target: event.origin}
-        elif known is not None:
-            status, origins = known.status, known.origins
+            origins: Mapping[Status, Origin] = {target: event.origin}
+            updated = _record(
+                key,
+                status,
+                now,
+                _text(event, "fromNumber"),
+                _text(event, "toNumber"),
+                *_times(status, _NO_TIMES, event, now),
+                origins,
+            )
         else:
-            return None
-        moved = status != before
-        # One constructor call: dataclasses.replace cost more than the rest of the merge.
-        updated = CallRecord(
-            key,
-            status,
-            now if known is None else max(known.last_event_at, now),
-            (known and known.from_number) or _text(event, "fromNumber"),
-            (known and known.to_number) or _text(event, "toNumber"),
-            origins=origins,
-            **_times(status, known, event, now if moved else None),
-        )
-        if updated != known:
-            self._calls[key] = updated
-            self._changed.add(key)
-        return Transition(before, updated) if moved else None
+            had = (known.started_at, known.answered_at, known.ended_at)
+            if target is not None and _RANK[target] > _RANK[known.status]:
+                status, heard = target, now
+                origins = {**known.origins, target: event.origin}
+            else:
+                status, heard, origins = known.status, None, known.origins
+            last = known.last_event_at
+            fields = (
+                last if last >= now else now,
+                known.from_number or _text(event, "fromNumber"),
+                known.to_number or _text(event, "toNumber"),
+                # Nothing to fill when every status reached has its time.
+                *(
+                    had
+                    if None not in had[: _RANK[status] + 1]
+                    else _times(status, had, event, heard)
+                ),
+            )
+            if heard is None and fields == (last, known.from_number, known.to_number, *had):
+                # An event that changes nothing (a repeat, a late one): no new record.
+                return known
+            updated = _record(key, status, *fields, origins)
+        self._calls[key] = updated
+        self._changed.add(key)
+        return updated
 
     def changed(self) -> list[CallRecord]:
         """Return the calls changed since the last call (for the store), and forget them."""

@@ -84,11 +84,7 @@ class CallTracker:
     def merge(self, event: Event) -> CallRecord | None:
         """Merge ``event`` into the call map; return its call as of this event, or None when
         the map does not know the call."""
-        key = event.call_key
-        if key is None:
-            return None
-        self.state.merge_event(event)
-        return self.state.get(key)
+        return self.state.fold(event)
 
     def unsaved(self) -> list[str]:
         """Return the lifecycle ids handed on since the last call (for the store)."""

