@@ -35,6 +35,7 @@ def _reference(msg_id: str, event: Event) -> bytes:
         "type": event.name,
         "occurred_at": occurred.replace("+00:00", "Z"),
         "topic": event.topic,
+        "origin": event.origin,
         "data": event.payload,
     }
     return json.dumps(envelope, separators=(",", ":")).encode("ascii")
