@@ -12,7 +12,7 @@ by orjson from their JSON text):
 The pieces, each timed alone over the whole stream (best of ``--repeat`` passes, each on
 fresh state), in microseconds per event:
 
-- ``ids``: :meth:`EventIds.assign <listener.core.ids.EventIds.assign>`;
+- ``ids``: :meth:`EventIds.of <listener.core.ids.EventIds.of>` (``assign`` for an event);
 - ``stamp``: the session's copy of the event with its id (the ids themselves left out);
 - ``admit``: :meth:`CallTracker.admit <listener.calls.tracker.CallTracker.admit>`, the
   de-duplication by id;
@@ -89,6 +89,10 @@ class _SameId(EventIds):
 
     def assign(self, name: str, payload: dict[str, Any], now: float) -> str:
         del name, payload, now
+        return "evt_" + "a" * 32
+
+    def of(self, event: Event) -> str:
+        del event
         return "evt_" + "a" * 32
 
 
@@ -190,8 +194,8 @@ def measure(stream: Stream, repeat: int) -> dict[str, float]:
     per_event = 1e6 / len(heard)
 
     def ids() -> Callable[[], object]:
-        assign = EventIds().assign
-        return lambda: [assign(e.name, e.payload, e.received_at) for e in heard]
+        assign = EventIds().of
+        return lambda: [assign(e) for e in heard]
 
     def stamp() -> Callable[[], object]:
         session = Session(
@@ -201,7 +205,9 @@ def measure(stream: Stream, repeat: int) -> dict[str, float]:
             ids=_SameId(),
         )
         deliver = session._stamped
-        return lambda: [deliver(e) for e in heard]
+        # The session may stamp the events it is given in place: give it copies.
+        fresh = [Event.create(e.name, e.payload, e.topic, e.received_at, e.size) for e in heard]
+        return lambda: [deliver(e) for e in fresh]
 
     def admit() -> Callable[[], object]:
         check = stream.tracker().admit

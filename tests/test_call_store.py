@@ -116,3 +116,34 @@ def test_an_unopenable_file_and_a_held_lock_are_store_errors(tmp_path: Path) -> 
         finally:
             holder.execute("ROLLBACK")
             holder.close()
+
+
+def test_a_first_store_loses_its_time_indexes_and_keeps_its_rows(tmp_path: Path) -> None:
+    """Files written before the indexes went: same schema version, same rows, no index."""
+    path = tmp_path / "calls.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            """
+            CREATE TABLE calls (
+                call_key TEXT PRIMARY KEY, status TEXT NOT NULL, last_event_at REAL NOT NULL,
+                from_number TEXT, to_number TEXT, started_at REAL, answered_at REAL,
+                ended_at REAL, origins TEXT NOT NULL
+            ) WITHOUT ROWID;
+            CREATE INDEX calls_last_event ON calls (last_event_at);
+            CREATE TABLE handled (id TEXT PRIMARY KEY, handled_at REAL NOT NULL) WITHOUT ROWID;
+            CREATE INDEX handled_at ON handled (handled_at);
+            CREATE TABLE moments (name TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
+            INSERT INTO calls VALUES
+                ('c-1', 'ringing', 10.0, '+1', NULL, 9.0, NULL, NULL, '{"ringing": "realtime"}');
+            INSERT INTO handled VALUES ('evt_a', 10.0);
+            PRAGMA user_version = 1;
+            """
+        )
+    conn.close()
+    with CallStore(path) as store:
+        assert [record.call_key for record in store.calls()] == ["c-1"]
+        assert store.handled_ids() == {"evt_a"}
+        indexes = store.conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+        assert [name for (name,) in indexes if not name.startswith("sqlite_")] == []
+        assert store.prune(11.0) == 1
+        assert store.handled_ids() == set()

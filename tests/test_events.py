@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from listener.core.events import Event, call_key_of, with_id
+from listener.core.events import Event, call_key_of, stamp_id, with_id
 
 
 @pytest.mark.parametrize(
@@ -62,3 +62,10 @@ def test_with_id_copies_every_field_but_the_id() -> None:
     assert event.id == "evt_old"
     with pytest.raises(dataclasses.FrozenInstanceError):
         stamped.id = "evt_other"  # type: ignore[misc]
+
+
+def test_stamp_id_sets_the_id_of_the_event_itself() -> None:
+    event = Event.create("call_ended", {"callUuid": "c-1"}, "events", 12.5, 90)
+    assert stamp_id(event, "evt_new") is event
+    expected = Event.create("call_ended", {"callUuid": "c-1"}, "events", 12.5, 90, id="evt_new")
+    assert event == expected

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from listener.core.events import Event
 from listener.core.ids import LIFECYCLE_EVENTS, EventIds, canonical_json, lifecycle_id
 from listener.testing.traffic import call_payload
 
@@ -287,3 +288,10 @@ def test_the_canonical_form_is_the_reference_walk(value: Any) -> None:
     else:
         with pytest.raises(expected):
             canonical_json(value)
+
+
+@given(st.sampled_from([*sorted(LIFECYCLE_EVENTS), "call_transcript_delta"]), payloads, keys)
+def test_of_an_event_is_assign(name: str, payload: dict[str, Any], key: str) -> None:
+    for heard in (payload, {**payload, "callUuid": key}):
+        event = Event.create(name, heard, "events", 3.0)
+        assert EventIds().of(event) == EventIds().assign(name, heard, 3.0)

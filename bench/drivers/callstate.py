@@ -8,6 +8,8 @@ plus what the call-state rows need. Options (JSON):
   (no ``EventIds``, no copy of the event), the dispatcher's tracker admits every event and
   knows no call, and reconciliation is off. Not a setting the daemon offers: ids and the map
   are what make delivery idempotent.
+- ``persist`` (default true): false keeps no call store (the daemon's ``persist=False``, as
+  ``tail`` runs it), to tell the store's share of the cost.
 - ``sippet``, ``calls``: overrides for those config sections.
 
 The handler records ``(seq, ts, time.time())`` as every client's callback does, and counts
@@ -85,7 +87,12 @@ async def main() -> None:
             }
         )
         runner = RunnerSettings(name="bench", events=("*",))
-        daemon = Daemon(settings, args.api_key, [LoadedHandler(handler, runner)])
+        daemon = Daemon(
+            settings,
+            args.api_key,
+            [LoadedHandler(handler, runner)],
+            persist=bool(options.get("persist", True)),
+        )
         if not call_state:
             session = daemon.session
             session._deliver = session._sink

@@ -17,11 +17,11 @@ import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from listener.core.templating import MISSING, FieldPath
 
-__all__ = ["Event", "Origin", "call_key_of", "with_id"]
+__all__ = ["Event", "Origin", "call_key_of", "stamp_id", "with_id"]
 
 #: Where an event was learnt: from the channel, or rebuilt from ``list_calls``.
 Origin = Literal["realtime", "reconcile"]
@@ -118,6 +118,21 @@ class Event:
         if len(text) > _MAX_LOG_PAYLOAD:
             text = f"{text[:_MAX_LOG_PAYLOAD]}... ({len(text)} chars)"
         return f"{self.name} call={self.call_key} {text}"
+
+
+def stamp_id(event: Event, id: str) -> Event:
+    """Give ``event`` its stable id in place and return it: for the intake alone, which
+    stamps the events it has just built from a frame before anyone reads them (the rotation
+    handover holds some by then, but reads only their names and payloads). Everywhere else
+    an Event is read-only; :func:`with_id` copies one instead.
+
+    A slot set: 0.1 µs, where a copy takes 0.45 µs and the dataclass's ``__init__`` 1.0.
+    """
+    _SET_ID(event, id)
+    return event
+
+
+_SET_ID: Final = Event.__dict__["id"].__set__
 
 
 def _copier() -> Any:
