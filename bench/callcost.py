@@ -13,7 +13,7 @@ The pieces, each timed alone over the whole stream (best of ``--repeat`` passes,
 fresh state), in microseconds per event:
 
 - ``ids``: :meth:`EventIds.of <listener.core.ids.EventIds.of>` (``assign`` for an event);
-- ``stamp``: the session's copy of the event with its id (the ids themselves left out);
+- ``stamp``: the session giving the event its id (the ids themselves left out);
 - ``admit``: :meth:`CallTracker.admit <listener.calls.tracker.CallTracker.admit>`, the
   de-duplication by id;
 - ``merge``: :meth:`CallTracker.merge <listener.calls.tracker.CallTracker.merge>`;
