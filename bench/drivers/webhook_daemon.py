@@ -59,14 +59,14 @@ def _with_pragmas(pragmas: dict[str, Any]) -> None:
     """Run ``PRAGMA name = value`` on every outbox connection after its own set-up."""
     from listener.webhooks.outbox import Outbox
 
-    setup = Outbox._setup
+    setup = Outbox._create
 
     def patched(self: Outbox) -> None:
         setup(self)
         for name, value in pragmas.items():
-            self._conn.execute(f"PRAGMA {name} = {value}")
+            self.conn.execute(f"PRAGMA {name} = {value}")
 
-    Outbox._setup = patched  # type: ignore[method-assign]
+    Outbox._create = patched  # type: ignore[method-assign]
 
 
 async def main() -> None:

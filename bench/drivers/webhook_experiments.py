@@ -74,7 +74,7 @@ def _lean_records() -> None:
     record = outbox_class.record_attempts
 
     def mark_delivered(self: Any, destination: str, delivered: Any) -> None:
-        self._conn.executemany(
+        self.conn.executemany(
             "DELETE FROM deliveries WHERE destination = ? AND msg_id = ?",
             ((destination, msg_id) for msg_id, _ in delivered),
         )

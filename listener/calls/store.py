@@ -97,8 +97,7 @@ class CallStore(Database):
 
     what = "call store"
     error = StoreError
-    schema = _SCHEMA
-    version = SCHEMA_VERSION
+    migrations = (_SCHEMA,)
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
         super().__init__(path, busy_timeout=busy_timeout)

@@ -1,7 +1,7 @@
 """What every SQLite file of the daemon shares: WAL, a versioned schema, one connection.
 
-A subclass of :class:`Database` names its schema and its error class; opening a file creates
-the schema on first use and refuses a file written by a newer version of it.
+A subclass of :class:`Database` names its schema steps and its error class; opening a file
+applies the steps it has not had, in order, and refuses a file written by a newer version.
 """
 
 from __future__ import annotations
@@ -38,10 +38,9 @@ class Database:
     what: ClassVar[str]
     #: The exception raised for every SQLite failure.
     error: ClassVar[type[ListenerError]]
-    #: The statements creating the schema.
-    schema: ClassVar[Sequence[str]]
-    #: ``PRAGMA user_version`` of that schema.
-    version: ClassVar[int]
+    #: The schema's steps, each a sequence of statements: step ``n`` takes a file from
+    #: ``PRAGMA user_version`` n to n + 1 (the first creates it).
+    migrations: ClassVar[Sequence[Sequence[str]]]
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
         with self.translated("open"):
@@ -59,17 +58,20 @@ class Database:
         """Switch to WAL; create the schema, or check that it is one this code knows."""
         self.conn.execute("PRAGMA journal_mode = WAL")
         self.conn.execute("PRAGMA synchronous = NORMAL")
+        current = len(self.migrations)
         with self.transaction():
             (version,) = self.conn.execute("PRAGMA user_version").fetchone()
-            if version > self.version:
+            if version > current:
                 raise self.error(
-                    f"{self.what} schema version {version} is newer than this program's"
-                    f" ({self.version})"
+                    f"{self.what} schema version {version} is newer than this program's ({current})"
                 )
-            if version == 0:
-                for statement in self.schema:
+            # One transaction for every step: a file is at its old version or the current
+            # one, never half-way.
+            for step in self.migrations[version:]:
+                for statement in step:
                     self.conn.execute(statement)
-                self.conn.execute(f"PRAGMA user_version = {self.version:d}")
+            if version < current:
+                self.conn.execute(f"PRAGMA user_version = {current:d}")
 
     def close(self) -> None:
         """Close the file; calling it again does nothing."""

@@ -70,7 +70,7 @@ class Outbox(OutboxConnection):
     @maps_sqlite_errors
     def add(self, deliveries: Iterable[NewDelivery]) -> None:
         """Insert deliveries; one whose (destination, msg_id) is already pending is skipped."""
-        self._conn.executemany(
+        self.conn.executemany(
             "INSERT OR IGNORE INTO deliveries"
             " (destination, msg_id, event, call_key, body, created_at, due_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -99,7 +99,7 @@ class Outbox(OutboxConnection):
         if self.is_disabled(destination):
             return []
         params = eligible_params(destination, exclude, per_call)
-        rows = self._conn.execute(SELECT_DUE, {**params, "now": now, "limit": limit})
+        rows = self.conn.execute(SELECT_DUE, {**params, "now": now, "limit": limit})
         return [Delivery(*row) for row in rows]
 
     @maps_sqlite_errors
@@ -113,7 +113,7 @@ class Outbox(OutboxConnection):
         if self.is_disabled(destination):
             return None
         params = eligible_params(destination, exclude, per_call)
-        row = self._conn.execute(SELECT_NEXT_DUE, params).fetchone()
+        row = self.conn.execute(SELECT_NEXT_DUE, params).fetchone()
         return None if row is None else float(row[0])
 
     def claim(
@@ -143,8 +143,8 @@ class Outbox(OutboxConnection):
     def mark_delivered(self, destination: str, delivered: Collection[tuple[str, float]]) -> None:
         """Move deliveries answered with a 2xx, given as ``(msg_id, when)``, to ``delivered``."""
         with self.transaction():
-            self._conn.executemany(DELIVER, ((at, destination, msg_id) for msg_id, at in delivered))
-            self._conn.executemany(
+            self.conn.executemany(DELIVER, ((at, destination, msg_id) for msg_id, at in delivered))
+            self.conn.executemany(
                 "DELETE FROM deliveries WHERE destination = ? AND msg_id = ?",
                 ((destination, msg_id) for msg_id, _ in delivered),
             )
@@ -152,7 +152,7 @@ class Outbox(OutboxConnection):
     @maps_sqlite_errors
     def pending_count(self, destination: str) -> int:
         """Return how many deliveries to ``destination`` are pending."""
-        (count,) = self._conn.execute(
+        (count,) = self.conn.execute(
             "SELECT COUNT(*) FROM deliveries WHERE destination = ?", (destination,)
         ).fetchone()
         return int(count)
@@ -162,7 +162,7 @@ class Outbox(OutboxConnection):
     @maps_sqlite_errors
     def record_attempts(self, attempts: Iterable[Attempt]) -> None:
         """Add attempts to the record."""
-        self._conn.executemany(
+        self.conn.executemany(
             INSERT_ATTEMPTS,
             (
                 (
@@ -184,14 +184,14 @@ class Outbox(OutboxConnection):
     @maps_sqlite_errors
     def attempts(self, msg_id: str) -> list[Attempt]:
         """Return the recorded attempts of message ``msg_id``, to any destination, in order."""
-        rows = self._conn.execute(SELECT_ATTEMPTS, (msg_id,))
+        rows = self.conn.execute(SELECT_ATTEMPTS, (msg_id,))
         return [Attempt(*row[:8], *(bool(flag) for flag in row[8:])) for row in rows]
 
     @maps_sqlite_errors
     def whereabouts(self, destination: str, msg_id: str) -> tuple[str, float | None] | None:
         """Return where a delivery is: ``pending`` (with None), ``dead`` (with when it died) or
         ``delivered`` (with when); None if the outbox does not have it (any more)."""
-        row = self._conn.execute(
+        row = self.conn.execute(
             "SELECT 'pending', NULL FROM deliveries WHERE destination = :d AND msg_id = :m"
             " UNION ALL SELECT 'dead', dead_at FROM dead_letters"
             " WHERE destination = :d AND msg_id = :m"
@@ -208,7 +208,7 @@ class Outbox(OutboxConnection):
         removed = 0
         with self.transaction():
             for statement in PRUNE.values():
-                cursor = self._conn.execute(statement, {"before": before, "limit": limit})
+                cursor = self.conn.execute(statement, {"before": before, "limit": limit})
                 removed += cursor.rowcount
         return removed
 
@@ -225,7 +225,7 @@ class Outbox(OutboxConnection):
         error: str,
     ) -> None:
         """Record a failed attempt and when to try next; a row no longer pending is ignored."""
-        self._conn.execute(
+        self.conn.execute(
             "UPDATE deliveries SET due_at = ?, attempts = ?, last_attempt_at = ?,"
             " last_status = ?, last_error = ? WHERE destination = ? AND msg_id = ?",
             (due_at, attempts, attempted_at, status, error, destination, msg_id),
@@ -258,9 +258,9 @@ class Outbox(OutboxConnection):
             "error": error,
         }
         with self.transaction():
-            if self._conn.execute(BURY, params).rowcount == 0:
+            if self.conn.execute(BURY, params).rowcount == 0:
                 return False
-            self._conn.execute(
+            self.conn.execute(
                 "DELETE FROM deliveries WHERE destination = ? AND msg_id = ?",
                 (destination, msg_id),
             )
@@ -288,17 +288,17 @@ class Outbox(OutboxConnection):
         moved: dict[str, int] = {}
         with self.transaction():
             if max_age is not None:
-                victims = self._conn.execute(
+                victims = self.conn.execute(
                     "SELECT msg_id FROM deliveries WHERE destination = ? AND created_at < ?"
                     " AND msg_id NOT IN (SELECT value FROM json_each(?))",
                     (destination, now - max_age, json.dumps(list(exclude))),
                 ).fetchall()
                 self._bury_all(destination, victims, now, "max_age", moved)
             if max_pending is not None:
-                (pending,) = self._conn.execute(
+                (pending,) = self.conn.execute(
                     "SELECT COUNT(*) FROM deliveries WHERE destination = ?", (destination,)
                 ).fetchone()
-                victims = self._conn.execute(
+                victims = self.conn.execute(
                     "SELECT msg_id FROM deliveries WHERE destination = ?"
                     " AND msg_id NOT IN (SELECT value FROM json_each(?)) ORDER BY seq LIMIT ?",
                     (destination, json.dumps(list(exclude)), max(0, pending - max_pending)),
@@ -325,7 +325,7 @@ class Outbox(OutboxConnection):
     @maps_sqlite_errors
     def disable(self, destination: str, now: float, reason: str) -> bool:
         """Disable a destination; return False if it already was (its reason is kept)."""
-        cursor = self._conn.execute(
+        cursor = self.conn.execute(
             "INSERT INTO destinations (name, disabled_at, disabled_reason) VALUES (?, ?, ?)"
             " ON CONFLICT (name) DO UPDATE SET disabled_at = excluded.disabled_at,"
             " disabled_reason = excluded.disabled_reason WHERE disabled_at IS NULL",
@@ -336,7 +336,7 @@ class Outbox(OutboxConnection):
     @maps_sqlite_errors
     def enable(self, destination: str) -> bool:
         """Enable a destination again; return False if it was not disabled."""
-        cursor = self._conn.execute(
+        cursor = self.conn.execute(
             "UPDATE destinations SET disabled_at = NULL, disabled_reason = NULL"
             " WHERE name = ? AND disabled_at IS NOT NULL",
             (destination,),
@@ -346,7 +346,7 @@ class Outbox(OutboxConnection):
     @maps_sqlite_errors
     def is_disabled(self, destination: str) -> bool:
         """Return whether the destination is disabled."""
-        row = self._conn.execute(
+        row = self.conn.execute(
             "SELECT 1 FROM destinations WHERE name = ? AND disabled_at IS NOT NULL",
             (destination,),
         ).fetchone()
@@ -357,19 +357,19 @@ class Outbox(OutboxConnection):
         """Return the state of every destination named here or present in the file, by name."""
         pending = {
             name: (count, oldest, failing)
-            for name, count, oldest, failing in self._conn.execute(
+            for name, count, oldest, failing in self.conn.execute(
                 "SELECT destination, COUNT(*), MIN(created_at), SUM(last_attempt_at IS NOT NULL)"
                 " FROM deliveries GROUP BY destination"
             )
         }
         dead = dict(
-            self._conn.execute(
+            self.conn.execute(
                 "SELECT destination, COUNT(*) FROM dead_letters GROUP BY destination"
             ).fetchall()
         )
         disabled = {
             name: (at, reason)
-            for name, at, reason in self._conn.execute(
+            for name, at, reason in self.conn.execute(
                 "SELECT name, disabled_at, disabled_reason FROM destinations"
             )
         }
@@ -412,7 +412,7 @@ class Outbox(OutboxConnection):
             limit: at most this many, the oldest first.
         """
         params = filter_params(destination, since, None, msg_ids)
-        rows = self._conn.execute(SELECT_DEAD, {**params, "limit": -1 if limit is None else limit})
+        rows = self.conn.execute(SELECT_DEAD, {**params, "limit": -1 if limit is None else limit})
         return [DeadLetter(*row) for row in rows]
 
     @maps_sqlite_errors
@@ -440,12 +440,12 @@ class Outbox(OutboxConnection):
         params = filter_params(destination, since, until, msg_ids)
         if dry_run:
             return {
-                source: self._conn.execute(COUNT_REPLAYABLE[source], params).fetchone()[0]
+                source: self.conn.execute(COUNT_REPLAYABLE[source], params).fetchone()[0]
                 for source in sources
             }
         moved: dict[ReplaySource, int] = {}
         with self.transaction():
             for source in sources:
-                moved[source] = self._conn.execute(REPLAY[source], {**params, "now": now}).rowcount
-                self._conn.execute(DELETE_REPLAYED[source], params)
+                moved[source] = self.conn.execute(REPLAY[source], {**params, "now": now}).rowcount
+                self.conn.execute(DELETE_REPLAYED[source], params)
         return moved

@@ -7,16 +7,14 @@ WAL journaling lets that reader/writer pair proceed without blocking each other 
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 import sqlite3
-from collections.abc import Callable, Iterator
-from types import TracebackType
-from typing import Concatenate, ParamSpec, Self, TypeVar
+from collections.abc import Callable
+from typing import Concatenate, ParamSpec, TypeVar
 
 from listener.core.errors import ListenerError
-from listener.webhooks.outbox_schema import MIGRATIONS, SCHEMA_VERSION
+from listener.core.sqlite import Database
+from listener.webhooks.outbox_schema import MIGRATIONS
 
 __all__ = ["OutboxConnection", "OutboxError", "maps_sqlite_errors"]
 
@@ -44,88 +42,18 @@ def maps_sqlite_errors(
     return wrapper
 
 
-class OutboxConnection:
-    """One connection to an outbox file, which is created on first open.
+class OutboxConnection(Database):
+    """One connection to an outbox file, which is created (or migrated) on open.
 
-    Use it from one thread at a time (the connection is opened with
-    ``check_same_thread=False`` so that a dedicated worker thread may own it). Methods are
+    Use it from one thread at a time (a dedicated worker thread may own it). Methods are
     atomic on their own; wrap several in :meth:`transaction` to commit them as one. Every
     method raises :class:`OutboxError` when SQLite fails (a lock held longer than
     ``busy_timeout``, a full disk, a corrupt file); anything else is a bug.
-
-    Args:
-        path: the database file; its directory must exist.
-        busy_timeout: seconds to wait for another process's write lock before failing.
-
-    Raises:
-        OutboxError: the file cannot be opened or was written by a newer schema version.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
-        try:
-            self._conn = sqlite3.connect(
-                path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
-            )
-        except sqlite3.Error as exc:
-            raise OutboxError(f"outbox open failed: {exc}") from exc
-        try:
-            self._setup()
-        except BaseException:
-            self._conn.close()
-            raise
-
-    @maps_sqlite_errors
-    def _setup(self) -> None:
-        """Switch to WAL and create or check the schema."""
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        # With WAL, NORMAL loses at most the last commits on power loss, never on a crash of
-        # this process, and skips an fsync per commit.
-        self._conn.execute("PRAGMA synchronous = NORMAL")
-        with self.transaction():
-            (version,) = self._conn.execute("PRAGMA user_version").fetchone()
-            if version > SCHEMA_VERSION:
-                raise OutboxError(
-                    f"outbox schema version {version} is newer than this program's"
-                    f" ({SCHEMA_VERSION})"
-                )
-            # One transaction for every step: a file is at its old version or the current one,
-            # never half-way.
-            for step in MIGRATIONS[version:]:
-                for statement in step.split(";"):
-                    if statement.strip():
-                        self._conn.execute(statement)
-            if version < SCHEMA_VERSION:
-                self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-    def close(self) -> None:
-        """Close the connection; calling it again does nothing."""
-        self._conn.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """Run the enclosed calls as one transaction; nested uses join the outer one.
-
-        The write lock is taken at the start (``BEGIN IMMEDIATE``), so a transaction never
-        fails half-way because another process wrote first.
-        """
-        if self._conn.in_transaction:
-            yield
-            return
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+    what = "outbox"
+    error = OutboxError
+    migrations = tuple(
+        tuple(statement for statement in step.split(";") if statement.strip())
+        for step in MIGRATIONS
+    )
