@@ -107,7 +107,8 @@ class ServiceSettings(_Section):
         )
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["auto", "json", "console"] = "auto"
+    # "console" is the older spelling of "pretty".
+    log_format: Literal["auto", "json", "pretty", "console"] = "auto"
     drain_timeout: float = Field(default=10.0, ge=0)
     metrics_listen: str = ""
 
