@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import pty
 import re
 import signal
 import sys
@@ -262,6 +264,37 @@ async def test_run_dispatches_to_configured_handlers_and_stops_on_sigterm(
     assert [line["event_name"] for line in logged if line["event"] == "event received"] == [
         "call_ended"
     ]
+
+
+def _read_terminal(fd: int) -> str:
+    chunks = []
+    with contextlib.suppress(OSError):  # EIO once the child has closed its side
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks).decode()
+
+
+@pytest.mark.timeout(60)
+async def test_on_a_terminal_the_demo_prints_coloured_one_liners_by_default() -> None:
+    terminal, child_side = pty.openpty()
+    process = await asyncio.create_subprocess_exec(
+        *CLI,
+        "demo",
+        "--duration",
+        "2",
+        "--outage-at",
+        "60",
+        stderr=child_side,
+        env={**os.environ, "NO_COLOR": ""},
+    )
+    os.close(child_side)
+    output = await asyncio.to_thread(_read_terminal, terminal)
+    assert await process.wait() == 0
+    assert "\x1b[" in output
+    lines = re.sub(r"\x1b\[\d+m", "", output).splitlines()
+    assert all(re.match(CLOCK, line) for line in lines), lines
+    assert any(re.match(f"{CLOCK}● joined +events", line) for line in lines)
 
 
 async def test_run_and_tail_in_the_pretty_format_print_one_line_per_event(

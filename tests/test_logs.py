@@ -3,15 +3,19 @@ And the pretty format's lines, colours and ``NO_COLOR``."""
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import logging
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import structlog
 
+import listener
+from listener.core import pretty
 from listener.core.logs import configure_logging, redact_text, register_secret
 from listener.testing import FakeSippet
 from tests.conftest import RunSession
@@ -156,7 +160,7 @@ def test_pretty_forms_of_the_daemons_lines() -> None:
         "↻ token rotated  link-2",
         "✗ link failed    heartbeat_timeout, retrying in 0.5 s",
         "gap              1.2 s (reconnect)",
-        "reconciled       reconnect: 3 calls listed, 1 missed transitions emitted",
+        "reconciled       reconnect: 3 calls listed, 1 missed transition emitted",
         'something else  count=2 note="two words"',
     ]
 
@@ -178,3 +182,17 @@ def test_auto_is_pretty_on_a_terminal_coloured_unless_no_color(
     assert re.sub(r"\x1b\[\d+m", "", terminal.getvalue()).endswith("↻ token rotated  link-2\n")
     # Not a terminal: JSON, as journald wants it.
     assert json.loads(pipe.getvalue())["event"] == "token rotated"
+
+
+def test_every_one_line_form_is_keyed_on_a_message_the_code_still_logs() -> None:
+    # A message reworded where it is logged would fall back to the generic form unnoticed.
+    roots = [Path(listener.__file__).parent, Path(listener.__file__).parent.parent / "handlers"]
+    literals = {
+        node.value
+        for root in roots
+        for path in root.rglob("*.py")
+        if path.name != "pretty.py"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    }
+    assert set(pretty._FORMS) - literals == set()

@@ -134,6 +134,11 @@ def _ms(value: object) -> str:
     return f"{value:.0f} ms" if isinstance(value, int | float) else "? ms"
 
 
+def _count(value: object, noun: str) -> str:
+    """``1 call``, ``3 calls``."""
+    return f"{value} {noun}" if value == 1 else f"{value} {noun}s"
+
+
 def _retry(entry: Mapping[str, Any]) -> str:
     retry_in = entry.get("retry_in")
     return f", retrying in {_seconds(retry_in)}" if retry_in else ", retrying now"
@@ -185,7 +190,7 @@ def _recovered(entry: Mapping[str, Any]) -> tuple[str, str, str]:
     backlog = entry.get("backlog")
     line = (
         f"<-- {entry.get('destination')} recovered after {_seconds(entry.get('outage_seconds'))}"
-        f" ({entry.get('probes')} probes): delivering its backlog"
+        f" ({_count(entry.get('probes'), 'probe')}): delivering its backlog"
         + ("" if backlog is None else f" ({backlog})")
     )
     return "", line, "ok"
@@ -194,7 +199,7 @@ def _recovered(entry: Mapping[str, Any]) -> tuple[str, str, str]:
 def _gave_up(entry: Mapping[str, Any]) -> tuple[str, str, str]:
     line = (
         f"--> {entry.get('status') or 'ERR'} {entry.get('destination')} gave up after "
-        f"{entry.get('attempts')} attempts ({entry.get('error')}): dead letter"
+        f"{_count(entry.get('attempts'), 'attempt')} ({entry.get('error')}): dead letter"
     )
     return "", line, "error"
 
@@ -243,16 +248,19 @@ def _gap(entry: Mapping[str, Any]) -> tuple[str, str, str]:
 
 def _reconciled(entry: Mapping[str, Any]) -> tuple[str, str, str]:
     detail = (
-        f"{entry.get('cause')}: {entry.get('rows')} calls listed, "
-        f"{entry.get('emitted')} missed transitions emitted"
+        f"{entry.get('cause')}: {_count(entry.get('rows'), 'call')} listed, "
+        f"{_count(entry.get('emitted'), 'missed transition')} emitted"
     )
     if entry.get("loaded"):
-        detail += f", {entry['loaded']} open calls loaded"
+        detail += f", {_count(entry['loaded'], 'open call')} loaded"
     return "reconciled", detail, "link"
 
 
 def _refreshed(entry: Mapping[str, Any]) -> tuple[str, str, str]:
-    detail = f"{entry.get('emitted')} missed transitions emitted ({entry.get('rows')} calls)"
+    detail = (
+        f"{_count(entry.get('emitted'), 'missed transition')} emitted"
+        f" ({_count(entry.get('rows'), 'call')})"
+    )
     return "reconciled", detail, "link"
 
 
@@ -283,8 +291,10 @@ def _receiver_up(entry: Mapping[str, Any]) -> tuple[str, str, str]:
 
 def _demo_done(entry: Mapping[str, Any]) -> tuple[str, str, str]:
     detail = (
-        f"{entry.get('events')} events, {entry.get('rotations')} token rotations, "
-        f"{entry.get('rpc_calls')} rpc calls, {entry.get('deliveries')} webhook deliveries"
+        f"{_count(entry.get('events'), 'event')}, "
+        f"{_count(entry.get('rotations'), 'token rotation')}, "
+        f"{_count(entry.get('rpc_calls'), 'rpc call')}, "
+        f"{entry.get('deliveries')} webhook deliveries"
     )
     return "demo done", detail, "dim"
 
@@ -320,10 +330,10 @@ _FORMS: dict[str, _Form] = {
 
 def _value(value: object) -> str:
     if isinstance(value, str):
-        return value if value and " " not in value else json.dumps(value)
+        return value if value and " " not in value else json.dumps(value, ensure_ascii=False)
     if isinstance(value, float):
         return f"{value:g}"
-    return json.dumps(value, default=str, separators=(",", ":"))
+    return json.dumps(value, default=str, separators=(",", ":"), ensure_ascii=False)
 
 
 def _generic(entry: Mapping[str, Any]) -> tuple[str, str, str]:

@@ -130,6 +130,14 @@ async def _show_deliveries(receiver: WebhookReceiver) -> None:
         shown = len(receiver.requests)
 
 
+async def _calls_once_joined(
+    daemon: Daemon, fake: FakeSippet, calls_per_second: float, speed: float
+) -> None:
+    """Simulate calls from the first join on, so that the first call shows whole."""
+    await daemon.session.joined.wait()
+    await simulate_calls(fake, calls_per_second=calls_per_second, speed=speed)
+
+
 async def _outage(receiver: WebhookReceiver, at: float, seconds: float) -> None:
     """Take the receiver down at ``at`` seconds for ``seconds``, once."""
     await asyncio.sleep(at)
@@ -173,17 +181,15 @@ async def run_demo(
                 blocked_number=DEMO_BLOCKED,
             )
             _log.info("demo: status page", url=f"http://127.0.0.1:{port}/")
+            daemon = Daemon(settings, fake.api_key, load_handlers(settings.handlers))
             background = {
-                asyncio.create_task(
-                    simulate_calls(fake, calls_per_second=calls_per_second, speed=speed)
-                ),
+                asyncio.create_task(_calls_once_joined(daemon, fake, calls_per_second, speed)),
                 asyncio.create_task(_show_deliveries(receiver)),
                 asyncio.create_task(_outage(receiver, outage_at, outage_seconds)),
             }
             if duration is not None:
                 asyncio.get_running_loop().call_later(duration, stop.set)
             try:
-                daemon = Daemon(settings, fake.api_key, load_handlers(settings.handlers))
                 await daemon.run(stop)
             finally:
                 for task in background:
