@@ -332,6 +332,12 @@ async def test_run_and_tail_in_the_pretty_format_print_one_line_per_event(
     await fake.broadcast("call_ended", {"callUuid": "3f0c9e2a-7b1d"})
     logged = await read_until(run.stderr, lambda line: "call_ended" in line)
     printed = await read_until(tail.stdout, lambda line: "call_ended" in line)
+    # A reload that changes the level keeps the command line's format.
+    config.write_text(config.read_text().replace("[service]\n", '[service]\nlog_level = "debug"\n'))
+    run.send_signal(signal.SIGHUP)
+    logged += await read_until(run.stderr, lambda line: "configuration reloaded" in line)
+    await fake.broadcast("call_answered", {"callUuid": "3f0c9e2a-7b1d"})
+    logged += await read_until(run.stderr, lambda line: "call_answered" in line)
     for process in (run, tail):
         process.send_signal(signal.SIGTERM)
     async with asyncio.timeout(10):
@@ -343,7 +349,10 @@ async def test_run_and_tail_in_the_pretty_format_print_one_line_per_event(
         "call_ended       3f0c9e2a",
     ]
     # The log handler's line (from its payload text) and tail's (from the event) read alike.
-    assert [line[10:] for line in logged if "3f0c9e2a" in line] == events
+    assert [line[10:] for line in logged if "  3f0c9e2a" in line] == [
+        *events,
+        "call_answered    3f0c9e2a",
+    ]
     assert [line[10:] for line in printed if "3f0c9e2a" in line] == events
     assert all(re.match(CLOCK, line) for line in [*logged, *printed]), [*logged, *printed]
     assert any(re.match(f"{CLOCK}● joined +events", line) for line in logged)
