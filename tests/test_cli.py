@@ -110,6 +110,8 @@ async def test_tail_prints_one_json_object_per_event(fake: FakeSippet, tmp_path:
         {"event": "call_ended", "payload": {"call_uuid": "c-1"}, "origin": "realtime"},
     ]
     assert "channel joined" in err
+    # Neither stream is a terminal: JSON lines on both, as before.
+    assert all(line.startswith("{") for line in err.splitlines())
     assert fake.api_key not in err
     assert not [token for token in fake._tokens if token in err]
     await fake.wait_until(lambda: fake.stats()["sockets"] == 0)

@@ -5,8 +5,8 @@ gives the interesting ones (events, rpc rules, deliveries, the link's joins, rot
 failures, gaps and reconciliations) a one-line form of their own and every other one a
 compact generic form::
 
-    13:28:17  incoming_call   7b76a2e8  +15550000000 → +15557654321  ringing
-    13:28:17  rpc end_call    7b76a2e8  rule 0 on incoming_call
+    13:28:17  incoming_call    7b76a2e8  +15550000000 → +15557654321  ringing
+    13:28:17  rpc end_call     7b76a2e8  rule 0 on incoming_call
     13:28:17  --> 200 crm 4 ms  call_ended 7b76a2e8
     13:28:19  ↻ token rotated  link-2
 
@@ -26,15 +26,7 @@ from structlog.typing import EventDict, WrappedLogger
 
 from listener.core.events import Event
 
-__all__ = [
-    "Format",
-    "PrettyRenderer",
-    "event_line",
-    "event_text",
-    "resolve_format",
-    "short_id",
-    "use_colors",
-]
+__all__ = ["Format", "PrettyRenderer", "event_text", "resolve_format", "use_colors"]
 
 #: What a stream gets: JSON lines for machines, or this module's lines for people.
 Format = Literal["json", "pretty"]
