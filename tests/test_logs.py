@@ -101,7 +101,7 @@ def test_pretty_lines_redact_fields_and_messages(captured: io.StringIO, log_form
     assert output.count("[REDACTED]") == 3
     if log_format == "pretty":
         assert re.fullmatch(
-            rf"{_CLOCK}  cannot reach https://x\.example/\?api_key=\[REDACTED\]  "
+            rf"{_CLOCK}  WARNING cannot reach https://x\.example/\?api_key=\[REDACTED\]  "
             r"url=wss://s\.example/socket/websocket\?session_token=\[REDACTED\]&vsn=2\.0\.0 "
             r'headers=\{"authorization":"\[REDACTED\]"\}\n',
             output,

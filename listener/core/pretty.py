@@ -329,13 +329,18 @@ def _value(value: object) -> str:
 
 
 def _generic(entry: Mapping[str, Any]) -> tuple[str, str, str]:
-    """Any other line: its message, then its fields as ``key=value``."""
+    """Any other line: its level if above info, its message, then its fields as
+    ``key=value``."""
     fields = " ".join(
         f"{key}={_value(value)}"
         for key, value in entry.items()
         if key not in _PLUMBING and value is not None
     )
     message = str(entry.get("event", ""))
+    level = str(entry.get("level", "info"))
+    if level in _LEVEL_COLOURS:
+        # Said in words too: colour is not always there to say it.
+        message = f"{level.upper()} {message}"
     return "", f"{message}  {fields}" if fields else message, "dim"
 
 
