@@ -97,7 +97,7 @@ def event_line(
             parts.append(str(status))
     if origin not in (None, "realtime"):
         parts.append(f"[{origin}]")
-    return "  ".join(parts)
+    return "  ".join(parts).rstrip()
 
 
 def _payload_of(entry: Mapping[str, Any]) -> dict[str, Any]:
