@@ -37,11 +37,14 @@ from listener.core import metrics
 from listener.core.events import Event
 from listener.dispatch.handler import Context, Handler, OnFull
 
-__all__ = ["DispatchReport", "Dispatcher", "HandlerRunner", "RunnerSettings"]
+__all__ = ["DispatchReport", "Dispatcher", "Handled", "HandlerRunner", "RunnerSettings"]
 
 _log = structlog.get_logger(__name__)
 # An event and its call as of this event, as they wait for a handler.
 _Item: TypeAlias = tuple[Event, CallRecord | None]
+#: What an observer hears of each handled event: the event, the handler's name, the outcome
+#: (``ok``, ``error``, ``timeout``), seconds taken, and the failure if any.
+Handled: TypeAlias = tuple[Event, str, str, float, Exception | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +113,8 @@ class HandlerRunner:
         }
         self._globs = tuple(settings.events)
         self._match_all = "*" in self._globs
+        # Set by an observer (the status page): one O(1) append per handled event.
+        self.handled: deque[Handled] | None = None
 
     def subscribes(self, name: str) -> bool:
         """Whether the handler's globs cover the event name."""
@@ -260,11 +265,14 @@ class HandlerRunner:
             failure = exc
         else:
             outcome = "timeout" if deadline.disarm() else "ok"
-        self._duration.observe(time.perf_counter() - started)
+        took = time.perf_counter() - started
+        self._duration.observe(took)
         self._outcomes[outcome].value += 1
         if outcome == "timeout":
             self._report("warning", "handler timed out", event, timeout=self.settings.timeout)
             failure = TimeoutError(f"handler timed out after {self.settings.timeout}s")
+        if self.handled is not None:
+            self.handled.append((event, self.settings.name, outcome, took, failure))
         elif failure is not None:
             self._report(
                 "error",
@@ -367,6 +375,8 @@ class Dispatcher:
         self._routes: dict[str, tuple[Any, list[HandlerRunner]]] = {}
         self.received = 0
         self._awaited: tuple[int, asyncio.Future[None]] | None = None
+        # Set by an observer (the status page): each event handed on, one O(1) append.
+        self.seen: deque[Event] | None = None
 
     def start(self) -> None:
         """Start every runner."""
@@ -411,6 +421,8 @@ class Dispatcher:
             metrics.EVENTS_DUPLICATE.labels(event=event.name).value += 1
             return None
         call = tracker.merge(event)
+        if self.seen is not None:
+            self.seen.append(event)
         waits: list[Awaitable[None]] | None = None
         for runner in routes:
             wait = runner.offer(event, call)
