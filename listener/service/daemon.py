@@ -146,6 +146,7 @@ class Daemon:
         )
         self.board = StatusBoard(self)
         self.board.observe()
+        self.status_page: StatusApp | None = None
         self._persist = persist
         self.report: DispatchReport | None = None
         self._reloading = asyncio.Lock()
@@ -335,7 +336,7 @@ class Daemon:
         token = read_admin_token(self.settings.service)
         if token is not None:
             register_secret(token)
-        page = StatusApp(self, self.board, token)
+        page = self.status_page = StatusApp(self, self.board, token)
         try:
             return HealthServer(
                 *address, readiness=self.readiness, routes=page.routes(), background=page.run

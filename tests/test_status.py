@@ -1,0 +1,303 @@
+"""The status page's server side against the real daemon and the fake Sippet, over real HTTP:
+``/status``, the ``status`` command's exit codes, escaping, the admin gate, and the live
+feed's clients that leave or never read. The page in a browser: ``test_status_browser.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from listener.core.errors import ConfigError
+from listener.core.events import Event
+from listener.dispatch.handler import Context, FunctionHandler
+from listener.service.cli import main
+from listener.service.config import ServiceSettings, read_admin_token
+from listener.service.daemon import Daemon
+from listener.service.status_cli import status_lines
+from listener.testing import FakeSippet, running_daemon, settle
+from listener.testing.receiver import WebhookReceiver
+from tests.test_service import free_port
+
+SECRET = "whsec_" + base64.b64encode(b"\x01" * 32).decode()
+ADMIN = "admin-token-for-tests-0123456789"
+
+
+async def _nothing(event: Event, ctx: Context[None]) -> None:
+    del event, ctx
+
+
+def _webhook(receiver: WebhookReceiver, **extra: Any) -> dict[str, Any]:
+    return {
+        "use": "webhook",
+        "name": "crm",
+        "url": receiver.url,
+        "secret": SECRET,
+        "retry_schedule": [0, 0.05],
+        "max_probe_interval": 0.1,
+        **extra,
+    }
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[WebhookReceiver]:
+    async with WebhookReceiver() as server:
+        yield server
+
+
+async def _get(port: int, path: str, **kwargs: Any) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        return await client.get(path, **kwargs)
+
+
+async def _until(check: Any, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.02)
+
+
+def _config(tmp_path: Path, port: int) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(f'[service]\nmetrics_listen = "127.0.0.1:{port}"\n')
+    return path
+
+
+async def test_status_json_and_the_status_command_exit_0_healthy_1_unhealthy_2_unreachable(
+    fake: FakeSippet, receiver: WebhookReceiver, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = free_port()
+    config = _config(tmp_path, port)
+    assert await asyncio.to_thread(main, ["status", "--config", str(config)]) == 2
+    assert "cannot reach the daemon" in capsys.readouterr().err
+    async with running_daemon(
+        fake, [_webhook(receiver)], service={"metrics_listen": f"127.0.0.1:{port}"}
+    ) as daemon:
+        await fake.call_event("incoming_call", "c-status", fromNumber="+100", toNumber="+200")
+        await settle(daemon, 1)
+        await receiver.wait_for(1)
+        snapshot = (await _get(port, "/status")).json()
+        assert snapshot["ok"] is True
+        assert snapshot["link"]["joined"] is True
+        assert snapshot["link"]["token_remaining"] > 0
+        assert [entry["name"] for entry in snapshot["handlers"]] == ["crm"]
+        assert snapshot["calls"]["open"][0]["from"] == "+100"
+        assert snapshot["events"][0]["outcomes"][0]["outcome"] == "ok"
+        assert await asyncio.to_thread(main, ["status", "--config", str(config)]) == 0
+        out = capsys.readouterr().out
+        assert "link: joined events" in out
+        assert "crm healthy" in out
+        assert out.rstrip().endswith("status: ok")
+
+        await receiver.down()
+        await fake.call_event("call_ended", "c-status")
+        await _until(lambda: not daemon.board.snapshot()["ok"])
+        assert await asyncio.to_thread(main, ["status", "--config", str(config)]) == 1
+        assert "crm UNHEALTHY" in capsys.readouterr().out
+        await receiver.up()
+
+
+def test_status_lines_say_why_when_not_joined() -> None:
+    snapshot = {
+        "time": 100.0,
+        "ok": False,
+        "reason": "events channel not joined",
+        "link": {
+            "joined": False,
+            "healthy": False,
+            "topic": "events",
+            "joined_since": None,
+            "token_remaining": None,
+            "rotations": 0,
+            "heartbeat_rtt": None,
+            "reconnects_last_hour": 3,
+            "gaps_last_hour": [{"start": 90.0, "end": None}],
+        },
+        "handlers": [],
+        "destinations": [],
+    }
+    lines = status_lines(snapshot)
+    assert lines[0].startswith("link: not joined;")
+    assert "3 reconnects, 1 gaps" in lines[0]
+    assert lines[-1] == "status: NOT OK (events channel not joined)"
+
+
+async def test_the_status_command_exits_64_naming_a_bad_flag(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["status", "--timeout", "soon"])
+    assert exited.value.code == 64
+    assert "--timeout" in capsys.readouterr().err
+
+
+async def test_the_page_escapes_payload_values_and_sends_a_strict_policy(
+    fake: FakeSippet,
+) -> None:
+    port = free_port()
+    handler = FunctionHandler(_nothing, name="noop")
+    async with running_daemon(
+        fake, [handler], service={"metrics_listen": f"127.0.0.1:{port}"}
+    ) as daemon:
+        evil = "<script>alert('x')</script>"
+        await fake.call_event("incoming_call", "c-evil", fromNumber=evil, callerName=evil)
+        await settle(daemon, 1)
+        page = await _get(port, "/")
+    assert page.status_code == 200
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self'" in policy
+    assert "unsafe-inline" not in policy
+    assert evil not in page.text
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page.text
+    # Only the page's own script, from the same server, and no inline one.
+    assert page.text.count("<script") == 1
+    assert '<script src="/static/status.js" defer></script>' in page.text
+
+
+async def test_actions_need_the_admin_token_a_session_and_its_csrf_token(
+    fake: FakeSippet, receiver: WebhookReceiver
+) -> None:
+    port = free_port()
+    service = {"metrics_listen": f"127.0.0.1:{port}", "admin_token": ADMIN}
+    async with (
+        running_daemon(fake, [_webhook(receiver)], service=service),
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client,
+    ):
+        pause = {"action": "pause", "destination": "crm"}
+        assert (await client.post("/api/action", json=pause)).status_code == 401
+        refused = await client.post("/login", data={"token": "wrong-token-wrong-token"})
+        assert refused.status_code == 403
+        signed_in = await client.post("/login", data={"token": ADMIN})
+        assert signed_in.status_code == 303
+        forged = await client.post("/api/action", json=pause)
+        assert forged.status_code == 403
+        assert "CSRF" in forged.json()["message"]
+        page = (await client.get("/")).text
+        csrf = page.split('<meta name="csrf" content="', 1)[1].split('"', 1)[0]
+        assert len(csrf) == 64
+        other_site = await client.post(
+            "/api/action",
+            json=pause,
+            headers={"x-csrf-token": csrf, "origin": "https://evil.example"},
+        )
+        assert other_site.status_code == 403
+        done = await client.post("/api/action", json=pause, headers={"x-csrf-token": csrf})
+        assert done.status_code == 200, done.text
+        assert done.json()["message"] == "crm: paused"
+        snapshot = (await client.get("/status")).json()
+        assert snapshot["destinations"][0]["disabled_reason"].startswith("paused")
+        resume = {"action": "resume", "destination": "crm"}
+        resumed = await client.post("/api/action", json=resume, headers={"x-csrf-token": csrf})
+        assert resumed.json()["message"] == "crm: delivering"
+        unknown = {"action": "pause", "destination": "nowhere"}
+        missing = await client.post("/api/action", json=unknown, headers={"x-csrf-token": csrf})
+        assert missing.status_code == 404
+
+
+async def test_without_an_admin_token_the_page_is_read_only(fake: FakeSippet) -> None:
+    port = free_port()
+    handler = FunctionHandler(_nothing, name="noop")
+    async with (
+        running_daemon(fake, [handler], service={"metrics_listen": f"127.0.0.1:{port}"}),
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client,
+    ):
+        page = (await client.get("/")).text
+        assert "Read-only" in page
+        assert 'name="token"' not in page
+        refused = await client.post("/api/action", json={"action": "pause", "destination": "x"})
+        assert refused.status_code == 403
+        assert (await client.post("/login", data={"token": ADMIN})).status_code == 403
+
+
+def test_admin_token_sources_and_length(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SIPPET_ADMIN_TOKEN", raising=False)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    assert read_admin_token(ServiceSettings()) is None
+    assert read_admin_token(ServiceSettings(admin_token=ADMIN)) == ADMIN  # type: ignore[arg-type]
+    assert ADMIN not in repr(ServiceSettings(admin_token=ADMIN))  # type: ignore[arg-type]
+    file = tmp_path / "admin.token"
+    file.write_text(ADMIN + "\n")
+    assert read_admin_token(ServiceSettings(admin_token_file=file)) == ADMIN
+    monkeypatch.setenv("SIPPET_ADMIN_TOKEN", "from-the-environment-0123")
+    assert read_admin_token(ServiceSettings()) == "from-the-environment-0123"
+    monkeypatch.setenv("SIPPET_ADMIN_TOKEN", "short")
+    with pytest.raises(ConfigError, match=r"service.admin_token.*at least 16") as error:
+        read_admin_token(ServiceSettings())
+    assert "short" not in str(error.value)
+
+
+async def _open_events(port: int) -> socket.socket:
+    """A client that asks for the live feed and then never reads (a tiny receive buffer)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, b"GET /events HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+    return sock
+
+
+def _feed(daemon: Daemon) -> Any:
+    assert daemon.status_page is not None
+    return daemon.status_page.feed
+
+
+async def test_a_live_client_that_never_reads_slows_nothing_and_one_that_leaves_is_forgotten(
+    fake: FakeSippet,
+) -> None:
+    port = free_port()
+    handled: list[str] = []
+
+    async def record(event: Event, ctx: Context[None]) -> None:
+        del ctx
+        handled.append(event.payload["n"])
+
+    handler = FunctionHandler(record, name="recorder")
+    async with running_daemon(
+        fake, [handler], service={"metrics_listen": f"127.0.0.1:{port}"}
+    ) as daemon:
+        feed = _feed(daemon)
+        stuck = await _open_events(port)
+        await _until(lambda: len(feed.clients) == 1)
+        (client,) = feed.clients
+        bulk = "x" * 4000
+        sent = 0
+        # New views (tens of KiB each, ticked at once rather than every interval) until
+        # the client's buffers are full and a write to it waits: from then on it is the
+        # slow client the test is about.
+        while not client.stalled:
+            for _ in range(10):
+                await fake.broadcast("note", {"n": f"n-{sent}", "bulk": bulk})
+                sent += 1
+            await settle(daemon, sent)
+            feed.tick()
+            await asyncio.sleep(0)
+        for _ in range(500):
+            await fake.broadcast("note", {"n": f"n-{sent}", "bulk": bulk})
+            sent += 1
+        await settle(daemon, sent)
+        assert len(handled) == sent
+        assert client.stalled
+        # It holds one view, the newest, not a queue of the ones it missed.
+        await _until(
+            lambda: client.latest is not None and f"n-{sent - 1}".encode() in client.latest
+        )
+        assert (await _get(port, "/status")).json()["events"][0]["summary"].find(
+            f"n-{sent - 1}"
+        ) > 0
+        stuck.close()
+        await _until(lambda: not feed.clients)
+
+        async with (
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http,
+            http.stream("GET", "/events") as stream,
+        ):
+            first = await anext(stream.aiter_lines())
+            assert first.startswith("data: {")
+            assert len(feed.clients) == 1
+        await _until(lambda: not feed.clients)
