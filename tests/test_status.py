@@ -57,8 +57,11 @@ async def _get(port: int, path: str, **kwargs: Any) -> httpx.Response:
 
 
 async def _until(check: Any, timeout: float = 5.0) -> None:
+    """Poll ``check``: the state changes in the daemon's own tasks, with nothing to wait on."""
     async with asyncio.timeout(timeout):
-        while not check():
+        while True:
+            if check():
+                return
             await asyncio.sleep(0.02)
 
 
