@@ -64,6 +64,7 @@ class StatusApp:
             Route("/status", self._status),
             Route("/events", self.feed),
             Route("/static/{name}", self._static),
+            Route("/favicon.ico", self._no_icon),
             Route("/api/attempts", self._attempts),
             Route("/api/action", self._action, methods=["POST"]),
             Route("/login", self._login, methods=["POST"]),
@@ -109,6 +110,11 @@ class StatusApp:
             return Response("not found", status_code=404)
         data, media = found
         return Response(data, media_type=media, headers=SECURITY_HEADERS)
+
+    async def _no_icon(self, request: Request) -> Response:
+        # Browsers ask for it whatever the page says; a 404 would be a console error.
+        del request
+        return Response(status_code=204)
 
     async def _attempts(self, request: Request) -> Response:
         msg_id = request.query_params.get("msg_id", "")
@@ -162,9 +168,11 @@ class StatusApp:
         raw = await request.body()
         # The one field of a urlencoded form: no multipart parser needed.
         offered = parse_qs(raw[:_MAX_BODY].decode("utf-8", "replace")).get("token", [""])[0]
-        session = None if not self.gate.same_origin(request) else self.gate.sign_in(offered)
+        same_origin = self.gate.same_origin(request)
+        session = self.gate.sign_in(offered) if same_origin else None
         if session is None:
-            _log.warning("status page sign-in refused", client=client)
+            reason = "wrong token" if same_origin else "from another origin"
+            _log.warning("status page sign-in refused", client=client, reason=reason)
             # A short pause makes guessing slow; the token's length makes it hopeless.
             await asyncio.sleep(0.5)
             return Response("wrong admin token", status_code=403, headers=SECURITY_HEADERS)

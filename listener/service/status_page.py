@@ -21,7 +21,8 @@ SECURITY_HEADERS = {
         " img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
     ),
     "x-content-type-options": "nosniff",
-    "referrer-policy": "no-referrer",
+    # Not no-referrer: under it Chromium sends "Origin: null" with the page's own POSTs.
+    "referrer-policy": "same-origin",
     "cache-control": "no-store",
 }
 
