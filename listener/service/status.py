@@ -11,6 +11,7 @@ Times are wall-clock seconds since the epoch; durations are seconds.
 
 from __future__ import annotations
 
+import heapq
 import json
 import time
 from collections import deque
@@ -38,6 +39,8 @@ RECENT_EVENTS = 200
 # Outcomes kept: a few handlers' worth for each recent event.
 _RECENT_OUTCOMES = RECENT_EVENTS * 8
 _RECENT_ENDED = 20
+# Open calls listed (the most recently heard first); the rest are counted.
+_OPEN_SHOWN = 200
 _DEAD_SHOWN = 20
 _SUMMARY_CHARS = 160
 
@@ -214,7 +217,7 @@ class StatusBoard:
                 )
         return rows
 
-    def _calls(self) -> dict[str, list[dict[str, Any]]]:
+    def _calls(self) -> dict[str, Any]:
         tracker = self._daemon.tracker
         # Each call's latest event among the recent ones, the latest call first.
         last: dict[str, str] = {}
@@ -228,9 +231,11 @@ class StatusBoard:
                 ended.append(_call(record, name))
                 if len(ended) == _RECENT_ENDED:
                     break
-        open_calls = sorted(tracker.open_calls(), key=lambda record: -record.last_event_at)
+        open_calls = tracker.open_calls()
+        latest = heapq.nlargest(_OPEN_SHOWN, open_calls, key=lambda record: record.last_event_at)
         return {
-            "open": [_call(record, last.get(record.call_key)) for record in open_calls],
+            "open_count": len(open_calls),
+            "open": [_call(record, last.get(record.call_key)) for record in latest],
             "ended": ended,
         }
 

@@ -138,7 +138,8 @@ def render_page(view: dict[str, Any], *, admin: str, csrf: str) -> str:
 <table><thead><tr><th>Time</th><th>Destination</th><th>Status</th><th>Took</th><th>Class</th>
 <th>Error</th><th>Probe</th></tr></thead><tbody id="t-timeline"></tbody></table>
 <p id="timeline-where" class="muted"></p></div></section>
-<section id="calls" class="wide"><h2>Calls</h2>{table("calls")}
+<section id="calls" class="wide"><h2>Calls
+<span id="open-calls" class="muted">{html.escape(view["open_calls"])}</span></h2>{table("calls")}
 <h3>Recently ended</h3>{table("ended")}</section>
 <section id="events" class="wide"><h2>Recent events</h2>
 <input id="filter" type="search" placeholder="filter by event name or call"

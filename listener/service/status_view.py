@@ -189,6 +189,12 @@ def view(snapshot: dict[str, Any], *, admin: bool) -> dict[str, Any]:
         "headline": headline,
         "updated": _clock(now),
         "destinations": [entry["name"] for entry in destinations],
+        "open_calls": f"{calls['open_count']} open"
+        + (
+            f", the latest {len(calls['open'])} shown"
+            if calls["open_count"] > len(calls["open"])
+            else ""
+        ),
         "tables": {
             "link": _link(snapshot["link"], now),
             "calls": [_call_row(call, now, ended=False) for call in calls["open"]],

@@ -55,6 +55,7 @@ function show(view) {
   headline.textContent = view.headline.t;
   headline.className = CLASSES.has(view.headline.c) ? view.headline.c : "";
   document.getElementById("updated").textContent = view.updated;
+  document.getElementById("open-calls").textContent = view.open_calls;
 }
 
 function notice(text, bad) {
