@@ -231,3 +231,9 @@ async def test_replay_resends_a_dead_letter_only_with_the_admin_token_and_its_cs
     assert for_the_call()[2] == msg_id
     await expect(dead).to_have_count(0, timeout=5000)
     await context.close()
+    logged = [line for line in stack.service.log_lines() if "status page action" in line["event"]]
+    assert [(line["event"], line.get("action")) for line in logged][-2:] == [
+        ("status page action refused", None),
+        ("status page action", "replay"),
+    ]
+    assert logged[-1]["msg_id"] == msg_id

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 import httpx
 
 from listener.service.config import DEFAULT_CONFIG_PATH, load_settings
+from listener.service.status_view import span
 
 __all__ = ["EXIT_UNREACHABLE", "add_status_command", "status_lines"]
 
@@ -26,27 +27,17 @@ _EX_USAGE = 64
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - what to dial instead
 
 
-def _span(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
-
-
 def _link_line(link: dict[str, Any], now: float) -> str:
     if not link["joined"]:
         state = "not joined"
     else:
         since = link["joined_since"]
-        state = f"joined {link['topic']}" + (f" for {_span(now - since)}" if since else "")
+        state = f"joined {link['topic']}" + (f" for {span(now - since)}" if since else "")
         if not link["healthy"]:
             state += ", heartbeats unanswered"
     return (
-        f"link: {state}; token {_span(link['token_remaining'])} left,"
-        f" {link['rotations']} rotations; heartbeat {_span(link['heartbeat_rtt'])};"
+        f"link: {state}; token {span(link['token_remaining'])} left,"
+        f" {link['rotations']} rotations; heartbeat {span(link['heartbeat_rtt'])};"
         f" last hour: {link['reconnects_last_hour']} reconnects,"
         f" {len(link['gaps_last_hour'])} gaps"
     )
@@ -66,11 +57,11 @@ def _destination(entry: dict[str, Any]) -> str:
     elif entry["healthy"]:
         health = "healthy"
     else:
-        health = f"UNHEALTHY for {_span(entry['unhealthy_for'])}"
+        health = f"UNHEALTHY for {span(entry['unhealthy_for'])}"
     ratio = entry["success_ratio"]
     text = f"{entry['name']} {health}, {entry['pending'] or 0} pending"
     if entry["oldest_age"]:
-        text += f" (oldest {_span(entry['oldest_age'])})"
+        text += f" (oldest {span(entry['oldest_age'])})"
     text += f", {entry['dead'] or 0} dead"
     if ratio is not None:
         text += f", {ratio:.0%} ok"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, TypedDict
 
-__all__ = ["ACTIONS", "ADMIN_ACTIONS", "CLASSES", "Cell", "Row", "view"]
+__all__ = ["ACTIONS", "ADMIN_ACTIONS", "CLASSES", "Cell", "Row", "span", "view"]
 
 CLASSES = frozenset({"ok", "bad", "warn", "muted", "mono"})
 ADMIN_ACTIONS = frozenset({"replay", "pause", "resume", "enable"})
@@ -37,7 +37,8 @@ def _clock(moment: float | None) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(moment))
 
 
-def _span(seconds: float | None) -> str:
+def span(seconds: float | None) -> str:
+    """A duration in a few characters: ``850 ms``, ``42 s``, ``12 min``, ``3.5 h``, or ``-``."""
     if seconds is None:
         return "-"
     seconds = max(0.0, seconds)
@@ -68,18 +69,18 @@ def _link(link: dict[str, Any], now: float) -> list[Row]:
     rotation = link["last_rotation_at"]
     return [
         ["Channel", state],
-        ["Since", "-" if since is None else f"{_clock(since)} ({_span(now - since)})"],
-        ["Token remaining", _span(link["token_remaining"])],
+        ["Since", "-" if since is None else f"{_clock(since)} ({span(now - since)})"],
+        ["Token remaining", span(link["token_remaining"])],
         [
             "Last rotation",
             "none yet" if rotation is None else f"{_clock(rotation)} ({link['rotations']} in all)",
         ],
-        ["Heartbeat round-trip", _span(link["heartbeat_rtt"])],
+        ["Heartbeat round-trip", span(link["heartbeat_rtt"])],
         [
             "Reconnects, last hour",
             f"{link['reconnects_last_hour']} ({link['reconnects_total']} in all)",
         ],
-        ["Gaps, last hour", f"{len(gaps)}, {_span(lost)} in all" if gaps else "none"],
+        ["Gaps, last hour", f"{len(gaps)}, {span(lost)} in all" if gaps else "none"],
     ]
 
 
@@ -87,7 +88,7 @@ def _call_row(call: dict[str, Any], now: float, *, ended: bool) -> Row:
     status: Cell = {"t": str(call["status"]), "c": "muted" if ended else "ok"}
     parties = f"{call['from'] or '?'} → {call['to'] or '?'}"
     start = call["started_at"] or call["last_event_at"]
-    age = _clock(call["ended_at"]) if ended else _span(now - start)
+    age = _clock(call["ended_at"]) if ended else span(now - start)
     return [
         status,
         parties,
@@ -101,7 +102,7 @@ def _outcomes(event: dict[str, Any]) -> Cell:
     parts = []
     bad = False
     for outcome in event["outcomes"]:
-        text = f"{outcome['handler']} {outcome['outcome']} {_span(outcome['seconds'])}"
+        text = f"{outcome['handler']} {outcome['outcome']} {span(outcome['seconds'])}"
         if outcome["error"]:
             text += f" ({outcome['error']})"
         bad = bad or outcome["outcome"] != "ok"
@@ -130,13 +131,13 @@ def _destination_row(entry: dict[str, Any], admin: bool) -> Row:
     elif entry["healthy"]:
         health = {"t": "healthy", "c": "ok"}
     else:
-        health = {"t": f"unhealthy for {_span(entry['unhealthy_for'])}", "c": "bad"}
+        health = {"t": f"unhealthy for {span(entry['unhealthy_for'])}", "c": "bad"}
     ratio = entry["success_ratio"]
     row: Row = [
         name,
         health,
         "-" if entry["pending"] is None else str(entry["pending"]),
-        _span(entry["oldest_age"]),
+        span(entry["oldest_age"]),
         "-" if ratio is None else f"{ratio:.0%}",
         {"t": str(entry["dead"] or 0), "c": "bad" if entry["dead"] else "muted"},
         {"t": entry["last_error"] or "-", "c": "bad" if entry["last_error"] else "muted"},
