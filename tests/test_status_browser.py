@@ -43,13 +43,18 @@ ADMIN = "browser-admin-token-0123456789"
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "status-page.png"
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def browser() -> AsyncIterator[Browser]:
+@pytest.fixture(scope="session")
+def chromium() -> Path:
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: ./scripts/test installs it (apt-get install chromium)")
+    return CHROMIUM
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def browser(chromium: Path) -> AsyncIterator[Browser]:
     async with async_playwright() as playwright:
         launched = await playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS
+            executable_path=str(chromium), args=CHROMIUM_ARGS
         )
         yield launched
         await launched.close()
@@ -132,7 +137,8 @@ async def test_the_page_loads_without_console_errors_and_calls_come_and_go_live(
     await page.screenshot(path=str(shot))
     await stack.fake.call_event("call_ended", "c-live-2")
     data = shot.read_bytes()
-    assert data.startswith(b"\x89PNG") and 10_000 < len(data) < 400_000
+    assert data.startswith(b"\x89PNG")
+    assert 10_000 < len(data) < 400_000
     if os.environ.get("SIPPET_UPDATE_SCREENSHOT") == "1":
         shutil.copyfile(shot, SCREENSHOT)
     assert errors == []
@@ -231,7 +237,9 @@ async def test_replay_resends_a_dead_letter_only_with_the_admin_token_and_its_cs
     assert for_the_call()[2] == msg_id
     await expect(dead).to_have_count(0, timeout=5000)
     await context.close()
-    logged = [line for line in stack.service.log_lines() if "status page action" in line["event"]]
+    logged = [
+        line for line in stack.service.log_lines() if "status page action" in str(line["event"])
+    ]
     assert [(line["event"], line.get("action")) for line in logged][-2:] == [
         ("status page action refused", None),
         ("status page action", "replay"),
