@@ -304,3 +304,71 @@ async def test_a_live_client_that_never_reads_slows_nothing_and_one_that_leaves_
             assert first.startswith("data: {")
             assert len(feed.clients) == 1
         await _until(lambda: not feed.clients)
+
+
+async def test_the_link_shows_rotations_reconnects_and_gaps_and_events_their_outcomes() -> None:
+    async def fail(event: Event, ctx: Context[None]) -> None:
+        del ctx
+        raise RuntimeError(f"boom on {event.name}")
+
+    handlers = [FunctionHandler(fail, name="failing"), FunctionHandler(_nothing, name="noop")]
+    async with (
+        FakeSippet(token_ttl=1.0) as fake,
+        running_daemon(fake, handlers, sippet={"rotate_at": 0.5}) as daemon,
+    ):
+        board = daemon.board
+        await _until(lambda: board.snapshot()["link"]["last_rotation_at"] is not None)
+        await fake.drop_all()
+        await _until(lambda: board.snapshot()["link"]["reconnects_last_hour"] == 1)
+        await _until(lambda: daemon.session.joined.is_set())
+        await fake.broadcast("note", {"n": 1})
+        await settle(daemon, 1)
+        snapshot = board.snapshot()
+    link = snapshot["link"]
+    assert link["rotations"] >= 1
+    assert link["reconnects_total"] == 1
+    [gap] = link["gaps_last_hour"]
+    assert gap["end"] is not None
+    assert gap["end"] >= gap["start"]
+    outcomes = {o["handler"]: o for o in snapshot["events"][0]["outcomes"]}
+    assert outcomes["failing"]["outcome"] == "error"
+    assert outcomes["failing"]["error"] == "RuntimeError: boom on note"
+    assert outcomes["noop"]["outcome"] == "ok"
+    assert [h["errors"] for h in snapshot["handlers"] if h["name"] == "failing"] == [1]
+
+
+async def test_replaying_a_filtered_set_and_re_enabling_a_destination_gone_410(
+    fake: FakeSippet, receiver: WebhookReceiver
+) -> None:
+    port = free_port()
+    service = {"metrics_listen": f"127.0.0.1:{port}", "admin_token": ADMIN}
+    async with (
+        running_daemon(fake, [_webhook(receiver)], service=service) as daemon,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client,
+    ):
+        await client.post("/login", data={"token": ADMIN})
+        page = (await client.get("/")).text
+        csrf = {"x-csrf-token": page.split('name="csrf" content="', 1)[1].split('"', 1)[0]}
+        receiver.respond_with(400)
+        for key in ("c-set-1", "c-set-2"):
+            await fake.call_event("incoming_call", key)
+        await receiver.wait_for(4)
+        await _until(lambda: daemon.board.snapshot()["destinations"][0]["dead"] == 2)
+        receiver.respond_with(200)
+        replay = {"action": "replay", "destination": "crm", "since_minutes": 5}
+        done = await client.post("/api/action", json=replay, headers=csrf)
+        assert done.json()["message"] == "crm: 2 dead letters replayed"
+        replayed = await receiver.wait_for(6)
+        assert {r.headers["webhook-id"] for r in replayed[4:]} == {
+            r.headers["webhook-id"] for r in replayed[:4]
+        }
+
+        receiver.respond_with(410)
+        await fake.call_event("incoming_call", "c-gone-1")
+        await _until(lambda: daemon.board.snapshot()["destinations"][0]["disabled"])
+        receiver.respond_with(200)
+        enable = {"action": "enable", "destination": "crm"}
+        enabled = await client.post("/api/action", json=enable, headers=csrf)
+        assert enabled.json()["message"] == "crm: delivering"
+        await receiver.wait_until(lambda requests: requests[-1].status == 200)
+        assert b"c-gone-1" in receiver.requests[-1].body
