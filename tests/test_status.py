@@ -372,3 +372,20 @@ async def test_replaying_a_filtered_set_and_re_enabling_a_destination_gone_410(
         assert enabled.json()["message"] == "crm: delivering"
         await receiver.wait_until(lambda requests: requests[-1].status == 200)
         assert b"c-gone-1" in receiver.requests[-1].body
+
+
+async def test_recent_events_from_big_frames_are_kept_without_their_payload(
+    fake: FakeSippet,
+) -> None:
+    async with running_daemon(fake, [FunctionHandler(_nothing, name="noop")]) as daemon:
+        await fake.broadcast("ai_audit", {"callUuid": "c-big", "blob": "x" * 200_000})
+        await fake.broadcast("note", {"callUuid": "c-big", "small": True})
+        await settle(daemon, 2)
+    big, small = daemon.board.events
+    assert big.size > 200_000
+    assert big.payload == {"payload_bytes": big.size}
+    assert (big.name, big.call_key, big.id) == ("ai_audit", "c-big", big.id)
+    assert big.id
+    assert small.payload == {"callUuid": "c-big", "small": True}
+    listed = daemon.board.snapshot()["events"]
+    assert [event["outcomes"][0]["outcome"] for event in listed] == ["ok", "ok"]

@@ -37,14 +37,25 @@ from listener.core import metrics
 from listener.core.events import Event
 from listener.dispatch.handler import Context, Handler, OnFull
 
-__all__ = ["DispatchReport", "Dispatcher", "Handled", "HandlerRunner", "RunnerSettings"]
+__all__ = [
+    "OBSERVED_BYTES",
+    "DispatchReport",
+    "Dispatcher",
+    "Handled",
+    "HandlerRunner",
+    "RunnerSettings",
+]
 
 _log = structlog.get_logger(__name__)
 # An event and its call as of this event, as they wait for a handler.
 _Item: TypeAlias = tuple[Event, CallRecord | None]
-#: What an observer hears of each handled event: the event, the handler's name, the outcome
-#: (``ok``, ``error``, ``timeout``), seconds taken, and the failure if any.
-Handled: TypeAlias = tuple[Event, str, str, float, Exception | None]
+#: What an observer hears of each handled event: its id, the handler's name, the outcome
+#: (``ok``, ``error``, ``timeout``), seconds taken, and the failure in a few words if any (not
+#: the exception: its traceback would keep the handler's frames alive).
+Handled: TypeAlias = tuple[str, str, str, float, str | None]
+#: An observer keeps the events it sees for a while: one from a bigger frame is kept without
+#: its payload, so that a few multi-megabyte AI audit events cannot pile up there.
+OBSERVED_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +283,8 @@ class HandlerRunner:
             self._report("warning", "handler timed out", event, timeout=self.settings.timeout)
             failure = TimeoutError(f"handler timed out after {self.settings.timeout}s")
         if self.handled is not None:
-            self.handled.append((event, self.settings.name, outcome, took, failure))
+            error = None if failure is None else f"{type(failure).__name__}: {failure}"
+            self.handled.append((event.id, self.settings.name, outcome, took, error))
         elif failure is not None:
             self._report(
                 "error",
@@ -358,6 +370,20 @@ class _Deadline:
             self._timer = self._loop.call_at(deadline, self._check)
 
 
+def _unloaded(event: Event) -> Event:
+    """``event`` with its payload replaced by its size, for observers."""
+    return Event(
+        event.name,
+        {"payload_bytes": event.size},
+        event.topic,
+        event.received_at,
+        event.call_key,
+        event.size,
+        event.id,
+        event.origin,
+    )
+
+
 class Dispatcher:
     """Routes every new event to the runners that subscribe to it.
 
@@ -422,7 +448,7 @@ class Dispatcher:
             return None
         call = tracker.merge(event)
         if self.seen is not None:
-            self.seen.append(event)
+            self.seen.append(event if event.size <= OBSERVED_BYTES else _unloaded(event))
         waits: list[Awaitable[None]] | None = None
         for runner in routes:
             wait = runner.offer(event, call)

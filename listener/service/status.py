@@ -240,15 +240,11 @@ class StatusBoard:
         }
 
     def _events(self) -> list[dict[str, Any]]:
-        outcomes: dict[int, list[dict[str, Any]]] = {}
-        for event, handler, outcome, seconds, failure in self.outcomes:
-            outcomes.setdefault(id(event), []).append(
-                {
-                    "handler": handler,
-                    "outcome": outcome,
-                    "seconds": seconds,
-                    "error": None if failure is None else f"{type(failure).__name__}: {failure}",
-                }
+        # By id: every event the daemon's intake hands on has one (tests' own may not).
+        outcomes: dict[str, list[dict[str, Any]]] = {}
+        for event_id, handler, outcome, seconds, error in self.outcomes:
+            outcomes.setdefault(event_id, []).append(
+                {"handler": handler, "outcome": outcome, "seconds": seconds, "error": error}
             )
         return [
             {
@@ -258,7 +254,7 @@ class StatusBoard:
                 "origin": event.origin,
                 "received_at": event.received_at,
                 "summary": _summary(event),
-                "outcomes": outcomes.get(id(event), []),
+                "outcomes": outcomes.get(event.id, []) if event.id else [],
             }
             for event in reversed(self.events)
         ]
