@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import socket
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -215,6 +217,27 @@ async def test_without_an_admin_token_the_page_is_read_only(fake: FakeSippet) ->
         refused = await client.post("/api/action", json={"action": "pause", "destination": "x"})
         assert refused.status_code == 403
         assert (await client.post("/login", data={"token": ADMIN})).status_code == 403
+
+
+async def test_run_exits_78_naming_the_key_when_the_admin_token_is_too_short(
+    tmp_path: Path,
+) -> None:
+    config = _config(tmp_path, free_port())
+    config.write_text(config.read_text() + 'admin_token = "short-token"\n')
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "listener.service.cli",
+        "run",
+        "--config",
+        str(config),
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "SIPPET_SECRET_KEY": "sk_test_unused"},
+    )
+    _, err = await process.communicate()
+    assert process.returncode == 78
+    assert "service.admin_token: the admin token must be at least 16" in err.decode()
+    assert "short-token" not in err.decode()
 
 
 def test_admin_token_sources_and_length(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
