@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from listener.core.errors import ConfigError
 from listener.core.events import Event
@@ -334,18 +335,25 @@ async def test_the_link_shows_rotations_reconnects_and_gaps_and_events_their_out
         del ctx
         raise RuntimeError(f"boom on {event.name}")
 
-    handlers = [FunctionHandler(fail, name="failing"), FunctionHandler(_nothing, name="noop")]
+    handlers = [FunctionHandler(fail, name="status-failing"), FunctionHandler(_nothing, name="noop")]
     async with (
         FakeSippet(token_ttl=1.0) as fake,
         running_daemon(fake, handlers, sippet={"rotate_at": 0.5}) as daemon,
     ):
+        with capture_logs() as logs:
+            await fake.broadcast("note", {"n": 0})
+            await settle(daemon, 1)
+        # Observed or not, a failure is still logged.
+        assert [entry["handler"] for entry in logs if entry["event"] == "handler failed"] == [
+            "status-failing"
+        ]
         board = daemon.board
         await _until(lambda: board.snapshot()["link"]["last_rotation_at"] is not None)
         await fake.drop_all()
         await _until(lambda: board.snapshot()["link"]["reconnects_last_hour"] == 1)
         await _until(lambda: daemon.session.joined.is_set())
         await fake.broadcast("note", {"n": 1})
-        await settle(daemon, 1)
+        await settle(daemon, 2)
         snapshot = board.snapshot()
     link = snapshot["link"]
     assert link["rotations"] >= 1
@@ -354,10 +362,10 @@ async def test_the_link_shows_rotations_reconnects_and_gaps_and_events_their_out
     assert gap["end"] is not None
     assert gap["end"] >= gap["start"]
     outcomes = {o["handler"]: o for o in snapshot["events"][0]["outcomes"]}
-    assert outcomes["failing"]["outcome"] == "error"
-    assert outcomes["failing"]["error"] == "RuntimeError: boom on note"
+    assert outcomes["status-failing"]["outcome"] == "error"
+    assert outcomes["status-failing"]["error"] == "RuntimeError: boom on note"
     assert outcomes["noop"]["outcome"] == "ok"
-    assert [h["errors"] for h in snapshot["handlers"] if h["name"] == "failing"] == [1]
+    assert [h["errors"] for h in snapshot["handlers"] if h["name"] == "status-failing"] == [2]
 
 
 async def test_replaying_a_filtered_set_and_re_enabling_a_destination_gone_410(

@@ -282,9 +282,6 @@ class HandlerRunner:
         if outcome == "timeout":
             self._report("warning", "handler timed out", event, timeout=self.settings.timeout)
             failure = TimeoutError(f"handler timed out after {self.settings.timeout}s")
-        if self.handled is not None:
-            error = None if failure is None else f"{type(failure).__name__}: {failure}"
-            self.handled.append((event.id, self.settings.name, outcome, took, error))
         elif failure is not None:
             self._report(
                 "error",
@@ -293,6 +290,9 @@ class HandlerRunner:
                 error=f"{type(failure).__name__}: {failure}",
                 exc_info=failure,
             )
+        if self.handled is not None:
+            error = None if failure is None else f"{type(failure).__name__}: {failure}"
+            self.handled.append((event.id, self.settings.name, outcome, took, error))
         if failure is not None:
             await self._tell_error_hook(event, failure, context)
 
