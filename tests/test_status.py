@@ -335,7 +335,10 @@ async def test_the_link_shows_rotations_reconnects_and_gaps_and_events_their_out
         del ctx
         raise RuntimeError(f"boom on {event.name}")
 
-    handlers = [FunctionHandler(fail, name="status-failing"), FunctionHandler(_nothing, name="noop")]
+    handlers = [
+        FunctionHandler(fail, name="status-failing"),
+        FunctionHandler(_nothing, name="noop"),
+    ]
     async with (
         FakeSippet(token_ttl=1.0) as fake,
         running_daemon(fake, handlers, sippet={"rotate_at": 0.5}) as daemon,
