@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import socket
 import sys
@@ -289,35 +290,33 @@ async def test_a_live_client_that_never_reads_slows_nothing_and_one_that_leaves_
         fake, [handler], service={"metrics_listen": f"127.0.0.1:{port}"}
     ) as daemon:
         feed = _feed(daemon)
-        stuck = await _open_events(port)
-        await _until(lambda: len(feed.clients) == 1)
-        (client,) = feed.clients
-        bulk = "x" * 4000
-        sent = 0
-        # New views (tens of KiB each, ticked at once rather than every interval) until
-        # the client's buffers are full and a write to it waits: from then on it is the
-        # slow client the test is about.
-        while not client.stalled:
-            for _ in range(10):
+        with contextlib.closing(await _open_events(port)):
+            await _until(lambda: len(feed.clients) == 1)
+            (client,) = feed.clients
+            bulk = "x" * 4000
+            sent = 0
+            # New views (tens of KiB each, ticked at once rather than every interval) until
+            # the client's buffers are full and a write to it waits: from then on it is the
+            # slow client the test is about.
+            while not client.stalled:
+                for _ in range(10):
+                    await fake.broadcast("note", {"n": f"n-{sent}", "bulk": bulk})
+                    sent += 1
+                await settle(daemon, sent)
+                feed.tick()
+                await asyncio.sleep(0)
+            for _ in range(500):
                 await fake.broadcast("note", {"n": f"n-{sent}", "bulk": bulk})
                 sent += 1
             await settle(daemon, sent)
+            assert len(handled) == sent
+            # What it has not taken is one view at most, the newest: not a queue of those
+            # it missed.
+            newest = f"n-{sent - 1}"
             feed.tick()
-            await asyncio.sleep(0)
-        for _ in range(500):
-            await fake.broadcast("note", {"n": f"n-{sent}", "bulk": bulk})
-            sent += 1
-        await settle(daemon, sent)
-        assert len(handled) == sent
-        assert client.stalled
-        # It holds one view, the newest, not a queue of the ones it missed.
-        await _until(
-            lambda: client.latest is not None and f"n-{sent - 1}".encode() in client.latest
-        )
-        assert (await _get(port, "/status")).json()["events"][0]["summary"].find(
-            f"n-{sent - 1}"
-        ) > 0
-        stuck.close()
+            assert client.latest is None or newest.encode() in client.latest
+            # Another client is served meanwhile.
+            assert newest in (await _get(port, "/status")).json()["events"][0]["summary"]
         await _until(lambda: not feed.clients)
 
         async with (
@@ -423,3 +422,22 @@ async def test_recent_events_from_big_frames_are_kept_without_their_payload(
     assert small.payload == {"callUuid": "c-big", "small": True}
     listed = daemon.board.snapshot()["events"]
     assert [event["outcomes"][0]["outcome"] for event in listed] == ["ok", "ok"]
+
+
+async def test_stopping_the_daemon_ends_live_streams_instead_of_waiting_on_them(
+    fake: FakeSippet, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    handler = FunctionHandler(_nothing, name="noop")
+    async with contextlib.AsyncExitStack() as stack:
+        http = await stack.enter_async_context(
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}")
+        )
+        async with running_daemon(fake, [handler], service={"metrics_listen": f"127.0.0.1:{port}"}):
+            stream = await stack.enter_async_context(http.stream("GET", "/events"))
+            lines = stream.aiter_lines()
+            assert (await anext(lines)).startswith("data: {")
+        # The daemon has stopped: the stream ended with its response, not cut off.
+        rest = [line async for line in lines]
+        assert all(not line.startswith("data:") for line in rest)
+    assert "graceful shutdown exceeded" not in caplog.text

@@ -69,6 +69,12 @@ class Feed:
         self._interval = interval
         self.clients: set[Client] = set()
         self._last: dict[bool, bytes] = {}
+        self._closing = asyncio.Event()
+
+    def close(self) -> None:
+        """End every stream (the server is stopping): each client gets the end of its
+        response, so that the server need not wait for them or cancel them."""
+        self._closing.set()
 
     def _message(self, admin: bool) -> bytes:
         text = json.dumps(self._make_view(admin), separators=(",", ":"), ensure_ascii=False)
@@ -104,29 +110,35 @@ class Feed:
         client.offer(self._message(client.admin))
         self.clients.add(client)
         gone = asyncio.ensure_future(_disconnected(receive))
+        closing = asyncio.ensure_future(self._closing.wait())
+        ended = {gone, closing}
         try:
             await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
-            while not gone.done():
+            while not (gone.done() or closing.done()):
                 waiting = asyncio.ensure_future(client.ready.wait())
-                await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({waiting, *ended}, return_when=asyncio.FIRST_COMPLETED)
                 waiting.cancel()
                 message = client.take()
-                if message is None or gone.done():
+                if message is None or gone.done() or closing.done():
                     continue
                 client.stalled = True
                 sending = asyncio.ensure_future(
                     send({"type": "http.response.body", "body": message, "more_body": True})
                 )
                 # A client that stops reading parks only this task; one that leaves ends it.
-                await asyncio.wait({sending, gone}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({sending, *ended}, return_when=asyncio.FIRST_COMPLETED)
                 client.stalled = False
                 if not sending.done():
                     sending.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await sending
+                    return
+            if not gone.done():
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             self.clients.discard(client)
             gone.cancel()
+            closing.cancel()
 
 
 async def _disconnected(receive: Any) -> None:

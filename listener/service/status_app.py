@@ -79,6 +79,7 @@ class StatusApp:
                 await self._board.refresh()
                 await asyncio.sleep(_REFRESH_EVERY)
         finally:
+            self.feed.close()
             feed.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await feed
