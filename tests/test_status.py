@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import os
 import socket
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,12 +19,12 @@ from structlog.testing import capture_logs
 from listener.core.errors import ConfigError
 from listener.core.events import Event
 from listener.dispatch.handler import Context, FunctionHandler
-from listener.service.cli import main
 from listener.service.config import ServiceSettings, read_admin_token
 from listener.service.daemon import Daemon
 from listener.service.status_cli import status_lines
 from listener.testing import FakeSippet, running_daemon, settle
 from listener.testing.receiver import WebhookReceiver
+from tests.test_cli import run_cli
 from tests.test_service import free_port
 
 SECRET = "whsec_" + base64.b64encode(b"\x01" * 32).decode()
@@ -76,12 +74,13 @@ def _config(tmp_path: Path, port: int) -> Path:
 
 
 async def test_status_json_and_the_status_command_exit_0_healthy_1_unhealthy_2_unreachable(
-    fake: FakeSippet, receiver: WebhookReceiver, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fake: FakeSippet, receiver: WebhookReceiver, tmp_path: Path
 ) -> None:
     port = free_port()
     config = _config(tmp_path, port)
-    assert await asyncio.to_thread(main, ["status", "--config", str(config)]) == 2
-    assert "cannot reach the daemon" in capsys.readouterr().err
+    code, _, err = await run_cli("status", "--config", str(config))
+    assert code == 2
+    assert "cannot reach the daemon" in err
     async with running_daemon(
         fake, [_webhook(receiver)], service={"metrics_listen": f"127.0.0.1:{port}"}
     ) as daemon:
@@ -95,8 +94,8 @@ async def test_status_json_and_the_status_command_exit_0_healthy_1_unhealthy_2_u
         assert [entry["name"] for entry in snapshot["handlers"]] == ["crm"]
         assert snapshot["calls"]["open"][0]["from"] == "+100"
         assert snapshot["events"][0]["outcomes"][0]["outcome"] == "ok"
-        assert await asyncio.to_thread(main, ["status", "--config", str(config)]) == 0
-        out = capsys.readouterr().out
+        code, out, _ = await run_cli("status", "--config", str(config))
+        assert code == 0
         assert "link: joined events" in out
         assert "crm healthy" in out
         assert out.rstrip().endswith("status: ok")
@@ -104,8 +103,9 @@ async def test_status_json_and_the_status_command_exit_0_healthy_1_unhealthy_2_u
         await receiver.down()
         await fake.call_event("call_ended", "c-status")
         await _until(lambda: not daemon.board.snapshot()["ok"])
-        assert await asyncio.to_thread(main, ["status", "--config", str(config)]) == 1
-        assert "crm UNHEALTHY" in capsys.readouterr().out
+        code, out, _ = await run_cli("status", "--config", str(config))
+        assert code == 1
+        assert "crm UNHEALTHY" in out
         await receiver.up()
 
 
@@ -134,13 +134,10 @@ def test_status_lines_say_why_when_not_joined() -> None:
     assert lines[-1] == "status: NOT OK (events channel not joined)"
 
 
-async def test_the_status_command_exits_64_naming_a_bad_flag(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    with pytest.raises(SystemExit) as exited:
-        main(["status", "--timeout", "soon"])
-    assert exited.value.code == 64
-    assert "--timeout" in capsys.readouterr().err
+async def test_the_status_command_exits_64_naming_a_bad_flag() -> None:
+    code, _, err = await run_cli("status", "--timeout", "soon")
+    assert code == 64
+    assert "argument --timeout: 'soon' is not a number of seconds" in err
 
 
 async def test_the_page_escapes_payload_values_and_sends_a_strict_policy(
@@ -226,20 +223,12 @@ async def test_run_exits_78_naming_the_key_when_the_admin_token_is_too_short(
 ) -> None:
     config = _config(tmp_path, free_port())
     config.write_text(config.read_text() + 'admin_token = "short-token"\n')
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "listener.service.cli",
-        "run",
-        "--config",
-        str(config),
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "SIPPET_SECRET_KEY": "sk_test_unused"},
+    code, _, err = await run_cli(
+        "run", "--config", str(config), env={"SIPPET_SECRET_KEY": "sk_test_unused"}
     )
-    _, err = await process.communicate()
-    assert process.returncode == 78
-    assert "service.admin_token: the admin token must be at least 16" in err.decode()
-    assert "short-token" not in err.decode()
+    assert code == 78
+    assert "service.admin_token: the admin token must be at least 16" in err
+    assert "short-token" not in err
 
 
 def test_admin_token_sources_and_length(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
