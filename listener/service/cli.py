@@ -34,6 +34,7 @@ from listener.service import config
 from listener.service.calls_cli import add_calls_command
 from listener.service.daemon import Daemon, stop_on_signals
 from listener.service.reload import ReloadRecord, ReloadTimeout, request_reload
+from listener.service.status_cli import add_status_command
 from listener.service.webhooks_cli import add_webhooks_commands
 
 __all__ = ["EX_CONFIG", "EX_USAGE", "main"]
@@ -446,6 +447,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_calls_command(commands)
     add_webhooks_commands(commands)
+    add_status_command(commands)
     return parser
 
 
