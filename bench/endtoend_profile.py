@@ -201,8 +201,8 @@ _PATH = (
     ("commit_start", "commit_end", "commit: INSERT + attempts + COMMIT (SQLite)"),
     ("commit_end", "committed", "hop back to the loop: _on_commit"),
     ("committed", "claim_start", "worker wakes, hop to the outbox thread"),
-    ("claim_start", "claim_end", "claim: SELECT due + next_due (SQLite)"),
-    ("claim_end", "attempt", "hop back, attempt task starts"),
+    ("claim_start", "claim_end", "claim: the due rows, read (SQLite)"),
+    ("claim_end", "attempt", "hop back, a slot takes the row, its task starts"),
     ("attempt", "post", "sign, headers"),
     ("post", "arrived", "HTTP: request written -> receiver has the body"),
 )

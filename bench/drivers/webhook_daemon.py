@@ -21,8 +21,7 @@ stamp each event along its path (``webhook_trace``) and hand the stamps over wit
 ``switch_interval``: ``sys.setswitchinterval`` (the GIL's, 5 ms by default), and ``pragmas``:
 ``{name: value}`` run on the outbox's connection once it is open, and ``modules``:
 ``{module: file}``, a module of ``listener`` loaded from another file (an older version, for
-an A/B run side by side), for experiments; ``prefetch`` and ``lean_records``: stand-ins for
-proposed changes (``webhook_experiments``).
+an A/B run side by side), for experiments.
 """
 
 from __future__ import annotations
@@ -84,10 +83,6 @@ async def main() -> None:
         sys.setswitchinterval(float(options["switch_interval"]))
     if options.get("pragmas"):
         _with_pragmas(options["pragmas"])
-    if options.get("prefetch") or options.get("lean_records"):
-        import webhook_experiments
-
-        webhook_experiments.install(options)
     with tempfile.TemporaryDirectory(prefix="sippet-bench-e2e-") as state_dir:
         table = {
             "use": "webhook",

@@ -210,7 +210,7 @@ class Worker:
     async def _claim(self) -> float | None:
         """Start the attempts allowed now, claiming due rows as needed; return how long to
         sleep at most (None: until woken, a running attempt's end will wake us)."""
-        if self._ready and (self._gone_msg_id is not None or not self.health.healthy):
+        if self._must_release():
             await self._release_ready()
         if self._gone_msg_id is not None:
             return None
@@ -232,9 +232,13 @@ class Worker:
             # Only a wake-up for watchers, already counted and logged: if a stop cancels us
             # before this line, the stop wakes them itself.
             self._announce_commit()
-        self._more = want > 0 and len(claim.rows) == want
-        self._next_due = claim.next_due
+        if want > 0:
+            self._more = len(claim.rows) == want
+            self._next_due = claim.next_due
         self._ready.extend(claim.rows)
+        if self._must_release():
+            # The destination turned unhealthy or gone while we claimed.
+            await self._release_ready()
         self._start_ready()
         return 0.0 if self._more and self._wanted() else self._sleep()
 
@@ -281,6 +285,11 @@ class Worker:
             task = asyncio.create_task(self._attempt(row, probe))
             self.attempts.add(task)
             task.add_done_callback(self._attempt_done)
+
+    def _must_release(self) -> bool:
+        """Whether the rows claimed ahead must go back: while the destination is unhealthy
+        the probes take the oldest due rows one at a time, and while it is gone none."""
+        return bool(self._ready) and (self._gone_msg_id is not None or not self.health.healthy)
 
     async def _release_ready(self) -> None:
         """Give the claimed rows not started back to the outbox."""
