@@ -219,6 +219,7 @@ class Worker:
         want = self._wanted()
         if want == 0 and not enforce:
             return self._sleep()
+        ahead = self.health.healthy
         try:
             claim = await self._store.run(
                 lambda outbox: self._claim_on_store(outbox, want, enforce)
@@ -236,8 +237,8 @@ class Worker:
             self._more = len(claim.rows) == want
             self._next_due = claim.next_due
         self._ready.extend(claim.rows)
-        if self._must_release():
-            # The destination turned unhealthy or gone while we claimed.
+        if ahead and self._must_release():
+            # The destination turned unhealthy or gone while we claimed ahead.
             await self._release_ready()
         self._start_ready()
         return 0.0 if self._more and self._wanted() else self._sleep()
