@@ -262,8 +262,10 @@ def _backlog(
         options,
     )
     count = size.backlog_events
+    down = False
     try:
         receiver.request({"cmd": "down"})
+        down = True
         receiver.reset()
         start = seq.take(count)
         began = time.time()
@@ -278,12 +280,15 @@ def _backlog(
             time.sleep(0.2)
         committed = time.time() - began
         receiver.request({"cmd": "up"})
+        down = False
         up = time.time()
         answer = receiver.wait(count, 60 + count / 200)
+        wal = driver.stats()["wal_bytes"]
         records = _note(result, answer, range(start, start + count))
         arrivals = sorted(arrived for _, _, arrived in records)
         if arrivals:
             result.backlog = {
+                "wal_mib": wal / 2**20,
                 "count": len(records),
                 "committed": committed,
                 "start": arrivals[0] - up,
@@ -291,7 +296,8 @@ def _backlog(
                 "rate_after_start": len(records) / max(1e-9, arrivals[-1] - arrivals[0]),
             }
     finally:
-        receiver.request({"cmd": "up"})
+        if down:
+            receiver.request({"cmd": "up"})
         driver.quit()
 
 
@@ -449,7 +455,8 @@ def table(results: list[Result], mode: str) -> list[tuple[str, str, str, str, st
         figures = (
             f"{_n(b['rate'])}/s from back up ({_n(b['rate_after_start'])}/s from the first"
             f" arrival); first arrival {b['start'] * 1000:.0f} ms after back up; {b['count']:,}"
-            f" delivered; all committed {b['committed']:.1f} s after the stream began"
+            f" delivered; all committed {b['committed']:.1f} s after the stream began;"
+            f" WAL file at most {b['wal_mib']:.1f} MiB"
         )
         ok = b["rate"] >= _BACKLOG_RATE_TARGET and b["start"] <= _BACKLOG_START_TARGET
         reference = f"{b['rate'] / loop.rate:.2f} x loop's drain" if loop.rate else ""

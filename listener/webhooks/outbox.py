@@ -60,7 +60,6 @@ from listener.webhooks.outbox_store import DEAD_ONLY, ReplaySource
 __all__ = ["Outbox", "ReplaySource"]
 
 
-
 class Outbox(OutboxConnection):
     """The outbox stored in one SQLite file, created on first open.
 

@@ -120,7 +120,7 @@ class _Checkpointer:
         self._stop = threading.Event()
         # Set by every call to the store: only a written outbox needs a look.
         self.dirty = False
-        self._thread = threading.Thread(target=self._run, name="sippet-outbox-wal", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="sippet-checkpoint", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
