@@ -36,10 +36,12 @@ _T = TypeVar("_T")
 # (loop, future, function, args); loop and future are None for a call nobody awaits.
 _Loop = asyncio.AbstractEventLoop
 _Call = tuple[_Loop | None, asyncio.Future[Any] | None, Callable[..., Any], tuple[Any, ...]]
-# How often the checkpointer looks, while the outbox is being written, and the WAL size (in
-# pages) past which the writer's connection completes a checkpoint so the WAL starts over.
-_CHECKPOINT_EVERY = 0.2
+# How often the checkpointer looks, while the outbox is being written; the WAL size (in
+# pages) past which the writer's connection completes a checkpoint so the WAL starts over,
+# and how many passes the checkpointer makes first to leave it little to copy.
+_CHECKPOINT_EVERY = 0.05
 _WRAP_FRAMES = 4000
+_CATCH_UP_PASSES = 4
 
 
 class _Thread:
@@ -111,15 +113,21 @@ class _Checkpointer:
 
     Args:
         path: the outbox file.
-        wrap: asks the writer's thread to complete a checkpoint (see the module's docstring).
+        writer: the writer's thread, where the checkpoint that lets the WAL start over runs.
+        conn: the writer's connection.
     """
 
-    def __init__(self, path: str | os.PathLike[str], wrap: Callable[[], None]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], writer: _Thread, conn: sqlite3.Connection
+    ) -> None:
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._wrap = wrap
+        self._writer = writer
+        self._writer_conn = conn
         self._stop = threading.Event()
         # Set by every call to the store: only a written outbox needs a look.
         self.dirty = False
+        # A checkpoint is queued on the writer's thread and has not run yet.
+        self._wrapping = False
         self._thread = threading.Thread(target=self._run, name="sippet-checkpoint", daemon=True)
         self._thread.start()
 
@@ -129,13 +137,30 @@ class _Checkpointer:
                 continue
             self.dirty = False
             try:
-                _, log, _ = _checkpoint(self._conn)
+                self._look()
             except sqlite3.Error:
                 # The writer's own checkpoint at close still runs; the next look retries.
                 _log.warning("webhook outbox checkpoint failed", exc_info=True)
-                continue
-            if log >= _WRAP_FRAMES:
-                self._wrap()
+
+    def _look(self) -> None:
+        _, log, _ = _checkpoint(self._conn)
+        if log < _WRAP_FRAMES or self._wrapping:
+            return
+        # Catch up first, so that what the writer's thread copies itself (with an fsync) is
+        # only what was written since: each pass is shorter than the one before.
+        for _ in range(_CATCH_UP_PASSES):
+            _, grown, _ = _checkpoint(self._conn)
+            if grown - log < _WRAP_FRAMES // 16:
+                break
+            log = grown
+        self._wrapping = True
+        self._writer.post(self._complete)
+
+    def _complete(self) -> None:
+        """On the writer's thread, between two transactions: the checkpoint completes, and
+        the next commit starts the WAL over."""
+        self._wrapping = False
+        _checkpoint(self._writer_conn)
 
     def stop(self) -> None:
         self._stop.set()
@@ -164,7 +189,7 @@ class Store:
         except BaseException:
             thread.stop()
             raise
-        checkpointer = _Checkpointer(path, lambda: thread.post(_checkpoint, outbox.conn))
+        checkpointer = _Checkpointer(path, thread, outbox.conn)
         return cls(thread, outbox, checkpointer)
 
     async def run(self, function: Callable[[OutboxStore], _T]) -> _T:
