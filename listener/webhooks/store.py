@@ -104,7 +104,9 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 
 def _checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
     """Run a ``PASSIVE`` checkpoint; return (busy, pages in the WAL, pages copied back)."""
-    busy, log, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    # fetchall: the statement runs to its end, leaving no read open that would keep the
+    # WAL from starting over.
+    [(busy, log, copied)] = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
     return int(busy), int(log), int(copied)
 
 
@@ -150,7 +152,9 @@ class _Checkpointer:
         # only what was written since: each pass is shorter than the one before.
         for _ in range(_CATCH_UP_PASSES):
             _, grown, _ = _checkpoint(self._conn)
-            if grown - log < _WRAP_FRAMES // 16:
+            # Converged, or the writer outruns the copying: then the writer's thread copies
+            # the rest itself, so that the WAL stays bounded (at about twice the bound).
+            if grown - log < _WRAP_FRAMES // 16 or grown >= 2 * _WRAP_FRAMES:
                 break
             log = grown
         self._wrapping = True
