@@ -9,7 +9,9 @@ beside a writer). The WAL only starts over from its beginning when a write finds
 copied back, which a steady stream of commits rarely allows: so once it passes
 :data:`_WRAP_FRAMES`, one ``PASSIVE`` checkpoint runs on the writer's connection, between two
 commits, where it completes (with little left to copy), and the next commit starts the WAL
-over. The WAL stays within about that size.
+over. The WAL stays within about that size. Bought: with SQLite's own checkpoint off (a
+stand-in) the end-to-end p99 at 500 events/s went from 6.1 to 3.1 ms and a commit's slowest
+1 % from 2.4 to 0.2-0.4 ms; this one's figures, traced, are in bench/README.md.
 """
 
 from __future__ import annotations
