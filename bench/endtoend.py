@@ -179,25 +179,32 @@ def _note(result: Result, answer: dict[str, Any], seqs: range) -> list[list[Any]
     return records
 
 
-def _round(
-    contender: Contender,
-    result: Result,
-    server: BenchServer,
-    receiver: _Receiver,
-    size: Size,
-    seq: _Seq,
-    logs: Path,
-    secret: str,
-) -> None:
-    options = {"url": receiver.url, "secret": secret, **contender.options}
-    driver = Driver(
-        contender.label,
-        Path(sys.executable),
-        contender.script,
-        server,
-        logs / f"e2e-{contender.key}.log",
-        options,
-    )
+@dataclass(frozen=True, slots=True)
+class _Bench:
+    """What every round shares: the server, the receiver, the sizes, the numbering."""
+
+    server: BenchServer
+    receiver: _Receiver
+    size: Size
+    seq: _Seq
+    logs: Path
+    secret: str
+
+    def driver(self, contender: Contender, log: str, **options: Any) -> Driver:
+        """A fresh process of ``contender``, its options over the receiver's URL and secret."""
+        return Driver(
+            contender.label,
+            Path(sys.executable),
+            contender.script,
+            self.server,
+            self.logs / log,
+            {"url": self.receiver.url, "secret": self.secret, **contender.options, **options},
+        )
+
+
+def _round(contender: Contender, result: Result, shared: _Bench) -> None:
+    server, receiver, size, seq = shared.server, shared.receiver, shared.size, shared.seq
+    driver = shared.driver(contender, f"e2e-{contender.key}.log")
     try:
         receiver.reset()
         start = seq.take(size.warmup)
@@ -240,27 +247,14 @@ def _round(
         driver.quit()
 
 
-def _backlog(
-    contender: Contender,
-    result: Result,
-    server: BenchServer,
-    receiver: _Receiver,
-    size: Size,
-    seq: _Seq,
-    logs: Path,
-    secret: str,
-) -> None:
+def _backlog(contender: Contender, result: Result, shared: _Bench) -> None:
     """The backlog after an outage (see the module's docstring); figures in ``result``."""
-    handler = {**contender.options.get("handler", {}), "max_probe_interval": 1.0}
-    options = {"url": receiver.url, "secret": secret, **contender.options, "handler": handler}
-    driver = Driver(
-        contender.label,
-        Path(sys.executable),
-        contender.script,
-        server,
-        logs / f"e2e-{contender.key}-backlog.log",
-        options,
-    )
+    server, receiver, size, seq = shared.server, shared.receiver, shared.size, shared.seq
+    handler = {
+        **contender.options.get("handler", {}),
+        "max_probe_interval": _BACKLOG_PROBE_INTERVAL,
+    }
+    driver = shared.driver(contender, f"e2e-{contender.key}-backlog.log", handler=handler)
     count = size.backlog_events
     down = False
     try:
@@ -348,6 +342,7 @@ def measure(
     try:
         server.call("/configure", {"token_ttl": 3600})
         receiver = _Receiver(secret, receiver_server, logs / "e2e-receiver.log")
+        shared = _Bench(server, receiver, size, seq, logs, secret)
         try:
             for index in range(size.rounds):
                 shift = index % len(contenders)
@@ -357,7 +352,7 @@ def measure(
                     if result.error:
                         continue
                     try:
-                        _round(contender, result, server, receiver, size, seq, logs, secret)
+                        _round(contender, result, shared)
                     except (RuntimeError, TimeoutError, OSError) as exc:
                         result.error = str(exc).splitlines()[0]
             for contender in contenders:
@@ -365,7 +360,7 @@ def measure(
                 if contender.script != WEBHOOK_DAEMON.script or result.error:
                     continue
                 try:
-                    _backlog(contender, result, server, receiver, size, seq, logs, secret)
+                    _backlog(contender, result, shared)
                 except (RuntimeError, TimeoutError, OSError) as exc:
                     result.error = "backlog: " + str(exc).splitlines()[0]
         finally:
