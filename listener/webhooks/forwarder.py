@@ -243,7 +243,7 @@ class WebhookForwarder:
     def _on_commit(self, rows: list[NewDelivery], outcomes: list[Outcome]) -> None:
         """Wake the workers whose rows changed, and the commit's watchers."""
         for name in {row.destination for row in rows}:
-            self._workers[name].rows_added()
+            self._workers[name].wake.set()
         for outcome in outcomes:
             self._workers[outcome.destination].settle(outcome)
         self._announce_commit()

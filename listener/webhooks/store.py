@@ -23,18 +23,18 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import structlog
 
 from listener.webhooks.outbox import Outbox
-from listener.webhooks.outbox_store import OutboxStore
 
 __all__ = ["Store"]
 
 _log = structlog.get_logger(__name__)
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 # (loop, future, function, args); loop and future are None for a call nobody awaits.
 _Loop = asyncio.AbstractEventLoop
 _Call = tuple[_Loop | None, asyncio.Future[Any] | None, Callable[..., Any], tuple[Any, ...]]
@@ -181,7 +181,7 @@ class Store:
     commit (counting, logging) belongs inside the call, not after the ``await``.
     """
 
-    def __init__(self, thread: _Thread, outbox: OutboxStore, checkpointer: _Checkpointer) -> None:
+    def __init__(self, thread: _Thread, outbox: Outbox, checkpointer: _Checkpointer) -> None:
         self._thread = thread
         self._outbox = outbox
         self._checkpointer = checkpointer
@@ -198,10 +198,18 @@ class Store:
         checkpointer = _Checkpointer(path, thread, outbox.conn)
         return cls(thread, outbox, checkpointer)
 
-    async def run(self, function: Callable[[OutboxStore], _T]) -> _T:
-        """Return ``function(outbox)``, run on the outbox thread."""
+    async def run(
+        self, function: Callable[Concatenate[Outbox, _P], _T], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
+        """Return ``function(outbox, *args, **kwargs)``, run on the outbox thread.
+
+        The delivery engine's functions take, and call only what names,
+        :class:`~listener.webhooks.outbox_store.OutboxStore`.
+        """
         self._checkpointer.dirty = True
-        return await self._thread.submit(function, self._outbox)
+        if kwargs:
+            return await self._thread.submit(lambda: function(self._outbox, *args, **kwargs))
+        return await self._thread.submit(function, self._outbox, *args)
 
     async def close(self) -> None:
         """Close the outbox and end its threads (closing checkpoints what is left)."""

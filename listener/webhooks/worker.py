@@ -102,6 +102,22 @@ def _classify(status: int) -> ErrorClass | None:
     return "not_now" if is_retryable_status(status) else "rejected"
 
 
+class _Wake(asyncio.Event):
+    """The claim loop's wake-up: ``set()`` says the outbox may have changed (what anyone
+    outside the worker calls), ``nudge()`` only that a slot freed or an outcome settled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changes = 0
+
+    def set(self) -> None:
+        self.changes += 1
+        super().set()
+
+    def nudge(self) -> None:
+        super().set()
+
+
 class Worker:
     """Delivers one destination's rows, at most ``max_in_flight`` at a time.
 
@@ -140,11 +156,13 @@ class Worker:
         self._next_bound_check = 0.0
         self._ready: deque[Delivery] = deque()
         # Whether the outbox may hold due rows not claimed yet: false after a claim that got
-        # fewer than it asked for, until new rows, a retry, or a wait running out.
+        # fewer than it asked for, until the outbox changes (``wake.set()``: new rows, a
+        # retry, a change by the CLI or the status page) or a wait runs out.
         self._more = True
+        self._changes = 0
         self._next_due: float | None = None
         self.attempts: set[asyncio.Task[None]] = set()
-        self.wake = asyncio.Event()
+        self.wake = _Wake()
         self._log = _log.bind(destination=destination.name)
         self.health = Health(probe_policy(destination.max_probe_interval))
         self._ratio = SuccessRatio()
@@ -169,19 +187,15 @@ class Worker:
             self._claim_task.cancel()
             await asyncio.gather(self._claim_task, return_exceptions=True)
 
-    def rows_added(self) -> None:
-        """New rows for this destination are committed."""
-        self._more = True
-        self.wake.set()
-
     def settle(self, outcome: Outcome) -> None:
         """Take note of an attempt's committed outcome: the outbox now tells its row's state."""
         if outcome.msg_id == self._gone_msg_id:
             self._gone_msg_id = None
-        if outcome.kind != "delivered":
+        if outcome.kind == "delivered":
+            self.wake.nudge()
+        else:
             # A retry may be due at once.
-            self._more = True
-        self.wake.set()
+            self.wake.set()
 
     async def _claim_loop(self) -> None:
         """Claim due rows whenever a slot is free and something may have changed."""
@@ -193,6 +207,9 @@ class Worker:
                 async with asyncio.timeout(timeout):
                     await self.wake.wait()
             except TimeoutError:
+                self._more = True
+            if self.wake.changes != self._changes:
+                self._changes = self.wake.changes
                 self._more = True
 
     def _allowance(self) -> tuple[int, float | None]:
@@ -234,6 +251,7 @@ class Worker:
             # before this line, the stop wakes them itself.
             self._announce_commit()
         if want > 0:
+            # A change while we claimed is seen at the next look (wake.changes).
             self._more = len(claim.rows) == want
             self._next_due = claim.next_due
         self._ready.extend(claim.rows)
@@ -325,7 +343,7 @@ class Worker:
 
     def _attempt_done(self, task: asyncio.Task[None]) -> None:
         self.attempts.discard(task)
-        self.wake.set()
+        self.wake.nudge()
 
     async def _attempt(self, row: Delivery, probe: bool) -> None:
         """Attempt one delivery and queue its outcome."""
