@@ -166,6 +166,10 @@ class Worker:
         self._log = _log.bind(destination=destination.name)
         self.health = Health(probe_policy(destination.max_probe_interval))
         self._ratio = SuccessRatio()
+        # The children every attempt updates, looked up once: labels() and then inc()/set()
+        # took 2.6 and 3.2 µs, the children alone 1.3 and 0.6 µs (timeit).
+        self._delivered = WEBHOOK_DELIVERIES.labels(destination.name, "delivered")
+        self._success_ratio = WEBHOOK_SUCCESS_RATIO.labels(destination.name)
         self._bucket = (
             None if destination.rate_limit is None else TokenBucket(destination.rate_limit)
         )
@@ -404,7 +408,7 @@ class Worker:
         name = self.destination.name
         error_class = answer.error_class
         clock = time.monotonic()
-        WEBHOOK_SUCCESS_RATIO.labels(name).set(self._ratio.observe(error_class is None, clock))
+        self._success_ratio.set(self._ratio.observe(error_class is None, clock))
         not_now = error_class in _NOT_NOW
         outage = None if not_now or error_class == "internal" else self.health.answered(clock)
         counted = error_class in ("rejected", "internal")
@@ -433,7 +437,7 @@ class Worker:
             counted,
         )
         if error_class is None:
-            WEBHOOK_DELIVERIES.labels(name, "delivered").inc()
+            self._delivered.inc()
             return Outcome(attempt, "delivered"), outage
         if error_class == "gone":
             return self._gone(attempt, row.attempts), outage
