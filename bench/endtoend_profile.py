@@ -54,6 +54,8 @@ COMPONENTS: tuple[tuple[str, str], ...] = (
     ("_send_raw (", "HTTP/1.1 (h11 + http1.py / the loop's own)"),
     ("_send_h11 (", "HTTP/1.1 (h11 + http1.py / the loop's own)"),
     ("listener/webhooks/outbox.py", "outbox SQL (SQLite, outbox thread)"),
+    ("_checkpoint (listener/webhooks/store.py", "WAL checkpoint (either thread)"),
+    ("_Checkpointer.", "WAL checkpoint (either thread)"),
     ("listener/webhooks/store.py", "executor hops (store.run, thread pool)"),
     ("concurrent/futures/", "executor hops (store.run, thread pool)"),
     ("listener/webhooks/writer.py", "writer (batching, futures)"),
@@ -137,10 +139,16 @@ def _flood(
     profile = Profile(output)
     samples: Counter[str] = Counter()
     threads: Counter[str] = Counter()
-    for thread in ("MainThread", "sippet-outbox"):
+    for thread in ("MainThread", "sippet-outbox", "sippet-checkpoint"):
         busy = profile.only(thread)
-        threads[thread] = busy.total
-        for frames, count in busy.stacks:
+        stacks = [
+            (frames, count)
+            for frames, count in busy.stacks
+            # The checkpointer's wait for its next look (an Event's timed wait).
+            if not (thread == "sippet-checkpoint" and frames[-1].startswith("Condition.wait "))
+        ]
+        threads[thread] = sum(count for _, count in stacks)
+        for frames, count in stacks:
             samples[_component(frames)] += count
     cpu_us = cpu * 1e6 / deliveries if deliveries else 0.0
     return CpuProfile(contender, samples, threads, cpu_us, deliveries, ended - began)
@@ -201,8 +209,8 @@ _PATH = (
     ("commit_start", "commit_end", "commit: INSERT + attempts + COMMIT (SQLite)"),
     ("commit_end", "committed", "hop back to the loop: _on_commit"),
     ("committed", "claim_start", "worker wakes, hop to the outbox thread"),
-    ("claim_start", "claim_end", "claim: SELECT due + next_due (SQLite)"),
-    ("claim_end", "attempt", "hop back, attempt task starts"),
+    ("claim_start", "claim_end", "claim: the due rows, read (SQLite)"),
+    ("claim_end", "attempt", "hop back, a slot takes the row, its task starts"),
     ("attempt", "post", "sign, headers"),
     ("post", "arrived", "HTTP: request written -> receiver has the body"),
 )

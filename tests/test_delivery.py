@@ -397,6 +397,25 @@ async def test_an_outage_is_probed_one_request_at_a_time_and_costs_no_attempts(
     assert 0 < recovered["backlog"] <= 20
 
 
+async def test_a_408_is_a_timeout_of_the_destination_not_a_rejection(
+    receiver: WebhookReceiver, db: Path, cli: Outbox
+) -> None:
+    """408 Request Timeout pauses the destination like our own timeout: probed past its
+    three-step schedule, not buried as a rejected delivery, and delivered once answered."""
+    receiver.respond_with(408)
+    hook = destination(receiver.url, max_in_flight=1)
+    async with WebhookForwarder([hook], db, poll_interval=POLL) as forwarder:
+        forwarder.submit(event())
+        await receiver.wait_for(2 * len(FAST))
+        receiver.respond_with(200)
+        await eventually(forwarder, lambda: stats(cli).pending == 0)
+    assert stats(cli).dead == 0
+    [msg_id] = set(ids(receiver.requests))
+    timeline = cli.attempts(msg_id)
+    assert {a.error_class for a in timeline if a.status == 408} == {"timeout"}
+    assert (timeline[-1].status, timeline[-1].error_class) == (200, None)
+
+
 async def test_an_outage_far_longer_than_the_schedule_dead_letters_nothing(
     receiver: WebhookReceiver, db: Path, cli: Outbox
 ) -> None:

@@ -11,11 +11,12 @@ import pytest
 
 from listener.webhooks.outbox import Outbox
 from listener.webhooks.outbox_connection import OutboxError
-from listener.webhooks.outbox_rows import Attempt, DeadLetter, Delivery, NewDelivery
+from listener.webhooks.outbox_rows import Attempt, DeadLetter, Delivery, NewDelivery, Outcome
 from listener.webhooks.outbox_schema import SCHEMA_VERSION
 
 T0 = 1_800_000_000.0
 V1_SCHEMA = Path(__file__).parent / "data" / "outbox-v1.sql"
+V2_SCHEMA = Path(__file__).parent / "data" / "outbox-v2.sql"
 
 
 def new(i: int, destination: str = "a", *, call: str | None = None, due: float = T0) -> NewDelivery:
@@ -48,7 +49,7 @@ def test_new_file_gets_schema_in_wal_mode(path: Path) -> None:
         assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         tables = {name for (name,) in raw.execute("SELECT name FROM sqlite_master")}
     raw.close()
-    assert {"deliveries", "dead_letters", "destinations", "delivered", "attempts"} <= tables
+    assert {"deliveries", "dead_letters", "destinations", "attempts"} <= tables
 
 
 def test_newer_schema_is_refused(path: Path) -> None:
@@ -83,12 +84,27 @@ def test_due_orders_by_due_time_and_honours_limit(outbox: Outbox) -> None:
     assert ids(outbox.due("b", T0 + 10, 10)) == []
 
 
-def test_due_and_next_due_skip_excluded_rows(outbox: Outbox) -> None:
-    """Rows being attempted (excluded) are neither returned nor counted as next due."""
-    outbox.add([new(1), new(2, due=T0 + 5)])
-    assert ids(outbox.due("a", T0, 10, exclude={"msg_1"})) == []
-    assert outbox.next_due("a", exclude={"msg_1"}) == T0 + 5
-    assert outbox.next_due("a", exclude={"msg_1", "msg_2"}) is None
+def test_claimed_rows_are_skipped_until_their_outcome_or_release(
+    outbox: Outbox, path: Path
+) -> None:
+    """Rows claimed (being attempted) are neither returned nor counted as next due, until
+    their outcome is committed or they are released; a new connection has no claims."""
+    outbox.add([new(1), new(2, due=T0 + 5), new(3, due=T0 + 5)])
+    claim = outbox.claim("a", T0, 10)
+    assert (ids(claim.rows), claim.next_due) == (["msg_1"], T0 + 5)
+    assert ids(outbox.due("a", T0 + 5, 10)) == ["msg_2", "msg_3"]
+    assert ids(outbox.claim("a", T0 + 5, 1).rows) == ["msg_2"]
+    assert outbox.next_due("a") == T0 + 5
+    assert ids(outbox.claim("a", T0 + 5, 10).rows) == ["msg_3"]
+    assert outbox.next_due("a") is None
+    outbox.release("a", ["msg_2"])
+    assert ids(outbox.due("a", T0 + 5, 10)) == ["msg_2"]
+    outbox.commit([], [Outcome(attempt(3, T0 + 5), "retry", 1, T0 + 7)])
+    assert ids(outbox.due("a", T0 + 7, 10)) == ["msg_2", "msg_3"]
+    outbox.commit([], [Outcome(attempt(1, T0 + 5, status=200, error_class=None), "delivered")])
+    assert outbox.whereabouts("a", "msg_1") == ("delivered", T0 + 5)
+    with Outbox(path) as fresh:
+        assert ids(fresh.due("a", T0 + 7, 10)) == ["msg_2", "msg_3"]
 
 
 def test_duplicate_add_is_ignored(outbox: Outbox) -> None:
@@ -103,8 +119,10 @@ def test_per_call_ordering_holds_back_later_deliveries_of_a_call(outbox: Outbox)
     outbox.add([new(1, call="x", due=T0 + 30), new(2, call="x"), new(3, call="y"), new(4)])
     assert ids(outbox.due("a", T0, 10, per_call=True)) == ["msg_3", "msg_4"]
     assert ids(outbox.due("a", T0, 10)) == ["msg_2", "msg_3", "msg_4"]
-    assert outbox.next_due("a", exclude={"msg_3", "msg_4"}, per_call=True) == T0 + 30
-    outbox.mark_delivered("a", [("msg_1", T0)])
+    assert ids(outbox.claim("a", T0, 10, per_call=True).rows) == ["msg_3", "msg_4"]
+    assert outbox.next_due("a", per_call=True) == T0 + 30
+    outbox.mark_delivered([success(1, T0)])
+    outbox.release("a", ["msg_3", "msg_4"])
     assert ids(outbox.due("a", T0, 10, per_call=True)) == ["msg_2", "msg_3", "msg_4"]
 
 
@@ -134,7 +152,9 @@ def test_reschedule_records_the_failure(outbox: Outbox) -> None:
     outbox.reschedule(
         "a", "msg_1", due_at=T0 + 5, attempts=1, attempted_at=T0, status=500, error="HTTP 500"
     )
-    [row] = outbox.due("a", T0 + 5, 10, exclude={"msg_2"})
+    outbox.claim("a", T0, 1)
+    assert outbox.next_due("a") == T0 + 5
+    [row] = outbox.due("a", T0 + 5, 10)
     assert (row.msg_id, row.attempts, row.due_at) == ("msg_1", 1, T0 + 5)
     [stats] = outbox.stats(T0 + 10)
     assert (stats.pending, stats.failing, stats.oldest_age) == (2, 1, 9.0)
@@ -215,7 +235,9 @@ def test_dead_letters_limit(outbox: Outbox) -> None:
 def test_evict_max_pending_moves_the_oldest_but_not_those_in_flight(outbox: Outbox) -> None:
     """Beyond max_pending the oldest go to dead letters; rows being attempted stay."""
     outbox.add([new(i) for i in range(6)])
-    moved = outbox.evict("a", T0, max_pending=2, exclude={"msg_0"})
+    outbox.claim("a", T0, 1)
+    moved = outbox.evict("a", T0, max_pending=2)
+    outbox.release("a", ["msg_0"])
     assert moved == {"max_pending": 4}
     assert sorted(ids(outbox.due("a", T0, 10))) == ["msg_0", "msg_5"]
     assert ids(outbox.dead_letters()) == ["msg_1", "msg_2", "msg_3", "msg_4"]
@@ -234,13 +256,13 @@ def test_evict_max_age(outbox: Outbox) -> None:
 def test_claim_enforces_the_bound_then_returns_due_rows_and_the_next_due(outbox: Outbox) -> None:
     """One call per claim: the bound first (sparing rows in flight), then what to attempt."""
     outbox.add([new(0), new(1), new(2), new(3, due=T0 + 5), new(4, due=T0 + 9)])
-    unbounded = outbox.claim("a", T0, 1, exclude={"msg_1"})
+    unbounded = outbox.claim("a", T0, 1)
     assert (ids(unbounded.rows), unbounded.evicted) == (["msg_0"], {})
-    claim = outbox.claim("a", T0, 1, exclude={"msg_1"}, max_pending=4)
-    assert claim.evicted == {"max_pending": 1}
-    assert ids(outbox.dead_letters()) == ["msg_0"]
-    assert ids(claim.rows) == ["msg_2"]
-    assert claim.next_due == T0 + 5
+    claim = outbox.claim("a", T0, 1, max_pending=3)
+    assert claim.evicted == {"max_pending": 2}
+    assert ids(outbox.dead_letters()) == ["msg_1", "msg_2"]
+    assert (ids(claim.rows), claim.next_due) == ([], T0 + 5)
+    assert ids(outbox.claim("a", T0 + 5, 1).rows) == ["msg_3"]
 
 
 def test_stats_lists_named_and_stored_destinations(outbox: Outbox) -> None:
@@ -300,6 +322,18 @@ def attempt(i: int, at: float, destination: str = "a", **fields: Any) -> Attempt
     return Attempt(destination, f"msg_{i}", at, **values)
 
 
+def success(i: int, at: float, **fields: Any) -> Attempt:
+    """A 2xx attempt of ``msg_{i}``."""
+    values: dict[str, Any] = {
+        "status": 200,
+        "error_class": None,
+        "error": "",
+        "answer": b"",
+        "counted": False,
+    }
+    return attempt(i, at, **(values | fields))
+
+
 def test_a_version_1_file_is_migrated_and_keeps_its_rows(path: Path) -> None:
     """A file written by version 1 (its schema as released) opens at the current version with
     its pending rows, dead letters and disabled destinations as they were."""
@@ -324,13 +358,16 @@ def test_a_version_1_file_is_migrated_and_keeps_its_rows(path: Path) -> None:
         assert ids(migrated.dead_letters()) == ["msg_7"]
         assert migrated.is_disabled("b")
         migrated.record_attempts([attempt(1, T0 + 5)])
-        migrated.mark_delivered("a", [("msg_1", T0 + 5)])
+        migrated.mark_delivered([success(1, T0 + 5)])
         assert migrated.whereabouts("a", "msg_1") == ("delivered", T0 + 5)
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     raw.close()
     with Outbox(path) as reopened:
-        assert [a.msg_id for a in reopened.attempts("msg_1")] == ["msg_1"]
+        assert [(a.msg_id, a.status) for a in reopened.attempts("msg_1")] == [
+            ("msg_1", 503),
+            ("msg_1", 200),
+        ]
 
 
 def test_attempts_are_recorded_in_order_with_their_answer(outbox: Outbox) -> None:
@@ -356,7 +393,7 @@ def test_attempts_are_recorded_in_order_with_their_answer(outbox: Outbox) -> Non
 def test_delivered_rows_are_kept_where_replay_finds_them(outbox: Outbox) -> None:
     """A delivered row leaves the pending ones for ``delivered``, once, whatever it took."""
     outbox.add([new(1), new(2)])
-    outbox.mark_delivered("a", [("msg_1", T0 + 9)])
+    outbox.mark_delivered([success(1, T0 + 9)])
     assert ids(outbox.due("a", T0 + 9, 10)) == ["msg_2"]
     assert outbox.whereabouts("a", "msg_1") == ("delivered", T0 + 9)
     assert outbox.whereabouts("a", "msg_2") == ("pending", None)
@@ -364,7 +401,7 @@ def test_delivered_rows_are_kept_where_replay_finds_them(outbox: Outbox) -> None
     assert outbox.pending_count("a") == 1
     assert outbox.replay(T0 + 20, sources=["delivered"]) == {"delivered": 1}
     assert outbox.pending_count("a") == 2
-    outbox.mark_delivered("a", [("msg_1", T0 + 30)])
+    outbox.mark_delivered([success(1, T0 + 30)])
     assert outbox.whereabouts("a", "msg_1") == ("delivered", T0 + 30)
 
 
@@ -373,7 +410,7 @@ def test_replay_selects_by_time_range_and_status_and_dry_run_changes_nothing(
 ) -> None:
     """[since, until) on the events' time, dead letters, delivered rows or both."""
     outbox.add([new(i) for i in range(6)])
-    outbox.mark_delivered("a", [(f"msg_{i}", T0 + 10) for i in (0, 1, 2)])
+    outbox.mark_delivered([success(i, T0 + 10) for i in (0, 1, 2)])
     for i in (3, 4, 5):
         outbox.bury("a", f"msg_{i}", now=T0 + 10, reason="exhausted")
     window: dict[str, Any] = {"since": T0 + 1, "until": T0 + 4}
@@ -398,7 +435,7 @@ def test_prune_forgets_old_attempts_and_deliveries_a_bounded_batch_at_a_time(
     pending rows stay."""
     outbox.add([new(i) for i in range(5)])
     outbox.record_attempts([attempt(i, T0 + i) for i in range(5)])
-    outbox.mark_delivered("a", [(f"msg_{i}", T0 + i) for i in range(4)])
+    outbox.mark_delivered([success(i, T0 + i) for i in range(4)])
     outbox.bury("a", "msg_4", now=T0, reason="exhausted")
     assert outbox.prune(T0 + 3, limit=2) == 4
     assert [outbox.attempts(f"msg_{i}") != [] for i in range(5)] == [False] * 2 + [True] * 3
@@ -412,3 +449,65 @@ def test_prune_forgets_old_attempts_and_deliveries_a_bounded_batch_at_a_time(
     ]
     assert outbox.prune(T0 + 3) == 0
     assert outbox.prune(T0 + 100) == 3
+
+
+def test_a_version_2_file_is_migrated_with_its_delivered_rows_replayable(path: Path) -> None:
+    """A file written by version 2 (its schema as released) opens at the current version: its
+    delivered rows (then a table of their own) are delivered rows of ``deliveries``, with
+    their time, replayable with the same ids; pending rows and attempts are as they were."""
+    with sqlite3.connect(path) as raw:
+        raw.executescript(V2_SCHEMA.read_text())
+        raw.execute(
+            "INSERT INTO deliveries (seq, destination, msg_id, event, call_key, body,"
+            " created_at, due_at) VALUES (2, 'a', 'msg_2', 'e', 'x', '{}', ?, ?)",
+            (T0 + 2, T0 + 30),
+        )
+        raw.execute(
+            "INSERT INTO delivered (seq, destination, msg_id, event, call_key, body, created_at,"
+            " attempts, delivered_at) VALUES (1, 'a', 'msg_1', 'e', 'x', ?, ?, 1, ?)",
+            (b'{"i":1}', T0 + 1, T0 + 9),
+        )
+        raw.execute(
+            "INSERT INTO attempts (destination, msg_id, at, latency, status, error_class, error,"
+            " answer, probe, counted) VALUES ('a', 'msg_1', ?, 0.01, 200, NULL, '', '', 0, 0)",
+            (T0 + 9,),
+        )
+    raw.close()
+    with Outbox(path) as migrated:
+        assert migrated.whereabouts("a", "msg_1") == ("delivered", T0 + 9)
+        assert [(a.at, a.status) for a in migrated.attempts("msg_1")] == [(T0 + 9, 200)]
+        assert migrated.pending_count("a") == 1
+        assert ids(migrated.due("a", T0 + 30, 10, per_call=True)) == ["msg_2"]
+        assert migrated.replay(T0 + 20, sources=["delivered"]) == {"delivered": 1}
+        [row] = migrated.due("a", T0 + 20, 10)
+        assert (row.seq, row.msg_id, row.body, row.attempts) == (1, "msg_1", b'{"i":1}', 0)
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        tables = {name for (name,) in raw.execute("SELECT name FROM sqlite_master")}
+    raw.close()
+    assert "delivered" not in tables
+
+
+def test_a_success_is_on_the_timeline_and_stays_there_through_a_replay(outbox: Outbox) -> None:
+    """A 2xx is kept on its delivered row (not in ``attempts``) and shown after the failures;
+    replaying the row moves it to the attempts' record, so the timeline keeps it."""
+    outbox.add([new(1), new(2, "b")])
+    failed = attempt(1, T0 + 1)
+    outbox.commit([], [Outcome(failed, "retry", 1, T0 + 2)])
+    outbox.commit(
+        [],
+        [
+            Outcome(success(1, T0 + 2, answer=b"thanks", probe=True, latency=0.5), "delivered"),
+            Outcome(success(2, T0 + 3, destination="b"), "delivered"),
+        ],
+    )
+    (count,) = outbox.conn.execute("SELECT COUNT(*) FROM attempts").fetchone()
+    assert count == 1
+    expected = [failed, success(1, T0 + 2, answer=b"thanks", probe=True, latency=0.5)]
+    assert outbox.attempts("msg_1") == expected
+    assert [a.destination for a in outbox.attempts("msg_2")] == ["b"]
+    assert outbox.replay(T0 + 5, sources=["delivered"], destination="a") == {"delivered": 1}
+    assert outbox.whereabouts("a", "msg_1") == ("pending", None)
+    assert outbox.attempts("msg_1") == expected
+    outbox.commit([], [Outcome(success(1, T0 + 6), "delivered")])
+    assert outbox.attempts("msg_1") == [*expected, success(1, T0 + 6)]

@@ -26,8 +26,8 @@ NOW = 1_800_000_000.0
 
 def test_statuses() -> None:
     assert {401, 403} == AUTH_STATUSES
-    assert {429, 502, 503, 504} == RETRYABLE_STATUSES
-    assert all(is_retryable_status(status) for status in (429, 500, 502, 503, 504, 599))
+    assert {408, 429, 502, 503, 504} == RETRYABLE_STATUSES
+    assert all(is_retryable_status(status) for status in (408, 429, 500, 502, 503, 504, 599))
     assert not any(is_retryable_status(status) for status in (200, 400, 401, 403, 404, 410))
 
 

@@ -13,7 +13,8 @@ a fresh state directory, and one table::
 Everything else is a default: the dispatcher's (concurrency 8, queue 10,000), the
 destination's (8 in flight, the Svix retry schedule), production logging (JSON at info on
 stderr). Every event is committed to the SQLite outbox before its first attempt: the worker
-only ever attempts rows it read back from the file.
+only ever attempts rows it read back from the file. ``stats`` also answers ``wal_bytes``, the
+size of the outbox's WAL file (its high-water mark).
 
 Options (JSON): ``url``, ``secret``; ``handler``, extra keys for the ``[[handlers]]`` table
 (``concurrency``, ``max_in_flight``...); ``sippet``, overrides for ``[sippet]``; ``trace``:
@@ -21,8 +22,7 @@ stamp each event along its path (``webhook_trace``) and hand the stamps over wit
 ``switch_interval``: ``sys.setswitchinterval`` (the GIL's, 5 ms by default), and ``pragmas``:
 ``{name: value}`` run on the outbox's connection once it is open, and ``modules``:
 ``{module: file}``, a module of ``listener`` loaded from another file (an older version, for
-an A/B run side by side), for experiments; ``prefetch`` and ``lean_records``: stand-ins for
-proposed changes (``webhook_experiments``).
+an A/B run side by side), for experiments.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import asyncio
 import json
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from common import Recorder, driver_args, serve
@@ -84,10 +85,6 @@ async def main() -> None:
         sys.setswitchinterval(float(options["switch_interval"]))
     if options.get("pragmas"):
         _with_pragmas(options["pragmas"])
-    if options.get("prefetch") or options.get("lean_records"):
-        import webhook_experiments
-
-        webhook_experiments.install(options)
     with tempfile.TemporaryDirectory(prefix="sippet-bench-e2e-") as state_dir:
         table = {
             "use": "webhook",
@@ -114,7 +111,13 @@ async def main() -> None:
             raise SystemExit("the daemon did not join within 10 s")
 
         def stats() -> dict[str, Any]:
-            answer = {"received": daemon.dispatcher.received, "status": daemon.status_line()}
+            # The WAL's size on disk is its high-water mark: what checkpointing let it reach.
+            wal = sum(path.stat().st_size for path in Path(state_dir).glob("*-wal"))
+            answer = {
+                "received": daemon.dispatcher.received,
+                "status": daemon.status_line(),
+                "wal_bytes": wal,
+            }
             if trace:
                 answer["trace"], answer["counts"] = webhook_trace.take()
             return answer

@@ -9,13 +9,14 @@ stamp                 taken
 ====================  =========================================================================
 ``intake``            ``Event.received_at``: the frame was read and decoded
 ``handle``            ``WebhookHandler.handle`` starts (the dispatcher's worker took the event)
-``commit_start``      ``writer._commit`` starts on the outbox thread (the batch holding the row)
-``commit_end``        ``writer._commit`` returns on the outbox thread
+``commit_start``      ``Outbox.commit`` starts on the outbox thread (the batch holding the row)
+``commit_end``        ``Outbox.commit`` returns on the outbox thread
 ``committed``         ``WebhookForwarder._on_commit`` runs on the loop (the batch's future is set)
 ``claim_start``       ``Worker._claim_on_store`` starts on the outbox thread (the claim that
                       returned the row)
 ``claim_end``         ``Worker._claim_on_store`` returns
-``attempt``           ``Worker._attempt`` starts (its task got the loop)
+``attempt``           ``Worker._attempt`` starts (a slot took the claimed row, its task got the
+                      loop)
 ``post``              ``Http1Pool.post`` starts (headers signed)
 ``answered``          ``Http1Pool.post`` returns (the answer read)
 ====================  =========================================================================
@@ -33,7 +34,7 @@ from typing import Any
 
 import orjson
 
-from listener.webhooks import forwarder, handler, http1, worker, writer
+from listener.webhooks import forwarder, handler, http1, outbox, worker
 
 STAMPS = (
     "intake",
@@ -80,12 +81,12 @@ def install() -> None:
         _stamp(seq, "handle", time.time())
         await handle(self, event, ctx)
 
-    commit = writer._commit
+    commit = outbox.Outbox.commit
 
     @functools.wraps(commit)
-    def traced_commit(outbox: Any, rows: list[Any], outcomes: list[Any]) -> None:
+    def traced_commit(self: Any, rows: Any, outcomes: Any) -> None:
         began = time.time()
-        commit(outbox, rows, outcomes)
+        commit(self, rows, outcomes)
         ended = time.time()
         COUNTS.update(commits=1, rows=len(rows), outcomes=len(outcomes))
         for row in rows:
@@ -105,9 +106,9 @@ def install() -> None:
     claim = worker.Worker._claim_on_store
 
     @functools.wraps(claim)
-    def traced_claim(self: Any, outbox: Any, *args: Any, **kwargs: Any) -> Any:
+    def traced_claim(self: Any, store: Any, *args: Any, **kwargs: Any) -> Any:
         began = time.time()
-        result = claim(self, outbox, *args, **kwargs)
+        result = claim(self, store, *args, **kwargs)
         ended = time.time()
         COUNTS.update(claims=1, claimed=len(result.rows))
         for row in result.rows:
@@ -134,7 +135,7 @@ def install() -> None:
         return reply
 
     handler.WebhookHandler.handle = traced_handle  # type: ignore[method-assign]
-    writer._commit = traced_commit
+    outbox.Outbox.commit = traced_commit  # type: ignore[method-assign]
     forwarder.WebhookForwarder._on_commit = traced_on_commit  # type: ignore[method-assign]
     worker.Worker._claim_on_store = traced_claim  # type: ignore[method-assign]
     worker.Worker._attempt = traced_attempt  # type: ignore[method-assign]

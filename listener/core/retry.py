@@ -4,7 +4,7 @@ Every client of the daemon (token minting, the session supervisor, RPC, webhook 
 this module, so a rule changes in one place:
 
 - :data:`AUTH_STATUSES` are refusals of our credentials: never retried blindly.
-- :data:`RETRYABLE_STATUSES` are the server saying "not now" (429, 502, 503, 504): retried
+- :data:`RETRYABLE_STATUSES` are the server saying "not now" (408, 429, 502, 503, 504): retried
   after a wait. :func:`is_retryable_status` also counts any other 5xx, for requests worth
   another try after a server error (a token mint); where a 500 is an answer that resending
   would repeat (an RPC action), only the set is retried.
@@ -41,7 +41,8 @@ __all__ = [
 ]
 
 AUTH_STATUSES = frozenset({401, 403})
-RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+# 408 Request Timeout: the server gave up waiting for the request, a timeout like ours.
+RETRYABLE_STATUSES = frozenset({408, 429, 502, 503, 504})
 # The longest Retry-After honoured anywhere in the daemon (an hour, as Svix and Stripe cap it).
 RETRY_AFTER_CAP = 3600.0
 

@@ -19,6 +19,7 @@ own worker (:mod:`.worker`), woken by the commits that concern it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -35,17 +36,22 @@ from listener.webhooks.destination import DEFAULT_RETENTION, Destination
 from listener.webhooks.gauges import Gauges
 from listener.webhooks.http1 import Http1Pool
 from listener.webhooks.outbox import Outbox
-from listener.webhooks.outbox_rows import DestinationStats, NewDelivery
+from listener.webhooks.outbox_rows import DestinationStats, NewDelivery, Outcome
+from listener.webhooks.outbox_store import OutboxStore
 from listener.webhooks.signing import encode_body, new_message_id
 from listener.webhooks.store import Store
 from listener.webhooks.worker import Worker
-from listener.webhooks.writer import BatchWriter, Outcome
+from listener.webhooks.writer import BatchWriter
 
 __all__ = ["DestinationView", "ForwarderStateError", "WebhookForwarder"]
 
 _log = structlog.get_logger(__name__)
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
+
+
+def _prune(outbox: OutboxStore, before: float) -> int:
+    return outbox.prune(before)
 
 
 class ForwarderStateError(ListenerError, RuntimeError):
@@ -286,7 +292,7 @@ class WebhookForwarder:
         while True:
             await self._gauges.measure(store)
             try:
-                await store.run(Outbox.prune, time.time() - self._retention)
+                await store.run(functools.partial(_prune, before=time.time() - self._retention))
             except Exception:
                 _log.exception("webhook outbox prune failed")
             await asyncio.sleep(self._poll_interval)
@@ -301,5 +307,5 @@ class WebhookForwarder:
         for name in {row.destination for row in rows}:
             self._workers[name].wake.set()
         for outcome in outcomes:
-            self._workers[outcome.destination].settle(outcome.msg_id)
+            self._workers[outcome.destination].settle(outcome)
         self._announce_commit()

@@ -8,7 +8,6 @@ from collections.abc import Mapping, Sequence
 import structlog
 
 from listener.core.metrics import DEAD_LETTERS, OUTBOX_OLDEST_AGE, OUTBOX_PENDING
-from listener.webhooks.outbox import Outbox
 from listener.webhooks.outbox_rows import DestinationStats
 from listener.webhooks.store import Store
 
@@ -32,7 +31,8 @@ class Gauges:
     async def measure(self, store: Store) -> None:
         """Measure once; a failure is logged and the last figures stay."""
         try:
-            stats = await store.run(Outbox.stats, time.time(), self._names)
+            now = time.time()
+            stats = await store.run(lambda outbox: outbox.stats(now, self._names))
         except Exception:
             _log.exception("webhook outbox stats failed")
             return

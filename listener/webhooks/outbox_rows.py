@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-__all__ = ["Attempt", "Claim", "DeadLetter", "Delivery", "DestinationStats", "NewDelivery"]
+__all__ = [
+    "Attempt",
+    "Claim",
+    "DeadLetter",
+    "Delivery",
+    "DestinationStats",
+    "NewDelivery",
+    "Outcome",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +62,8 @@ class Claim:
     """What a worker gets from :meth:`.outbox.Outbox.claim`.
 
     Attributes:
-        rows: the due deliveries to attempt now.
+        rows: the due deliveries to attempt, claimed: no other claim returns them until
+            their outcome is committed or they are released.
         next_due: when the next eligible delivery falls due; None if none is pending.
         evicted: how many deliveries the bound moved to the dead letters, by reason.
     """
@@ -115,6 +125,32 @@ class Attempt:
     answer: bytes
     probe: bool
     counted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of one attempt, to be committed to the outbox with its record.
+
+    Attributes:
+        attempt: the attempt, as it goes on record.
+        kind: ``delivered`` (a 2xx), ``retry`` (due again at ``due_at``), ``gone`` (410: the
+            destination is disabled, the row stays pending) or ``exhausted`` (a dead letter).
+        attempts: the delivery's counted attempts after this one.
+        due_at: when a ``retry`` falls due.
+    """
+
+    attempt: Attempt
+    kind: Literal["delivered", "retry", "gone", "exhausted"]
+    attempts: int = 0
+    due_at: float = 0.0
+
+    @property
+    def destination(self) -> str:
+        return self.attempt.destination
+
+    @property
+    def msg_id(self) -> str:
+        return self.attempt.msg_id
 
 
 @dataclass(frozen=True, slots=True)

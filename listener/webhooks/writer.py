@@ -11,86 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Literal
 
 import structlog
 
 from listener.core.retry import Backoff, BackoffPolicy
-from listener.webhooks.outbox import Outbox
-from listener.webhooks.outbox_rows import Attempt, NewDelivery
+from listener.webhooks.outbox_rows import NewDelivery, Outcome
 from listener.webhooks.store import Store
 
-__all__ = ["BatchWriter", "Outcome"]
+__all__ = ["BatchWriter"]
 
 _log = structlog.get_logger(__name__)
 
 # A failed commit (the CLI holding the write lock past busy_timeout, a full disk) holds back
 # every handle() waiting for durability: retried at once, then backing off to at most 5 s.
 _COMMIT_RETRY = BackoffPolicy(initial=0.5, cap=5.0)
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """The result of one attempt, to be committed to the outbox with its record."""
-
-    attempt: Attempt
-    kind: Literal["delivered", "retry", "gone", "exhausted"]
-    attempts: int = 0
-    due_at: float = 0.0
-
-    @property
-    def destination(self) -> str:
-        return self.attempt.destination
-
-    @property
-    def msg_id(self) -> str:
-        return self.attempt.msg_id
-
-    def apply(self, outbox: Outbox) -> None:
-        """Record this failed attempt's outcome (inside the caller's transaction); delivered
-        outcomes are recorded together by :func:`_commit`."""
-        attempt = self.attempt
-        if self.kind == "exhausted":
-            outbox.bury(
-                attempt.destination,
-                attempt.msg_id,
-                now=attempt.at,
-                reason="exhausted",
-                attempts=self.attempts,
-                status=attempt.status,
-                error=attempt.error,
-            )
-            return
-        if self.kind == "gone":
-            outbox.disable(attempt.destination, attempt.at, "HTTP 410 Gone")
-        outbox.reschedule(
-            attempt.destination,
-            attempt.msg_id,
-            due_at=self.due_at,
-            attempts=self.attempts,
-            attempted_at=attempt.at,
-            status=attempt.status,
-            error=attempt.error,
-        )
-
-
-def _commit(outbox: Outbox, rows: list[NewDelivery], outcomes: list[Outcome]) -> None:
-    """Insert new rows and record outcomes and their attempts in one transaction."""
-    with outbox.transaction():
-        outbox.add(rows)
-        outbox.record_attempts(outcome.attempt for outcome in outcomes)
-        delivered: dict[str, list[tuple[str, float]]] = {}
-        for outcome in outcomes:
-            if outcome.kind == "delivered":
-                delivered.setdefault(outcome.destination, []).append(
-                    (outcome.msg_id, outcome.attempt.at)
-                )
-            else:
-                outcome.apply(outbox)
-        # One statement per destination: per-row deletes were a quarter of the outbox's time.
-        for destination, msg_ids in delivered.items():
-            outbox.mark_delivered(destination, msg_ids)
 
 
 class BatchWriter:
@@ -167,7 +101,7 @@ class BatchWriter:
         if not (rows or outcomes):
             return True
         try:
-            await self._store.run(_commit, rows, outcomes)
+            await self._store.run(lambda outbox: outbox.commit(rows, outcomes))
         except Exception:
             self._rows[:0], self._outcomes[:0] = rows, outcomes
             if batch is not None:
