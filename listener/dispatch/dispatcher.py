@@ -22,7 +22,9 @@ must first make room.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import fnmatch
+import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Sequence
@@ -40,6 +42,8 @@ from listener.dispatch.handler import Context, Handler, OnFull
 __all__ = ["DispatchReport", "Dispatcher", "HandlerRunner", "RunnerSettings"]
 
 _log = structlog.get_logger(__name__)
+# No waiter: a count never reached.
+_NEVER = sys.maxsize
 # An event and its call as of this event, as they wait for a handler.
 _Item: TypeAlias = tuple[Event, CallRecord | None]
 
@@ -350,6 +354,10 @@ class _Deadline:
             self._timer = self._loop.call_at(deadline, self._check)
 
 
+def _count(waiter: tuple[int, asyncio.Future[None]]) -> int:
+    return waiter[0]
+
+
 class Dispatcher:
     """Routes every new event to the runners that subscribe to it.
 
@@ -366,7 +374,10 @@ class Dispatcher:
         # Event names are few: remember, per name, its counter and the runners that want it.
         self._routes: dict[str, tuple[Any, list[HandlerRunner]]] = {}
         self.received = 0
-        self._awaited: tuple[int, asyncio.Future[None]] | None = None
+        # Waiters of wait_received: (count, future), the smallest count first; the next
+        # count at which one is due is a plain int, so the hot path compares two integers.
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._next_due = _NEVER
 
     def start(self) -> None:
         """Start every runner."""
@@ -403,9 +414,8 @@ class Dispatcher:
         received, routes = route
         received.value += 1
         self.received += 1
-        if self._awaited is not None and self.received >= self._awaited[0]:
-            self._awaited[1].set_result(None)
-            self._awaited = None
+        if self.received >= self._next_due:
+            self._wake_waiters()
         tracker = self.tracker
         if not tracker.admit(event):
             metrics.EVENTS_DUPLICATE.labels(event=event.name).value += 1
@@ -425,8 +435,19 @@ class Dispatcher:
         if self.received >= count:
             return
         future = asyncio.get_running_loop().create_future()
-        self._awaited = (count, future)
+        bisect.insort(self._waiters, (count, future), key=_count)
+        self._next_due = self._waiters[0][0]
         await future
+
+    def _wake_waiters(self) -> None:
+        """Resolve the waiters whose count is reached; one that gave up (a timeout cancelled
+        its future) is simply dropped."""
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= self.received:
+            _, future = waiters.pop(0)
+            if not future.done():
+                future.set_result(None)
+        self._next_due = waiters[0][0] if waiters else _NEVER
 
     async def drain(self) -> None:
         """Wait until every handler has nothing queued or in flight."""
