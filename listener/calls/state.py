@@ -304,6 +304,10 @@ class CallState:
         """Return the calls not ended."""
         return [record for record in self._calls.values() if record.status != "ended"]
 
+    def all_calls(self) -> list[CallRecord]:
+        """Return every call the map holds."""
+        return list(self._calls.values())
+
     def merge(
         self, name: str, payload: dict[str, Any], origin: Origin, now: float
     ) -> Transition | None:
