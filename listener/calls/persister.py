@@ -107,10 +107,13 @@ class Persister:
     async def flush(self) -> None:
         """Write what changed since the last batch (and what that one failed to write)."""
         now = self._clock()
-        changed, unsaved = self._tracker.state.changed(), self._tracker.unsaved()
+        changed = self._tracker.state.changed()
         store = self._store
         if store is None:
+            # Without a store the ids are not made at all (unsaved() would make them).
+            self._tracker.forget_unsaved()
             return
+        unsaved = self._tracker.unsaved()
         self._calls.update((record.call_key, record) for record in changed)
         self._handled.extend(unsaved)
         calls, handled = list(self._calls.values()), list(self._handled)

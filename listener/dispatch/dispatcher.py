@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import fnmatch
+import functools
+import gc
 import sys
 import time
 from collections import deque
@@ -42,6 +44,8 @@ from listener.dispatch.handler import Context, Handler, OnFull
 __all__ = ["DispatchReport", "Dispatcher", "HandlerRunner", "RunnerSettings"]
 
 _log = structlog.get_logger(__name__)
+# Net allocations of tracked objects between young collections (Python's default is 700).
+_YOUNG_THRESHOLD = 7000
 # No waiter: a count never reached.
 _NEVER = sys.maxsize
 # An event and its call as of this event, as they wait for a handler.
@@ -354,6 +358,27 @@ class _Deadline:
             self._timer = self._loop.call_at(deadline, self._check)
 
 
+@functools.cache
+def _settle_heap() -> None:
+    """Set the cyclic GC up for the hot path, once per process.
+
+    Every event leaves a tracked object behind while its call is open (the call's record in
+    the map, the event while it is queued), so young collections promote and full ones come
+    round: with Python's defaults a full collection traversed the whole heap loaded at start
+    (modules, pydantic models, config: ~50,000 objects that will never be garbage), and the
+    cyclic GC took 5.9 µs per event of a drain with call state, 0.7 without
+    (/tmp-free measure: bench/README.md, "Call state"). So what is alive now is collected
+    once and frozen out of every later collection (gc.freeze: 5.9 -> 1.4 µs), and young
+    collections run every 7,000 net allocations instead of 700, so that most of an event's
+    objects are gone before one runs (a tenth as many collections; with the freeze, 0.6 µs
+    per event). Unreachable cycles still go, later: at most 7,000 objects' worth waits.
+    """
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(_YOUNG_THRESHOLD, older, oldest)
+
+
 def _count(waiter: tuple[int, asyncio.Future[None]]) -> int:
     return waiter[0]
 
@@ -380,7 +405,8 @@ class Dispatcher:
         self._next_due = _NEVER
 
     def start(self) -> None:
-        """Start every runner."""
+        """Start every runner (and, the first time in a process, settle the heap)."""
+        _settle_heap()
         for runner in self.runners:
             runner.start()
 
