@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, Literal, Protocol
 
 from listener.core.events import Event, Origin
-from listener.core.templating import MISSING, FieldPath
+from listener.core.templating import MISSING, FieldPath, _spellings
 
 __all__ = [
     "STATUSES",
@@ -216,6 +216,14 @@ def _times(
     """
     reached = _RANK[status]
     started, answered, ended = had
+    if event.payload.keys().isdisjoint(_TIME_KEYS):
+        # No time in the payload (the realtime events seen so far carry none): the one
+        # lookup settles all three, where each miss of a spelling cost 0.3 µs.
+        if reached == 0:
+            return (heard if started is None else started), None, None
+        if reached == 1:
+            return started, (heard if answered is None else answered), None
+        return started, answered, (heard if ended is None else ended)
     if started is None:
         started = parse_time(_field(event, "startedAt"))
         if started is None and reached == 0:
@@ -288,6 +296,9 @@ _RECORD_FIELDS: Final = (
 _record: Final[Callable[..., CallRecord]] = _record_maker()
 # The payload fields the map reads, parsed once.
 _PATHS: Final = {name: FieldPath(name) for name in ("fromNumber", "toNumber", *_TIME_FIELDS)}
+# Every top-level key under which a payload may hold a transition time (FieldPath.find also
+# looks inside a nested ``call`` object).
+_TIME_KEYS: Final = frozenset({"call", *(s for name in _TIME_FIELDS for s in _spellings(name))})
 
 
 class CallLookup(Protocol):
