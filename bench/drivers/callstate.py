@@ -11,6 +11,7 @@ plus what the call-state rows need. Options (JSON):
 - ``persist`` (default true): false keeps no call store (the daemon's ``persist=False``, as
   ``tail`` runs it), to tell the store's share of the cost.
 - ``sippet``, ``calls``: overrides for those config sections.
+- ``uvloop`` (default false): run on uvloop's event loop (if installed), for a measure of it.
 - ``gc``: experiments with the cyclic GC once the daemon has joined: ``"freeze"``
   (``gc.freeze()``), ``"off"`` (``gc.disable()``), or ``[g0, g1, g2]`` thresholds.
 
@@ -149,4 +150,9 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if json.loads(driver_args(__doc__ or "").options).get("uvloop"):
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())

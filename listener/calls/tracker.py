@@ -64,6 +64,9 @@ class CallTracker:
         self._unsaved_ids: list[str] = []
         # Other ids -> when, the oldest first.
         self._recent: OrderedDict[str, float] = OrderedDict()
+        #: When the newest event merged was heard (0 before any): the persister writes its
+        #: batches in the lulls.
+        self.last_heard = 0.0
 
     def load(self, records: Iterable[CallRecord], handled: Iterable[str], now: float) -> None:
         """Start from what the store kept (ids handled before count as handled at ``now``).
@@ -144,6 +147,7 @@ class CallTracker:
     def merge(self, event: Event) -> CallRecord | None:
         """Merge ``event`` into the call map; return its call as of this event, or None when
         the map does not know the call."""
+        self.last_heard = event.received_at
         return self.state.fold(event)
 
     def unsaved(self) -> list[str]:
