@@ -116,6 +116,11 @@ class HandlerRunner:
             outcome: metrics.HANDLER_OUTCOMES.labels(handler=settings.name, outcome=outcome)
             for outcome in ("ok", "error", "timeout", "dropped")
         }
+        # Most handlers keep Handler's matches (always True): not calling it saved 0.1 µs
+        # per event and handler.
+        self._filters = type(handler).matches is not Handler.matches or "matches" in getattr(
+            handler, "__dict__", ()
+        )
         self._globs = tuple(settings.events)
         self._match_all = "*" in self._globs
 
@@ -149,7 +154,7 @@ class HandlerRunner:
         """Queue ``event`` (``call``: its call as of this event); return an awaitable if the
         caller must wait for room."""
         try:
-            if not self.handler.matches(event):
+            if self._filters and not self.handler.matches(event):
                 return None
         except Exception as exc:
             # A broken filter is the handler's failure, not the socket's.
