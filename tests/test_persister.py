@@ -122,3 +122,35 @@ async def test_a_batch_due_in_a_burst_waits_for_a_lull_but_not_past_another_inte
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
         await persister.close()
+
+
+async def test_a_batch_waits_while_handlers_have_a_backlog(tmp_path: Path) -> None:
+    path = tmp_path / "calls.sqlite3"
+    tracker = CallTracker()
+    hand_on(tracker, "incoming_call", "c-1", 100.0)  # long ago, by the clock below
+    waiting = [3]
+    tracker.backlog = lambda: waiting[0]
+    every = 0.2
+    persister = Persister(
+        CallStore(path), tracker, lambda at: at, retain=3600, every=every, clock=lambda: 500.0
+    )
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    running = asyncio.create_task(persister.run())
+    try:
+        await asyncio.sleep(every * 1.5)
+        with CallStore(path) as peek:
+            assert peek.calls() == [], "written while handlers were busy"
+        waiting[0] = 0
+        for _ in range(500):
+            with CallStore(path) as peek:
+                if peek.calls():
+                    break
+            await asyncio.sleep(0.01)
+        assert loop.time() - began < every * 2.5
+        with CallStore(path) as peek:
+            assert [record.call_key for record in peek.calls()] == ["c-1"]
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await persister.close()

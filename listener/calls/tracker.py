@@ -27,13 +27,17 @@ Pure bookkeeping: no asyncio, no I/O, no clock (times come from the events and c
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from listener.calls.state import CallRecord, CallState
 from listener.core.events import Event, LazyId, raw_id
 from listener.core.ids import LIFECYCLE_EVENTS, lifecycle_id
 
 __all__ = ["CallTracker"]
+
+
+def _nothing() -> int:
+    return 0
 
 
 def _by_name() -> dict[str, dict[str, float]]:
@@ -64,9 +68,11 @@ class CallTracker:
         self._unsaved_ids: list[str] = []
         # Other ids -> when, the oldest first.
         self._recent: OrderedDict[str, float] = OrderedDict()
-        #: When the newest event merged was heard (0 before any): the persister writes its
-        #: batches in the lulls.
+        #: When the newest event merged was heard (0 before any), and how many events wait
+        #: for handlers (the dispatcher sets it): the persister writes its batches in the
+        #: lulls, when neither the intake nor the handlers are busy.
         self.last_heard = 0.0
+        self.backlog: Callable[[], int] = _nothing
 
     def load(self, records: Iterable[CallRecord], handled: Iterable[str], now: float) -> None:
         """Start from what the store kept (ids handled before count as handled at ``now``).

@@ -476,6 +476,8 @@ class Dispatcher:
     ) -> None:
         self.runners = list(runners)
         self.tracker = tracker or CallTracker()
+        # The call store's batches wait while handlers have a backlog (see Persister).
+        self.tracker.backlog = self._backlog
         # Event names are few: remember, per name, its counter and the runners that want it.
         self._routes: dict[str, tuple[Any, list[HandlerRunner]]] = {}
         self.received = 0
@@ -483,6 +485,9 @@ class Dispatcher:
         # count at which one is due is a plain int, so the hot path compares two integers.
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._next_due = _NEVER
+
+    def _backlog(self) -> int:
+        return sum(runner.pending for runner in self.runners)
 
     def start(self) -> None:
         """Start every runner (and, the first time in a process, settle the heap)."""
