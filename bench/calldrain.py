@@ -14,6 +14,9 @@ the time spent in collections (``gc.callbacks``) per event with their count. Pas
 on and off; the median of ``--passes`` each is printed. ``--gc python`` restores Python's
 collector settings after the dispatcher's first start (which freezes the heap and raises the
 young threshold, see ``listener.dispatch.dispatcher``), to measure what that bought.
+
+Against an older tree, from its root: ``PYTHONPATH=. python NEW/bench/calldrain.py`` (its
+``listener`` and ``bench`` are imported; ``--gc python`` needs this tree's dispatcher).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from bench.server import call_event
 from listener.calls.tracker import CallTracker
 from listener.core.events import Event
 from listener.core.ids import EventIds
-from listener.dispatch.dispatcher import Dispatcher, HandlerRunner, RunnerSettings, _settle_heap
+from listener.dispatch.dispatcher import Dispatcher, HandlerRunner, RunnerSettings
 from listener.dispatch.handler import Context
 from listener.realtime.protocol import ChannelProtocol, Message
 
@@ -43,6 +46,15 @@ __all__ = ["main"]
 
 # Per pass: µs CPU per event, µs in the GC per event, collections.
 _Figures = tuple[float, float, int]
+
+
+def stamp(ids: EventIds, event: Event) -> Event:
+    """The session's stamp; a tree from before ``EventIds.stamp`` made every id at once."""
+    if hasattr(ids, "stamp"):
+        return ids.stamp(event)
+    from listener.core.events import stamp_id
+
+    return stamp_id(event, ids.of(event))
 
 
 class _Collections:
@@ -84,7 +96,7 @@ async def _pass(on: bool, count: int, first: int, gcs: _Collections) -> _Figures
         for message in protocol.receive(data):
             assert type(message) is Message
             event = Event.create(message.event, message.payload, "events", time.time(), len(data))
-            wait = dispatcher.submit(ids.stamp(event) if on else event)
+            wait = dispatcher.submit(stamp(ids, event) if on else event)
             if wait is not None:
                 await wait
     await runner.drain()
@@ -99,6 +111,8 @@ async def _run(
     gcs = _Collections()
     results: dict[str, list[_Figures]] = {"on": [], "off": []}
     if python_gc:
+        from listener.dispatch.dispatcher import _settle_heap
+
         _settle_heap()  # once per process: undone here, and not done again
         gc.unfreeze()
         gc.set_threshold(700, 10, 10)
