@@ -212,7 +212,7 @@ def _times(
 
     A status the call has not reached gets no time; one it reached keeps the time it has,
     else takes the payload's, else ``heard`` (when the move to it was heard) for the status
-    it is at now. Unrolled (a loop over the ranks took 0.62 µs, this 0.35).
+    it is at now. By rank, without a loop (a loop over the ranks took 0.62 µs, this 0.35).
     """
     reached = _RANK[status]
     started, answered, ended = had
@@ -224,23 +224,28 @@ def _times(
         if reached == 1:
             return started, (heard if answered is None else answered), None
         return started, answered, (heard if ended is None else ended)
-    if started is None:
-        started = parse_time(_field(event, "startedAt"))
-        if started is None and reached == 0:
-            started = heard
     if reached == 0:
-        return started, None, None
-    if answered is None:
-        answered = parse_time(_field(event, "answeredAt"))
-        if answered is None and reached == 1:
-            answered = heard
+        return _when(started, event, "startedAt", heard), None, None
     if reached == 1:
-        return started, answered, None
-    if ended is None:
-        ended = parse_time(_field(event, "endedAt"))
-        if ended is None:
-            ended = heard
-    return started, answered, ended
+        return (
+            _when(started, event, "startedAt", None),
+            _when(answered, event, "answeredAt", heard),
+            None,
+        )
+    return (
+        _when(started, event, "startedAt", None),
+        _when(answered, event, "answeredAt", None),
+        _when(ended, event, "endedAt", heard),
+    )
+
+
+def _when(had: float | None, event: Event, name: str, heard: float | None) -> float | None:
+    """A transition's time: what the call ``had``, else the payload's ``name``, else
+    ``heard``."""
+    if had is not None:
+        return had
+    when = parse_time(_field(event, name))
+    return heard if when is None else when
 
 
 def _record_maker() -> Any:
