@@ -68,8 +68,9 @@ class Event:
         size: the size of the frame it came in, in bytes (0 when unknown); handler queues
             are bounded by it as well as by count.
         id: its stable id (``evt_...``): a lifecycle event of a call has the same one however
-            often and however it is heard. Empty for an event made outside the daemon's
-            intake (a test's, say).
+            often and however it is heard (the intake leaves it to be made when first
+            read, see :class:`LazyId`). Empty for an event made outside the daemon's intake
+            (a test's, say).
         origin: ``realtime``, or ``reconcile`` for a transition rebuilt from ``list_calls``.
     """
 
