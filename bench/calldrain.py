@@ -13,7 +13,8 @@ before the workers run (as a drain's backlog is); CPU time per event (``process_
 the time spent in collections (``gc.callbacks``) per event with their count. Passes alternate
 on and off; the median of ``--passes`` each is printed. ``--gc python`` restores Python's
 collector settings after the dispatcher's first start (which freezes the heap and raises the
-young threshold, see ``listener.dispatch.dispatcher``), to measure what that bought.
+young threshold, see ``listener.dispatch.dispatcher``), to measure what that bought;
+``--observed`` sets the status page's observer deques, as the daemon's status board does.
 
 Against an older tree, from its root: ``PYTHONPATH=. python NEW/bench/calldrain.py`` (its
 ``listener`` and ``bench`` are imported; ``--gc python`` needs this tree's dispatcher).
@@ -27,6 +28,7 @@ import gc
 import statistics
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +80,17 @@ class _Collections:
             self.count += 1
 
 
-async def _pass(on: bool, count: int, first: int, gcs: _Collections) -> _Figures:
+async def _pass(
+    on: bool, count: int, first: int, gcs: _Collections, observed: bool = False
+) -> _Figures:
     handler = _Nothing()
     context = Context(rpc=None, config=None, name=handler.name, state_dir=Path("."))  # type: ignore[arg-type]
     runner = HandlerRunner(handler, RunnerSettings(name=handler.name), context)
     dispatcher = Dispatcher([runner], CallTracker() if on else _NoCalls())
+    if observed:
+        # As the status page's board does (listener/service/status.py).
+        dispatcher.seen = deque(maxlen=200)
+        runner.handled = deque(maxlen=200)
     dispatcher.start()
     ids, protocol = EventIds(), ChannelProtocol("events")
     frames = [
@@ -106,8 +114,8 @@ async def _pass(on: bool, count: int, first: int, gcs: _Collections) -> _Figures
 
 
 async def _run(
-    count: int, passes: int, python_gc: bool
-) -> dict[str, list[tuple[float, float, int]]]:
+    count: int, passes: int, python_gc: bool, observed: bool
+) -> dict[str, list[_Figures]]:
     gcs = _Collections()
     results: dict[str, list[_Figures]] = {"on": [], "off": []}
     if python_gc:
@@ -119,7 +127,8 @@ async def _run(
     first = 0
     for round_ in range(passes):
         for on in (True, False) if round_ % 2 == 0 else (False, True):
-            results["on" if on else "off"].append(await _pass(on, count, first, gcs))
+            figures = await _pass(on, count, first, gcs, observed)
+            results["on" if on else "off"].append(figures)
             first += count
     return results
 
@@ -133,8 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=10_000, help="events per pass")
     parser.add_argument("--passes", type=int, default=5, help="passes of each (the median)")
     parser.add_argument("--gc", choices=("shipped", "python"), default="shipped")
+    parser.add_argument(
+        "--observed", action="store_true", help="with the status page's observer deques set"
+    )
     args = parser.parse_args(argv)
-    results = asyncio.run(_run(args.events, args.passes, args.gc == "python"))
+    results = asyncio.run(_run(args.events, args.passes, args.gc == "python", args.observed))
     print(f"| {args.events:,} events, GC {args.gc} | µs CPU/event | of which GC | collections |")
     print("|---|---:|---:|---:|")
     for label, figures in results.items():

@@ -42,7 +42,14 @@ from listener.core import metrics
 from listener.core.events import Event
 from listener.dispatch.handler import Context, Handler, OnFull
 
-__all__ = ["DispatchReport", "Dispatcher", "HandlerRunner", "RunnerSettings"]
+__all__ = [
+    "OBSERVED_BYTES",
+    "DispatchReport",
+    "Dispatcher",
+    "Handled",
+    "HandlerRunner",
+    "RunnerSettings",
+]
 
 _log = structlog.get_logger(__name__)
 # Net allocations of tracked objects between young collections (Python's default is 700).
@@ -51,6 +58,13 @@ _YOUNG_THRESHOLD = 7000
 _NEVER = sys.maxsize
 # An event and its call as of this event, as they wait for a handler.
 _Item: TypeAlias = tuple[Event, CallRecord | None]
+#: What an observer hears of each handled event: its id, the handler's name, the outcome
+#: (``ok``, ``error``, ``timeout``), seconds taken, and the failure in a few words if any (not
+#: the exception: its traceback would keep the handler's frames alive).
+Handled: TypeAlias = tuple[str, str, str, float, str | None]
+#: An observer keeps the events it sees for a while: one from a bigger frame is kept without
+#: its payload, so that a few multi-megabyte AI audit events cannot pile up there.
+OBSERVED_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +210,8 @@ class HandlerRunner:
         )
         self._globs = tuple(settings.events)
         self._match_all = "*" in self._globs
+        # Set by an observer (the status page): one O(1) append per handled event.
+        self.handled: deque[Handled] | None = None
 
     def subscribes(self, name: str) -> bool:
         """Whether the handler's globs cover the event name."""
@@ -348,7 +364,8 @@ class HandlerRunner:
             failure = exc
         else:
             outcome = "timeout" if deadline.disarm() else "ok"
-        self._duration.observe(time.perf_counter() - started)
+        took = time.perf_counter() - started
+        self._duration.observe(took)
         self._outcomes[outcome].value += 1
         if outcome == "timeout":
             self._report("warning", "handler timed out", event, timeout=self.settings.timeout)
@@ -361,6 +378,9 @@ class HandlerRunner:
                 error=f"{type(failure).__name__}: {failure}",
                 exc_info=failure,
             )
+        if self.handled is not None:
+            error = None if failure is None else f"{type(failure).__name__}: {failure}"
+            self.handled.append((event.id, self.settings.name, outcome, took, error))
         if failure is not None:
             await self._tell_error_hook(event, failure, context)
 
@@ -463,6 +483,20 @@ def _count(waiter: tuple[int, asyncio.Future[None]]) -> int:
     return waiter[0]
 
 
+def _unloaded(event: Event) -> Event:
+    """``event`` with its payload replaced by its size, for observers."""
+    return Event(
+        event.name,
+        {"payload_bytes": event.size},
+        event.topic,
+        event.received_at,
+        event.call_key,
+        event.size,
+        event.id,
+        event.origin,
+    )
+
+
 class Dispatcher:
     """Routes every new event to the runners that subscribe to it.
 
@@ -485,6 +519,9 @@ class Dispatcher:
         # count at which one is due is a plain int, so the hot path compares two integers.
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._next_due = _NEVER
+
+        # Set by an observer (the status page): each event handed on, one O(1) append.
+        self.seen: deque[Event] | None = None
 
     def _backlog(self) -> int:
         return sum(runner.pending for runner in self.runners)
@@ -532,6 +569,8 @@ class Dispatcher:
             metrics.EVENTS_DUPLICATE.labels(event=event.name).value += 1
             return None
         call = tracker.merge(event)
+        if self.seen is not None:
+            self.seen.append(event if event.size <= OBSERVED_BYTES else _unloaded(event))
         waits: list[Awaitable[None]] | None = None
         for runner in routes:
             wait = runner.offer(event, call)
