@@ -12,7 +12,8 @@ by orjson from their JSON text):
 The pieces, each timed alone over the whole stream (best of ``--repeat`` passes, each on
 fresh state), in microseconds per event:
 
-- ``ids``: :meth:`EventIds.of <listener.core.ids.EventIds.of>` (``assign`` for an event);
+- ``ids``: :meth:`EventIds.stamp <listener.core.ids.EventIds.stamp>`, the id the session
+  gives an event (a lifecycle event's is made when first read: ``read id`` is that read);
 - ``stamp``: the session giving the event its id (the ids themselves left out);
 - ``admit``: :meth:`CallTracker.admit <listener.calls.tracker.CallTracker.admit>`, the
   de-duplication by id;
@@ -20,9 +21,13 @@ fresh state), in microseconds per event:
 - ``submit``: :meth:`Dispatcher.submit <listener.dispatch.dispatcher.Dispatcher.submit>` to
   one runner with the real tracker, less the same with a tracker that admits everything and
   knows no call: de-dup, merge and handing the record on, as the dispatcher does them;
+- ``read id``: reading ``event.id`` of each stamped event once (what a webhook handler does:
+  it is the ``webhook-id``), not on the socket's path;
 - ``store``: the persister's batch for the stream (the calls it changed, the lifecycle ids
   it handed on) written by :meth:`CallStore.save <listener.calls.store.CallStore.save>` into
-  a fresh file: off the event loop, on the persister's worker thread, but CPU all the same.
+  a fresh file: off the event loop, on the persister's worker thread, but CPU all the same;
+  with the lifecycle ids the batch makes (``CallTracker.unsaved``, on the loop, once a
+  second).
 
 ``total`` is ``ids + stamp + submit``: what call state costs the socket's path per event;
 ``store`` comes on top, on another thread.
@@ -47,7 +52,7 @@ from bench.server import call_event
 from listener.calls.state import CallRecord
 from listener.calls.store import CallStore
 from listener.calls.tracker import CallTracker
-from listener.core.events import Event
+from listener.core.events import Event, stamp_id
 from listener.core.ids import EventIds
 from listener.dispatch.dispatcher import Dispatcher, HandlerRunner, RunnerSettings
 from listener.dispatch.handler import Context, Handler
@@ -87,6 +92,9 @@ class _NoCalls(CallTracker):
 class _SameId(EventIds):
     """Ids for free, so that timing the session's stamp leaves them out."""
 
+    def stamp(self, event: Event) -> Event:
+        return stamp_id(event, "evt_" + "a" * 32)
+
     def assign(self, name: str, payload: dict[str, Any], now: float) -> str:
         del name, payload, now
         return "evt_" + "a" * 32
@@ -108,18 +116,7 @@ class Stream:
     def stamped(self) -> list[Event]:
         """The stream with the ids the session gives it."""
         ids = EventIds()
-        return [
-            Event(
-                e.name,
-                e.payload,
-                e.topic,
-                e.received_at,
-                e.call_key,
-                e.size,
-                ids.assign(e.name, e.payload, e.received_at),
-            )
-            for e in self.heard
-        ]
+        return [ids.stamp(_copy(e)) for e in self.heard]
 
     def tracker(self, kind: type[CallTracker] = CallTracker) -> CallTracker:
         """A tracker that has heard the stream's known events."""
@@ -132,6 +129,11 @@ class Stream:
             if tracker.admit(event):
                 tracker.merge(event)
         return tracker
+
+
+def _copy(event: Event) -> Event:
+    """A fresh copy of an event as the connection built it (the session stamps in place)."""
+    return Event.create(event.name, event.payload, event.topic, event.received_at, event.size)
 
 
 def _wire(name: str, payload: dict[str, Any], at: float) -> Event:
@@ -194,8 +196,13 @@ def measure(stream: Stream, repeat: int) -> dict[str, float]:
     per_event = 1e6 / len(heard)
 
     def ids() -> Callable[[], object]:
-        assign = EventIds().of
-        return lambda: [assign(e) for e in heard]
+        stamp = EventIds().stamp
+        fresh = [_copy(e) for e in heard]
+        return lambda: [stamp(e) for e in fresh]
+
+    def read_id() -> Callable[[], object]:
+        fresh = stream.stamped()
+        return lambda: [e.id for e in fresh]
 
     def stamp() -> Callable[[], object]:
         session = Session(
@@ -206,7 +213,7 @@ def measure(stream: Stream, repeat: int) -> dict[str, float]:
         )
         deliver = session._stamped
         # The session may stamp the events it is given in place: give it copies.
-        fresh = [Event.create(e.name, e.payload, e.topic, e.received_at, e.size) for e in heard]
+        fresh = [_copy(e) for e in heard]
         return lambda: [deliver(e) for e in fresh]
 
     def admit() -> Callable[[], object]:
@@ -233,6 +240,7 @@ def measure(stream: Stream, repeat: int) -> dict[str, float]:
         * per_event,
     }
     figures["total"] = figures["ids"] + figures["stamp"] + figures["submit"]
+    figures["read id"] = _best(read_id, repeat) * per_event
 
     def store() -> Callable[[], object]:
         tracker = stream.tracker()
@@ -241,12 +249,13 @@ def measure(stream: Stream, repeat: int) -> dict[str, float]:
         for event in stamped:
             if tracker.admit(event):
                 tracker.merge(event)
-        calls, handled = tracker.state.changed(), tracker.unsaved()
+        calls = tracker.state.changed()
         folder = Path(tempfile.mkdtemp(prefix="sippet-callcost-"))
         opened = CallStore(folder / "calls.sqlite3")
 
         def save() -> None:
             try:
+                handled = tracker.unsaved()
                 opened.save(time.time(), calls=calls, handled=handled, seen_until=time.time())
             finally:
                 opened.close()

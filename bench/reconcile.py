@@ -23,6 +23,8 @@ keeping the call map costs the socket's path.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -87,10 +89,19 @@ class _Trial:
 
 
 def _driver(server: BenchServer, options: dict[str, Any], log: Path) -> Driver:
-    return Driver(_LABEL, Path(sys.executable), _SCRIPT, server, log, options)
+    # ``script``: another tree's driver (its own ``listener`` beside it), for an A/B run.
+    options = dict(options)
+    script = options.pop("script", _SCRIPT)
+    return Driver(_LABEL, Path(sys.executable), script, server, log, options)
 
 
-def _drain_rows(server: BenchServer, mode: Mode, sizes: Sizes, logs: Path) -> list[tuple[str, ...]]:
+def _drain_rows(
+    server: BenchServer,
+    mode: Mode,
+    sizes: Sizes,
+    logs: Path,
+    extra: dict[str, dict[str, Any]] | None = None,
+) -> list[tuple[str, ...]]:
     on = _Variant("call state on (as shipped)", {"sippet": _SIPPET})
     unstored = _Variant(
         "call state on, no call store (as tail runs)", {"sippet": _SIPPET, "persist": False}
@@ -99,10 +110,15 @@ def _drain_rows(server: BenchServer, mode: Mode, sizes: Sizes, logs: Path) -> li
         "call state off (no ids, no-op tracker: bench only)",
         {"sippet": _SIPPET, "call_state": False},
     )
-    variants = (on, unstored, off)
+    more = [
+        _Variant(label, {"sippet": _SIPPET, **options}) for label, options in (extra or {}).items()
+    ]
+    variants = (on, unstored, *more, off)
     for round_ in range(sizes.rounds):
         for variant in variants if round_ % 2 == 0 else variants[::-1]:
-            key = ("on", "unstored", "off")[variants.index(variant)]
+            key = ("on", "unstored", *(f"v{i}" for i in range(len(more))), "off")[
+                variants.index(variant)
+            ]
             driver = _driver(server, variant.options, logs / f"callstate-drain-{key}.log")
             try:
                 driver.expect(mode.warmup)
@@ -214,10 +230,26 @@ def _reconcile_rows(sizes: Sizes, logs: Path) -> list[tuple[str, ...]]:
     return [(measure, _LABEL, result, "", f"{target} (every missed call_ended rebuilt once)")]
 
 
-def rows(server: BenchServer, mode: Mode, logs: Path) -> list[tuple[str, ...]]:
-    """The call-state rows: (measure, client, result, reference, target) each."""
+def rows(
+    server: BenchServer,
+    mode: Mode,
+    logs: Path,
+    *,
+    variants: dict[str, dict[str, Any]] | None = None,
+    drain_only: bool = False,
+    rounds: int | None = None,
+) -> list[tuple[str, ...]]:
+    """The call-state rows: (measure, client, result, reference, target) each.
+
+    ``variants``: more daemons in the drain rounds, ``{label: driver options}`` (see
+    ``bench/drivers/callstate.py``; ``script`` runs another tree's driver); ``drain_only``
+    skips the reconcile row; ``rounds`` overrides the mode's.
+    """
     sizes = SIZES[mode.name]
-    return _reconcile_rows(sizes, logs) + _drain_rows(server, mode, sizes, logs)
+    if rounds is not None:
+        sizes = dataclasses.replace(sizes, rounds=rounds)
+    head = [] if drain_only else _reconcile_rows(sizes, logs)
+    return head + _drain_rows(server, mode, sizes, logs, variants)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,13 +260,35 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m bench.reconcile", description=__doc__)
     parser.add_argument("mode", nargs="?", default="quick", choices=sorted(SIZES))
-    mode = MODES[parser.parse_args(argv).mode]
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=JSON",
+        help="another daemon in the drain rounds, with these driver options (repeatable)",
+    )
+    parser.add_argument("--drain-only", action="store_true", help="skip the reconcile row")
+    parser.add_argument("--rounds", type=int, help="drain rounds (default: the mode's)")
+    args = parser.parse_args(argv)
+    mode = MODES[args.mode]
+    variants = {
+        label: json.loads(options)
+        for label, _, options in (item.partition("=") for item in args.variant)
+    }
     logs = RESULTS / mode.name
     logs.mkdir(parents=True, exist_ok=True)
     server = BenchServer(logs / "server-callstate.log")
     try:
         server.call("/configure", {"token_ttl": 3600})
-        print(_table([Row(*row) for row in rows(server, mode, logs)]))
+        found = rows(
+            server,
+            mode,
+            logs,
+            variants=variants,
+            drain_only=args.drain_only,
+            rounds=args.rounds,
+        )
+        print(_table([Row(*row) for row in found]))
     finally:
         server.close()
     return 0

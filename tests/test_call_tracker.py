@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from listener.calls.state import CallRecord
 from listener.calls.tracker import CallTracker
-from listener.core.events import Event
+from listener.core.events import Event, LazyId, raw_id
 from listener.core.ids import EventIds, lifecycle_id
 
 
@@ -73,3 +73,30 @@ def test_prune_forgets_old_calls_and_ids_and_load_restores_both() -> None:
     assert tracker.prune(before=5.0) == 1
     assert tracker.get("old") is None
     assert tracker.admit(Event.create("call_ended", {"callUuid": "old"}, "events", 9.0, id="evt_a"))
+
+
+def intake(name: str, key: str, at: float) -> Event:
+    """A lifecycle event as the session stamps it: its id made only when read."""
+    return EventIds().stamp(Event.create(name, {"callUuid": key}, "events", at))
+
+
+def test_the_intake_s_lifecycle_id_is_made_when_read_and_is_the_rule_s() -> None:
+    heard = intake("call_answered", "c-1", 1.0)
+    assert isinstance(raw_id(heard), LazyId)
+    assert heard.id == lifecycle_id("call_answered", "c-1")
+    assert raw_id(heard) == heard.id, "made once, then kept"
+
+
+def test_stored_ids_still_count_after_a_restart_for_known_calls_and_others() -> None:
+    tracker = CallTracker()
+    # c-1 is in the map; c-9 is not (a transcript of a call the map never knew).
+    tracker.load(
+        [CallRecord("c-1", "answered", 1.0)],
+        [lifecycle_id("call_answered", "c-1"), lifecycle_id("call_transcript_completed", "c-9")],
+        1.0,
+    )
+    assert not tracker.admit(intake("call_answered", "c-1", 2.0))
+    assert not tracker.admit(intake("call_transcript_completed", "c-9", 2.0))
+    assert tracker.admit(intake("call_ended", "c-1", 2.0))
+    assert not tracker.admit(intake("call_ended", "c-1", 3.0))
+    assert tracker.unsaved() == [lifecycle_id("call_ended", "c-1")]

@@ -198,6 +198,41 @@ async def test_stop_drains_in_flight_work_within_the_grace_period(fake: FakeSipp
     assert daemon.report.total == 0
 
 
+async def test_a_waiter_that_timed_out_does_not_break_the_intake(fake: FakeSippet) -> None:
+    # Its future was cancelled by the timeout: the next event must not try to set it. The
+    # events are awaited at the handler, not through wait_received, whose next waiter would
+    # replace the cancelled one.
+    arrived: list[str | None] = []
+    each = asyncio.Event()
+
+    @handler(events=["*"])
+    async def note(event: Event, ctx: Context) -> None:
+        arrived.append(event.call_key)
+        each.set()
+
+    async with running_daemon(fake, [note]) as daemon:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(daemon.dispatcher.wait_received(1), 0.05)
+        for key in ("c-1", "c-2"):
+            each.clear()
+            await fake.broadcast("incoming_call", {"callUuid": key})
+            await asyncio.wait_for(each.wait(), 10)
+        assert daemon.session.reconnects == 0
+    assert arrived == ["c-1", "c-2"]
+
+
+async def test_every_waiter_for_a_count_is_woken(fake: FakeSippet) -> None:
+    async with running_daemon(fake, [Recorder("seen")]) as daemon:
+        more = asyncio.ensure_future(daemon.dispatcher.wait_received(3))
+        fewer = asyncio.ensure_future(daemon.dispatcher.wait_received(1))
+        await asyncio.sleep(0)
+        for seq in range(3):
+            await fake.broadcast("incoming_call", {"callUuid": f"c-{seq}"})
+        await asyncio.wait_for(fewer, 10)
+        await asyncio.wait_for(more, 10)
+        await settle(daemon, 3)
+
+
 async def test_unknown_events_reach_wildcard_handlers_only(fake: FakeSippet) -> None:
     everything, calls = Recorder("everything"), Recorder("calls", events=("call_*",))
     async with running_daemon(fake, [everything, calls]) as daemon:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -80,3 +81,76 @@ async def test_without_a_store_the_changes_are_let_go() -> None:
     hand_on(tracker, "incoming_call", "c-1", 1.0)
     await persister.close()
     assert (tracker.state.changed(), tracker.unsaved()) == ([], [])
+
+
+async def test_a_batch_due_in_a_burst_waits_for_a_lull_but_not_past_another_interval(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "calls.sqlite3"
+    tracker = CallTracker()
+    now = [100.0]
+    every = 0.4
+    persister = Persister(
+        CallStore(path), tracker, lambda at: at, retain=3600, every=every, clock=lambda: now[0]
+    )
+    loop = asyncio.get_running_loop()
+
+    def stored() -> list[tuple[str, str]]:
+        with CallStore(path) as peek:
+            return [(record.call_key, record.status) for record in peek.calls()]
+
+    async def until_stored(expected: list[tuple[str, str]]) -> float:
+        began = loop.time()
+        for _ in range(500):  # polls the file: a store has no event to wait on
+            if stored() == expected:
+                break
+            await asyncio.sleep(0.01)
+        return loop.time() - began
+
+    hand_on(tracker, "incoming_call", "c-1", 100.0)  # heard just now, by the clock above
+    began = loop.time()
+    running = asyncio.create_task(persister.run())
+    try:
+        # Due after one interval; the intake looks busy all along, so it waits one more.
+        await until_stored([("c-1", "ringing")])
+        assert loop.time() - began >= 2 * every
+        # In a lull the next batch goes when due.
+        now[0] = 200.0
+        hand_on(tracker, "call_ended", "c-1", 150.0)
+        assert await until_stored([("c-1", "ended")]) < 1.5 * every
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await persister.close()
+
+
+async def test_a_batch_waits_while_handlers_have_a_backlog(tmp_path: Path) -> None:
+    path = tmp_path / "calls.sqlite3"
+    tracker = CallTracker()
+    hand_on(tracker, "incoming_call", "c-1", 100.0)  # long ago, by the clock below
+    waiting = [3]
+    tracker.backlog = lambda: waiting[0]
+    every = 0.2
+    persister = Persister(
+        CallStore(path), tracker, lambda at: at, retain=3600, every=every, clock=lambda: 500.0
+    )
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    running = asyncio.create_task(persister.run())
+    try:
+        await asyncio.sleep(every * 1.5)
+        with CallStore(path) as peek:
+            assert peek.calls() == [], "written while handlers were busy"
+        waiting[0] = 0
+        for _ in range(500):
+            with CallStore(path) as peek:
+                if peek.calls():
+                    break
+            await asyncio.sleep(0.01)
+        assert loop.time() - began < every * 2.5
+        with CallStore(path) as peek:
+            assert [record.call_key for record in peek.calls()] == ["c-1"]
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await persister.close()

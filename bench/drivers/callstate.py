@@ -11,6 +11,9 @@ plus what the call-state rows need. Options (JSON):
 - ``persist`` (default true): false keeps no call store (the daemon's ``persist=False``, as
   ``tail`` runs it), to tell the store's share of the cost.
 - ``sippet``, ``calls``: overrides for those config sections.
+- ``uvloop`` (default false): run on uvloop's event loop (if installed), for a measure of it.
+- ``gc``: experiments with the cyclic GC once the daemon has joined: ``"freeze"``
+  (``gc.freeze()``), ``"off"`` (``gc.disable()``), or ``[g0, g1, g2]`` thresholds.
 
 The handler records ``(seq, ts, time.time())`` as every client's callback does, and counts
 the events rebuilt by reconciliation. ``stats`` adds ``reconciled`` (that count),
@@ -21,6 +24,7 @@ each ``list_calls`` the reconciler made, oldest first).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import sys
 import tempfile
@@ -117,6 +121,13 @@ async def main() -> None:
             running.result()
         if not joined.done():
             raise SystemExit("the daemon did not join within 10 s")
+        tune_gc = options.get("gc")
+        if tune_gc == "freeze":
+            gc.freeze()
+        elif tune_gc == "off":
+            gc.disable()
+        elif tune_gc is not None:
+            gc.set_threshold(*tune_gc)
         if call_state:
             # The first start's pass (an empty table: it loads nothing).
             await asyncio.wait_for(reconciler.caught_up.wait(), timeout=10)
@@ -139,4 +150,9 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if json.loads(driver_args(__doc__ or "").options).get("uvloop"):
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())

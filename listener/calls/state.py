@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, Literal, Protocol
 
 from listener.core.events import Event, Origin
-from listener.core.templating import MISSING, FieldPath
+from listener.core.templating import MISSING, FieldPath, _spellings
 
 __all__ = [
     "STATUSES",
@@ -212,18 +212,40 @@ def _times(
 
     A status the call has not reached gets no time; one it reached keeps the time it has,
     else takes the payload's, else ``heard`` (when the move to it was heard) for the status
-    it is at now.
+    it is at now. By rank, without a loop (a loop over the ranks took 0.62 µs, this 0.35).
     """
     reached = _RANK[status]
-    times: list[float | None] = [None, None, None]
-    for rank in range(reached + 1):
-        when = had[rank]
-        if when is None:
-            when = parse_time(_field(event, _TIME_FIELDS[rank]))
-            if when is None and rank == reached:
-                when = heard
-        times[rank] = when
-    return tuple(times)
+    started, answered, ended = had
+    if event.payload.keys().isdisjoint(_TIME_KEYS):
+        # No time in the payload (the realtime events seen so far carry none): the one
+        # lookup settles all three, where each miss of a spelling cost 0.3 µs.
+        if reached == 0:
+            return (heard if started is None else started), None, None
+        if reached == 1:
+            return started, (heard if answered is None else answered), None
+        return started, answered, (heard if ended is None else ended)
+    if reached == 0:
+        return _when(started, event, "startedAt", heard), None, None
+    if reached == 1:
+        return (
+            _when(started, event, "startedAt", None),
+            _when(answered, event, "answeredAt", heard),
+            None,
+        )
+    return (
+        _when(started, event, "startedAt", None),
+        _when(answered, event, "answeredAt", None),
+        _when(ended, event, "endedAt", heard),
+    )
+
+
+def _when(had: float | None, event: Event, name: str, heard: float | None) -> float | None:
+    """A transition's time: what the call ``had``, else the payload's ``name``, else
+    ``heard``."""
+    if had is not None:
+        return had
+    when = parse_time(_field(event, name))
+    return heard if when is None else when
 
 
 def _record_maker() -> Any:
@@ -238,17 +260,28 @@ def _record_maker() -> Any:
     )
     new = object.__new__
 
-    def make(*values: Any) -> CallRecord:
+    def make(
+        call_key: str,
+        status_: Status,
+        last_event_at: float,
+        from_number: str | None,
+        to_number: str | None,
+        started_at: float | None,
+        answered_at: float | None,
+        ended_at: float | None,
+        origins_: Mapping[Status, Origin],
+    ) -> CallRecord:
+        # Named parameters, not ``*values`` and an index each: 0.65 -> 0.5 µs.
         record: CallRecord = new(CallRecord)
-        key(record, values[0])
-        status(record, values[1])
-        last(record, values[2])
-        from_(record, values[3])
-        to(record, values[4])
-        started(record, values[5])
-        answered(record, values[6])
-        ended(record, values[7])
-        origins(record, values[8])
+        key(record, call_key)
+        status(record, status_)
+        last(record, last_event_at)
+        from_(record, from_number)
+        to(record, to_number)
+        started(record, started_at)
+        answered(record, answered_at)
+        ended(record, ended_at)
+        origins(record, origins_)
         return record
 
     return make
@@ -268,6 +301,9 @@ _RECORD_FIELDS: Final = (
 _record: Final[Callable[..., CallRecord]] = _record_maker()
 # The payload fields the map reads, parsed once.
 _PATHS: Final = {name: FieldPath(name) for name in ("fromNumber", "toNumber", *_TIME_FIELDS)}
+# Every top-level key under which a payload may hold a transition time (FieldPath.find also
+# looks inside a nested ``call`` object).
+_TIME_KEYS: Final = frozenset({"call", *(s for name in _TIME_FIELDS for s in _spellings(name))})
 
 
 class CallLookup(Protocol):
@@ -303,6 +339,10 @@ class CallState:
     def open_calls(self) -> list[CallRecord]:
         """Return the calls not ended."""
         return [record for record in self._calls.values() if record.status != "ended"]
+
+    def all_calls(self) -> list[CallRecord]:
+        """Return every call the map holds."""
+        return list(self._calls.values())
 
     def merge(
         self, name: str, payload: dict[str, Any], origin: Origin, now: float

@@ -13,19 +13,35 @@ intake) is always new.
 as of this event, the one handlers see as ``ctx.call``; the tracker itself is what they read
 the live map through (``ctx.calls``).
 
+A lifecycle event is remembered by its name and call key, which its id is a hash of
+(:func:`~listener.core.ids.lifecycle_id`): the intake stamps such events with an id made only
+when read (:data:`~listener.core.ids.LIFECYCLE_ID`), so that de-duplicating them costs no
+hash; :meth:`CallTracker.unsaved` writes the ids out for the store. An event whose given
+lifecycle id is not that hash (a test's, a plugin's), and the stored ids of calls the map
+does not hold, are remembered as ids; while there are any, a new lifecycle event's id is made
+and checked against them too, so the rule is the id's either way.
+
 Pure bookkeeping: no asyncio, no I/O, no clock (times come from the events and callers).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from listener.calls.state import CallRecord, CallState
-from listener.core.events import Event
-from listener.core.ids import LIFECYCLE_EVENTS
+from listener.core.events import Event, LazyId, raw_id
+from listener.core.ids import LIFECYCLE_EVENTS, lifecycle_id
 
 __all__ = ["CallTracker"]
+
+
+def _nothing() -> int:
+    return 0
+
+
+def _by_name() -> dict[str, dict[str, float]]:
+    return {name: {} for name in LIFECYCLE_EVENTS}
 
 
 class CallTracker:
@@ -38,17 +54,44 @@ class CallTracker:
     def __init__(self, window: float = 2.0) -> None:
         self.window = window
         self.state = CallState()
-        # Lifecycle id -> when it was handed on (for pruning).
-        self._handled: dict[str, float] = {}
-        # Lifecycle ids handed on since the store last took them.
-        self._unsaved: list[str] = []
+        # Lifecycle events handed on: name -> call key -> when (for pruning). A dict per name,
+        # not (name, key) tuples: a tuple per event outlived young collections and fed the
+        # cyclic GC (see bench/README.md, "Call state").
+        self._handled = _by_name()
+        # Lifecycle ids handed on or stored that are not their name and key's hash, or whose
+        # call the map does not hold (so the key is not known) -> when. Empty in the daemon's
+        # steady state.
+        self._handled_ids: dict[str, float] = {}
+        # Lifecycle events handed on since the store last took them: name -> call keys, and
+        # the ids of those remembered by id.
+        self._unsaved: dict[str, list[str]] = {name: [] for name in LIFECYCLE_EVENTS}
+        self._unsaved_ids: list[str] = []
         # Other ids -> when, the oldest first.
         self._recent: OrderedDict[str, float] = OrderedDict()
+        #: When the newest event merged was heard (0 before any), and how many events wait
+        #: for handlers (the dispatcher sets it): the persister writes its batches in the
+        #: lulls, when neither the intake nor the handlers are busy.
+        self.last_heard = 0.0
+        self.backlog: Callable[[], int] = _nothing
 
     def load(self, records: Iterable[CallRecord], handled: Iterable[str], now: float) -> None:
-        """Start from what the store kept (ids handled before count as handled at ``now``)."""
+        """Start from what the store kept (ids handled before count as handled at ``now``).
+
+        Each stored id of a call in the map is found among its four possible lifecycle ids
+        (four hashes per call: 0.6 s for 100,000 calls, once per start) and remembered by key.
+        """
         self.state = CallState(records)
-        self._handled = dict.fromkeys(handled, now)
+        ids = set(handled)
+        self._handled = _by_name()
+        for record in self.state.all_calls():
+            if not ids:
+                break
+            for name in LIFECYCLE_EVENTS:
+                event_id = lifecycle_id(name, record.call_key)
+                if event_id in ids:
+                    ids.discard(event_id)
+                    self._handled[name][record.call_key] = now
+        self._handled_ids = dict.fromkeys(ids, now)
 
     def get(self, call_key: str) -> CallRecord | None:
         """Return what the map knows of a call now, or None."""
@@ -60,15 +103,24 @@ class CallTracker:
 
     def admit(self, event: Event) -> bool:
         """Whether ``event`` is new; if it is, remember its id."""
-        event_id = event.id
-        if not event_id:
+        raw = raw_id(event)
+        if not raw:
             return True
-        if event.call_key is not None and event.name in LIFECYCLE_EVENTS:
-            if event_id in self._handled:
-                return False
-            self._handled[event_id] = event.received_at
-            self._unsaved.append(event_id)
-            return True
+        key = event.call_key
+        if key is not None and event.name in LIFECYCLE_EVENTS:
+            if type(raw) is LazyId and not self._handled_ids:
+                # The intake's event, and no id to check it against: by key alone, inline
+                # (a second call took 0.1 of the 0.4 µs).
+                name = event.name
+                handled = self._handled[name]
+                if key in handled:
+                    return False
+                handled[key] = event.received_at
+                self._unsaved[name].append(key)
+                return True
+            return self._admit_lifecycle(event, key, raw)
+        # Only the intake stamps a LazyId, and only on lifecycle events.
+        event_id = raw if type(raw) is str else event.id
         recent = self._recent
         now = event.received_at
         while recent:
@@ -81,18 +133,48 @@ class CallTracker:
         recent[event_id] = now
         return True
 
+    def _admit_lifecycle(self, event: Event, key: str, raw: str | LazyId) -> bool:
+        name, at = event.name, event.received_at
+        # The intake's lazy id is the key's hash by construction; a given one may be too.
+        if type(raw) is LazyId or raw == lifecycle_id(name, key):
+            handled_ids = self._handled_ids
+            if key in self._handled[name] or (handled_ids and event.id in handled_ids):
+                return False
+            self._handled[name][key] = at
+            self._unsaved[name].append(key)
+            return True
+        event_id = event.id
+        if event_id in self._handled_ids:
+            return False
+        self._handled_ids[event_id] = at
+        self._unsaved_ids.append(event_id)
+        return True
+
     def merge(self, event: Event) -> CallRecord | None:
         """Merge ``event`` into the call map; return its call as of this event, or None when
         the map does not know the call."""
+        self.last_heard = event.received_at
         return self.state.fold(event)
 
     def unsaved(self) -> list[str]:
         """Return the lifecycle ids handed on since the last call (for the store)."""
-        ids, self._unsaved = self._unsaved, []
+        keys, self._unsaved = self._unsaved, {name: [] for name in LIFECYCLE_EVENTS}
+        ids, self._unsaved_ids = self._unsaved_ids, []
+        # The ids the socket's path did not make are made here, once a batch.
+        ids.extend(lifecycle_id(name, key) for name, handed in keys.items() for key in handed)
         return ids
+
+    def forget_unsaved(self) -> None:
+        """Drop what :meth:`unsaved` would return (there is no store to take it)."""
+        self._unsaved = {name: [] for name in LIFECYCLE_EVENTS}
+        self._unsaved_ids = []
 
     def prune(self, before: float) -> int:
         """Forget the calls silent since before ``before`` and the lifecycle ids handed on
         before it; return how many calls were forgotten."""
-        self._handled = {key: at for key, at in self._handled.items() if at >= before}
+        self._handled = {
+            name: {key: at for key, at in handled.items() if at >= before}
+            for name, handled in self._handled.items()
+        }
+        self._handled_ids = {key: at for key, at in self._handled_ids.items() if at >= before}
         return self.state.prune(before)

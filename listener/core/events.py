@@ -21,7 +21,7 @@ from typing import Any, Final, Literal
 
 from listener.core.templating import MISSING, FieldPath
 
-__all__ = ["Event", "Origin", "call_key_of", "stamp_id", "with_id"]
+__all__ = ["Event", "LazyId", "Origin", "call_key_of", "raw_id", "stamp_id", "with_id"]
 
 #: Where an event was learnt: from the channel, or rebuilt from ``list_calls``.
 Origin = Literal["realtime", "reconcile"]
@@ -68,8 +68,9 @@ class Event:
         size: the size of the frame it came in, in bytes (0 when unknown); handler queues
             are bounded by it as well as by count.
         id: its stable id (``evt_...``): a lifecycle event of a call has the same one however
-            often and however it is heard. Empty for an event made outside the daemon's
-            intake (a test's, say).
+            often and however it is heard (the intake leaves it to be made when first
+            read, see :class:`LazyId`). Empty for an event made outside the daemon's intake
+            (a test's, say).
         origin: ``realtime``, or ``reconcile`` for a transition rebuilt from ``list_calls``.
     """
 
@@ -95,7 +96,12 @@ class Event:
         origin: Origin = "realtime",
     ) -> Event:
         """Build an event, deriving its call key from the payload."""
-        return cls(name, payload, topic, received_at, call_key_of(payload), size, id, origin)
+        key = call_key_of(payload)
+        if cls is Event:
+            # Through the slots' own setters (see _makers): the frozen dataclass's __init__
+            # took 1.0 µs of every event the socket delivers, this 0.45.
+            return _new_event(name, payload, topic, received_at, key, size, id, origin)
+        return cls(name, payload, topic, received_at, key, size, id, origin)
 
     def field(self, path: str, default: Any = None) -> Any:
         """Read a payload field whatever its spelling: ``event.field("fromNumber")`` finds
@@ -120,7 +126,18 @@ class Event:
         return f"{self.name} call={self.call_key} {text}"
 
 
-def stamp_id(event: Event, id: str) -> Event:
+class LazyId:
+    """An id made when it is first read, by ``make(event)``: what the intake stamps on an
+    event whose id is a function of fields it already holds (a lifecycle event's name and
+    call key), so that only the events whose id is read pay for it (see ``Event.id``)."""
+
+    __slots__ = ("make",)
+
+    def __init__(self, make: Callable[[Event], str]) -> None:
+        self.make = make
+
+
+def stamp_id(event: Event, id: str | LazyId) -> Event:
     """Give ``event`` its stable id in place and return it: for the intake alone, which
     stamps the events it has just built from a frame before anyone reads them (the rotation
     handover holds some by then, but reads only their names and payloads). Everywhere else
@@ -128,41 +145,85 @@ def stamp_id(event: Event, id: str) -> Event:
 
     A slot set: 0.1 µs, where a copy takes 0.45 µs and the dataclass's ``__init__`` 1.0.
     """
-    _SET_ID(event, id)
+    _ID_SLOT.__set__(event, id)
     return event
 
 
-_SET_ID: Final = Event.__dict__["id"].__set__
+def _read_id(event: Event) -> str:
+    raw = _ID_SLOT.__get__(event, Event)
+    if type(raw) is LazyId:
+        raw = raw.make(event)
+        _ID_SLOT.__set__(event, raw)
+    return raw  # type: ignore[no-any-return]
 
 
-def _copier() -> Any:
-    """A function that copies an Event with another id, through its slots' descriptors: a
-    frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``, which
-    took 1.0 µs for the eight, these 0.45 µs."""
+# ``Event.id`` reads through a property over the field's slot, so that a LazyId is made on
+# first read: the lifecycle id (a SHA-256 and its base32, 2.0 µs of the 5.5 µs call state
+# cost per event in bench/README.md) is paid only by what reads it (a webhook, the store's
+# batch), not by the socket's path. The dataclass's own methods (init, eq, hash, repr,
+# replace) go through the property too, so they see the made id.
+_ID_SLOT: Final[Any] = Event.__dict__["id"]
+type.__setattr__(Event, "id", property(_read_id, _ID_SLOT.__set__, doc=_ID_SLOT.__doc__))
+
+#: ``raw_id(event)``: the id as stamped, without making a :class:`LazyId` one (the call
+#: tracker de-dupes lifecycle events by name and call key, and needs no id for that). The
+#: slot's own getter: a Python function around it cost 0.1 µs more per event.
+raw_id: Final[Callable[[Event], str | LazyId]] = _ID_SLOT.__get__
+
+
+def _makers() -> tuple[Callable[..., Event], Callable[[Event, str], Event]]:
+    """Two functions that build an Event through its slots' descriptors: a frozen
+    dataclass's ``__init__`` sets each field through ``object.__setattr__``, which took
+    1.0 µs for the eight, these 0.45 µs. One takes the fields in order; the other copies an
+    Event with another id."""
     names = tuple(item.name for item in dataclasses.fields(Event))
     expected = ("name", "payload", "topic", "received_at", "call_key", "size", "id", "origin")
     if names != expected:
         raise AssertionError(f"Event's fields changed: {names}")
-    name, payload, topic, received_at, call_key, size, event_id, origin = (
+    set_name, set_payload, set_topic, set_received_at, set_call_key, set_size, _, set_origin = (
         Event.__dict__[name].__set__ for name in names
     )
+    set_id = _ID_SLOT.__set__
     new = object.__new__
 
+    def make(
+        name: str,
+        payload: dict[str, Any],
+        topic: str,
+        received_at: float,
+        call_key: str | None,
+        size: int,
+        id: str | LazyId,
+        origin: Origin,
+    ) -> Event:
+        event: Event = new(Event)
+        set_name(event, name)
+        set_payload(event, payload)
+        set_topic(event, topic)
+        set_received_at(event, received_at)
+        set_call_key(event, call_key)
+        set_size(event, size)
+        set_id(event, id)
+        set_origin(event, origin)
+        return event
+
     def copy(event: Event, id: str) -> Event:
-        copied: Event = new(Event)
-        name(copied, event.name)
-        payload(copied, event.payload)
-        topic(copied, event.topic)
-        received_at(copied, event.received_at)
-        call_key(copied, event.call_key)
-        size(copied, event.size)
-        event_id(copied, id)
-        origin(copied, event.origin)
-        return copied
+        return make(
+            event.name,
+            event.payload,
+            event.topic,
+            event.received_at,
+            event.call_key,
+            event.size,
+            id,
+            event.origin,
+        )
 
-    return copy
+    return make, copy
 
+
+_new_event, _copy_event = _makers()
 
 #: ``with_id(event, id)``: ``event`` with the stable id ``id``, all else the same (the
 #: session stamps every event it delivers so).
-with_id: Callable[[Event, str], Event] = _copier()
+with_id: Callable[[Event, str], Event] = _copy_event

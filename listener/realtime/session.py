@@ -52,7 +52,7 @@ import structlog
 
 from listener.core import metrics
 from listener.core.errors import AuthError, LinkError, MintError
-from listener.core.events import Event, stamp_id
+from listener.core.events import Event
 from listener.core.ids import EventIds
 from listener.core.retry import AUTH_STATUSES, Backoff, BackoffPolicy, honour_retry_after
 from listener.realtime.connection import Connection, EventSink, LinkSettings
@@ -395,7 +395,7 @@ class Session:
 
     def _stamped(self, event: Event) -> Awaitable[Any] | None:
         # orjson decoded the payload, so it has the canonical form an id needs.
-        return self._sink(stamp_id(event, self._ids.of(event)))
+        return self._sink(self._ids.stamp(event))
 
     def _proved_healthy(self, link: Connection) -> bool:
         # Rotations hand over without a gap, so health is counted from the session's join.
