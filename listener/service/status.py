@@ -242,8 +242,8 @@ class StatusBoard:
     def _events(self) -> list[dict[str, Any]]:
         # By id: every event the daemon's intake hands on has one (tests' own may not).
         outcomes: dict[str, list[dict[str, Any]]] = {}
-        for event_id, handler, outcome, seconds, error in self.outcomes:
-            outcomes.setdefault(event_id, []).append(
+        for handled, handler, outcome, seconds, error in self.outcomes:
+            outcomes.setdefault(handled.id, []).append(
                 {"handler": handler, "outcome": outcome, "seconds": seconds, "error": error}
             )
         return [
