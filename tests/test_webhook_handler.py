@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -571,3 +572,37 @@ async def test_replay_by_time_range_resends_with_the_same_ids_and_attempts_show_
 
 def ids_of(requests: list[ReceivedRequest]) -> list[str]:
     return [request.headers["webhook-id"] for request in requests]
+
+
+@pytest.mark.parametrize("fmt", ["pretty", "json"])
+async def test_run_shows_each_delivery_on_a_terminal_and_not_in_the_journal(
+    fake: FakeSippet, receiver: WebhookReceiver, tmp_path: Path, fmt: str
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(config_text(fake, receiver, tmp_path), encoding="utf-8")
+    process = await asyncio.create_subprocess_exec(
+        *CLI,
+        "run",
+        "--config",
+        str(config),
+        "--format",
+        fmt,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "SIPPET_SECRET_KEY": fake.api_key},
+    )
+    assert process.stderr is not None
+    await fake.wait_until(lambda: fake.joined_sockets >= 1)
+    await fake.broadcast("incoming_call", {"callUuid": "5d1e0c7a-2b9f", "status": "ringing"})
+    await receiver.wait_for(1)
+    # The line, if any, is logged before the outcome is committed, so once the receiver
+    # has the delivery and the daemon stops, everything it would say is on stderr.
+    process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(10):
+        logged = (await process.stderr.read()).decode()
+        assert await process.wait() == 0
+    if fmt == "pretty":
+        assert re.search(r"--> 200 crm [\d.]+ ms  incoming_call 5d1e0c7a", logged), logged
+    else:
+        lines = [json.loads(line) for line in logged.splitlines()]
+        assert any(line["event"] == "channel joined" for line in lines)
+        assert not any(line["event"] == "webhook delivered" for line in lines)

@@ -22,7 +22,13 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 from listener.core.pretty import PrettyRenderer, resolve_format, use_colors
 
-__all__ = ["configure_logging", "redact", "redact_text", "register_secret"]
+__all__ = [
+    "configure_logging",
+    "logs_each_delivery",
+    "redact",
+    "redact_text",
+    "register_secret",
+]
 
 REDACTED = "[REDACTED]"
 # Tokens rotate every few minutes; remembering the recent ones is enough.
@@ -52,6 +58,9 @@ _SECRET_FIELDS = frozenset(
         "webhook-signature",
     }
 )
+# One line per webhook delivery is for someone watching a terminal; in the journal, at
+# hundreds a second, the outbox's records and the metrics tell the same without the flood.
+_each_delivery = False
 _QUIET_LIBRARIES = ("websockets", "httpx", "httpcore", "uvicorn", "uvicorn.error")
 
 
@@ -109,7 +118,18 @@ def _drop_color_message(
     return dict(event_dict)
 
 
-def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+def logs_each_delivery() -> bool:
+    """Whether webhook workers log every successful delivery (see :func:`configure_logging`)."""
+    return _each_delivery
+
+
+def configure_logging(
+    level: str = "info",
+    fmt: str = "auto",
+    stream: TextIO | None = None,
+    *,
+    each_delivery: bool | None = None,
+) -> None:
     """Route structlog and the stdlib root logger through one redacting formatter.
 
     Args:
@@ -117,7 +137,10 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         fmt: ``json``, ``pretty`` (``console`` is its older spelling), or ``auto`` (pretty
             on a terminal, else JSON).
         stream: where lines go (stderr by default, leaving stdout to command output).
+        each_delivery: log a line per successful webhook delivery; by default only in the
+            pretty format or at ``debug``.
     """
+    global _each_delivery
     out = stream if stream is not None else sys.stderr
     numeric = logging.getLevelNamesMapping()[level.upper()]
     shared: list[Processor] = [
@@ -126,10 +149,12 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    pretty = resolve_format(fmt, out) != "json"
     renderer: Processor = (
-        structlog.processors.JSONRenderer()
-        if resolve_format(fmt, out) == "json"
-        else PrettyRenderer(colors=use_colors(out))
+        PrettyRenderer(colors=use_colors(out)) if pretty else structlog.processors.JSONRenderer()
+    )
+    _each_delivery = (
+        (pretty or numeric <= logging.DEBUG) if each_delivery is None else each_delivery
     )
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

@@ -142,7 +142,9 @@ async def _demo(args: argparse.Namespace) -> int:
     # Imported here: the demo brings the embedded fake Sippet, which no other command needs.
     from listener.service.demo import run_demo
 
-    configure_logging(args.log_level, args.format or "auto")
+    # The demo's receiver shows each delivery with how long it waited; the daemon's own
+    # line per delivery would say each twice.
+    configure_logging(args.log_level, args.format or "auto", each_delivery=False)
     stop = asyncio.Event()
     stop_on_signals(stop)
     return await run_demo(

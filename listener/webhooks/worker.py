@@ -48,6 +48,7 @@ from typing import Literal
 
 import structlog
 
+from listener.core.logs import logs_each_delivery
 from listener.core.metrics import (
     WEBHOOK_DELIVERIES,
     WEBHOOK_HEALTHY,
@@ -168,6 +169,7 @@ class Worker:
         self._ratio = SuccessRatio()
         # The latest failed attempt: when it started, and what went wrong (the status page).
         self.last_error: tuple[float, str] | None = None
+        self._log_each_delivery = logs_each_delivery()
         # The children every attempt updates, looked up once: labels() and then inc()/set()
         # took 2.6 and 3.2 µs, the children alone 1.3 and 0.6 µs (timeit).
         self._delivered = WEBHOOK_DELIVERIES.labels(destination.name, "delivered")
@@ -445,6 +447,14 @@ class Worker:
         )
         if error_class is None:
             self._delivered.inc()
+            if self._log_each_delivery:
+                self._log.info(
+                    "webhook delivered",
+                    status=answer.status,
+                    latency_ms=round(answer.latency * 1000, 1),
+                    event_name=row.event,
+                    call_key=row.call_key,
+                )
             return Outcome(attempt, "delivered"), outage
         self.last_error = (started, answer.error)
         if error_class == "gone":
