@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench import endtoend, endtoend_profile, reconcile, scenarios
+from bench import endtoend, endtoend_profile, reconcile, scenarios, soak
 from bench.peers import BARE, DAEMON, PEERS, Client, ensure_venv
 from bench.procs import ROOT, BenchServer
 from bench.profile import RATE, Profile, py_spy
@@ -360,6 +360,23 @@ def _header(mode: Mode, peers_used: list[Client], skipped: dict[str, str]) -> st
     return "\n".join(lines)
 
 
+def _soak(duration: float, loop: str) -> int:
+    logs = RESULTS / "soak"
+    logs.mkdir(parents=True, exist_ok=True)
+    began = time.monotonic()
+
+    def say(text: str) -> None:
+        print(f"[bench {time.monotonic() - began:5.1f} s] {text}", file=sys.stderr, flush=True)
+
+    say(f"soak of {duration:g} s ...")
+    result = soak.run(duration, logs, say, loop)
+    table = _table([Row(*cells) for cells in soak.rows(result)])
+    report = f"{_header(MODES['full'], [], {}).replace('full mode', 'soak')}\n\n{table}\n"
+    print(report)
+    (RESULTS / "soak.md").write_text(report)
+    return 0 if "MISS" not in table else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -371,7 +388,21 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--smoke", action="store_true", help="tiny counts, no peers (< 20 s)")
     parser.add_argument("--no-peers", action="store_true", help="skip the peer clients")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
+    size.add_argument(
+        "--soak", action="store_true", help="only the soak: 1,000,000 events through faults"
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=600.0,
+        help="the soak's length in seconds (default %(default)g; events scale with it)",
+    )
+    parser.add_argument(
+        "--loop", choices=("asyncio", "uvloop"), default="asyncio", help="the soak's loop"
+    )
     args = parser.parse_args(argv)
+    if args.soak:
+        return _soak(args.duration, args.loop)
     mode = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
     logs = RESULTS / mode.name
     logs.mkdir(parents=True, exist_ok=True)

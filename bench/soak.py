@@ -1,0 +1,349 @@
+"""``python -m bench --soak``: a million events through faults, rotations and a receiver outage.
+
+Four processes: the fake Sippet (``bench.server``), the daemon (``bench/drivers/daemon.py``:
+the real ``Daemon`` with a handler that counts each ``seq`` and a ``webhook`` handler from a
+configuration table, every setting its default), the webhook receiver
+(``bench.endtoend_receiver``, lean) and this one, which drives them:
+
+- the server streams ``events`` call events at ``events / duration`` per second (1,000,000 in
+  600 s: 1,667/s, about half of what the webhook path drains on this machine, so that the
+  backlog of each outage is caught up before the next), tokens live 2 s and expired sockets
+  are closed (a rotation about every 1.5 s);
+- every ``every`` seconds one fault of :data:`CYCLE`, in turn; the server answers each once
+  a socket joined again, with the times on its clock;
+- the daemon's RSS is read every second.
+
+Then the stream ends, the receiver is given time to get every handled event, and the figures
+come from the records of all three: the seqs broadcast while no socket was joined (nobody
+heard them), each seq's count at the handler, the seqs at the receiver, the server's joins
+and its intervals with no socket joined.
+
+``--duration S`` scales the run (events = 1,667 x S): ``--soak --duration 60`` is a
+development run of about a minute and a half.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.peers import DAEMON
+from bench.procs import BenchServer, Child, Driver, rss_mib
+
+__all__ = ["CYCLE", "Fault", "Soak", "rows", "run"]
+
+RATE = 1_000_000 / 600
+TOKEN_TTL = 2.0
+HEARTBEAT = 1.0
+WINDOW = 3.0  # refused upgrades, refused mints
+RECEIVER_DOWN = 5.0
+EVERY = 6.0
+# The stream is transcript deltas of this many open calls: the call map stays the same size,
+# so that the RSS shows what the daemon keeps per event, not the calls it keeps for
+# calls.retain_ended (a day by default; see bench/README.md).
+CALLS = 100
+# A link counts as healthy after 2 heartbeats answered (the default, 5 s, is most of the gap
+# between two faults here).
+_SIPPET = {"heartbeat_interval": HEARTBEAT, "stable_after": 2 * HEARTBEAT}
+CYCLE = (
+    "drop_1006",
+    "refuse_upgrades",
+    "malformed",
+    "drop_1011",
+    "silence",
+    "receiver_down",
+    "refuse_mints",
+)
+# Seconds not joined that each fault may cost, from the reference point the target names.
+_TARGETS: dict[str, tuple[float, str]] = {
+    "drop_1006": (1.0, "joined <= 1 s after the drop"),
+    "drop_1011": (1.0, "joined <= 1 s after the drop"),
+    "refuse_upgrades": (3.0, "joined <= 3 s after the window ends"),
+    "refuse_mints": (3.0, "joined <= 3 s after the window ends"),
+    "silence": (2 * HEARTBEAT, "joined <= 2 heartbeats after the silence starts"),
+}
+_LABELS = {
+    "drop_1006": "drop, code 1006",
+    "drop_1011": "drop, code 1011",
+    "refuse_upgrades": f"upgrades refused (403) for {WINDOW:g} s",
+    "refuse_mints": f"mints refused (503) for {WINDOW:g} s",
+    "silence": "silence (heartbeats unanswered)",
+    "malformed": "malformed frames, one of 2 MB",
+    "receiver_down": f"webhook receiver down {RECEIVER_DOWN:g} s",
+}
+
+
+@dataclass
+class Fault:
+    """One fault as the server (or, for the receiver, this process) timed it."""
+
+    kind: str
+    began: float
+    window_end: float
+    joined_at: float | None
+    not_joined: float = 0.0  # seconds with no socket joined, from began to the next fault
+
+    @property
+    def rejoin(self) -> float | None:
+        """Seconds from the target's reference point to the join (None: no join)."""
+        if self.joined_at is None:
+            return None
+        reference = self.window_end if self.kind.startswith("refuse") else self.began
+        return max(0.0, self.joined_at - reference)
+
+
+@dataclass
+class Soak:
+    """What a soak measured."""
+
+    events: int
+    seconds: float = 0.0
+    unheard: int = 0
+    handled: int = 0
+    handler_lost: int = 0
+    lost_seqs: list[int] = field(default_factory=list)  # the first few
+    stream_began: float = 0.0
+    handler_duplicates: int = 0
+    delivered: int = 0
+    receiver_lost: int = 0
+    receiver_duplicates: int = 0
+    rss: list[tuple[float, float]] = field(default_factory=list)  # (time, MiB)
+    faults: list[Fault] = field(default_factory=list)
+    rotations: int = 0
+    reconnects: int = 0
+    mints: int = 0
+    loop: str = ""
+
+    def rss_at(self, moment: float) -> float:
+        """Median RSS over the 10 s up to ``moment`` (a queue's bursts come and go)."""
+        window = [mib for at, mib in self.rss if moment - 10 <= at <= moment]
+        return statistics.median(window or [self.rss[-1][1]])
+
+
+def _sample_rss(pid: int, into: list[tuple[float, float]], done: threading.Event) -> None:
+    while not done.wait(1.0):
+        try:
+            into.append((time.time(), rss_mib(pid)))
+        except (OSError, RuntimeError):
+            return
+
+
+def _not_joined(gaps: list[list[float | None]], start: float, end: float) -> float:
+    total = 0.0
+    for gap_start, gap_end in gaps:
+        assert gap_start is not None
+        stop = end if gap_end is None else gap_end
+        total += max(0.0, min(stop, end) - max(gap_start, start))
+    return total
+
+
+def run(duration: float, logs: Path, say: Callable[[str], None], loop: str = "asyncio") -> Soak:
+    """One soak of ``duration`` seconds of stream."""
+    events = int(RATE * duration)
+    result = Soak(events)
+    server = BenchServer(logs / "soak-server.log")
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    receiver = Child(
+        [sys.executable, "-m", "bench.endtoend_receiver", secret], logs / "soak-receiver.log"
+    )
+    driver: Driver | None = None
+    try:
+        url = str(receiver.read(timeout=20)["url"])
+        server.call(
+            "/configure", {"token_ttl": TOKEN_TTL, "behaviour": {"expiry_action": "close_socket"}}
+        )
+        options = {
+            "sippet": _SIPPET,
+            "seqs": events,
+            "webhook": {"url": url, "secret": secret},
+            "loop": loop,
+        }
+        driver = Driver(
+            DAEMON.label,
+            Path(sys.executable),
+            DAEMON.script,
+            server,
+            logs / "soak-daemon.log",
+            options,
+        )
+        driver.expect(0, keep=False)
+        streamed: dict[str, Any] = {}
+
+        server.call("/calls/open", {"count": CALLS, "prefix": "bench"})
+
+        def stream() -> None:
+            body = {"count": events, "start": 0, "rate": RATE, "calls": CALLS}
+            streamed.update(server.call("/stream", body, timeout=120 + duration))
+
+        streaming = threading.Thread(target=stream, daemon=True)
+        sampled = threading.Event()
+        sampler = threading.Thread(
+            target=_sample_rss, args=(driver.pid, result.rss, sampled), daemon=True
+        )
+        began = time.time()
+        streaming.start()
+        sampler.start()
+        index = 0
+        while streaming.is_alive():
+            next_at = began + (index + 1) * EVERY
+            streaming.join(max(0.0, next_at - time.time()))
+            if not streaming.is_alive() or time.time() - began > duration - EVERY:
+                break
+            kind = CYCLE[index % len(CYCLE)]
+            index += 1
+            if kind == "receiver_down":
+                down = time.time()
+                receiver.request({"cmd": "down"})
+                time.sleep(RECEIVER_DOWN)
+                receiver.request({"cmd": "up"})
+                result.faults.append(Fault(kind, down, time.time(), None))
+            else:
+                answer = server.call("/fault", {"kind": kind, "window": WINDOW}, timeout=60)
+                result.faults.append(
+                    Fault(kind, answer["began"], answer["window_end"], answer["joined_at"])
+                )
+            if index % len(CYCLE) == 0:
+                say(f"soak: {index} faults, {time.time() - began:.0f} s")
+        streaming.join(timeout=duration + 120)
+        result.seconds = time.time() - began
+        sampled.set()
+        result.unheard = sum(last - first + 1 for first, last in streamed["unheard"])
+        heard = bytearray(b"\x01") * events
+        for first, last in streamed["unheard"]:
+            heard[first : last + 1] = bytes(last - first + 1)
+        stats = driver.stats()
+        seen = base64.b64decode(stats["seen"])
+        result.handled = sum(1 for count in seen if count)
+        # The receiver gets what the handler handled, once the outbox caught up.
+        # (and the ringing and answering of the CALLS calls, which carry no seq).
+        everything = result.handled + 2 * CALLS
+        delivered = receiver.request(
+            {"cmd": "wait", "count": everything, "timeout": 120}, timeout=300
+        )
+        seen = base64.b64decode(driver.stats()["seen"])
+        result.handled = sum(1 for count in seen if count)
+        lost = [seq for seq, (h, s) in enumerate(zip(heard, seen, strict=True)) if h and not s]
+        result.handler_lost, result.lost_seqs = len(lost), lost[:20]
+        result.stream_began = began
+        result.handler_duplicates = sum(count - 1 for count in seen if count > 1)
+        arrived = [int(seq) for seq, _, _ in delivered["records"] if seq is not None]
+        unique = set(arrived)
+        result.delivered = len(unique)
+        result.receiver_duplicates = len(arrived) - len(unique)
+        result.receiver_lost = sum(
+            1 for seq, count in enumerate(seen) if count and seq not in unique
+        )
+        result.rotations, result.reconnects = stats["rotations"], stats["reconnects"]
+        result.loop = stats["loop"]
+        result.mints = int(server.call("/stats")["mints"])
+        gaps = server.call("/gaps")
+        ends = [f.began for f in result.faults[1:]] + [began + result.seconds]
+        for fault, end in zip(result.faults, ends, strict=True):
+            fault.not_joined = _not_joined(gaps, fault.began, end)
+    finally:
+        if driver is not None:
+            driver.quit()
+        receiver.close()
+        server.close()
+    return result
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def rows(soak: Soak) -> list[tuple[str, str, str, str, str]]:
+    """(measure, client, result, reference, target) rows: one per phase of the cycle, then the
+    stream, the handler, the receiver and the memory."""
+    client = f"sippet-listener (Daemon, {soak.loop} loop)"
+    out = []
+    for kind in CYCLE:
+        faults = [f for f in soak.faults if f.kind == kind]
+        if not faults:
+            continue
+        not_joined = [f.not_joined for f in faults]
+        result = (
+            f"{len(faults)} faults; not joined median {statistics.median(not_joined):.2f} s,"
+            f" max {max(not_joined):.2f} s"
+        )
+        target = ""
+        if kind in _TARGETS:
+            limit, text = _TARGETS[kind]
+            rejoins = [f.rejoin for f in faults]
+            missing = sum(1 for r in rejoins if r is None)
+            timed = [r for r in rejoins if r is not None]
+            result += f"; joined again after median {statistics.median(timed or [0]):.2f} s,"
+            result += f" max {max(timed or [0]):.2f} s"
+            if missing:
+                result += f"; {missing} never re-joined within 30 s"
+            target = f"{_verdict(not missing and max(timed) <= limit)} ({text})"
+        out.append((f"soak phase: {_LABELS[kind]}", client, result, "", target))
+    heard = soak.events - soak.unheard
+    rate = soak.events / soak.seconds if soak.seconds else 0.0
+    out.append(
+        (
+            f"soak: {soak.events:,} events at {RATE:,.0f}/s, tokens of {TOKEN_TTL:g} s,"
+            f" a fault every {EVERY:g} s",
+            client,
+            f"{soak.seconds:.0f} s ({rate:,.0f}/s); {heard:,} heard by a joined socket,"
+            f" {soak.unheard:,} broadcast while none was ({soak.unheard / soak.events:.1%});"
+            f" {soak.rotations} rotations, {soak.reconnects} reconnects, {soak.mints} mints",
+            "",
+            "",
+        )
+    )
+    out.append(
+        (
+            "soak: at the handler (by seq)",
+            client,
+            f"{soak.handled:,} handled; lost {soak.handler_lost} of those heard;"
+            f" duplicates {soak.handler_duplicates}",
+            "",
+            f"{_verdict(soak.handler_lost == 0 and soak.handler_duplicates == 0)}"
+            " (0 lost, 0 duplicates)",
+        )
+    )
+    if soak.lost_seqs:
+        # Where they were lost: the seq's moment in the paced stream, and the fault before it.
+        where = []
+        for seq in soak.lost_seqs[:5]:
+            at = soak.stream_began + seq / RATE
+            before = [f for f in soak.faults if f.began <= at]
+            after = f"{at - before[-1].began:.2f} s after {before[-1].kind}" if before else "start"
+            where.append(f"{seq} ({after})")
+        out[-1] = (*out[-1][:2], f"{out[-1][2]}; first lost: {', '.join(where)}", *out[-1][3:])
+    out.append(
+        (
+            "soak: at the webhook receiver (by seq)",
+            client,
+            f"{soak.delivered:,} delivered; lost {soak.receiver_lost} of those handled;"
+            f" duplicates {soak.receiver_duplicates}",
+            "",
+            f"{_verdict(soak.receiver_lost == 0 and soak.receiver_duplicates == 0)}"
+            " (0 lost, 0 duplicates)",
+        )
+    )
+    start = soak.rss[0][0]
+    end = soak.rss[-1][0]
+    middle = soak.rss_at(start + (end - start) / 2)
+    last = soak.rss_at(end)
+    growth = last - middle
+    out.append(
+        (
+            "soak: daemon RSS",
+            client,
+            f"{soak.rss[0][1]:.1f} MiB at start, {middle:.1f} at half time, {last:.1f} at the"
+            f" end ({growth:+.1f} over the second half), peak {max(m for _, m in soak.rss):.1f}",
+            "",
+            f"{_verdict(growth <= 1.0)} (<= 1 MiB over the second half)",
+        )
+    )
+    return out
