@@ -7,8 +7,9 @@
 - :func:`run_imports`: the same command under ``python -X importtime``: which of the
   :data:`HEAVY` modules it loads.
 - :func:`marginal`: each :data:`HEAVY` module alone in a fresh interpreter, on top of
-  ``asyncio`` (which every path loads): its cumulative import time (``-X importtime``, median
-  of 3) and the RSS it adds. Shared dependencies make these overlap (httpx and uvicorn both
+  ``asyncio`` (which every path loads; ``listener.*`` modules also on top of the ``listener``
+  package, whose door every command loads): its cumulative import time (``-X importtime``,
+  median of 3) and the RSS it adds. Shared dependencies make these overlap (httpx and uvicorn both
   bring h11 and anyio...): each figure is "this module, if nothing else had loaded its
   dependencies".
 
@@ -54,7 +55,7 @@ HEAVY = (
 )
 _SETTLE = 2.0
 _PROBE = (
-    "import asyncio, sys\n"
+    "import {base}\n"
     "def rss():\n"
     "    for line in open('/proc/self/status'):\n"
     "        if line.startswith('VmRSS:'):\n"
@@ -113,9 +114,13 @@ def _run_joined(
             return rss, err.read().decode(errors="replace")
 
 
-def idle_run(server: BenchServer, logs: Path, loop: str = "asyncio") -> float:
+def idle_run(
+    server: BenchServer, logs: Path, loop: str = "asyncio", python: Path | None = None
+) -> float:
     """RSS (MiB) of ``sippet-listener run`` with a minimal configuration, joined and idle."""
-    rss, _ = _run_joined(server, [sys.executable], loop, logs / f"idle-run-{loop}.log")
+    interpreter = str(python or sys.executable)
+    log = logs / f"idle-run-{Path(interpreter).parent.parent.name}-{loop}.log"
+    rss, _ = _run_joined(server, [interpreter], loop, log)
     return rss
 
 
@@ -143,8 +148,10 @@ def marginal(module: str, runs: int = 3) -> tuple[float, float] | None:
     """(ms, MiB) of importing ``module`` alone after ``asyncio``; None if not installed."""
     times, sizes = [], []
     for _ in range(runs):
+        # Ours on top of the package (its door loads the core every command needs).
+        base = "asyncio, sys, listener" if module.startswith("listener.") else "asyncio, sys"
         done = subprocess.run(
-            [sys.executable, "-X", "importtime", "-c", _PROBE.format(module=module)],
+            [sys.executable, "-X", "importtime", "-c", _PROBE.format(base=base, module=module)],
             cwd=ROOT,
             capture_output=True,
             text=True,

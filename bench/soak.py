@@ -25,6 +25,7 @@ development run of about a minute and a half.
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 import statistics
 import sys
@@ -91,13 +92,17 @@ class Fault:
     joined_at: float | None
     not_joined: float = 0.0  # seconds with no socket joined, from began to the next fault
 
+    # When a socket was joined again: the end of the last interval with none joined that
+    # began during this fault (``began`` itself if there was none; None: still none joined).
+    back_at: float | None = None
+
     @property
     def rejoin(self) -> float | None:
-        """Seconds from the target's reference point to the join (None: no join)."""
-        if self.joined_at is None:
+        """Seconds from the target's reference point to being joined again (None: never)."""
+        if self.back_at is None:
             return None
         reference = self.window_end if self.kind.startswith("refuse") else self.began
-        return max(0.0, self.joined_at - reference)
+        return max(0.0, self.back_at - reference)
 
 
 @dataclass
@@ -105,6 +110,7 @@ class Soak:
     """What a soak measured."""
 
     events: int
+    rate: float
     seconds: float = 0.0
     unheard: int = 0
     handled: int = 0
@@ -117,6 +123,7 @@ class Soak:
     receiver_duplicates: int = 0
     rss: list[tuple[float, float]] = field(default_factory=list)  # (time, MiB)
     faults: list[Fault] = field(default_factory=list)
+    rss_at_rest: float = 0.0  # once the receiver had everything, 2 s later
     rotations: int = 0
     reconnects: int = 0
     mints: int = 0
@@ -145,10 +152,17 @@ def _not_joined(gaps: list[list[float | None]], start: float, end: float) -> flo
     return total
 
 
-def run(duration: float, logs: Path, say: Callable[[str], None], loop: str = "asyncio") -> Soak:
+def run(
+    duration: float,
+    logs: Path,
+    say: Callable[[str], None],
+    loop: str = "asyncio",
+    trace: bool = False,
+    rate: float = RATE,
+) -> Soak:
     """One soak of ``duration`` seconds of stream."""
-    events = int(RATE * duration)
-    result = Soak(events)
+    events = int(rate * duration)
+    result = Soak(events, rate)
     server = BenchServer(logs / "soak-server.log")
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
     receiver = Child(
@@ -165,6 +179,7 @@ def run(duration: float, logs: Path, say: Callable[[str], None], loop: str = "as
             "seqs": events,
             "webhook": {"url": url, "secret": secret},
             "loop": loop,
+            "tracemalloc": trace,
         }
         driver = Driver(
             DAEMON.label,
@@ -180,7 +195,7 @@ def run(duration: float, logs: Path, say: Callable[[str], None], loop: str = "as
         server.call("/calls/open", {"count": CALLS, "prefix": "bench"})
 
         def stream() -> None:
-            body = {"count": events, "start": 0, "rate": RATE, "calls": CALLS}
+            body = {"count": events, "start": 0, "rate": rate, "calls": CALLS}
             streamed.update(server.call("/stream", body, timeout=120 + duration))
 
         streaming = threading.Thread(target=stream, daemon=True)
@@ -220,6 +235,8 @@ def run(duration: float, logs: Path, say: Callable[[str], None], loop: str = "as
         for first, last in streamed["unheard"]:
             heard[first : last + 1] = bytes(last - first + 1)
         stats = driver.stats()
+        if trace:
+            (logs / "soak-grown.json").write_text(json.dumps(stats["grown"], indent=1))
         seen = base64.b64decode(stats["seen"])
         result.handled = sum(1 for count in seen if count)
         # The receiver gets what the handler handled, once the outbox caught up.
@@ -248,6 +265,10 @@ def run(duration: float, logs: Path, say: Callable[[str], None], loop: str = "as
         ends = [f.began for f in result.faults[1:]] + [began + result.seconds]
         for fault, end in zip(result.faults, ends, strict=True):
             fault.not_joined = _not_joined(gaps, fault.began, end)
+            during = [gap for gap in gaps if fault.began <= (gap[0] or 0.0) < end]
+            fault.back_at = during[-1][1] if during else fault.began
+        time.sleep(2.0)
+        result.rss_at_rest = rss_mib(driver.pid)
     finally:
         if driver is not None:
             driver.quit()
@@ -290,7 +311,7 @@ def rows(soak: Soak) -> list[tuple[str, str, str, str, str]]:
     rate = soak.events / soak.seconds if soak.seconds else 0.0
     out.append(
         (
-            f"soak: {soak.events:,} events at {RATE:,.0f}/s, tokens of {TOKEN_TTL:g} s,"
+            f"soak: {soak.events:,} events at {soak.rate:,.0f}/s, tokens of {TOKEN_TTL:g} s,"
             f" a fault every {EVERY:g} s",
             client,
             f"{soak.seconds:.0f} s ({rate:,.0f}/s); {heard:,} heard by a joined socket,"
@@ -315,7 +336,7 @@ def rows(soak: Soak) -> list[tuple[str, str, str, str, str]]:
         # Where they were lost: the seq's moment in the paced stream, and the fault before it.
         where = []
         for seq in soak.lost_seqs[:5]:
-            at = soak.stream_began + seq / RATE
+            at = soak.stream_began + seq / soak.rate
             before = [f for f in soak.faults if f.began <= at]
             after = f"{at - before[-1].began:.2f} s after {before[-1].kind}" if before else "start"
             where.append(f"{seq} ({after})")
@@ -341,7 +362,8 @@ def rows(soak: Soak) -> list[tuple[str, str, str, str, str]]:
             "soak: daemon RSS",
             client,
             f"{soak.rss[0][1]:.1f} MiB at start, {middle:.1f} at half time, {last:.1f} at the"
-            f" end ({growth:+.1f} over the second half), peak {max(m for _, m in soak.rss):.1f}",
+            f" end ({growth:+.1f} over the second half), peak {max(m for _, m in soak.rss):.1f};"
+            f" {soak.rss_at_rest:.1f} at rest after the stream",
             "",
             f"{_verdict(growth <= 1.0)} (<= 1 MiB over the second half)",
         )

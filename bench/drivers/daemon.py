@@ -8,7 +8,8 @@ choice, ``loop_factory``); for the soak (``bench.soak``): ``seqs``: N, count eac
 N in a preallocated byte per seq instead of keeping records (memory stays flat over a million
 events; ``stats`` then answers ``seen``, the counts in base64), and ``webhook``: ``{"url",
 "secret"}``, a second handler, ``use = "webhook"`` from a configuration table, every other
-setting its default.
+setting its default; ``tracemalloc``: trace allocations from the join on, and answer
+``grown``, the ten lines whose memory grew most since then, with ``stats``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import os
 import sys
 import tempfile
+import tracemalloc
 from typing import Any
 
 from common import Recorder, driver_args, serve
@@ -93,6 +95,8 @@ async def main(args: argparse.Namespace) -> None:
         if not joined.done():
             raise SystemExit("the daemon did not join within 10 s")
 
+        traced = tracemalloc.take_snapshot() if options.get("tracemalloc") else None
+
         def stats() -> dict[str, Any]:
             answer: dict[str, Any] = {
                 "rotations": daemon.session.rotations,
@@ -102,6 +106,12 @@ async def main(args: argparse.Namespace) -> None:
             }
             if seen is not None:
                 answer["seen"] = base64.b64encode(seen.seen).decode()
+            if traced is not None:
+                grown = tracemalloc.take_snapshot().compare_to(traced, "traceback")
+                answer["grown"] = [
+                    [stat.size_diff, stat.count_diff, stat.traceback.format()[-6:]]
+                    for stat in grown[:10]
+                ]
             return answer
 
         async def shutdown() -> None:
@@ -114,6 +124,9 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     arguments = driver_args(__doc__ or "")
     # The loop exists before main() runs: chosen the way the daemon's command line chooses it.
-    os.environ[LOOP_ENV] = json.loads(arguments.options).get("loop", "asyncio")
+    chosen = json.loads(arguments.options)
+    os.environ[LOOP_ENV] = chosen.get("loop", "asyncio")
+    if chosen.get("tracemalloc"):
+        tracemalloc.start(12)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(main(arguments))
