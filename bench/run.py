@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench import endtoend, endtoend_profile, imports, reconcile, scenarios, soak
+from bench import endtoend, endtoend_profile, imports, loops, reconcile, scenarios, soak
 from bench.peers import BARE, DAEMON, DAEMON_UVLOOP, OURS, PEERS, PRODUCTION, Client, ensure_venv
 from bench.procs import ROOT, BenchServer
 from bench.profile import RATE, Profile, py_spy
@@ -517,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
             production = mode.peers and not args.no_peers
             section("idle run", lambda: _idle_run_rows(server, logs, bare_idle, say, production))
         section("call state", lambda: [Row(*row) for row in reconcile.rows(server, mode, logs)])
+        if importlib.util.find_spec("uvloop") is not None:
+            section("uvloop", lambda: [Row(*row) for row in loops.rows(server, mode.name, logs)])
         if profile:
             section(
                 "profile of the hot path",
