@@ -410,6 +410,7 @@ def _soak(duration: float, loop: str, rate: float) -> int:
     report = f"{_header(MODES['full'], [], {}).replace('full mode', 'soak')}\n\n{table}\n"
     print(report)
     (RESULTS / "soak.md").write_text(report)
+    (RESULTS / "soak.json").write_text(json.dumps(asdict(result)))
     return 0 if "MISS" not in table else 1
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.peers import DAEMON
-from bench.procs import BenchServer, Child, Driver, rss_mib
+from bench.procs import BenchServer, Child, Driver, cpu_seconds, rss_mib
 
 __all__ = ["CYCLE", "Fault", "Soak", "rows", "run"]
 
@@ -116,6 +116,7 @@ class Soak:
     handled: int = 0
     handler_lost: int = 0
     lost_seqs: list[int] = field(default_factory=list)  # the first few
+    lost_ranges: list[tuple[int, int]] = field(default_factory=list)  # all, [first, last]
     stream_began: float = 0.0
     handler_duplicates: int = 0
     delivered: int = 0
@@ -124,6 +125,9 @@ class Soak:
     rss: list[tuple[float, float]] = field(default_factory=list)  # (time, MiB)
     faults: list[Fault] = field(default_factory=list)
     rss_at_rest: float = 0.0  # once the receiver had everything, 2 s later
+    cpu: float = 0.0  # the daemon's CPU time over the stream / its wall time (1.0: one core)
+    lag: list[tuple[int, float]] = field(default_factory=list)  # (seq, s behind), 1 in 1000
+    catch_up: float = 0.0  # seconds from the stream's end to the receiver's last arrival
     rotations: int = 0
     reconnects: int = 0
     mints: int = 0
@@ -204,6 +208,7 @@ def run(
             target=_sample_rss, args=(driver.pid, result.rss, sampled), daemon=True
         )
         began = time.time()
+        cpu_before = cpu_seconds(driver.pid)
         streaming.start()
         sampler.start()
         index = 0
@@ -229,6 +234,7 @@ def run(
                 say(f"soak: {index} faults, {time.time() - began:.0f} s")
         streaming.join(timeout=duration + 120)
         result.seconds = time.time() - began
+        result.cpu = (cpu_seconds(driver.pid) - cpu_before) / result.seconds
         sampled.set()
         result.unheard = sum(last - first + 1 for first, last in streamed["unheard"])
         heard = bytearray(b"\x01") * events
@@ -239,16 +245,28 @@ def run(
             (logs / "soak-grown.json").write_text(json.dumps(stats["grown"], indent=1))
         seen = base64.b64decode(stats["seen"])
         result.handled = sum(1 for count in seen if count)
-        # The receiver gets what the handler handled, once the outbox caught up.
-        # (and the ringing and answering of the CALLS calls, which carry no seq).
-        everything = result.handled + 2 * CALLS
-        delivered = receiver.request(
-            {"cmd": "wait", "count": everything, "timeout": 120}, timeout=300
-        )
+        # The receiver gets what the handler handled (and the ringing and answering of the
+        # CALLS calls, which carry no seq), once the outbox caught up: wait while it moves.
+        ended = time.time()
+        everything, delivered, last_count = result.handled + 2 * CALLS, {}, -1
+        while True:
+            delivered = receiver.request(
+                {"cmd": "wait", "count": everything, "timeout": 30}, timeout=120
+            )
+            if delivered["count"] >= everything or delivered["count"] == last_count:
+                break
+            last_count = delivered["count"]
+        arrivals = [arrived for seq, _, arrived in delivered["records"] if seq is not None]
+        result.catch_up = max(arrivals, default=ended) - ended
         seen = base64.b64decode(driver.stats()["seen"])
         result.handled = sum(1 for count in seen if count)
         lost = [seq for seq, (h, s) in enumerate(zip(heard, seen, strict=True)) if h and not s]
         result.handler_lost, result.lost_seqs = len(lost), lost[:20]
+        for seq in lost:
+            if result.lost_ranges and result.lost_ranges[-1][1] == seq - 1:
+                result.lost_ranges[-1] = (result.lost_ranges[-1][0], seq)
+            else:
+                result.lost_ranges.append((seq, seq))
         result.stream_began = began
         result.handler_duplicates = sum(count - 1 for count in seen if count > 1)
         arrived = [int(seq) for seq, _, _ in delivered["records"] if seq is not None]
@@ -260,6 +278,7 @@ def run(
         )
         result.rotations, result.reconnects = stats["rotations"], stats["reconnects"]
         result.loop = stats["loop"]
+        result.lag = [(int(seq), float(lag)) for seq, lag in stats["lag"]]
         result.mints = int(server.call("/stats")["mints"])
         gaps = server.call("/gaps")
         ends = [f.began for f in result.faults[1:]] + [began + result.seconds]
@@ -275,6 +294,21 @@ def run(
         receiver.close()
         server.close()
     return result
+
+
+def _lag(soak: Soak) -> str:
+    """How far behind the stream the handler ran, in each half (1 seq in 1000)."""
+    if not soak.lag:
+        return "no lag samples"
+    half = soak.events // 2
+    halves = [
+        [lag for seq, lag in soak.lag if seq < half],
+        [lag for seq, lag in soak.lag if seq >= half],
+    ]
+    parts = [
+        f"median {statistics.median(lags):.2f} s, max {max(lags):.2f} s" for lags in halves if lags
+    ]
+    return "handler behind the server by " + " / ".join(parts) + " (first / second half)"
 
 
 def _verdict(ok: bool) -> str:
@@ -314,7 +348,8 @@ def rows(soak: Soak) -> list[tuple[str, str, str, str, str]]:
             f"soak: {soak.events:,} events at {soak.rate:,.0f}/s, tokens of {TOKEN_TTL:g} s,"
             f" a fault every {EVERY:g} s",
             client,
-            f"{soak.seconds:.0f} s ({rate:,.0f}/s); {heard:,} heard by a joined socket,"
+            f"{soak.seconds:.0f} s ({rate:,.0f}/s); daemon CPU {soak.cpu:.0%} of a core;"
+            f" {_lag(soak)}; {heard:,} heard by a joined socket,"
             f" {soak.unheard:,} broadcast while none was ({soak.unheard / soak.events:.1%});"
             f" {soak.rotations} rotations, {soak.reconnects} reconnects, {soak.mints} mints",
             "",
@@ -335,18 +370,21 @@ def rows(soak: Soak) -> list[tuple[str, str, str, str, str]]:
     if soak.lost_seqs:
         # Where they were lost: the seq's moment in the paced stream, and the fault before it.
         where = []
-        for seq in soak.lost_seqs[:5]:
+        for seq in [first for first, _ in soak.lost_ranges[:5]]:
             at = soak.stream_began + seq / soak.rate
             before = [f for f in soak.faults if f.began <= at]
             after = f"{at - before[-1].began:.2f} s after {before[-1].kind}" if before else "start"
             where.append(f"{seq} ({after})")
-        out[-1] = (*out[-1][:2], f"{out[-1][2]}; first lost: {', '.join(where)}", *out[-1][3:])
+        ranges = len(soak.lost_ranges)
+        detail = f"{ranges} runs of lost seqs, the first at: {', '.join(where)}"
+        out[-1] = (*out[-1][:2], f"{out[-1][2]}; {detail}", *out[-1][3:])
     out.append(
         (
             "soak: at the webhook receiver (by seq)",
             client,
-            f"{soak.delivered:,} delivered; lost {soak.receiver_lost} of those handled;"
-            f" duplicates {soak.receiver_duplicates}",
+            f"{soak.delivered:,} delivered, the last {soak.catch_up:.0f} s after the stream"
+            f" ended; not delivered {soak.receiver_lost} of those handled (waited while"
+            f" deliveries came); duplicates {soak.receiver_duplicates}",
             "",
             f"{_verdict(soak.receiver_lost == 0 and soak.receiver_duplicates == 0)}"
             " (0 lost, 0 duplicates)",

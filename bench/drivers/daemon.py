@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 import tracemalloc
 from typing import Any
 
@@ -57,6 +58,9 @@ class _Seen(Handler):
         super().__init__()
         self._recorder = recorder
         self.seen = bytearray(size)
+        # (seq, seconds from the server's ts to the handler) of every 1000th seq: how far
+        # behind the stream the daemon runs, in a thousandth of the events' memory.
+        self.lag: list[tuple[int, float]] = []
 
     async def handle(self, event: Event, ctx: Context) -> None:
         seq = event.payload.get("seq")
@@ -64,6 +68,8 @@ class _Seen(Handler):
             return
         if self.seen[seq] < 255:
             self.seen[seq] += 1
+        if seq % 1000 == 0:
+            self.lag.append((seq, time.time() - event.payload["ts"]))
         self._recorder.count += 1
 
 
@@ -106,6 +112,7 @@ async def main(args: argparse.Namespace) -> None:
             }
             if seen is not None:
                 answer["seen"] = base64.b64encode(seen.seen).decode()
+                answer["lag"] = seen.lag
             if traced is not None:
                 grown = tracemalloc.take_snapshot().compare_to(traced, "traceback")
                 answer["grown"] = [
