@@ -38,7 +38,7 @@ from listener.calls.store import store_path
 from listener.calls.tracker import CallTracker
 from listener.core.errors import ConfigError, HandlerLoadError, ListenerError
 from listener.core.ids import EventIds
-from listener.core.logs import configure_logging
+from listener.core.logs import configure_logging, register_secret
 from listener.core.retry import BackoffPolicy
 from listener.dispatch.dispatcher import Dispatcher, DispatchReport, HandlerRunner
 from listener.dispatch.handler import Context
@@ -47,11 +47,14 @@ from listener.realtime.connection import LinkSettings
 from listener.realtime.session import Session, SessionSettings
 from listener.realtime.tokens import TokenSource
 from listener.rpc.client import RpcClient
-from listener.service.config import Settings, SippetSettings
+from listener.service.config import Settings, SippetSettings, read_admin_token
+from listener.service.linklog import LinkLog
+from listener.service.status import StatusBoard
 from listener.service.systemd import Notifier
 
 if TYPE_CHECKING:
     from listener.service.health import HealthServer
+    from listener.service.status_app import StatusApp
 
 __all__ = [
     "LOOP_ENV",
@@ -173,13 +176,18 @@ class Daemon:
             self.dispatcher.submit,
             topic=sippet.topic,
         )
+        # The status page's view of the link's gaps, passed on to the reconciler.
+        self.link_log = LinkLog(self.reconciler)
         self.session = Session(
             session_settings(sippet),
             tokens,
             self.dispatcher.submit,
             ids=EventIds(settings.calls.id_window),
-            watch=self.reconciler,
+            watch=self.link_log,
         )
+        self.board = StatusBoard(self)
+        self.board.observe()
+        self.status_page: StatusApp | None = None
         self._persist = persist
         self.report: DispatchReport | None = None
         self._reloading = asyncio.Lock()
@@ -319,6 +327,7 @@ class Daemon:
             update={"sippet": self.settings.sippet, "calls": self.settings.calls}
         )
         removed = self.dispatcher.replace(runners)
+        self.board.observe()
         self.handlers = handlers
         for runner in removed:
             with contextlib.suppress(TimeoutError):
@@ -370,9 +379,16 @@ class Daemon:
         # Imported here: uvicorn and starlette cost about 8 MiB of idle RSS (bench/README.md),
         # for a daemon that serves no metrics.
         from listener.service.health import HealthServer
+        from listener.service.status_app import StatusApp
 
+        token = read_admin_token(self.settings.service)
+        if token is not None:
+            register_secret(token)
+        page = self.status_page = StatusApp(self, self.board, token)
         try:
-            return HealthServer(*address, readiness=self.readiness)
+            return HealthServer(
+                *address, readiness=self.readiness, routes=page.routes(), background=page.run
+            )
         except OSError as exc:
             raise ListenerError(
                 f"service.metrics_listen: cannot listen on "
