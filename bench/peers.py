@@ -14,7 +14,16 @@ from pathlib import Path
 
 from bench.procs import ROOT
 
-__all__ = ["BARE", "DAEMON", "PEERS", "Client", "ensure_venv"]
+__all__ = [
+    "BARE",
+    "DAEMON",
+    "DAEMON_UVLOOP",
+    "OURS",
+    "PEERS",
+    "PRODUCTION",
+    "Client",
+    "ensure_venv",
+]
 
 VENVS = ROOT / "bench" / ".venvs"
 _MARKER = "bench-requirements.txt"
@@ -42,8 +51,22 @@ DAEMON = Client(
     "sippet-listener (Daemon, no-op handler)",
     "daemon.py",
     # Backoff resets after a socket stayed joined 0.5 s instead of 30 s, so that the recovery
-    # trials, 0.75 s apart, each measure "a drop after a healthy period".
-    options={"sippet": {"stable_after": 0.5}},
+    # trials, 0.75 s apart, each measure "a drop after a healthy period". The loop is
+    # asyncio's, named: the [fast] extra's uvloop is DAEMON_UVLOOP's, in the same run.
+    options={"sippet": {"stable_after": 0.5}, "loop": "asyncio"},
+)
+DAEMON_UVLOOP = Client(
+    "sippet-uvloop",
+    "sippet-listener (Daemon, no-op handler, uvloop)",
+    "daemon.py",
+    options={"sippet": {"stable_after": 0.5}, "loop": "uvloop"},
+)
+OURS = (DAEMON, DAEMON_UVLOOP)
+# `sippet-listener run` as a user installs it, for the idle RSS rows: the bench's own venv has
+# the dev extras, whose import-linter brings rich, which structlog and httpx then import.
+PRODUCTION = (
+    Client("production", "pip install sippet-listener", "", ("-e", str(ROOT))),
+    Client("production-fast", "pip install sippet-listener[fast]", "", ("-e", f"{ROOT}[fast]")),
 )
 PEERS = (
     Client(

@@ -10,6 +10,7 @@ every row carries its figures and its ratio to the reference measured in the sam
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -21,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench import endtoend, endtoend_profile, reconcile, scenarios
-from bench.peers import BARE, DAEMON, PEERS, Client, ensure_venv
+from bench import endtoend, endtoend_profile, imports, loops, reconcile, scenarios, soak
+from bench.peers import BARE, DAEMON, DAEMON_UVLOOP, OURS, PEERS, PRODUCTION, Client, ensure_venv
 from bench.procs import ROOT, BenchServer
 from bench.profile import RATE, Profile, py_spy
 from bench.scenarios import Mode, percentile
@@ -129,7 +130,7 @@ def _throughput_rows(results: list[scenarios.SocketResult], mode: Mode) -> list[
         cpu = f"; {statistics.median(r.cpu_us):.1f} µs CPU/event" if r.cpu_us else ""
         ratio = r.rate / limit if limit else 0.0
         target = ""
-        if r.client is DAEMON:
+        if r.client in OURS:
             ahead = all(r.rate > peer for peer in peers)
             target = f"{_verdict(ratio >= 0.6 and ahead)} (>= 0.6 x limit, ahead of every peer)"
         reference = "reference" if r.client is BARE else f"{ratio:.2f} x limit"
@@ -154,7 +155,7 @@ def _latency_rows(results: list[scenarios.SocketResult], mode: Mode) -> list[Row
         lost = f"; {r.latency_lost} lost" if r.latency_lost else ""
         result = f"p50 {p50:.2f} / p99 {p99:.2f} / max {max(r.latency_ms):.2f}{lost}"
         reference = "reference" if r.client is BARE else f"p99 {p99 / bare_p99:.2f} x limit"
-        target = f"{_verdict(p99 <= 1.0)} (p99 <= 1 ms)" if r.client is DAEMON else ""
+        target = f"{_verdict(p99 <= 1.0)} (p99 <= 1 ms)" if r.client in OURS else ""
         rows.append(Row(measure, r.client.label, result, reference, target))
     return rows
 
@@ -193,7 +194,7 @@ def _recovery_rows(results: list[scenarios.SocketResult]) -> list[Row]:
         reference = f"{median / best_peer:.2f} x best peer" if best_peer else "no peer in this run"
         if r.client.is_peer:
             reference = "peer"
-        target = f"{_verdict(median <= 0.050)} (median <= 50 ms)" if r.client is DAEMON else ""
+        target = f"{_verdict(median <= 0.050)} (median <= 50 ms)" if r.client in OURS else ""
         rows.append(
             Row(
                 "recovery: drop_all -> re-joined",
@@ -223,10 +224,10 @@ def _rotation_rows(results: list[scenarios.Rotation], mode: Mode) -> list[Row]:
         if r.rotations is not None:
             result += f"; {r.rotations} rotations, {r.reconnects} reconnects"
         target = ""
-        if r.client is DAEMON:
+        if r.client in OURS:
             target = f"{_verdict(r.lost == 0 and r.duplicates == 0)} (0 lost, 0 duplicates)"
         rows.append(
-            Row(measure, r.client.label, result, "" if r.client is DAEMON else "peer", target)
+            Row(measure, r.client.label, result, "" if r.client in OURS else "peer", target)
         )
     return rows
 
@@ -286,12 +287,47 @@ def _footprint_rows(results: list[scenarios.Footprint]) -> list[Row]:
             else f"{r.idle_rss / bare.idle_rss:.2f} x limit idle RSS"
         )
         target = ""
-        if r.client is DAEMON:
+        if r.client in OURS:
             target = (
-                f"{_verdict(r.second_half_growth <= 1.0)} (no growth over the second half);"
+                f"{_verdict(r.idle_rss <= 1.3 * bare.idle_rss)} (idle RSS <= 1.3 x limit);"
+                f" {_verdict(r.second_half_growth <= 1.0)} (no growth over the second half);"
                 f" {_verdict(growth <= 5.0)} (+5 MiB at most vs idle)"
             )
         rows.append(Row("footprint", r.client.label, result, reference, target))
+    return rows
+
+
+def _idle_run_rows(
+    server: BenchServer,
+    logs: Path,
+    bare_idle: float,
+    say: Callable[[str], None],
+    production: bool,
+) -> list[Row]:
+    """`sippet-listener run` itself, minimal configuration, joined: in the bench's venv (dev
+    extras) on each loop, and as `pip install` gives it, next to the bare loop's idle RSS."""
+    measure = "idle RSS: `sippet-listener run`, minimal config (no handler, no metrics), joined"
+    runs: list[tuple[str, Path, str]] = [
+        ("bench venv (dev extras)", Path(sys.executable), "asyncio")
+    ]
+    if importlib.util.find_spec("uvloop") is not None:
+        runs.append(("bench venv (dev extras)", Path(sys.executable), "uvloop"))
+    for client in PRODUCTION if production else ():
+        say(f"venv for {client.label} ...")
+        python = ensure_venv(client, logs / f"venv-{client.key}.log")
+        runs.append((client.label, python, "auto"))
+    rows = []
+    for label, python, loop in runs:
+        rss = imports.idle_run(server, logs, loop, python)
+        rows.append(
+            Row(
+                measure,
+                f"{label}, SIPPET_EVENT_LOOP={loop}",
+                f"{rss:.1f} MiB (bare loop {bare_idle:.1f} MiB)",
+                f"{rss / bare_idle:.2f} x limit idle RSS",
+                f"{_verdict(rss <= 1.3 * bare_idle)} (<= 1.3 x limit)",
+            )
+        )
     return rows
 
 
@@ -360,6 +396,24 @@ def _header(mode: Mode, peers_used: list[Client], skipped: dict[str, str]) -> st
     return "\n".join(lines)
 
 
+def _soak(duration: float, loop: str, rate: float) -> int:
+    logs = RESULTS / "soak"
+    logs.mkdir(parents=True, exist_ok=True)
+    began = time.monotonic()
+
+    def say(text: str) -> None:
+        print(f"[bench {time.monotonic() - began:5.1f} s] {text}", file=sys.stderr, flush=True)
+
+    say(f"soak of {duration:g} s ...")
+    result = soak.run(duration, logs, say, loop, rate=rate)
+    table = _table([Row(*cells) for cells in soak.rows(result)])
+    report = f"{_header(MODES['full'], [], {}).replace('full mode', 'soak')}\n\n{table}\n"
+    print(report)
+    (RESULTS / "soak.md").write_text(report)
+    (RESULTS / "soak.json").write_text(json.dumps(asdict(result)))
+    return 0 if "MISS" not in table else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -371,7 +425,27 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--smoke", action="store_true", help="tiny counts, no peers (< 20 s)")
     parser.add_argument("--no-peers", action="store_true", help="skip the peer clients")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
+    size.add_argument(
+        "--soak", action="store_true", help="only the soak: 1,000,000 events through faults"
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=600.0,
+        help="the soak's length in seconds (default %(default)g; events scale with it)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=soak.RATE,
+        help="the soak's events/s (default %(default).0f: 1,000,000 in 600 s)",
+    )
+    parser.add_argument(
+        "--loop", choices=("asyncio", "uvloop"), default="asyncio", help="the soak's loop"
+    )
     args = parser.parse_args(argv)
+    if args.soak:
+        return _soak(args.duration, args.loop, args.rate)
     mode = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
     logs = RESULTS / mode.name
     logs.mkdir(parents=True, exist_ok=True)
@@ -387,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         (BARE, Path(sys.executable)),
         (DAEMON, Path(sys.executable)),
     ]
+    if importlib.util.find_spec("uvloop") is not None:
+        clients.append((DAEMON_UVLOOP, Path(sys.executable)))
     skipped: dict[str, str] = {}
     if mode.peers and not args.no_peers:
         for peer in PEERS:
@@ -431,11 +507,19 @@ def main(argv: list[str] | None = None) -> int:
         rows += _recovery_rows(socket_results)
 
         def measure_footprint() -> list[Row]:
-            footprints.extend(scenarios.footprint(server, mode, logs))
+            ours = tuple(client for client, _ in clients if client in OURS)
+            footprints.extend(scenarios.footprint(server, mode, logs, ours))
             return []
 
         section("footprint", measure_footprint)
+        if footprints:
+            bare_idle = footprints[0].idle_rss
+            # Like the peers', the production venvs are made on first use (they need PyPI).
+            production = mode.peers and not args.no_peers
+            section("idle run", lambda: _idle_run_rows(server, logs, bare_idle, say, production))
         section("call state", lambda: [Row(*row) for row in reconcile.rows(server, mode, logs)])
+        if importlib.util.find_spec("uvloop") is not None:
+            section("uvloop", lambda: [Row(*row) for row in loops.rows(server, mode.name, logs)])
         if profile:
             section(
                 "profile of the hot path",

@@ -253,9 +253,11 @@ class Footprint:
         return self.after_rss - self.trace[(len(self.trace) - 1) // 2]
 
 
-def footprint(server: BenchServer, mode: Mode, logs: Path) -> list[Footprint]:
+def footprint(
+    server: BenchServer, mode: Mode, logs: Path, ours: tuple[Client, ...] = (DAEMON,)
+) -> list[Footprint]:
     """Idle RSS after join, idle CPU, then RSS after a flood (the limit and ours, together)."""
-    clients = (BARE, DAEMON)
+    clients = (BARE, *ours)
     drivers = [
         Driver(
             c.label,

@@ -37,6 +37,8 @@ def test_bench_smoke_prints_the_table() -> None:
         "footprint",
         "reconcile: 100 open calls, 50 end",
         "throughput, drain 500 x 1, call state on vs off",
+        "idle RSS: `sippet-listener run`",
+        "uvloop vs asyncio, interleaved",
     ):
         assert any(m.startswith(prefix) for m in measures), (prefix, done.stdout)
     for client in (
@@ -44,6 +46,7 @@ def test_bench_smoke_prints_the_table() -> None:
         "sippet-listener (Daemon",
         "reference: forwarding loop",
         "sippet-listener (Daemon, webhook handler",
+        "sippet-listener (Daemon, no-op handler, uvloop)",
     ):
         assert any(client in row for row in rows), (client, done.stdout)
     assert "failed:" not in done.stdout, done.stdout

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import inspect
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,6 +17,7 @@ import pytest
 
 import listener
 import listener.testing
+from listener.testing import FakeSippet
 
 ROOT = Path(__file__).resolve().parent.parent
 # Code that must use the door like any plugin: the built-in handlers and the example plugin.
@@ -51,17 +54,63 @@ def test_the_public_api_keeps_its_promises() -> None:
     assert set(listener.__all__) >= PROMISED
 
 
-def test_the_daemon_does_not_load_the_test_kit() -> None:
-    """``sippet-listener run`` must not pay for the fake server (only ``demo`` loads it)."""
-    probe = (
-        "import sys, listener.service.cli\n"
-        "loaded = sorted(m for m in sys.modules if m.startswith('listener.testing'))\n"
-        "print(','.join(loaded))\n"
+# What `run` must not load when its configuration does not ask for it: the test kit and the
+# demo (only `demo` needs them), the webhook stack (only with a webhook handler), the
+# metrics server (only with service.metrics_listen). See bench/README.md for what each costs.
+NOT_LOADED_BY_RUN = (
+    "listener.testing",
+    "listener.service.demo",
+    "listener.webhooks",
+    "listener.service.health",
+    "listener.service.asgi",
+    "uvicorn",
+    "starlette",
+    "standardwebhooks",
+)
+# Runs the command line as `sippet-listener run` does, and writes the modules loaded by the
+# time it exits (after SIGTERM) to the file named in argv[1].
+_RUN_PROBE = """
+import atexit, sys
+out = sys.argv.pop(1)
+atexit.register(lambda: open(out, "w").write("\\n".join(sorted(sys.modules))))
+import listener.service.cli
+sys.exit(listener.service.cli.main(sys.argv[1:]))
+"""
+
+
+async def test_run_with_a_minimal_config_loads_only_what_it_uses(
+    fake: FakeSippet, tmp_path: Path
+) -> None:
+    """``sippet-listener run``, joined and stopped, with no handler and no metrics endpoint,
+    never loaded the test kit, the demo, the webhook stack or the metrics server."""
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[sippet]\nbase_url = "{fake.base_url}"\n[service]\nstate_dir = "{tmp_path}"\n'
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    assert out == ""
+    out = tmp_path / "modules.txt"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _RUN_PROBE,
+        str(out),
+        "run",
+        "--config",
+        str(config),
+        stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "SIPPET_SECRET_KEY": fake.api_key},
+    )
+    await fake.wait_until(lambda: fake.joins >= 1, timeout=30)
+    await fake.broadcast("incoming_call", {"callUuid": "c-1"})
+    process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(15):
+        assert await process.wait() == 0
+    loaded = out.read_text().split()
+    # The probe sees the daemon's own modules (it ran, joined and stopped).
+    assert {"listener.service.daemon", "listener.realtime.session"} <= set(loaded)
+    unwanted = [
+        m for m in loaded if any(m == p or m.startswith(f"{p}.") for p in NOT_LOADED_BY_RUN)
+    ]
+    assert unwanted == []
 
 
 def _defining_modules() -> dict[str, str]:

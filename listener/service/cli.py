@@ -32,7 +32,7 @@ from listener.realtime.tokens import TokenSource
 from listener.rpc.client import RpcClient
 from listener.service import config
 from listener.service.calls_cli import add_calls_command
-from listener.service.daemon import Daemon, stop_on_signals
+from listener.service.daemon import Daemon, loop_factory, stop_on_signals
 from listener.service.reload import ReloadRecord, ReloadTimeout, request_reload
 from listener.service.status_cli import add_status_command
 from listener.service.webhooks_cli import add_webhooks_commands
@@ -459,7 +459,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Until a command knows its configured level: stdout carries command output only.
     configure_logging("warning", "auto")
     try:
-        code: int = args.sync(args) if hasattr(args, "sync") else asyncio.run(args.run(args))
+        if hasattr(args, "sync"):
+            code: int = args.sync(args)
+        else:
+            with asyncio.Runner(loop_factory=loop_factory()) as runner:
+                code = runner.run(args.run(args))
     except _UsageError as exc:
         sys.stderr.write(f"sippet-listener: {exc}\n")
         return EX_USAGE

@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
+import os
 import signal
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import httpx
 import structlog
@@ -45,19 +48,57 @@ from listener.realtime.session import Session, SessionSettings
 from listener.realtime.tokens import TokenSource
 from listener.rpc.client import RpcClient
 from listener.service.config import Settings, SippetSettings, read_admin_token
-from listener.service.health import HealthServer
 from listener.service.linklog import LinkLog
 from listener.service.status import StatusBoard
-from listener.service.status_app import StatusApp
 from listener.service.systemd import Notifier
 
-__all__ = ["Daemon", "Loader", "reconcile_settings", "session_settings", "stop_on_signals"]
+if TYPE_CHECKING:
+    from listener.service.health import HealthServer
+    from listener.service.status_app import StatusApp
+
+__all__ = [
+    "LOOP_ENV",
+    "Daemon",
+    "Loader",
+    "loop_factory",
+    "reconcile_settings",
+    "session_settings",
+    "stop_on_signals",
+]
 
 _log = structlog.get_logger(__name__)
 # How often the status line is refreshed when systemd asked for no watchdog.
 _STATUS_EVERY = 10.0
 
 Loader = Callable[[], tuple[Settings, list[LoadedHandler]]]
+# auto (the default): uvloop when installed (`pip install sippet-listener[fast]`); asyncio: the
+# standard library's loop even so; uvloop: uvloop or a configuration error.
+LOOP_ENV = "SIPPET_EVENT_LOOP"
+_LOOPS = ("auto", "asyncio", "uvloop")
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop every command runs on, as ``$SIPPET_EVENT_LOOP`` says (None: asyncio's).
+
+    Chosen from the environment, not the configuration file: the loop exists before the file
+    is read. uvloop bought the figures in bench/README.md ("uvloop" rows).
+
+    Raises:
+        ConfigError: an unknown value, or ``uvloop`` asked for and not installed.
+    """
+    choice = os.environ.get(LOOP_ENV, "").strip().lower() or "auto"
+    if choice not in _LOOPS:
+        raise ConfigError(LOOP_ENV, f"{choice!r} is not one of {', '.join(_LOOPS)}")
+    if choice == "asyncio" or (choice == "auto" and importlib.util.find_spec("uvloop") is None):
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        raise ConfigError(
+            LOOP_ENV, "uvloop is not installed (pip install 'sippet-listener[fast]')"
+        ) from None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def _backoff(sippet: SippetSettings) -> BackoffPolicy:
@@ -180,6 +221,8 @@ class Daemon:
             ListenerError: the metrics endpoint could not listen.
         """
         health = self._health_server()
+        loop = type(asyncio.get_running_loop())
+        _log.info("starting", event_loop=f"{loop.__module__}.{loop.__qualname__}")
         try:
             persister = await self._open_store()
             try:
@@ -333,6 +376,11 @@ class Daemon:
         address = self.settings.service.metrics_address
         if address is None:
             return None
+        # Imported here: uvicorn and starlette cost about 8 MiB of idle RSS (bench/README.md),
+        # for a daemon that serves no metrics.
+        from listener.service.health import HealthServer
+        from listener.service.status_app import StatusApp
+
         token = read_admin_token(self.settings.service)
         if token is not None:
             register_secret(token)

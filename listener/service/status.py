@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -25,12 +26,10 @@ from listener.core import metrics
 from listener.core.events import Event
 from listener.dispatch.dispatcher import Handled
 from listener.service.linklog import HOUR
-from listener.webhooks.forwarder import WebhookForwarder
-from listener.webhooks.handler import WebhookHandler
-from listener.webhooks.outbox import Outbox
 
 if TYPE_CHECKING:
     from listener.service.daemon import Daemon
+    from listener.webhooks.forwarder import WebhookForwarder
 
 __all__ = ["RECENT_EVENTS", "StatusBoard", "forwarders"]
 
@@ -47,6 +46,12 @@ _SUMMARY_CHARS = 160
 
 def forwarders(daemon: Daemon) -> Iterator[tuple[str, WebhookForwarder]]:
     """Each running webhook handler's name and forwarder."""
+    # No webhook handler exists before its module is loaded: checking keeps the webhook stack
+    # (about 4 MiB, bench/README.md) out of a daemon configured without one.
+    if "listener.webhooks.handler" not in sys.modules:
+        return
+    from listener.webhooks.handler import WebhookHandler
+
     for item in daemon.handlers:
         handler = item.handler
         if isinstance(handler, WebhookHandler) and handler.forwarder is not None:
@@ -98,6 +103,8 @@ class StatusBoard:
         """Read the dead letters shown on the page (only of destinations that have some)."""
         dead: dict[str, list[dict[str, Any]]] = {}
         for _, forwarder in forwarders(self._daemon):
+            from listener.webhooks.outbox import Outbox  # a forwarder running has loaded it
+
             for view in forwarder.views():
                 if view.stats is None or not view.stats.dead:
                     continue

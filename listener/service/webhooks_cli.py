@@ -12,18 +12,24 @@ import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from listener.core.errors import ConfigError
 from listener.service.config import load_settings
 from listener.service.inspection import add_state_arguments, print_rows, when
-from listener.webhooks.handler import outbox_files
-from listener.webhooks.outbox import Outbox, ReplaySource
+
+if TYPE_CHECKING:
+    from listener.webhooks.outbox import Outbox, ReplaySource
 
 __all__ = ["add_webhooks_commands"]
 
 
 def _open_all(args: argparse.Namespace) -> Iterator[tuple[tuple[str, ...], Outbox]]:
+    # Imported here: every command parser is built on each start, and `run` without a
+    # webhook handler must not load the webhook stack (about 4 MiB; bench/README.md).
+    from listener.webhooks.handler import outbox_files
+    from listener.webhooks.outbox import Outbox
+
     settings = load_settings(args.config)
     found = False
     for file in outbox_files(settings.handlers, args.state_dir or settings.service.state_dir):
