@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -17,6 +18,7 @@ from listener.realtime.connection import LinkSettings
 from listener.realtime.session import LinkWatch, Session, SessionSettings
 from listener.realtime.tokens import TokenSource
 from listener.testing import FakeSippet
+from tests.postgres import PostgresServer, postgres_server
 
 # Timing-driven tests scale from this unit (seconds) so the suite stays fast.
 MS = 0.001
@@ -103,3 +105,19 @@ def run_session(fake: FakeSippet, http: httpx.AsyncClient) -> RunSession:
             await session.stop()
 
     return start
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the whole session (started on first use)."""
+    with postgres_server() as server:
+        yield server
+
+
+_databases = itertools.count()
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer) -> str:
+    """The URL of a fresh, empty database of its own for this test."""
+    return postgres.create_database(f"test_{next(_databases)}")
