@@ -28,8 +28,11 @@ from pathlib import Path
 
 import psycopg
 
-__all__ = ["PostgresServer", "find_binaries", "postgres_server"]
+__all__ = ["PASSWORD", "PostgresServer", "find_binaries", "postgres_server"]
 
+# Over TCP the server asks for it (SCRAM), as a production one would: the daemon's handling of
+# a URL with a password (never logged) is tested for real.
+PASSWORD = "pg-test-9d2f7c41e8"
 # Durability is not what the tests check, and fsyncs are most of a commit's cost.
 _FAST = ("fsync=off", "synchronous_commit=off", "full_page_writes=off")
 
@@ -82,8 +85,8 @@ class PostgresServer:
     directory: Path
 
     def url(self, database: str = "postgres") -> str:
-        """A URL for ``database``."""
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+        """A URL for ``database``, with the password."""
+        return f"postgresql://postgres:{PASSWORD}@127.0.0.1:{self.port}/{database}"
 
     def create_database(self, name: str, template: str = "template0") -> str:
         """Create ``name`` as a copy of ``template``; return its URL."""
@@ -139,17 +142,21 @@ def postgres_server(timeout: float = 30.0) -> Iterator[PostgresServer]:
     # Not under pytest's tmp_path: its parents are private to root, closed to the server.
     directory = Path(tempfile.mkdtemp(prefix="sippet-pg-"))
     data, sockets, log = directory / "data", directory / "run", directory / "server.log"
+    password = directory / "password"
     sockets.mkdir()
     log.touch()
+    password.write_text(PASSWORD)
     if owner is not None:
-        for path in (directory, sockets, log):
+        for path in (directory, sockets, log, password):
             os.chown(path, owner, -1)
     try:
         _run(
             [
                 *prefix,
                 str(binaries / "initdb"),
-                "--auth=trust",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                f"--pwfile={password}",
                 "--username=postgres",
                 "--encoding=UTF8",
                 "--no-sync",

@@ -33,6 +33,7 @@ from listener.service import config
 from listener.service.calls_cli import add_calls_command
 from listener.service.daemon import Daemon, stop_on_signals
 from listener.service.reload import ReloadRecord, ReloadTimeout, request_reload
+from listener.service.store_cli import add_store_commands, check_store
 from listener.service.webhooks_cli import add_webhooks_commands
 
 __all__ = ["EX_CONFIG", "EX_USAGE", "main"]
@@ -133,7 +134,8 @@ async def _check_config(args: argparse.Namespace) -> int:
     settings, _ = _load(args.config)
     handlers = load_handlers(settings.handlers)
     names = ", ".join(item.settings.name for item in handlers) or "none"
-    sys.stdout.write(f"{args.config}: ok (handlers: {names})\n")
+    store = await check_store(settings)
+    sys.stdout.write(f"{args.config}: ok (handlers: {names}{store})\n")
     return 0
 
 
@@ -379,6 +381,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_calls_command(commands)
     add_webhooks_commands(commands)
+    add_store_commands(commands)
     return parser
 
 

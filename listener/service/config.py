@@ -8,6 +8,10 @@ does not apply.
 The secret key is never required in the file: it comes from ``$SIPPET_SECRET_KEY``, from the
 file named by ``sippet.api_key_file``, or from the systemd credential ``sippet-secret-key``
 (``LoadCredential=`` puts it in ``$CREDENTIALS_DIRECTORY``), in that order.
+
+The shared store's URL (``[store]``, password included) comes the same way: from
+``$SIPPET_STORE_URL``, the file named by ``store.url_file``, the credential
+``sippet-store-url``, then ``store.url`` itself; see :func:`store_url`.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from pydantic import (
 
 from listener.calls.reconciler import ReconcileSettings
 from listener.calls.state import StatusMap
+from listener.cluster.url import StoreUrl
 from listener.core.errors import ConfigError
+from listener.core.logs import register_secret
 from listener.core.retry import BackoffPolicy
 from listener.core.secrets import read_secret, read_secret_file
 from listener.core.validation import format_validation_error
@@ -41,20 +47,26 @@ __all__ = [
     "CREDENTIAL_NAME",
     "DEFAULT_CONFIG_PATH",
     "ENV_SECRET_KEY",
+    "ENV_STORE_URL",
+    "STORE_CREDENTIAL_NAME",
     "CallsSettings",
     "ServiceSettings",
     "Settings",
     "SippetSettings",
+    "StoreSettings",
     "format_validation_error",
     "load_settings",
     "parse_settings",
     "read_secret",
     "read_secret_file",
+    "store_url",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/sippet-listener/config.toml")
 ENV_SECRET_KEY = "SIPPET_SECRET_KEY"  # noqa: S105 - the variable's name, not its value
 CREDENTIAL_NAME = "sippet-secret-key"
+ENV_STORE_URL = "SIPPET_STORE_URL"
+STORE_CREDENTIAL_NAME = "sippet-store-url"
 
 
 class _Section(BaseModel):
@@ -181,13 +193,80 @@ def _split_host_port(value: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
+class StoreSettings(_Section):
+    """``[store]``: the PostgreSQL store several instances share.
+
+    Without a URL from any source (:func:`store_url`) there is none: each instance keeps its
+    state in SQLite under ``service.state_dir``, as before.
+    """
+
+    # Kept out of repr: a password may be written here (better: in url_file or a credential).
+    url: str = Field(default="", repr=False)
+    url_file: Path | None = None
+    pool_size: int = Field(default=4, ge=1)
+    connect_timeout: float = Field(default=5.0, gt=0)
+    # The leader's lease (singleton work): held for lease_ttl, renewed every lease_renew.
+    lease_ttl: float = Field(default=15.0, gt=0)
+    lease_renew: float = Field(default=5.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _postgresql_url(cls, value: str) -> str:
+        if value:
+            try:
+                StoreUrl(value)
+            except ConfigError as exc:
+                raise ValueError(exc.problem) from None
+        return value
+
+    @field_validator("lease_renew")
+    @classmethod
+    def _renewed_in_time(cls, value: float, info: ValidationInfo) -> float:
+        ttl = info.data.get("lease_ttl")
+        if ttl is not None and value * 2 > ttl:
+            # Two renewals per lease: one lost to a slow round trip still leaves the other.
+            raise ValueError(f"must be at most half of store.lease_ttl ({ttl:g} s)")
+        return value
+
+
 class Settings(_Section):
     """The whole configuration file."""
 
     sippet: SippetSettings = Field(default_factory=SippetSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     calls: CallsSettings = Field(default_factory=CallsSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
     handlers: list[dict[str, Any]] = []
+
+
+def store_url(settings: Settings) -> StoreUrl | None:
+    """The shared store's URL, or None when there is none (SQLite under state_dir).
+
+    From ``$SIPPET_STORE_URL``, then the file ``store.url_file``, then the systemd credential
+    ``sippet-store-url``, then ``store.url``. Its password is registered with the log
+    redactor before anything can print it.
+
+    Raises:
+        ConfigError: naming ``store.url`` (or ``store.url_file``): unreadable or invalid.
+    """
+    store = settings.store
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    credential = Path(credentials) / STORE_CREDENTIAL_NAME if credentials else None
+    try:
+        has_credential = credential is not None and credential.exists()
+    except OSError:
+        # Unreadable: read_secret names the place.
+        has_credential = True
+    if os.environ.get(ENV_STORE_URL, "").strip() or store.url_file or has_credential:
+        text = read_secret(ENV_STORE_URL, store.url_file, STORE_CREDENTIAL_NAME, "store.url_file")
+    elif store.url:
+        text = store.url
+    else:
+        return None
+    url = StoreUrl(text, "store.url")
+    for secret in url.secrets:
+        register_secret(secret)
+    return url
 
 
 def parse_settings(data: Mapping[str, Any]) -> Settings:
