@@ -12,6 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
+from listener.cluster.database import connect
+from listener.cluster.schema import migrate
+from listener.cluster.url import StoreUrl
 from listener.core.events import Event
 from listener.core.retry import BackoffPolicy
 from listener.realtime.connection import LinkSettings
@@ -121,3 +124,12 @@ _databases = itertools.count()
 def pg_url(postgres: PostgresServer) -> str:
     """The URL of a fresh, empty database of its own for this test."""
     return postgres.create_database(f"test_{next(_databases)}")
+
+
+@pytest.fixture
+async def store(pg_url: str) -> StoreUrl:
+    """A fresh shared store of its own for this test, migrated."""
+    url = StoreUrl(pg_url)
+    async with await connect(url) as conn:
+        await migrate(conn, url)
+    return url
