@@ -8,7 +8,9 @@ prepared on one server connection is unknown on the next. Transactions are expli
 
 from __future__ import annotations
 
-from typing import Any, Final
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, Final, TypeVar
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -20,14 +22,19 @@ __all__ = [
     "StoreError",
     "StoreRefused",
     "StoreUnreachable",
+    "bounded",
     "connect",
     "connection_options",
     "describe",
+    "make_pool",
     "open_pool",
     "probe",
 ]
 
 APPLICATION_NAME: Final = "sippet-listener"
+_T = TypeVar("_T")
+# Queries left behind by bounded(), kept so they are not collected mid-flight.
+_abandoned: set[asyncio.Future[Any]] = set()
 
 
 class StoreError(ListenerError):
@@ -57,7 +64,41 @@ def connection_options(connect_timeout: float) -> dict[str, Any]:
         "prepare_threshold": None,
         "connect_timeout": max(1, round(connect_timeout)),
         "application_name": APPLICATION_NAME,
+        # A server gone silent (network cut, host down) fails the connection within a few
+        # seconds instead of the kernel's retransmissions (about 15 minutes).
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+        "tcp_user_timeout": round(max(connect_timeout, 1.0) * 2000),
     }
+
+
+async def bounded(query: Awaitable[_T], timeout: float) -> _T:
+    """Await ``query`` for at most ``timeout`` seconds.
+
+    Cancelling a psycopg query makes it send a cancel request to the server and wait for it
+    (up to 10 s), which is no deadline when the server is out of reach. On expiry the query
+    is left to finish or fail on its own (its pooled connection comes back then) and
+    TimeoutError is raised at once.
+    """
+    task = asyncio.ensure_future(query)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        _abandoned.add(task)
+        task.add_done_callback(_forget)
+        raise TimeoutError(f"no answer from the store within {timeout:g} s")
+    return task.result()
+
+
+def _forget(task: asyncio.Future[Any]) -> None:
+    _abandoned.discard(task)
+    if not task.cancelled():
+        task.exception()
 
 
 def describe(url: StoreUrl, exc: BaseException) -> StoreError:
@@ -97,24 +138,34 @@ async def probe(url: StoreUrl, connect_timeout: float = 5.0) -> str:
     return str(row[0]) if row else "unknown"
 
 
-async def open_pool(
+def make_pool(
     url: StoreUrl, *, size: int = 4, connect_timeout: float = 5.0
 ) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
-    """Open a pool of up to ``size`` connections, the first one made before returning.
-
-    Raises:
-        StoreError: no connection could be made within ``connect_timeout``.
-    """
-    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
+    """A pool of up to ``size`` connections, not yet open (see :func:`open_pool`)."""
+    return AsyncConnectionPool(
         url.conninfo,
         min_size=1,
         max_size=size,
         kwargs=connection_options(connect_timeout),
         # A connection the server or the network dropped is replaced, not handed out.
         check=AsyncConnectionPool.check_connection,
+        # How long a caller waits for a free connection before its request fails.
+        timeout=connect_timeout,
         name="sippet-store",
         open=False,
     )
+
+
+async def open_pool(
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
+    url: StoreUrl,
+    connect_timeout: float = 5.0,
+) -> None:
+    """Open ``pool``, its first connection made before returning.
+
+    Raises:
+        StoreError: no connection could be made within ``connect_timeout``.
+    """
     try:
         await pool.open(wait=True, timeout=connect_timeout)
     except Exception as exc:
@@ -125,4 +176,3 @@ async def open_pool(
         except StoreError as reason:
             raise reason from None
         raise describe(url, exc) from None
-    return pool

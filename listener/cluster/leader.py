@@ -27,12 +27,12 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, LiteralString
 
 import psycopg
 import structlog
 
-from listener.cluster.database import StoreError, connect
+from listener.cluster.database import StoreError, bounded, connect
 from listener.cluster.url import StoreUrl
 
 __all__ = ["Elector", "LeaseSettings", "holder_id"]
@@ -55,7 +55,8 @@ RETURNING term
 # Terms start at 1.
 _HELD_BY_ANOTHER: Final = 0
 _RESIGN: Final = (
-    "UPDATE sippet_leases SET expires_at = now() WHERE name = %(name)s AND holder = %(holder)s"
+    "UPDATE sippet_leases SET expires_at = now()"
+    " WHERE name = %(name)s AND holder = %(holder)s RETURNING term"
 )
 
 
@@ -161,19 +162,34 @@ class Elector:
         the lease may or may not still be ours)."""
         params = {"name": self.settings.name, "holder": self.holder, "ttl": self.settings.ttl}
         try:
-            async with asyncio.timeout(self.settings.renew_every):
-                if self._conn is None or self._conn.closed:
-                    self._conn = await connect(self.url, self.settings.connect_timeout)
-                row = await (await self._conn.execute(_CLAIM, params)).fetchone()
+            row = await bounded(self._execute(_CLAIM, params), self.settings.renew_every)
         except (StoreError, psycopg.Error, TimeoutError) as exc:
             _log.warning(
                 "cannot reach the store for the leader lease",
                 leading=self.is_leader,
                 error=self.url.scrub(str(exc) or type(exc).__name__),
             )
-            await self._drop_connection()
+            if isinstance(exc, TimeoutError):
+                # Still running: it closes its connection when it ends.
+                self._conn = None
+            else:
+                await self._drop_connection()
             return None
         return _HELD_BY_ANOTHER if row is None else int(row[0])
+
+    async def _execute(
+        self, query: LiteralString, params: dict[str, Any]
+    ) -> tuple[Any, ...] | None:
+        conn = self._conn
+        if conn is None or conn.closed:
+            conn = self._conn = await connect(self.url, self.settings.connect_timeout)
+        try:
+            return await (await conn.execute(query, params)).fetchone()
+        finally:
+            if conn is not self._conn:
+                # Given up on (bounded): its socket is ours to close only now.
+                with contextlib.suppress(psycopg.Error):
+                    await conn.close()
 
     def _lead(self, term: int, deadline: float) -> None:
         if self._expiry is not None:
@@ -204,12 +220,14 @@ class Elector:
 
     async def _resign(self) -> None:
         """Let the lease lapse now, so that another instance need not wait out its ttl."""
-        with contextlib.suppress(StoreError, psycopg.Error, TimeoutError):
-            async with asyncio.timeout(min(1.0, self.settings.renew_every)):
-                if self._conn is not None and not self._conn.closed:
-                    await self._conn.execute(
-                        _RESIGN, {"name": self.settings.name, "holder": self.holder}
-                    )
+        if self._conn is not None and not self._conn.closed:
+            params = {"name": self.settings.name, "holder": self.holder}
+            try:
+                await bounded(self._execute(_RESIGN, params), min(1.0, self.settings.renew_every))
+            except TimeoutError:
+                self._conn = None
+            except (StoreError, psycopg.Error):
+                pass
         await self._drop_connection()
 
     async def _drop_connection(self) -> None:

@@ -27,17 +27,18 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import structlog
 
 from listener.calls.state import CallRecord
 from listener.calls.tracker import CallTracker
 from listener.core import metrics
+from listener.core.errors import ListenerError
 from listener.core.events import Event
 from listener.dispatch.handler import Context, Handler, OnFull
 
-__all__ = ["DispatchReport", "Dispatcher", "HandlerRunner", "RunnerSettings"]
+__all__ = ["Claims", "DispatchReport", "Dispatcher", "HandlerRunner", "RunnerSettings"]
 
 _log = structlog.get_logger(__name__)
 # An event and its call as of this event, as they wait for a handler.
@@ -71,6 +72,16 @@ class RunnerSettings:
     on_full: OnFull = "wait"
 
 
+class Claims(Protocol):
+    """Once per event across instances: asked before each ``handle()`` when several
+    instances share a store (``listener.cluster.claims``); a single instance has none."""
+
+    async def claim(self, event: Event, handler: str) -> bool:
+        """Whether this instance is the one to run ``handler`` on ``event``; raises
+        :class:`~listener.core.errors.ListenerError` when it cannot tell."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class DispatchReport:
     """What a stop left undone: events queued or in flight when the grace period ran out."""
@@ -84,12 +95,23 @@ class DispatchReport:
 
 
 class HandlerRunner:
-    """Feeds one handler: queue, lanes, concurrency, timeout, isolation, metrics."""
+    """Feeds one handler: queue, lanes, concurrency, timeout, isolation, metrics.
 
-    def __init__(self, handler: Handler, settings: RunnerSettings, context: Context) -> None:
+    With ``claims`` (a cluster), each event with an id is claimed before it is handled, and
+    skipped when another instance claimed it first.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        settings: RunnerSettings,
+        context: Context,
+        claims: Claims | None = None,
+    ) -> None:
         self.handler = handler
         self.settings = settings
         self.context = context
+        self._claims = claims
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(settings.queue_size)
         # A call with an event in flight has a lane holding its next events, in order.
         self._lanes: dict[str, deque[_Item]] = {}
@@ -106,7 +128,13 @@ class HandlerRunner:
         self._duration = metrics.HANDLER_DURATION.labels(handler=settings.name)
         self._outcomes = {
             outcome: metrics.HANDLER_OUTCOMES.labels(handler=settings.name, outcome=outcome)
-            for outcome in ("ok", "error", "timeout", "dropped")
+            for outcome in (
+                "ok",
+                "error",
+                "timeout",
+                "dropped",
+                *(("elsewhere",) if claims else ()),
+            )
         }
         self._globs = tuple(settings.events)
         self._match_all = "*" in self._globs
@@ -244,6 +272,8 @@ class HandlerRunner:
                     self._idle.set()
 
     async def _invoke(self, event: Event, call: CallRecord | None, deadline: _Deadline) -> None:
+        if self._claims is not None and event.id and not await self._claim(event):
+            return
         started = time.perf_counter()
         context = self.context.for_event(event, call)
         deadline.arm(self.settings.timeout)
@@ -275,6 +305,20 @@ class HandlerRunner:
             )
         if failure is not None:
             await self._tell_error_hook(event, failure, context)
+
+    async def _claim(self, event: Event) -> bool:
+        assert self._claims is not None
+        try:
+            if await self._claims.claim(event, self.settings.name):
+                return True
+        except ListenerError as exc:
+            # Better twice (another instance may run it too) than never.
+            self._report(
+                "warning", "cannot claim the event; handling it anyway", event, error=str(exc)
+            )
+            return True
+        self._outcomes["elsewhere"].value += 1
+        return False
 
     async def _tell_error_hook(self, event: Event, error: Exception, context: Context) -> None:
         # Failures only, so asyncio.timeout's timer per call (see _Deadline) costs nothing

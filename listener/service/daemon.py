@@ -17,6 +17,10 @@ heartbeats are answered, and a ``STATUS=`` line that says what is going on. A re
 (:meth:`Daemon.reload`, on SIGHUP) keeps the socket: handlers whose ``[[handlers]]`` table did
 not change keep running untouched, removed ones drain and are torn down, new ones are set up;
 a configuration that does not load leaves the running one in place.
+
+With a shared store (``[store]``, see ``listener.cluster``): the daemon migrates it at start,
+claims each (event, handler) there before handling, and runs reconciliation only while it
+holds the leader lease.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from listener.calls.persister import Persister
 from listener.calls.reconciler import Reconciler, ReconcileSettings
 from listener.calls.store import store_path
 from listener.calls.tracker import CallTracker
+from listener.cluster.leader import LeaseSettings
+from listener.cluster.store import SharedStore
 from listener.core.errors import ConfigError, HandlerLoadError, ListenerError
 from listener.core.ids import EventIds
 from listener.core.logs import configure_logging
@@ -44,7 +50,7 @@ from listener.realtime.connection import LinkSettings
 from listener.realtime.session import Session, SessionSettings
 from listener.realtime.tokens import TokenSource
 from listener.rpc.client import RpcClient
-from listener.service.config import Settings, SippetSettings
+from listener.service.config import Settings, SippetSettings, store_url
 from listener.service.health import HealthServer
 from listener.service.systemd import Notifier
 
@@ -123,6 +129,8 @@ class Daemon:
         # One request per mint: the session's own backoff paces the retries.
         tokens = TokenSource(self._http, sippet.base_url, api_key)
         self.handlers = list(handlers)
+        # `tail` (persist=False) takes no claims: it would take events from the real handlers.
+        self.store = _shared_store(settings) if persist else None
         self.tracker = CallTracker(settings.calls.id_window)
         self.dispatcher = Dispatcher([self._runner(item) for item in self.handlers], self.tracker)
         self.reconciler = Reconciler(
@@ -173,6 +181,9 @@ class Daemon:
         """
         health = self._health_server()
         try:
+            if self.store is not None:
+                migrated = await self.store.open()
+                _log.info("shared store open", store=str(self.store.url), schema=migrated.version)
             persister = await self._open_store()
             try:
                 await self._setup(self.dispatcher.runners)
@@ -180,6 +191,8 @@ class Daemon:
                 await persister.close()
                 raise
         except BaseException:
+            if self.store is not None:
+                await self.store.close()
             await self._http.aclose()
             self.notifier.close()
             raise
@@ -192,8 +205,17 @@ class Daemon:
             asyncio.create_task(self._keep_watch(), name="sippet-watchdog"),
             asyncio.create_task(persister.run(), name="sippet-call-store"),
         }
+        reconcile = self.reconciler.run
+        if self.store is not None:
+            elector = self.store.elector
+            lifelong.add(asyncio.create_task(elector.run(), name="sippet-leader-lease"))
+
+            async def reconcile() -> None:
+                # Singleton work: one pass per cluster, on the leader.
+                await elector.while_leader(self.reconciler.run)
+
         if self.reconciler.settings.enabled:
-            lifelong.add(asyncio.create_task(self.reconciler.run(), name="sippet-reconciler"))
+            lifelong.add(asyncio.create_task(reconcile(), name="sippet-reconciler"))
         ready = asyncio.create_task(self._notify_ready(), name="sippet-ready")
         stopping = asyncio.create_task(stop.wait())
         try:
@@ -212,6 +234,8 @@ class Daemon:
             self.report = await self.dispatcher.stop(self.settings.service.drain_timeout)
             await persister.close()
             await self._teardown(self.dispatcher.runners)
+            if self.store is not None:
+                await self.store.close()
             if health is not None:
                 await health.stop()
             await self._http.aclose()
@@ -263,7 +287,7 @@ class Daemon:
                 handlers.append(match[0])
                 runners.append(match[1])
         await self._setup(fresh)
-        for section in ("sippet", "calls"):
+        for section in ("sippet", "calls", "store"):
             if getattr(settings, section) != getattr(self.settings, section):
                 _log.warning(f"[{section}] settings changed: they apply after a restart")
         service = settings.service
@@ -273,7 +297,11 @@ class Daemon:
         ):
             configure_logging(service.log_level, service.log_format)
         self.settings = settings.model_copy(
-            update={"sippet": self.settings.sippet, "calls": self.settings.calls}
+            update={
+                "sippet": self.settings.sippet,
+                "calls": self.settings.calls,
+                "store": self.settings.store,
+            }
         )
         removed = self.dispatcher.replace(runners)
         self.handlers = handlers
@@ -298,7 +326,8 @@ class Daemon:
             state_dir=self.settings.service.state_dir,
             calls=self.tracker,
         )
-        return HandlerRunner(item.handler, item.settings, context)
+        claims = self.store.claims if self.store is not None else None
+        return HandlerRunner(item.handler, item.settings, context, claims)
 
     async def _open_store(self) -> Persister:
         """Load the call store into the tracker and tell the reconciler where history ends.
@@ -374,6 +403,19 @@ class Daemon:
                     handler=runner.settings.name,
                     error=f"{type(exc).__name__}: {exc}",
                 )
+
+
+def _shared_store(settings: Settings) -> SharedStore | None:
+    url = store_url(settings)
+    if url is None:
+        return None
+    store = settings.store
+    lease = LeaseSettings(
+        ttl=store.lease_ttl, renew_every=store.lease_renew, connect_timeout=store.connect_timeout
+    )
+    return SharedStore(
+        url, pool_size=store.pool_size, connect_timeout=store.connect_timeout, lease=lease
+    )
 
 
 def stop_on_signals(stop: asyncio.Event) -> None:

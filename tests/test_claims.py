@@ -1,0 +1,134 @@
+"""Each handler runs once per event across instances sharing a store (real PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+
+from listener.cluster.claims import Claims
+from listener.cluster.database import make_pool, open_pool
+from listener.cluster.url import StoreUrl
+from listener.core.events import Event
+from listener.dispatch.dispatcher import Dispatcher, HandlerRunner, RunnerSettings
+from listener.dispatch.handler import Context, FunctionHandler
+from listener.testing import FakeSippet, running_daemon, settle
+from tests.tcpproxy import FreezableProxy
+
+
+def event(n: int) -> Event:
+    return Event("transcript_delta", {"seq": n}, "events", 0.0, id=f"evt_{n}")
+
+
+async def test_two_instances_claiming_the_same_events_each_get_a_disjoint_share(
+    store: StoreUrl,
+) -> None:
+    pools = [make_pool(store, size=4), make_pool(store, size=4)]
+    for pool in pools:
+        await open_pool(pool, store)
+    try:
+        a, b = (Claims(pool, store, holder) for pool, holder in zip(pools, "ab", strict=True))
+        events = [event(n) for n in range(100)]
+        # Both ask for every (event, handler) at once, as two instances hearing one stream.
+        asks = [
+            (name, ev.id, handler, claims.claim(ev, handler))
+            for ev in events
+            for handler in ("log", "rpc")
+            for name, claims in (("a", a), ("b", b))
+        ]
+        granted = await asyncio.gather(*(ask for *_, ask in asks))
+    finally:
+        for pool in pools:
+            await pool.close()
+    winners = Counter(
+        (ev_id, handler) for (_, ev_id, handler, _), ok in zip(asks, granted, strict=True) if ok
+    )
+    assert len(winners) == 200
+    assert set(winners.values()) == {1}
+    async with await psycopg.AsyncConnection.connect(store.conninfo) as conn:
+        rows = await (
+            await conn.execute("SELECT count(*), count(DISTINCT id) FROM sippet_events")
+        ).fetchone()
+    assert rows == (100, 100)
+
+
+async def test_two_daemons_on_one_store_run_each_handler_once_per_event(
+    fake: FakeSippet, store: StoreUrl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SIPPET_STORE_URL", store.conninfo)
+    handled: list[tuple[str, str, str]] = []
+
+    def recorder(instance: str, name: str) -> FunctionHandler:
+        async def record(ev: Event, ctx: Context[None]) -> None:
+            handled.append((instance, name, ev.id))
+
+        return FunctionHandler(record, name=name)
+
+    async with (
+        running_daemon(fake, [recorder("one", "audit"), recorder("one", "crm")]) as one,
+        running_daemon(fake, [recorder("two", "audit"), recorder("two", "crm")]) as two,
+    ):
+        for n in range(30):
+            await fake.call_event("incoming_call", f"call-{n}")
+            await fake.broadcast("transcript_delta", {"callUuid": f"call-{n}", "text": "hi"})
+            await fake.call_event("call_ended", f"call-{n}")
+        for daemon in (one, two):
+            await settle(daemon, 90)
+    # Both instances heard everything; between them, each handler ran once per event.
+    assert (one.dispatcher.received, two.dispatcher.received) == (90, 90)
+    per_handler = Counter((name, ev_id) for _, name, ev_id in handled)
+    assert len(per_handler) == 2 * 90
+    assert set(per_handler.values()) == {1}
+    assert {instance for instance, _, _ in handled} <= {"one", "two"}
+
+
+async def test_a_claim_the_store_cannot_answer_runs_the_handler_anyway(
+    store: StoreUrl, tmp_path: Path
+) -> None:
+    target = urlsplit(store.conninfo)
+    assert target.hostname is not None
+    assert target.port is not None
+    async with FreezableProxy(target.hostname, target.port) as proxy:
+        via = StoreUrl(store.conninfo.replace(f":{target.port}/", f":{proxy.port}/"))
+        pool = make_pool(via, size=1, connect_timeout=2)
+        await open_pool(pool, via)
+        seen: list[str] = []
+
+        async def record(ev: Event, ctx: Context[None]) -> None:
+            seen.append(ev.id)
+
+        def instance() -> Dispatcher:
+            runner = HandlerRunner(
+                FunctionHandler(record, name="audit"),
+                RunnerSettings("audit"),
+                Context(rpc=None, config=None, name="audit", state_dir=tmp_path),  # type: ignore[arg-type]
+                Claims(pool, via, "a", timeout=0.3),
+            )
+            dispatcher = Dispatcher([runner])
+            dispatcher.start()
+            return dispatcher
+
+        first, second = instance(), instance()
+        try:
+            first.submit(event(1))
+            await first.drain()
+            proxy.freeze()
+            first.submit(event(2))
+            async with asyncio.timeout(5):
+                await first.drain()
+            # Better twice than never: the unanswered claim still ran the handler.
+            assert seen == ["evt_1", "evt_2"]
+            # Back in touch, another instance hearing the first event is told no.
+            proxy.thaw()
+            second.submit(event(1))
+            await second.drain()
+            assert seen == ["evt_1", "evt_2"]
+            await first.stop(1)
+            await second.stop(1)
+        finally:
+            proxy.thaw()
+            await pool.close()
