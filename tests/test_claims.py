@@ -12,6 +12,7 @@ import pytest
 
 from listener.cluster.claims import Claims
 from listener.cluster.database import make_pool, open_pool
+from listener.cluster.store import SharedStore
 from listener.cluster.url import StoreUrl
 from listener.core.events import Event
 from listener.dispatch.dispatcher import Dispatcher, HandlerRunner, RunnerSettings
@@ -132,3 +133,24 @@ async def test_a_claim_the_store_cannot_answer_runs_the_handler_anyway(
         finally:
             proxy.thaw()
             await pool.close()
+
+
+async def test_prune_forgets_old_events_with_their_claims(store: StoreUrl) -> None:
+    shared = SharedStore(store, holder="a")
+    await shared.open()
+    try:
+        for n in range(3):
+            assert await shared.claims.claim(event(n), "audit")
+        async with await psycopg.AsyncConnection.connect(store.conninfo, autocommit=True) as conn:
+            await conn.execute(
+                "UPDATE sippet_events SET recorded_at = now() - interval '2 hours'"
+                " WHERE id <> 'evt_2'"
+            )
+            assert await shared.prune(3600) == 2
+            assert await shared.prune(3600) == 0
+            left = await (await conn.execute("SELECT event_id FROM sippet_claims")).fetchall()
+        assert left == [("evt_2",)]
+        # A forgotten event is new again (it is older than any id window or call retention).
+        assert await shared.claims.claim(event(0), "audit")
+    finally:
+        await shared.close()

@@ -1,18 +1,36 @@
 """One instance's part of the shared store: its pool, its claims and its vote for a leader.
 
 :meth:`SharedStore.open` connects and applies pending migrations (so a fresh database, or an
-upgrade, needs no manual step; ``store migrate`` does the same by hand).
+upgrade, needs no manual step; ``store migrate`` does the same by hand). :meth:`SharedStore.run`
+takes part in the election and, while this instance leads, prunes what is old enough to go.
 """
 
 from __future__ import annotations
 
+import asyncio
+from typing import Final
+
+import psycopg
+import structlog
+
 from listener.cluster.claims import Claims
-from listener.cluster.database import StoreError, describe, make_pool, open_pool
+from listener.cluster.database import StoreError, bounded, describe, make_pool, open_pool
 from listener.cluster.leader import Elector, LeaseSettings, holder_id
 from listener.cluster.schema import Migrated, migrate
 from listener.cluster.url import StoreUrl
 
 __all__ = ["SharedStore"]
+
+_log = structlog.get_logger(__name__)
+# Rows per DELETE: each batch holds its row locks briefly, whatever the backlog.
+_PRUNE_BATCH: Final = 5000
+_PRUNE = """
+DELETE FROM sippet_events WHERE id IN (
+    SELECT id FROM sippet_events
+    WHERE recorded_at < now() - make_interval(secs => %(retain)s)
+    LIMIT %(batch)s
+)
+"""
 
 
 class SharedStore:
@@ -62,3 +80,43 @@ class SharedStore:
     async def close(self) -> None:
         """Close the pool."""
         await self.pool.close()
+
+    async def run(self, retain: float, prune_every: float = 3600.0) -> None:
+        """Vote for a leader for ever; while leading, prune every ``prune_every`` seconds
+        the events (and their claims) recorded more than ``retain`` seconds ago."""
+
+        async def prune_forever() -> None:
+            while True:
+                try:
+                    removed = await self.prune(retain)
+                except StoreError as exc:
+                    _log.warning("cannot prune the shared store", error=str(exc))
+                else:
+                    _log.info("shared store pruned", events=removed)
+                await asyncio.sleep(prune_every)
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.elector.run())
+            group.create_task(self.elector.while_leader(prune_forever))
+
+    async def prune(self, retain: float) -> int:
+        """Forget the events recorded more than ``retain`` seconds ago (by the database's
+        clock), and their claims; return how many events went.
+
+        Raises:
+            StoreError: the store failed or did not answer.
+        """
+        removed = 0
+        params = {"retain": retain, "batch": _PRUNE_BATCH}
+        while True:
+            try:
+                count = await bounded(self._delete(params), self.connect_timeout * 6)
+            except (psycopg.Error, TimeoutError) as exc:
+                raise describe(self.url, exc) from None
+            removed += count
+            if count < _PRUNE_BATCH:
+                return removed
+
+    async def _delete(self, params: dict[str, float]) -> int:
+        async with self.pool.connection() as conn:
+            return (await conn.execute(_PRUNE, params)).rowcount

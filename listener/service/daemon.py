@@ -208,7 +208,8 @@ class Daemon:
         reconcile = self.reconciler.run
         if self.store is not None:
             elector = self.store.elector
-            lifelong.add(asyncio.create_task(elector.run(), name="sippet-leader-lease"))
+            retain = self.settings.calls.retain_ended
+            lifelong.add(asyncio.create_task(self.store.run(retain), name="sippet-shared-store"))
 
             async def reconcile() -> None:
                 # Singleton work: one pass per cluster, on the leader.
