@@ -10,9 +10,12 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from urllib.parse import urlsplit
 
+import pytest
+
 from listener.cluster.database import connect
 from listener.cluster.leader import Elector, LeaseSettings
 from listener.cluster.url import StoreUrl
+from listener.testing import FakeSippet, running_daemon
 from tests.tcpproxy import FreezableProxy
 
 TTL = 1.0
@@ -187,3 +190,27 @@ async def test_a_leader_cut_off_from_the_store_steps_down_before_its_lease_passe
             leading.cancel()
         assert work == ["started", "stopped"]
         assert max(first.most, second.most) == 1
+
+
+async def test_two_daemons_on_one_store_reconcile_once_on_the_leader(
+    fake: FakeSippet, store: StoreUrl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SIPPET_STORE_URL", store.conninfo)
+    await fake.call_event("incoming_call", "call-1")
+    calls = {"reconcile": True}
+    async with (
+        running_daemon(fake, [], calls=calls) as one,
+        running_daemon(fake, [], calls=calls) as two,
+    ):
+        electors = [daemon.store.elector for daemon in (one, two) if daemon.store is not None]
+        leader = await leader_of(electors, 2)
+        # Both start after a gap (their first start), but only the leader asks Sippet.
+        async with asyncio.timeout(5):
+            # The fake signals no request's arrival: look every 20 ms.
+            while not any(r.body.get("action") == "list_calls" for r in fake.rpc_requests):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)
+        passes = [r for r in fake.rpc_requests if r.body.get("action") == "list_calls"]
+        assert len(passes) == 1
+        assert [e.is_leader for e in electors].count(True) == 1
+        assert leader.is_leader

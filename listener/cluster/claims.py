@@ -17,7 +17,7 @@ from typing import Any, Final
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from listener.cluster.database import bounded, describe
+from listener.cluster.database import Abandoned, bounded, describe
 from listener.cluster.url import StoreUrl
 from listener.core.events import Event
 
@@ -56,6 +56,7 @@ class Claims:
         timeout: float = 5.0,
     ) -> None:
         self._timeout = timeout
+        self.abandoned = Abandoned()
         self._pool = pool
         self._url = url
         self._holder = holder
@@ -75,7 +76,7 @@ class Claims:
             "handler": handler,
         }
         try:
-            row = await bounded(self._insert(params), self._timeout)
+            row = await bounded(self._insert(params), self._timeout, self.abandoned)
         except (psycopg.Error, TimeoutError) as exc:
             raise describe(self._url, exc) from None
         return row is not None

@@ -19,6 +19,7 @@ from listener.cluster.url import StoreUrl
 from listener.core.errors import ListenerError
 
 __all__ = [
+    "Abandoned",
     "StoreError",
     "StoreRefused",
     "StoreUnreachable",
@@ -33,8 +34,6 @@ __all__ = [
 
 APPLICATION_NAME: Final = "sippet-listener"
 _T = TypeVar("_T")
-# Queries left behind by bounded(), kept so they are not collected mid-flight.
-_abandoned: set[asyncio.Future[Any]] = set()
 
 
 class StoreError(ListenerError):
@@ -74,13 +73,40 @@ def connection_options(connect_timeout: float) -> dict[str, Any]:
     }
 
 
-async def bounded(query: Awaitable[_T], timeout: float) -> _T:
+class Abandoned:
+    """The queries :func:`bounded` gave up on, still running; :meth:`close` ends them."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    def keep(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()
+
+    async def close(self) -> None:
+        """Cancel them all; a second cancellation makes psycopg close the connection at once
+        instead of waiting for the server to confirm the first."""
+        tasks = list(self._tasks)
+        for _ in range(2):
+            for task in tasks:
+                task.cancel()
+            await asyncio.sleep(0)
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
+
+
+async def bounded(query: Awaitable[_T], timeout: float, abandoned: Abandoned) -> _T:
     """Await ``query`` for at most ``timeout`` seconds.
 
     Cancelling a psycopg query makes it send a cancel request to the server and wait for it
     (up to 10 s), which is no deadline when the server is out of reach. On expiry the query
-    is left to finish or fail on its own (its pooled connection comes back then) and
-    TimeoutError is raised at once.
+    is left in ``abandoned`` to finish or fail on its own (a pooled connection comes back
+    then) and TimeoutError is raised at once.
     """
     task = asyncio.ensure_future(query)
     try:
@@ -89,16 +115,9 @@ async def bounded(query: Awaitable[_T], timeout: float) -> _T:
         task.cancel()
         raise
     if not done:
-        _abandoned.add(task)
-        task.add_done_callback(_forget)
+        abandoned.keep(task)
         raise TimeoutError(f"no answer from the store within {timeout:g} s")
     return task.result()
-
-
-def _forget(task: asyncio.Future[Any]) -> None:
-    _abandoned.discard(task)
-    if not task.cancelled():
-        task.exception()
 
 
 def describe(url: StoreUrl, exc: BaseException) -> StoreError:

@@ -32,7 +32,7 @@ from typing import Any, Final, LiteralString
 import psycopg
 import structlog
 
-from listener.cluster.database import StoreError, bounded, connect
+from listener.cluster.database import Abandoned, StoreError, bounded, connect
 from listener.cluster.url import StoreUrl
 
 __all__ = ["Elector", "LeaseSettings", "holder_id"]
@@ -111,6 +111,9 @@ class Elector:
         self.following = asyncio.Event()
         self.following.set()
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        # Tries given up on (bounded) are told apart from the current one by their number.
+        self._attempt = 0
+        self._abandoned = Abandoned()
         self._expiry: asyncio.TimerHandle | None = None
         # The singleton work running under while_leader().
         self._work: set[asyncio.Future[None]] = set()
@@ -135,6 +138,7 @@ class Elector:
         finally:
             self._step_down("stopping")
             await self._resign()
+            await self._abandoned.close()
 
     async def while_leader(self, work: Callable[[], Awaitable[None]]) -> None:
         """Run ``work()`` whenever this instance leads; it is cancelled the moment this
@@ -162,7 +166,7 @@ class Elector:
         the lease may or may not still be ours)."""
         params = {"name": self.settings.name, "holder": self.holder, "ttl": self.settings.ttl}
         try:
-            row = await bounded(self._execute(_CLAIM, params), self.settings.renew_every)
+            row = await self._bounded(_CLAIM, params, self.settings.renew_every)
         except (StoreError, psycopg.Error, TimeoutError) as exc:
             _log.warning(
                 "cannot reach the store for the leader lease",
@@ -177,17 +181,25 @@ class Elector:
             return None
         return _HELD_BY_ANOTHER if row is None else int(row[0])
 
+    async def _bounded(
+        self, query: LiteralString, params: dict[str, Any], timeout: float
+    ) -> tuple[Any, ...] | None:
+        self._attempt += 1
+        return await bounded(self._execute(query, params, self._attempt), timeout, self._abandoned)
+
     async def _execute(
-        self, query: LiteralString, params: dict[str, Any]
+        self, query: LiteralString, params: dict[str, Any], attempt: int
     ) -> tuple[Any, ...] | None:
         conn = self._conn
         if conn is None or conn.closed:
-            conn = self._conn = await connect(self.url, self.settings.connect_timeout)
+            conn = await connect(self.url, self.settings.connect_timeout)
+            if attempt == self._attempt:
+                self._conn = conn
         try:
             return await (await conn.execute(query, params)).fetchone()
         finally:
-            if conn is not self._conn:
-                # Given up on (bounded): its socket is ours to close only now.
+            if attempt != self._attempt:
+                # Given up on: its connection is in an unknown state, and ours to close.
                 with contextlib.suppress(psycopg.Error):
                     await conn.close()
 
@@ -223,7 +235,7 @@ class Elector:
         if self._conn is not None and not self._conn.closed:
             params = {"name": self.settings.name, "holder": self.holder}
             try:
-                await bounded(self._execute(_RESIGN, params), min(1.0, self.settings.renew_every))
+                await self._bounded(_RESIGN, params, min(1.0, self.settings.renew_every))
             except TimeoutError:
                 self._conn = None
             except (StoreError, psycopg.Error):

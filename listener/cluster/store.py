@@ -14,7 +14,14 @@ import psycopg
 import structlog
 
 from listener.cluster.claims import Claims
-from listener.cluster.database import StoreError, bounded, describe, make_pool, open_pool
+from listener.cluster.database import (
+    Abandoned,
+    StoreError,
+    bounded,
+    describe,
+    make_pool,
+    open_pool,
+)
 from listener.cluster.leader import Elector, LeaseSettings, holder_id
 from listener.cluster.schema import Migrated, migrate
 from listener.cluster.url import StoreUrl
@@ -59,6 +66,7 @@ class SharedStore:
         self.pool = make_pool(url, size=pool_size, connect_timeout=connect_timeout)
         self.claims = Claims(self.pool, url, self.holder, timeout=connect_timeout)
         self.elector = Elector(url, lease, holder=self.holder)
+        self._abandoned = Abandoned()
 
     async def open(self) -> Migrated:
         """Connect and migrate.
@@ -78,7 +86,9 @@ class SharedStore:
             raise describe(self.url, exc) from None
 
     async def close(self) -> None:
-        """Close the pool."""
+        """End the queries given up on, then close the pool."""
+        await self.claims.abandoned.close()
+        await self._abandoned.close()
         await self.pool.close()
 
     async def run(self, retain: float, prune_every: float = 3600.0) -> None:
@@ -110,7 +120,9 @@ class SharedStore:
         params = {"retain": retain, "batch": _PRUNE_BATCH}
         while True:
             try:
-                count = await bounded(self._delete(params), self.connect_timeout * 6)
+                count = await bounded(
+                    self._delete(params), self.connect_timeout * 6, self._abandoned
+                )
             except (psycopg.Error, TimeoutError) as exc:
                 raise describe(self.url, exc) from None
             removed += count
