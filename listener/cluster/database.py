@@ -34,6 +34,13 @@ __all__ = [
 
 APPLICATION_NAME: Final = "sippet-listener"
 _T = TypeVar("_T")
+# What libpq reports after FATAL: when the server refuses the URL itself.
+_REFUSALS: Final = (
+    "authentication failed",
+    "does not exist",
+    "pg_hba.conf",
+    "permission denied",
+)
 
 
 class StoreError(ListenerError):
@@ -123,11 +130,12 @@ async def bounded(query: Awaitable[_T], timeout: float, abandoned: Abandoned) ->
 def describe(url: StoreUrl, exc: BaseException) -> StoreError:
     """Turn a driver error into a :class:`StoreError` whose message names ``url``'s key.
 
-    libpq prefixes what the server said with ``FATAL:``; without it nobody answered.
+    Refused means what only a change of configuration can fix (the server said who or what
+    it does not know); a server starting up, shutting down or full is only unreachable.
     """
-    text = url.scrub(" ".join(str(exc).split()))
-    kind = StoreRefused if "FATAL:" in text else StoreUnreachable
-    return kind(url.key, f"{url}: {text}")
+    text = url.scrub(" ".join(str(exc).split()) or type(exc).__name__)
+    refused = "FATAL:" in text and any(reason in text for reason in _REFUSALS)
+    return (StoreRefused if refused else StoreUnreachable)(url.key, f"{url}: {text}")
 
 
 async def connect(url: StoreUrl, connect_timeout: float = 5.0) -> psycopg.AsyncConnection[Any]:

@@ -37,7 +37,7 @@ class StoreUrl:
         self._text = text.strip()
         parts = urlsplit(self._text)
         self._secrets = _passwords(parts)
-        self.redacted = self.scrub(_redacted(parts))
+        self.redacted = _redacted(parts)
         if parts.scheme not in _SCHEMES:
             raise ConfigError(key, f"must start with postgresql:// (got {self.redacted!r})")
         # Here, not at the top: psycopg takes 0.12 s to import, which only a configured store

@@ -37,6 +37,7 @@ from listener.calls.persister import Persister
 from listener.calls.reconciler import Reconciler, ReconcileSettings
 from listener.calls.store import store_path
 from listener.calls.tracker import CallTracker
+from listener.cluster.database import StoreRefused
 from listener.cluster.leader import LeaseSettings
 from listener.cluster.store import SharedStore
 from listener.core.errors import ConfigError, HandlerLoadError, ListenerError
@@ -182,7 +183,11 @@ class Daemon:
         health = self._health_server()
         try:
             if self.store is not None:
-                migrated = await self.store.open()
+                try:
+                    migrated = await self.store.open()
+                except StoreRefused as exc:
+                    # Wrong password or database: a restart cannot fix it (exit 78).
+                    raise ConfigError(exc.key, exc.problem) from None
                 _log.info("shared store open", store=str(self.store.url), schema=migrated.version)
             persister = await self._open_store()
             try:
