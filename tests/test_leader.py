@@ -214,3 +214,5 @@ async def test_two_daemons_on_one_store_reconcile_once_on_the_leader(
         assert len(passes) == 1
         assert [e.is_leader for e in electors].count(True) == 1
         assert leader.is_leader
+        lines = sorted(daemon.status_line().split("; ")[2] for daemon in (one, two))
+        assert lines == ["follower", f"leader (term {leader.term})"]

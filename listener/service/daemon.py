@@ -167,6 +167,9 @@ class Daemon:
         """What ``systemctl status`` shows: link state, handlers, and their own words."""
         state = "joined" if self.session.joined.is_set() else "connecting"
         parts = [f"{state} {self.settings.sippet.topic}", f"{self.dispatcher.received} events"]
+        if self.store is not None:
+            elector = self.store.elector
+            parts.append(f"leader (term {elector.term})" if elector.is_leader else "follower")
         for item, runner in zip(self.handlers, self.dispatcher.runners, strict=True):
             extra = item.handler.status()
             pending = f", {runner.pending} pending" if runner.pending else ""
