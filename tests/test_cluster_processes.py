@@ -1,0 +1,67 @@
+"""Two real daemon processes on one PostgreSQL store, restarted one at a time under a stream:
+the webhook receiver gets every event once, under one webhook-id."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from listener.cluster.url import StoreUrl
+from listener.testing import FakeSippet
+from listener.testing.receiver import WebhookReceiver
+from tests.test_service import ServiceProcess
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+EVENTS = 300
+
+
+async def test_a_rolling_restart_of_two_instances_loses_and_doubles_nothing(
+    tmp_path: Path, fake: FakeSippet, store: StoreUrl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SIPPET_STORE_URL", store.conninfo)
+    async with WebhookReceiver() as receiver:
+        hook = f'[[handlers]]\nuse = "webhook"\nname = "crm"\nurl = "{receiver.url}"\n'
+        hook += f'secret = "{SECRET}"\n'
+        instances = []
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            instance = ServiceProcess(tmp_path / name, fake)
+            instance.write_config(hook)
+            instances.append(instance)
+        try:
+            for instance in instances:
+                await instance.start()
+            for instance in instances:
+                await instance.message("READY=1", timeout=20)
+
+            async def stream() -> None:
+                for n in range(EVENTS):
+                    await fake.broadcast("transcript_delta", {"callUuid": f"c{n % 7}", "seq": n})
+                    await asyncio.sleep(0.01)
+
+            streaming = asyncio.create_task(stream())
+            # One at a time: stop it (it drains and resigns), start it, wait until it joined.
+            for instance in instances:
+                await asyncio.sleep(0.3)
+                assert await instance.signal_and_wait(signal.SIGTERM) == 0
+                await instance.start()
+                await instance.message("READY=1", timeout=20)
+            await streaming
+            await receiver.wait_until(
+                lambda requests: len({r.headers["webhook-id"] for r in requests}) >= EVENTS,
+                timeout=20,
+            )
+            await asyncio.sleep(0.5)
+        finally:
+            for instance in instances:
+                await instance.stop()
+    ids = Counter(r.headers["webhook-id"] for r in receiver.requests)
+    seqs = {json.loads(r.body)["data"]["seq"] for r in receiver.requests}
+    assert seqs == set(range(EVENTS))
+    assert len(ids) == EVENTS
+    assert set(ids.values()) == {1}
