@@ -37,7 +37,7 @@ async def test_two_instances_claiming_the_same_events_each_get_a_disjoint_share(
         events = [event(n) for n in range(100)]
         # Both ask for every (event, handler) at once, as two instances hearing one stream.
         asks = [
-            (name, ev.id, handler, claims.claim(ev, handler))
+            (name, ev.id, handler, claims.claim(ev, handler, 30))
             for ev in events
             for handler in ("log", "rpc")
             for name, claims in (("a", a), ("b", b))
@@ -144,7 +144,7 @@ async def test_prune_forgets_old_events_with_their_claims(store: StoreUrl) -> No
     await shared.open()
     try:
         for n in range(3):
-            assert await shared.claims.claim(event(n), "audit")
+            assert await shared.claims.claim(event(n), "audit", 30)
         async with await psycopg.AsyncConnection.connect(store.conninfo, autocommit=True) as conn:
             await conn.execute(
                 "UPDATE sippet_events SET recorded_at = now() - interval '2 hours'"
@@ -155,6 +155,36 @@ async def test_prune_forgets_old_events_with_their_claims(store: StoreUrl) -> No
             left = await (await conn.execute("SELECT event_id FROM sippet_claims")).fetchall()
         assert left == [("evt_2",)]
         # A forgotten event is new again (it is older than any id window or call retention).
-        assert await shared.claims.claim(event(0), "audit")
+        assert await shared.claims.claim(event(0), "audit", 30)
     finally:
         await shared.close()
+
+
+async def test_a_claim_lapsed_unfinished_is_found_and_taken_over_once(store: StoreUrl) -> None:
+    pools = [make_pool(store, size=2), make_pool(store, size=2)]
+    for pool in pools:
+        await open_pool(pool, store)
+    try:
+        dead, alive = (
+            Claims(pool, store, name, grace=0.3) for pool, name in zip(pools, "ab", strict=True)
+        )
+        lapsing, finished = event(1), event(2)
+        assert await dead.claim(lapsing, "audit", 0)
+        assert await dead.claim(finished, "audit", 0)
+        dead.done(finished, "audit")
+        await dead.flush()
+        # While the lease runs, nobody else may take it, and it is not lapsed yet.
+        assert not await alive.claim(lapsing, "audit", 30)
+        assert await alive.expired() == []
+        await asyncio.sleep(0.4)
+        [(found, handler)] = await alive.expired()
+        assert (found, handler) == (lapsing, "audit")
+        # The first to claim it again takes it over; the lease is then fresh.
+        assert await alive.claim(found, "audit", 30)
+        assert not await dead.claim(found, "audit", 30)
+        assert await alive.expired() == []
+        # A finished one is never taken over.
+        assert not await alive.claim(finished, "audit", 30)
+    finally:
+        for pool in pools:
+            await pool.close()

@@ -65,3 +65,56 @@ async def test_a_rolling_restart_of_two_instances_loses_and_doubles_nothing(
     assert seqs == set(range(EVENTS))
     assert len(ids) == EVENTS
     assert set(ids.values()) == {1}
+
+
+async def test_an_instance_killed_mid_handle_leaves_the_event_to_another(
+    tmp_path: Path, fake: FakeSippet, store: StoreUrl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SIPPET_STORE_URL", store.conninfo)
+    journal = tmp_path / "journal.txt"
+    journal.touch()
+    handler = (
+        '[[handlers]]\nuse = "tests.sample_handlers:Journal"\nname = "journal"\n'
+        f'timeout = 1.0\npath = "{journal}"\ndelay = 0.8\n'
+    )
+    lease = "[store]\nlease_ttl = 1.0\nlease_renew = 0.25\n"
+    instances = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        instance = ServiceProcess(tmp_path / name, fake)
+        instance.write_config(handler, extra=lease)
+        instances.append(instance)
+    try:
+        for instance in instances:
+            await instance.start()
+        for instance in instances:
+            await instance.message("READY=1", timeout=20)
+        await fake.broadcast("participant_joined", {"callUuid": "c1", "memberId": "m1"})
+
+        def lines() -> list[list[str]]:
+            return [line.split() for line in journal.read_text().splitlines()]
+
+        async with asyncio.timeout(10):
+            # Another process writes the journal: look every 20 ms.
+            while not lines():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        [(_, first, event_id)] = lines()
+        victim = next(i for i in instances if i.process and str(i.process.pid) == first)
+        survivor = next(i for i in instances if i is not victim)
+        assert victim.process is not None
+        assert survivor.process is not None
+        victim.process.kill()
+        await victim.process.wait()
+        # Its claim lapses (timeout + lease_ttl); the leader hands the event out again.
+        async with asyncio.timeout(10):
+            while not any(line[0] == "done" for line in lines()):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)
+    finally:
+        for instance in instances:
+            await instance.stop()
+    assert lines() == [
+        ["start", first, event_id],
+        ["start", str(survivor.process.pid), event_id],
+        ["done", str(survivor.process.pid), event_id],
+    ]

@@ -2,40 +2,70 @@
 
 Every instance hears every event (each holds its own socket), and every instance's
 dispatcher asks :meth:`Claims.claim` before a handler's ``handle()``. The first to ask
-records the event (its stable id, once: ``ON CONFLICT DO NOTHING``) and takes the claim for
-that handler; the others are told no and skip it. Two instances asking at once are ordered by
-the primary keys: the second insert waits for the first's commit, then does nothing.
+records the event (its stable id, once: ``ON CONFLICT DO NOTHING``, with what it takes to
+hand it to a handler again) and takes the claim for that handler; the others are told no and
+skip it. Two instances asking at once are ordered by the primary keys: the second insert
+waits for the first's commit, then does nothing.
 
-One statement per claim, in autocommit, no session state: PgBouncer in transaction mode is
-fine.
+A claim is held under a lease (the handler's timeout plus ``grace``) until :meth:`done` marks
+it; an instance that dies mid-handle leaves it unmarked, and once the lease has passed the
+leader finds it (:meth:`expired`) and hands the event to that handler again: its claim then
+takes the lapsed one over. Marks are written in batches, a few times a second: a mark lost
+to a crash only means the handler may run once more after the lease (at least once, never
+never).
+
+Single statements in autocommit, no session state: PgBouncer in transaction mode is fine.
 """
 
 from __future__ import annotations
 
-from typing import Any, Final
+import asyncio
+import contextlib
+from typing import Any, Final, LiteralString
 
 import psycopg
+import structlog
+from psycopg.types.json import Json
 from psycopg_pool import AsyncConnectionPool
 
-from listener.cluster.database import Abandoned, bounded, describe
+from listener.cluster.database import Abandoned, StoreError, bounded, describe
 from listener.cluster.url import StoreUrl
 from listener.core.events import Event
 
 __all__ = ["Claims"]
 
-# The event's row first (once), then the claim: both in one statement, one round trip.
-# The claim's foreign key sees the event inserted by the same statement.
+_log = structlog.get_logger(__name__)
+
+# The event's row first (once), then the claim, or the takeover of a lapsed one: both in one
+# statement, one round trip. The claim's foreign key sees the event this statement inserts.
 _CLAIM: Final = """
 WITH recorded AS (
-    INSERT INTO sippet_events (id, name, call_key, first_by)
-    VALUES (%(id)s, %(name)s, %(call_key)s, %(holder)s)
+    INSERT INTO sippet_events
+        (id, name, topic, payload, received_at, origin, size, first_by)
+    VALUES (%(id)s, %(name)s, %(topic)s, %(payload)s, %(received_at)s, %(origin)s, %(size)s,
+            %(holder)s)
     ON CONFLICT (id) DO NOTHING
 )
-INSERT INTO sippet_claims (event_id, handler, holder)
-VALUES (%(id)s, %(handler)s, %(holder)s)
-ON CONFLICT (event_id, handler) DO NOTHING
+INSERT INTO sippet_claims AS claim (event_id, handler, holder, lease_until)
+VALUES (%(id)s, %(handler)s, %(holder)s, now() + make_interval(secs => %(lease)s))
+ON CONFLICT (event_id, handler) DO UPDATE
+SET holder = excluded.holder, lease_until = excluded.lease_until, claimed_at = now()
+WHERE claim.done_at IS NULL AND claim.lease_until < now()
 RETURNING 1
 """
+_DONE: Final = """
+UPDATE sippet_claims SET done_at = now()
+WHERE (event_id, handler) IN (SELECT * FROM unnest(%(ids)s::text[], %(handlers)s::text[]))
+"""
+_EXPIRED: Final = """
+SELECT e.name, e.payload, e.topic, e.received_at, e.size, e.id, e.origin, c.handler
+FROM sippet_claims c JOIN sippet_events e ON e.id = c.event_id
+WHERE c.done_at IS NULL AND c.lease_until < now()
+ORDER BY c.lease_until
+LIMIT %(limit)s
+"""
+# Seconds between writes of the done marks.
+_FLUSH_EVERY: Final = 0.1
 
 
 class Claims:
@@ -46,6 +76,7 @@ class Claims:
         url: the store's URL (for error messages).
         holder: this instance's name, written with each event and claim it takes.
         timeout: seconds a claim may take (a connection from the pool and the round trip).
+        grace: seconds a claim's lease outlasts the handler's timeout.
     """
 
     def __init__(
@@ -54,15 +85,19 @@ class Claims:
         url: StoreUrl,
         holder: str,
         timeout: float = 5.0,
+        grace: float = 15.0,
     ) -> None:
-        self._timeout = timeout
-        self.abandoned = Abandoned()
         self._pool = pool
         self._url = url
         self._holder = holder
+        self._timeout = timeout
+        self._grace = grace
+        self.abandoned = Abandoned()
+        self._done: list[tuple[str, str]] = []
 
-    async def claim(self, event: Event, handler: str) -> bool:
-        """Whether this instance is the one to run ``handler`` on ``event``.
+    async def claim(self, event: Event, handler: str, lease: float) -> bool:
+        """Whether this instance is the one to run ``handler`` on ``event``, for the next
+        ``lease`` seconds (its timeout) plus the grace.
 
         Raises:
             StoreError: the store did not answer; the caller decides (the dispatcher runs
@@ -71,16 +106,82 @@ class Claims:
         params = {
             "id": event.id,
             "name": event.name,
-            "call_key": event.call_key,
+            "topic": event.topic,
+            "payload": Json(event.payload),
+            "received_at": event.received_at,
+            "origin": event.origin,
+            "size": event.size,
             "holder": self._holder,
             "handler": handler,
+            "lease": lease + self._grace,
         }
         try:
-            row = await bounded(self._insert(params), self._timeout, self.abandoned)
+            row = await bounded(self._fetch(_CLAIM, params), self._timeout, self.abandoned)
         except (psycopg.Error, TimeoutError) as exc:
             raise describe(self._url, exc) from None
-        return row is not None
+        return bool(row)
 
-    async def _insert(self, params: dict[str, Any]) -> tuple[Any, ...] | None:
+    def done(self, event: Event, handler: str) -> None:
+        """``handler`` is done with ``event`` here (whatever its outcome): written soon."""
+        self._done.append((event.id, handler))
+
+    async def expired(self, limit: int = 500) -> list[tuple[Event, str]]:
+        """The events whose claim lapsed unfinished (its holder died mid-handle), with the
+        handler each is owed to, the oldest first.
+
+        Raises:
+            StoreError: the store failed or did not answer.
+        """
+        try:
+            rows = await bounded(
+                self._fetch(_EXPIRED, {"limit": limit}, many=True), self._timeout, self.abandoned
+            )
+        except (psycopg.Error, TimeoutError) as exc:
+            raise describe(self._url, exc) from None
+        return [
+            (
+                Event.create(name, payload, topic, received_at, size, id=id_, origin=origin),
+                handler,
+            )
+            for name, payload, topic, received_at, size, id_, origin, handler in rows
+        ]
+
+    async def run(self) -> None:
+        """Write the done marks a few times a second, until cancelled."""
+        while True:
+            await asyncio.sleep(_FLUSH_EVERY)
+            try:
+                await self.flush()
+            except StoreError as exc:
+                _log.warning("cannot mark claims done; they are kept for later", error=str(exc))
+
+    async def flush(self) -> None:
+        """Write the done marks taken so far.
+
+        Raises:
+            StoreError: they could not be written; they are kept for the next flush.
+        """
+        if not self._done:
+            return
+        marks, self._done = self._done, []
+        params = {"ids": [m[0] for m in marks], "handlers": [m[1] for m in marks]}
+        try:
+            await bounded(self._execute(_DONE, params), self._timeout, self.abandoned)
+        except (psycopg.Error, TimeoutError) as exc:
+            self._done[:0] = marks
+            raise describe(self._url, exc) from None
+
+    async def close(self) -> None:
+        """Write the last marks (if the store answers), then end the queries given up on."""
+        with contextlib.suppress(StoreError):
+            await self.flush()
+        await self.abandoned.close()
+
+    async def _fetch(self, query: LiteralString, params: dict[str, Any], many: bool = False) -> Any:
         async with self._pool.connection() as conn:
-            return await (await conn.execute(_CLAIM, params)).fetchone()
+            cursor = await conn.execute(query, params)
+            return await (cursor.fetchall() if many else cursor.fetchone())
+
+    async def _execute(self, query: LiteralString, params: dict[str, Any]) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(query, params)

@@ -22,7 +22,8 @@ from listener.cluster.url import StoreUrl
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Migrated", "migrate"]
 
 MIGRATIONS: Final[tuple[tuple[LiteralString, ...], ...]] = (
-    # 1: the leader lease, the events heard (once each) and the per-handler claims.
+    # 1: the leader lease, the events heard (once each, with what it takes to hand one to
+    # a handler again) and the per-handler claims, each under a lease until done.
     (
         """CREATE TABLE sippet_leases (
             name       text PRIMARY KEY,
@@ -33,7 +34,11 @@ MIGRATIONS: Final[tuple[tuple[LiteralString, ...], ...]] = (
         """CREATE TABLE sippet_events (
             id          text PRIMARY KEY,
             name        text NOT NULL,
-            call_key    text,
+            topic       text NOT NULL,
+            payload     json NOT NULL,
+            received_at double precision NOT NULL,
+            origin      text NOT NULL,
+            size        integer NOT NULL,
             first_by    text NOT NULL,
             recorded_at timestamptz NOT NULL DEFAULT now()
         )""",
@@ -42,10 +47,14 @@ MIGRATIONS: Final[tuple[tuple[LiteralString, ...], ...]] = (
             handler    text NOT NULL,
             holder     text NOT NULL,
             claimed_at timestamptz NOT NULL DEFAULT now(),
+            lease_until timestamptz NOT NULL,
+            done_at    timestamptz,
             PRIMARY KEY (event_id, handler)
         )""",
         # For pruning by age.
         "CREATE INDEX sippet_events_recorded_at ON sippet_events (recorded_at)",
+        # For the leader's sweep of claims whose holder died mid-handle.
+        "CREATE INDEX sippet_claims_pending ON sippet_claims (lease_until) WHERE done_at IS NULL",
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)

@@ -2,12 +2,15 @@
 
 :meth:`SharedStore.open` connects and applies pending migrations (so a fresh database, or an
 upgrade, needs no manual step; ``store migrate`` does the same by hand). :meth:`SharedStore.run`
-takes part in the election and, while this instance leads, prunes what is old enough to go.
+takes part in the election, writes the claims' done marks and, while this instance leads,
+hands the events whose claims lapsed unfinished to their handlers again and prunes what is
+old enough to go.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import psycopg
@@ -25,8 +28,12 @@ from listener.cluster.database import (
 from listener.cluster.leader import Elector, LeaseSettings, holder_id
 from listener.cluster.schema import Migrated, migrate
 from listener.cluster.url import StoreUrl
+from listener.core.events import Event
 
-__all__ = ["SharedStore"]
+__all__ = ["Redeliver", "SharedStore"]
+
+# Hands an event to the named handler again (on this instance).
+Redeliver = Callable[[Event, str], Awaitable[None]]
 
 _log = structlog.get_logger(__name__)
 # Rows per DELETE: each batch holds its row locks briefly, whatever the backlog.
@@ -64,8 +71,16 @@ class SharedStore:
         self.holder = holder or holder_id()
         self.connect_timeout = connect_timeout
         self.pool = make_pool(url, size=pool_size, connect_timeout=connect_timeout)
-        self.claims = Claims(self.pool, url, self.holder, timeout=connect_timeout)
         self.elector = Elector(url, lease, holder=self.holder)
+        # A claim outlives its handler's timeout by a leader lease: the sweep that takes it
+        # over runs on a leader, which may itself be failing over meanwhile.
+        self.claims = Claims(
+            self.pool,
+            url,
+            self.holder,
+            timeout=connect_timeout,
+            grace=self.elector.settings.ttl,
+        )
         self._abandoned = Abandoned()
 
     async def open(self) -> Migrated:
@@ -86,14 +101,32 @@ class SharedStore:
             raise describe(self.url, exc) from None
 
     async def close(self) -> None:
-        """End the queries given up on, then close the pool."""
-        await self.claims.abandoned.close()
+        """Write the last done marks, end the queries given up on, close the pool."""
+        await self.claims.close()
         await self._abandoned.close()
         await self.pool.close()
 
-    async def run(self, retain: float, prune_every: float = 3600.0) -> None:
-        """Vote for a leader for ever; while leading, prune every ``prune_every`` seconds
-        the events (and their claims) recorded more than ``retain`` seconds ago."""
+    async def run(self, retain: float, redeliver: Redeliver, prune_every: float = 3600.0) -> None:
+        """Vote for a leader and write done marks, for ever. While leading: every lease
+        renewal, hand the events whose claims lapsed to ``redeliver``; every ``prune_every``
+        seconds, forget the events (and their claims) recorded more than ``retain`` ago."""
+
+        async def sweep_forever() -> None:
+            while True:
+                try:
+                    lapsed = await self.claims.expired()
+                except StoreError as exc:
+                    _log.warning("cannot look for lapsed claims", error=str(exc))
+                    lapsed = []
+                for event, handler in lapsed:
+                    _log.warning(
+                        "claim lapsed unfinished; handling the event again",
+                        handler=handler,
+                        event_id=event.id,
+                        event_name=event.name,
+                    )
+                    await redeliver(event, handler)
+                await asyncio.sleep(self.elector.settings.renew_every)
 
         async def prune_forever() -> None:
             while True:
@@ -107,6 +140,8 @@ class SharedStore:
 
         async with asyncio.TaskGroup() as group:
             group.create_task(self.elector.run())
+            group.create_task(self.claims.run())
+            group.create_task(self.elector.while_leader(sweep_forever))
             group.create_task(self.elector.while_leader(prune_forever))
 
     async def prune(self, retain: float) -> int:

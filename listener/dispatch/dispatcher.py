@@ -76,9 +76,14 @@ class Claims(Protocol):
     """Once per event across instances: asked before each ``handle()`` when several
     instances share a store (``listener.cluster.claims``); a single instance has none."""
 
-    async def claim(self, event: Event, handler: str) -> bool:
-        """Whether this instance is the one to run ``handler`` on ``event``; raises
-        :class:`~listener.core.errors.ListenerError` when it cannot tell."""
+    async def claim(self, event: Event, handler: str, lease: float) -> bool:
+        """Whether this instance is the one to run ``handler`` on ``event`` (for at least
+        ``lease`` seconds); raises :class:`~listener.core.errors.ListenerError` when it
+        cannot tell."""
+        ...
+
+    def done(self, event: Event, handler: str) -> None:
+        """``handler`` is done with ``event`` here: no other instance need run it again."""
         ...
 
 
@@ -272,7 +277,8 @@ class HandlerRunner:
                     self._idle.set()
 
     async def _invoke(self, event: Event, call: CallRecord | None, deadline: _Deadline) -> None:
-        if self._claims is not None and event.id and not await self._claim(event):
+        claims = self._claims if event.id else None
+        if claims is not None and not await self._claim(claims, event):
             return
         started = time.perf_counter()
         context = self.context.for_event(event, call)
@@ -303,13 +309,14 @@ class HandlerRunner:
                 error=f"{type(failure).__name__}: {failure}",
                 exc_info=failure,
             )
+        if claims is not None:
+            claims.done(event, self.settings.name)
         if failure is not None:
             await self._tell_error_hook(event, failure, context)
 
-    async def _claim(self, event: Event) -> bool:
-        assert self._claims is not None
+    async def _claim(self, claims: Claims, event: Event) -> bool:
         try:
-            if await self._claims.claim(event, self.settings.name):
+            if await claims.claim(event, self.settings.name, self.settings.timeout):
                 return True
         except ListenerError as exc:
             # Better twice (another instance may run it too) than never.

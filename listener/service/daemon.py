@@ -41,6 +41,7 @@ from listener.cluster.database import StoreRefused
 from listener.cluster.leader import LeaseSettings
 from listener.cluster.store import SharedStore
 from listener.core.errors import ConfigError, HandlerLoadError, ListenerError
+from listener.core.events import Event
 from listener.core.ids import EventIds
 from listener.core.logs import configure_logging
 from listener.core.retry import BackoffPolicy
@@ -217,7 +218,11 @@ class Daemon:
         if self.store is not None:
             elector = self.store.elector
             retain = self.settings.calls.retain_ended
-            lifelong.add(asyncio.create_task(self.store.run(retain), name="sippet-shared-store"))
+            lifelong.add(
+                asyncio.create_task(
+                    self.store.run(retain, self._redeliver), name="sippet-shared-store"
+                )
+            )
 
             async def reconcile() -> None:
                 # Singleton work: one pass per cluster, on the leader.
@@ -326,6 +331,19 @@ class Daemon:
                     abandoned=abandoned,
                 )
         await self._teardown([pair[1] for pair in old])
+
+    async def _redeliver(self, event: Event, handler: str) -> None:
+        """Hand ``event`` to ``handler`` again: its claim lapsed on an instance that died."""
+        runner = next((r for r in self.dispatcher.runners if r.settings.name == handler), None)
+        if runner is None:
+            assert self.store is not None
+            _log.warning("lapsed claim for a handler not configured here", handler=handler)
+            self.store.claims.done(event, handler)
+            return
+        call = self.tracker.get(event.call_key) if event.call_key else None
+        wait = runner.offer(event, call)
+        if wait is not None:
+            await wait
 
     def _runner(self, item: LoadedHandler) -> HandlerRunner:
         context = Context(
