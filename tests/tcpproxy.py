@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+from listener.cluster.url import StoreUrl
 
 
 class FreezableProxy:
@@ -62,3 +66,13 @@ class FreezableProxy:
             await self._flowing.wait()
             writer.write(data)
             await writer.drain()
+
+
+@contextlib.asynccontextmanager
+async def proxied(url: StoreUrl) -> AsyncIterator[tuple[FreezableProxy, StoreUrl]]:
+    """A proxy in front of the store at ``url``, and the URL that goes through it."""
+    target = urlsplit(url.conninfo)
+    assert target.hostname is not None
+    assert target.port is not None
+    async with FreezableProxy(target.hostname, target.port) as proxy:
+        yield proxy, StoreUrl(url.conninfo.replace(f":{target.port}/", f":{proxy.port}/"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -19,7 +18,7 @@ from listener.core.events import Event
 from listener.dispatch.dispatcher import Dispatcher, HandlerRunner, RunnerSettings
 from listener.dispatch.handler import Context, FunctionHandler
 from listener.testing import FakeSippet, running_daemon, settle
-from tests.tcpproxy import FreezableProxy
+from tests.tcpproxy import proxied
 
 
 def event(n: int) -> Event:
@@ -94,11 +93,7 @@ async def test_two_daemons_on_one_store_run_each_handler_once_per_event(
 async def test_a_claim_the_store_cannot_answer_runs_the_handler_anyway(
     store: StoreUrl, tmp_path: Path
 ) -> None:
-    target = urlsplit(store.conninfo)
-    assert target.hostname is not None
-    assert target.port is not None
-    async with FreezableProxy(target.hostname, target.port) as proxy:
-        via = StoreUrl(store.conninfo.replace(f":{target.port}/", f":{proxy.port}/"))
+    async with proxied(store) as (proxy, via):
         pool = make_pool(via, size=1, connect_timeout=2)
         await open_pool(pool, via)
         seen: list[str] = []

@@ -20,6 +20,26 @@ SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 EVENTS = 300
 
 
+def two_instances(
+    tmp_path: Path, fake: FakeSippet, handlers: str, extra: str = ""
+) -> list[ServiceProcess]:
+    """Two daemons (not started) with the same configuration, each its own state dir."""
+    instances = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        instance = ServiceProcess(tmp_path / name, fake)
+        instance.write_config(handlers, extra=extra)
+        instances.append(instance)
+    return instances
+
+
+async def start_all(instances: list[ServiceProcess]) -> None:
+    for instance in instances:
+        await instance.start()
+    for instance in instances:
+        await instance.message("READY=1", timeout=20)
+
+
 async def test_a_rolling_restart_of_two_instances_loses_and_doubles_nothing(
     tmp_path: Path, fake: FakeSippet, store: StoreUrl, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -27,17 +47,9 @@ async def test_a_rolling_restart_of_two_instances_loses_and_doubles_nothing(
     async with WebhookReceiver() as receiver:
         hook = f'[[handlers]]\nuse = "webhook"\nname = "crm"\nurl = "{receiver.url}"\n'
         hook += f'secret = "{SECRET}"\n'
-        instances = []
-        for name in ("a", "b"):
-            (tmp_path / name).mkdir()
-            instance = ServiceProcess(tmp_path / name, fake)
-            instance.write_config(hook)
-            instances.append(instance)
+        instances = two_instances(tmp_path, fake, hook)
         try:
-            for instance in instances:
-                await instance.start()
-            for instance in instances:
-                await instance.message("READY=1", timeout=20)
+            await start_all(instances)
 
             async def stream() -> None:
                 for n in range(EVENTS):
@@ -78,17 +90,9 @@ async def test_an_instance_killed_mid_handle_leaves_the_event_to_another(
         f'timeout = 1.0\npath = "{journal}"\ndelay = 0.8\n'
     )
     lease = "[store]\nlease_ttl = 1.0\nlease_renew = 0.25\n"
-    instances = []
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        instance = ServiceProcess(tmp_path / name, fake)
-        instance.write_config(handler, extra=lease)
-        instances.append(instance)
+    instances = two_instances(tmp_path, fake, handler, lease)
     try:
-        for instance in instances:
-            await instance.start()
-        for instance in instances:
-            await instance.message("READY=1", timeout=20)
+        await start_all(instances)
         await fake.broadcast("participant_joined", {"callUuid": "c1", "memberId": "m1"})
 
         def lines() -> list[list[str]]:
