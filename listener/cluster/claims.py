@@ -94,15 +94,29 @@ class Claims:
         self._grace = grace
         self.abandoned = Abandoned()
         self._done: list[tuple[str, str]] = []
+        # Until when (loop time) claims fail at once: the store just failed to answer one.
+        self._down_until = 0.0
+
+    @property
+    def down(self) -> bool:
+        """Whether the store failed to answer the latest claim tried."""
+        return self._down_until > 0.0
 
     async def claim(self, event: Event, handler: str, lease: float) -> bool:
         """Whether this instance is the one to run ``handler`` on ``event``, for the next
         ``lease`` seconds (its timeout) plus the grace.
 
+        After a claim the store did not answer, the next ones fail at once for ``timeout``
+        seconds, then one is tried again: while the store is down every event costs one
+        wait per ``timeout``, not one each.
+
         Raises:
             StoreError: the store did not answer; the caller decides (the dispatcher runs
                 the handler: better twice than never).
         """
+        loop = asyncio.get_running_loop()
+        if self._down_until > loop.time():
+            raise StoreError(self._url.key, f"{self._url}: not answering; retried shortly")
         params = {
             "id": event.id,
             "name": event.name,
@@ -118,7 +132,13 @@ class Claims:
         try:
             row = await bounded(self._fetch(_CLAIM, params), self._timeout, self.abandoned)
         except (psycopg.Error, TimeoutError) as exc:
+            if not self.down:
+                _log.warning("the store stopped answering claims", error=self._url.scrub(str(exc)))
+            self._down_until = loop.time() + self._timeout
             raise describe(self._url, exc) from None
+        if self.down:
+            _log.info("the store answers claims again")
+            self._down_until = 0.0
         return bool(row)
 
     def done(self, event: Event, handler: str) -> None:

@@ -319,9 +319,10 @@ class HandlerRunner:
             if await claims.claim(event, self.settings.name, self.settings.timeout):
                 return True
         except ListenerError as exc:
-            # Better twice (another instance may run it too) than never.
+            # Better twice (another instance may run it too) than never. The claims say once
+            # when the store stops and starts answering; per event is for debugging.
             self._report(
-                "warning", "cannot claim the event; handling it anyway", event, error=str(exc)
+                "debug", "cannot claim the event; handling it anyway", event, error=str(exc)
             )
             return True
         self._outcomes["elsewhere"].value += 1

@@ -171,6 +171,8 @@ class Daemon:
         if self.store is not None:
             elector = self.store.elector
             parts.append(f"leader (term {elector.term})" if elector.is_leader else "follower")
+            if self.store.claims.down:
+                parts.append("store not answering: handlers run without claims")
         for item, runner in zip(self.handlers, self.dispatcher.runners, strict=True):
             extra = item.handler.status()
             pending = f", {runner.pending} pending" if runner.pending else ""
