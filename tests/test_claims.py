@@ -60,7 +60,8 @@ async def test_two_instances_claiming_the_same_events_each_get_a_disjoint_share(
 async def test_two_daemons_on_one_store_run_each_handler_once_per_event(
     fake: FakeSippet, store: StoreUrl, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("SIPPET_STORE_URL", store.conninfo)
+    # The harness takes its store as an argument only: the environment is not looked at.
+    monkeypatch.setenv("SIPPET_STORE_URL", "postgresql://nobody@127.0.0.1:1/none")
     handled: list[tuple[str, str, str]] = []
 
     def recorder(instance: str, name: str) -> FunctionHandler:
@@ -72,8 +73,12 @@ async def test_two_daemons_on_one_store_run_each_handler_once_per_event(
     skipped = metrics.HANDLER_OUTCOMES.labels(handler="crm", outcome="elsewhere")
     skipped_before = skipped.value
     async with (
-        running_daemon(fake, [recorder("one", "audit"), recorder("one", "crm")]) as one,
-        running_daemon(fake, [recorder("two", "audit"), recorder("two", "crm")]) as two,
+        running_daemon(
+            fake, [recorder("one", "audit"), recorder("one", "crm")], store=store.conninfo
+        ) as one,
+        running_daemon(
+            fake, [recorder("two", "audit"), recorder("two", "crm")], store=store.conninfo
+        ) as two,
     ):
         for n in range(30):
             await fake.call_event("incoming_call", f"call-{n}")

@@ -9,8 +9,6 @@ import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 
-import pytest
-
 from listener.cluster.database import connect
 from listener.cluster.leader import Elector, LeaseSettings
 from listener.cluster.url import StoreUrl
@@ -189,14 +187,13 @@ async def test_a_leader_cut_off_from_the_store_steps_down_before_its_lease_passe
 
 
 async def test_two_daemons_on_one_store_reconcile_once_on_the_leader(
-    fake: FakeSippet, store: StoreUrl, monkeypatch: pytest.MonkeyPatch
+    fake: FakeSippet, store: StoreUrl
 ) -> None:
-    monkeypatch.setenv("SIPPET_STORE_URL", store.conninfo)
     await fake.call_event("incoming_call", "call-1")
     calls = {"reconcile": True}
     async with (
-        running_daemon(fake, [], calls=calls) as one,
-        running_daemon(fake, [], calls=calls) as two,
+        running_daemon(fake, [], calls=calls, store=store.conninfo) as one,
+        running_daemon(fake, [], calls=calls, store=store.conninfo) as two,
     ):
         electors = [daemon.store.elector for daemon in (one, two) if daemon.store is not None]
         leader = await leader_of(electors, 2)

@@ -71,7 +71,7 @@ async def _run(args: argparse.Namespace) -> int:
     configure_logging(settings.service.log_level, settings.service.log_format)
     stop = asyncio.Event()
     stop_on_signals(stop)
-    daemon = Daemon(settings, api_key, handlers)
+    daemon = Daemon(settings, api_key, handlers, store=config.store_url(settings))
 
     def load() -> tuple[config.Settings, list[LoadedHandler]]:
         fresh, _ = _load(args.config)

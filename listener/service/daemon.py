@@ -40,6 +40,7 @@ from listener.calls.tracker import CallTracker
 from listener.cluster.database import StoreRefused
 from listener.cluster.leader import LeaseSettings
 from listener.cluster.store import SharedStore
+from listener.cluster.url import StoreUrl
 from listener.core.errors import ConfigError, HandlerLoadError, ListenerError
 from listener.core.events import Event
 from listener.core.ids import EventIds
@@ -52,7 +53,7 @@ from listener.realtime.connection import LinkSettings
 from listener.realtime.session import Session, SessionSettings
 from listener.realtime.tokens import TokenSource
 from listener.rpc.client import RpcClient
-from listener.service.config import Settings, SippetSettings, store_url
+from listener.service.config import Settings, SippetSettings
 from listener.service.health import HealthServer
 from listener.service.systemd import Notifier
 
@@ -111,6 +112,9 @@ class Daemon:
         persist: keep the call map, the ids handed on and the last moment seen in
             ``service.state_dir``; without it (``tail``) they live in memory only and every
             start is a first start.
+        store: the shared store's URL (``config.store_url``), for an instance of a cluster;
+            without it (the default, and ``tail``, the demo, the test harness) none is used,
+            whatever the environment holds.
         notifier: where service notifications go (default: ``$NOTIFY_SOCKET``, if set).
     """
 
@@ -122,6 +126,7 @@ class Daemon:
         *,
         persist: bool = True,
         notifier: Notifier | None = None,
+        store: StoreUrl | None = None,
     ) -> None:
         sippet = settings.sippet
         self.settings = settings
@@ -131,8 +136,7 @@ class Daemon:
         # One request per mint: the session's own backoff paces the retries.
         tokens = TokenSource(self._http, sippet.base_url, api_key)
         self.handlers = list(handlers)
-        # `tail` (persist=False) takes no claims: it would take events from the real handlers.
-        self.store = _shared_store(settings) if persist else None
+        self.store = _shared_store(settings, store) if store is not None else None
         self.tracker = CallTracker(settings.calls.id_window)
         self.dispatcher = Dispatcher([self._runner(item) for item in self.handlers], self.tracker)
         self.reconciler = Reconciler(
@@ -434,10 +438,7 @@ class Daemon:
                 )
 
 
-def _shared_store(settings: Settings) -> SharedStore | None:
-    url = store_url(settings)
-    if url is None:
-        return None
+def _shared_store(settings: Settings, url: StoreUrl) -> SharedStore:
     store = settings.store
     lease = LeaseSettings(
         ttl=store.lease_ttl, renew_every=store.lease_renew, connect_timeout=store.connect_timeout
