@@ -190,3 +190,46 @@ async def test_a_claim_lapsed_unfinished_is_found_and_taken_over_once(store: Sto
     finally:
         for pool in pools:
             await pool.close()
+
+
+async def test_a_gap_both_instances_shared_is_reconciled_by_each_and_handled_once(
+    fake: FakeSippet, store: StoreUrl
+) -> None:
+    handled: list[tuple[str, str, str | None, str]] = []
+    arrived = asyncio.Condition()
+
+    def recorder(instance: str) -> FunctionHandler:
+        async def record(ev: Event, ctx: Context[None]) -> None:
+            handled.append((instance, ev.name, ev.call_key, ev.origin))
+            async with arrived:
+                arrived.notify_all()
+
+        return FunctionHandler(record, name="audit", events=["incoming_call", "call_*"])
+
+    reconcile = {"reconcile": True}
+    async with (
+        running_daemon(fake, [recorder("one")], calls=reconcile, store=store.conninfo) as one,
+        running_daemon(fake, [recorder("two")], calls=reconcile, store=store.conninfo) as two,
+    ):
+        await fake.call_event("incoming_call", "c-1")
+        await fake.outage(1.0)
+        # Nobody hears these.
+        await fake.call_event("call_answered", "c-1")
+        await fake.call_event("incoming_call", "c-2")
+        async with asyncio.timeout(15), arrived:
+            await arrived.wait_for(lambda: len(handled) >= 3)
+        for daemon in (one, two):
+            await daemon.dispatcher.drain()
+        await asyncio.sleep(0.3)
+        # Each instance's own map has what the gap hid (its handlers see it as ctx.call).
+        for daemon in (one, two):
+            answered, ringing = daemon.tracker.get("c-1"), daemon.tracker.get("c-2")
+            assert answered is not None
+            assert ringing is not None
+            assert (answered.status, ringing.status) == ("answered", "ringing")
+    transitions = sorted((name, key, origin) for _, name, key, origin in handled)
+    assert transitions == [
+        ("call_answered", "c-1", "reconcile"),
+        ("incoming_call", "c-1", "realtime"),
+        ("incoming_call", "c-2", "reconcile"),
+    ]

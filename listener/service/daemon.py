@@ -19,8 +19,8 @@ not change keep running untouched, removed ones drain and are torn down, new one
 a configuration that does not load leaves the running one in place.
 
 With a shared store (``[store]``, see ``listener.cluster``): the daemon migrates it at start,
-claims each (event, handler) there before handling, and runs reconciliation only while it
-holds the leader lease.
+claims each (event, handler) there before handling, and takes part in the election of the
+leader that sweeps lapsed claims and prunes the store.
 """
 
 from __future__ import annotations
@@ -220,22 +220,18 @@ class Daemon:
             asyncio.create_task(self._keep_watch(), name="sippet-watchdog"),
             asyncio.create_task(persister.run(), name="sippet-call-store"),
         }
-        reconcile = self.reconciler.run
         if self.store is not None:
-            elector = self.store.elector
             retain = self.settings.calls.retain_ended
             lifelong.add(
                 asyncio.create_task(
                     self.store.run(retain, self._redeliver), name="sippet-shared-store"
                 )
             )
-
-            async def reconcile() -> None:
-                # Singleton work: one pass per cluster, on the leader.
-                await elector.while_leader(self.reconciler.run)
-
+        # Every instance reconciles its own gaps, leader or not: each keeps its own call map
+        # (what its handlers see as ctx.call), and the claims make a transition rebuilt by
+        # several instances (one id) reach each handler once.
         if self.reconciler.settings.enabled:
-            lifelong.add(asyncio.create_task(reconcile(), name="sippet-reconciler"))
+            lifelong.add(asyncio.create_task(self.reconciler.run(), name="sippet-reconciler"))
         ready = asyncio.create_task(self._notify_ready(), name="sippet-ready")
         stopping = asyncio.create_task(stop.wait())
         try:
