@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections import Counter
+from collections.abc import Awaitable
 from pathlib import Path
 
 import psycopg
@@ -25,36 +27,39 @@ def event(n: int) -> Event:
     return Event("transcript_delta", {"seq": n}, "events", 0.0, id=f"evt_{n}")
 
 
-async def test_two_instances_claiming_the_same_events_each_get_a_disjoint_share(
+async def test_three_instances_claiming_the_same_events_each_get_a_disjoint_share(
     store: StoreUrl,
 ) -> None:
-    pools = [make_pool(store, size=4), make_pool(store, size=4)]
+    pools = [make_pool(store, size=4) for _ in range(3)]
     for pool in pools:
         await open_pool(pool, store)
     try:
-        a, b = (Claims(pool, store, holder) for pool, holder in zip(pools, "ab", strict=True))
-        events = [event(n) for n in range(100)]
-        # Both ask for every (event, handler) at once, as two instances hearing one stream.
-        asks = [
-            (name, ev.id, handler, claims.claim(ev, handler, 30))
-            for ev in events
-            for handler in ("log", "rpc")
-            for name, claims in (("a", a), ("b", b))
-        ]
+        instances = [Claims(pool, store, holder) for pool, holder in zip(pools, "abc", strict=True)]
+        keys = [(event(n), handler) for n in range(150) for handler in ("log", "rpc")]
+        # All ask for every (event, handler) at once, each in an order of its own, as
+        # instances hearing one stream do: their batches overlap in every way (and must
+        # never deadlock).
+        asks: list[tuple[str, str, Awaitable[bool]]] = []
+        for seed, claims in enumerate(instances):
+            mine = list(keys)
+            random.Random(seed).shuffle(mine)
+            asks += [(ev.id, handler, claims.claim(ev, handler, 30)) for ev, handler in mine]
         granted = await asyncio.gather(*(ask for *_, ask in asks))
+        for claims in instances:
+            await claims.close()
     finally:
         for pool in pools:
             await pool.close()
     winners = Counter(
-        (ev_id, handler) for (_, ev_id, handler, _), ok in zip(asks, granted, strict=True) if ok
+        (ev_id, handler) for (ev_id, handler, _), ok in zip(asks, granted, strict=True) if ok
     )
-    assert len(winners) == 200
+    assert len(winners) == 300
     assert set(winners.values()) == {1}
     async with await psycopg.AsyncConnection.connect(store.conninfo) as conn:
         rows = await (
             await conn.execute("SELECT count(*), count(DISTINCT id) FROM sippet_events")
         ).fetchone()
-    assert rows == (100, 100)
+    assert rows == (150, 150)
 
 
 async def test_two_daemons_on_one_store_run_each_handler_once_per_event(
