@@ -197,3 +197,20 @@ async def test_two_daemons_on_one_store_say_who_leads_in_their_status_line(
         leader = await leader_of(electors, 2)
         lines = sorted(daemon.status_line().split("; ")[2] for daemon in (one, two))
         assert lines == ["follower", f"leader (term {leader.term})"]
+
+
+async def test_a_renewal_answered_after_its_local_deadline_does_not_lead(store: StoreUrl) -> None:
+    # Each reading of this clock is a lease later than the one before: every answer arrives
+    # after the lease it renewed could have passed, as seen from here.
+    readings = iter(range(0, 10**6, int(TTL)))
+
+    def late_clock() -> float:
+        return float(next(readings))
+
+    slow = Elector(store, LEASE, holder="slow", clock=late_clock)
+    async with running(slow) as watch:
+        await asyncio.sleep(4 * LEASE.renew_every)
+        holder, _, valid = await lease_row(store)
+    # The database granted it the lease each time; it never acted on one.
+    assert (holder, valid) == ("slow", True)
+    assert watch.most == 0

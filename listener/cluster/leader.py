@@ -204,12 +204,15 @@ class Elector:
                     await conn.close()
 
     def _lead(self, term: int, deadline: float) -> None:
+        left = deadline - self._clock()
+        if left <= 0:
+            # Answered so late that the lease may be about to pass: not worth starting work.
+            self._step_down("lease renewed too late")
+            return
         if self._expiry is not None:
             self._expiry.cancel()
         loop = asyncio.get_running_loop()
-        self._expiry = loop.call_later(
-            max(0.0, deadline - self._clock()), self._step_down, "lease not renewed in time"
-        )
+        self._expiry = loop.call_later(left, self._step_down, "lease not renewed in time")
         if self.term != term or not self.is_leader:
             self.term = term
             self.following.clear()
