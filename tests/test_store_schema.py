@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from pathlib import Path
 
 import pytest
 
 from listener.cluster.database import StoreError, connect
 from listener.cluster.schema import SCHEMA_VERSION, migrate
+from listener.cluster.store import SharedStore
 from listener.cluster.url import StoreUrl
+from listener.core.events import Event
 from tests.postgres import PASSWORD
 from tests.test_cli import run_cli, write_config
 
@@ -78,3 +82,29 @@ async def test_store_migrate_command(tmp_path: Path, pg_url: str) -> None:
     code, _, err = await run_cli("store", "migrate", "--config", str(config))
     assert code == 78
     assert "store.url: no store configured" in err
+
+
+async def test_store_status_command(tmp_path: Path, store: StoreUrl) -> None:
+    shared = SharedStore(store, holder="host-a:1:x")
+    await shared.open()
+    try:
+        running = asyncio.create_task(shared.elector.run())
+        await asyncio.wait_for(shared.elector.leading.wait(), 5)
+        ev = Event("transcript_delta", {"n": 1}, "events", 0.0, id="evt_1")
+        assert await shared.claims.claim(ev, "audit", 30)
+        config = write_config(tmp_path / "c.toml", "[store]\nconnect_timeout = 2\n")
+        env = {"SIPPET_STORE_URL": store.conninfo}
+        text = await run_cli("store", "status", "--config", str(config), env=env)
+        as_json = await run_cli("store", "status", "--json", "--config", str(config), env=env)
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+    finally:
+        await shared.close()
+    assert text[0] == 0, text[2]
+    first, lease = text[1].splitlines()
+    assert first.endswith(f"schema {SCHEMA_VERSION}; 1 events; claims: 1 in flight, 0 lapsed")
+    assert lease.startswith("lease leader: host-a:1:x, term 1, expires in ")
+    status = json.loads(as_json[1])
+    assert (status["events"], status["in_flight"], status["leases"][0]["term"]) == (1, 1, 1)
+    assert PASSWORD not in text[1] + as_json[1]
