@@ -13,7 +13,8 @@ from listener.cluster.url import StoreUrl
 
 class FreezableProxy:
     """Forwards every connection to ``(host, port)``; :meth:`freeze` stops moving bytes
-    (held, not refused, like a partition), :meth:`thaw` moves them again."""
+    (held, not refused, like a partition), :meth:`thaw` moves them again. With ``refusing``
+    set, new connections are closed at once (a server down, or not up yet)."""
 
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
@@ -22,6 +23,7 @@ class FreezableProxy:
         self._flowing.set()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.refusing = False
 
     async def __aenter__(self) -> FreezableProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -45,6 +47,9 @@ class FreezableProxy:
         self._flowing.set()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.close()
+            return
         await self._flowing.wait()
         up_reader, up_writer = await asyncio.open_connection(*self.target)
         pumps = [

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from listener.cluster.claims import Claims
-from listener.cluster.database import make_pool, open_pool
+from listener.cluster.database import make_pool
 from listener.cluster.store import SharedStore
 from listener.cluster.url import StoreUrl
 from listener.core import metrics
@@ -32,7 +32,7 @@ async def test_three_instances_claiming_the_same_events_each_get_a_disjoint_shar
 ) -> None:
     pools = [make_pool(store, size=4) for _ in range(3)]
     for pool in pools:
-        await open_pool(pool, store)
+        await pool.open(wait=True)
     try:
         instances = [Claims(pool, store, holder) for pool, holder in zip(pools, "abc", strict=True)]
         keys = [(event(n), handler) for n in range(150) for handler in ("log", "rpc")]
@@ -105,7 +105,7 @@ async def test_while_the_store_does_not_answer_handlers_run_without_a_wait_per_e
 ) -> None:
     async with proxied(store) as (proxy, via):
         pool = make_pool(via, size=1, connect_timeout=2)
-        await open_pool(pool, via)
+        await pool.open(wait=True)
         seen: list[str] = []
 
         async def record(ev: Event, ctx: Context[None]) -> None:
@@ -170,7 +170,7 @@ async def test_prune_forgets_old_events_with_their_claims(store: StoreUrl) -> No
 async def test_a_claim_lapsed_unfinished_is_found_and_taken_over_once(store: StoreUrl) -> None:
     pools = [make_pool(store, size=2), make_pool(store, size=2)]
     for pool in pools:
-        await open_pool(pool, store)
+        await pool.open(wait=True)
     try:
         dead, alive = (
             Claims(pool, store, name, grace=0.3) for pool, name in zip(pools, "ab", strict=True)
@@ -238,3 +238,34 @@ async def test_a_gap_both_instances_shared_is_reconciled_by_each_and_handled_onc
         ("incoming_call", "c-1", "realtime"),
         ("incoming_call", "c-2", "reconcile"),
     ]
+
+
+async def test_a_daemon_started_while_the_store_is_down_runs_and_uses_it_once_it_is_up(
+    fake: FakeSippet, store: StoreUrl
+) -> None:
+    seen: list[str] = []
+
+    async def record(ev: Event, ctx: Context[None]) -> None:
+        seen.append(ev.id)
+
+    async with proxied(store) as (proxy, via):
+        proxy.refusing = True
+        handler = FunctionHandler(record, name="audit")
+        async with running_daemon(fake, [handler], store=via.conninfo) as daemon:
+            shared = daemon.store
+            assert shared is not None
+            assert not shared.ready.is_set()
+            assert "store not answering" in daemon.status_line()
+            # Without the store the handler runs all the same (no claim to take).
+            await fake.broadcast("transcript_delta", {"n": 1})
+            await settle(daemon, 1)
+            proxy.refusing = False
+            async with asyncio.timeout(15):
+                await shared.ready.wait()
+            await fake.broadcast("transcript_delta", {"n": 2})
+            await settle(daemon, 2)
+            assert "store not answering" not in daemon.status_line()
+    assert len(seen) == 2
+    async with await psycopg.AsyncConnection.connect(store.conninfo) as conn:
+        claimed = await (await conn.execute("SELECT event_id FROM sippet_claims")).fetchall()
+    assert claimed == [(seen[1],)]

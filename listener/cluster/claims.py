@@ -135,6 +135,12 @@ class Claims:
         """Whether the store failed to answer the latest claim tried."""
         return self._down_until > 0.0
 
+    def answering(self) -> None:
+        """The store answered something else (a migration): try claims again at once."""
+        if self.down:
+            _log.info("the store answers claims again")
+        self._down_until = 0.0
+
     async def claim(self, event: Event, handler: str, lease: float) -> bool:
         """Whether this instance is the one to run ``handler`` on ``event``, for the next
         ``lease`` seconds (its timeout) plus the grace.

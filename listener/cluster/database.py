@@ -28,7 +28,6 @@ __all__ = [
     "connection_options",
     "describe",
     "make_pool",
-    "open_pool",
     "probe",
 ]
 
@@ -168,7 +167,7 @@ async def probe(url: StoreUrl, connect_timeout: float = 5.0) -> str:
 def make_pool(
     url: StoreUrl, *, size: int = 4, connect_timeout: float = 5.0
 ) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
-    """A pool of up to ``size`` connections, not yet open (see :func:`open_pool`)."""
+    """A pool of up to ``size`` connections, not yet open."""
     return AsyncConnectionPool(
         url.conninfo,
         min_size=1,
@@ -181,25 +180,3 @@ def make_pool(
         name="sippet-store",
         open=False,
     )
-
-
-async def open_pool(
-    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
-    url: StoreUrl,
-    connect_timeout: float = 5.0,
-) -> None:
-    """Open ``pool``, its first connection made before returning.
-
-    Raises:
-        StoreError: no connection could be made within ``connect_timeout``.
-    """
-    try:
-        await pool.open(wait=True, timeout=connect_timeout)
-    except Exception as exc:
-        await pool.close()
-        # The pool's timeout hides the driver's reason: ask for it once.
-        try:
-            await probe(url, connect_timeout)
-        except StoreError as reason:
-            raise reason from None
-        raise describe(url, exc) from None

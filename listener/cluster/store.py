@@ -20,10 +20,12 @@ from listener.cluster.claims import Claims
 from listener.cluster.database import (
     Abandoned,
     StoreError,
+    StoreRefused,
+    StoreUnreachable,
     bounded,
+    connect,
     describe,
     make_pool,
-    open_pool,
 )
 from listener.cluster.leader import Elector, LeaseSettings, holder_id
 from listener.cluster.schema import Migrated, migrate
@@ -82,23 +84,36 @@ class SharedStore:
             grace=self.elector.settings.ttl,
         )
         self._abandoned = Abandoned()
+        # Set once the schema is known to be this version's: the lease and the sweeps wait.
+        self.ready = asyncio.Event()
 
-    async def open(self) -> Migrated:
-        """Connect and migrate.
+    async def open(self) -> Migrated | None:
+        """Open the pool and migrate; None when the store does not answer: the instance then
+        runs without it (its claims fail at once, its handlers run), and :meth:`run` keeps
+        trying until it answers.
 
         Raises:
-            StoreError: the store cannot be reached, refused us, or has a newer schema.
+            StoreError: the store refused the URL, or has a newer schema.
         """
-        await open_pool(self.pool, self.url, self.connect_timeout)
+        await self.pool.open(wait=False)
         try:
-            async with self.pool.connection() as conn:
-                return await migrate(conn, self.url)
-        except StoreError:
+            return await self._migrate()
+        except StoreUnreachable as exc:
+            _log.warning("the shared store does not answer; running without it", error=str(exc))
+            return None
+        except BaseException:
             await self.pool.close()
             raise
-        except Exception as exc:
-            await self.pool.close()
-            raise describe(self.url, exc) from None
+
+    async def _migrate(self) -> Migrated:
+        # On a connection of its own: the pool's timeouts would hide why it failed.
+        async with await connect(self.url, self.connect_timeout) as conn:
+            migrated = await bounded(
+                migrate(conn, self.url), self.connect_timeout * 6, self._abandoned
+            )
+        self.ready.set()
+        self.claims.answering()
+        return migrated
 
     async def close(self) -> None:
         """Write the last done marks, end the queries given up on, close the pool."""
@@ -139,10 +154,24 @@ class SharedStore:
                 await asyncio.sleep(prune_every)
 
         async with asyncio.TaskGroup() as group:
-            group.create_task(self.elector.run())
             group.create_task(self.claims.run())
+            await self._until_migrated()
+            group.create_task(self.elector.run())
             group.create_task(self.elector.while_leader(sweep_forever))
             group.create_task(self.elector.while_leader(prune_forever))
+
+    async def _until_migrated(self) -> None:
+        delay = 1.0
+        while not self.ready.is_set():
+            try:
+                migrated = await self._migrate()
+            except (StoreUnreachable, StoreRefused) as exc:
+                # Refused now, after it opened: a password rotated under us, say. Keep trying.
+                _log.warning("the shared store still does not answer", error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            else:
+                _log.info("the shared store answers again", schema=migrated.version)
 
     async def prune(self, retain: float) -> int:
         """Forget the events recorded more than ``retain`` seconds ago (by the database's

@@ -175,7 +175,7 @@ class Daemon:
         if self.store is not None:
             elector = self.store.elector
             parts.append(f"leader (term {elector.term})" if elector.is_leader else "follower")
-            if self.store.claims.down:
+            if self.store.claims.down or not self.store.ready.is_set():
                 parts.append("store not answering: handlers run without claims")
         for item, runner in zip(self.handlers, self.dispatcher.runners, strict=True):
             extra = item.handler.status()
@@ -198,7 +198,10 @@ class Daemon:
                 except StoreRefused as exc:
                     # Wrong password or database: a restart cannot fix it (exit 78).
                     raise ConfigError(exc.key, exc.problem) from None
-                _log.info("shared store open", store=str(self.store.url), schema=migrated.version)
+                if migrated is not None:
+                    _log.info(
+                        "shared store open", store=str(self.store.url), schema=migrated.version
+                    )
             persister = await self._open_store()
             try:
                 await self._setup(self.dispatcher.runners)
