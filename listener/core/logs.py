@@ -1,6 +1,7 @@
 """Logging: structlog for our lines, stdlib for libraries, one redacting pipeline for both.
 
-JSON lines when stderr is not a terminal (journald, files), a readable console on a terminal.
+JSON lines when stderr is not a terminal (journald, files), one concise line per thing that
+happened on a terminal (:mod:`listener.core.pretty`).
 The websockets and httpx loggers put URLs in their lines (the socket URL carries the session
 token in its query string), so every record, ours or theirs, passes :func:`redact` before it
 is rendered. Secrets known by value (the API key, minted tokens, webhook secrets) are
@@ -19,6 +20,8 @@ from typing import Any, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from listener.core.pretty import PrettyRenderer, resolve_format, use_colors
+
 __all__ = ["configure_logging", "redact", "redact_text", "register_secret"]
 
 REDACTED = "[REDACTED]"
@@ -32,6 +35,22 @@ _PATTERNS = (
         r"(?:Bearer\s+)?[^\s\"',}]+"
     ),
     re.compile(r"()whsec_[A-Za-z0-9+/=_-]+"),
+)
+# Fields whose value is a credential whatever it looks like (a header dict, a bare token).
+_SECRET_FIELDS = frozenset(
+    {
+        "authorization",
+        "x-api-key",
+        "api_key",
+        "apikey",
+        "token",
+        "session_token",
+        "admin_token",
+        "secret",
+        "password",
+        "cookie",
+        "webhook-signature",
+    }
 )
 _QUIET_LIBRARIES = ("websockets", "httpx", "httpcore", "uvicorn", "uvicorn.error")
 
@@ -56,16 +75,26 @@ def _redact_value(value: Any) -> Any:
     if isinstance(value, str):
         return redact_text(value)
     if isinstance(value, dict):
-        return {key: _redact_value(item) for key, item in value.items()}
+        return {
+            key: REDACTED if _is_secret_field(key) else _redact_value(item)
+            for key, item in value.items()
+        }
     if isinstance(value, list | tuple):
         return [_redact_value(item) for item in value]
     return value
 
 
+def _is_secret_field(key: object) -> bool:
+    return isinstance(key, str) and key.lower() in _SECRET_FIELDS
+
+
 def redact(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
-    """structlog processor: redact every value of the event dict (nested ones too)."""
+    """structlog processor: redact every value of the event dict (nested ones too), and the
+    whole value of a field named like a credential."""
     for key, value in event_dict.items():
-        if isinstance(value, str | dict | list | tuple):
+        if _is_secret_field(key) and value is not None:
+            event_dict[key] = REDACTED
+        elif isinstance(value, str | dict | list | tuple):
             event_dict[key] = _redact_value(value)
         elif isinstance(value, BaseException):
             event_dict[key] = redact_text(repr(value))
@@ -85,12 +114,11 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
 
     Args:
         level: ``debug``, ``info``, ``warning`` or ``error``.
-        fmt: ``json``, ``console``, or ``auto`` (console on a terminal, else JSON).
+        fmt: ``json``, ``pretty`` (``console`` is its older spelling), or ``auto`` (pretty
+            on a terminal, else JSON).
         stream: where lines go (stderr by default, leaving stdout to command output).
     """
     out = stream if stream is not None else sys.stderr
-    if fmt == "auto":
-        fmt = "console" if out.isatty() else "json"
     numeric = logging.getLevelNamesMapping()[level.upper()]
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -100,8 +128,8 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | N
     ]
     renderer: Processor = (
         structlog.processors.JSONRenderer()
-        if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+        if resolve_format(fmt, out) == "json"
+        else PrettyRenderer(colors=use_colors(out))
     )
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

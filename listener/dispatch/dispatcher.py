@@ -38,11 +38,26 @@ from listener.core.errors import ListenerError
 from listener.core.events import Event
 from listener.dispatch.handler import Context, Handler, OnFull
 
-__all__ = ["Claims", "DispatchReport", "Dispatcher", "HandlerRunner", "RunnerSettings"]
+__all__ = [
+    "OBSERVED_BYTES",
+    "Claims",
+    "DispatchReport",
+    "Dispatcher",
+    "Handled",
+    "HandlerRunner",
+    "RunnerSettings",
+]
 
 _log = structlog.get_logger(__name__)
 # An event and its call as of this event, as they wait for a handler.
 _Item: TypeAlias = tuple[Event, CallRecord | None]
+#: What an observer hears of each handled event: its id, the handler's name, the outcome
+#: (``ok``, ``error``, ``timeout``), seconds taken, and the failure in a few words if any (not
+#: the exception: its traceback would keep the handler's frames alive).
+Handled: TypeAlias = tuple[str, str, str, float, str | None]
+#: An observer keeps the events it sees for a while: one from a bigger frame is kept without
+#: its payload, so that a few multi-megabyte AI audit events cannot pile up there.
+OBSERVED_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +158,8 @@ class HandlerRunner:
         }
         self._globs = tuple(settings.events)
         self._match_all = "*" in self._globs
+        # Set by an observer (the status page): one O(1) append per handled event.
+        self.handled: deque[Handled] | None = None
 
     def subscribes(self, name: str) -> bool:
         """Whether the handler's globs cover the event name."""
@@ -296,7 +313,8 @@ class HandlerRunner:
             failure = exc
         else:
             outcome = "timeout" if deadline.disarm() else "ok"
-        self._duration.observe(time.perf_counter() - started)
+        took = time.perf_counter() - started
+        self._duration.observe(took)
         self._outcomes[outcome].value += 1
         if outcome == "timeout":
             self._report("warning", "handler timed out", event, timeout=self.settings.timeout)
@@ -311,6 +329,9 @@ class HandlerRunner:
             )
         if claims is not None:
             claims.done(event, self.settings.name)
+        if self.handled is not None:
+            error = None if failure is None else f"{type(failure).__name__}: {failure}"
+            self.handled.append((event.id, self.settings.name, outcome, took, error))
         if failure is not None:
             await self._tell_error_hook(event, failure, context)
 
@@ -402,6 +423,20 @@ class _Deadline:
             self._timer = self._loop.call_at(deadline, self._check)
 
 
+def _unloaded(event: Event) -> Event:
+    """``event`` with its payload replaced by its size, for observers."""
+    return Event(
+        event.name,
+        {"payload_bytes": event.size},
+        event.topic,
+        event.received_at,
+        event.call_key,
+        event.size,
+        event.id,
+        event.origin,
+    )
+
+
 class Dispatcher:
     """Routes every new event to the runners that subscribe to it.
 
@@ -419,6 +454,8 @@ class Dispatcher:
         self._routes: dict[str, tuple[Any, list[HandlerRunner]]] = {}
         self.received = 0
         self._awaited: tuple[int, asyncio.Future[None]] | None = None
+        # Set by an observer (the status page): each event handed on, one O(1) append.
+        self.seen: deque[Event] | None = None
 
     def start(self) -> None:
         """Start every runner."""
@@ -463,6 +500,8 @@ class Dispatcher:
             metrics.EVENTS_DUPLICATE.labels(event=event.name).value += 1
             return None
         call = tracker.merge(event)
+        if self.seen is not None:
+            self.seen.append(event if event.size <= OBSERVED_BYTES else _unloaded(event))
         waits: list[Awaitable[None]] | None = None
         for runner in routes:
             wait = runner.offer(event, call)

@@ -237,6 +237,11 @@ class Session:
         self.reconnects = 0
 
     @property
+    def token(self) -> SessionToken | None:
+        """The token in use (or about to be), for display: its value is never shown."""
+        return self._token
+
+    @property
     def healthy(self) -> bool:
         """Joined, and the last heartbeat (or the join) was answered within two intervals."""
         conn = self.connection

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import structlog
@@ -25,6 +25,7 @@ from listener.core.errors import ConfigError, HandlerLoadError, ListenerError, R
 from listener.core.events import Event
 from listener.core.httputil import VERSION
 from listener.core.logs import configure_logging, register_secret
+from listener.core.pretty import event_text, resolve_format, use_colors
 from listener.dispatch.handler import Context, FunctionHandler
 from listener.dispatch.loader import LoadedHandler, load_handlers, loaded_instance
 from listener.realtime.tokens import TokenSource
@@ -33,6 +34,7 @@ from listener.service import config
 from listener.service.calls_cli import add_calls_command
 from listener.service.daemon import Daemon, stop_on_signals
 from listener.service.reload import ReloadRecord, ReloadTimeout, request_reload
+from listener.service.status_cli import add_status_command
 from listener.service.store_cli import add_store_commands, check_store
 from listener.service.webhooks_cli import add_webhooks_commands
 
@@ -53,6 +55,29 @@ async def _print_event(event: Event, ctx: Context[None]) -> None:
     _print_json({"event": event.name, "payload": event.payload, "origin": event.origin})
 
 
+def _tail_printer(fmt: str) -> FunctionHandler:
+    """The handler ``tail`` runs: the events are its output, on stdout, whose format they
+    follow (JSON objects, or one line each)."""
+    colors = use_colors(sys.stdout)
+
+    async def print_line(event: Event, ctx: Context[None]) -> None:
+        del ctx
+        sys.stdout.write(event_text(event, colors) + "\n")
+        sys.stdout.flush()
+
+    printer = _print_event if resolve_format(fmt, sys.stdout) == "json" else print_line
+    # One worker: lines come out in the order events were taken, whatever their call.
+    return FunctionHandler(printer, name="tail", concurrency=1)
+
+
+def _formatted(settings: config.Settings, fmt: str | None) -> config.Settings:
+    """``settings`` with ``--format``, when given, in place of ``service.log_format``."""
+    if fmt is None:
+        return settings
+    service = settings.service.model_copy(update={"log_format": fmt})
+    return settings.model_copy(update={"service": service})
+
+
 def _load(path: Path) -> tuple[config.Settings, str]:
     settings = config.load_settings(path)
     api_key = config.read_secret(
@@ -67,6 +92,7 @@ def _load(path: Path) -> tuple[config.Settings, str]:
 
 async def _run(args: argparse.Namespace) -> int:
     settings, api_key = _load(args.config)
+    settings = _formatted(settings, args.format)
     handlers = load_handlers(settings.handlers)
     configure_logging(settings.service.log_level, settings.service.log_format)
     stop = asyncio.Event()
@@ -74,7 +100,8 @@ async def _run(args: argparse.Namespace) -> int:
     daemon = Daemon(settings, api_key, handlers, store=config.store_url(settings))
 
     def load() -> tuple[config.Settings, list[LoadedHandler]]:
-        fresh, _ = _load(args.config)
+        # A reload keeps the command line's --format.
+        fresh = _formatted(_load(args.config)[0], args.format)
         return fresh, load_handlers(fresh.handlers)
 
     reloads: set[asyncio.Task[None]] = set()
@@ -102,11 +129,11 @@ async def _run(args: argparse.Namespace) -> int:
 
 async def _tail(args: argparse.Namespace) -> int:
     settings, api_key = _load(args.config)
-    configure_logging(settings.service.log_level, settings.service.log_format)
+    fmt = args.format or settings.service.log_format
+    configure_logging(settings.service.log_level, fmt)
     stop = asyncio.Event()
     stop_on_signals(stop)
-    # One worker: lines come out in the order events were taken, whatever their call.
-    printer = FunctionHandler(_print_event, name="tail", concurrency=1)
+    printer = _tail_printer(fmt)
     # tail keeps nothing on disk: a daemon may be using the state directory.
     await Daemon(settings, api_key, [loaded_instance(printer)], persist=False).run(stop)
     return 0
@@ -116,7 +143,7 @@ async def _demo(args: argparse.Namespace) -> int:
     # Imported here: the demo brings the embedded fake Sippet, which no other command needs.
     from listener.service.demo import run_demo
 
-    configure_logging(args.log_level, "auto")
+    configure_logging(args.log_level, args.format or "auto")
     stop = asyncio.Event()
     stop_on_signals(stop)
     return await run_demo(
@@ -127,6 +154,8 @@ async def _demo(args: argparse.Namespace) -> int:
         speed=args.speed,
         duration=args.duration,
         log_level=args.log_level,
+        outage_at=args.outage_at,
+        outage_seconds=args.outage_seconds,
     )
 
 
@@ -247,6 +276,25 @@ def _reload_state_dir(path: Path) -> Path:
     return config.load_settings(path).service.state_dir
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every command's parser: an argument it cannot read exits 64 (EX_USAGE), not
+    argparse's 2; argparse's message names the flag. Subcommands inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _with_format(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--format",
+        choices=["json", "pretty"],
+        default=None,
+        help="log lines as JSON or one readable line per thing that happened (default: "
+        "pretty on a terminal, JSON otherwise; overrides service.log_format)",
+    )
+
+
 def _with_config(sub: argparse.ArgumentParser) -> None:
     sub.add_argument(
         "--config",
@@ -258,13 +306,15 @@ def _with_config(sub: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sippet-listener",
         description="Realtime event daemon for Sippet: keeps the events channel joined and "
         "hands every event to handlers.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     run = commands.add_parser(
         "run",
@@ -273,27 +323,32 @@ def _parser() -> argparse.ArgumentParser:
         "configured handlers until SIGTERM or Ctrl-C.",
     )
     _with_config(run)
+    _with_format(run)
     run.set_defaults(run=_run)
 
     tail = commands.add_parser(
         "tail",
-        help="print every event as one JSON object per line",
-        description="Connect with the configured key and print each event as "
-        '{"event": ..., "payload": ...} on its own line, until interrupted. '
-        "Configured handlers are not run.",
+        help="print every event, one per line",
+        description="Connect with the configured key and print each event on its own line, "
+        "until interrupted: as JSON, "
+        '{"event": ..., "payload": ..., "origin": ...}, when stdout is not a terminal (or '
+        "with --format json), else time, event, call, from -> to and status. Configured "
+        "handlers are not run.",
     )
     _with_config(tail)
+    _with_format(tail)
     tail.set_defaults(run=_tail)
 
     demo = commands.add_parser(
         "demo",
         help="run against an embedded fake Sippet with simulated calls",
-        description="Start a fake Sippet server on loopback with simulated call traffic and "
-        "run the daemon against it with two handlers: 'log' (one line per event) "
-        "and an 'rpc' rule that ends calls from one blocked number. No account "
-        "needed.",
+        description="Start a fake Sippet server and a webhook receiver on loopback with "
+        "simulated call traffic and run the daemon against them with three handlers: 'log' "
+        "(one line per call event), an 'rpc' rule that ends calls from one blocked number, "
+        "and 'webhook' forwarding to the receiver, which goes down once for a while. The "
+        "status page's address is printed at start. No account needed.",
     )
-    demo.add_argument("--calls-per-second", type=float, default=0.5)
+    demo.add_argument("--calls-per-second", type=float, default=0.3)
     demo.add_argument(
         "--speed", type=float, default=1.0, help="how much faster than real life calls progress"
     )
@@ -310,7 +365,20 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="stop after this many seconds (default: until Ctrl-C)",
     )
+    demo.add_argument(
+        "--outage-at",
+        type=float,
+        default=6.0,
+        help="seconds after start when the webhook receiver goes down (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--outage-seconds",
+        type=float,
+        default=5.0,
+        help="how long the receiver stays down (default: %(default)s)",
+    )
     demo.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _with_format(demo)
     demo.set_defaults(run=_demo)
 
     check = commands.add_parser(
@@ -382,6 +450,7 @@ def _parser() -> argparse.ArgumentParser:
     add_calls_command(commands)
     add_webhooks_commands(commands)
     add_store_commands(commands)
+    add_status_command(commands)
     return parser
 
 

@@ -9,6 +9,10 @@ The secret key is never required in the file: it comes from ``$SIPPET_SECRET_KEY
 file named by ``sippet.api_key_file``, or from the systemd credential ``sippet-secret-key``
 (``LoadCredential=`` puts it in ``$CREDENTIALS_DIRECTORY``), in that order.
 
+The status page's admin token (``service.admin_token``) is optional and found the same way:
+``$SIPPET_ADMIN_TOKEN``, ``service.admin_token_file``, the credential ``sippet-admin-token``,
+or ``service.admin_token`` itself; without one the page is read-only.
+
 The shared store's URL (``[store]``, password included) comes the same way: from
 ``$SIPPET_STORE_URL``, the file named by ``store.url_file``, the credential
 ``sippet-store-url``, then ``store.url`` itself; see :func:`store_url`.
@@ -27,6 +31,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -44,8 +49,10 @@ from listener.realtime.connection import LinkSettings
 from listener.realtime.session import SessionSettings
 
 __all__ = [
+    "ADMIN_CREDENTIAL_NAME",
     "CREDENTIAL_NAME",
     "DEFAULT_CONFIG_PATH",
+    "ENV_ADMIN_TOKEN",
     "ENV_SECRET_KEY",
     "ENV_STORE_URL",
     "STORE_CREDENTIAL_NAME",
@@ -57,6 +64,7 @@ __all__ = [
     "format_validation_error",
     "load_settings",
     "parse_settings",
+    "read_admin_token",
     "read_secret",
     "read_secret_file",
     "store_url",
@@ -67,6 +75,10 @@ ENV_SECRET_KEY = "SIPPET_SECRET_KEY"  # noqa: S105 - the variable's name, not it
 CREDENTIAL_NAME = "sippet-secret-key"
 ENV_STORE_URL = "SIPPET_STORE_URL"
 STORE_CREDENTIAL_NAME = "sippet-store-url"
+ENV_ADMIN_TOKEN = "SIPPET_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not its value
+ADMIN_CREDENTIAL_NAME = "sippet-admin-token"
+# An admin token anyone could guess in a few tries protects nothing.
+_MIN_ADMIN_TOKEN = 16
 
 
 class _Section(BaseModel):
@@ -119,9 +131,20 @@ class ServiceSettings(_Section):
         )
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["auto", "json", "console"] = "auto"
+    # "console" is the older spelling of "pretty".
+    log_format: Literal["auto", "json", "pretty", "console"] = "auto"
     drain_timeout: float = Field(default=10.0, ge=0)
     metrics_listen: str = ""
+    # The status page's actions (replay, pause, enable); redacted in any repr or dump.
+    admin_token: SecretStr | None = None
+    admin_token_file: Path | None = None
+
+    @field_validator("admin_token_file")
+    @classmethod
+    def _one_token_source(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and info.data.get("admin_token") is not None:
+            raise ValueError("admin_token and admin_token_file are both given: keep one")
+        return value
 
     @field_validator("metrics_listen")
     @classmethod
@@ -267,6 +290,33 @@ def store_url(settings: Settings) -> StoreUrl | None:
     for secret in url.secrets:
         register_secret(secret)
     return url
+
+
+def read_admin_token(service: ServiceSettings) -> str | None:
+    """The status page's admin token, or None when none is configured (read-only page).
+
+    Looked for in ``$SIPPET_ADMIN_TOKEN``, ``service.admin_token_file``, the systemd
+    credential ``sippet-admin-token``, then ``service.admin_token``.
+
+    Raises:
+        ConfigError: a configured source cannot be read, or the token is too short.
+    """
+    key = "service.admin_token_file" if service.admin_token_file else "service.admin_token"
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if (
+        os.environ.get(ENV_ADMIN_TOKEN, "").strip()
+        or service.admin_token_file is not None
+        or (credentials and (Path(credentials) / ADMIN_CREDENTIAL_NAME).exists())
+    ):
+        token = read_secret(ENV_ADMIN_TOKEN, service.admin_token_file, ADMIN_CREDENTIAL_NAME, key)
+    elif service.admin_token is not None:
+        token = service.admin_token.get_secret_value().strip()
+    else:
+        return None
+    if len(token) < _MIN_ADMIN_TOKEN:
+        # Never echo the token, not even its first characters.
+        raise ConfigError(key, f"the admin token must be at least {_MIN_ADMIN_TOKEN} characters")
+    return token
 
 
 def parse_settings(data: Mapping[str, Any]) -> Settings:

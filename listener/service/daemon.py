@@ -44,7 +44,7 @@ from listener.cluster.url import StoreUrl
 from listener.core.errors import ConfigError, HandlerLoadError, ListenerError
 from listener.core.events import Event
 from listener.core.ids import EventIds
-from listener.core.logs import configure_logging
+from listener.core.logs import configure_logging, register_secret
 from listener.core.retry import BackoffPolicy
 from listener.dispatch.dispatcher import Dispatcher, DispatchReport, HandlerRunner
 from listener.dispatch.handler import Context
@@ -53,8 +53,11 @@ from listener.realtime.connection import LinkSettings
 from listener.realtime.session import Session, SessionSettings
 from listener.realtime.tokens import TokenSource
 from listener.rpc.client import RpcClient
-from listener.service.config import Settings, SippetSettings
+from listener.service.config import Settings, SippetSettings, read_admin_token
 from listener.service.health import HealthServer
+from listener.service.linklog import LinkLog
+from listener.service.status import StatusBoard
+from listener.service.status_app import StatusApp
 from listener.service.systemd import Notifier
 
 __all__ = ["Daemon", "Loader", "reconcile_settings", "session_settings", "stop_on_signals"]
@@ -146,13 +149,18 @@ class Daemon:
             self.dispatcher.submit,
             topic=sippet.topic,
         )
+        # The status page's view of the link's gaps, passed on to the reconciler.
+        self.link_log = LinkLog(self.reconciler)
         self.session = Session(
             session_settings(sippet),
             tokens,
             self.dispatcher.submit,
             ids=EventIds(settings.calls.id_window),
-            watch=self.reconciler,
+            watch=self.link_log,
         )
+        self.board = StatusBoard(self)
+        self.board.observe()
+        self.status_page: StatusApp | None = None
         self._persist = persist
         self.report: DispatchReport | None = None
         self._reloading = asyncio.Lock()
@@ -323,6 +331,7 @@ class Daemon:
             }
         )
         removed = self.dispatcher.replace(runners)
+        self.board.observe()
         self.handlers = handlers
         for runner in removed:
             with contextlib.suppress(TimeoutError):
@@ -385,8 +394,14 @@ class Daemon:
         address = self.settings.service.metrics_address
         if address is None:
             return None
+        token = read_admin_token(self.settings.service)
+        if token is not None:
+            register_secret(token)
+        page = self.status_page = StatusApp(self, self.board, token)
         try:
-            return HealthServer(*address, readiness=self.readiness)
+            return HealthServer(
+                *address, readiness=self.readiness, routes=page.routes(), background=page.run
+            )
         except OSError as exc:
             raise ListenerError(
                 f"service.metrics_listen: cannot listen on "

@@ -21,10 +21,10 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal
+from typing import Concatenate, Literal, ParamSpec, TypeVar
 
 import structlog
 
@@ -35,15 +35,17 @@ from listener.webhooks.destination import DEFAULT_RETENTION, Destination
 from listener.webhooks.gauges import Gauges
 from listener.webhooks.http1 import Http1Pool
 from listener.webhooks.outbox import Outbox
-from listener.webhooks.outbox_rows import NewDelivery
+from listener.webhooks.outbox_rows import DestinationStats, NewDelivery
 from listener.webhooks.signing import encode_body, new_message_id
 from listener.webhooks.store import Store
 from listener.webhooks.worker import Worker
 from listener.webhooks.writer import BatchWriter, Outcome
 
-__all__ = ["ForwarderStateError", "WebhookForwarder"]
+__all__ = ["DestinationView", "ForwarderStateError", "WebhookForwarder"]
 
 _log = structlog.get_logger(__name__)
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 class ForwarderStateError(ListenerError, RuntimeError):
@@ -58,6 +60,24 @@ class _Running:
     client: Http1Pool
     writer: BatchWriter
     housekeeper: asyncio.Task[None]
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationView:
+    """One destination as an observer (the status page) sees it, with no query of its own.
+
+    Attributes:
+        stats: the outbox figures as last measured (every ``poll_interval``); None before.
+        unhealthy_for: seconds since it became unhealthy; None while healthy.
+        success_ratio: the share of 2xx answers over about the last minute; None before any.
+        last_error: the latest failed attempt: when it started, and what went wrong.
+    """
+
+    name: str
+    stats: DestinationStats | None
+    unhealthy_for: float | None
+    success_ratio: float | None
+    last_error: tuple[float, str] | None
 
 
 class WebhookForwarder:
@@ -219,6 +239,47 @@ class WebhookForwarder:
             if (seconds := worker.health.unhealthy_for(now)) is not None
         }
         return self._gauges.describe(unhealthy)
+
+    def views(self) -> list[DestinationView]:
+        """Every destination's state from memory: cheap enough for each page load."""
+        now = time.monotonic()
+        stats = {entry.name: entry for entry in self._gauges.stats}
+        return [
+            DestinationView(
+                name,
+                stats.get(name),
+                worker.health.unhealthy_for(now),
+                worker.success_ratio,
+                worker.last_error,
+            )
+            for name, worker in self._workers.items()
+        ]
+
+    async def inspect(
+        self, function: Callable[Concatenate[Outbox, _P], _T], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
+        """Run a read of the outbox on its thread, between the forwarder's own calls.
+
+        Raises:
+            ForwarderStateError: the forwarder is not running.
+        """
+        running = self._running
+        if self._state != "running" or running is None:
+            raise ForwarderStateError(f"webhook forwarder is {self._state}, not running")
+        return await running.store.run(function, *args, **kwargs)
+
+    async def change(
+        self, function: Callable[Concatenate[Outbox, _P], _T], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
+        """Run a change to the outbox (a replay, a pause, an enable) as :meth:`inspect`
+        does, then wake every worker and measure again, so that it shows and acts at once
+        rather than at the next ``poll_interval``."""
+        result = await self.inspect(function, *args, **kwargs)
+        for worker in self._workers.values():
+            worker.wake.set()
+        if self._running is not None:
+            await self._gauges.measure(self._running.store)
+        return result
 
     async def _housekeep(self, store: Store) -> None:
         """Every ``poll_interval`` until cancelled: measure the outbox, prune old records."""

@@ -39,6 +39,11 @@ class Gauges:
         self._publish(stats, warn_unknown=not self._measured)
         self._measured = True
 
+    @property
+    def stats(self) -> list[DestinationStats]:
+        """The configured destinations as last measured (empty before the first round)."""
+        return list(self._stats)
+
     def describe(self, unhealthy: Mapping[str, float]) -> str:
         """A few words for the service status: the backlog as last measured, and how long
         each ``unhealthy`` destination has been so."""

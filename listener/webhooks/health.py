@@ -121,3 +121,8 @@ class SuccessRatio:
         self._ok += ok
         self._all += 1.0
         return self._ok / self._all
+
+    @property
+    def value(self) -> float | None:
+        """The ratio as of the last attempt; None before any."""
+        return self._ok / self._all if self._all else None

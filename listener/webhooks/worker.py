@@ -137,6 +137,8 @@ class Worker:
         self._log = _log.bind(destination=destination.name)
         self.health = Health(probe_policy(destination.max_probe_interval))
         self._ratio = SuccessRatio()
+        # The latest failed attempt: when it started, and what went wrong (the status page).
+        self.last_error: tuple[float, str] | None = None
         self._bucket = (
             None if destination.rate_limit is None else TokenBucket(destination.rate_limit)
         )
@@ -157,6 +159,11 @@ class Worker:
         if self._claim_task is not None:
             self._claim_task.cancel()
             await asyncio.gather(self._claim_task, return_exceptions=True)
+
+    @property
+    def success_ratio(self) -> float | None:
+        """The share of attempts answered 2xx over about the last minute; None before any."""
+        return self._ratio.value
 
     def settle(self, msg_id: str) -> None:
         """Forget a row whose outcome is committed: the outbox now tells its state."""
@@ -355,6 +362,7 @@ class Worker:
         if error_class is None:
             WEBHOOK_DELIVERIES.labels(name, "delivered").inc()
             return Outcome(attempt, "delivered"), outage
+        self.last_error = (started, answer.error)
         if error_class == "gone":
             return self._gone(attempt, row.attempts), outage
         throttled = not_now and answer.retry_after is not None
