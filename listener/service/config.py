@@ -273,23 +273,29 @@ def store_url(settings: Settings) -> StoreUrl | None:
         ConfigError: naming ``store.url`` (or ``store.url_file``): unreadable or invalid.
     """
     store = settings.store
-    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    credential = Path(credentials) / STORE_CREDENTIAL_NAME if credentials else None
-    try:
-        has_credential = credential is not None and credential.exists()
-    except OSError:
-        # Unreadable: read_secret names the place.
-        has_credential = True
-    if os.environ.get(ENV_STORE_URL, "").strip() or store.url_file or has_credential:
-        text = read_secret(ENV_STORE_URL, store.url_file, STORE_CREDENTIAL_NAME, "store.url_file")
-    elif store.url:
-        text = store.url
-    else:
+    text = _optional_secret(ENV_STORE_URL, store.url_file, STORE_CREDENTIAL_NAME, "store.url_file")
+    if text is None:
+        text = store.url or None
+    if text is None:
         return None
     url = StoreUrl(text, "store.url")
     for secret in url.secrets:
         register_secret(secret)
     return url
+
+
+def _optional_secret(env: str, file: Path | None, credential: str, key: str) -> str | None:
+    """:func:`read_secret` when any of its sources is set (the variable, the ``*_file`` key,
+    the credential), else None: the secret is optional."""
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    try:
+        has_credential = bool(credentials) and (Path(str(credentials)) / credential).exists()
+    except OSError:
+        # A directory we may not look into: read_secret names the place.
+        has_credential = True
+    if os.environ.get(env, "").strip() or file is not None or has_credential:
+        return read_secret(env, file, credential, key)
+    return None
 
 
 def read_admin_token(service: ServiceSettings) -> str | None:
@@ -302,16 +308,10 @@ def read_admin_token(service: ServiceSettings) -> str | None:
         ConfigError: a configured source cannot be read, or the token is too short.
     """
     key = "service.admin_token_file" if service.admin_token_file else "service.admin_token"
-    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    if (
-        os.environ.get(ENV_ADMIN_TOKEN, "").strip()
-        or service.admin_token_file is not None
-        or (credentials and (Path(credentials) / ADMIN_CREDENTIAL_NAME).exists())
-    ):
-        token = read_secret(ENV_ADMIN_TOKEN, service.admin_token_file, ADMIN_CREDENTIAL_NAME, key)
-    elif service.admin_token is not None:
+    token = _optional_secret(ENV_ADMIN_TOKEN, service.admin_token_file, ADMIN_CREDENTIAL_NAME, key)
+    if token is None and service.admin_token is not None:
         token = service.admin_token.get_secret_value().strip()
-    else:
+    if token is None:
         return None
     if len(token) < _MIN_ADMIN_TOKEN:
         # Never echo the token, not even its first characters.
