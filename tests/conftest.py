@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
 import httpx
 import pytest
 
+from listener.cluster.database import connect
+from listener.cluster.schema import migrate
+from listener.cluster.url import StoreUrl
 from listener.core.events import Event
 from listener.core.retry import BackoffPolicy
 from listener.realtime.connection import LinkSettings
 from listener.realtime.session import LinkWatch, Session, SessionSettings
 from listener.realtime.tokens import TokenSource
 from listener.testing import FakeSippet
+from tests.postgres import PostgresServer, postgres_server
 
 # Timing-driven tests scale from this unit (seconds) so the suite stays fast.
 MS = 0.001
@@ -103,3 +108,28 @@ def run_session(fake: FakeSippet, http: httpx.AsyncClient) -> RunSession:
             await session.stop()
 
     return start
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the whole session (started on first use)."""
+    with postgres_server() as server:
+        yield server
+
+
+_databases = itertools.count()
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer) -> str:
+    """The URL of a fresh, empty database of its own for this test."""
+    return postgres.create_database(f"test_{next(_databases)}")
+
+
+@pytest.fixture
+async def store(pg_url: str) -> StoreUrl:
+    """A fresh shared store of its own for this test, migrated."""
+    url = StoreUrl(pg_url)
+    async with await connect(url) as conn:
+        await migrate(conn, url)
+    return url

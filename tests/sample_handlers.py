@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+
 from pydantic import BaseModel, ConfigDict
 
 from listener import Context, Event, Handler, handler
@@ -11,6 +14,7 @@ __all__ = [
     "BrokenSetup",
     "Declared",
     "Greeter",
+    "Journal",
     "Lenient",
     "NotAHandler",
     "Shadowing",
@@ -75,6 +79,26 @@ async def plain(event: Event, ctx: Context[None]) -> None:
 async def tagged(event: Event, ctx: Context[None]) -> None:
     del event
     ctx.log.info("tagged")
+
+
+class Journal(Handler):
+    """Appends ``start <pid> <id>`` to ``path``, then ``done <pid> <id>`` after ``delay``
+    seconds: which process ran what, as another process sees it."""
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        path: str
+        delay: float = 0.0
+
+    def _write(self, what: str, event: Event) -> None:
+        # One short O_APPEND write per line: lines of several processes never interleave.
+        with open(self.config.path, "a", encoding="utf-8") as journal:
+            journal.write(f"{what} {os.getpid()} {event.id}\n")
+
+    async def handle(self, event: Event, ctx: Context) -> None:
+        self._write("start", event)
+        await asyncio.sleep(self.config.delay)
+        self._write("done", event)
 
 
 NotAHandler = 42

@@ -32,18 +32,20 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import structlog
 
 from listener.calls.state import CallRecord
 from listener.calls.tracker import CallTracker
 from listener.core import metrics
+from listener.core.errors import ListenerError
 from listener.core.events import Event
 from listener.dispatch.handler import Context, Handler, OnFull
 
 __all__ = [
     "OBSERVED_BYTES",
+    "Claims",
     "DispatchReport",
     "Dispatcher",
     "Handled",
@@ -94,6 +96,21 @@ class RunnerSettings:
     queue_size: int = 10_000
     queue_bytes: int = 64 * 1024 * 1024
     on_full: OnFull = "wait"
+
+
+class Claims(Protocol):
+    """Once per event across instances: asked before each ``handle()`` when several
+    instances share a store (``listener.cluster.claims``); a single instance has none."""
+
+    async def claim(self, event: Event, handler: str, lease: float) -> bool:
+        """Whether this instance is the one to run ``handler`` on ``event`` (for at least
+        ``lease`` seconds); raises :class:`~listener.core.errors.ListenerError` when it
+        cannot tell."""
+        ...
+
+    def done(self, event: Event, handler: str) -> None:
+        """``handler`` is done with ``event`` here: no other instance need run it again."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,12 +198,23 @@ def _wake_next(waiters: deque[asyncio.Future[None]]) -> None:
 
 
 class HandlerRunner:
-    """Feeds one handler: queue, lanes, concurrency, timeout, isolation, metrics."""
+    """Feeds one handler: queue, lanes, concurrency, timeout, isolation, metrics.
 
-    def __init__(self, handler: Handler, settings: RunnerSettings, context: Context) -> None:
+    With ``claims`` (a cluster), each event with an id is claimed before it is handled, and
+    skipped when another instance claimed it first.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        settings: RunnerSettings,
+        context: Context,
+        claims: Claims | None = None,
+    ) -> None:
         self.handler = handler
         self.settings = settings
         self.context = context
+        self._claims = claims
         self._queue = _Queue(settings.queue_size)
         # A call with an event in flight has a lane holding its next events, in order.
         self._lanes: dict[str, deque[_Item]] = {}
@@ -203,7 +231,13 @@ class HandlerRunner:
         self._duration = metrics.HANDLER_DURATION.labels(handler=settings.name)
         self._outcomes = {
             outcome: metrics.HANDLER_OUTCOMES.labels(handler=settings.name, outcome=outcome)
-            for outcome in ("ok", "error", "timeout", "dropped")
+            for outcome in (
+                "ok",
+                "error",
+                "timeout",
+                "dropped",
+                *(("elsewhere",) if claims else ()),
+            )
         }
         # Most handlers keep Handler's matches (always True): not calling it saved 0.1 µs
         # per event and handler.
@@ -350,6 +384,9 @@ class HandlerRunner:
                     self._idle.set()
 
     async def _invoke(self, event: Event, call: CallRecord | None, deadline: _Deadline) -> None:
+        claims = self._claims if event.id else None
+        if claims is not None and not await self._claim(claims, event):
+            return
         started = time.perf_counter()
         context = self.context.for_event(event, call)
         deadline.arm(self.settings.timeout)
@@ -380,12 +417,28 @@ class HandlerRunner:
                 error=f"{type(failure).__name__}: {failure}",
                 exc_info=failure,
             )
+        if claims is not None:
+            claims.done(event, self.settings.name)
         if self.handled is not None:
             error = None if failure is None else f"{type(failure).__name__}: {failure}"
             observed = event if event.size <= OBSERVED_BYTES else _unloaded(event)
             self.handled.append((observed, self.settings.name, outcome, took, error))
         if failure is not None:
             await self._tell_error_hook(event, failure, context)
+
+    async def _claim(self, claims: Claims, event: Event) -> bool:
+        try:
+            if await claims.claim(event, self.settings.name, self.settings.timeout):
+                return True
+        except ListenerError as exc:
+            # Better twice (another instance may run it too) than never. The claims say once
+            # when the store stops and starts answering; per event is for debugging.
+            self._report(
+                "debug", "cannot claim the event; handling it anyway", event, error=str(exc)
+            )
+            return True
+        self._outcomes["elsewhere"].value += 1
+        return False
 
     async def _tell_error_hook(self, event: Event, error: Exception, context: Context) -> None:
         # Failures only, so asyncio.timeout's timer per call (see _Deadline) costs nothing

@@ -35,6 +35,7 @@ from listener.service.calls_cli import add_calls_command
 from listener.service.daemon import Daemon, loop_factory, stop_on_signals
 from listener.service.reload import ReloadRecord, ReloadTimeout, request_reload
 from listener.service.status_cli import add_status_command
+from listener.service.store_cli import add_store_commands, check_store
 from listener.service.webhooks_cli import add_webhooks_commands
 
 __all__ = ["EX_CONFIG", "EX_USAGE", "main"]
@@ -96,7 +97,7 @@ async def _run(args: argparse.Namespace) -> int:
     configure_logging(settings.service.log_level, settings.service.log_format)
     stop = asyncio.Event()
     stop_on_signals(stop)
-    daemon = Daemon(settings, api_key, handlers)
+    daemon = Daemon(settings, api_key, handlers, store=config.store_url(settings))
 
     def load() -> tuple[config.Settings, list[LoadedHandler]]:
         # A reload keeps the command line's --format.
@@ -164,7 +165,8 @@ async def _check_config(args: argparse.Namespace) -> int:
     settings, _ = _load(args.config)
     handlers = load_handlers(settings.handlers)
     names = ", ".join(item.settings.name for item in handlers) or "none"
-    sys.stdout.write(f"{args.config}: ok (handlers: {names})\n")
+    store = await check_store(settings)
+    sys.stdout.write(f"{args.config}: ok (handlers: {names}{store})\n")
     return 0
 
 
@@ -449,6 +451,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_calls_command(commands)
     add_webhooks_commands(commands)
+    add_store_commands(commands)
     add_status_command(commands)
     return parser
 

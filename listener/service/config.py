@@ -12,6 +12,10 @@ file named by ``sippet.api_key_file``, or from the systemd credential ``sippet-s
 The status page's admin token (``service.admin_token``) is optional and found the same way:
 ``$SIPPET_ADMIN_TOKEN``, ``service.admin_token_file``, the credential ``sippet-admin-token``,
 or ``service.admin_token`` itself; without one the page is read-only.
+
+The shared store's URL (``[store]``, password included) comes the same way: from
+``$SIPPET_STORE_URL``, the file named by ``store.url_file``, the credential
+``sippet-store-url``, then ``store.url`` itself; see :func:`store_url`.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ from pydantic import (
 
 from listener.calls.reconciler import ReconcileSettings
 from listener.calls.state import StatusMap
+from listener.cluster.url import StoreUrl
 from listener.core.errors import ConfigError
+from listener.core.logs import register_secret
 from listener.core.retry import BackoffPolicy
 from listener.core.secrets import read_secret, read_secret_file
 from listener.core.validation import format_validation_error
@@ -48,21 +54,27 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "ENV_ADMIN_TOKEN",
     "ENV_SECRET_KEY",
+    "ENV_STORE_URL",
+    "STORE_CREDENTIAL_NAME",
     "CallsSettings",
     "ServiceSettings",
     "Settings",
     "SippetSettings",
+    "StoreSettings",
     "format_validation_error",
     "load_settings",
     "parse_settings",
     "read_admin_token",
     "read_secret",
     "read_secret_file",
+    "store_url",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/sippet-listener/config.toml")
 ENV_SECRET_KEY = "SIPPET_SECRET_KEY"  # noqa: S105 - the variable's name, not its value
 CREDENTIAL_NAME = "sippet-secret-key"
+ENV_STORE_URL = "SIPPET_STORE_URL"
+STORE_CREDENTIAL_NAME = "sippet-store-url"
 ENV_ADMIN_TOKEN = "SIPPET_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not its value
 ADMIN_CREDENTIAL_NAME = "sippet-admin-token"
 # An admin token anyone could guess in a few tries protects nothing.
@@ -204,13 +216,86 @@ def _split_host_port(value: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
+class StoreSettings(_Section):
+    """``[store]``: the PostgreSQL store several instances share.
+
+    Without a URL from any source (:func:`store_url`) there is none: each instance keeps its
+    state in SQLite under ``service.state_dir``, as before.
+    """
+
+    # Kept out of repr: a password may be written here (better: in url_file or a credential).
+    url: str = Field(default="", repr=False)
+    url_file: Path | None = None
+    pool_size: int = Field(default=4, ge=1)
+    connect_timeout: float = Field(default=5.0, gt=0)
+    # The leader's lease (singleton work): held for lease_ttl, renewed every lease_renew.
+    lease_ttl: float = Field(default=15.0, gt=0)
+    lease_renew: float = Field(default=5.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _postgresql_url(cls, value: str) -> str:
+        if value:
+            try:
+                StoreUrl(value)
+            except ConfigError as exc:
+                raise ValueError(exc.problem) from None
+        return value
+
+    @field_validator("lease_renew")
+    @classmethod
+    def _renewed_in_time(cls, value: float, info: ValidationInfo) -> float:
+        ttl = info.data.get("lease_ttl")
+        if ttl is not None and value * 2 > ttl:
+            # Two renewals per lease: one lost to a slow round trip still leaves the other.
+            raise ValueError(f"must be at most half of store.lease_ttl ({ttl:g} s)")
+        return value
+
+
 class Settings(_Section):
     """The whole configuration file."""
 
     sippet: SippetSettings = Field(default_factory=SippetSettings)
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     calls: CallsSettings = Field(default_factory=CallsSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
     handlers: list[dict[str, Any]] = []
+
+
+def store_url(settings: Settings) -> StoreUrl | None:
+    """The shared store's URL, or None when there is none (SQLite under state_dir).
+
+    From ``$SIPPET_STORE_URL``, then the file ``store.url_file``, then the systemd credential
+    ``sippet-store-url``, then ``store.url``. Its password is registered with the log
+    redactor before anything can print it.
+
+    Raises:
+        ConfigError: naming ``store.url`` (or ``store.url_file``): unreadable or invalid.
+    """
+    store = settings.store
+    text = _optional_secret(ENV_STORE_URL, store.url_file, STORE_CREDENTIAL_NAME, "store.url_file")
+    if text is None:
+        text = store.url or None
+    if text is None:
+        return None
+    url = StoreUrl(text, "store.url")
+    for secret in url.secrets:
+        register_secret(secret)
+    return url
+
+
+def _optional_secret(env: str, file: Path | None, credential: str, key: str) -> str | None:
+    """:func:`read_secret` when any of its sources is set (the variable, the ``*_file`` key,
+    the credential), else None: the secret is optional."""
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    try:
+        has_credential = bool(credentials) and (Path(str(credentials)) / credential).exists()
+    except OSError:
+        # A directory we may not look into: read_secret names the place.
+        has_credential = True
+    if os.environ.get(env, "").strip() or file is not None or has_credential:
+        return read_secret(env, file, credential, key)
+    return None
 
 
 def read_admin_token(service: ServiceSettings) -> str | None:
@@ -223,16 +308,10 @@ def read_admin_token(service: ServiceSettings) -> str | None:
         ConfigError: a configured source cannot be read, or the token is too short.
     """
     key = "service.admin_token_file" if service.admin_token_file else "service.admin_token"
-    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    if (
-        os.environ.get(ENV_ADMIN_TOKEN, "").strip()
-        or service.admin_token_file is not None
-        or (credentials and (Path(credentials) / ADMIN_CREDENTIAL_NAME).exists())
-    ):
-        token = read_secret(ENV_ADMIN_TOKEN, service.admin_token_file, ADMIN_CREDENTIAL_NAME, key)
-    elif service.admin_token is not None:
+    token = _optional_secret(ENV_ADMIN_TOKEN, service.admin_token_file, ADMIN_CREDENTIAL_NAME, key)
+    if token is None and service.admin_token is not None:
         token = service.admin_token.get_secret_value().strip()
-    else:
+    if token is None:
         return None
     if len(token) < _MIN_ADMIN_TOKEN:
         # Never echo the token, not even its first characters.

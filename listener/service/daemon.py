@@ -17,6 +17,10 @@ heartbeats are answered, and a ``STATUS=`` line that says what is going on. A re
 (:meth:`Daemon.reload`, on SIGHUP) keeps the socket: handlers whose ``[[handlers]]`` table did
 not change keep running untouched, removed ones drain and are torn down, new ones are set up;
 a configuration that does not load leaves the running one in place.
+
+With a shared store (``[store]``, see ``listener.cluster``): the daemon migrates it at start,
+claims each (event, handler) there before handling, and takes part in the election of the
+leader that sweeps lapsed claims and prunes the store.
 """
 
 from __future__ import annotations
@@ -36,7 +40,12 @@ from listener.calls.persister import Persister
 from listener.calls.reconciler import Reconciler, ReconcileSettings
 from listener.calls.store import store_path
 from listener.calls.tracker import CallTracker
+from listener.cluster.database import StoreRefused
+from listener.cluster.leader import LeaseSettings
+from listener.cluster.store import SharedStore
+from listener.cluster.url import StoreUrl
 from listener.core.errors import ConfigError, HandlerLoadError, ListenerError
+from listener.core.events import Event
 from listener.core.ids import EventIds
 from listener.core.logs import configure_logging, register_secret
 from listener.core.retry import BackoffPolicy
@@ -147,6 +156,9 @@ class Daemon:
         persist: keep the call map, the ids handed on and the last moment seen in
             ``service.state_dir``; without it (``tail``) they live in memory only and every
             start is a first start.
+        store: the shared store's URL (``config.store_url``), for an instance of a cluster;
+            without it (the default, and ``tail``, the demo, the test harness) none is used,
+            whatever the environment holds.
         notifier: where service notifications go (default: ``$NOTIFY_SOCKET``, if set).
     """
 
@@ -158,6 +170,7 @@ class Daemon:
         *,
         persist: bool = True,
         notifier: Notifier | None = None,
+        store: StoreUrl | None = None,
     ) -> None:
         sippet = settings.sippet
         self.settings = settings
@@ -167,6 +180,7 @@ class Daemon:
         # One request per mint: the session's own backoff paces the retries.
         tokens = TokenSource(self._http, sippet.base_url, api_key)
         self.handlers = list(handlers)
+        self.store = _shared_store(settings, store) if store is not None else None
         self.tracker = CallTracker(settings.calls.id_window)
         self.dispatcher = Dispatcher([self._runner(item) for item in self.handlers], self.tracker)
         self.reconciler = Reconciler(
@@ -207,6 +221,11 @@ class Daemon:
         """What ``systemctl status`` shows: link state, handlers, and their own words."""
         state = "joined" if self.session.joined.is_set() else "connecting"
         parts = [f"{state} {self.settings.sippet.topic}", f"{self.dispatcher.received} events"]
+        if self.store is not None:
+            elector = self.store.elector
+            parts.append(f"leader (term {elector.term})" if elector.is_leader else "follower")
+            if self.store.claims.down or not self.store.ready.is_set():
+                parts.append("store not answering: handlers run without claims")
         for item, runner in zip(self.handlers, self.dispatcher.runners, strict=True):
             extra = item.handler.status()
             pending = f", {runner.pending} pending" if runner.pending else ""
@@ -224,6 +243,16 @@ class Daemon:
         loop = type(asyncio.get_running_loop())
         _log.info("starting", event_loop=f"{loop.__module__}.{loop.__qualname__}")
         try:
+            if self.store is not None:
+                try:
+                    migrated = await self.store.open()
+                except StoreRefused as exc:
+                    # Wrong password or database: a restart cannot fix it (exit 78).
+                    raise ConfigError(exc.key, exc.problem) from None
+                if migrated is not None:
+                    _log.info(
+                        "shared store open", store=str(self.store.url), schema=migrated.version
+                    )
             persister = await self._open_store()
             try:
                 await self._setup(self.dispatcher.runners)
@@ -231,6 +260,8 @@ class Daemon:
                 await persister.close()
                 raise
         except BaseException:
+            if self.store is not None:
+                await self.store.close()
             await self._http.aclose()
             self.notifier.close()
             raise
@@ -243,6 +274,16 @@ class Daemon:
             asyncio.create_task(self._keep_watch(), name="sippet-watchdog"),
             asyncio.create_task(persister.run(), name="sippet-call-store"),
         }
+        if self.store is not None:
+            retain = self.settings.calls.retain_ended
+            lifelong.add(
+                asyncio.create_task(
+                    self.store.run(retain, self._redeliver), name="sippet-shared-store"
+                )
+            )
+        # Every instance reconciles its own gaps, leader or not: each keeps its own call map
+        # (what its handlers see as ctx.call), and the claims make a transition rebuilt by
+        # several instances (one id) reach each handler once.
         if self.reconciler.settings.enabled:
             lifelong.add(asyncio.create_task(self.reconciler.run(), name="sippet-reconciler"))
         ready = asyncio.create_task(self._notify_ready(), name="sippet-ready")
@@ -263,6 +304,8 @@ class Daemon:
             self.report = await self.dispatcher.stop(self.settings.service.drain_timeout)
             await persister.close()
             await self._teardown(self.dispatcher.runners)
+            if self.store is not None:
+                await self.store.close()
             if health is not None:
                 await health.stop()
             await self._http.aclose()
@@ -314,7 +357,7 @@ class Daemon:
                 handlers.append(match[0])
                 runners.append(match[1])
         await self._setup(fresh)
-        for section in ("sippet", "calls"):
+        for section in ("sippet", "calls", "store"):
             if getattr(settings, section) != getattr(self.settings, section):
                 _log.warning(f"[{section}] settings changed: they apply after a restart")
         service = settings.service
@@ -324,7 +367,11 @@ class Daemon:
         ):
             configure_logging(service.log_level, service.log_format)
         self.settings = settings.model_copy(
-            update={"sippet": self.settings.sippet, "calls": self.settings.calls}
+            update={
+                "sippet": self.settings.sippet,
+                "calls": self.settings.calls,
+                "store": self.settings.store,
+            }
         )
         removed = self.dispatcher.replace(runners)
         self.board.observe()
@@ -342,6 +389,19 @@ class Daemon:
                 )
         await self._teardown([pair[1] for pair in old])
 
+    async def _redeliver(self, event: Event, handler: str) -> None:
+        """Hand ``event`` to ``handler`` again: its claim lapsed on an instance that died."""
+        runner = next((r for r in self.dispatcher.runners if r.settings.name == handler), None)
+        if runner is None:
+            assert self.store is not None
+            _log.warning("lapsed claim for a handler not configured here", handler=handler)
+            self.store.claims.done(event, handler)
+            return
+        call = self.tracker.get(event.call_key) if event.call_key else None
+        wait = runner.offer(event, call)
+        if wait is not None:
+            await wait
+
     def _runner(self, item: LoadedHandler) -> HandlerRunner:
         context = Context(
             rpc=self.rpc,
@@ -350,7 +410,8 @@ class Daemon:
             state_dir=self.settings.service.state_dir,
             calls=self.tracker,
         )
-        return HandlerRunner(item.handler, item.settings, context)
+        claims = self.store.claims if self.store is not None else None
+        return HandlerRunner(item.handler, item.settings, context, claims)
 
     async def _open_store(self) -> Persister:
         """Load the call store into the tracker and tell the reconciler where history ends.
@@ -437,6 +498,16 @@ class Daemon:
                     handler=runner.settings.name,
                     error=f"{type(exc).__name__}: {exc}",
                 )
+
+
+def _shared_store(settings: Settings, url: StoreUrl) -> SharedStore:
+    store = settings.store
+    lease = LeaseSettings(
+        ttl=store.lease_ttl, renew_every=store.lease_renew, connect_timeout=store.connect_timeout
+    )
+    return SharedStore(
+        url, pool_size=store.pool_size, connect_timeout=store.connect_timeout, lease=lease
+    )
 
 
 def stop_on_signals(stop: asyncio.Event) -> None:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from listener.cluster.url import StoreUrl
 from listener.dispatch.handler import Handler
 from listener.dispatch.loader import LoadedHandler, load_handler, loaded_instance
 from listener.service.config import parse_settings
@@ -51,6 +52,7 @@ async def running_daemon(
     sippet: Mapping[str, Any] | None = None,
     service: Mapping[str, Any] | None = None,
     calls: Mapping[str, Any] | None = None,
+    store: str | None = None,
     join_timeout: float = 10.0,
 ) -> AsyncIterator[Daemon]:
     """Start a daemon on ``fake`` with ``handlers``; yield it once joined; stop it after.
@@ -66,6 +68,9 @@ async def running_daemon(
         calls: overrides for the ``[calls]`` section. Reconciliation is off unless
             ``{"reconcile": True}``: its ``list_calls`` requests would take the replies a test
             scripts for its handler (``script_rpc``) and show in ``rpc_requests``.
+        store: a PostgreSQL URL: run as one instance of a cluster sharing that store
+            (several daemons on one store each run a handler once per event between them).
+            Without it none is used, whatever ``$SIPPET_STORE_URL`` says.
         join_timeout: how long to wait for the first join.
     """
     with tempfile.TemporaryDirectory(prefix="sippet-listener-test-") as state_dir:
@@ -81,7 +86,8 @@ async def running_daemon(
             }
         )
         loaded = [_loaded(item, index) for index, item in enumerate(handlers)]
-        daemon = Daemon(settings, fake.api_key, loaded)
+        shared = StoreUrl(store) if store is not None else None
+        daemon = Daemon(settings, fake.api_key, loaded, store=shared)
         stop = asyncio.Event()
         task = asyncio.create_task(daemon.run(stop))
         joined = asyncio.create_task(daemon.session.joined.wait())

@@ -1,0 +1,182 @@
+"""Connections to the shared store, and what its failures mean.
+
+Every connection runs in autocommit with server-side prepared statements off
+(``prepare_threshold=None``): behind PgBouncer in transaction mode (before 1.21) a statement
+prepared on one server connection is unknown on the next. Transactions are explicit
+(``conn.transaction()``), and the only locks taken are transaction-scoped, for the same reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, Final, TypeVar
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from listener.cluster.url import StoreUrl
+from listener.core.errors import ListenerError
+
+__all__ = [
+    "Abandoned",
+    "StoreError",
+    "StoreRefused",
+    "StoreUnreachable",
+    "bounded",
+    "connect",
+    "connection_options",
+    "describe",
+    "make_pool",
+    "probe",
+]
+
+APPLICATION_NAME: Final = "sippet-listener"
+_T = TypeVar("_T")
+# What libpq reports after FATAL: when the server refuses the URL itself.
+_REFUSALS: Final = (
+    "authentication failed",
+    "does not exist",
+    "pg_hba.conf",
+    "permission denied",
+)
+
+
+class StoreError(ListenerError):
+    """The shared store failed (the message says how, never with the password).
+
+    ``key`` is the config key of the URL (``store.url``), ``problem`` the rest.
+    """
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class StoreRefused(StoreError):
+    """The server answered and refused: wrong password, unknown user or database."""
+
+
+class StoreUnreachable(StoreError):
+    """No server answered in time at the URL's address."""
+
+
+def connection_options(connect_timeout: float) -> dict[str, Any]:
+    """Keyword arguments for every connection to the store."""
+    return {
+        "autocommit": True,
+        "prepare_threshold": None,
+        "connect_timeout": max(1, round(connect_timeout)),
+        "application_name": APPLICATION_NAME,
+        # A server gone silent (network cut, host down) fails the connection within a few
+        # seconds instead of the kernel's retransmissions (about 15 minutes).
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+        "tcp_user_timeout": round(max(connect_timeout, 1.0) * 2000),
+    }
+
+
+class Abandoned:
+    """The queries :func:`bounded` gave up on, still running; :meth:`close` ends them."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    def keep(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()
+
+    async def close(self) -> None:
+        """Cancel them all; a second cancellation makes psycopg close the connection at once
+        instead of waiting for the server to confirm the first."""
+        tasks = list(self._tasks)
+        for _ in range(2):
+            for task in tasks:
+                task.cancel()
+            await asyncio.sleep(0)
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
+
+
+async def bounded(query: Awaitable[_T], timeout: float, abandoned: Abandoned) -> _T:
+    """Await ``query`` for at most ``timeout`` seconds.
+
+    Cancelling a psycopg query makes it send a cancel request to the server and wait for it
+    (up to 10 s), which is no deadline when the server is out of reach. On expiry the query
+    is left in ``abandoned`` to finish or fail on its own (a pooled connection comes back
+    then) and TimeoutError is raised at once.
+    """
+    task = asyncio.ensure_future(query)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        abandoned.keep(task)
+        raise TimeoutError(f"no answer from the store within {timeout:g} s")
+    return task.result()
+
+
+def describe(url: StoreUrl, exc: BaseException) -> StoreError:
+    """Turn a driver error into a :class:`StoreError` whose message names ``url``'s key.
+
+    Refused means what only a change of configuration can fix (the server said who or what
+    it does not know); a server starting up, shutting down or full is only unreachable.
+    """
+    text = url.scrub(" ".join(str(exc).split()) or type(exc).__name__)
+    refused = "FATAL:" in text and any(reason in text for reason in _REFUSALS)
+    return (StoreRefused if refused else StoreUnreachable)(url.key, f"{url}: {text}")
+
+
+async def connect(url: StoreUrl, connect_timeout: float = 5.0) -> psycopg.AsyncConnection[Any]:
+    """One connection, outside any pool.
+
+    Raises:
+        StoreError: it could not be made.
+    """
+    try:
+        return await psycopg.AsyncConnection.connect(
+            url.conninfo, **connection_options(connect_timeout)
+        )
+    except psycopg.Error as exc:
+        raise describe(url, exc) from None
+
+
+async def probe(url: StoreUrl, connect_timeout: float = 5.0) -> str:
+    """Connect once and return the server's version (``check-config``).
+
+    Raises:
+        StoreRefused: the server refused the URL's credentials or database.
+        StoreUnreachable: nobody answered.
+    """
+    conn = await connect(url, connect_timeout)
+    async with conn:
+        row = await (await conn.execute("SHOW server_version")).fetchone()
+    return str(row[0]) if row else "unknown"
+
+
+def make_pool(
+    url: StoreUrl, *, size: int = 4, connect_timeout: float = 5.0
+) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
+    """A pool of up to ``size`` connections, not yet open."""
+    return AsyncConnectionPool(
+        url.conninfo,
+        min_size=1,
+        max_size=size,
+        kwargs=connection_options(connect_timeout),
+        # A connection the server or the network dropped is replaced, not handed out.
+        check=AsyncConnectionPool.check_connection,
+        # How long a caller waits for a free connection before its request fails.
+        timeout=connect_timeout,
+        name="sippet-store",
+        open=False,
+    )

@@ -1,0 +1,124 @@
+"""Two real daemon processes on one PostgreSQL store, restarted one at a time under a stream:
+the webhook receiver gets every event once, under one webhook-id."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from listener.cluster.url import StoreUrl
+from listener.testing import FakeSippet
+from listener.testing.receiver import WebhookReceiver
+from tests.test_service import ServiceProcess
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+EVENTS = 300
+
+
+def two_instances(
+    tmp_path: Path, fake: FakeSippet, handlers: str, extra: str = ""
+) -> list[ServiceProcess]:
+    """Two daemons (not started) with the same configuration, each its own state dir."""
+    instances = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        instance = ServiceProcess(tmp_path / name, fake)
+        instance.write_config(handlers, extra=extra)
+        instances.append(instance)
+    return instances
+
+
+async def start_all(instances: list[ServiceProcess]) -> None:
+    for instance in instances:
+        await instance.start()
+    for instance in instances:
+        await instance.message("READY=1", timeout=20)
+
+
+async def test_a_rolling_restart_of_two_instances_loses_and_doubles_nothing(
+    tmp_path: Path, fake: FakeSippet, store: StoreUrl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SIPPET_STORE_URL", store.conninfo)
+    async with WebhookReceiver() as receiver:
+        hook = f'[[handlers]]\nuse = "webhook"\nname = "crm"\nurl = "{receiver.url}"\n'
+        hook += f'secret = "{SECRET}"\n'
+        instances = two_instances(tmp_path, fake, hook)
+        try:
+            await start_all(instances)
+
+            async def stream() -> None:
+                for n in range(EVENTS):
+                    await fake.broadcast("transcript_delta", {"callUuid": f"c{n % 7}", "seq": n})
+                    await asyncio.sleep(0.01)
+
+            streaming = asyncio.create_task(stream())
+            # One at a time: stop it (it drains and resigns), start it, wait until it joined.
+            for instance in instances:
+                await asyncio.sleep(0.3)
+                assert await instance.signal_and_wait(signal.SIGTERM) == 0
+                await instance.start()
+                await instance.message("READY=1", timeout=20)
+            await streaming
+            await receiver.wait_until(
+                lambda requests: len({r.headers["webhook-id"] for r in requests}) >= EVENTS,
+                timeout=20,
+            )
+            await asyncio.sleep(0.5)
+        finally:
+            for instance in instances:
+                await instance.stop()
+    ids = Counter(r.headers["webhook-id"] for r in receiver.requests)
+    seqs = {json.loads(r.body)["data"]["seq"] for r in receiver.requests}
+    assert seqs == set(range(EVENTS))
+    assert len(ids) == EVENTS
+    assert set(ids.values()) == {1}
+
+
+async def test_an_instance_killed_mid_handle_leaves_the_event_to_another(
+    tmp_path: Path, fake: FakeSippet, store: StoreUrl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SIPPET_STORE_URL", store.conninfo)
+    journal = tmp_path / "journal.txt"
+    journal.touch()
+    handler = (
+        '[[handlers]]\nuse = "tests.sample_handlers:Journal"\nname = "journal"\n'
+        f'timeout = 1.0\npath = "{journal}"\ndelay = 0.8\n'
+    )
+    lease = "[store]\nlease_ttl = 1.0\nlease_renew = 0.25\n"
+    instances = two_instances(tmp_path, fake, handler, lease)
+    try:
+        await start_all(instances)
+        await fake.broadcast("participant_joined", {"callUuid": "c1", "memberId": "m1"})
+
+        def lines() -> list[list[str]]:
+            return [line.split() for line in journal.read_text().splitlines()]
+
+        async with asyncio.timeout(10):
+            # Another process writes the journal: look every 20 ms.
+            while not lines():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        [(_, first, event_id)] = lines()
+        victim = next(i for i in instances if i.process and str(i.process.pid) == first)
+        survivor = next(i for i in instances if i is not victim)
+        assert victim.process is not None
+        assert survivor.process is not None
+        victim.process.kill()
+        await victim.process.wait()
+        # Its claim lapses (timeout + lease_ttl); the leader hands the event out again.
+        async with asyncio.timeout(10):
+            while not any(line[0] == "done" for line in lines()):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)
+    finally:
+        for instance in instances:
+            await instance.stop()
+    assert lines() == [
+        ["start", first, event_id],
+        ["start", str(survivor.process.pid), event_id],
+        ["done", str(survivor.process.pid), event_id],
+    ]

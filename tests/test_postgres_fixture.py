@@ -1,0 +1,24 @@
+"""The test suite's own PostgreSQL: a real server, a fresh database per test."""
+
+from __future__ import annotations
+
+import psycopg
+
+from tests.postgres import PostgresServer
+
+
+def test_each_test_gets_a_fresh_database_on_a_real_server(
+    postgres: PostgresServer, pg_url: str
+) -> None:
+    with psycopg.connect(pg_url) as conn:
+        (version,) = conn.execute("SHOW server_version_num").fetchone() or (0,)
+        tables = conn.execute(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        ).fetchone()
+        conn.execute("CREATE TABLE mine (id int)")
+    assert int(version) >= 140000
+    assert tables == (0,)
+    # Another database of the same server does not see this test's table.
+    other = postgres.create_database("fixture_other")
+    with psycopg.connect(other) as conn:
+        assert conn.execute("SELECT to_regclass('mine')").fetchone() == (None,)
