@@ -33,6 +33,7 @@ from listener.rpc.client import RpcClient
 from listener.service import config
 from listener.service.calls_cli import add_calls_command
 from listener.service.daemon import Daemon, loop_factory, stop_on_signals
+from listener.service.inspection import add_config_argument
 from listener.service.reload import ReloadRecord, ReloadTimeout, request_reload
 from listener.service.status_cli import add_status_command
 from listener.service.store_cli import add_store_commands, check_store
@@ -297,16 +298,6 @@ def _with_format(sub: argparse.ArgumentParser) -> None:
     )
 
 
-def _with_config(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument(
-        "--config",
-        "-c",
-        type=Path,
-        default=config.DEFAULT_CONFIG_PATH,
-        help="TOML configuration file (default: %(default)s)",
-    )
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="sippet-listener",
@@ -324,7 +315,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Connect, join the events channel and dispatch every event to the "
         "configured handlers until SIGTERM or Ctrl-C.",
     )
-    _with_config(run)
+    add_config_argument(run)
     _with_format(run)
     run.set_defaults(run=_run)
 
@@ -337,7 +328,7 @@ def _parser() -> argparse.ArgumentParser:
         "with --format json), else time, event, call, from -> to and status. Configured "
         "handlers are not run.",
     )
-    _with_config(tail)
+    add_config_argument(tail)
     _with_format(tail)
     tail.set_defaults(run=_tail)
 
@@ -389,7 +380,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Validate the configuration file, the secret key's presence and every "
         "handler's settings, without connecting. Exit 0 if valid, 78 if not.",
     )
-    _with_config(check)
+    add_config_argument(check)
     check.set_defaults(run=_check_config)
 
     rpc = commands.add_parser(
@@ -421,7 +412,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="retry a mutating action after a failure that may have reached Sippet",
     )
-    _with_config(rpc)
+    add_config_argument(rpc)
     rpc.set_defaults(run=_rpc)
 
     mint = commands.add_parser(
@@ -431,7 +422,7 @@ def _parser() -> argparse.ArgumentParser:
         "The token itself is printed only with --show.",
     )
     mint.add_argument("--show", action="store_true", help="also print the token")
-    _with_config(mint)
+    add_config_argument(mint)
     mint.set_defaults(run=_mint_token)
 
     reload = commands.add_parser(
@@ -446,7 +437,7 @@ def _parser() -> argparse.ArgumentParser:
     reload.add_argument(
         "--timeout", type=float, default=60.0, help="how long to wait (default: %(default)s s)"
     )
-    _with_config(reload)
+    add_config_argument(reload)
     reload.set_defaults(run=_reload)
 
     add_calls_command(commands)

@@ -1,5 +1,5 @@
-"""What the inspection commands (``calls``, ``webhooks ...``) share: how they are told where
-the state is, and how they print rows."""
+"""What the commands share: how they are told where the configuration and the state are
+(``--config``, ``--state-dir``), and how the inspection commands print rows."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from typing import Any
 
 from listener.service.config import DEFAULT_CONFIG_PATH
 
-__all__ = ["add_state_arguments", "print_rows", "when"]
+__all__ = ["add_config_argument", "add_state_arguments", "print_rows", "when"]
 
 
-def add_state_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--config`` and ``--state-dir`` (which overrides ``service.state_dir``)."""
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` (``-c``), the configuration file every command but ``demo`` reads."""
     parser.add_argument(
         "--config",
         "-c",
@@ -24,6 +24,11 @@ def add_state_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_CONFIG_PATH,
         help="TOML configuration file (default: %(default)s)",
     )
+
+
+def add_state_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and ``--state-dir`` (which overrides ``service.state_dir``)."""
+    add_config_argument(parser)
     parser.add_argument("--state-dir", type=Path, default=None, help="override service.state_dir")
 
 

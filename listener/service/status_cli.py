@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any, NoReturn
 
 import httpx
 
-from listener.service.config import DEFAULT_CONFIG_PATH, load_settings
+from listener.service.config import load_settings
+from listener.service.inspection import add_config_argument
 from listener.service.status_view import span
 
 __all__ = ["EXIT_UNREACHABLE", "add_status_command", "status_lines"]
@@ -117,13 +117,7 @@ def add_status_command(commands: Any) -> None:
         "the link, the handlers and the destinations. Exit 0 when joined and healthy, 1 "
         "when not, 2 when the daemon cannot be reached.",
     )
-    status.add_argument(
-        "--config",
-        "-c",
-        type=Path,
-        default=DEFAULT_CONFIG_PATH,
-        help="TOML configuration file (default: %(default)s)",
-    )
+    add_config_argument(status)
     status.add_argument(
         "--timeout", type=_seconds, default=5.0, help="seconds to wait (default: %(default)s)"
     )

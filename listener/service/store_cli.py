@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from listener.cluster.database import StoreRefused, connect, probe
@@ -21,6 +20,7 @@ from listener.cluster.status import read_status
 from listener.cluster.url import StoreUrl
 from listener.core.errors import ConfigError
 from listener.service import config
+from listener.service.inspection import add_config_argument
 
 __all__ = ["add_store_commands", "check_store"]
 
@@ -105,11 +105,5 @@ def add_store_commands(commands: Any) -> None:
     )
     status_cmd.add_argument("--json", action="store_true", help="one JSON object")
     for sub, run in ((migrate_cmd, _migrate), (status_cmd, _status)):
-        sub.add_argument(
-            "--config",
-            "-c",
-            type=Path,
-            default=config.DEFAULT_CONFIG_PATH,
-            help="TOML configuration file (default: %(default)s)",
-        )
+        add_config_argument(sub)
         sub.set_defaults(run=run)
