@@ -177,6 +177,19 @@ class StatusBoard:
             "reconnects_total": session.reconnects,
             "reconnects_last_hour": sum(1 for gap in gaps if gap.start >= now - HOUR),
             "gaps_last_hour": [{"start": gap.start, "end": gap.end} for gap in gaps],
+            "cluster": self._cluster(),
+        }
+
+    def _cluster(self) -> dict[str, Any] | None:
+        store = self._daemon.store
+        if store is None:
+            return None
+        elector = store.elector
+        return {
+            "instance": elector.holder,
+            "leader": elector.is_leader,
+            "term": elector.term,
+            "store_answering": store.ready.is_set() and not store.claims.down,
         }
 
     def _handlers(self) -> list[dict[str, Any]]:

@@ -81,7 +81,21 @@ def _link(link: dict[str, Any], now: float) -> list[Row]:
             f"{link['reconnects_last_hour']} ({link['reconnects_total']} in all)",
         ],
         ["Gaps, last hour", f"{len(gaps)}, {span(lost)} in all" if gaps else "none"],
+        *_cluster(link.get("cluster")),
     ]
+
+
+def _cluster(cluster: dict[str, Any] | None) -> list[Row]:
+    """The shared store's rows, when there is one: who this instance is and its role."""
+    if cluster is None:
+        return []
+    role = f"leader (term {cluster['term']})" if cluster["leader"] else "follower"
+    store: Cell = (
+        {"t": "answering", "c": "ok"}
+        if cluster["store_answering"]
+        else {"t": "not answering: handlers run without claims", "c": "bad"}
+    )
+    return [["Instance", f"{cluster['instance']}: {role}"], ["Shared store", store]]
 
 
 def _call_row(call: dict[str, Any], now: float, *, ended: bool) -> Row:
