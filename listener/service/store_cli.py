@@ -14,9 +14,6 @@ import json
 import sys
 from typing import Any
 
-from listener.cluster.database import StoreRefused, connect, probe
-from listener.cluster.schema import migrate
-from listener.cluster.status import read_status
 from listener.cluster.url import StoreUrl
 from listener.core.errors import ConfigError
 from listener.service import config
@@ -40,6 +37,9 @@ async def check_store(settings: config.Settings) -> str:
     url = config.store_url(settings)
     if url is None:
         return ""
+    # Imported here: without a store, no command loads psycopg (see daemon._shared_store).
+    from listener.cluster.database import StoreRefused, probe
+
     try:
         version = await probe(url, settings.store.connect_timeout)
     except StoreRefused as exc:
@@ -48,6 +48,9 @@ async def check_store(settings: config.Settings) -> str:
 
 
 async def _migrate(args: argparse.Namespace) -> int:
+    from listener.cluster.database import connect
+    from listener.cluster.schema import migrate
+
     url, timeout = _configured(args)
     async with await connect(url, timeout) as conn:
         applied = await migrate(conn, url)
@@ -57,6 +60,9 @@ async def _migrate(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
+    from listener.cluster.database import connect
+    from listener.cluster.status import read_status
+
     url, timeout = _configured(args)
     async with await connect(url, timeout) as conn:
         status = await read_status(conn, url)
