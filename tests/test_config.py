@@ -73,6 +73,11 @@ def test_defaults() -> None:
         ({"sippet": {"base_url": "api.sippet.ai"}}, "sippet.base_url", "must start with https://"),
         ({"service": {"log_level": "loud"}}, "service.log_level", "input should be"),
         (
+            {"service": {"metrics_listen": "localhost"}},
+            "service.metrics_listen",
+            "'localhost' is not host:port or a port",
+        ),
+        (
             {"calls": {"reconcile_intervall": 5}},
             "calls.reconcile_intervall",
             "unknown key; did you mean 'reconcile_interval'?",
@@ -136,3 +141,19 @@ def test_state_dir_follows_systemd_state_directory(monkeypatch: pytest.MonkeyPat
     assert str(parse_settings({}).service.state_dir) == "/var/lib/sippet-listener/acme"
     explicit = parse_settings({"service": {"state_dir": "/srv/state"}})
     assert str(explicit.service.state_dir) == "/srv/state"
+
+
+@pytest.mark.parametrize(
+    ("written", "address"),
+    [
+        ("9464", ("127.0.0.1", 9464)),
+        ("192.0.2.7:9464", ("192.0.2.7", 9464)),
+        ("[::1]:80", ("::1", 80)),
+    ],
+)
+def test_metrics_listen_without_a_host_binds_loopback(
+    written: str, address: tuple[str, int]
+) -> None:
+    assert parse_settings({"service": {"metrics_listen": written}}).service.metrics_address == (
+        address
+    )

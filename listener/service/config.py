@@ -150,7 +150,7 @@ class ServiceSettings(_Section):
     @classmethod
     def _host_port(cls, value: str) -> str:
         if value and _split_host_port(value) is None:
-            raise ValueError(f"{value!r} is not host:port, e.g. 127.0.0.1:9464")
+            raise ValueError(f"{value!r} is not host:port or a port, e.g. 127.0.0.1:9464")
         return value
 
     @property
@@ -209,6 +209,10 @@ class CallsSettings(_Section):
 
 
 def _split_host_port(value: str) -> tuple[str, int] | None:
+    # A port alone binds loopback: the status page's actions and /metrics stay off the
+    # network unless a host is written.
+    if value.isdigit():
+        value = f"127.0.0.1:{value}"
     host, sep, port = value.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
