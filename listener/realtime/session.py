@@ -344,7 +344,10 @@ class Session:
             self._watch.lost(_wall(until))
             self._watch.joined(_wall(joined_at))
         await old.leave()
-        for event in handover.finish():
+        handover.finish()
+        # The new socket goes on feeding the handover until its backlog is delivered: no
+        # await between the last pop and the switch, so nothing falls between the two.
+        while (event := handover.pop()) is not None:
             wait = deliver(event)
             if wait is not None:
                 await wait
