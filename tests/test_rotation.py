@@ -31,10 +31,9 @@ class SlowCollector(Collector):
 
 
 @contextlib.asynccontextmanager
-async def slow_session(
-    fake: FakeSippet, http: httpx.AsyncClient, delay: float, **overrides: Any
-) -> AsyncIterator[tuple[Session, SlowCollector]]:
-    collector = SlowCollector(delay)
+async def running(
+    fake: FakeSippet, http: httpx.AsyncClient, collector: Collector, **overrides: Any
+) -> AsyncIterator[Session]:
     session = Session(
         fast_settings(fake.base_url, **overrides),
         TokenSource(http, fake.base_url, fake.api_key),
@@ -44,7 +43,7 @@ async def slow_session(
     try:
         async with asyncio.timeout(10):
             await session.joined.wait()
-        yield session, collector
+        yield session
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -52,9 +51,10 @@ async def slow_session(
         await session.stop()
 
 
-async def burst(fake: FakeSippet, start: int, count: int) -> int:
+async def burst(fake: FakeSippet, start: int, count: int, pad: int = 0) -> int:
     for seq in range(start, start + count):
-        await fake.broadcast("incoming_call", {"callUuid": f"c-{seq}", "seq": seq})
+        payload = {"callUuid": f"c-{seq}", "seq": seq, "pad": "x" * pad}
+        await fake.broadcast("incoming_call", payload)
     return start + count
 
 
@@ -72,7 +72,8 @@ async def test_events_arriving_while_held_events_are_delivered_are_not_lost(
     # A backlog on the new socket takes a while to deliver at the handler's pace; the new
     # socket goes on hearing events meanwhile, and they must follow the backlog.
     fake.token_ttl = 2.0
-    async with slow_session(fake, http, delay=0.002, rotate_at=0.5) as (session, events):
+    events = SlowCollector(0.002)
+    async with running(fake, http, events, rotate_at=0.5) as session:
         sent = await burst(fake, 0, 10)
         await fake.wait_until(lambda: fake.joins >= 2)
         sent = await burst(fake, sent, 300)
@@ -85,3 +86,22 @@ async def test_events_arriving_while_held_events_are_delivered_are_not_lost(
     seqs = events.payloads("seq")[:-1]
     assert sorted(seqs) == list(range(sent)), "lost or duplicated events"
     assert seqs == list(range(sent)), "events out of order"
+
+
+async def test_a_heartbeat_reply_behind_a_large_event_does_not_cost_the_event(
+    fake: FakeSippet, http: httpx.AsyncClient
+) -> None:
+    # The reply to a heartbeat queues behind a 24 MB event (Sippet's AI audits run to several
+    # MB) that takes longer than an interval to arrive: the link is busy, not deaf, and
+    # dropping it would throw the event away half-received.
+    events = Collector()
+    async with running(fake, http, events, heartbeat_interval=0.02) as session:
+        link = session.connection
+        await fake.broadcast("ai_audit", {"seq": 0, "blob": "x" * (24 * 1024 * 1024)})
+        await events.wait_for(1)
+        # Two more heartbeats answered: the link lives on.
+        beats = fake.heartbeats
+        await fake.wait_until(lambda: fake.heartbeats >= beats + 2)
+        assert link is not None
+        assert not link.closed, "a busy link was taken for a deaf one"
+    assert session.reconnects == 0
