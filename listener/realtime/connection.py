@@ -121,6 +121,8 @@ class Connection:
         self._task: asyncio.Task[LinkError] | None = None
         self._closing = False
         self._intake_paused = False
+        # Frames read, for telling a busy link from a deaf one (see _drain).
+        self._frames = 0
         self.joined_at: float | None = None
         self.last_heartbeat_ok: float | None = None
         self.answered_until: float | None = None
@@ -265,6 +267,7 @@ class Connection:
         topic = self.settings.topic
         try:
             async for data in ws:
+                self._frames += 1
                 try:
                     events = protocol.receive(data)
                 except RemoteProtocolError as exc:
@@ -331,18 +334,25 @@ class Connection:
                 return
 
     async def _drain(self, ws: _CountingConnection, budget: float) -> None:
-        """Past a heartbeat's deadline, read on while the socket is still receiving, for up
-        to ``budget`` seconds or until the reply arrives: aborting at once would throw away
-        frames already received (in the kernel's buffer, or half a large frame), and the
-        reply may be among them. A silent socket is given up after one short settle."""
+        """Past a heartbeat's deadline, read on for up to ``budget`` seconds or until the
+        reply arrives, while the socket may still hold what it received before the deadline:
+        aborting at once would throw that away (what the kernel holds, half a large frame),
+        and the reply may be among it.
+
+        Each short settle ends the wait if nothing more arrived (a silent server), or if
+        whole frames did (the reader is keeping up with a stream that carries no reply: a
+        deaf server, whose backlog has been read by now). It goes on while the intake is
+        paused, or while bytes arrive without a whole frame (a large one on its way).
+        """
         settle = min(budget / 10, 0.05)
         until = time.monotonic() + budget
-        received = ws.received
         while self._protocol.heartbeat_pending and time.monotonic() < until:
+            received, frames = ws.received, self._frames
             await asyncio.sleep(settle)
-            if ws.received == received and not self._intake_paused:
+            if self._intake_paused:
+                continue
+            if ws.received == received or self._frames != frames:
                 return
-            received = ws.received
 
     @staticmethod
     def _resolve(waiter: asyncio.Future[None] | None) -> None:
