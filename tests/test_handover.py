@@ -52,6 +52,22 @@ def test_overlap_is_delivered_once() -> None:
     assert [e.payload["seq"] for e in released(handover)] == [5, 6]
 
 
+def test_events_the_new_socket_hears_after_the_finish_are_popped_in_turn() -> None:
+    handover = Handover()
+    for seq in (1, 2):
+        handover.from_old(ev(seq))
+    for seq in (2, 3):
+        handover.from_new(ev(seq))
+    handover.finish()
+    popped = [handover.pop()]
+    # Heard while the backlog was being delivered: it follows the backlog.
+    handover.from_new(ev(4))
+    popped += [handover.pop(), handover.pop()]
+    assert [e.payload["seq"] for e in popped if e is not None] == [3, 4]
+    assert popped[-1] is None
+    assert handover.held == 3
+
+
 def test_no_overlap_and_empty_sides() -> None:
     handover = Handover()
     handover.from_old(ev(1))

@@ -65,7 +65,8 @@ class LinkSettings:
     Attributes:
         topic: the channel to join.
         heartbeat_interval: a heartbeat goes out this often, and its reply must arrive
-            before the next one is due, or the link is declared dead.
+            before the next one is due, or the link is declared dead (once what the socket
+            is still receiving has been read, for up to one more interval).
         join_timeout: how long a join may wait for its reply.
         connect_timeout: how long the TCP + TLS + upgrade may take.
         close_timeout: how long a closing handshake may take before the socket is dropped.
