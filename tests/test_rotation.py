@@ -1,5 +1,5 @@
 """Token rotation under load, against a real fake Sippet on loopback: nothing lost, nothing
-doubled, however many events the handover holds back or however its old socket ends."""
+doubled, however long the handover's held events take to deliver."""
 
 from __future__ import annotations
 
