@@ -25,13 +25,22 @@ def values(events: list[Event]) -> str:
     return "".join(str(event.payload["text"]) for event in events)
 
 
+def released(handover: Handover) -> list[Event]:
+    """Finish ``handover`` and return every event it releases."""
+    handover.finish()
+    events = []
+    while (event := handover.pop()) is not None:
+        events.append(event)
+    return events
+
+
 def handed_over(old: str, new: str) -> str:
     handover = Handover()
     for value in old:
         handover.from_old(same(value))
     for value in new:
         handover.from_new(same(value))
-    return values(handover.finish())
+    return values(released(handover))
 
 
 def test_overlap_is_delivered_once() -> None:
@@ -40,25 +49,41 @@ def test_overlap_is_delivered_once() -> None:
         handover.from_old(ev(seq))
     for seq in (3, 4, 5, 6):
         handover.from_new(ev(seq))
-    assert [e.payload["seq"] for e in handover.finish()] == [5, 6]
+    assert [e.payload["seq"] for e in released(handover)] == [5, 6]
+
+
+def test_events_the_new_socket_hears_after_the_finish_are_popped_in_turn() -> None:
+    handover = Handover()
+    for seq in (1, 2):
+        handover.from_old(ev(seq))
+    for seq in (2, 3):
+        handover.from_new(ev(seq))
+    handover.finish()
+    popped = [handover.pop()]
+    # Heard while the backlog was being delivered: it follows the backlog.
+    handover.from_new(ev(4))
+    popped += [handover.pop(), handover.pop()]
+    assert [e.payload["seq"] for e in popped if e is not None] == [3, 4]
+    assert popped[-1] is None
+    assert handover.held == 3
 
 
 def test_no_overlap_and_empty_sides() -> None:
     handover = Handover()
     handover.from_old(ev(1))
     handover.from_new(ev(2))
-    assert [e.payload["seq"] for e in handover.finish()] == [2]
+    assert [e.payload["seq"] for e in released(handover)] == [2]
     only_new = Handover()
     only_new.from_new(ev(1))
-    assert len(only_new.finish()) == 1
-    assert Handover().finish() == []
+    assert len(released(only_new)) == 1
+    assert released(Handover()) == []
 
 
 def test_same_payload_different_name_is_not_a_duplicate() -> None:
     handover = Handover()
     handover.from_old(ev(1, "call_answered"))
     handover.from_new(ev(1, "call_ended"))
-    assert [e.name for e in handover.finish()] == ["call_ended"]
+    assert [e.name for e in released(handover)] == ["call_ended"]
 
 
 @given(total=st.integers(0, 60), data=st.data())
@@ -74,7 +99,7 @@ def test_any_overlap_of_one_stream_is_exact(total: int, data: st.DataObject) -> 
         handover.from_old(event)
     for event in stream[new_start:]:
         handover.from_new(event)
-    delivered = stream[:old_end] + handover.finish()
+    delivered = stream[:old_end] + released(handover)
     assert [e.payload["seq"] for e in delivered] == list(range(total))
 
 

@@ -69,6 +69,17 @@ def test_the_schedule_grows_to_its_cap_within_its_jitter() -> None:
     assert BackoffPolicy(first=1.5).delay(0) == 1.5
 
 
+def test_refusals_climb_to_the_refusal_cap_and_other_failures_to_the_cap() -> None:
+    policy = BackoffPolicy(initial=0.5, cap=30.0, jitter=0.0, refusal_cap=2.0)
+    assert [policy.delay(n, refusal=True) for n in range(7)] == [0.0, 0.5, 1.0, 2.0, 2.0, 2.0, 2.0]
+    assert [policy.delay(n) for n in range(7)] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
+    # The refusal cap never raises a lower cap.
+    assert BackoffPolicy(initial=0.5, cap=1.0, jitter=0.0).delay(5, refusal=True) == 1.0
+    backoff = Backoff(policy)
+    assert [backoff.next_delay(refusal=True) for _ in range(5)][-1] == 2.0
+    assert backoff.next_delay() == 8.0, "one schedule: a refusal still advances it"
+
+
 def test_a_running_schedule_advances_and_starts_over() -> None:
     backoff = Backoff(BackoffPolicy(initial=1.0, jitter=0.0))
     assert [backoff.next_delay() for _ in range(4)] == [0.0, 1.0, 2.0, 4.0]

@@ -180,6 +180,47 @@ async def test_a_403_storm_is_paced_by_the_backoff(
     assert fake.mints >= len(refused)
 
 
+async def test_a_heartbeat_reply_behind_a_large_event_does_not_cost_the_event(
+    fake: FakeSippet, run_session: RunSession
+) -> None:
+    # The reply to a heartbeat queues behind a 24 MB event (Sippet's AI audits run to several
+    # MB) that takes longer than an interval to arrive: the link is busy, not deaf, and
+    # dropping it would throw the event away half-received.
+    async with run_session(heartbeat_interval=0.02) as (session, events):
+        link = session.connection
+        await fake.broadcast("ai_audit", {"seq": 0, "blob": "x" * (24 * 1024 * 1024)})
+        await events.wait_for(1)
+        # Two more heartbeats answered: the link lives on.
+        beats = fake.heartbeats
+        await fake.wait_until(lambda: fake.heartbeats >= beats + 2)
+        assert link is not None
+        assert not link.closed, "a busy link was taken for a deaf one"
+    assert session.reconnects == 0
+
+
+async def test_a_refusal_window_is_rejoined_within_the_refusal_cap_of_its_end(
+    fake: FakeSippet, run_session: RunSession
+) -> None:
+    # Refusals climb a shorter schedule than drops: the server is answering, and will
+    # accept again at any moment (issue #10: joined within 3 s of a refusal window's end,
+    # the daemon's 2 s refusal cap; here scaled down, 0.25 s under a 3 s cap).
+    policy = BackoffPolicy(initial=0.05, cap=3.0, refusal_cap=0.25)
+    async with run_session(backoff=policy) as _:
+        joins = fake.joins
+        fake.behaviour.upgrade_status = 403
+        await fake.drop_all()
+        await fake.wait_until(lambda: len(fake.upgrades) >= 9)
+        fake.behaviour.upgrade_status = None
+        ended = time.time()
+        await fake.wait_until(lambda: fake.joins > joins)
+    late = fake.join_times[joins] - ended
+    assert late < 0.25 + 0.2, f"rejoined {late:.2f}s after the window"
+    refused = [u.at for u in fake.upgrades if u.status == 403]
+    gaps = [b - a for a, b in itertools.pairwise(refused)]
+    # Still paced: past its first steps, each wait is at least half the refusal cap.
+    assert all(gap >= 0.25 * 0.5 - 0.01 for gap in gaps[4:]), gaps
+
+
 async def test_malformed_frames_amid_events_lose_nothing(
     fake: FakeSippet, run_session: RunSession
 ) -> None:
@@ -301,8 +342,9 @@ def test_the_config_defaults_are_the_session_defaults() -> None:
 
 
 BACK_OFF = Decision()
-REMINT = Decision(drop_token=True)
-REMINT_AT_ONCE = Decision(drop_token=True, at_once=True)
+REFUSED = Decision(refusal=True)
+REMINT = Decision(drop_token=True, refusal=True)
+REMINT_AT_ONCE = Decision(drop_token=True, at_once=True, refusal=True)
 
 
 @pytest.mark.parametrize(
@@ -316,34 +358,35 @@ REMINT_AT_ONCE = Decision(drop_token=True, at_once=True)
             LinkError("upgrade_refused", status=403, retry_after=3.0),
             200.0,
             0,
-            Decision(drop_token=True, at_once=True, retry_after=3.0),
+            Decision(drop_token=True, at_once=True, retry_after=3.0, refusal=True),
         ),
         (LinkError("join_refused", "unauthorized"), 200.0, 0, REMINT_AT_ONCE),
         (LinkError("channel_closed"), 200.0, 2, REMINT),
         (LinkError("server_closed", close_code=1008), 200.0, 0, REMINT_AT_ONCE),
         # A server close as the token runs out is the token running out.
         (LinkError("server_closed", close_code=1001), 1.0, 0, REMINT_AT_ONCE),
-        # Anything else keeps the token and backs off.
+        # Anything else keeps the token and backs off; refused upgrades on the refusal cap.
         (LinkError("server_closed", close_code=1012), 200.0, 0, BACK_OFF),
         (LinkError("server_closed", close_code=1001), None, 0, BACK_OFF),
         (
             LinkError("upgrade_refused", status=429, retry_after=7.0),
             200.0,
             0,
-            Decision(retry_after=7.0),
+            Decision(retry_after=7.0, refusal=True),
         ),
-        (LinkError("upgrade_refused", status=503), 200.0, 0, BACK_OFF),
+        (LinkError("upgrade_refused", status=503), 200.0, 0, REFUSED),
         (LinkError("heartbeat_timeout"), 200.0, 0, BACK_OFF),
         (LinkError("connect_failed", "OSError"), 200.0, 0, BACK_OFF),
         (LinkError("join_timeout"), 200.0, 0, BACK_OFF),
-        # A refused key cannot be hurried; a failed mint honours its Retry-After.
-        (AuthError(401), None, 0, BACK_OFF),
-        (MintError("session mint failed: HTTP 503"), None, 0, BACK_OFF),
+        # A refused key cannot be hurried (but is a refusal); a failed mint honours its
+        # Retry-After.
+        (AuthError(401), None, 0, REFUSED),
+        (MintError("session mint failed: HTTP 503"), None, 0, REFUSED),
         (
             MintError("session mint failed: HTTP 429", retry_after=5.0),
             None,
             0,
-            Decision(retry_after=5.0),
+            Decision(retry_after=5.0, refusal=True),
         ),
     ],
 )

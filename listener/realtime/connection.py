@@ -47,6 +47,17 @@ EventSink = Callable[[Event], Awaitable[Any] | None]
 _log = structlog.get_logger(__name__)
 
 
+class _CountingConnection(ClientConnection):
+    """Counts the bytes the socket has received: a link still receiving is not deaf, however
+    late its heartbeat reply (it may be queued behind a large frame still arriving)."""
+
+    received = 0
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        super().data_received(data)
+
+
 @dataclass(frozen=True, slots=True)
 class LinkSettings:
     """How one socket behaves. Every duration is in seconds.
@@ -54,7 +65,8 @@ class LinkSettings:
     Attributes:
         topic: the channel to join.
         heartbeat_interval: a heartbeat goes out this often, and its reply must arrive
-            before the next one is due, or the link is declared dead.
+            before the next one is due, or the link is declared dead (once what the socket
+            is still receiving has been read, for up to one more interval).
         join_timeout: how long a join may wait for its reply.
         connect_timeout: how long the TCP + TLS + upgrade may take.
         close_timeout: how long a closing handshake may take before the socket is dropped.
@@ -104,12 +116,14 @@ class Connection:
         self.settings = settings
         self._url = url
         self._protocol = ChannelProtocol(settings.topic)
-        self._ws: ClientConnection | None = None
+        self._ws: _CountingConnection | None = None
         self._joined: asyncio.Future[None] | None = None
         self._left: asyncio.Future[None] | None = None
         self._task: asyncio.Task[LinkError] | None = None
         self._closing = False
         self._intake_paused = False
+        # Frames read, for telling a busy link from a deaf one (see _drain).
+        self._frames = 0
         self.joined_at: float | None = None
         self.last_heartbeat_ok: float | None = None
         self.answered_until: float | None = None
@@ -196,15 +210,16 @@ class Connection:
         if self._task is not None:
             await asyncio.wait({self._task})
 
-    async def _connect(self) -> ClientConnection:
+    async def _connect(self) -> _CountingConnection:
         try:
-            return await websockets.connect(
+            ws = await websockets.connect(
                 self._url,
                 open_timeout=self.settings.connect_timeout,
                 close_timeout=self.settings.close_timeout,
                 max_size=self.settings.max_message_size,
                 max_queue=self.settings.max_queue,
                 user_agent_header=USER_AGENT,
+                create_connection=_CountingConnection,
             )
         except InvalidStatus as exc:
             status = exc.response.status_code
@@ -219,8 +234,10 @@ class Connection:
             raise LinkError("connect_failed", "invalid socket URL") from None
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             raise LinkError("connect_failed", type(exc).__name__) from None
+        assert isinstance(ws, _CountingConnection)
+        return ws
 
-    async def _run(self, ws: ClientConnection) -> LinkError:
+    async def _run(self, ws: _CountingConnection) -> LinkError:
         """Read and heartbeat until the link ends; return why it ended."""
         heartbeat = asyncio.create_task(self._heartbeat(ws), name=f"sippet-{self.name}-hb")
         try:
@@ -246,11 +263,12 @@ class Connection:
             await ws.close()
         return failure
 
-    async def _read(self, ws: ClientConnection) -> LinkError:
+    async def _read(self, ws: _CountingConnection) -> LinkError:
         protocol = self._protocol
         topic = self.settings.topic
         try:
             async for data in ws:
+                self._frames += 1
                 try:
                     events = protocol.receive(data)
                 except RemoteProtocolError as exc:
@@ -293,7 +311,7 @@ class Connection:
         elif isinstance(event, ChannelErrored):
             raise LinkError("channel_error", _reason(event.payload))
 
-    async def _heartbeat(self, ws: ClientConnection) -> None:
+    async def _heartbeat(self, ws: _CountingConnection) -> None:
         interval = self.settings.heartbeat_interval
         protocol = self._protocol
         while True:
@@ -302,6 +320,8 @@ class Connection:
                 # The reply may be sitting unread behind events our handlers cannot take
                 # yet: that is our slowness, not a dead server.
                 continue
+            if protocol.heartbeat_pending:
+                await self._drain(ws, interval)
             if protocol.heartbeat_pending:
                 _log.warning(
                     "heartbeat unanswered, dropping the link", link=self.name, interval=interval
@@ -312,6 +332,27 @@ class Connection:
             try:
                 await ws.send(protocol.heartbeat(time.monotonic()))
             except ConnectionClosed:
+                return
+
+    async def _drain(self, ws: _CountingConnection, budget: float) -> None:
+        """Past a heartbeat's deadline, read on for up to ``budget`` seconds or until the
+        reply arrives, while the socket may still hold what it received before the deadline:
+        aborting at once would throw that away (what the kernel holds, half a large frame),
+        and the reply may be among it.
+
+        Each short settle ends the wait if nothing more arrived (a silent server), or if
+        whole frames did (the reader is keeping up with a stream that carries no reply: a
+        deaf server, whose backlog has been read by now). It goes on while the intake is
+        paused, or while bytes arrive without a whole frame (a large one on its way).
+        """
+        settle = min(budget / 10, 0.05)
+        until = time.monotonic() + budget
+        while self._protocol.heartbeat_pending and time.monotonic() < until:
+            received, frames = ws.received, self._frames
+            await asyncio.sleep(settle)
+            if self._intake_paused:
+                continue
+            if ws.received == received or self._frames != frames:
                 return
 
     @staticmethod

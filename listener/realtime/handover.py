@@ -24,9 +24,15 @@ So: old delivered ``A``, new holds ``A A B``: ``A B`` is delivered (one ``A`` wa
 both, the other is new). Old delivered ``A A``, new holds ``A A B``: only ``B`` is delivered,
 though the new socket may have heard a third ``A``. No event is delivered twice; the only loss
 is such a verbatim repeat, heard by the new socket alone while its events were held back.
+
+The handover goes on after :meth:`Handover.finish`: the new socket keeps hearing events while
+its backlog is delivered (at the handler's pace, which may take seconds: 3,262 events held in
+one soak), and those follow the backlog instead of being lost between the two.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 from listener.core.events import Event
 
@@ -42,13 +48,16 @@ class Handover:
 
     Feed :meth:`from_old` with every event the old socket delivered since the new socket was
     asked to join, and :meth:`from_new` with every event the new socket received (held back,
-    not delivered). Once the old socket is gone, :meth:`finish` returns the new socket's events
-    that the old one did not deliver, in order.
+    not delivered). Once the old socket is gone, call :meth:`finish`, then deliver every event
+    :meth:`pop` returns until it returns None; the new socket may go on feeding
+    :meth:`from_new` meanwhile, and what it feeds is popped in turn.
     """
 
     def __init__(self) -> None:
         self._old: list[Event] = []
-        self._new: list[Event] = []
+        self._new: deque[Event] = deque()
+        self.held = 0
+        """How many of the new socket's events were held back."""
 
     def from_old(self, event: Event) -> None:
         """Record an event the old socket delivered."""
@@ -57,18 +66,20 @@ class Handover:
     def from_new(self, event: Event) -> None:
         """Hold back an event the new socket received."""
         self._new.append(event)
+        self.held += 1
 
-    @property
-    def held(self) -> int:
-        """How many of the new socket's events are held back."""
-        return len(self._new)
+    def finish(self) -> None:
+        """The old socket is gone: drop the overlap, what it delivered, from the held events."""
+        for _ in range(self._overlap()):
+            self._new.popleft()
+        self._old = []
 
-    def finish(self) -> list[Event]:
-        """Return the new socket's events that were not delivered by the old one."""
-        return self._new[self._overlap() :]
+    def pop(self) -> Event | None:
+        """The next held event to deliver (after :meth:`finish`), or None if none is left."""
+        return self._new.popleft() if self._new else None
 
     def _overlap(self) -> int:
-        old, new = self._old, self._new
+        old, new = self._old, list(self._new)
         if not old or not new:
             return 0
         first = new[0]

@@ -9,7 +9,10 @@ is classified in one place, the pure function :func:`classify`, into a :class:`D
   such failure in a row retries at once with a fresh token, later ones back off;
 - the key was refused at mint (401/403), the mint failed (network, 5xx, 429), or the link
   failed in any other way: back off, keeping the token if it is still good;
-- a ``Retry-After`` from the server is a lower bound on the wait (``listener.core.retry``).
+- a ``Retry-After`` from the server is a lower bound on the wait (``listener.core.retry``);
+- refusals, of the token or the key, refused upgrades and failed mints, back off on the
+  policy's shorter ``refusal_cap``: the server is answering, and the window ends the moment
+  it says yes.
 
 Mints are single requests: this loop is the only retry schedule, so a mint outage is paced
 by the same backoff as everything else and ends within one delay of the server recovering.
@@ -127,12 +130,15 @@ class Decision:
         at_once: retry without waiting (the schedule still advances, so this happens once).
         start_over: the failed link had proved healthy: restart the schedule first.
         retry_after: the server's lower bound on the wait, in seconds.
+        refusal: the server answered and said no, or not now: back off on the policy's
+            ``refusal_cap``.
     """
 
     drop_token: bool = False
     at_once: bool = False
     start_over: bool = False
     retry_after: float | None = None
+    refusal: bool = False
 
 
 def classify(
@@ -152,9 +158,9 @@ def classify(
     """
     if isinstance(failure, AuthError):
         # The key itself was refused: a fresh token cannot be had sooner by hurrying.
-        return Decision()
+        return Decision(refusal=True)
     if isinstance(failure, MintError):
-        return Decision(retry_after=failure.retry_after)
+        return Decision(retry_after=failure.retry_after, refusal=True)
     refused = (
         failure.status in AUTH_STATUSES
         or failure.reason in _TOKEN_REFUSALS
@@ -171,6 +177,7 @@ def classify(
         at_once=refused and refusals == 0,
         start_over=proved_healthy,
         retry_after=failure.retry_after,
+        refusal=refused or failure.reason == "upgrade_refused",
     )
 
 
@@ -344,7 +351,10 @@ class Session:
             self._watch.lost(_wall(until))
             self._watch.joined(_wall(joined_at))
         await old.leave()
-        for event in handover.finish():
+        handover.finish()
+        # The new socket goes on feeding the handover until its backlog is delivered: no
+        # await between the last pop and the switch, so nothing falls between the two.
+        while (event := handover.pop()) is not None:
             wait = deliver(event)
             if wait is not None:
                 await wait
@@ -367,7 +377,7 @@ class Session:
         if decision.drop_token:
             self._token = None
             self._refusals += 1
-        delay = self._backoff.next_delay()
+        delay = self._backoff.next_delay(refusal=decision.refusal)
         if decision.at_once:
             delay = 0.0
         delay = honour_retry_after(delay, decision.retry_after)
