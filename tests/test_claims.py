@@ -19,7 +19,6 @@ from listener.core import metrics
 from listener.core.events import Event
 from listener.dispatch.dispatcher import Dispatcher, HandlerRunner, RunnerSettings
 from listener.dispatch.handler import Context, FunctionHandler
-from listener.service.status_view import view
 from listener.testing import FakeSippet, running_daemon, settle
 from tests.tcpproxy import proxied
 
@@ -270,30 +269,3 @@ async def test_a_daemon_started_while_the_store_is_down_runs_and_uses_it_once_it
     async with await psycopg.AsyncConnection.connect(store.conninfo) as conn:
         claimed = await (await conn.execute("SELECT event_id FROM sippet_claims")).fetchall()
     assert claimed == [(seen[1],)]
-
-
-async def test_the_status_page_shows_each_instance_and_the_one_leader(
-    fake: FakeSippet, store: StoreUrl
-) -> None:
-    async with (
-        running_daemon(fake, [], store=store.conninfo) as one,
-        running_daemon(fake, [], store=store.conninfo) as two,
-    ):
-        daemons = (one, two)
-        assert one.store is not None
-        assert two.store is not None
-        waits = [asyncio.ensure_future(one.store.elector.leading.wait())]
-        waits.append(asyncio.ensure_future(two.store.elector.leading.wait()))
-        _, pending = await asyncio.wait(waits, timeout=10, return_when=asyncio.FIRST_COMPLETED)
-        for wait in pending:
-            wait.cancel()
-        clusters = [d.board.snapshot()["link"]["cluster"] for d in daemons]
-        leader = next(d for d in daemons if d.store is not None and d.store.elector.is_leader)
-        rows = dict(
-            (row[0], row[1]) for row in view(leader.board.snapshot(), admin=False)["tables"]["link"]
-        )
-    assert [c["leader"] for c in clusters].count(True) == 1
-    assert len({c["instance"] for c in clusters}) == 2
-    assert all(c["store_answering"] for c in clusters)
-    assert rows["Instance"].endswith(": leader (term 1)")
-    assert rows["Shared store"] == {"t": "answering", "c": "ok"}

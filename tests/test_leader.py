@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from listener.cluster.database import connect
 from listener.cluster.leader import Elector, LeaseSettings
 from listener.cluster.url import StoreUrl
+from listener.service.status_view import view
 from listener.testing import FakeSippet, running_daemon
 from tests.tcpproxy import proxied
 
@@ -186,7 +187,7 @@ async def test_a_leader_cut_off_from_the_store_steps_down_before_its_lease_passe
         assert max(first.most, second.most) == 1
 
 
-async def test_two_daemons_on_one_store_say_who_leads_in_their_status_line(
+async def test_two_daemons_on_one_store_say_who_leads_in_their_status_line_and_page(
     fake: FakeSippet, store: StoreUrl
 ) -> None:
     async with (
@@ -195,8 +196,21 @@ async def test_two_daemons_on_one_store_say_who_leads_in_their_status_line(
     ):
         electors = [daemon.store.elector for daemon in (one, two) if daemon.store is not None]
         leader = await leader_of(electors, 2)
+        term = leader.term
         lines = sorted(daemon.status_line().split("; ")[2] for daemon in (one, two))
-        assert lines == ["follower", f"leader (term {leader.term})"]
+        pages = {
+            daemon.store.elector.holder if daemon.store else "": dict(
+                (row[0], row[1])
+                for row in view(daemon.board.snapshot(), admin=False)["tables"]["link"]
+            )
+            for daemon in (one, two)
+        }
+    assert lines == ["follower", f"leader (term {term})"]
+    assert len(pages) == 2
+    for holder, rows in pages.items():
+        role = f"leader (term {term})" if holder == leader.holder else "follower"
+        assert rows["Instance"] == f"{holder}: {role}"
+        assert rows["Shared store"] == {"t": "answering", "c": "ok"}
 
 
 async def test_a_renewal_answered_after_its_local_deadline_does_not_lead(store: StoreUrl) -> None:
