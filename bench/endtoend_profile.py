@@ -23,6 +23,8 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,26 +218,27 @@ _PATH = (
 )
 
 
-def latency_trace(
-    mode: str, logs: Path, *, options: dict[str, Any] | None = None, rate: float = 500.0
-) -> tuple[dict[str, list[float]], list[float]]:
-    """The traced daemon at ``rate`` events/s: each stage's ms per event, and the totals."""
+@contextmanager
+def _traced(
+    name: str, mode: str, logs: Path, options: dict[str, Any] | None
+) -> Iterator[tuple[BenchServer, _Receiver, Driver, _Seq]]:
+    """The three processes with the traced daemon, warmed up; logs named ``e2e-{name}-*``."""
     from bench.endtoend import _secret
 
     size = SIZES[mode]
     secret = _secret()
     seq = _Seq()
-    server = BenchServer(logs / "e2e-trace-server.log")
+    server = BenchServer(logs / f"e2e-{name}-server.log")
     try:
         server.call("/configure", {"token_ttl": 3600})
-        receiver = _Receiver(secret, "lean", logs / "e2e-trace-receiver.log")
+        receiver = _Receiver(secret, "lean", logs / f"e2e-{name}-receiver.log")
         try:
             driver = Driver(
                 WEBHOOK_DAEMON.label,
                 Path(sys.executable),
                 WEBHOOK_DAEMON.script,
                 server,
-                logs / "e2e-trace-daemon.log",
+                logs / f"e2e-{name}-daemon.log",
                 {"url": receiver.url, "secret": secret, "trace": True, **(options or {})},
             )
             try:
@@ -243,18 +246,26 @@ def latency_trace(
                 server.stream(size.warmup, seq.take(size.warmup))
                 receiver.wait(size.warmup, 30)
                 driver.stats()
-                count = int(rate * max(size.latency_seconds, 2.0))
-                receiver.reset()
-                server.stream(count, seq.take(count), rate=rate)
-                records = receiver.wait(count, 10)["records"]
-                time.sleep(0.2)
-                stamps = {int(k): v for k, v in driver.stats()["trace"].items()}
+                yield server, receiver, driver, seq
             finally:
                 driver.quit()
         finally:
             receiver.close()
     finally:
         server.close()
+
+
+def latency_trace(
+    mode: str, logs: Path, *, options: dict[str, Any] | None = None, rate: float = 500.0
+) -> tuple[dict[str, list[float]], list[float]]:
+    """The traced daemon at ``rate`` events/s: each stage's ms per event, and the totals."""
+    with _traced("trace", mode, logs, options) as (server, receiver, driver, seq):
+        count = int(rate * max(SIZES[mode].latency_seconds, 2.0))
+        receiver.reset()
+        server.stream(count, seq.take(count), rate=rate)
+        records = receiver.wait(count, 10)["records"]
+        time.sleep(0.2)
+        stamps = {int(k): v for k, v in driver.stats()["trace"].items()}
     names = ("ts", "intake", "handle", "commit_start", "commit_end", "committed")
     names += ("claim_start", "claim_end", "attempt", "post", "answered")
     stages: dict[str, list[float]] = {label: [] for _, _, label in _PATH}
@@ -275,46 +286,18 @@ def flood_counts(
     mode: str, logs: Path, *, options: dict[str, Any] | None = None
 ) -> dict[str, float]:
     """The traced daemon draining a flood: its calls to the outbox thread, per delivery."""
-    from bench.endtoend import _secret
-
-    size = SIZES[mode]
-    secret = _secret()
-    seq = _Seq()
-    server = BenchServer(logs / "e2e-counts-server.log")
-    try:
-        server.call("/configure", {"token_ttl": 3600})
-        receiver = _Receiver(secret, "lean", logs / "e2e-counts-receiver.log")
+    count = SIZES[mode].drain_events
+    with _traced("counts", mode, logs, options) as (server, receiver, driver, seq):
+        receiver.reset()
+        driver.pause()
         try:
-            driver = Driver(
-                WEBHOOK_DAEMON.label,
-                Path(sys.executable),
-                WEBHOOK_DAEMON.script,
-                server,
-                logs / "e2e-counts-daemon.log",
-                {"url": receiver.url, "secret": secret, "trace": True, **(options or {})},
-            )
-            try:
-                receiver.reset()
-                server.stream(size.warmup, seq.take(size.warmup))
-                receiver.wait(size.warmup, 30)
-                driver.stats()
-                count = size.drain_events
-                receiver.reset()
-                driver.pause()
-                try:
-                    server.stream(count, seq.take(count))
-                    time.sleep(0.5)
-                finally:
-                    driver.resume()
-                receiver.wait(count, 60 + count / 200)
-                time.sleep(0.3)
-                counts: dict[str, int] = driver.stats()["counts"]
-            finally:
-                driver.quit()
+            server.stream(count, seq.take(count))
+            time.sleep(0.5)
         finally:
-            receiver.close()
-    finally:
-        server.close()
+            driver.resume()
+        receiver.wait(count, 60 + count / 200)
+        time.sleep(0.3)
+        counts: dict[str, int] = driver.stats()["counts"]
     commits, claims = counts.get("commits", 0) or 1, counts.get("claims", 0) or 1
     return {
         "deliveries": count,
