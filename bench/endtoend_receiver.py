@@ -36,14 +36,13 @@ import asyncio
 import json
 import os
 import socket
-import sys
-import threading
 import time
 from typing import Any
 
 import orjson
 from standardwebhooks.webhooks import Webhook
 
+from bench.drivers.common import command_queue, say
 from listener.testing.receiver import WebhookReceiver
 
 # Requests verified after each reset: enough to catch a bad signer, cheap enough to keep.
@@ -201,17 +200,6 @@ class _Collector:
         return verified, bad[:5]
 
 
-def _say(message: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(message, separators=(",", ":")) + "\n")
-    sys.stdout.flush()
-
-
-def _read_commands(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str]) -> None:
-    for line in sys.stdin:
-        loop.call_soon_threadsafe(queue.put_nowait, line)
-    loop.call_soon_threadsafe(queue.put_nowait, '{"cmd": "quit"}')
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("secret")
@@ -221,9 +209,8 @@ async def main() -> None:
     await server.up()
     collector = _Collector(server, args.secret)
     loop = asyncio.get_running_loop()
-    commands: asyncio.Queue[str] = asyncio.Queue()
-    threading.Thread(target=_read_commands, args=(loop, commands), daemon=True).start()
-    _say({"url": server.url, "pid": os.getpid(), "server": args.server})
+    commands = command_queue()
+    say({"url": server.url, "pid": os.getpid(), "server": args.server})
 
     async def collecting() -> None:
         while True:
@@ -237,7 +224,7 @@ async def main() -> None:
             name = command.get("cmd")
             if name == "reset":
                 collector.reset()
-                _say({"ok": True})
+                say({"ok": True})
             elif name == "wait":
                 count, deadline = int(command["count"]), loop.time() + float(command["timeout"])
                 while True:
@@ -247,7 +234,7 @@ async def main() -> None:
                     await asyncio.sleep(_COLLECT_EVERY)
                 cpu = time.process_time() - collector.cpu
                 verified, bad = collector.verify()
-                _say(
+                say(
                     {
                         "count": len(collector.records),
                         "records": collector.records,
@@ -258,11 +245,11 @@ async def main() -> None:
                 )
             elif name in ("down", "up"):
                 await (server.down() if name == "down" else server.up())
-                _say({"ok": True})
+                say({"ok": True})
             elif name == "quit":
                 break
             else:
-                _say({"error": f"unknown command {name!r}"})
+                say({"error": f"unknown command {name!r}"})
     finally:
         collector_task.cancel()
         await server.down()

@@ -31,7 +31,7 @@ import tempfile
 import time
 from typing import Any
 
-from common import Recorder, driver_args, serve
+from common import Recorder, driver_args, serve, start_daemon
 
 from listener.calls.state import CallRecord
 from listener.calls.tracker import CallTracker
@@ -113,14 +113,7 @@ async def main() -> None:
                 passes.append((began, time.time()))
 
         reconciler._list_calls = timed  # type: ignore[method-assign]
-        stop = asyncio.Event()
-        running = asyncio.create_task(daemon.run(stop))
-        joined = asyncio.create_task(daemon.session.joined.wait())
-        await asyncio.wait({running, joined}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
-        if running.done():
-            running.result()
-        if not joined.done():
-            raise SystemExit("the daemon did not join within 10 s")
+        shutdown = await start_daemon(daemon)
         tune_gc = options.get("gc")
         if tune_gc == "freeze":
             gc.freeze()
@@ -139,10 +132,6 @@ async def main() -> None:
                 "caught_up": reconciler.caught_up.is_set(),
                 "list_calls": passes,
             }
-
-        async def shutdown() -> None:
-            stop.set()
-            await running
 
         await serve(
             recorder, {"client": "sippet-listener", "call_state": call_state}, stats, shutdown

@@ -32,7 +32,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-__all__ = ["Recorder", "driver_args", "mint_token", "serve", "socket_url"]
+__all__ = [
+    "Recorder",
+    "command_queue",
+    "driver_args",
+    "mint_token",
+    "say",
+    "serve",
+    "socket_url",
+    "start_daemon",
+]
 
 # A driver left behind by a crashed orchestrator exits by itself after this long.
 MAX_LIFETIME = 1800.0
@@ -104,7 +113,29 @@ def socket_url(base_url: str, query: dict[str, str]) -> str:
     return urlunsplit((scheme, parts.netloc, "/socket/websocket", urlencode(query), ""))
 
 
-def _say(message: dict[str, Any]) -> None:
+async def start_daemon(daemon: Any, timeout: float = 10.0) -> Callable[[], Awaitable[None]]:
+    """Run a ``listener`` daemon until it has joined; return the coroutine that stops it.
+
+    Typed loosely so this module stays standard-library only for the peers' drivers.
+    """
+    stop = asyncio.Event()
+    running = asyncio.create_task(daemon.run(stop))
+    joined = asyncio.create_task(daemon.session.joined.wait())
+    await asyncio.wait({running, joined}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    if running.done():
+        running.result()
+    if not joined.done():
+        raise SystemExit(f"the daemon did not join within {timeout:g} s")
+
+    async def shutdown() -> None:
+        stop.set()
+        await running
+
+    return shutdown
+
+
+def say(message: dict[str, Any]) -> None:
+    """One JSON line on standard output, flushed: the orchestrator reads line by line."""
     sys.stdout.write(json.dumps(message, separators=(",", ":")) + "\n")
     sys.stdout.flush()
 
@@ -115,6 +146,14 @@ def _read_commands(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str]) -
     loop.call_soon_threadsafe(queue.put_nowait, '{"cmd": "quit"}')
 
 
+def command_queue() -> asyncio.Queue[str]:
+    """Standard input's lines, one command each, then a ``quit`` when it closes."""
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    threading.Thread(target=_read_commands, args=(loop, queue), daemon=True).start()
+    return queue
+
+
 async def serve(
     recorder: Recorder,
     ready: dict[str, Any],
@@ -123,9 +162,8 @@ async def serve(
 ) -> None:
     """Announce readiness, then answer commands until told to quit."""
     loop = asyncio.get_running_loop()
-    commands: asyncio.Queue[str] = asyncio.Queue()
-    threading.Thread(target=_read_commands, args=(loop, commands), daemon=True).start()
-    _say({"ready": True, **ready})
+    commands = command_queue()
+    say({"ready": True, **ready})
     deadline = loop.time() + MAX_LIFETIME
     while True:
         async with asyncio.timeout_at(deadline):
@@ -133,7 +171,7 @@ async def serve(
         name = command.get("cmd")
         if name == "expect":
             recorder.expect(int(command["count"]), bool(command.get("keep", True)))
-            _say({"ok": True})
+            say({"ok": True})
         elif name == "wait":
             try:
                 async with asyncio.timeout(float(command.get("timeout", 30.0))):
@@ -143,13 +181,13 @@ async def serve(
             answer: dict[str, Any] = {"count": recorder.count, "cpu": recorder.cpu}
             if command.get("records", True):
                 answer["records"] = recorder.records
-            _say(answer)
+            say(answer)
         elif name == "stats":
-            _say({"count": recorder.count, **stats()})
+            say({"count": recorder.count, **stats()})
         elif name == "quit":
             if stop is not None:
                 await stop()
-            _say({"bye": True})
+            say({"bye": True})
             return
         else:
-            _say({"error": f"unknown command {name!r}"})
+            say({"error": f"unknown command {name!r}"})

@@ -25,7 +25,7 @@ import time
 import tracemalloc
 from typing import Any
 
-from common import Recorder, driver_args, serve
+from common import Recorder, driver_args, serve, start_daemon
 
 from listener.core.events import Event
 from listener.core.logs import configure_logging
@@ -92,14 +92,7 @@ async def main(args: argparse.Namespace) -> None:
         runner = RunnerSettings(name="bench", events=("*",), **options.get("handler", {}))
         ours = LoadedHandler(seen or _Record(recorder), runner)
         daemon = Daemon(settings, args.api_key, [ours, *load_handlers(settings.handlers)])
-        stop = asyncio.Event()
-        running = asyncio.create_task(daemon.run(stop))
-        joined = asyncio.create_task(daemon.session.joined.wait())
-        await asyncio.wait({running, joined}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
-        if running.done():
-            running.result()
-        if not joined.done():
-            raise SystemExit("the daemon did not join within 10 s")
+        shutdown = await start_daemon(daemon)
 
         traced = tracemalloc.take_snapshot() if options.get("tracemalloc") else None
 
@@ -120,10 +113,6 @@ async def main(args: argparse.Namespace) -> None:
                     for stat in grown[:10]
                 ]
             return answer
-
-        async def shutdown() -> None:
-            stop.set()
-            await running
 
         await serve(recorder, {"client": "sippet-listener"}, stats, shutdown)
 

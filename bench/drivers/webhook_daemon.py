@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import Recorder, driver_args, serve
+from common import Recorder, driver_args, serve, start_daemon
 
 from listener.core.logs import configure_logging
 from listener.dispatch.loader import load_handlers
@@ -101,14 +101,7 @@ async def main() -> None:
             }
         )
         daemon = Daemon(settings, args.api_key, load_handlers(settings.handlers))
-        stop = asyncio.Event()
-        running = asyncio.create_task(daemon.run(stop))
-        joined = asyncio.create_task(daemon.session.joined.wait())
-        await asyncio.wait({running, joined}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
-        if running.done():
-            running.result()
-        if not joined.done():
-            raise SystemExit("the daemon did not join within 10 s")
+        shutdown = await start_daemon(daemon)
 
         def stats() -> dict[str, Any]:
             # The WAL's size on disk is its high-water mark: what checkpointing let it reach.
@@ -121,10 +114,6 @@ async def main() -> None:
             if trace:
                 answer["trace"], answer["counts"] = webhook_trace.take()
             return answer
-
-        async def shutdown() -> None:
-            stop.set()
-            await running
 
         # The receiver counts; the recorder only serves the command loop.
         await serve(Recorder(), {"client": "sippet-listener webhook"}, stats, shutdown)
