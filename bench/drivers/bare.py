@@ -11,15 +11,7 @@ import contextlib
 import json
 
 import websockets
-from common import Recorder, driver_args, mint_token, serve, socket_url
-
-
-async def _heartbeat(ws: websockets.ClientConnection) -> None:
-    ref = 1
-    while True:
-        await asyncio.sleep(30)
-        ref += 1
-        await ws.send(json.dumps([None, str(ref), "phoenix", "heartbeat", {}]))
+from common import Recorder, driver_args, heartbeat, mint_token, serve, socket_url
 
 
 async def _receive(
@@ -47,12 +39,12 @@ async def main() -> None:
     async with websockets.connect(url, max_size=None) as ws:
         joined = asyncio.Event()
         receiver = asyncio.create_task(_receive(ws, args.topic, recorder, joined))
-        heartbeat = asyncio.create_task(_heartbeat(ws))
+        beating = asyncio.create_task(heartbeat(ws))
         await ws.send(json.dumps(["1", "1", args.topic, "phx_join", {}]))
         async with asyncio.timeout(10):
             await joined.wait()
         await serve(recorder, {"client": "bare websockets loop"})
-        for task in (receiver, heartbeat):
+        for task in (receiver, beating):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

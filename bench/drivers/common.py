@@ -36,6 +36,7 @@ __all__ = [
     "Recorder",
     "command_queue",
     "driver_args",
+    "heartbeat",
     "mint_token",
     "say",
     "serve",
@@ -104,6 +105,15 @@ def mint_token(base_url: str, api_key: str) -> str:
     )
     with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
         return str(json.loads(response.read())["token"])
+
+
+async def heartbeat(ws: Any, every: float = 30.0) -> None:
+    """Send a Phoenix heartbeat on ``ws`` (anything with an async ``send``) every ``every`` s."""
+    ref = 1
+    while True:
+        await asyncio.sleep(every)
+        ref += 1
+        await ws.send(json.dumps([None, str(ref), "phoenix", "heartbeat", {}]))
 
 
 def socket_url(base_url: str, query: dict[str, str]) -> str:

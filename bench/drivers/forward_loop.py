@@ -38,18 +38,10 @@ from urllib.parse import urlsplit
 import h11
 import orjson
 import websockets
-from common import Recorder, driver_args, mint_token, serve, socket_url
+from common import Recorder, driver_args, heartbeat, mint_token, serve, socket_url
 from standardwebhooks.webhooks import Webhook
 
 Queued = tuple[str, dict[str, Any], float]
-
-
-async def _heartbeat(ws: websockets.ClientConnection) -> None:
-    ref = 1
-    while True:
-        await asyncio.sleep(30)
-        ref += 1
-        await ws.send(json.dumps([None, str(ref), "phoenix", "heartbeat", {}]))
 
 
 async def _receive(
@@ -221,7 +213,7 @@ async def main() -> None:
             for _ in range(int(options.get("connections", 8)))
         ]
         tasks.append(asyncio.create_task(_receive(ws, args.topic, queue, joined)))
-        tasks.append(asyncio.create_task(_heartbeat(ws)))
+        tasks.append(asyncio.create_task(heartbeat(ws)))
         await ws.send(json.dumps(["1", "1", args.topic, "phx_join", {}]))
         async with asyncio.timeout(10):
             await joined.wait()
