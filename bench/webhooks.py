@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import json
 import os
 import secrets
 import sys
@@ -36,6 +35,7 @@ from typing import Any
 
 import httpx
 
+from bench.drivers.common import say
 from bench.server import call_event
 from listener.core.events import Event
 from listener.core.logs import configure_logging
@@ -137,7 +137,7 @@ async def _backlog(args: argparse.Namespace, state: Path) -> dict[str, Any]:
             committed = forwarder.submit(event)
         if committed is not None:
             await committed
-        _say({"submitted": args.count, "committed_after": time.perf_counter() - began})
+        say({"submitted": args.count, "committed_after": time.perf_counter() - began})
         if not await loop.run_in_executor(None, sys.stdin.readline):
             sys.exit("bench.webhooks: standard input closed before 'up': the parent is gone")
         up = time.perf_counter()
@@ -163,11 +163,6 @@ async def _backlog(args: argparse.Namespace, state: Path) -> dict[str, Any]:
     }
 
 
-def _say(message: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("mode", choices=("outbox", "plain", "signed", "backlog"))
@@ -184,7 +179,7 @@ async def main() -> None:
             result = await _backlog(args, Path(state))
         else:
             result = await _plain(args, signed=args.mode == "signed")
-    _say({"pid": os.getpid(), **result})
+    say({"pid": os.getpid(), **result})
 
 
 if __name__ == "__main__":

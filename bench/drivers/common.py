@@ -1,4 +1,5 @@
-"""What every client driver shares: the token, the event record and the command loop.
+"""What every driver shares: the token, the event record, the heartbeat, the command loop,
+and starting the daemon itself (``start_daemon``) for the drivers that run it in-process.
 
 Standard library only: the peers' drivers import it from their own virtualenvs.
 
