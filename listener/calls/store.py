@@ -36,8 +36,6 @@ from listener.core.sqlite import Database
 
 __all__ = ["SCHEMA_VERSION", "CallStore", "StoreError", "store_path"]
 
-SCHEMA_VERSION: Final = 1
-
 _SCHEMA: Final = (
     """CREATE TABLE calls (
         call_key      TEXT PRIMARY KEY,
@@ -53,6 +51,8 @@ _SCHEMA: Final = (
     "CREATE TABLE handled (id TEXT PRIMARY KEY, handled_at REAL NOT NULL) WITHOUT ROWID",
     "CREATE TABLE moments (name TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID",
 )
+_MIGRATIONS: Final = (_SCHEMA,)
+SCHEMA_VERSION: Final = len(_MIGRATIONS)
 # The first files had an index on each table's time, for the hourly prune alone. Every row a
 # batch writes paid for it (one more B-tree insert, at a random place for a call replaced):
 # without them a batch costs half (3.5 -> 2.1 µs per event of the drain stream into an
@@ -97,7 +97,7 @@ class CallStore(Database):
 
     what = "call store"
     error = StoreError
-    migrations = (_SCHEMA,)
+    migrations = _MIGRATIONS
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
         super().__init__(path, busy_timeout=busy_timeout)

@@ -136,7 +136,8 @@ class Claims:
         return self._down_until > 0.0
 
     def answering(self) -> None:
-        """The store answered something else (a migration): try claims again at once."""
+        """The store answered (a claim, or something else: a migration): try claims again at
+        once."""
         if self.down:
             _log.info("the store answers claims again")
         self._down_until = 0.0
@@ -192,9 +193,7 @@ class Claims:
         params = _batch_params(list(first.values()), self._holder)
         loop = asyncio.get_running_loop()
         try:
-            rows = await bounded(
-                self._fetch(_CLAIM, params, many=True), self._timeout, self.abandoned
-            )
+            rows = await bounded(self._fetch(_CLAIM, params), self._timeout, self.abandoned)
         except (psycopg.Error, TimeoutError) as exc:
             if not self.down:
                 _log.warning("the store stopped answering claims", error=self._url.scrub(str(exc)))
@@ -204,9 +203,7 @@ class Claims:
                 if not answer.done():
                     answer.set_exception(error)
             return
-        if self.down:
-            _log.info("the store answers claims again")
-            self._down_until = 0.0
+        self.answering()
         won = {(event_id, handler) for event_id, handler in rows}
         for key, asked in first.items():
             answer = asked[3]
@@ -229,7 +226,7 @@ class Claims:
         """
         try:
             rows = await bounded(
-                self._fetch(_EXPIRED, {"limit": limit}, many=True), self._timeout, self.abandoned
+                self._fetch(_EXPIRED, {"limit": limit}), self._timeout, self.abandoned
             )
         except (psycopg.Error, TimeoutError) as exc:
             raise describe(self._url, exc) from None
@@ -275,10 +272,10 @@ class Claims:
             await self.flush()
         await self.abandoned.close()
 
-    async def _fetch(self, query: LiteralString, params: dict[str, Any], many: bool = False) -> Any:
+    async def _fetch(self, query: LiteralString, params: dict[str, Any]) -> list[Any]:
         async with self._pool.connection() as conn:
             cursor = await conn.execute(query, params)
-            return await (cursor.fetchall() if many else cursor.fetchone())
+            return await cursor.fetchall()
 
     async def _execute(self, query: LiteralString, params: dict[str, Any]) -> None:
         async with self._pool.connection() as conn:

@@ -224,6 +224,6 @@ def _makers() -> tuple[Callable[..., Event], Callable[[Event, str], Event]]:
 
 _new_event, _copy_event = _makers()
 
-#: ``with_id(event, id)``: ``event`` with the stable id ``id``, all else the same (the
-#: session stamps every event it delivers so).
+#: ``with_id(event, id)``: a copy of ``event`` with the stable id ``id``, all else the same
+#: (the intake stamps its own events in place instead, with :func:`stamp_id`).
 with_id: Callable[[Event, str], Event] = _copy_event

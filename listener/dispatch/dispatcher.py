@@ -31,7 +31,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeAlias
 
 import structlog
@@ -541,16 +541,7 @@ def _count(waiter: tuple[int, asyncio.Future[None]]) -> int:
 
 def _unloaded(event: Event) -> Event:
     """``event`` with its payload replaced by its size, for observers."""
-    return Event(
-        event.name,
-        {"payload_bytes": event.size},
-        event.topic,
-        event.received_at,
-        event.call_key,
-        event.size,
-        event.id,
-        event.origin,
-    )
+    return replace(event, payload={"payload_bytes": event.size})
 
 
 class Dispatcher:
