@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
-from listener.core.events import Event, call_key_of, stamp_id, with_id
+from listener.core.events import Event, call_key_of, stamp_id
 
 
 @pytest.mark.parametrize(
@@ -50,18 +48,6 @@ def test_field_reads_every_spelling() -> None:
     assert event.field("call_key") == "u"
     assert event.field("toNumber") is None
     assert event.field("toNumber", "unknown") == "unknown"
-
-
-def test_with_id_copies_every_field_but_the_id() -> None:
-    event = Event.create(
-        "call_ended", {"callUuid": "c-1"}, "events", 12.5, 90, id="evt_old", origin="reconcile"
-    )
-    stamped = with_id(event, "evt_new")
-    assert stamped is not event
-    assert stamped == dataclasses.replace(event, id="evt_new")
-    assert event.id == "evt_old"
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        stamped.id = "evt_other"  # type: ignore[misc]
 
 
 def test_stamp_id_sets_the_id_of_the_event_itself() -> None:

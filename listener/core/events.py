@@ -21,7 +21,7 @@ from typing import Any, Final, Literal
 
 from listener.core.templating import MISSING, FieldPath
 
-__all__ = ["Event", "LazyId", "Origin", "call_key_of", "raw_id", "stamp_id", "with_id"]
+__all__ = ["Event", "LazyId", "Origin", "call_key_of", "raw_id", "stamp_id"]
 
 #: Where an event was learnt: from the channel, or rebuilt from ``list_calls``.
 Origin = Literal["realtime", "reconcile"]
@@ -98,7 +98,7 @@ class Event:
         """Build an event, deriving its call key from the payload."""
         key = call_key_of(payload)
         if cls is Event:
-            # Through the slots' own setters (see _makers): the frozen dataclass's __init__
+            # Through the slots' own setters (see _maker): the frozen dataclass's __init__
             # took 1.0 µs of every event the socket delivers, this 0.45.
             return _new_event(name, payload, topic, received_at, key, size, id, origin)
         return cls(name, payload, topic, received_at, key, size, id, origin)
@@ -141,7 +141,7 @@ def stamp_id(event: Event, id: str | LazyId) -> Event:
     """Give ``event`` its stable id in place and return it: for the intake alone, which
     stamps the events it has just built from a frame before anyone reads them (the rotation
     handover holds some by then, but reads only their names and payloads). Everywhere else
-    an Event is read-only; :func:`with_id` copies one instead.
+    an Event is read-only (``dataclasses.replace`` copies one).
 
     A slot set: 0.1 µs, where a copy takes 0.45 µs and the dataclass's ``__init__`` 1.0.
     """
@@ -171,11 +171,10 @@ type.__setattr__(Event, "id", property(_read_id, _ID_SLOT.__set__, doc=_ID_SLOT.
 raw_id: Final[Callable[[Event], str | LazyId]] = _ID_SLOT.__get__
 
 
-def _makers() -> tuple[Callable[..., Event], Callable[[Event, str], Event]]:
-    """Two functions that build an Event through its slots' descriptors: a frozen
-    dataclass's ``__init__`` sets each field through ``object.__setattr__``, which took
-    1.0 µs for the eight, these 0.45 µs. One takes the fields in order; the other copies an
-    Event with another id."""
+def _maker() -> Callable[..., Event]:
+    """A function that builds an Event, its fields in order, through its slots' descriptors:
+    a frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``, which
+    took 1.0 µs for the eight, this 0.45 µs."""
     names = tuple(item.name for item in dataclasses.fields(Event))
     expected = ("name", "payload", "topic", "received_at", "call_key", "size", "id", "origin")
     if names != expected:
@@ -207,23 +206,7 @@ def _makers() -> tuple[Callable[..., Event], Callable[[Event, str], Event]]:
         set_origin(event, origin)
         return event
 
-    def copy(event: Event, id: str) -> Event:
-        return make(
-            event.name,
-            event.payload,
-            event.topic,
-            event.received_at,
-            event.call_key,
-            event.size,
-            id,
-            event.origin,
-        )
-
-    return make, copy
+    return make
 
 
-_new_event, _copy_event = _makers()
-
-#: ``with_id(event, id)``: a copy of ``event`` with the stable id ``id``, all else the same
-#: (the intake stamps its own events in place instead, with :func:`stamp_id`).
-with_id: Callable[[Event, str], Event] = _copy_event
+_new_event = _maker()
