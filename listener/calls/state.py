@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, Literal, Protocol
 
 from listener.core.events import Event, Origin
-from listener.core.templating import MISSING, FieldPath, _spellings
+from listener.core.templating import MISSING, FieldPath, field_spellings
 
 __all__ = [
     "STATUSES",
@@ -303,7 +303,9 @@ _record: Final[Callable[..., CallRecord]] = _record_maker()
 _PATHS: Final = {name: FieldPath(name) for name in ("fromNumber", "toNumber", *_TIME_FIELDS)}
 # Every top-level key under which a payload may hold a transition time (FieldPath.find also
 # looks inside a nested ``call`` object).
-_TIME_KEYS: Final = frozenset({"call", *(s for name in _TIME_FIELDS for s in _spellings(name))})
+_TIME_KEYS: Final = frozenset(
+    {"call", *(spelling for name in _TIME_FIELDS for spelling in field_spellings(name))}
+)
 
 
 class CallLookup(Protocol):

@@ -44,7 +44,15 @@ if TYPE_CHECKING:
     # Only for annotations: events.py builds Event.field on this module, not the reverse.
     from listener.core.events import Event
 
-__all__ = ["MISSING", "FieldPath", "Location", "Template", "TemplateError", "compile_template"]
+__all__ = [
+    "MISSING",
+    "FieldPath",
+    "Location",
+    "Template",
+    "TemplateError",
+    "compile_template",
+    "field_spellings",
+]
 
 #: Where a value sits inside a templated value: ``("input", "callUuid")``, ``("fields", 0)``.
 Location: TypeAlias = tuple[str | int, ...]
@@ -104,7 +112,7 @@ def _twin(name: str) -> str | None:
     return twin if twin != name else None
 
 
-def _spellings(name: str) -> tuple[str, ...]:
+def field_spellings(name: str) -> tuple[str, ...]:
     """Return the spellings of a field name, in lookup order."""
     twin = _twin(name)
     return (name,) if twin is None else (name, twin)
@@ -128,7 +136,7 @@ class _Step:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.spellings = _spellings(name)
+        self.spellings = field_spellings(name)
         self.index = int(name) if _INDEX.fullmatch(name) else None
 
     def take(self, value: Any) -> tuple[Any, str]:
