@@ -377,6 +377,10 @@ async def test_run_and_tail_in_the_pretty_format_print_one_line_per_event(
         (["calls", "--state-dir"], "argument --state-dir: expected one argument"),
         (["webhooks", "dead", "--limit", "ten"], "argument --limit: invalid int value: 'ten'"),
         (["webhooks", "attempts"], "the following arguments are required: --id"),
+        (
+            ["webhooks", "replay", "--since", "soon"],
+            "argument --since: 'soon' is not an ISO 8601 time",
+        ),
     ],
 )
 def test_a_bad_argument_to_any_command_exits_64_naming_the_flag(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from listener.core.errors import ConfigError
 
-__all__ = ["read_secret", "read_secret_file"]
+__all__ = ["read_optional_secret", "read_secret", "read_secret_file"]
 
 
 def read_secret(env: str, file: Path | None, credential: str, key: str) -> str:
@@ -35,6 +35,23 @@ def read_secret(env: str, file: Path | None, credential: str, key: str) -> str:
     raise ConfigError(
         key, f"no secret key: set ${env}, {key}, or the systemd credential {credential!r}"
     )
+
+
+def read_optional_secret(env: str, file: Path | None, credential: str, key: str) -> str | None:
+    """:func:`read_secret` when any of its sources is set (the variable, the ``*_file`` key,
+    the credential), else None: the secret is optional.
+
+    Raises:
+        ConfigError: a source is set but cannot be read.
+    """
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if (
+        os.environ.get(env, "").strip()
+        or file is not None
+        or (credentials and _present(Path(credentials) / credential, key))
+    ):
+        return read_secret(env, file, credential, key)
+    return None
 
 
 def read_secret_file(path: Path, key: str) -> str:

@@ -43,7 +43,7 @@ from listener.cluster.url import StoreUrl
 from listener.core.errors import ConfigError
 from listener.core.logs import register_secret
 from listener.core.retry import BackoffPolicy
-from listener.core.secrets import read_secret, read_secret_file
+from listener.core.secrets import read_optional_secret, read_secret, read_secret_file
 from listener.core.validation import format_validation_error
 from listener.realtime.connection import LinkSettings
 from listener.realtime.session import SessionSettings
@@ -277,7 +277,9 @@ def store_url(settings: Settings) -> StoreUrl | None:
         ConfigError: naming ``store.url`` (or ``store.url_file``): unreadable or invalid.
     """
     store = settings.store
-    text = _optional_secret(ENV_STORE_URL, store.url_file, STORE_CREDENTIAL_NAME, "store.url_file")
+    text = read_optional_secret(
+        ENV_STORE_URL, store.url_file, STORE_CREDENTIAL_NAME, "store.url_file"
+    )
     if text is None:
         text = store.url or None
     if text is None:
@@ -286,20 +288,6 @@ def store_url(settings: Settings) -> StoreUrl | None:
     for secret in url.secrets:
         register_secret(secret)
     return url
-
-
-def _optional_secret(env: str, file: Path | None, credential: str, key: str) -> str | None:
-    """:func:`read_secret` when any of its sources is set (the variable, the ``*_file`` key,
-    the credential), else None: the secret is optional."""
-    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    try:
-        has_credential = bool(credentials) and (Path(str(credentials)) / credential).exists()
-    except OSError:
-        # A directory we may not look into: read_secret names the place.
-        has_credential = True
-    if os.environ.get(env, "").strip() or file is not None or has_credential:
-        return read_secret(env, file, credential, key)
-    return None
 
 
 def read_admin_token(service: ServiceSettings) -> str | None:
@@ -312,7 +300,9 @@ def read_admin_token(service: ServiceSettings) -> str | None:
         ConfigError: a configured source cannot be read, or the token is too short.
     """
     key = "service.admin_token_file" if service.admin_token_file else "service.admin_token"
-    token = _optional_secret(ENV_ADMIN_TOKEN, service.admin_token_file, ADMIN_CREDENTIAL_NAME, key)
+    token = read_optional_secret(
+        ENV_ADMIN_TOKEN, service.admin_token_file, ADMIN_CREDENTIAL_NAME, key
+    )
     if token is None and service.admin_token is not None:
         token = service.admin_token.get_secret_value().strip()
     if token is None:

@@ -53,17 +53,20 @@ class Feed:
     """Serves ``/events`` and feeds its clients.
 
     Args:
-        make_view: the current view, for a client with (True) or without admin buttons.
+        snapshot: the daemon's current state, made once per tick for every listener.
+        make_view: a snapshot's view, for a client with (True) or without admin buttons.
         is_admin: whether a request's scope belongs to a signed-in admin.
         interval: seconds between looks.
     """
 
     def __init__(
         self,
-        make_view: Callable[[bool], dict[str, Any]],
+        snapshot: Callable[[], dict[str, Any]],
+        make_view: Callable[[dict[str, Any], bool], dict[str, Any]],
         is_admin: Callable[[dict[str, Any]], bool],
         interval: float = 0.25,
     ) -> None:
+        self._snapshot = snapshot
         self._make_view = make_view
         self._is_admin = is_admin
         self._interval = interval
@@ -76,18 +79,24 @@ class Feed:
         response, so that the server need not wait for them or cancel them."""
         self._closing.set()
 
-    def _message(self, admin: bool) -> bytes:
-        text = json.dumps(self._make_view(admin), separators=(",", ":"), ensure_ascii=False)
+    def _message(self, snapshot: dict[str, Any], admin: bool) -> bytes:
+        text = json.dumps(
+            self._make_view(snapshot, admin), separators=(",", ":"), ensure_ascii=False
+        )
         return f"data: {text}\n\n".encode()
 
     def tick(self) -> None:
         """Offer each client the current view, if it changed since the last tick."""
+        # One snapshot serves both kinds of listener: it walks every call and event.
+        snapshot: dict[str, Any] | None = None
         for admin in (False, True):
             listeners = [client for client in self.clients if client.admin == admin]
             if not listeners:
                 self._last.pop(admin, None)
                 continue
-            message = self._message(admin)
+            if snapshot is None:
+                snapshot = self._snapshot()
+            message = self._message(snapshot, admin)
             if message == self._last.get(admin):
                 continue
             self._last[admin] = message
@@ -107,7 +116,7 @@ class Feed:
             await send({"type": "http.response.body", "body": b"too many status page clients"})
             return
         client = Client(self._is_admin(scope))
-        client.offer(self._message(client.admin))
+        client.offer(self._message(self._snapshot(), client.admin))
         self.clients.add(client)
         gone = asyncio.ensure_future(_disconnected(receive))
         closing = asyncio.ensure_future(self._closing.wait())

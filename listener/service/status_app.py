@@ -55,7 +55,11 @@ class StatusApp:
         self._daemon = daemon
         self._board = board
         self.gate = AdminGate(admin_token)
-        self.feed = Feed(self._view, self._scope_is_admin)
+        self.feed = Feed(
+            board.snapshot,
+            lambda snapshot, admin: view(snapshot, admin=admin),
+            self._scope_is_admin,
+        )
 
     def routes(self) -> list[BaseRoute]:
         """The routes to add to the metrics server."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, NoReturn
+from typing import Any
 
 import httpx
 
@@ -21,8 +21,6 @@ from listener.service.status_view import span
 __all__ = ["EXIT_UNREACHABLE", "add_status_command", "status_lines"]
 
 EXIT_UNREACHABLE = 2
-# sysexits' EX_USAGE, as the other commands: argparse's own 2 would read as "unreachable".
-_EX_USAGE = 64
 # A wildcard bind is reached on loopback.
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - what to dial instead
 
@@ -121,13 +119,6 @@ def add_status_command(commands: Any) -> None:
     status.add_argument(
         "--timeout", type=_seconds, default=5.0, help="seconds to wait (default: %(default)s)"
     )
-
-    def usage_error(message: str) -> NoReturn:
-        status.print_usage(sys.stderr)
-        sys.stderr.write(f"sippet-listener status: error: {message}\n")
-        sys.exit(_EX_USAGE)
-
-    status.error = usage_error
     status.add_argument("--json", action="store_true", help="print the whole snapshot as JSON")
     status.set_defaults(sync=_status)
 

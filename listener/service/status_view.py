@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from typing import Any, TypedDict
 
+from listener.core.pretty import short_id
+
 __all__ = ["ACTIONS", "ADMIN_ACTIONS", "CLASSES", "Cell", "Row", "span", "view"]
 
 CLASSES = frozenset({"ok", "bad", "warn", "muted", "mono"})
@@ -49,10 +51,6 @@ def span(seconds: float | None) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
-
-
-def _short(call_key: str | None) -> str:
-    return "-" if not call_key else call_key[:8]
 
 
 def _link(link: dict[str, Any], now: float) -> list[Row]:
@@ -107,7 +105,7 @@ def _call_row(call: dict[str, Any], now: float, *, ended: bool) -> Row:
         status,
         parties,
         age,
-        {"t": _short(call["call_key"]), "c": "mono"},
+        {"t": short_id(call["call_key"]), "c": "mono"},
         call["last_event"] or "-",
     ]
 
@@ -131,7 +129,7 @@ def _event_row(event: dict[str, Any], timelines: bool) -> Row:
     return [
         _clock(event["received_at"]),
         name,
-        {"t": _short(event["call_key"]), "c": "mono"},
+        {"t": short_id(event["call_key"]), "c": "mono"},
         {"t": event["origin"], "c": "warn" if event["origin"] != "realtime" else "muted"},
         _outcomes(event),
         {"t": event["summary"], "c": "mono"},

@@ -97,14 +97,13 @@ def _dead(args: argparse.Namespace) -> int:
     return 0
 
 
-def _moment(text: str | None, flag: str) -> float | None:
-    """An ISO 8601 time (UTC unless it says otherwise) as seconds since the epoch."""
-    if text is None:
-        return None
+def _moment(text: str) -> float:
+    """An ISO 8601 time (UTC unless it says otherwise) as seconds since the epoch; a flag's
+    type, so that a bad one exits 64 naming the flag, before any configuration is read."""
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise ConfigError(flag, f"{text!r} is not an ISO 8601 time") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
@@ -118,8 +117,7 @@ _SOURCES: dict[str, tuple[ReplaySource, ...]] = {
 
 
 def _replay(args: argparse.Namespace) -> int:
-    since, until = _moment(args.since, "--since"), _moment(args.until, "--until")
-    narrowed = args.id or since is not None or until is not None
+    narrowed = args.id or args.since is not None or args.until is not None
     if args.all and narrowed:
         raise ConfigError("--all", "replays everything: drop --id, --since and --until")
     if not (args.all or narrowed or args.destination):
@@ -133,8 +131,8 @@ def _replay(args: argparse.Namespace) -> int:
             time.time(),
             sources=sources,
             destination=args.destination,
-            since=since,
-            until=until,
+            since=args.since,
+            until=args.until,
             msg_ids=args.id or None,
             dry_run=args.dry_run,
         )
@@ -250,8 +248,8 @@ def add_webhooks_commands(commands: Any) -> None:
     common(replay)
     replay.add_argument("--id", action="append", help="a webhook-id (repeatable)")
     replay.add_argument("--all", action="store_true", help="every one (of --status)")
-    replay.add_argument("--since", help="events enqueued at or after this time")
-    replay.add_argument("--until", help="events enqueued before this time")
+    replay.add_argument("--since", type=_moment, help="events enqueued at or after this time")
+    replay.add_argument("--until", type=_moment, help="events enqueued before this time")
     replay.add_argument(
         "--status",
         choices=tuple(_SOURCES),
