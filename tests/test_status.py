@@ -329,7 +329,12 @@ async def test_the_link_shows_rotations_reconnects_and_gaps_and_events_their_out
     ]
     async with (
         FakeSippet(token_ttl=1.0) as fake,
-        running_daemon(fake, handlers, sippet={"rotate_at": 0.5}) as daemon,
+        running_daemon(
+            fake,
+            handlers,
+            sippet={"rotate_at": 0.5},
+            service={"metrics_listen": f"127.0.0.1:{free_port()}"},
+        ) as daemon,
     ):
         with capture_logs() as logs:
             await fake.broadcast("note", {"n": 0})
@@ -399,7 +404,10 @@ async def test_replaying_a_filtered_set_and_re_enabling_a_destination_gone_410(
 async def test_recent_events_from_big_frames_are_kept_without_their_payload(
     fake: FakeSippet,
 ) -> None:
-    async with running_daemon(fake, [FunctionHandler(_nothing, name="noop")]) as daemon:
+    service = {"metrics_listen": f"127.0.0.1:{free_port()}"}
+    async with running_daemon(
+        fake, [FunctionHandler(_nothing, name="noop")], service=service
+    ) as daemon:
         await fake.broadcast("ai_audit", {"callUuid": "c-big", "blob": "x" * 200_000})
         await fake.broadcast("note", {"callUuid": "c-big", "small": True})
         await settle(daemon, 2)
@@ -430,3 +438,12 @@ async def test_stopping_the_daemon_ends_live_streams_instead_of_waiting_on_them(
         rest = [line async for line in lines]
         assert all(not line.startswith("data:") for line in rest)
     assert "graceful shutdown exceeded" not in caplog.text
+
+
+async def test_a_daemon_that_serves_no_page_keeps_no_recent_events(fake: FakeSippet) -> None:
+    async with running_daemon(fake, [FunctionHandler(_nothing, name="noop")]) as daemon:
+        await fake.broadcast("note", {"n": 1})
+        await settle(daemon, 1)
+    assert daemon.dispatcher.seen is None
+    assert all(runner.handled is None for runner in daemon.dispatcher.runners)
+    assert not daemon.board.events

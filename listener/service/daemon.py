@@ -198,7 +198,8 @@ class Daemon:
             watch=self.link_log,
         )
         self.board = StatusBoard(self)
-        self.board.observe()
+        if settings.service.metrics_address is not None:
+            self.board.observe()
         self.status_page: StatusApp | None = None
         self._persist = persist
         self.report: DispatchReport | None = None
@@ -374,7 +375,8 @@ class Daemon:
             }
         )
         removed = self.dispatcher.replace(runners)
-        self.board.observe()
+        if self.status_page is not None:
+            self.board.observe()
         self.handlers = handlers
         for runner in removed:
             with contextlib.suppress(TimeoutError):

@@ -87,7 +87,6 @@ class StatusBoard:
         self._daemon = daemon
         self.events: deque[Event] = deque(maxlen=RECENT_EVENTS)
         self.outcomes: deque[Handled] = deque(maxlen=_RECENT_OUTCOMES)
-        daemon.dispatcher.seen = self.events
         self._rtt = (0.0, 0.0)
         self._last_rtt: float | None = None
         self._rotations = 0
@@ -95,7 +94,10 @@ class StatusBoard:
         self._dead: dict[str, list[dict[str, Any]]] = {}
 
     def observe(self) -> None:
-        """Make every current runner report its outcomes here."""
+        """Make the dispatcher report each event, and every current runner its outcomes,
+        here: only for a daemon that serves the page (an append per event and handler that
+        nothing would read otherwise)."""
+        self._daemon.dispatcher.seen = self.events
         for runner in self._daemon.dispatcher.runners:
             runner.handled = self.outcomes
 
