@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 from typing import Any
 
@@ -339,3 +340,19 @@ def test_merge_is_the_reference_merge(
         assert state.fold(event) is state.get(key)  # again: changes nothing more
         assert state.get(key) == reference.calls.get(key)
     assert sorted(r.call_key for r in state.changed()) == sorted(reference.changed)
+
+
+def test_the_map_s_records_are_frozen_call_records_like_the_constructor_s() -> None:
+    """The merge builds records its own quicker way, and shares their origins."""
+    state = CallState()
+    state.merge("incoming_call", {"callUuid": "c-1", "fromNumber": "+1"}, "realtime", 1.0)
+    other = state.merge("incoming_call", {"callUuid": "c-2"}, "realtime", 2.0)
+    record = state.get("c-1")
+    assert type(record) is CallRecord
+    assert record == CallRecord(
+        "c-1", "ringing", 1.0, "+1", started_at=1.0, origins={"ringing": "realtime"}
+    )
+    assert dataclasses.replace(record, status="ended").status == "ended"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.status = "ended"  # type: ignore[misc]
+    assert other is not None and other.record.origins is record.origins
