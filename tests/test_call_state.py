@@ -355,4 +355,5 @@ def test_the_map_s_records_are_frozen_call_records_like_the_constructor_s() -> N
     assert dataclasses.replace(record, status="ended").status == "ended"
     with pytest.raises(dataclasses.FrozenInstanceError):
         record.status = "ended"  # type: ignore[misc]
-    assert other is not None and other.record.origins is record.origins
+    assert other is not None
+    assert other.record.origins is record.origins

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from listener.calls.keyfilter import KeyFilter
 from listener.calls.state import CallRecord
 from listener.calls.tracker import CallTracker
 from listener.core.events import Event, LazyId, raw_id
@@ -100,3 +101,11 @@ def test_stored_ids_still_count_after_a_restart_for_known_calls_and_others() -> 
     assert tracker.admit(intake("call_ended", "c-1", 2.0))
     assert not tracker.admit(intake("call_ended", "c-1", 3.0))
     assert tracker.unsaved() == [lifecycle_id("call_ended", "c-1")]
+
+
+def test_the_filter_of_calls_let_go_of_finds_each_and_few_others() -> None:
+    keys = KeyFilter.of(f"gone-{index}" for index in range(20_000))
+    assert all(f"gone-{index}" in keys for index in range(20_000))
+    strangers = sum(f"new-{index}" in keys for index in range(20_000))
+    assert strangers < 20_000 * 0.02
+    assert not keys.full

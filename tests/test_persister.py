@@ -154,3 +154,75 @@ async def test_a_batch_waits_while_handlers_have_a_backlog(tmp_path: Path) -> No
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
         await persister.close()
+
+
+async def test_ended_calls_leave_memory_once_saved_and_still_answer(tmp_path: Path) -> None:
+    """Memory keeps the open calls and the recent ended ones; the others are read back from
+    the store: by a lookup, and by a late event, which neither reopens the call nor is
+    handed on a second time."""
+    tracker = CallTracker()
+    persister = Persister(
+        CallStore(tmp_path / "calls.sqlite3"),
+        tracker,
+        lambda now: now,
+        retain=3600,
+        clock=lambda: 1000.0,
+        resident_for=60,
+        resident_ended=2,
+    )
+    for index in range(5):  # ended 100 s ago, beyond resident_for
+        hand_on(tracker, "incoming_call", f"old-{index}", 900.0 + index)
+        hand_on(tracker, "call_ended", f"old-{index}", 900.0 + index)
+    for index in range(3):  # ended just now: the two newest stay
+        hand_on(tracker, "call_ended", f"new-{index}", 990.0 + index)
+    hand_on(tracker, "incoming_call", "open", 901.0)
+    await persister.flush()
+    assert sorted(record.call_key for record in tracker.state.all_calls()) == [
+        "new-1",
+        "new-2",
+        "open",
+    ]
+    old = tracker.get("old-3")
+    assert old is not None
+    assert (old.status, old.started_at) == ("ended", 903.0)
+    assert tracker.get("never-heard") is None
+    late = Event.create("incoming_call", {"callUuid": "old-3"}, "events", 1001.0, id="")
+    repeat = Event.create(
+        "call_ended",
+        {"callUuid": "old-1"},
+        "events",
+        1001.0,
+        id=lifecycle_id("call_ended", "old-1"),
+    )
+    assert not tracker.admit(repeat)
+    merged = tracker.merge(late)
+    assert merged is not None
+    assert merged.status == "ended"
+    assert [(r.call_key, r.status) for r in tracker.open_calls()] == [("open", "ringing")]
+    await persister.close()
+
+
+async def test_memory_stays_flat_under_a_long_stream_of_short_calls(tmp_path: Path) -> None:
+    """3,000 short calls, a batch every 100: the map and the handled ids hold no more than
+    the open calls and the ended ones memory may keep."""
+    tracker = CallTracker()
+    clock = [0.0]
+    persister = Persister(
+        CallStore(tmp_path / "calls.sqlite3"),
+        tracker,
+        lambda now: now,
+        retain=86400,
+        clock=lambda: clock[0],
+        resident_ended=50,
+    )
+    held = []
+    for index in range(3000):
+        clock[0] = float(index)
+        for name in ("incoming_call", "call_answered", "call_ended"):
+            hand_on(tracker, name, f"c-{index}", clock[0])
+        if index % 100 == 99:
+            await persister.flush()
+            held.append(len(tracker.state) + sum(map(len, tracker._handled.values())))
+    assert set(held) == {50 * 4}  # 50 ended calls, each with its three handled ids
+    assert tracker.get("c-7") is not None
+    await persister.close()

@@ -24,11 +24,12 @@ Nothing here reads a clock or does I/O: callers pass ``now``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, Protocol
 
+from listener.calls.keyfilter import KeyFilter
 from listener.core.events import Event, Origin
 from listener.core.templating import MISSING, FieldPath, field_spellings
 
@@ -390,6 +391,11 @@ class CallLookup(Protocol):
 class CallState:
     """The call map, keyed by call key.
 
+    Ended calls need not stay in memory: with an archive (:meth:`attach`, the call store),
+    :meth:`evict` lets go of those already saved, and an event or a lookup of one reads it
+    back. A :class:`~listener.calls.keyfilter.KeyFilter` of the keys let go of tells, without
+    I/O, the first event of a new call (nothing to read) from a late one of a call let go of.
+
     Args:
         records: the calls to start from (as loaded from the store).
     """
@@ -397,20 +403,46 @@ class CallState:
     def __init__(self, records: Iterable[CallRecord] = ()) -> None:
         self._calls = {record.call_key: record for record in records}
         self._changed: set[str] = set()
+        # Set by attach: the calls let go of, how to read one, how to take one back in.
+        self._evicted: KeyFilter | None = None
+        self._read: Callable[[str], CallRecord | None] = _nothing
+        self._recall: Callable[[str], CallRecord | None] = _nothing
 
     def __len__(self) -> int:
         return len(self._calls)
 
+    def attach(
+        self,
+        read: Callable[[str], CallRecord | None],
+        recall: Callable[[str], CallRecord | None],
+        evicted: KeyFilter | None = None,
+    ) -> None:
+        """Let ended calls go (:meth:`evict`): ``read`` returns a stored call (lookups),
+        ``recall`` one that an event of it takes back into the map (through :meth:`hold`)."""
+        self._read, self._recall = read, recall
+        self._evicted = KeyFilter() if evicted is None else evicted
+
     def get(self, call_key: str) -> CallRecord | None:
-        """Return what the map knows of a call, or None."""
-        return self._calls.get(call_key)
+        """Return what the map knows of a call (read back if it was let go of), or None."""
+        record = self._calls.get(call_key)
+        if record is None and self._evicted is not None and call_key in self._evicted:
+            return self._read(call_key)
+        return record
+
+    def held(self, call_key: str) -> bool:
+        """Whether the call is in memory, or certainly unknown (not let go of)."""
+        return call_key in self._calls or self._evicted is None or call_key not in self._evicted
+
+    def hold(self, record: CallRecord) -> None:
+        """Take a call read back from the store into memory again (it is saved as it is)."""
+        self._calls[record.call_key] = record
 
     def open_calls(self) -> list[CallRecord]:
-        """Return the calls not ended."""
+        """Return the calls not ended (they are always in memory)."""
         return [record for record in self._calls.values() if record.status != "ended"]
 
     def all_calls(self) -> list[CallRecord]:
-        """Return every call the map holds."""
+        """Return every call the map holds in memory."""
         return list(self._calls.values())
 
     def merge(
@@ -454,6 +486,8 @@ class CallState:
         if key is None:
             return None
         known = self._calls.get(key)
+        if known is None and self._evicted is not None and key in self._evicted:
+            known = self._recall(key)
         payload = event.payload
         now = event.received_at
         move = _MOVES.get(event.name)
@@ -548,3 +582,51 @@ class CallState:
             del self._calls[key]
             self._changed.discard(key)
         return len(stale)
+
+    def evict(self, before: float, keep: int, pinned: Container[str] = ()) -> list[str]:
+        """Let go of the ended calls silent since before ``before``, and of the oldest ones
+        beyond the ``keep`` newest; return their keys. Only with an archive, and only calls
+        saved as they are: none changed since :meth:`changed` last gave them, none
+        ``pinned`` (the caller's unsaved ones)."""
+        evicted = self._evicted
+        if evicted is None:
+            return []
+        changed = self._changed
+        ended = [
+            record
+            for key, record in self._calls.items()
+            if record.status == "ended" and key not in changed and key not in pinned
+        ]
+        over = len(ended) - keep
+        if over > 0:
+            ended.sort(key=_last_event_at)
+        gone = [
+            record.call_key
+            for index, record in enumerate(ended)
+            if index < over or record.last_event_at < before
+        ]
+        for key in gone:
+            del self._calls[key]
+            evicted.add(key)
+        return gone
+
+    @property
+    def evicted_full(self) -> bool:
+        """Whether the filter of the calls let go of is past its capacity (see
+        :meth:`refilter`)."""
+        return self._evicted is not None and self._evicted.full
+
+    def refilter(self, evicted: KeyFilter) -> None:
+        """Take ``evicted`` as the filter of the calls let go of: one made afresh from every
+        ended call the archive holds (after it pruned some, or when the filter is full)."""
+        if self._evicted is not None:
+            self._evicted = evicted
+
+
+def _nothing(call_key: str) -> CallRecord | None:
+    del call_key
+    return None
+
+
+def _last_event_at(record: CallRecord) -> float:
+    return record.last_event_at

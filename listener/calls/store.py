@@ -26,15 +26,16 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Iterable
+import sqlite3
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from listener.calls.state import CallRecord
+from listener.calls.state import CallRecord, shared_origins
 from listener.core.errors import ListenerError
 from listener.core.sqlite import Database
 
-__all__ = ["SCHEMA_VERSION", "CallStore", "StoreError", "store_path"]
+__all__ = ["SCHEMA_VERSION", "CallReader", "CallStore", "StoreError", "store_path"]
 
 _SCHEMA: Final = (
     """CREATE TABLE calls (
@@ -101,6 +102,7 @@ class CallStore(Database):
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
         super().__init__(path, busy_timeout=busy_timeout)
+        self.path = Path(path)
         try:
             with self.translated("open"), self.transaction():
                 for index in _DROPPED_INDEXES:
@@ -153,6 +155,12 @@ class CallStore(Database):
             row = self.conn.execute("SELECT at FROM moments WHERE name = 'last_seen'").fetchone()
         return None if row is None else float(row[0])
 
+    def ended_keys(self) -> list[str]:
+        """Return the keys of every stored call that ended."""
+        with self.translated("read"):
+            rows = self.conn.execute("SELECT call_key FROM calls WHERE status = 'ended'")
+            return [key for (key,) in rows]
+
     def prune(self, before: float) -> int:
         """Forget the calls whose last event, and the ids handled, before ``before``.
 
@@ -163,6 +171,55 @@ class CallStore(Database):
             forgotten = self.conn.execute("DELETE FROM calls WHERE last_event_at < ?", (before,))
             self.conn.execute("DELETE FROM handled WHERE handled_at < ?", (before,))
         return forgotten.rowcount
+
+
+class CallReader:
+    """Reads single calls back from the store, on the event loop's own thread, through a
+    connection of its own (WAL lets it read while the persister's thread writes).
+
+    What the call map let go of is read back here (:class:`~listener.calls.state.Archive`):
+    a primary-key lookup, tens of µs, for the rare late event of a call ended a while ago.
+
+    Raises:
+        StoreError: the file cannot be opened.
+    """
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self.conn = sqlite3.connect(
+                f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"call store open failed: {exc}") from exc
+
+    def call(self, call_key: str) -> CallRecord | None:
+        """Return the stored call, or None.
+
+        Raises:
+            StoreError: SQLite failed.
+        """
+        try:
+            row = self.conn.execute(_SELECT_CALLS + " WHERE call_key = ?", (call_key,)).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"call store read failed: {exc}") from exc
+        return None if row is None else _record(row)
+
+    def handled(self, ids: Sequence[str]) -> set[str]:
+        """Return which of ``ids`` are stored as handled.
+
+        Raises:
+            StoreError: SQLite failed.
+        """
+        marks = ", ".join("?" * len(ids))
+        try:
+            rows = self.conn.execute(f"SELECT id FROM handled WHERE id IN ({marks})", ids)  # noqa: S608
+            return {msg_id for (msg_id,) in rows}
+        except sqlite3.Error as exc:
+            raise StoreError(f"call store read failed: {exc}") from exc
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.conn.close()
 
 
 def _call_key(record: CallRecord) -> str:
@@ -200,5 +257,5 @@ def _record(row: Any) -> CallRecord:
         started,
         answered,
         ended,
-        json.loads(origins),
+        shared_origins(json.loads(origins)),
     )

@@ -21,19 +21,45 @@ lifecycle id is not that hash (a test's, a plugin's), and the stored ids of call
 does not hold, are remembered as ids; while there are any, a new lifecycle event's id is made
 and checked against them too, so the rule is the id's either way.
 
-Pure bookkeeping: no asyncio, no I/O, no clock (times come from the events and callers).
+With an archive (:meth:`CallTracker.attach`: the call store), ended calls leave memory soon
+after they are saved (:meth:`CallTracker.evict`), their handled ids with them; the first
+event of one after that reads the call and its handled ids back from the store, so that it
+neither reopens the call nor is handled twice, and a lookup reads the call back.
+
+Bookkeeping: no asyncio, no clock (times come from the events and callers); the only I/O is
+the archive's reads of calls let go of.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+import structlog
 
 from listener.calls.state import CallRecord, CallState
+from listener.calls.store import StoreError
+from listener.core import metrics
 from listener.core.events import Event, LazyId, raw_id
 from listener.core.ids import LIFECYCLE_EVENTS, lifecycle_id
 
-__all__ = ["CallTracker"]
+__all__ = ["Archive", "CallTracker"]
+
+_log = structlog.get_logger(__name__)
+
+
+class Archive(Protocol):
+    """Where the calls let go of are read back from (:class:`~listener.calls.store.CallReader`).
+    Both methods raise :class:`~listener.calls.store.StoreError` when the store fails."""
+
+    def call(self, call_key: str) -> CallRecord | None:
+        """The stored call, or None."""
+        ...
+
+    def handled(self, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` are stored as handled."""
+        ...
 
 
 def _nothing() -> int:
@@ -73,6 +99,13 @@ class CallTracker:
         #: lulls, when neither the intake nor the handlers are busy.
         self.last_heard = 0.0
         self.backlog: Callable[[], int] = _nothing
+        self._archive: Archive | None = None
+
+    def attach(self, archive: Archive) -> None:
+        """Let ended calls leave memory once saved (:meth:`evict`), read back from
+        ``archive`` when needed."""
+        self._archive = archive
+        self.state.attach(self._read, self._recall)
 
     def load(self, records: Iterable[CallRecord], handled: Iterable[str], now: float) -> None:
         """Start from what the store kept (ids handled before count as handled at ``now``).
@@ -81,6 +114,8 @@ class CallTracker:
         (four hashes per call: 0.6 s for 100,000 calls, once per start) and remembered by key.
         """
         self.state = CallState(records)
+        if self._archive is not None:
+            self.state.attach(self._read, self._recall)
         ids = set(handled)
         self._handled = _by_name()
         for record in self.state.all_calls():
@@ -115,6 +150,11 @@ class CallTracker:
                 handled = self._handled[name]
                 if key in handled:
                     return False
+                if self._archive is not None and not self.state.held(key):
+                    # A call let go of: its handled ids come back with it.
+                    self._recall(key)
+                    if key in handled:
+                        return False
                 handled[key] = event.received_at
                 self._unsaved[name].append(key)
                 return True
@@ -135,6 +175,8 @@ class CallTracker:
 
     def _admit_lifecycle(self, event: Event, key: str, raw: str | LazyId) -> bool:
         name, at = event.name, event.received_at
+        if self._archive is not None and not self.state.held(key):
+            self._recall(key)
         # The intake's lazy id is the key's hash by construction; a given one may be too.
         if type(raw) is LazyId or raw == lifecycle_id(name, key):
             handled_ids = self._handled_ids
@@ -155,6 +197,47 @@ class CallTracker:
         the map does not know the call."""
         self.last_heard = event.received_at
         return self.state.fold(event)
+
+    def evict(self, before: float, keep: int) -> int:
+        """Let go of the saved ended calls silent since before ``before`` and of the oldest
+        beyond the ``keep`` newest, with their handled ids (see
+        :meth:`CallState.evict <listener.calls.state.CallState.evict>`); return how many.
+        Call it only once the store holds everything :meth:`unsaved` gave."""
+        pinned = {key for keys in self._unsaved.values() for key in keys}
+        gone = self.state.evict(before, keep, pinned)
+        for handled in self._handled.values():
+            for key in gone:
+                handled.pop(key, None)
+        return len(gone)
+
+    def _read(self, call_key: str) -> CallRecord | None:
+        """The call let go of, from the archive (None if it is not there or cannot be read:
+        logged and counted, and the event goes on as one of a call the map does not know)."""
+        assert self._archive is not None
+        try:
+            return self._archive.call(call_key)
+        except StoreError as exc:
+            metrics.CALL_STORE_FAILURES.inc()
+            _log.error("call store read failed", call_key=call_key, error=str(exc))
+            return None
+
+    def _recall(self, call_key: str) -> CallRecord | None:
+        """Take a call let go of back into memory, with the lifecycle ids handed on of it."""
+        record = self._read(call_key)
+        if record is None:
+            return None
+        assert self._archive is not None
+        self.state.hold(record)
+        ids = {lifecycle_id(name, call_key): name for name in LIFECYCLE_EVENTS}
+        try:
+            found = self._archive.handled(list(ids))
+        except StoreError as exc:
+            metrics.CALL_STORE_FAILURES.inc()
+            _log.error("call store read failed", call_key=call_key, error=str(exc))
+            found = set()
+        for event_id in found:
+            self._handled[ids[event_id]][call_key] = record.last_event_at
+        return record
 
     def unsaved(self) -> list[str]:
         """Return the lifecycle ids handed on since the last call (for the store)."""
