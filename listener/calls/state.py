@@ -401,15 +401,19 @@ class CallState:
     """
 
     def __init__(self, records: Iterable[CallRecord] = ()) -> None:
-        self._calls = {record.call_key: record for record in records}
+        #: The calls in memory, by key (read-only outside this class).
+        self.resident = {record.call_key: record for record in records}
         self._changed: set[str] = set()
         # Set by attach: the calls let go of, how to read one, how to take one back in.
         self._evicted: KeyFilter | None = None
+        # The last key the filter said it never let go of: the tracker's de-dup asks first,
+        # then the merge of the same event need not ask again (a filter test is 0.15 µs).
+        self._cleared: str | None = None
         self._read: Callable[[str], CallRecord | None] = _nothing
         self._recall: Callable[[str], CallRecord | None] = _nothing
 
     def __len__(self) -> int:
-        return len(self._calls)
+        return len(self.resident)
 
     def attach(
         self,
@@ -424,26 +428,29 @@ class CallState:
 
     def get(self, call_key: str) -> CallRecord | None:
         """Return what the map knows of a call (read back if it was let go of), or None."""
-        record = self._calls.get(call_key)
+        record = self.resident.get(call_key)
         if record is None and self._evicted is not None and call_key in self._evicted:
             return self._read(call_key)
         return record
 
-    def held(self, call_key: str) -> bool:
-        """Whether the call is in memory, or certainly unknown (not let go of)."""
-        return call_key in self._calls or self._evicted is None or call_key not in self._evicted
+    def let_go(self, call_key: str) -> bool:
+        """Whether a call not in memory may have been let go of (then read it back)."""
+        if self._evicted is None or call_key not in self._evicted:
+            self._cleared = call_key
+            return False
+        return True
 
     def hold(self, record: CallRecord) -> None:
         """Take a call read back from the store into memory again (it is saved as it is)."""
-        self._calls[record.call_key] = record
+        self.resident[record.call_key] = record
 
     def open_calls(self) -> list[CallRecord]:
         """Return the calls not ended (they are always in memory)."""
-        return [record for record in self._calls.values() if record.status != "ended"]
+        return [record for record in self.resident.values() if record.status != "ended"]
 
     def all_calls(self) -> list[CallRecord]:
         """Return every call the map holds in memory."""
-        return list(self._calls.values())
+        return list(self.resident.values())
 
     def merge(
         self, name: str, payload: dict[str, Any], origin: Origin, now: float
@@ -467,7 +474,7 @@ class CallState:
         """:meth:`merge` for an event already built: its origin, and ``received_at`` as the
         moment it was heard."""
         key = event.call_key
-        known = None if key is None else self._calls.get(key)
+        known = None if key is None else self.resident.get(key)
         record = self.fold(event)
         if record is None or (known is not None and record.status == known.status):
             return None
@@ -485,8 +492,13 @@ class CallState:
         key = event.call_key
         if key is None:
             return None
-        known = self._calls.get(key)
-        if known is None and self._evicted is not None and key in self._evicted:
+        known = self.resident.get(key)
+        if (
+            known is None
+            and self._evicted is not None
+            and key is not self._cleared
+            and key in self._evicted
+        ):
             known = self._recall(key)
         payload = event.payload
         now = event.received_at
@@ -562,14 +574,14 @@ class CallState:
                 ended,
                 origins,
             )
-        self._calls[key] = updated
+        self.resident[key] = updated
         self._changed.add(key)
         return updated
 
     def changed(self) -> list[CallRecord]:
         """Return the calls changed since the last call (for the store), and forget them."""
         keys, self._changed = self._changed, set()
-        return [self._calls[key] for key in keys if key in self._calls]
+        return [self.resident[key] for key in keys if key in self.resident]
 
     def prune(self, before: float) -> int:
         """Forget the calls whose last event came before ``before``; return how many.
@@ -577,9 +589,9 @@ class CallState:
         Open calls too: a call silent that long is taken as lost, so the cut-off must be
         further back than the longest call (and than reconciliation's lookback).
         """
-        stale = [key for key, record in self._calls.items() if record.last_event_at < before]
+        stale = [key for key, record in self.resident.items() if record.last_event_at < before]
         for key in stale:
-            del self._calls[key]
+            del self.resident[key]
             self._changed.discard(key)
         return len(stale)
 
@@ -594,7 +606,7 @@ class CallState:
         changed = self._changed
         ended = [
             record
-            for key, record in self._calls.items()
+            for key, record in self.resident.items()
             if record.status == "ended" and key not in changed and key not in pinned
         ]
         over = len(ended) - keep
@@ -606,8 +618,9 @@ class CallState:
             if index < over or record.last_event_at < before
         ]
         for key in gone:
-            del self._calls[key]
+            del self.resident[key]
             evicted.add(key)
+        self._cleared = None
         return gone
 
     @property
@@ -621,6 +634,7 @@ class CallState:
         ended call the archive holds (after it pruned some, or when the filter is full)."""
         if self._evicted is not None:
             self._evicted = evicted
+            self._cleared = None
 
 
 def _nothing(call_key: str) -> CallRecord | None:

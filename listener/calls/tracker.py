@@ -150,7 +150,8 @@ class CallTracker:
                 handled = self._handled[name]
                 if key in handled:
                     return False
-                if self._archive is not None and not self.state.held(key):
+                state = self.state
+                if self._archive is not None and key not in state.resident and state.let_go(key):
                     # A call let go of: its handled ids come back with it.
                     self._recall(key)
                     if key in handled:
@@ -175,7 +176,8 @@ class CallTracker:
 
     def _admit_lifecycle(self, event: Event, key: str, raw: str | LazyId) -> bool:
         name, at = event.name, event.received_at
-        if self._archive is not None and not self.state.held(key):
+        state = self.state
+        if self._archive is not None and key not in state.resident and state.let_go(key):
             self._recall(key)
         # The intake's lazy id is the key's hash by construction; a given one may be too.
         if type(raw) is LazyId or raw == lifecycle_id(name, key):
