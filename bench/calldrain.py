@@ -16,6 +16,12 @@ collector settings after the dispatcher's first start (which freezes the heap an
 young threshold, see ``listener.dispatch.dispatcher``), to measure what that bought;
 ``--observed`` sets the status page's observer deques, as the daemon's status board does.
 
+``--footprint N`` measures memory instead: N events of the drain stream (new calls, three
+events each) through the dispatcher with the real tracker, a call store in a temporary
+directory and its persister, a batch after each tenth of them (as the persister writes one a
+second); the process's RSS before, at half time and at the end, and the calls the map holds
+in memory.
+
 Against an older tree, from its root: ``PYTHONPATH=. python NEW/bench/calldrain.py`` (its
 ``listener`` and ``bench`` are imported; ``--gc python`` needs this tree's dispatcher).
 """
@@ -27,6 +33,7 @@ import asyncio
 import gc
 import statistics
 import sys
+import tempfile
 import time
 from collections import deque
 from pathlib import Path
@@ -133,6 +140,49 @@ async def _run(
     return results
 
 
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+async def _footprint(count: int) -> list[float]:
+    """RSS (MiB) before, after each tenth of ``count`` events, with the map's size last."""
+    from listener.calls.persister import Persister
+    from listener.calls.store import CallStore
+
+    handler = _Nothing()
+    context = Context(rpc=None, config=None, name=handler.name, state_dir=Path("."))  # type: ignore[arg-type]
+    runner = HandlerRunner(handler, RunnerSettings(name=handler.name), context)
+    tracker = CallTracker()
+    dispatcher = Dispatcher([runner], tracker)
+    dispatcher.start()
+    ids, protocol = EventIds(), ChannelProtocol("events")
+    with tempfile.TemporaryDirectory() as state_dir:
+        store = CallStore(Path(state_dir) / "calls.sqlite3")
+        persister = Persister(store, tracker, lambda now: now, retain=86400.0)
+        gc.collect()
+        trace = [_rss_mib()]
+        tenth = max(1, count // 10)
+        for first in range(0, count, tenth):
+            for seq in range(first, min(count, first + tenth)):
+                data = orjson.dumps([None, None, "events", *call_event(seq)]).decode()
+                for message in protocol.receive(data):
+                    assert type(message) is Message
+                    event = Event.create(message.event, message.payload, "events", time.time())
+                    wait = dispatcher.submit(stamp(ids, event))
+                    if wait is not None:
+                        await wait
+            await runner.drain()
+            await persister.flush()
+            gc.collect()
+            trace.append(_rss_mib())
+        await persister.close()
+    await runner.stop()
+    return [*trace, float(len(tracker.state))]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.calldrain",
@@ -145,7 +195,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--observed", action="store_true", help="with the status page's observer deques set"
     )
+    parser.add_argument("--footprint", type=int, metavar="N", help="RSS after N events")
     args = parser.parse_args(argv)
+    if args.footprint:
+        *trace, held = asyncio.run(_footprint(args.footprint))
+        half = trace[len(trace) // 2]
+        print(f"| {args.footprint:,} events | RSS before | half time | end | second half |")
+        print("|---|---:|---:|---:|---:|")
+        print(
+            f"| MiB (calls held: {held:,.0f}) | {trace[0]:.1f} | {half:.1f} | {trace[-1]:.1f}"
+            f" | {trace[-1] - half:+.1f} |"
+        )
+        return 0
     results = asyncio.run(_run(args.events, args.passes, args.gc == "python", args.observed))
     print(f"| {args.events:,} events, GC {args.gc} | µs CPU/event | of which GC | collections |")
     print("|---|---:|---:|---:|")
