@@ -440,6 +440,11 @@ class CallState:
             return False
         return True
 
+    def not_stored(self, call_key: str) -> None:
+        """The filter said "maybe" of a call the archive does not hold (about 1 % of new
+        calls): the merge of the same event need not read it again."""
+        self._cleared = call_key
+
     def hold(self, record: CallRecord) -> None:
         """Take a call read back from the store into memory again (it is saved as it is)."""
         self.resident[record.call_key] = record

@@ -227,6 +227,7 @@ class CallTracker:
         """Take a call let go of back into memory, with the lifecycle ids handed on of it."""
         record = self._read(call_key)
         if record is None:
+            self.state.not_stored(call_key)
             return None
         assert self._archive is not None
         self.state.hold(record)
