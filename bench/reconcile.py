@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -89,10 +90,22 @@ class _Trial:
 
 
 def _driver(server: BenchServer, options: dict[str, Any], log: Path) -> Driver:
-    # ``script``: another tree's driver (its own ``listener`` beside it), for an A/B run.
+    # ``script``: another tree's driver, for an A/B run, with that tree's ``listener``: the
+    # child's PYTHONPATH is the tree's root (without it the venv's editable install is this
+    # tree's, whatever the driver).
     options = dict(options)
-    script = options.pop("script", _SCRIPT)
-    return Driver(_LABEL, Path(sys.executable), script, server, log, options)
+    script = options.pop("script", None)
+    if script is None:
+        return Driver(_LABEL, Path(sys.executable), _SCRIPT, server, log, options)
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(Path(script).resolve().parents[2])
+    try:
+        return Driver(_LABEL, Path(sys.executable), script, server, log, options)
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
 
 
 def _drain_rows(
