@@ -24,10 +24,10 @@ fresh state), in microseconds per event:
 - ``read id``: reading ``event.id`` of each stamped event once (what a webhook handler does:
   it is the ``webhook-id``), not on the socket's path;
 - ``store``: the persister's batch for the stream (the calls it changed, the lifecycle ids
-  it handed on) written by :meth:`CallStore.save <listener.calls.store.CallStore.save>` into
-  a fresh file: off the event loop, on the persister's worker thread, but CPU all the same;
-  with the lifecycle ids the batch makes (``CallTracker.unsaved``, on the loop, once a
-  second).
+  it handed on, by call and name) written by :meth:`CallStore.save
+  <listener.calls.store.CallStore.save>` into a fresh file: off the event loop, on the
+  persister's worker thread, but CPU all the same; with ``CallTracker.unsaved``, on the
+  loop, once a second.
 
 ``total`` is ``ids + stamp + submit``: what call state costs the socket's path per event;
 ``store`` comes on top, on another thread.
@@ -255,8 +255,14 @@ def measure(stream: Stream, repeat: int) -> dict[str, float]:
 
         def save() -> None:
             try:
-                handled = tracker.unsaved()
-                opened.save(time.time(), calls=calls, handled=handled, seen_until=time.time())
+                ids, pairs = tracker.unsaved()
+                opened.save(
+                    time.time(),
+                    calls=calls,
+                    handled=ids,
+                    handled_calls=pairs,
+                    seen_until=time.time(),
+                )
             finally:
                 opened.close()
                 shutil.rmtree(folder)

@@ -99,7 +99,9 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.close()
-    with pytest.raises(StoreError, match="call store schema version 2 is newer"):
+    with pytest.raises(
+        StoreError, match=f"call store schema version {SCHEMA_VERSION + 1} is newer"
+    ):
         CallStore(path)
 
 

@@ -28,8 +28,8 @@ def test_a_lifecycle_id_is_handed_on_once_however_late_its_twin_comes() -> None:
     )
     assert tracker.admit(rebuilt)
     assert not tracker.admit(realtime), "the same transition, heard the other way"
-    assert tracker.unsaved() == [rebuilt.id]
-    assert tracker.unsaved() == [], "each id goes to the store once"
+    assert tracker.unsaved() == ([], [("c-1", "call_ended")]), "the rule's id: by call"
+    assert tracker.unsaved() == ([], []), "each goes to the store once"
 
 
 def test_other_ids_are_forgotten_after_the_window() -> None:
@@ -38,7 +38,7 @@ def test_other_ids_are_forgotten_after_the_window() -> None:
     assert tracker.admit(first)
     assert not tracker.admit(event("agent_status", {"agent": "a-1"}, 1.9, first.id))
     assert tracker.admit(event("agent_status", {"agent": "a-1"}, 2.1, first.id))
-    assert tracker.unsaved() == [], "only lifecycle ids outlive the process"
+    assert tracker.unsaved() == ([], []), "only lifecycle ids outlive the process"
 
 
 def test_an_event_without_an_id_is_always_new() -> None:
@@ -100,7 +100,7 @@ def test_stored_ids_still_count_after_a_restart_for_known_calls_and_others() -> 
     assert not tracker.admit(intake("call_transcript_completed", "c-9", 2.0))
     assert tracker.admit(intake("call_ended", "c-1", 2.0))
     assert not tracker.admit(intake("call_ended", "c-1", 3.0))
-    assert tracker.unsaved() == [lifecycle_id("call_ended", "c-1")]
+    assert tracker.unsaved() == ([], [("c-1", "call_ended")])
 
 
 def test_the_filter_of_calls_let_go_of_finds_each_and_few_others() -> None:

@@ -46,7 +46,12 @@ async def test_a_batch_that_failed_is_written_with_the_next_one(tmp_path: Path) 
     await persister.close()
     with CallStore(path) as reopened:
         assert [(r.call_key, r.status) for r in reopened.calls()] == [("c-1", "ended")]
-        assert reopened.handled_ids() == {first, second}
+        # The rule's ids are kept by call and name: the store makes no hash of them.
+        assert sorted(reopened.handled_calls()) == [("c-1", "call_ended"), ("c-1", "incoming_call")]
+        assert {lifecycle_id(name, key) for key, name in reopened.handled_calls()} == {
+            first,
+            second,
+        }
         assert reopened.last_seen() == 95.0
 
 
@@ -80,7 +85,7 @@ async def test_without_a_store_the_changes_are_let_go() -> None:
     persister = Persister(None, tracker, lambda now: now, retain=3600)
     hand_on(tracker, "incoming_call", "c-1", 1.0)
     await persister.close()
-    assert (tracker.state.changed(), tracker.unsaved()) == ([], [])
+    assert (tracker.state.changed(), tracker.unsaved()) == ([], ([], []))
 
 
 async def test_a_batch_due_in_a_burst_waits_for_a_lull_but_not_past_another_interval(
@@ -226,3 +231,26 @@ async def test_memory_stays_flat_under_a_long_stream_of_short_calls(tmp_path: Pa
     assert set(held) == {50 * 4}  # 50 ended calls, each with its three handled ids
     assert tracker.get("c-7") is not None
     await persister.close()
+
+
+async def test_what_was_handled_is_still_handled_after_a_restart(tmp_path: Path) -> None:
+    """Lifecycle events kept by call, and ids that are not the rule's, both outlive the
+    process: the restarted tracker hands none of them on again."""
+    path = tmp_path / "calls.sqlite3"
+    tracker = CallTracker()
+    persister = Persister(CallStore(path), tracker, lambda now: now, retain=3600)
+    hand_on(tracker, "incoming_call", "c-1", 1.0)
+    odd = Event.create("call_ended", {"callUuid": "c-1"}, "events", 2.0, id="evt_given")
+    assert tracker.admit(odd)
+    tracker.merge(odd)
+    await persister.close()
+    restarted = CallTracker()
+    store, _ = await Persister.open(path, restarted)
+    again = Event.create(
+        "incoming_call", {"callUuid": "c-1"}, "events", 3.0, id=lifecycle_id("incoming_call", "c-1")
+    )
+    assert not restarted.admit(again)
+    assert not restarted.admit(
+        Event.create("call_ended", {"callUuid": "c-1"}, "events", 3.0, id="evt_given")
+    )
+    store.close()

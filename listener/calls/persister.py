@@ -95,6 +95,7 @@ class Persister:
         # What a failed batch did not write, kept for the next one.
         self._calls: dict[str, CallRecord] = {}
         self._handled: list[str] = []
+        self._handled_calls: list[tuple[str, str]] = []
         self._pruned_at = clock()
         self._busy: asyncio.Future[Any] | None = None
         self._resident_for = resident_for
@@ -113,16 +114,24 @@ class Persister:
             StoreError: the file cannot be opened or read.
         """
 
-        def load() -> tuple[CallStore, list[CallRecord], set[str], float | None]:
+        def load() -> tuple[
+            CallStore, list[CallRecord], set[str], list[tuple[str, str]], float | None
+        ]:
             store = CallStore(path)
             try:
-                return store, store.calls(), store.handled_ids(), store.last_seen()
+                return (
+                    store,
+                    store.calls(),
+                    store.handled_ids(),
+                    store.handled_calls(),
+                    store.last_seen(),
+                )
             except StoreError:
                 store.close()
                 raise
 
-        store, records, handled, last_seen = await asyncio.to_thread(load)
-        tracker.load(records, handled, time.time())
+        store, records, handled, handled_calls, last_seen = await asyncio.to_thread(load)
+        tracker.load(records, handled, time.time(), handled_calls)
         return store, last_seen
 
     async def run(self) -> None:
@@ -156,15 +165,21 @@ class Persister:
         changed = self._tracker.state.changed()
         store = self._store
         if store is None:
-            # Without a store the ids are not made at all (unsaved() would make them).
             self._tracker.forget_unsaved()
             return
-        unsaved = self._tracker.unsaved()
+        ids, pairs = self._tracker.unsaved()
         self._calls.update((record.call_key, record) for record in changed)
-        self._handled.extend(unsaved)
+        self._handled.extend(ids)
+        self._handled_calls.extend(pairs)
         calls, handled = list(self._calls.values()), list(self._handled)
+        handled_calls = list(self._handled_calls)
         save = functools.partial(
-            store.save, now, calls=calls, handled=handled, seen_until=self._covered_until(now)
+            store.save,
+            now,
+            calls=calls,
+            handled=handled,
+            handled_calls=handled_calls,
+            seen_until=self._covered_until(now),
         )
         try:
             await self._off_loop(save)
@@ -174,6 +189,7 @@ class Persister:
             return
         self._calls.clear()
         del self._handled[: len(handled)]
+        del self._handled_calls[: len(handled_calls)]
         # Everything handed on until the batch was taken is stored now.
         self._tracker.evict(now - self._resident_for, self._resident_ended)
 

@@ -10,12 +10,13 @@ Pure storage: no asyncio, no clock (callers pass ``now``). Writes come in batche
 transaction each (:meth:`CallStore.save`), into a WAL journal (see
 :class:`~listener.core.sqlite.Database`): a commit costs a write of the log and no fsync.
 
-The schema (``PRAGMA user_version`` = 1)::
+The schema (``PRAGMA user_version`` = 2)::
 
-    calls    call_key PK, status, last_event_at, from_number, to_number, started_at,
-             answered_at, ended_at, origins (JSON: status -> origin)
-    handled  id PK, handled_at
-    moments  name PK (``last_seen``), at
+    calls          call_key PK, status, last_event_at, from_number, to_number,
+                   started_at, answered_at, ended_at, origins (JSON: status -> origin)
+    handled        id PK, handled_at
+    handled_calls  (call_key, name) PK, handled_at   (since version 2)
+    moments        name PK (``last_seen``), at
 
 No other index: a batch writes a row per call changed and per id handed on, and each index
 would cost every one of them a B-tree insert, for a prune that runs once an hour.
@@ -52,7 +53,20 @@ _SCHEMA: Final = (
     "CREATE TABLE handled (id TEXT PRIMARY KEY, handled_at REAL NOT NULL) WITHOUT ROWID",
     "CREATE TABLE moments (name TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID",
 )
-_MIGRATIONS: Final = (_SCHEMA,)
+# Version 2: the lifecycle events handed on, by call and event name. Their ids are a hash of
+# those two (listener.core.ids.lifecycle_id): a row per id made the batch hash each one
+# (2.4 µs of its ~5 µs per lifecycle event, `python -m bench.callcost`'s `read id`) and each
+# start hash four per stored call to match them back. The ``handled`` table keeps the ids
+# that are not the rule's, and those written by version 1.
+_HANDLED_CALLS: Final = (
+    """CREATE TABLE handled_calls (
+        call_key   TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        handled_at REAL NOT NULL,
+        PRIMARY KEY (call_key, name)
+    ) WITHOUT ROWID""",
+)
+_MIGRATIONS: Final = (_SCHEMA, _HANDLED_CALLS)
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 # The first files had an index on each table's time, for the hourly prune alone. Every row a
 # batch writes paid for it (one more B-tree insert, at a random place for a call replaced):
@@ -117,11 +131,13 @@ class CallStore(Database):
         *,
         calls: Iterable[CallRecord] = (),
         handled: Iterable[str] = (),
+        handled_calls: Iterable[tuple[str, str]] = (),
         seen_until: float | None = None,
     ) -> None:
         """Write a batch in one transaction: calls (replacing what was stored of them), ids
-        newly handled at ``now`` (one already stored keeps its time) and, when given,
-        ``seen_until`` as the last moment until which nothing was missed."""
+        and lifecycle events (call key, event name) newly handled at ``now`` (one already
+        stored keeps its time) and, when given, ``seen_until`` as the last moment until which
+        nothing was missed."""
         # In key order: B-tree inserts at random keys (call keys and ids are hashes and
         # UUIDs) touched a page apart each, sorted ones go page by page. 30,000 ids into an
         # empty table: 3.9 -> 1.8 µs each; into one holding 300,000: 9.4 -> 4.6 µs.
@@ -131,6 +147,10 @@ class CallStore(Database):
             self.conn.executemany(
                 "INSERT OR IGNORE INTO handled (id, handled_at) VALUES (?, ?)",
                 ((msg_id, now) for msg_id in sorted(handled)),
+            )
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO handled_calls (call_key, name, handled_at) VALUES (?, ?, ?)",
+                ((key, name, now) for key, name in sorted(handled_calls)),
             )
             if seen_until is not None:
                 self.conn.execute(
@@ -148,6 +168,11 @@ class CallStore(Database):
         """Return the ids of every event stored as handled."""
         with self.translated("read"):
             return {msg_id for (msg_id,) in self.conn.execute("SELECT id FROM handled")}
+
+    def handled_calls(self) -> list[tuple[str, str]]:
+        """Return every lifecycle event stored as handled, as (call key, event name)."""
+        with self.translated("read"):
+            return list(self.conn.execute("SELECT call_key, name FROM handled_calls"))
 
     def last_seen(self) -> float | None:
         """Return the last ``seen_until`` that :meth:`save` wrote, or None when none was."""
@@ -170,6 +195,7 @@ class CallStore(Database):
         with self.translated("prune"), self.transaction():
             forgotten = self.conn.execute("DELETE FROM calls WHERE last_event_at < ?", (before,))
             self.conn.execute("DELETE FROM handled WHERE handled_at < ?", (before,))
+            self.conn.execute("DELETE FROM handled_calls WHERE handled_at < ?", (before,))
         return forgotten.rowcount
 
 
@@ -214,6 +240,20 @@ class CallReader:
         try:
             rows = self.conn.execute(f"SELECT id FROM handled WHERE id IN ({marks})", ids)  # noqa: S608
             return {msg_id for (msg_id,) in rows}
+        except sqlite3.Error as exc:
+            raise StoreError(f"call store read failed: {exc}") from exc
+
+    def handled_names(self, call_key: str) -> set[str]:
+        """Return the names of the call's lifecycle events stored as handled.
+
+        Raises:
+            StoreError: SQLite failed.
+        """
+        try:
+            rows = self.conn.execute(
+                "SELECT name FROM handled_calls WHERE call_key = ?", (call_key,)
+            )
+            return {name for (name,) in rows}
         except sqlite3.Error as exc:
             raise StoreError(f"call store read failed: {exc}") from exc
 
