@@ -387,8 +387,9 @@ async def test_kill_9_mid_delivery_loses_nothing(
 ) -> None:
     config = tmp_path / "config.toml"
     config.write_text(config_text(fake, receiver, tmp_path))
-    # A slow receiver keeps deliveries in flight when the daemon dies.
-    receiver.respond_with(200, delay=0.2)
+    # A slow receiver keeps deliveries in flight when the daemon dies, however long the CLI
+    # polls below take on a loaded machine (0.2 s let all 60 through before the kill).
+    receiver.respond_with(200, delay=1.0)
     daemon = await start_daemon(config, fake)
     for seq in range(60):
         await fake.broadcast("call_transcript_delta", {"callUuid": f"c-{seq % 4}", "seq": seq})
