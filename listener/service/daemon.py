@@ -532,10 +532,10 @@ def _share_outbox(handler: Handler, store: SharedStore, settings: StoreSettings)
     from listener.webhooks.handler import WebhookHandler
 
     if isinstance(handler, WebhookHandler):
-        from listener.webhooks.shared_outbox import SharedOutbox
+        from listener.webhooks.shared_outbox import open_shared
 
         handler.shared_outbox = functools.partial(
-            SharedOutbox,
+            open_shared,
             store.url,
             holder=store.holder,
             lease_ttl=settings.lease_ttl,

@@ -105,18 +105,19 @@ class WebhookHandler(Handler):
         self._secrets = config.signing_secrets()
         self.forwarder: WebhookForwarder | None = None
         # Set by the daemon of an instance sharing a store: opens the outbox named after the
-        # handler there (on the outbox's thread), instead of the SQLite file.
-        self.shared_outbox: Callable[[str], OutboxStore] | None = None
+        # handler there (on the outbox's thread), given the SQLite file it replaces.
+        self.shared_outbox: Callable[[str, Path], OutboxStore] | None = None
 
     async def setup(self, ctx: Context) -> None:
         destinations = self.config.build(ctx.name, self._secrets)
         ctx.state_dir.mkdir(parents=True, exist_ok=True)
         shared = self.shared_outbox
+        path = outbox_path(ctx.state_dir, ctx.name)
         self.forwarder = WebhookForwarder(
             destinations,
-            outbox_path(ctx.state_dir, ctx.name),
+            path,
             retention=self.config.retention,
-            shared_outbox=None if shared is None else functools.partial(shared, ctx.name),
+            shared_outbox=None if shared is None else functools.partial(shared, ctx.name, path),
         )
         await self.forwarder.start()
 

@@ -19,6 +19,10 @@ A failure's outcome moves its row only while this instance still holds it (one t
 meanwhile is the new holder's to schedule); a 2xx marks it delivered whoever holds it.
 Per-call ordering looks at every pending row of the call, held anywhere.
 
+An instance given a store keeps no delivery in its SQLite file: :func:`open_shared` moves the
+rows still pending there (from a run without a store) into the shared outbox, same ids, and
+renames the file, once.
+
 The connection is in autocommit with explicit transactions, no server-side prepared
 statement and no lock beyond a transaction (``listener.cluster.database``: PgBouncer in
 transaction mode). A store that does not answer fails the call with :class:`OutboxError`,
@@ -30,8 +34,10 @@ once instead of waiting ``connect_timeout`` each time.
 from __future__ import annotations
 
 import functools
+import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Concatenate, Final, LiteralString, ParamSpec, TypeVar
 
@@ -41,6 +47,7 @@ import structlog
 from listener.cluster.database import connection_options, describe
 from listener.cluster.url import StoreUrl
 from listener.webhooks import shared_outbox_sql as sql
+from listener.webhooks.outbox import Outbox
 from listener.webhooks.outbox_connection import OutboxError
 from listener.webhooks.outbox_rows import (
     Attempt,
@@ -53,13 +60,19 @@ from listener.webhooks.outbox_rows import (
 )
 from listener.webhooks.outbox_store import DEAD_ONLY, ReplaySource
 
-__all__ = ["SharedOutbox"]
+__all__ = ["SharedOutbox", "open_shared"]
 
 _log = structlog.get_logger(__name__)
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 # Seconds between two tries to connect while the store does not answer.
 _RETRY_EVERY: Final = 1.0
+# The file's pending rows as deliveries to insert (the columns of every schema version).
+_FILE_PENDING: Final = (
+    "SELECT destination, msg_id, event, call_key, body, created_at, due_at FROM deliveries"
+    " WHERE delivered_at IS NULL ORDER BY seq"
+)
+_MOVED_SUFFIX: Final = ".moved-to-store"
 
 
 def _maps_errors(
@@ -420,6 +433,37 @@ class SharedOutbox:
     def enable(self, destination: str) -> bool:
         """Enable a destination for every instance; False if it was not disabled."""
         return self._connection().execute(sql.ENABLE, self._params(destination)).rowcount > 0
+
+
+def open_shared(
+    url: StoreUrl, outbox: str, file: Path, *, holder: str, **settings: float
+) -> SharedOutbox:
+    """The shared outbox ``outbox`` (see :class:`SharedOutbox` for ``settings``), with what
+    the handler's SQLite ``file`` still has pending moved into it.
+
+    The file's pending rows (a run without a store left them: a receiver down, say) keep
+    their ids and due times and start their retry schedules over; once they are committed
+    the file is renamed (``*.moved-to-store``: its dead letters and records stay readable
+    there). If the store does not answer, the file stays for the next start, and is said so.
+    """
+    shared = SharedOutbox(url, outbox, holder=holder, **settings)
+    if not file.exists():
+        return shared
+    try:
+        with Outbox(file) as local:
+            pending = [NewDelivery(*row) for row in local.conn.execute(_FILE_PENDING)]
+        shared.commit(pending, [])
+    except (OutboxError, sqlite3.Error) as exc:
+        _log.warning(
+            "webhook deliveries pending in the outbox file are not moved into the store yet;"
+            " the next start tries again",
+            file=str(file),
+            error=str(exc),
+        )
+        return shared
+    file.rename(file.with_name(file.name + _MOVED_SUFFIX))
+    _log.info("webhook outbox file moved into the store", file=str(file), pending=len(pending))
+    return shared
 
 
 def _new(row: NewDelivery) -> dict[str, object]:
