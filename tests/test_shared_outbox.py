@@ -4,9 +4,11 @@ run against it and the SQLite file alike, then what only several instances can s
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import psycopg
@@ -22,6 +24,7 @@ from listener.webhooks.outbox_store import OutboxStore
 from listener.webhooks.shared_outbox import SharedOutbox, open_shared
 from tests.tcpproxy import proxied
 from tests.test_delivery import destination
+from tests.test_webhook_handler import cli
 
 T0 = 1_800_000_000.0
 
@@ -270,3 +273,25 @@ def test_an_instance_given_a_store_moves_its_files_pending_rows_into_it_once(
     assert (tmp_path / "webhooks-hooks.sqlite3.moved-to-store").exists()
     with open_shared(store, "hooks", file, holder="h1") as outbox:
         assert outbox.pending_count("a") == 1
+
+
+async def test_the_webhooks_commands_work_on_the_shared_outbox(
+    store: StoreUrl, tmp_path: Path
+) -> None:
+    with SharedOutbox(store, "crm", holder="h1") as outbox:
+        hooks = [replace(new(i), destination="crm") for i in (1, 2)]
+        outbox.commit(hooks, [])
+        outbox.claim("crm", T0, 1)
+        failed = replace(attempt("msg_1", status=400), destination="crm")
+        outbox.commit([], [Outcome(failed, "exhausted", 3, T0)])
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[store]\nurl = "{store.conninfo}"\n[service]\nstate_dir = "{tmp_path}"\n'
+        '[[handlers]]\nuse = "webhook"\nname = "crm"\nurl = "https://crm.example/"\n'
+    )
+    code, out = await cli("webhooks", "replay", "--all", "--config", str(config))
+    assert (code, out) == (0, "replayed 1 dead letter\n")
+    code, out = await cli("webhooks", "status", "--json", "--config", str(config))
+    assert code == 0
+    [status] = [json.loads(line) for line in out.splitlines()]
+    assert (status["destination"], status["pending"], status["dead"]) == ("crm", 2, 0)
