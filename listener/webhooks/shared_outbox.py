@@ -179,17 +179,15 @@ class SharedOutbox:
         outcomes concern are no longer held once it is committed."""
         conn = self._connection()
         failed = [o for o in outcomes if o.kind != "delivered"]
+        delivered = [
+            {"destination": o.destination, **_attempt(o.attempt)}
+            for o in outcomes
+            if o.kind == "delivered"
+        ]
         batches: list[tuple[LiteralString, list[dict[str, object]]]] = [
-            (sql.INSERT, [self._params(r.destination, **_new(r)) for r in rows]),
+            (sql.INSERT, [_columns([_new(r) for r in rows], self.outbox)] if rows else []),
+            (sql.DELIVER, [_columns(delivered, self.outbox)] if delivered else []),
             (sql.ATTEMPT, [self._params(o.destination, **_attempt(o.attempt)) for o in failed]),
-            (
-                sql.DELIVER,
-                [
-                    self._params(o.destination, **_attempt(o.attempt))
-                    for o in outcomes
-                    if o.kind == "delivered"
-                ],
-            ),
             (
                 sql.DISABLE,
                 [
@@ -466,8 +464,14 @@ def open_shared(
     return shared
 
 
+def _columns(rows: list[dict[str, object]], outbox: str) -> dict[str, object]:
+    """Rows as one array a column, the parameters of a statement over ``unnest``."""
+    return {"outbox": outbox, **{key: [row[key] for row in rows] for key in rows[0]}}
+
+
 def _new(row: NewDelivery) -> dict[str, object]:
     return {
+        "destination": row.destination,
         "msg_id": row.msg_id,
         "event": row.event,
         "call_key": row.call_key,

@@ -69,11 +69,16 @@ NEXT_DUE = {
     for per_call, eligible in _ELIGIBLE.items()
 }
 
+# A batch's rows and 2xx outcomes go as arrays, one statement each: with no prepared
+# statements, executemany parses and plans the statement once per row. Bought: a drain of
+# 3,000 events to a loopback receiver went from 361-829/s to 569-1,762/s (three rounds side by
+# side, a 2-core machine under a load of 10; the SQLite outbox 939-2,363/s in the same run).
 INSERT = """
 INSERT INTO sippet_deliveries
     (outbox, destination, msg_id, event, call_key, body, created_at, due_at)
-VALUES (%(outbox)s, %(destination)s, %(msg_id)s, %(event)s, %(call_key)s::text, %(body)s,
-    %(created_at)s, %(due_at)s)
+SELECT %(outbox)s, * FROM unnest(%(destination)s::text[], %(msg_id)s::text[],
+    %(event)s::text[], %(call_key)s::text[], %(body)s::bytea[], %(created_at)s::float8[],
+    %(due_at)s::float8[])
 ON CONFLICT DO NOTHING
 """
 ATTEMPT = """
@@ -85,11 +90,14 @@ VALUES (%(outbox)s, %(destination)s, %(msg_id)s, %(at)s, %(latency)s, %(status)s
 """
 # A 2xx is a fact whoever holds the row now: it is delivered.
 DELIVER = """
-UPDATE sippet_deliveries SET delivered_at = %(at)s, last_attempt_at = %(at)s,
-    last_status = %(status)s::integer, last_error = NULL, last_latency = %(latency)s,
-    last_answer = %(answer)s, last_probe = %(probe)s, holder = NULL, lease_until = NULL
-WHERE outbox = %(outbox)s AND destination = %(destination)s AND msg_id = %(msg_id)s
-    AND delivered_at IS NULL
+UPDATE sippet_deliveries AS d SET delivered_at = u.at, last_attempt_at = u.at,
+    last_status = u.status, last_error = NULL, last_latency = u.latency,
+    last_answer = u.answer, last_probe = u.probe, holder = NULL, lease_until = NULL
+FROM unnest(%(destination)s::text[], %(msg_id)s::text[], %(at)s::float8[],
+    %(status)s::integer[], %(latency)s::float8[], %(answer)s::bytea[], %(probe)s::boolean[])
+    AS u (destination, msg_id, at, status, latency, answer, probe)
+WHERE d.outbox = %(outbox)s AND d.destination = u.destination AND d.msg_id = u.msg_id
+    AND d.delivered_at IS NULL
 """
 # A failure moves the row only while this instance holds it: one taken over after its lease
 # passed is the new holder's to schedule.
