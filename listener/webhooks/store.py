@@ -1,4 +1,5 @@
-"""The outbox and the one thread that owns its connection, so SQLite never blocks the loop.
+"""The outbox and the one thread that owns its connection, so SQLite never blocks the loop
+(nor PostgreSQL: the shared store's outbox runs on such a thread too, :meth:`Store.open_with`).
 
 The WAL is checkpointed off that thread: SQLite's automatic checkpoint runs inside the commit
 that crosses 1,000 pages, with an fsync of the database, and was the largest part of the
