@@ -231,7 +231,6 @@ async def test_deliveries_submitted_while_the_store_does_not_answer_go_out_once_
     store: StoreUrl, tmp_path: Path
 ) -> None:
     async with WebhookReceiver() as receiver, proxied(store) as (proxy, via):
-        proxy.refusing = True
         forwarder = WebhookForwarder(
             [destination(receiver.url)],
             tmp_path / "unused.sqlite3",
@@ -239,20 +238,27 @@ async def test_deliveries_submitted_while_the_store_does_not_answer_go_out_once_
             shared_outbox=lambda: SharedOutbox(via, "hooks", holder="h1", connect_timeout=1),
         )
         async with forwarder:
+            first = forwarder.submit(Event("call_started", {"i": 0}, "events", T0, id="e0"))
+            assert first is not None
+            await asyncio.wait_for(first, 10)
+            await receiver.wait_for(1, timeout=10)
+            # The store goes away under the open connection, and does not take a new one.
+            proxy.refusing = True
+            proxy.cut()
             committed = forwarder.submit(Event("call_started", {"i": 1}, "events", T0, id="e1"))
             assert committed is not None
             await asyncio.sleep(1.2)
             assert not committed.done()
             proxy.refusing = False
             await asyncio.wait_for(committed, 10)
-            [request] = await receiver.wait_for(1, timeout=10)
-    assert request.headers["webhook-id"] == "e1"
+            await receiver.wait_for(2, timeout=10)
+    assert [r.headers["webhook-id"] for r in receiver.requests] == ["e0", "e1"]
     assert not (tmp_path / "unused.sqlite3").exists()
     async with await psycopg.AsyncConnection.connect(store.conninfo) as conn:
-        row = await (
+        rows = await (
             await conn.execute("SELECT delivered_at IS NOT NULL, holder FROM sippet_deliveries")
-        ).fetchone()
-    assert row == (True, None)
+        ).fetchall()
+    assert rows == [(True, None), (True, None)]
 
 
 def test_an_instance_given_a_store_moves_its_files_pending_rows_into_it_once(
