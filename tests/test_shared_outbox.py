@@ -7,12 +7,14 @@ import asyncio
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import psycopg
 import pytest
+from structlog.testing import capture_logs
 
 from listener.cluster.url import StoreUrl
 from listener.core.events import Event
@@ -22,7 +24,7 @@ from listener.webhooks.outbox import Outbox
 from listener.webhooks.outbox_rows import Attempt, Delivery, NewDelivery, Outcome
 from listener.webhooks.outbox_store import OutboxStore
 from listener.webhooks.shared_outbox import SharedOutbox, open_shared
-from tests.tcpproxy import proxied
+from tests.tcpproxy import FreezableProxy, proxied
 from tests.test_delivery import destination
 from tests.test_webhook_handler import cli
 
@@ -230,35 +232,56 @@ def test_a_store_closed_gives_its_rows_back_at_once(store: StoreUrl) -> None:
 async def test_deliveries_submitted_while_the_store_does_not_answer_go_out_once_it_does(
     store: StoreUrl, tmp_path: Path
 ) -> None:
+    def opener() -> SharedOutbox:
+        return SharedOutbox(via, "hooks", holder="h1", connect_timeout=1, quiet=True)
+
     async with WebhookReceiver() as receiver, proxied(store) as (proxy, via):
         forwarder = WebhookForwarder(
             [destination(receiver.url)],
             tmp_path / "unused.sqlite3",
             poll_interval=0.05,
-            shared_outbox=lambda: SharedOutbox(via, "hooks", holder="h1", connect_timeout=1),
+            shared_outbox=opener,
         )
-        async with forwarder:
-            first = forwarder.submit(Event("call_started", {"i": 0}, "events", T0, id="e0"))
-            assert first is not None
-            await asyncio.wait_for(first, 10)
-            await receiver.wait_for(1, timeout=10)
-            # The store goes away under the open connection, and does not take a new one.
-            proxy.refusing = True
-            proxy.cut()
-            committed = forwarder.submit(Event("call_started", {"i": 1}, "events", T0, id="e1"))
-            assert committed is not None
-            await asyncio.sleep(1.2)
-            assert not committed.done()
-            proxy.refusing = False
-            await asyncio.wait_for(committed, 10)
-            await receiver.wait_for(2, timeout=10)
+        with capture_logs() as logs:
+            await outage(forwarder, proxy, receiver)
     assert [r.headers["webhook-id"] for r in receiver.requests] == ["e0", "e1"]
+    # The outage in the journal: where it starts and ends, and the writer's retries of its
+    # batch; no line for each claim, measure or prune the engine made meanwhile.
+    events = Counter(entry["event"] for entry in logs if entry["log_level"] != "debug")
+    assert events["the shared store does not answer; webhook deliveries wait for it"] == 1
+    assert events["the shared store answers again; webhook deliveries resume"] == 1
+    assert events["webhook outbox commit failed"] >= 1
+    # At most the one call that found the connection broken (41 claims and 39 prunes logged
+    # their failure here, when they were not quiet).
+    quiet = ("claim failed", "stats failed", "renewal or prune failed")
+    assert sum(events[f"webhook outbox {what}"] for what in quiet) <= 1
     assert not (tmp_path / "unused.sqlite3").exists()
     async with await psycopg.AsyncConnection.connect(store.conninfo) as conn:
         rows = await (
             await conn.execute("SELECT delivered_at IS NOT NULL, holder FROM sippet_deliveries")
         ).fetchall()
     assert rows == [(True, None), (True, None)]
+
+
+async def outage(
+    forwarder: WebhookForwarder, proxy: FreezableProxy, receiver: WebhookReceiver
+) -> None:
+    """One event delivered, then one submitted while the store does not answer (for 1.2 s)."""
+    async with forwarder:
+        first = forwarder.submit(Event("call_started", {"i": 0}, "events", T0, id="e0"))
+        assert first is not None
+        await asyncio.wait_for(first, 10)
+        await receiver.wait_for(1, timeout=10)
+        # The store goes away under the open connection, and does not take a new one.
+        proxy.refusing = True
+        proxy.cut()
+        committed = forwarder.submit(Event("call_started", {"i": 1}, "events", T0, id="e1"))
+        assert committed is not None
+        await asyncio.sleep(1.2)
+        assert not committed.done()
+        proxy.refusing = False
+        await asyncio.wait_for(committed, 10)
+        await receiver.wait_for(2, timeout=10)
 
 
 def test_an_instance_given_a_store_moves_its_files_pending_rows_into_it_once(
