@@ -170,7 +170,7 @@ class SharedOutbox:
         except psycopg.Error as exc:
             self._retry_at = now + _RETRY_EVERY
             problem = describe(self.url, exc)
-            if not self._down:
+            if self._quiet and not self._down:
                 self._down = True
                 _log.warning(
                     "the shared store does not answer; webhook deliveries wait for it",
