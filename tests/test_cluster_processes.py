@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from listener.cluster.url import StoreUrl
@@ -122,3 +124,77 @@ async def test_an_instance_killed_mid_handle_leaves_the_event_to_another(
         ["start", str(survivor.process.pid), event_id],
         ["done", str(survivor.process.pid), event_id],
     ]
+
+
+async def test_deliveries_held_by_a_killed_instance_go_out_from_the_other_under_their_ids(
+    tmp_path: Path, fake: FakeSippet, store: StoreUrl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SIPPET_STORE_URL", store.conninfo)
+    count = 6
+    async with WebhookReceiver() as receiver:
+        # Hung: every attempt stays in flight, its row leased by the instance attempting it.
+        receiver.respond_with(200, delay=60)
+        hook = f'[[handlers]]\nuse = "webhook"\nname = "crm"\nurl = "{receiver.url}"\n'
+        hook += f'secret = "{SECRET}"\nmax_probe_interval = 0.2\n'
+        lease = "[store]\nlease_ttl = 2.0\nlease_renew = 0.5\n"
+        instances = two_instances(tmp_path, fake, hook, lease)
+        try:
+            await start_all(instances)
+            for n in range(count):
+                await fake.broadcast("call_started", {"callUuid": f"c{n}", "seq": n})
+            await receiver.wait_for(count, timeout=10)
+            held = await _holders(store)
+            assert sum(len(ids) for ids in held.values()) == count
+            # The holder's pid is its name's second part (host:pid:random).
+            victim_pid, victim_ids = max(held.items(), key=lambda item: len(item[1]))
+            victim = next(i for i in instances if i.process and i.process.pid == victim_pid)
+            survivor = next(i for i in instances if i is not victim)
+            assert victim.process is not None
+            victim.process.kill()
+            await victim.process.wait()
+            # Down: the survivor's own attempts get a 503 and it probes; the victim's leases
+            # pass meanwhile.
+            await receiver.down()
+            await asyncio.sleep(2.5)
+            back = time.time()
+            receiver.respond_with(200)
+            await receiver.up()
+            await receiver.wait_until(
+                lambda requests: (
+                    len({r.headers["webhook-id"] for r in requests if r.received_at >= back})
+                    >= count
+                ),
+                timeout=20,
+            )
+            await asyncio.sleep(0.5)
+            assert survivor.process is not None
+            assert survivor.process.returncode is None
+        finally:
+            for instance in instances:
+                await instance.stop()
+    first = [r.headers["webhook-id"] for r in receiver.requests[:count]]
+    after = Counter(r.headers["webhook-id"] for r in receiver.requests if r.received_at >= back)
+    assert sorted(after) == sorted(first)
+    assert set(after.values()) == {1}
+    assert victim_ids <= set(after)
+    async with await psycopg.AsyncConnection.connect(store.conninfo) as conn:
+        rows = await (
+            await conn.execute(
+                "SELECT count(*) FROM sippet_deliveries WHERE delivered_at IS NOT NULL"
+            )
+        ).fetchone()
+    assert rows == (count,)
+
+
+async def _holders(store: StoreUrl) -> dict[int, set[str]]:
+    """The msg ids each process holds under a live lease, by pid."""
+    async with await psycopg.AsyncConnection.connect(store.conninfo) as conn:
+        rows = await (
+            await conn.execute(
+                "SELECT holder, msg_id FROM sippet_deliveries WHERE lease_until > now()"
+            )
+        ).fetchall()
+    held: dict[int, set[str]] = {}
+    for holder, msg_id in rows:
+        held.setdefault(int(holder.split(":")[1]), set()).add(msg_id)
+    return held

@@ -17,7 +17,13 @@ from listener.core.events import Event
 from tests.postgres import PASSWORD
 from tests.test_cli import run_cli, write_config
 
-TABLES = {"sippet_schema", "sippet_leases", "sippet_events", "sippet_claims"}
+TABLES = {
+    "sippet_schema",
+    "sippet_leases",
+    "sippet_events",
+    "sippet_claims",
+    *("sippet_deliveries", "sippet_dead_letters", "sippet_destinations", "sippet_attempts"),
+}
 
 
 async def tables(url: StoreUrl) -> set[str]:

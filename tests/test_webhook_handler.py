@@ -324,8 +324,8 @@ def test_outbox_files_are_named_as_the_daemon_names_them(tmp_path: Path) -> None
     }
     files = outbox_files([{"use": "log"}, single, fanout], tmp_path)
     assert files == [
-        OutboxFile(tmp_path / "webhooks-webhook.sqlite3", ("webhook",)),
-        OutboxFile(tmp_path / "webhooks-fanout.sqlite3", ("a", "b")),
+        OutboxFile(tmp_path / "webhooks-webhook.sqlite3", ("webhook",), "webhook"),
+        OutboxFile(tmp_path / "webhooks-fanout.sqlite3", ("a", "b"), "fanout"),
     ]
     assert load_handler(single, "handlers[1]").settings.name == "webhook"
     with pytest.raises(ConfigError) as caught:

@@ -19,17 +19,20 @@ not change keep running untouched, removed ones drain and are torn down, new one
 a configuration that does not load leaves the running one in place.
 
 With a shared store (``[store]``, see ``listener.cluster``): the daemon migrates it at start,
-claims each (event, handler) there before handling, and takes part in the election of the
-leader that sweeps lapsed claims and prunes the store.
+claims each (event, handler) there before handling, keeps the ``webhook`` handlers' outboxes
+there (every instance delivers from them, ``listener.webhooks.shared_outbox``), and takes part
+in the election of the leader that sweeps lapsed claims and prunes the store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.util
 import os
 import signal
+import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -47,13 +50,13 @@ from listener.core.ids import EventIds
 from listener.core.logs import configure_logging, register_secret
 from listener.core.retry import BackoffPolicy
 from listener.dispatch.dispatcher import Dispatcher, DispatchReport, HandlerRunner
-from listener.dispatch.handler import Context
+from listener.dispatch.handler import Context, Handler
 from listener.dispatch.loader import LoadedHandler
 from listener.realtime.connection import LinkSettings
 from listener.realtime.session import Session, SessionSettings
 from listener.realtime.tokens import TokenSource
 from listener.rpc.client import RpcClient
-from listener.service.config import Settings, SippetSettings, read_admin_token
+from listener.service.config import Settings, SippetSettings, StoreSettings, read_admin_token
 from listener.service.linklog import LinkLog
 from listener.service.status import StatusBoard
 from listener.service.systemd import Notifier
@@ -413,6 +416,8 @@ class Daemon:
             calls=self.tracker,
         )
         claims = self.store.claims if self.store is not None else None
+        if self.store is not None:
+            _share_outbox(item.handler, self.store, self.settings.store)
         return HandlerRunner(item.handler, item.settings, context, claims)
 
     async def _open_store(self) -> Persister:
@@ -516,6 +521,27 @@ def _shared_store(settings: Settings, url: StoreUrl) -> SharedStore:
     return SharedStore(
         url, pool_size=store.pool_size, connect_timeout=store.connect_timeout, lease=lease
     )
+
+
+def _share_outbox(handler: Handler, store: SharedStore, settings: StoreSettings) -> None:
+    """A ``webhook`` handler of an instance sharing a store keeps its outbox there."""
+    # No webhook handler exists before its module is loaded: the webhook stack stays out of
+    # a daemon without one (as in listener.service.status.forwarders).
+    if "listener.webhooks.handler" not in sys.modules:
+        return
+    from listener.webhooks.handler import WebhookHandler
+
+    if isinstance(handler, WebhookHandler):
+        from listener.webhooks.shared_outbox import open_shared
+
+        handler.shared_outbox = functools.partial(
+            open_shared,
+            store.url,
+            holder=store.holder,
+            lease_ttl=settings.lease_ttl,
+            renew_every=settings.lease_renew,
+            connect_timeout=settings.connect_timeout,
+        )
 
 
 def stop_on_signals(stop: asyncio.Event) -> None:
