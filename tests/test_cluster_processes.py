@@ -20,15 +20,20 @@ SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 EVENTS = 300
 
 
-def two_instances(
-    tmp_path: Path, fake: FakeSippet, handlers: str, extra: str = ""
+def instances_of(
+    tmp_path: Path,
+    fake: FakeSippet,
+    handlers: str,
+    extra: str = "",
+    count: int = 2,
+    log_level: str = "debug",
 ) -> list[ServiceProcess]:
-    """Two daemons (not started) with the same configuration, each its own state dir."""
+    """``count`` daemons (not started) with the same configuration, each its own state dir."""
     instances = []
-    for name in ("a", "b"):
+    for name in "abcdefgh"[:count]:
         (tmp_path / name).mkdir()
         instance = ServiceProcess(tmp_path / name, fake)
-        instance.write_config(handlers, extra=extra)
+        instance.write_config(handlers, extra=extra, log_level=log_level)
         instances.append(instance)
     return instances
 
@@ -47,7 +52,7 @@ async def test_a_rolling_restart_of_two_instances_loses_and_doubles_nothing(
     async with WebhookReceiver() as receiver:
         hook = f'[[handlers]]\nuse = "webhook"\nname = "crm"\nurl = "{receiver.url}"\n'
         hook += f'secret = "{SECRET}"\n'
-        instances = two_instances(tmp_path, fake, hook)
+        instances = instances_of(tmp_path, fake, hook)
         try:
             await start_all(instances)
 
@@ -90,7 +95,7 @@ async def test_an_instance_killed_mid_handle_leaves_the_event_to_another(
         f'timeout = 1.0\npath = "{journal}"\ndelay = 0.8\n'
     )
     lease = "[store]\nlease_ttl = 1.0\nlease_renew = 0.25\n"
-    instances = two_instances(tmp_path, fake, handler, lease)
+    instances = instances_of(tmp_path, fake, handler, lease)
     try:
         await start_all(instances)
         await fake.broadcast("participant_joined", {"callUuid": "c1", "memberId": "m1"})
