@@ -19,7 +19,8 @@ The PostgreSQL server is the test suite's (:mod:`tests.postgres`: the system's b
 the ``pgserver`` wheel, on loopback, fsync off), started for the run and removed after it;
 one database for all rounds.
 
-Run: ``python -m bench.ha [smoke|quick|full]`` (quick by default).
+Run: ``python -m bench.ha [smoke|quick|full] [--concurrency N]...`` (quick by default;
+``--concurrency``: one more set-up, two instances whose handler runs N events at once).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.endtoend import (
     SIZES,
@@ -45,7 +47,7 @@ from bench.procs import BenchServer, Driver
 from bench.scenarios import percentile
 from tests.postgres import postgres_server
 
-__all__ = ["SETUPS", "Setup", "main", "measure", "table"]
+__all__ = ["SETUPS", "SINGLE", "TWO", "Setup", "main", "measure", "table"]
 
 _RATE_TARGET = 1000.0
 _P99_TARGET_MS = 50.0
@@ -59,18 +61,18 @@ class Setup:
     label: str
     instances: int
     store: bool
+    concurrency: int | None = None
 
 
 SINGLE = Setup("sqlite-1", "1 instance, SQLite (no [store]): reference", 1, False)
-SETUPS = (
-    SINGLE,
-    Setup("pg-1", "1 instance, PostgreSQL store", 1, True),
-    Setup("pg-2", "2 instances, one PostgreSQL store", 2, True),
-)
+TWO = Setup("pg-2", "2 instances, one PostgreSQL store", 2, True)
+SETUPS = (SINGLE, Setup("pg-1", "1 instance, PostgreSQL store", 1, True), TWO)
 
 
 def _round(setup: Setup, result: Result, shared: Bench, store: str) -> None:
-    options = {"store": store} if setup.store else {}
+    options: dict[str, Any] = {"store": store} if setup.store else {}
+    if setup.concurrency is not None:
+        options["handler"] = {"concurrency": setup.concurrency}
     drivers: list[Driver] = []
     try:
         for n in range(setup.instances):
@@ -81,11 +83,11 @@ def _round(setup: Setup, result: Result, shared: Bench, store: str) -> None:
             driver.quit()
 
 
-def measure(mode: str, logs: Path) -> dict[str, Result]:
+def measure(mode: str, logs: Path, setups: tuple[Setup, ...] = SETUPS) -> dict[str, Result]:
     """Every round of every set-up against one server, one receiver, one store."""
     size = SIZES[mode]
     secret = new_secret()
-    results = {s.key: Result(Contender(s.key, s.label, WEBHOOK_DAEMON.script)) for s in SETUPS}
+    results = {s.key: Result(Contender(s.key, s.label, WEBHOOK_DAEMON.script)) for s in setups}
     with postgres_server() as postgres:
         store = postgres.create_database("bench_ha")
         server = BenchServer(logs / "ha-server.log")
@@ -95,7 +97,7 @@ def measure(mode: str, logs: Path) -> dict[str, Result]:
             shared = Bench(server, receiver, size, Seq(), logs, secret)
             try:
                 for index in range(size.rounds):
-                    order = SETUPS[index % len(SETUPS) :] + SETUPS[: index % len(SETUPS)]
+                    order = setups[index % len(setups) :] + setups[: index % len(setups)]
                     for setup in order:
                         result = results[setup.key]
                         if result.error:
@@ -112,7 +114,9 @@ def measure(mode: str, logs: Path) -> dict[str, Result]:
     return results
 
 
-def table(results: dict[str, Result], mode: str) -> list[tuple[str, str, str, str, str]]:
+def table(
+    results: dict[str, Result], mode: str, setups: tuple[Setup, ...] = SETUPS
+) -> list[tuple[str, str, str, str, str]]:
     """The rows: (measure, set-up, result, vs reference, target)."""
     size = SIZES[mode]
     rounds = max((len(r.rates) for r in results.values()), default=0)
@@ -126,9 +130,9 @@ def table(results: dict[str, Result], mode: str) -> list[tuple[str, str, str, st
     )
     reference = results[SINGLE.key]
     reference_p99 = percentile(reference.latency_ms, 99) if reference.latency_ms else 0.0
-    two = SETUPS[-1].key
+    two = TWO.key
     rows = []
-    for setup in SETUPS:
+    for setup in setups:
         r = results[setup.key]
         if not r.rates:
             rows.append((drain, setup.label, f"failed: {r.error}", "", ""))
@@ -145,7 +149,7 @@ def table(results: dict[str, Result], mode: str) -> list[tuple[str, str, str, st
             ok = r.rate >= _RATE_TARGET and not r.lost and not r.duplicates
             target = f"{'PASS' if ok else 'MISS'} (>= 1,000/s, 0 lost, 0 doubled)"
         rows.append((drain, setup.label, figures, versus, target))
-    for setup in SETUPS:
+    for setup in setups:
         r = results[setup.key]
         if not r.latency_ms:
             rows.append((latency, setup.label, f"failed: {r.error}", "", ""))
@@ -173,12 +177,23 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m bench.ha", description=__doc__)
     parser.add_argument("mode", nargs="?", choices=tuple(SIZES), default="quick")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        action="append",
+        default=[],
+        help="also two instances with this handler concurrency (8 by default), same rounds",
+    )
     args = parser.parse_args(argv)
+    setups = SETUPS + tuple(
+        Setup(f"pg-2-c{n}", f"{TWO.label}, handler concurrency {n}", 2, True, n)
+        for n in args.concurrency
+    )
     logs = RESULTS / f"{args.mode}-ha"
     logs.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
-    results = measure(args.mode, logs)
-    print(_table([Row(*cells) for cells in table(results, args.mode)]))
+    results = measure(args.mode, logs, setups)
+    print(_table([Row(*cells) for cells in table(results, args.mode, setups)]))
     print(f"({time.monotonic() - began:.0f} s; logs in {logs})", file=sys.stderr)
     return 0 if all(not r.error for r in results.values()) else 1
 
