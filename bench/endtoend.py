@@ -60,6 +60,7 @@ __all__ = [
     "Result",
     "Seq",
     "Size",
+    "latency_figures",
     "measure",
     "measure_round",
     "new_secret",
@@ -407,6 +408,16 @@ def _n(value: float) -> str:
     return f"{value:,.0f}"
 
 
+def latency_figures(r: Result) -> str:
+    """The latency phase's p50 / p99 / max over every run, each run's p99, what was lost."""
+    p50, p99 = percentile(r.latency_ms, 50), percentile(r.latency_ms, 99)
+    per_run = ", ".join(f"{value:.1f}" for value in r.latency_p99s)
+    lost = f"; {r.latency_lost} lost" if r.latency_lost else ""
+    return (
+        f"p50 {p50:.2f} / p99 {p99:.2f} / max {max(r.latency_ms):.2f} (p99 per run {per_run}){lost}"
+    )
+
+
 def table(results: list[Result], mode: str) -> list[tuple[str, str, str, str, str]]:
     """The rows: (measure, client, result, vs reference, target)."""
     size = SIZES[mode]
@@ -453,13 +464,8 @@ def table(results: list[Result], mode: str) -> list[tuple[str, str, str, str, st
         if not r.latency_ms:
             rows.append((latency, label, f"failed: {r.error}", "", ""))
             continue
-        p50, p99 = percentile(r.latency_ms, 50), percentile(r.latency_ms, 99)
-        per_run = ", ".join(f"{value:.1f}" for value in r.latency_p99s)
-        lost = f"; {r.latency_lost} lost" if r.latency_lost else ""
-        figures = (
-            f"p50 {p50:.2f} / p99 {p99:.2f} / max {max(r.latency_ms):.2f}"
-            f" (p99 per run {per_run}){lost}"
-        )
+        p99 = percentile(r.latency_ms, 99)
+        figures = latency_figures(r)
         reference = (
             "reference"
             if r.contender.key == LOOP.key

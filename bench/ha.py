@@ -40,6 +40,7 @@ from bench.endtoend import (
     Receiver,
     Result,
     Seq,
+    latency_figures,
     measure_round,
     new_secret,
 )
@@ -154,13 +155,8 @@ def table(
         if not r.latency_ms:
             rows.append((latency, setup.label, f"failed: {r.error}", "", ""))
             continue
-        p50, p99 = percentile(r.latency_ms, 50), percentile(r.latency_ms, 99)
-        per_run = ", ".join(f"{value:.1f}" for value in r.latency_p99s)
-        lost = f"; {r.latency_lost} lost" if r.latency_lost else ""
-        figures = (
-            f"p50 {p50:.2f} / p99 {p99:.2f} / max {max(r.latency_ms):.2f}"
-            f" (p99 per run {per_run}){lost}"
-        )
+        p99 = percentile(r.latency_ms, 99)
+        figures = latency_figures(r)
         versus = "reference" if setup is SINGLE else f"p99 {p99 / (reference_p99 or 1):.2f} x"
         target = ""
         if setup.key == two:
