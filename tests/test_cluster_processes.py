@@ -38,6 +38,13 @@ def instances_of(
     return instances
 
 
+def two_instances(
+    tmp_path: Path, fake: FakeSippet, handlers: str, extra: str = ""
+) -> list[ServiceProcess]:
+    """Two daemons (not started) with the same configuration, each its own state dir."""
+    return instances_of(tmp_path, fake, handlers, extra)
+
+
 async def start_all(instances: list[ServiceProcess]) -> None:
     for instance in instances:
         await instance.start()
@@ -52,7 +59,7 @@ async def test_a_rolling_restart_of_two_instances_loses_and_doubles_nothing(
     async with WebhookReceiver() as receiver:
         hook = f'[[handlers]]\nuse = "webhook"\nname = "crm"\nurl = "{receiver.url}"\n'
         hook += f'secret = "{SECRET}"\n'
-        instances = instances_of(tmp_path, fake, hook)
+        instances = two_instances(tmp_path, fake, hook)
         try:
             await start_all(instances)
 
@@ -95,7 +102,7 @@ async def test_an_instance_killed_mid_handle_leaves_the_event_to_another(
         f'timeout = 1.0\npath = "{journal}"\ndelay = 0.8\n'
     )
     lease = "[store]\nlease_ttl = 1.0\nlease_renew = 0.25\n"
-    instances = instances_of(tmp_path, fake, handler, lease)
+    instances = two_instances(tmp_path, fake, handler, lease)
     try:
         await start_all(instances)
         await fake.broadcast("participant_joined", {"callUuid": "c1", "memberId": "m1"})
