@@ -22,17 +22,29 @@ SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 EVENTS = 300
 
 
+def instances_of(
+    tmp_path: Path,
+    fake: FakeSippet,
+    handlers: str,
+    extra: str = "",
+    count: int = 2,
+    log_level: str = "debug",
+) -> list[ServiceProcess]:
+    """``count`` daemons (not started) with the same configuration, each its own state dir."""
+    instances = []
+    for name in "abcdefgh"[:count]:
+        (tmp_path / name).mkdir()
+        instance = ServiceProcess(tmp_path / name, fake)
+        instance.write_config(handlers, extra=extra, log_level=log_level)
+        instances.append(instance)
+    return instances
+
+
 def two_instances(
     tmp_path: Path, fake: FakeSippet, handlers: str, extra: str = ""
 ) -> list[ServiceProcess]:
     """Two daemons (not started) with the same configuration, each its own state dir."""
-    instances = []
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        instance = ServiceProcess(tmp_path / name, fake)
-        instance.write_config(handlers, extra=extra)
-        instances.append(instance)
-    return instances
+    return instances_of(tmp_path, fake, handlers, extra)
 
 
 async def start_all(instances: list[ServiceProcess]) -> None:
