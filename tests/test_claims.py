@@ -20,6 +20,7 @@ from listener.core import metrics
 from listener.core.events import Event
 from listener.dispatch.dispatcher import Dispatcher, HandlerRunner, RunnerSettings
 from listener.dispatch.handler import Context, FunctionHandler
+from listener.service.status_view import view
 from listener.testing import FakeSippet, running_daemon, settle
 from tests.tcpproxy import proxied
 
@@ -300,6 +301,11 @@ async def test_a_daemon_started_while_the_store_is_down_spools_from_the_first_ev
             assert seen == []
             assert "store not answering; 1 events spooled" in daemon.status_line()
             assert daemon.readiness() == (True, "joined; store not answering; 1 events spooled")
+            page = dict(
+                (row[0], row[1])
+                for row in view(daemon.board.snapshot(), admin=False)["tables"]["link"]
+            )
+            assert page["Shared store"] == {"t": "not answering; 1 events spooled", "c": "bad"}
             proxy.refusing = False
             async with asyncio.timeout(15):
                 await shared.ready.wait()

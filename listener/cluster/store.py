@@ -181,7 +181,8 @@ class SharedStore:
                 # Refused now, after it opened: a password rotated under us, say. Keep trying.
                 _log.warning("the shared store still does not answer", error=str(exc))
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                # No longer apart than the spooled claims' retries: they wait for this.
+                delay = min(delay * 2, max(self.connect_timeout, 1.0))
             else:
                 _log.info("the shared store answers again", schema=migrated.version)
 
