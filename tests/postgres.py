@@ -113,7 +113,8 @@ class PostgresServer:
 
     def resume(self, timeout: float = 30.0) -> None:
         """Start the halted server again, on the same port and data directory, and wait
-        until it answers (after its crash recovery).
+        until it answers. Call it from the main thread: the server gets its
+        ``PR_SET_PDEATHSIG`` when the thread that started it ends, not only the process.
 
         Raises:
             RuntimeError: it did not start (with its log).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 from listener.cluster.claims import Claims
@@ -68,31 +70,71 @@ async def test_entries_outlive_the_process_in_received_order_each_event_written_
         await again.close()
 
 
-async def test_a_claim_neither_the_store_nor_the_spool_takes_runs_the_handler_anyway(
-    tmp_path: Path,
-) -> None:
+def instance(
+    tmp_path: Path, spool: Spool, seen: list[str], when: Callable[[Event], bool] | None = None
+) -> tuple[Claims, HandlerRunner, Dispatcher]:
+    """One instance's claims and dispatcher, its store out of reach (nothing listens)."""
     nowhere = StoreUrl("postgresql://sippet@127.0.0.1:1/none")
-    pool = make_pool(nowhere, size=1, connect_timeout=0.5)
-    spool = Spool(tmp_path / "spool.sqlite3")
-    await spool.open()
-    await spool.close()
-    claims = Claims(pool, nowhere, "a", spool, timeout=0.5)
-    seen: list[str] = []
+    claims = Claims(make_pool(nowhere, size=1), nowhere, "a", spool, timeout=0.2)
 
     async def record(ev: Event, ctx: Context[None]) -> None:
         seen.append(ev.id)
 
     runner = HandlerRunner(
-        FunctionHandler(record, name="audit"),
-        RunnerSettings("audit"),
+        FunctionHandler(record, name="audit", when=when),
+        RunnerSettings("audit", timeout=0.1),
         Context(rpc=None, config=None, name="audit", state_dir=tmp_path),  # type: ignore[arg-type]
         claims,
     )
     dispatcher = Dispatcher([runner])
     dispatcher.start()
     claims.not_answering()
+    return claims, runner, dispatcher
+
+
+async def test_a_claim_neither_the_store_nor_the_spool_takes_runs_the_handler_anyway(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path / "spool.sqlite3")
+    await spool.open()
+    await spool.close()
+    seen: list[str] = []
+    _, _, dispatcher = instance(tmp_path, spool, seen)
     dispatcher.submit(event(1))
     await dispatcher.drain()
     await dispatcher.stop(1)
     # Better twice (another instance may have run it) than never.
     assert seen == ["evt_1"]
+
+
+async def test_entries_handed_back_that_their_handler_does_not_take_leave_the_spool(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path / "spool.sqlite3")
+    await spool.open()
+    seen: list[str] = []
+    taking = True
+    claims, runner, dispatcher = instance(tmp_path, spool, seen, when=lambda ev: taking)
+    try:
+        for n in range(3):
+            dispatcher.submit(event(n))
+        await dispatcher.drain()
+        assert spool.entries == 3
+        # Its filter changed its mind: what is handed back is not taken, and must not hold up
+        # what comes behind it for ever.
+        taking = False
+
+        async def redeliver(ev: Event, handler: str) -> None:
+            await (runner.offer(ev) or asyncio.sleep(0))
+
+        draining = asyncio.create_task(claims.drain(redeliver))
+        async with asyncio.timeout(5):
+            # The spool has no event for being empty: nothing else waits for one.
+            while spool.entries:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        draining.cancel()
+        assert await spool.oldest(10) == []
+        assert seen == []
+    finally:
+        await dispatcher.stop(1)
+        await spool.close()

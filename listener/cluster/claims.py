@@ -222,13 +222,13 @@ class Claims:
         Either way the caller decides (the dispatcher runs the handler: better twice than
         never).
         """
-        key = (event.id, handler)
-        released = self._released.get(key) if self._released else None
-        if released is None and (self._down or self.spool.holds(handler)):
-            await self.spool.add(event, handler, lease)
-            return None
-        if released is not None and not self._trying:
-            self._settle(key, answered=False)
+        released = self._released.get((event.id, handler)) if self._released else None
+        if released is None:
+            if self._down or self.spool.holds(handler):
+                await self.spool.add(event, handler, lease)
+                return None
+        elif not self._trying:
+            self._settle(released, answered=False)
             return None
         answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._asked.append((event, handler, lease + self._grace, released is not None, answer))
@@ -237,23 +237,22 @@ class Claims:
             won = await answer
         except ClaimRefused:
             if released is not None:
-                self._settle(key, answered=True)
+                self._settle(released, answered=True)
             raise
         except StoreError:
             if released is None:
                 await self.spool.add(event, handler, lease)
             else:
-                self._settle(key, answered=False)
+                self._settle(released, answered=False)
             return None
         if released is not None:
-            self._settle(key, answered=True)
+            self._settle(released, answered=True)
         return won
 
-    def _settle(self, key: tuple[str, str], *, answered: bool) -> None:
+    def _settle(self, entry: Spooled, *, answered: bool) -> None:
         """A spooled entry handed back is done with: out of the spool if ``answered``,
         else left there for the next attempt."""
-        entry = self._released.pop(key, None)
-        if entry is None:
+        if self._released.pop((entry.event.id, entry.handler), None) is None:
             return
         if answered:
             self.spool.remove(entry)
@@ -277,13 +276,17 @@ class Claims:
             self._trying = True
             for entry in batch:
                 await redeliver(entry.event, entry.handler)
-            await self._until_settled(max(entry.lease for entry in batch) + self._timeout)
+            # A worker takes its next event within twice the handler's timeout (its handle()
+            # then its on_error hook), and claims it first.
+            await self._until_settled(2 * max(entry.lease for entry in batch) + self._timeout)
             if not self.spool.entries:
                 _log.info("the spooled claims are all answered")
 
     async def _until_settled(self, stall: float) -> None:
         """Wait until every entry handed back was answered, or none was for ``stall``
-        seconds (its handler dropped it from a full queue: it is handed back next time)."""
+        seconds: their handler did not take them (``on_full = "drop"`` with a full queue, a
+        filter that changed its mind). They leave the spool, dropped as that handler drops
+        what it does not take, rather than holding up everything behind them."""
         while self._released:
             self._settled.clear()
             try:
@@ -291,10 +294,12 @@ class Claims:
                     await self._settled.wait()
             except TimeoutError:
                 _log.warning(
-                    "spooled claims handed back were not asked for; handing them back again",
+                    "spooled claims handed back were not taken by their handler; dropped",
                     entries=len(self._released),
+                    handlers=sorted({entry.handler for entry in self._released.values()}),
                 )
-                self._released = {}
+                for entry in list(self._released.values()):
+                    self._settle(entry, answered=True)
 
     def _send_soon(self) -> None:
         """Send what was asked in one statement, from the next turn of the loop (so that the
@@ -359,8 +364,8 @@ class Claims:
         spooled entry handed back for a handler this instance does not have leaves the
         spool this way."""
         self._done.append((event.id, handler))
-        if self._released:
-            self._settle((event.id, handler), answered=True)
+        if self._released and (entry := self._released.get((event.id, handler))):
+            self._settle(entry, answered=True)
 
     async def expired(self, limit: int = 500) -> list[tuple[Event, str]]:
         """The events whose claim lapsed unfinished (its holder died mid-handle), with the
