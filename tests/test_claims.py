@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from listener.cluster.claims import Claims
+from listener.cluster.claims import ClaimRefused, Claims
 from listener.cluster.database import make_pool
 from listener.cluster.spool import Spool
 from listener.cluster.store import SharedStore
@@ -319,3 +319,21 @@ async def test_a_daemon_started_while_the_store_is_down_spools_from_the_first_ev
     async with await psycopg.AsyncConnection.connect(store.conninfo) as conn:
         rows = await (await conn.execute("SELECT event_id FROM sippet_claims")).fetchall()
     assert sorted(row[0] for row in rows) == sorted(seen)
+
+
+async def test_a_claim_the_store_refuses_outright_is_neither_spooled_nor_retried(
+    store: StoreUrl, tmp_path: Path
+) -> None:
+    pool = make_pool(store, size=1)
+    await pool.open(wait=True)
+    claims = Claims(pool, store, "a", await opened(tmp_path / "a"))
+    try:
+        # No text in PostgreSQL holds a NUL: no later attempt could do better.
+        with pytest.raises(ClaimRefused):
+            await claims.claim(event(1), "bad\x00name", 30)
+        assert (claims.down, claims.spool.entries) == (False, 0)
+        assert await claims.claim(event(1), "audit", 30)
+    finally:
+        await claims.close()
+        await claims.spool.close()
+        await pool.close()
