@@ -137,7 +137,7 @@ def spooled_events(state_dir: Path) -> int:
     return int(count)
 
 
-async def test_postgres_stopped_for_10_s_under_a_stream_loses_and_doubles_nothing(
+async def test_postgres_stopped_for_10_s_loses_and_doubles_nothing_and_a_killed_instance_drains(
     tmp_path: Path,
     fake: FakeSippet,
     postgres: PostgresServer,

@@ -308,8 +308,11 @@ class Spool:
             if job.cancelled() or job.exception() is not None:
                 for _, handler, _ in items:
                     self._count(handler, -1)
-                error = job.exception() if not job.cancelled() else None
-                written.set_exception(error or SpoolError("claim spool: write cancelled"))
+                error = None if job.cancelled() else job.exception()
+                if not isinstance(error, SpoolError):
+                    # Whatever broke, the dispatcher hears a ListenerError (its handler runs).
+                    error = SpoolError(f"claim spool write failed: {error!r}")
+                written.set_exception(error)
                 # Retrieved here: the callers that asked may all have been cancelled.
                 written.exception()
                 return
