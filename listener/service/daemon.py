@@ -230,7 +230,7 @@ class Daemon:
         spooled = self.store.claims.spool.events
         if self.store.claims.down or not self.store.ready.is_set():
             return f"store not answering; {spooled} events spooled"
-        return f"store answering; {spooled} spooled events to claim" if spooled else None
+        return f"store answering; {spooled} events spooled" if spooled else None
 
     def status_line(self) -> str:
         """What ``systemctl status`` shows: link state, handlers, and their own words."""
