@@ -47,7 +47,8 @@ class FreezableProxy:
         self._flowing.set()
 
     def cut(self) -> None:
-        """Close every connection open now (a server restarted, a link reset)."""
+        """Close every connection open now (a server restarted, a link reset; with
+        ``refusing``: a server gone)."""
         for task in list(self._tasks):
             task.cancel()
 

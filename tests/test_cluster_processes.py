@@ -1,11 +1,15 @@
-"""Two real daemon processes on one PostgreSQL store, restarted one at a time under a stream:
-the webhook receiver gets every event once, under one webhook-id."""
+"""Two real daemon processes on one PostgreSQL store, under a stream: restarted one at a time,
+or with the store stopped for 10 s (one of them SIGKILLed meanwhile), the webhook receiver
+gets every event once, under one webhook-id, and a handler runs once per event."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
 import signal
+import sqlite3
 import time
 from collections import Counter
 from pathlib import Path
@@ -13,9 +17,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from listener.cluster.spool import SPOOL_FILE
 from listener.cluster.url import StoreUrl
 from listener.testing import FakeSippet
 from listener.testing.receiver import WebhookReceiver
+from tests.postgres import PostgresServer
 from tests.test_service import ServiceProcess
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -210,3 +216,113 @@ async def _holders(store: StoreUrl) -> dict[int, set[str]]:
     for holder, msg_id in rows:
         held.setdefault(int(holder.split(":")[1]), set()).add(msg_id)
     return held
+
+
+def spooled_events(state_dir: Path) -> int:
+    """The events waiting in an instance's spool, read as an operator would (sqlite3)."""
+    with contextlib.closing(sqlite3.connect(state_dir / SPOOL_FILE)) as spool:
+        (count,) = spool.execute("SELECT count(*) FROM events").fetchone()
+    return int(count)
+
+
+async def test_postgres_stopped_for_10_s_loses_and_doubles_nothing_and_a_killed_instance_drains(
+    tmp_path: Path,
+    fake: FakeSippet,
+    postgres: PostgresServer,
+    store: StoreUrl,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SIPPET_STORE_URL", store.conninfo)
+    journal = tmp_path / "journal.txt"
+    journal.touch()
+    # 1 s before the store stops, 10 s without it, and about 1.5 s after it is back.
+    events = 1250
+    async with WebhookReceiver() as receiver:
+        handlers = (
+            f'[[handlers]]\nuse = "tests.sample_handlers:Journal"\nname = "journal"\n'
+            f'path = "{journal}"\nfield = "seq"\n'
+            f'[[handlers]]\nuse = "webhook"\nname = "crm"\nurl = "{receiver.url}"\n'
+            f'secret = "{SECRET}"\n'
+        )
+        instances = two_instances(tmp_path, fake, handlers, "[store]\nconnect_timeout = 1.0\n")
+        a, b = instances
+        try:
+            for instance in instances:
+                # A watchdog of 1 s refreshes STATUS= every 0.5 s.
+                await instance.start(watchdog_usec=1_000_000)
+            for instance in instances:
+                await instance.message("READY=1", timeout=20)
+            sent = 0
+
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+
+            async def stream() -> None:
+                nonlocal sent
+                for n in range(events):
+                    await fake.broadcast("transcript_delta", {"callUuid": f"c{n % 7}", "seq": n})
+                    sent = n + 1
+                    # 100 a second at most, whatever a broadcast takes.
+                    await asyncio.sleep(start + sent / 100 - loop.time())
+
+            streaming = asyncio.create_task(stream())
+            await asyncio.sleep(1)
+            await asyncio.to_thread(postgres.halt)
+            stopped = loop.time()
+            # Still ready (it hears every event and keeps it), and saying why it waits.
+            text = await a.poll("/readyz", lambda r: "store not answering" in r.json()["reason"])
+            assert json.loads(text)["ready"] is True
+            assert re.fullmatch(
+                r"joined; store not answering; \d+ events spooled", json.loads(text)["reason"]
+            )
+            async with asyncio.timeout(10):
+                while "store not answering" not in (status := await b.message("STATUS=")):
+                    pass
+            assert re.search(r"; store not answering; \d+ events spooled;", status)
+            # Killed while events wait in its spool: they are on disk.
+            await asyncio.sleep(1)
+            assert a.process is not None
+            a.process.kill()
+            await a.process.wait()
+            kept = spooled_events(tmp_path / "a")
+            assert kept > 0
+            # Restarted while the store is still down: it spools from its first event.
+            await a.start()
+            await a.message("READY=1", timeout=20)
+            await a.poll("/readyz", lambda r: "store not answering" in r.json()["reason"])
+            await asyncio.sleep(stopped + 10 - loop.time())
+            assert sent < events
+            # From this thread: the server ends with the thread that starts it.
+            postgres.resume()
+            await streaming
+
+            def done() -> Counter[int]:
+                lines = [line.split() for line in journal.read_text().splitlines()]
+                return Counter(int(line[3]) for line in lines if line[0] == "done")
+
+            await receiver.wait_until(
+                lambda requests: len({r.headers["webhook-id"] for r in requests}) >= events,
+                timeout=30,
+            )
+            async with asyncio.timeout(10):
+                # Other processes write the journal: look every 0.1 s.
+                while len(done()) < events:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+            # Both spools drain (the instance that lost a claim is told no), and meanwhile
+            # a double would show up, if there were one.
+            async with asyncio.timeout(20):
+                while any(spooled_events(tmp_path / name) for name in "ab"):  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
+            readyz = [(await instance.get("/readyz")).json()["reason"] for instance in instances]
+        finally:
+            for instance in instances:
+                await instance.stop()
+    assert readyz == ["joined", "joined"]
+    handled = done()
+    assert set(handled) == set(range(events))
+    assert set(handled.values()) == {1}
+    ids = Counter(r.headers["webhook-id"] for r in receiver.requests)
+    assert len(ids) == events
+    assert set(ids.values()) == {1}
+    assert {json.loads(r.body)["data"]["seq"] for r in receiver.requests} == set(range(events))

@@ -91,7 +91,7 @@ async def test_store_migrate_command(tmp_path: Path, pg_url: str) -> None:
 
 
 async def test_store_status_command(tmp_path: Path, store: StoreUrl) -> None:
-    shared = SharedStore(store, holder="host-a:1:x")
+    shared = SharedStore(store, tmp_path / "spool.sqlite3", holder="host-a:1:x")
     await shared.open()
     try:
         running = asyncio.create_task(shared.elector.run())

@@ -243,6 +243,11 @@ HANDLER_DURATION = HotHistogram(
 HANDLER_QUEUE_DEPTH = Gauge(
     f"{_P}handler_queue_depth", "Events waiting for a handler.", ["handler"], registry=REGISTRY
 )
+SPOOLED_EVENTS = Gauge(
+    f"{_P}spooled_events",
+    "Events waiting in the local spool for the shared store to answer their claims.",
+    registry=REGISTRY,
+)
 RPC_CALLS = Counter(
     f"{_P}rpc_calls_total",
     "Sippet RPC calls, by action and outcome.",

@@ -102,10 +102,11 @@ class Claims(Protocol):
     """Once per event across instances: asked before each ``handle()`` when several
     instances share a store (``listener.cluster.claims``); a single instance has none."""
 
-    async def claim(self, event: Event, handler: str, lease: float) -> bool:
+    async def claim(self, event: Event, handler: str, lease: float) -> bool | None:
         """Whether this instance is the one to run ``handler`` on ``event`` (for at least
-        ``lease`` seconds); raises :class:`~listener.core.errors.ListenerError` when it
-        cannot tell."""
+        ``lease`` seconds); None when it cannot tell yet and keeps the event to hand it to
+        the handler again later; raises :class:`~listener.core.errors.ListenerError` when it
+        can do neither."""
         ...
 
     def done(self, event: Event, handler: str) -> None:
@@ -428,16 +429,20 @@ class HandlerRunner:
 
     async def _claim(self, claims: Claims, event: Event) -> bool:
         try:
-            if await claims.claim(event, self.settings.name, self.settings.timeout):
-                return True
+            won = await claims.claim(event, self.settings.name, self.settings.timeout)
         except ListenerError as exc:
-            # Better twice (another instance may run it too) than never. The claims say once
-            # when the store stops and starts answering; per event is for debugging.
+            # Neither claimed nor kept for later: better twice (another instance may run it
+            # too) than never.
             self._report(
-                "debug", "cannot claim the event; handling it anyway", event, error=str(exc)
+                "error", "cannot claim the event; handling it anyway", event, error=str(exc)
             )
             return True
-        self._outcomes["elsewhere"].value += 1
+        if won:
+            return True
+        # None: kept, and handed back later (the claims say when the store stops and
+        # starts answering).
+        if won is not None:
+            self._outcomes["elsewhere"].value += 1
         return False
 
     async def _tell_error_hook(self, event: Event, error: Exception, context: Context) -> None:

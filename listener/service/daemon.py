@@ -212,12 +212,28 @@ class Daemon:
         self._status = ""
 
     def readiness(self) -> tuple[bool, str]:
-        """(ready, reason): joined, and its heartbeats answered."""
+        """(ready, reason): joined, and its heartbeats answered.
+
+        A shared store that does not answer leaves it ready, and says so in the reason:
+        the instance still hears every event and keeps it in its spool, which is what it is
+        there for; every instance shares that store, so none would do better, and an
+        orchestrator seeing them all unready at once would only hold a rolling upgrade.
+        """
         if not self.session.joined.is_set():
             return False, "events channel not joined"
         if not self.session.healthy:
             return False, "heartbeats unanswered"
-        return True, "joined"
+        store = self._store_state()
+        return True, f"joined; {store}" if store else "joined"
+
+    def _store_state(self) -> str | None:
+        """What the shared store's claims are up to, when not simply answering."""
+        if self.store is None:
+            return None
+        spooled = self.store.claims.spool.events
+        if self.store.claims.down or not self.store.ready.is_set():
+            return f"store not answering; {spooled} events spooled"
+        return f"store answering; {spooled} events spooled" if spooled else None
 
     def status_line(self) -> str:
         """What ``systemctl status`` shows: link state, handlers, and their own words."""
@@ -226,8 +242,8 @@ class Daemon:
         if self.store is not None:
             elector = self.store.elector
             parts.append(f"leader (term {elector.term})" if elector.is_leader else "follower")
-            if self.store.claims.down or not self.store.ready.is_set():
-                parts.append("store not answering: handlers run without claims")
+            if store := self._store_state():
+                parts.append(store)
         for item, runner in zip(self.handlers, self.dispatcher.runners, strict=True):
             extra = item.handler.status()
             pending = f", {runner.pending} pending" if runner.pending else ""
@@ -395,11 +411,12 @@ class Daemon:
         await self._teardown([pair[1] for pair in old])
 
     async def _redeliver(self, event: Event, handler: str) -> None:
-        """Hand ``event`` to ``handler`` again: its claim lapsed on an instance that died."""
+        """Hand ``event`` to ``handler`` again: its claim lapsed on an instance that died, or
+        it waited in the spool for the store to answer."""
         runner = next((r for r in self.dispatcher.runners if r.settings.name == handler), None)
         if runner is None:
             assert self.store is not None
-            _log.warning("lapsed claim for a handler not configured here", handler=handler)
+            _log.warning("claim owed to a handler not configured here", handler=handler)
             self.store.claims.done(event, handler)
             return
         call = self.tracker.get(event.call_key) if event.call_key else None
@@ -512,6 +529,7 @@ def _shared_store(settings: Settings, url: StoreUrl) -> SharedStore:
     # single instance (max RSS after importing them on top of the CLI), which has no use
     # for them.
     from listener.cluster.leader import LeaseSettings
+    from listener.cluster.spool import SPOOL_FILE
     from listener.cluster.store import SharedStore
 
     store = settings.store
@@ -519,7 +537,11 @@ def _shared_store(settings: Settings, url: StoreUrl) -> SharedStore:
         ttl=store.lease_ttl, renew_every=store.lease_renew, connect_timeout=store.connect_timeout
     )
     return SharedStore(
-        url, pool_size=store.pool_size, connect_timeout=store.connect_timeout, lease=lease
+        url,
+        settings.service.state_dir / SPOOL_FILE,
+        pool_size=store.pool_size,
+        connect_timeout=store.connect_timeout,
+        lease=lease,
     )
 
 

@@ -194,6 +194,7 @@ class StatusBoard:
             "leader": elector.is_leader,
             "term": elector.term,
             "store_answering": store.ready.is_set() and not store.claims.down,
+            "spooled": store.claims.spool.events,
         }
 
     def _handlers(self) -> list[dict[str, Any]]:
