@@ -384,7 +384,12 @@ class HandlerRunner:
                     self._idle.set()
 
     async def _invoke(self, event: Event, call: CallRecord | None, deadline: _Deadline) -> None:
-        claims = self._claims if event.id else None
+        # Claims first: ``event.id`` makes a lifecycle event's lazy id, and reading it for
+        # every event without a cluster made every id on the hot path again (py-spy, live
+        # flood: 9 % of the loop's samples in ``_read_id``).
+        claims = self._claims
+        if claims is not None and not event.id:
+            claims = None
         if claims is not None and not await self._claim(claims, event):
             return
         started = time.perf_counter()
