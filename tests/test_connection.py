@@ -35,7 +35,7 @@ async def test_messages_queued_behind_a_paused_intake_are_taken_in_order_in_batc
         # This websockets keeps what it received where the batch path reads it: were that
         # to change, every message would go through recv() one by one, silently slower.
         assert _Received.of(link._ws) is not None
-        malformed = metrics.FRAMES_MALFORMED._value.get()
+        malformed = metrics.FRAMES_MALFORMED.value
         await fake.broadcast("incoming_call", {"seq": 0})
         await fake.wait_until(lambda: len(received) == 1)
         for seq in range(1, 200):
@@ -47,7 +47,7 @@ async def test_messages_queued_behind_a_paused_intake_are_taken_in_order_in_batc
         release.set()
         await fake.wait_until(lambda: len(received) == 200)
         assert [event.payload["seq"] for event in received] == list(range(200))
-        assert metrics.FRAMES_MALFORMED._value.get() - malformed == 6
+        assert metrics.FRAMES_MALFORMED.value - malformed == 6
         # 199 events, 6 malformed frames (and heartbeat replies), read in a few batches,
         # not one await each.
         assert link._frames - frames >= 205
