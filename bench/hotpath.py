@@ -14,7 +14,8 @@ venv: the before/after of a change, side by side in one run. ``--no-calls`` also
 daemons with call state off (``bench/drivers/callstate.py``'s ``"call_state": false``: the session
 hands events on without ids, the dispatcher's tracker admits all and knows no call).
 
-``python -m bench.hotpath [smoke|quick|full] [--before TREE] [--no-calls]``.
+``python -m bench.hotpath [smoke|quick|full] [--before TREE] [--no-calls] [--python PY]``
+(``PY``: the interpreter of the ``run`` rows, e.g. ``bench/.venvs/production/bin/python``).
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def _med(values: list[float]) -> float:
 def _round(variant: _Variant, server: BenchServer, events: int, logs: Path) -> None:
     client = variant.client
     log = logs / f"hotpath-{variant.label.replace(' ', '-')}.log"
-    driver = Driver(variant.label, Path(sys.executable), client.script, server, log,
-                    client.options, root=variant.root)  # fmt: skip
+    python = Path(sys.executable)
+    driver = Driver(variant.label, python, client.script, server, log, client.options,
+                    root=variant.root)  # fmt: skip
     try:
         time.sleep(_SETTLE)
         variant.idle.append(rss_mib(driver.process.pid))
@@ -78,7 +80,12 @@ def _round(variant: _Variant, server: BenchServer, events: int, logs: Path) -> N
 
 
 def rows(
-    server: BenchServer, mode: str, logs: Path, before: Path | None = None, no_calls: bool = False
+    server: BenchServer,
+    mode: str,
+    logs: Path,
+    before: Path | None = None,
+    no_calls: bool = False,
+    python: Path | None = None,
 ) -> list[tuple[str, str, str, str]]:
     """(client, drain, latency, idle) per variant, the bare loop first, ratios against it."""
     rounds, events = ROUNDS[mode]
@@ -91,8 +98,8 @@ def rows(
     if before is not None:
         variants.append(_Variant("before", DAEMON, before))
     if no_calls:
-        off = Client(DAEMON.key, DAEMON.label, "callstate.py",
-                     options={"sippet": {"stable_after": 0.5}, "call_state": False})  # fmt: skip
+        options = {"sippet": {"stable_after": 0.5}, "call_state": False}
+        off = Client(DAEMON.key, DAEMON.label, "callstate.py", options=options)
         variants.append(_Variant("ours, calls off", off))
         if before is not None:
             variants.append(_Variant("before, calls off", off, before))
@@ -102,7 +109,7 @@ def rows(
             _round(variant, server, events, logs)
         for variant in variants:
             if variant.label in ("ours", "before"):
-                variant.run_idle.append(idle_run(server, logs, root=variant.root))
+                variant.run_idle.append(idle_run(server, logs, python=python, root=variant.root))
     bare = variants[0]
     out = []
     for variant in variants:
@@ -135,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mode", nargs="?", default="quick", choices=tuple(ROUNDS))
     parser.add_argument("--before", type=Path, help="another checkout's tree, for a before")
     parser.add_argument("--no-calls", action="store_true", help="also run with call state off")
+    parser.add_argument(
+        "--python",
+        type=Path,
+        help="the interpreter of the `run` idle rows (bench/.venvs/production/bin/python:"
+        " as `pip install sippet-listener` runs it, without the dev extras)",
+    )
     args = parser.parse_args(argv)
     logs = ROOT / "bench" / "results" / "hotpath"
     logs.mkdir(parents=True, exist_ok=True)
@@ -142,12 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     began = time.strftime("%H:%M:%S")
     try:
         server.call("/configure", {"token_ttl": 3600})
-        table = rows(server, args.mode, logs, args.before, args.no_calls)
+        table = rows(server, args.mode, logs, args.before, args.no_calls, args.python)
     finally:
         server.close()
     rounds, events = ROUNDS[args.mode]
-    print(f"{began}-{time.strftime('%H:%M:%S')}: {rounds} rounds, each client: 2 drains of"
-          f" {events:,}, {_LATENCY_SECONDS:g} s at 500/s; ratios against the bare loop")  # fmt: skip
+    header = f"{began}-{time.strftime('%H:%M:%S')}: {rounds} rounds, each client: 2 drains"
+    print(f"{header} of {events:,}, {_LATENCY_SECONDS:g} s at 500/s; ratios against the bare loop")
     print("| client | drain (median; runs) | latency at 500/s | idle RSS |")
     print("|---|---|---|---|")
     for cells in table:
