@@ -10,7 +10,8 @@ counted) and off again once the last has reached the handler, and the instructio
 time does not.
 
 Clients: the bare loop, this tree's daemon, with ``--before TREE`` another checkout's (as
-in ``bench.hotpath``), and with ``--no-calls`` each daemon with call state off.
+in ``bench.hotpath``; repeatable, each labelled by its directory's name), and with
+``--no-calls`` each daemon with call state off.
 
 ``python -m bench.instructions [--events N] [--before TREE] [--no-calls]``.
 """
@@ -104,7 +105,13 @@ def measure(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__)
     parser.add_argument("--events", type=int, default=5000)
-    parser.add_argument("--before", type=Path, help="another checkout's tree")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        action="append",
+        default=[],
+        help="another checkout's tree (repeatable; each is labelled by its directory's name)",
+    )
     parser.add_argument("--no-calls", action="store_true", help="also with call state off")
     args = parser.parse_args(argv)
     if shutil.which("callgrind_control") is None:
@@ -114,12 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     off = Client(DAEMON.key, DAEMON.label, "callstate.py", options={"call_state": False})
     clients: list[tuple[str, Client, Path]] = [("bare", BARE, ROOT), ("ours", DAEMON, ROOT)]
-    if args.before is not None:
-        clients.append(("before", DAEMON, args.before))
+    for tree in args.before:
+        clients.append((tree.name, DAEMON, tree))
     if args.no_calls:
         clients.append(("ours, calls off", off, ROOT))
-        if args.before is not None:
-            clients.append(("before, calls off", off, args.before))
+        for tree in args.before:
+            clients.append((f"{tree.name}, calls off", off, tree))
     os.environ.setdefault("PYTHONHASHSEED", "0")
     server = BenchServer(logs / "server.log")
     began = time.strftime("%H:%M:%S")

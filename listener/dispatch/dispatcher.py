@@ -216,8 +216,10 @@ class HandlerRunner:
         self.context = context
         self._claims = claims
         self._queue = _Queue(settings.queue_size)
-        # A call with an event in flight has a lane holding its next events, in order.
-        self._lanes: dict[str, deque[_Item]] = {}
+        # A call with an event in flight is a key here; its lane, holding its next events
+        # in order, is made when the first of them comes (None until then): most events
+        # find their call idle, and a deque per event was a GC-tracked allocation each.
+        self._lanes: dict[str, deque[_Item] | None] = {}
         self._laned = 0
         self._busy = 0
         # Bytes of the events queued or waiting in a lane (not those being handled).
@@ -354,27 +356,30 @@ class HandlerRunner:
             # taking it directly saved 0.2 µs per event of a drain.
             item = queue.get_nowait() if queue.qsize() else await queue.get()
             key = item[0].call_key
-            if key is None:
-                lane = None
-            elif (lane := lanes.get(key)) is not None:
-                lane.append(item)
-                self._laned += 1
-                continue
-            else:
-                lane = lanes[key] = deque()
+            if key is not None:
+                if key in lanes:
+                    lane = lanes[key]
+                    if lane is None:
+                        lane = lanes[key] = deque()
+                    lane.append(item)
+                    self._laned += 1
+                    continue
+                lanes[key] = None
             self._release(item[0].size)
             self._busy += 1
+            lane = None
             try:
                 await self._invoke(*item, deadline)
-                while lane:
-                    item = lane.popleft()
-                    self._laned -= 1
-                    self._release(item[0].size)
-                    self._room.set()
-                    await self._invoke(*item, deadline)
+                if key is not None:
+                    while lane := lanes[key]:
+                        item = lane.popleft()
+                        self._laned -= 1
+                        self._release(item[0].size)
+                        self._room.set()
+                        await self._invoke(*item, deadline)
             finally:
                 if key is not None:
-                    lanes.pop(key, None)
+                    lane = lanes.pop(key, None)
                     if lane:
                         # Cancelled mid-lane: those events are abandoned, and counted so.
                         self._laned -= len(lane)

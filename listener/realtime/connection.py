@@ -335,6 +335,8 @@ class Connection:
                 batch = received.take(data) if received is not None else (data,)
                 self._frames += len(batch)
                 self._batches += 1
+                # Every message of a batch had arrived by now: one clock read for them all.
+                now = time.time()
                 for item in batch:
                     try:
                         events = protocol.receive(item)
@@ -350,9 +352,7 @@ class Connection:
                     for event in events:
                         if type(event) is Message:
                             wait = self.on_event(
-                                Event.create(
-                                    event.event, event.payload, topic, time.time(), len(item)
-                                )
+                                Event.create(event.event, event.payload, topic, now, len(item))
                             )
                             if wait is not None:
                                 self._intake_paused = True
