@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     began = time.strftime("%H:%M:%S")
     try:
         server.call("/configure", {"token_ttl": 3600})
-        table = rows(server, args.mode, logs, args.before, args.no_calls, args.python)
+        python = args.python.absolute() if args.python else None
+        table = rows(server, args.mode, logs, args.before, args.no_calls, python)
     finally:
         server.close()
     rounds, events = ROUNDS[args.mode]

@@ -4,10 +4,10 @@ On two cores shared with other sessions, CPU time per event moves by 2x between 
 and frequency contention). Here each client's driver runs under valgrind's callgrind with
 instrumentation off; it is switched on (``callgrind_control -i on``) for one drain of
 ``--events`` events (streamed while the client reads, all of the process's threads
-counted) and off again once the last has reached the handler, and the instructions executed
-(``Ir``) are divided by the events. Deterministic up to the batching the timing allows
-(how many frames each socket read brings), so two runs agree to a few percent where CPU
-time does not.
+counted) and the count is dumped a few seconds after the last has reached the handler (so
+that the call store's batch of them is in it); the instructions executed (``Ir``) are
+divided by the events. Deterministic up to the batching the timing allows (how many frames
+each socket read brings), so two runs agree to a few percent where CPU time does not.
 
 Clients: the bare loop, this tree's daemon, with ``--before TREE`` another checkout's (as
 in ``bench.hotpath``; repeatable, each labelled by its directory's name), and with
@@ -34,6 +34,8 @@ from bench.scenarios import _SEQ
 
 __all__ = ["main", "measure"]
 
+# Seconds the process is left to finish its work after the last event (under callgrind).
+_SETTLE = 4.0
 _TOTALS = re.compile(r"^summary:\s+(\d+)", re.MULTILINE)
 
 
@@ -89,6 +91,10 @@ def measure(
             _control("-i", "on", pid)
             server.stream(events, _SEQ.take(events))
             driver.wait(timeout=600, records=False)
+            # What the events cost after the handler too: the call store's batch of them,
+            # which waits for a lull (on a drain, after its last event). Without this wait
+            # it fell inside the count in some runs and not in others (+22,000 a event).
+            time.sleep(_SETTLE)
             _control("--dump", pid)
             _control("-i", "off", pid)
             time.sleep(0.5)
