@@ -30,7 +30,7 @@ from pathlib import Path
 from bench.imports import idle_run
 from bench.peers import BARE, DAEMON, DAEMON_UVLOOP, Client
 from bench.procs import ROOT, BenchServer, Driver, rss_mib
-from bench.scenarios import _SEQ, _drain, _latency, percentile
+from bench.scenarios import Rounds
 
 __all__ = ["ROUNDS", "main", "rows"]
 
@@ -39,14 +39,11 @@ _LATENCY_SECONDS = 3.0
 _SETTLE = 2.0
 
 
-@dataclass
-class _Variant:
+@dataclass(kw_only=True)
+class _Variant(Rounds):
     label: str
     client: Client
     root: Path = ROOT
-    rates: list[float] = field(default_factory=list)
-    cpu_us: list[float] = field(default_factory=list)
-    p99: list[float] = field(default_factory=list)
     idle: list[float] = field(default_factory=list)
     run_idle: list[float] = field(default_factory=list)
 
@@ -64,17 +61,7 @@ def _round(variant: _Variant, server: BenchServer, events: int, logs: Path) -> N
     try:
         time.sleep(_SETTLE)
         variant.idle.append(rss_mib(driver.process.pid))
-        driver.expect(1000)
-        server.stream(1000, _SEQ.take(1000))
-        driver.wait(timeout=30)
-        for _ in range(2):
-            rate, _, cpu = _drain(server, driver, events)
-            variant.rates.append(rate)
-            if cpu is not None:
-                variant.cpu_us.append(cpu)
-        latencies, _ = _latency(server, driver, _LATENCY_SECONDS)
-        if latencies:
-            variant.p99.append(percentile(latencies, 99))
+        variant.run(server, driver, events, _LATENCY_SECONDS)
     finally:
         driver.quit()
 
@@ -92,17 +79,17 @@ def rows(
     ours = [(DAEMON, "ours")]
     if _has_uvloop():
         ours.append((DAEMON_UVLOOP, "ours uvloop"))
-    variants = [_Variant("bare", BARE)]
+    variants = [_Variant(label="bare", client=BARE)]
     for client, label in ours:
-        variants.append(_Variant(label, client))
+        variants.append(_Variant(label=label, client=client))
     if before is not None:
-        variants.append(_Variant("before", DAEMON, before))
+        variants.append(_Variant(label="before", client=DAEMON, root=before))
     if no_calls:
         options = {"sippet": {"stable_after": 0.5}, "call_state": False}
         off = Client(DAEMON.key, DAEMON.label, "callstate.py", options=options)
-        variants.append(_Variant("ours, calls off", off))
+        variants.append(_Variant(label="ours, calls off", client=off))
         if before is not None:
-            variants.append(_Variant("before, calls off", off, before))
+            variants.append(_Variant(label="before, calls off", client=off, root=before))
     for index in range(rounds):
         shift = index % len(variants)
         for variant in variants[shift:] + variants[:shift]:
