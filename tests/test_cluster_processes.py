@@ -226,7 +226,7 @@ def spooled_events(state_dir: Path) -> int:
     return int(count)
 
 
-async def test_postgres_stopped_for_10_s_loses_nothing_runs_handlers_once_and_a_killed_instance_drains(
+async def test_postgres_stopped_10_s_loses_nothing_runs_handlers_once_a_killed_instance_drains(
     tmp_path: Path,
     fake: FakeSippet,
     postgres: PostgresServer,
