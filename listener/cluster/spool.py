@@ -299,7 +299,7 @@ class Spool:
 
     def _events(self, change: int) -> None:
         self.events += change
-        metrics.SPOOLED_EVENTS.set(self.events)
+        metrics.SPOOLED_EVENTS.inc(change)
 
     def _write_adds(
         self, items: list[tuple[Event, str, float]], written: asyncio.Future[None]

@@ -164,6 +164,9 @@ class _Family:
         self._labelnames = list(labelnames)
         self._cells: dict[tuple[str, ...], Any] = {}
         registry.register(self)
+        if not self._labelnames:
+            # Exposed as 0 from the start, as prometheus_client does with unlabelled metrics.
+            self._only()
 
     def _child(self, values: tuple[str, ...], named: dict[str, str]) -> Any:
         key = tuple(named[name] for name in self._labelnames) if named else values
@@ -230,6 +233,10 @@ class Gauge(_Family):
     def set(self, value: float) -> None:
         """Set an unlabelled gauge."""
         self._only().set(value)
+
+    def inc(self, amount: float = 1) -> None:
+        """Add ``amount`` (negative to take away) to an unlabelled gauge."""
+        self._only().inc(amount)
 
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import GaugeMetricFamily
