@@ -41,6 +41,7 @@ import secrets
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,10 +54,17 @@ __all__ = [
     "LOOP",
     "SIZES",
     "WEBHOOK_DAEMON",
+    "Bench",
     "Contender",
+    "Receiver",
     "Result",
+    "Seq",
     "Size",
+    "latency_figures",
     "measure",
+    "measure_round",
+    "new_secret",
+    "note",
     "table",
 ]
 
@@ -145,7 +153,7 @@ class Result:
         return statistics.median(self.rates) if self.rates else 0.0
 
 
-class _Receiver(Child):
+class Receiver(Child):
     def __init__(self, secret: str, server: str, log: Path) -> None:
         argv = [sys.executable, "-m", "bench.endtoend_receiver", secret, "--server", server]
         super().__init__(argv, log)
@@ -158,8 +166,21 @@ class _Receiver(Child):
     def wait(self, count: int, timeout: float) -> dict[str, Any]:
         return self.request({"cmd": "wait", "count": count, "timeout": timeout}, timeout + 60)
 
+    def wait_distinct(self, seqs: range, timeout: float) -> dict[str, Any]:
+        """Wait until every one of ``seqs`` arrived (or ``timeout`` passed): a double (two
+        instances of a cluster delivering one event) does not count for a missing one."""
+        deadline = time.monotonic() + timeout
+        asked = len(seqs)
+        while True:
+            answer = self.wait(asked, max(0.0, deadline - time.monotonic()))
+            records = answer["records"]
+            missing = len(set(seqs) - {record[0] for record in records})
+            if not missing or len(records) < asked or time.monotonic() >= deadline:
+                return answer
+            asked = len(records) + missing
 
-class _Seq:
+
+class Seq:
     def __init__(self) -> None:
         self.next = 0
 
@@ -168,7 +189,7 @@ class _Seq:
         return start
 
 
-def _note(result: Result, answer: dict[str, Any], seqs: range) -> list[list[Any]]:
+def note(result: Result, answer: dict[str, Any], seqs: range) -> list[list[Any]]:
     """Count what is missing or doubled; keep the signature check; return the records."""
     records: list[list[Any]] = answer["records"]
     seen = [record[0] for record in records]
@@ -180,13 +201,13 @@ def _note(result: Result, answer: dict[str, Any], seqs: range) -> list[list[Any]
 
 
 @dataclass(frozen=True, slots=True)
-class _Bench:
+class Bench:
     """What every round shares: the server, the receiver, the sizes, the numbering."""
 
     server: BenchServer
-    receiver: _Receiver
+    receiver: Receiver
     size: Size
-    seq: _Seq
+    seq: Seq
     logs: Path
     secret: str
 
@@ -202,52 +223,65 @@ class _Bench:
         )
 
 
-def _round(contender: Contender, result: Result, shared: _Bench) -> None:
-    server, receiver, size, seq = shared.server, shared.receiver, shared.size, shared.seq
+def _round(contender: Contender, result: Result, shared: Bench) -> None:
     driver = shared.driver(contender, f"e2e-{contender.key}.log")
     try:
-        receiver.reset()
-        start = seq.take(size.warmup)
-        server.stream(size.warmup, start)
-        _note(result, receiver.wait(size.warmup, 30), range(start, start + size.warmup))
-
-        count = size.drain_events
-        receiver.reset()
-        driver.pause()
-        try:
-            start = seq.take(count)
-            server.stream(count, start)
-            time.sleep(_SETTLE)
-            cpu = cpu_seconds(driver.pid)
-            resumed = time.time()
-        finally:
-            driver.resume()
-        answer = receiver.wait(count, 60 + count / 200)
-        cpu = cpu_seconds(driver.pid) - cpu
-        records = _note(result, answer, range(start, start + count))
-        if records:
-            last = max(arrived for _, _, arrived in records)
-            result.rates.append(len(records) / (last - resumed))
-            result.cpu_us.append(cpu * 1e6 / len(records))
-            result.receiver_cpu_us.append(answer["cpu"] * 1e6 / len(records))
-
-        count = int(_LATENCY_RATE * size.latency_seconds)
-        receiver.reset()
-        start = seq.take(count)
-        server.stream(count, start, rate=_LATENCY_RATE)
-        answer = receiver.wait(count, 10)
-        lost = result.lost
-        records = _note(result, answer, range(start, start + count))
-        result.latency_lost += result.lost - lost
-        latencies = [(arrived - ts) * 1000 for _, ts, arrived in records]
-        if latencies:
-            result.latency_ms += latencies
-            result.latency_p99s.append(percentile(latencies, 99))
+        measure_round([driver], result, shared)
     finally:
         driver.quit()
 
 
-def _backlog(contender: Contender, result: Result, shared: _Bench) -> None:
+def measure_round(drivers: Sequence[Driver], result: Result, shared: Bench) -> None:
+    """Warm-up, drain and latency (see the module's docstring) into ``result``, every one of
+    ``drivers`` reading the server (the instances of one cluster, or a forwarder alone);
+    CPU is theirs together."""
+    server, receiver, size, seq = shared.server, shared.receiver, shared.size, shared.seq
+    receiver.reset()
+    start = seq.take(size.warmup)
+    server.stream(size.warmup, start)
+    seqs = range(start, start + size.warmup)
+    note(result, receiver.wait_distinct(seqs, 30), seqs)
+
+    count = size.drain_events
+    receiver.reset()
+    for driver in drivers:
+        driver.pause()
+    try:
+        start = seq.take(count)
+        server.stream(count, start)
+        time.sleep(_SETTLE)
+        cpu = sum(cpu_seconds(driver.pid) for driver in drivers)
+        resumed = time.time()
+    finally:
+        for driver in drivers:
+            driver.resume()
+    seqs = range(start, start + count)
+    answer = receiver.wait_distinct(seqs, 60 + count / 200)
+    cpu = sum(cpu_seconds(driver.pid) for driver in drivers) - cpu
+    records = note(result, answer, seqs)
+    if records:
+        last = max(arrived for _, _, arrived in records)
+        # Events delivered, a double counted once.
+        result.rates.append(len({record[0] for record in records}) / (last - resumed))
+        result.cpu_us.append(cpu * 1e6 / len(records))
+        result.receiver_cpu_us.append(answer["cpu"] * 1e6 / len(records))
+
+    count = int(_LATENCY_RATE * size.latency_seconds)
+    receiver.reset()
+    start = seq.take(count)
+    server.stream(count, start, rate=_LATENCY_RATE)
+    seqs = range(start, start + count)
+    answer = receiver.wait_distinct(seqs, 10)
+    lost = result.lost
+    records = note(result, answer, seqs)
+    result.latency_lost += result.lost - lost
+    latencies = [(arrived - ts) * 1000 for _, ts, arrived in records]
+    if latencies:
+        result.latency_ms += latencies
+        result.latency_p99s.append(percentile(latencies, 99))
+
+
+def _backlog(contender: Contender, result: Result, shared: Bench) -> None:
     """The backlog after an outage (see the module's docstring); figures in ``result``."""
     server, receiver, size, seq = shared.server, shared.receiver, shared.size, shared.seq
     handler = {
@@ -278,7 +312,7 @@ def _backlog(contender: Contender, result: Result, shared: _Bench) -> None:
         up = time.time()
         answer = receiver.wait(count, 60 + count / 200)
         wal = driver.stats()["wal_bytes"]
-        records = _note(result, answer, range(start, start + count))
+        records = note(result, answer, range(start, start + count))
         arrivals = sorted(arrived for _, _, arrived in records)
         if arrivals:
             result.backlog = {
@@ -295,7 +329,7 @@ def _backlog(contender: Contender, result: Result, shared: _Bench) -> None:
         driver.quit()
 
 
-def _secret() -> str:
+def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
@@ -320,7 +354,7 @@ def measure(
     size = SIZES[mode]
     if rounds is not None:
         size = dataclasses.replace(size, rounds=rounds)
-    secret = _secret()
+    secret = new_secret()
     contenders = tuple(
         Contender(c.key, c.label, c.script, {**c.options, **(daemon_options or {})})
         if c is WEBHOOK_DAEMON
@@ -337,12 +371,12 @@ def measure(
         for index, (label, options) in enumerate((variants or {}).items(), 1)
     )
     results = {c.key: Result(c) for c in contenders}
-    seq = _Seq()
+    seq = Seq()
     server = BenchServer(logs / "e2e-server.log")
     try:
         server.call("/configure", {"token_ttl": 3600})
-        receiver = _Receiver(secret, receiver_server, logs / "e2e-receiver.log")
-        shared = _Bench(server, receiver, size, seq, logs, secret)
+        receiver = Receiver(secret, receiver_server, logs / "e2e-receiver.log")
+        shared = Bench(server, receiver, size, seq, logs, secret)
         try:
             for index in range(size.rounds):
                 shift = index % len(contenders)
@@ -372,6 +406,16 @@ def measure(
 
 def _n(value: float) -> str:
     return f"{value:,.0f}"
+
+
+def latency_figures(r: Result) -> str:
+    """The latency phase's p50 / p99 / max over every run, each run's p99, what was lost."""
+    p50, p99 = percentile(r.latency_ms, 50), percentile(r.latency_ms, 99)
+    per_run = ", ".join(f"{value:.1f}" for value in r.latency_p99s)
+    lost = f"; {r.latency_lost} lost" if r.latency_lost else ""
+    return (
+        f"p50 {p50:.2f} / p99 {p99:.2f} / max {max(r.latency_ms):.2f} (p99 per run {per_run}){lost}"
+    )
 
 
 def table(results: list[Result], mode: str) -> list[tuple[str, str, str, str, str]]:
@@ -420,13 +464,8 @@ def table(results: list[Result], mode: str) -> list[tuple[str, str, str, str, st
         if not r.latency_ms:
             rows.append((latency, label, f"failed: {r.error}", "", ""))
             continue
-        p50, p99 = percentile(r.latency_ms, 50), percentile(r.latency_ms, 99)
-        per_run = ", ".join(f"{value:.1f}" for value in r.latency_p99s)
-        lost = f"; {r.latency_lost} lost" if r.latency_lost else ""
-        figures = (
-            f"p50 {p50:.2f} / p99 {p99:.2f} / max {max(r.latency_ms):.2f}"
-            f" (p99 per run {per_run}){lost}"
-        )
+        p99 = percentile(r.latency_ms, 99)
+        figures = latency_figures(r)
         reference = (
             "reference"
             if r.contender.key == LOOP.key

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.endtoend import LOOP, SIZES, WEBHOOK_DAEMON, Contender, _Receiver, _Seq
+from bench.endtoend import LOOP, SIZES, WEBHOOK_DAEMON, Contender, Receiver, Seq
 from bench.procs import BenchServer, Driver, cpu_seconds
 from bench.profile import Profile, record
 from bench.scenarios import percentile
@@ -100,8 +100,8 @@ class CpuProfile:
 def _flood(
     contender: Contender,
     server: BenchServer,
-    receiver: _Receiver,
-    seq: _Seq,
+    receiver: Receiver,
+    seq: Seq,
     seconds: float,
     rate_guess: float,
     logs: Path,
@@ -158,14 +158,14 @@ def _flood(
 
 def cpu_profile(mode: str, logs: Path, seconds: float) -> list[CpuProfile]:
     """py-spy on the reference loop and on the daemon, each draining a flood."""
-    from bench.endtoend import _secret
+    from bench.endtoend import new_secret
 
-    secret = _secret()
-    seq = _Seq()
+    secret = new_secret()
+    seq = Seq()
     server = BenchServer(logs / "e2e-profile-server.log")
     try:
         server.call("/configure", {"token_ttl": 3600})
-        receiver = _Receiver(secret, "lean", logs / "e2e-profile-receiver.log")
+        receiver = Receiver(secret, "lean", logs / "e2e-profile-receiver.log")
         try:
             return [
                 _flood(LOOP, server, receiver, seq, seconds, 8000, logs, secret),
@@ -221,17 +221,17 @@ _PATH = (
 @contextmanager
 def _traced(
     name: str, mode: str, logs: Path, options: dict[str, Any] | None
-) -> Iterator[tuple[BenchServer, _Receiver, Driver, _Seq]]:
+) -> Iterator[tuple[BenchServer, Receiver, Driver, Seq]]:
     """The three processes with the traced daemon, warmed up; logs named ``e2e-{name}-*``."""
-    from bench.endtoend import _secret
+    from bench.endtoend import new_secret
 
     size = SIZES[mode]
-    secret = _secret()
-    seq = _Seq()
+    secret = new_secret()
+    seq = Seq()
     server = BenchServer(logs / f"e2e-{name}-server.log")
     try:
         server.call("/configure", {"token_ttl": 3600})
-        receiver = _Receiver(secret, "lean", logs / f"e2e-{name}-receiver.log")
+        receiver = Receiver(secret, "lean", logs / f"e2e-{name}-receiver.log")
         try:
             driver = Driver(
                 WEBHOOK_DAEMON.label,

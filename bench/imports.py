@@ -77,7 +77,7 @@ def _config(server: BenchServer, state_dir: str) -> Path:
 
 
 def _run_joined(
-    server: BenchServer, argv_prefix: list[str], loop: str, log: Path
+    server: BenchServer, argv_prefix: list[str], loop: str, log: Path, root: Path = ROOT
 ) -> tuple[float, str]:
     """Start ``run``, wait until it joined and settled; (RSS MiB, its stderr)."""
     with tempfile.TemporaryDirectory(prefix="sippet-bench-idle-") as state_dir:
@@ -87,7 +87,7 @@ def _run_joined(
         with log.open("w+b") as err:
             process = subprocess.Popen(
                 [*argv_prefix, "-m", "listener.service.cli", "run", "-c", str(config)],
-                cwd=ROOT,
+                cwd=root,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=err,
@@ -115,12 +115,19 @@ def _run_joined(
 
 
 def idle_run(
-    server: BenchServer, logs: Path, loop: str = "asyncio", python: Path | None = None
+    server: BenchServer,
+    logs: Path,
+    loop: str = "asyncio",
+    python: Path | None = None,
+    *,
+    root: Path = ROOT,
 ) -> float:
-    """RSS (MiB) of ``sippet-listener run`` with a minimal configuration, joined and idle."""
+    """RSS (MiB) of ``sippet-listener run`` with a minimal configuration, joined and idle
+    (``root``: the tree whose ``listener`` runs, the working directory being first on the
+    path of ``python -m``)."""
     interpreter = str(python or sys.executable)
-    log = logs / f"idle-run-{Path(interpreter).parent.parent.name}-{loop}.log"
-    rss, _ = _run_joined(server, [interpreter], loop, log)
+    log = logs / f"idle-run-{Path(interpreter).parent.parent.name}-{loop}-{root.name}.log"
+    rss, _ = _run_joined(server, [interpreter], loop, log, root)
     return rss
 
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import statistics
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.peers import DAEMON, DAEMON_UVLOOP, Client
 from bench.procs import ROOT, BenchServer, Driver
-from bench.scenarios import _SEQ, _drain, _latency, percentile
+from bench.scenarios import Rounds
 
 __all__ = ["ROUNDS", "rows"]
 
@@ -26,18 +26,15 @@ ROUNDS = {"smoke": (1, 500), "quick": (4, 10_000), "full": (6, 20_000)}
 _LATENCY_SECONDS = 3.0
 
 
-@dataclass
-class _Loop:
+@dataclass(kw_only=True)
+class _Loop(Rounds):
     client: Client
-    rates: list[float] = field(default_factory=list)
-    cpu_us: list[float] = field(default_factory=list)
-    p99: list[float] = field(default_factory=list)
 
 
 def rows(server: BenchServer, mode: str, logs: Path) -> list[tuple[str, str, str, str, str]]:
     """(measure, client, result, reference, target): asyncio's row first, uvloop's against it."""
     rounds, events = ROUNDS[mode]
-    loops = (_Loop(DAEMON), _Loop(DAEMON_UVLOOP))
+    loops = (_Loop(client=DAEMON), _Loop(client=DAEMON_UVLOOP))
     for round_ in range(rounds):
         for loop in loops if round_ % 2 == 0 else loops[::-1]:
             client = loop.client
@@ -45,17 +42,7 @@ def rows(server: BenchServer, mode: str, logs: Path) -> list[tuple[str, str, str
             driver = Driver(client.label, Path(sys.executable), client.script, server, log,
                             client.options)  # fmt: skip
             try:
-                driver.expect(1000)
-                server.stream(1000, _SEQ.take(1000))
-                driver.wait(timeout=30)
-                for _ in range(2):
-                    rate, _, cpu = _drain(server, driver, events)
-                    loop.rates.append(rate)
-                    if cpu is not None:
-                        loop.cpu_us.append(cpu)
-                latencies, _ = _latency(server, driver, _LATENCY_SECONDS)
-                if latencies:
-                    loop.p99.append(percentile(latencies, 99))
+                loop.run(server, driver, events, _LATENCY_SECONDS)
             finally:
                 driver.quit()
     base = loops[0]

@@ -150,10 +150,14 @@ class Driver(Child):
         server: BenchServer,
         log: Path,
         options: dict[str, Any] | None = None,
+        *,
+        root: Path = ROOT,
     ) -> None:
+        # Another tree (``bench.hotpath --before``): its driver, and its ``listener`` first.
+        env = None if root == ROOT else {"PYTHONPATH": str(root)}
         argv = [
             str(python),
-            str(ROOT / "bench" / "drivers" / script),
+            str(root / "bench" / "drivers" / script),
             "--base-url",
             server.base_url,
             "--api-key",
@@ -161,7 +165,7 @@ class Driver(Child):
             "--options",
             json.dumps(options or {}),
         ]
-        super().__init__(argv, log)
+        super().__init__(argv, log, env=env)
         self.name = name
         self.ready = self.read(timeout=60)
 

@@ -26,6 +26,7 @@ __all__ = [
     "Footprint",
     "Mode",
     "Rotation",
+    "Rounds",
     "SocketResult",
     "Webhooks",
     "footprint",
@@ -139,6 +140,31 @@ def _latency(server: BenchServer, driver: Driver, seconds: float) -> tuple[list[
     server.stream(count, _SEQ.take(count), rate=_LATENCY_RATE)
     records = driver.wait(timeout=10)["records"]
     return [(received - ts) * 1000 for _, ts, received in records], count - len(records)
+
+
+@dataclass
+class Rounds:
+    """What the interleaved A/Bs (``bench.loops``, ``bench.hotpath``) gather of one client:
+    each drain's rate and CPU µs per event, each round's latency p99 (ms)."""
+
+    rates: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)
+    p99: list[float] = field(default_factory=list)
+
+    def run(self, server: BenchServer, driver: Driver, events: int, seconds: float) -> None:
+        """One round of a fresh driver: a warm-up of 1,000, 2 drains of ``events``,
+        ``seconds`` at 500/s."""
+        driver.expect(1000)
+        server.stream(1000, _SEQ.take(1000))
+        driver.wait(timeout=30)
+        for _ in range(2):
+            rate, _, cpu = _drain(server, driver, events)
+            self.rates.append(rate)
+            if cpu is not None:
+                self.cpu_us.append(cpu)
+        latencies, _ = _latency(server, driver, seconds)
+        if latencies:
+            self.p99.append(percentile(latencies, 99))
 
 
 def socket_client(

@@ -78,11 +78,13 @@ def _free_port() -> int:
 
 @dataclass
 class PostgresServer:
-    """A running server: connect as ``postgres`` over TCP on loopback, no password."""
+    """A running server: connect as ``postgres`` over TCP on loopback, with the password."""
 
     port: int
     process: subprocess.Popen[bytes]
     directory: Path
+    # How to start it again (see halt() and resume()).
+    command: list[str]
 
     def url(self, database: str = "postgres") -> str:
         """A URL for ``database``, with the password."""
@@ -94,15 +96,58 @@ class PostgresServer:
             conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
         return self.url(name)
 
-    def stop(self) -> None:
-        """Stop the server at once (SIGQUIT: immediate shutdown) and remove its files."""
+    def halt(self) -> None:
+        """Stop the server as an operator would (SIGINT: fast shutdown: sessions are ended,
+        and what was committed is written, ``synchronous_commit=off`` or not), keeping its
+        files: :meth:`resume` starts it again."""
+        self._end(signal.SIGINT)
+
+    def _end(self, signum: int) -> None:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGQUIT)
+            self.process.send_signal(signum)
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def resume(self, timeout: float = 30.0) -> None:
+        """Start the halted server again, on the same port and data directory, and wait
+        until it answers. Call it from the main thread: the server gets its
+        ``PR_SET_PDEATHSIG`` when the thread that started it ends, not only the process.
+
+        Raises:
+            RuntimeError: it did not start (with its log).
+        """
+        assert self.process.poll() is not None, "the server is running"
+        self.process = _launch(self.command, self.directory / "server.log")
+        self.wait_until_up(timeout)
+
+    def wait_until_up(self, timeout: float) -> None:
+        """Wait until the server answers.
+
+        Raises:
+            RuntimeError: it ended, or did not answer within ``timeout`` seconds (with its
+                log).
+        """
+        log = self.directory / "server.log"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with psycopg.connect(self.url(), connect_timeout=2):
+                    return
+            except psycopg.OperationalError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.process.kill()
+                    self.process.wait()
+                    raise RuntimeError(
+                        f"PostgreSQL did not start: {log.read_text(errors='replace')[-2000:]}"
+                    ) from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop the server at once (SIGQUIT: immediate shutdown) and remove its files."""
+        self._end(signal.SIGQUIT)
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -188,23 +233,12 @@ def _start(
     settings = ["listen_addresses=127.0.0.1", f"port={port}", f"unix_socket_directories={sockets}"]
     settings += ["max_connections=200", *_FAST]
     options = [part for setting in settings for part in ("-c", setting)]
+    command = [*prefix, str(binaries / "postgres"), "-D", str(data), *options]
+    server = PostgresServer(port, _launch(command, log), directory, command)
+    server.wait_until_up(timeout)
+    return server
+
+
+def _launch(command: list[str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        process = subprocess.Popen(
-            [*prefix, str(binaries / "postgres"), "-D", str(data), *options],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    server = PostgresServer(port, process, directory)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with psycopg.connect(server.url(), connect_timeout=2):
-                return server
-        except psycopg.OperationalError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                process.wait()
-                raise RuntimeError(
-                    f"PostgreSQL did not start: {log.read_text(errors='replace')[-2000:]}"
-                ) from None
-            time.sleep(0.05)
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)

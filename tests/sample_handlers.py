@@ -83,17 +83,20 @@ async def tagged(event: Event, ctx: Context[None]) -> None:
 
 class Journal(Handler):
     """Appends ``start <pid> <id>`` to ``path``, then ``done <pid> <id>`` after ``delay``
-    seconds: which process ran what, as another process sees it."""
+    seconds: which process ran what, as another process sees it. With ``field``, each line
+    ends with that payload field too."""
 
     class Config(BaseModel):
         model_config = ConfigDict(extra="forbid")
         path: str
         delay: float = 0.0
+        field: str | None = None
 
     def _write(self, what: str, event: Event) -> None:
+        extra = "" if self.config.field is None else f" {event.field(self.config.field)}"
         # One short O_APPEND write per line: lines of several processes never interleave.
         with open(self.config.path, "a", encoding="utf-8") as journal:
-            journal.write(f"{what} {os.getpid()} {event.id}\n")
+            journal.write(f"{what} {os.getpid()} {event.id}{extra}\n")
 
     async def handle(self, event: Event, ctx: Context) -> None:
         self._write("start", event)

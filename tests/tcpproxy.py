@@ -46,6 +46,12 @@ class FreezableProxy:
     def thaw(self) -> None:
         self._flowing.set()
 
+    def cut(self) -> None:
+        """Close every connection open now (a server restarted, a link reset; with
+        ``refusing``: a server gone)."""
+        for task in list(self._tasks):
+            task.cancel()
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.refusing:
             writer.close()

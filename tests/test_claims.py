@@ -11,14 +11,16 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from listener.cluster.claims import Claims
+from listener.cluster.claims import ClaimRefused, Claims
 from listener.cluster.database import make_pool
+from listener.cluster.spool import Spool
 from listener.cluster.store import SharedStore
 from listener.cluster.url import StoreUrl
 from listener.core import metrics
 from listener.core.events import Event
 from listener.dispatch.dispatcher import Dispatcher, HandlerRunner, RunnerSettings
 from listener.dispatch.handler import Context, FunctionHandler
+from listener.service.status_view import view
 from listener.testing import FakeSippet, running_daemon, settle
 from tests.tcpproxy import proxied
 
@@ -27,19 +29,28 @@ def event(n: int) -> Event:
     return Event("transcript_delta", {"seq": n}, "events", 0.0, id=f"evt_{n}")
 
 
+async def opened(path: Path) -> Spool:
+    spool = Spool(path)
+    await spool.open()
+    return spool
+
+
 async def test_three_instances_claiming_the_same_events_each_get_a_disjoint_share(
-    store: StoreUrl,
+    store: StoreUrl, tmp_path: Path
 ) -> None:
     pools = [make_pool(store, size=4) for _ in range(3)]
     for pool in pools:
         await pool.open(wait=True)
     try:
-        instances = [Claims(pool, store, holder) for pool, holder in zip(pools, "abc", strict=True)]
+        instances = [
+            Claims(pool, store, holder, await opened(tmp_path / holder))
+            for pool, holder in zip(pools, "abc", strict=True)
+        ]
         keys = [(event(n), handler) for n in range(150) for handler in ("log", "rpc")]
         # All ask for every (event, handler) at once, each in an order of its own, as
         # instances hearing one stream do: their batches overlap in every way (and must
         # never deadlock).
-        asks: list[tuple[str, str, Awaitable[bool]]] = []
+        asks: list[tuple[str, str, Awaitable[bool | None]]] = []
         for seed, claims in enumerate(instances):
             mine = list(keys)
             random.Random(seed).shuffle(mine)
@@ -100,54 +111,80 @@ async def test_two_daemons_on_one_store_run_each_handler_once_per_event(
     assert skipped.value - skipped_before == 90
 
 
-async def test_while_the_store_does_not_answer_handlers_run_without_a_wait_per_event(
+async def test_while_the_store_is_down_claims_wait_in_the_spool_and_run_once_when_it_is_back(
     store: StoreUrl, tmp_path: Path
 ) -> None:
+    handled: list[tuple[str, str]] = []
     async with proxied(store) as (proxy, via):
-        pool = make_pool(via, size=1, connect_timeout=2)
-        await pool.open(wait=True)
-        seen: list[str] = []
+        pools = [make_pool(via, size=1, connect_timeout=2) for _ in "ab"]
+        claims: list[Claims] = []
+        dispatchers: list[Dispatcher] = []
+        drains: list[asyncio.Task[None]] = []
+        for pool, name in zip(pools, "ab", strict=True):
+            await pool.open(wait=True)
 
-        async def record(ev: Event, ctx: Context[None]) -> None:
-            seen.append(ev.id)
+            async def record(ev: Event, ctx: Context[None], name: str = name) -> None:
+                handled.append((name, ev.id))
 
-        def instance() -> Dispatcher:
+            claims.append(Claims(pool, via, name, await opened(tmp_path / name), timeout=0.3))
             runner = HandlerRunner(
                 FunctionHandler(record, name="audit"),
                 RunnerSettings("audit", concurrency=1),
                 Context(rpc=None, config=None, name="audit", state_dir=tmp_path),  # type: ignore[arg-type]
-                Claims(pool, via, "a", timeout=0.3),
+                claims[-1],
             )
-            dispatcher = Dispatcher([runner])
-            dispatcher.start()
-            return dispatcher
+            dispatchers.append(Dispatcher([runner]))
+            dispatchers[-1].start()
 
-        first, second = instance(), instance()
+            async def redeliver(ev: Event, handler: str, runner: HandlerRunner = runner) -> None:
+                assert handler == "audit"
+                await (runner.offer(ev) or asyncio.sleep(0))
+
+            drains.append(asyncio.create_task(claims[-1].drain(redeliver)))
         try:
-            first.submit(event(1))
-            await first.drain()
-            proxy.freeze()
+            for dispatcher in dispatchers:
+                dispatcher.submit(event(1))
+                await dispatcher.drain()
+            proxy.refusing = True
+            proxy.cut()
             # One handler at a time: each unanswered claim waiting its 0.3 s would take 6 s.
-            for n in range(2, 22):
-                first.submit(event(n))
             async with asyncio.timeout(2):
-                await first.drain()
-            # Better twice than never: the unanswered claims still ran the handler.
-            assert seen == [f"evt_{n}" for n in range(1, 22)]
-            # Back in touch, another instance hearing the first event is told no.
-            proxy.thaw()
-            second.submit(event(1))
-            await second.drain()
-            assert len(seen) == 21
-            await first.stop(1)
-            await second.stop(1)
+                for dispatcher in dispatchers:
+                    for n in range(2, 22):
+                        dispatcher.submit(event(n))
+                    await dispatcher.drain()
+            # Nobody can tell who takes them: nobody runs them, each instance keeps them.
+            assert handled == [("a", "evt_1")]
+            assert [c.down for c in claims] == [True, True]
+            assert [(c.spool.events, c.spool.entries) for c in claims] == [(20, 20), (20, 20)]
+            proxy.refusing = False
+            async with asyncio.timeout(10):
+                # The spools have no event for being empty: nothing else waits for one.
+                while any(c.spool.entries for c in claims):  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+                for dispatcher in dispatchers:
+                    await dispatcher.drain()
+            assert not any(c.down for c in claims)
         finally:
-            proxy.thaw()
-            await pool.close()
+            proxy.refusing = False
+            for task in drains:
+                task.cancel()
+            for dispatcher in dispatchers:
+                await dispatcher.stop(1)
+            for each in claims:
+                await each.close()
+                await each.spool.close()
+            for pool in pools:
+                await pool.close()
+    # Each event handled once between them, and each instance took its share in order.
+    assert sorted(ev_id for _, ev_id in handled) == sorted(f"evt_{n}" for n in range(1, 22))
+    for name in "ab":
+        mine = [int(ev_id[4:]) for who, ev_id in handled if who == name]
+        assert mine == sorted(mine), str(handled)
 
 
-async def test_prune_forgets_old_events_with_their_claims(store: StoreUrl) -> None:
-    shared = SharedStore(store, holder="a")
+async def test_prune_forgets_old_events_with_their_claims(store: StoreUrl, tmp_path: Path) -> None:
+    shared = SharedStore(store, tmp_path / "spool", holder="a")
     await shared.open()
     try:
         for n in range(3):
@@ -167,14 +204,17 @@ async def test_prune_forgets_old_events_with_their_claims(store: StoreUrl) -> No
         await shared.close()
 
 
-async def test_a_claim_lapsed_unfinished_is_found_and_taken_over_once(store: StoreUrl) -> None:
+async def test_a_claim_lapsed_unfinished_is_found_and_taken_over_once(
+    store: StoreUrl, tmp_path: Path
+) -> None:
     pools = [make_pool(store, size=2), make_pool(store, size=2)]
     for pool in pools:
         await pool.open(wait=True)
     try:
-        dead, alive = (
-            Claims(pool, store, name, grace=0.3) for pool, name in zip(pools, "ab", strict=True)
-        )
+        dead, alive = [
+            Claims(pool, store, name, await opened(tmp_path / name), grace=0.3)
+            for pool, name in zip(pools, "ab", strict=True)
+        ]
         lapsing, finished = event(1), event(2)
         assert await dead.claim(lapsing, "audit", 0)
         assert await dead.claim(finished, "audit", 0)
@@ -240,7 +280,7 @@ async def test_a_gap_both_instances_shared_is_reconciled_by_each_and_handled_onc
     ]
 
 
-async def test_a_daemon_started_while_the_store_is_down_runs_and_uses_it_once_it_is_up(
+async def test_a_daemon_started_while_the_store_is_down_spools_from_the_first_event(
     fake: FakeSippet, store: StoreUrl
 ) -> None:
     seen: list[str] = []
@@ -255,17 +295,45 @@ async def test_a_daemon_started_while_the_store_is_down_runs_and_uses_it_once_it
             shared = daemon.store
             assert shared is not None
             assert not shared.ready.is_set()
-            assert "store not answering" in daemon.status_line()
-            # Without the store the handler runs all the same (no claim to take).
+            # Nobody could say whether another instance takes it: it waits.
             await fake.broadcast("transcript_delta", {"n": 1})
             await settle(daemon, 1)
+            assert seen == []
+            assert "store not answering; 1 events spooled" in daemon.status_line()
+            assert daemon.readiness() == (True, "joined; store not answering; 1 events spooled")
+            page = dict(
+                (row[0], row[1])
+                for row in view(daemon.board.snapshot(), admin=False)["tables"]["link"]
+            )
+            assert page["Shared store"] == {"t": "not answering; 1 events spooled", "c": "bad"}
             proxy.refusing = False
             async with asyncio.timeout(15):
                 await shared.ready.wait()
+                while shared.claims.spool.entries:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
             await fake.broadcast("transcript_delta", {"n": 2})
             await settle(daemon, 2)
-            assert "store not answering" not in daemon.status_line()
+            assert "store" not in daemon.status_line()
+            assert daemon.readiness() == (True, "joined")
     assert len(seen) == 2
     async with await psycopg.AsyncConnection.connect(store.conninfo) as conn:
-        claimed = await (await conn.execute("SELECT event_id FROM sippet_claims")).fetchall()
-    assert claimed == [(seen[1],)]
+        rows = await (await conn.execute("SELECT event_id FROM sippet_claims")).fetchall()
+    assert sorted(row[0] for row in rows) == sorted(seen)
+
+
+async def test_a_claim_the_store_refuses_outright_is_neither_spooled_nor_retried(
+    store: StoreUrl, tmp_path: Path
+) -> None:
+    pool = make_pool(store, size=1)
+    await pool.open(wait=True)
+    claims = Claims(pool, store, "a", await opened(tmp_path / "a"))
+    try:
+        # No text in PostgreSQL holds a NUL: no later attempt could do better.
+        with pytest.raises(ClaimRefused):
+            await claims.claim(event(1), "bad\x00name", 30)
+        assert (claims.down, claims.spool.entries) == (False, 0)
+        assert await claims.claim(event(1), "audit", 30)
+    finally:
+        await claims.close()
+        await claims.spool.close()
+        await pool.close()

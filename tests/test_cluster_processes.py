@@ -1,36 +1,57 @@
-"""Two real daemon processes on one PostgreSQL store, restarted one at a time under a stream:
-the webhook receiver gets every event once, under one webhook-id."""
+"""Two real daemon processes on one PostgreSQL store, under a stream: restarted one at a time,
+or with the store stopped for 10 s (one of them SIGKILLed meanwhile), the webhook receiver
+gets every event under one webhook-id, and a handler runs once per event (a delivery the
+killed instance could not record goes out again under its id: at least once)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
 import signal
+import sqlite3
+import time
 from collections import Counter
 from pathlib import Path
 
+import psycopg
 import pytest
 
+from listener.cluster.spool import SPOOL_FILE
 from listener.cluster.url import StoreUrl
 from listener.testing import FakeSippet
 from listener.testing.receiver import WebhookReceiver
+from tests.postgres import PostgresServer
 from tests.test_service import ServiceProcess
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 EVENTS = 300
 
 
+def instances_of(
+    tmp_path: Path,
+    fake: FakeSippet,
+    handlers: str,
+    extra: str = "",
+    count: int = 2,
+    log_level: str = "debug",
+) -> list[ServiceProcess]:
+    """``count`` daemons (not started) with the same configuration, each its own state dir."""
+    instances = []
+    for name in "abcdefgh"[:count]:
+        (tmp_path / name).mkdir()
+        instance = ServiceProcess(tmp_path / name, fake)
+        instance.write_config(handlers, extra=extra, log_level=log_level)
+        instances.append(instance)
+    return instances
+
+
 def two_instances(
     tmp_path: Path, fake: FakeSippet, handlers: str, extra: str = ""
 ) -> list[ServiceProcess]:
     """Two daemons (not started) with the same configuration, each its own state dir."""
-    instances = []
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        instance = ServiceProcess(tmp_path / name, fake)
-        instance.write_config(handlers, extra=extra)
-        instances.append(instance)
-    return instances
+    return instances_of(tmp_path, fake, handlers, extra)
 
 
 async def start_all(instances: list[ServiceProcess]) -> None:
@@ -122,3 +143,197 @@ async def test_an_instance_killed_mid_handle_leaves_the_event_to_another(
         ["start", str(survivor.process.pid), event_id],
         ["done", str(survivor.process.pid), event_id],
     ]
+
+
+async def test_deliveries_held_by_a_killed_instance_go_out_from_the_other_under_their_ids(
+    tmp_path: Path, fake: FakeSippet, store: StoreUrl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SIPPET_STORE_URL", store.conninfo)
+    count = 6
+    async with WebhookReceiver() as receiver:
+        # Hung: every attempt stays in flight, its row leased by the instance attempting it.
+        receiver.respond_with(200, delay=60)
+        hook = f'[[handlers]]\nuse = "webhook"\nname = "crm"\nurl = "{receiver.url}"\n'
+        hook += f'secret = "{SECRET}"\nmax_probe_interval = 0.2\n'
+        lease = "[store]\nlease_ttl = 2.0\nlease_renew = 0.5\n"
+        instances = two_instances(tmp_path, fake, hook, lease)
+        try:
+            await start_all(instances)
+            for n in range(count):
+                await fake.broadcast("call_started", {"callUuid": f"c{n}", "seq": n})
+            await receiver.wait_for(count, timeout=10)
+            held = await _holders(store)
+            assert sum(len(ids) for ids in held.values()) == count
+            # The holder's pid is its name's second part (host:pid:random).
+            victim_pid, victim_ids = max(held.items(), key=lambda item: len(item[1]))
+            victim = next(i for i in instances if i.process and i.process.pid == victim_pid)
+            survivor = next(i for i in instances if i is not victim)
+            assert victim.process is not None
+            victim.process.kill()
+            await victim.process.wait()
+            # Down: the survivor's own attempts get a 503 and it probes; the victim's leases
+            # pass meanwhile.
+            await receiver.down()
+            await asyncio.sleep(2.5)
+            back = time.time()
+            receiver.respond_with(200)
+            await receiver.up()
+            await receiver.wait_until(
+                lambda requests: (
+                    len({r.headers["webhook-id"] for r in requests if r.received_at >= back})
+                    >= count
+                ),
+                timeout=20,
+            )
+            await asyncio.sleep(0.5)
+            assert survivor.process is not None
+            assert survivor.process.returncode is None
+        finally:
+            for instance in instances:
+                await instance.stop()
+    first = [r.headers["webhook-id"] for r in receiver.requests[:count]]
+    after = Counter(r.headers["webhook-id"] for r in receiver.requests if r.received_at >= back)
+    assert sorted(after) == sorted(first)
+    assert set(after.values()) == {1}
+    assert victim_ids <= set(after)
+    async with await psycopg.AsyncConnection.connect(store.conninfo) as conn:
+        rows = await (
+            await conn.execute(
+                "SELECT count(*) FROM sippet_deliveries WHERE delivered_at IS NOT NULL"
+            )
+        ).fetchone()
+    assert rows == (count,)
+
+
+async def _holders(store: StoreUrl) -> dict[int, set[str]]:
+    """The msg ids each process holds under a live lease, by pid."""
+    async with await psycopg.AsyncConnection.connect(store.conninfo) as conn:
+        rows = await (
+            await conn.execute(
+                "SELECT holder, msg_id FROM sippet_deliveries WHERE lease_until > now()"
+            )
+        ).fetchall()
+    held: dict[int, set[str]] = {}
+    for holder, msg_id in rows:
+        held.setdefault(int(holder.split(":")[1]), set()).add(msg_id)
+    return held
+
+
+def spooled_events(state_dir: Path) -> int:
+    """The events waiting in an instance's spool, read as an operator would (sqlite3)."""
+    with contextlib.closing(sqlite3.connect(state_dir / SPOOL_FILE)) as spool:
+        (count,) = spool.execute("SELECT count(*) FROM events").fetchone()
+    return int(count)
+
+
+async def test_postgres_stopped_10_s_loses_nothing_runs_handlers_once_a_killed_instance_drains(
+    tmp_path: Path,
+    fake: FakeSippet,
+    postgres: PostgresServer,
+    store: StoreUrl,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SIPPET_STORE_URL", store.conninfo)
+    journal = tmp_path / "journal.txt"
+    journal.touch()
+    # 1 s before the store stops, 10 s without it, and about 1.5 s after it is back.
+    events = 1250
+    async with WebhookReceiver() as receiver:
+        handlers = (
+            f'[[handlers]]\nuse = "tests.sample_handlers:Journal"\nname = "journal"\n'
+            f'path = "{journal}"\nfield = "seq"\n'
+            f'[[handlers]]\nuse = "webhook"\nname = "crm"\nurl = "{receiver.url}"\n'
+            f'secret = "{SECRET}"\n'
+        )
+        instances = two_instances(tmp_path, fake, handlers, "[store]\nconnect_timeout = 1.0\n")
+        a, b = instances
+        try:
+            for instance in instances:
+                # A watchdog of 1 s refreshes STATUS= every 0.5 s.
+                await instance.start(watchdog_usec=1_000_000)
+            for instance in instances:
+                await instance.message("READY=1", timeout=20)
+            sent = 0
+
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+
+            async def stream() -> None:
+                nonlocal sent
+                for n in range(events):
+                    await fake.broadcast("transcript_delta", {"callUuid": f"c{n % 7}", "seq": n})
+                    sent = n + 1
+                    # 100 a second at most, whatever a broadcast takes.
+                    await asyncio.sleep(start + sent / 100 - loop.time())
+
+            streaming = asyncio.create_task(stream())
+            await asyncio.sleep(1)
+            stopped_at = time.time()
+            await asyncio.to_thread(postgres.halt)
+            stopped = loop.time()
+            # Still ready (it hears every event and keeps it), and saying why it waits.
+            text = await a.poll("/readyz", lambda r: "store not answering" in r.json()["reason"])
+            assert json.loads(text)["ready"] is True
+            assert re.fullmatch(
+                r"joined; store not answering; \d+ events spooled", json.loads(text)["reason"]
+            )
+            async with asyncio.timeout(10):
+                while "store not answering" not in (status := await b.message("STATUS=")):
+                    pass
+            assert re.search(r"; store not answering; \d+ events spooled;", status)
+            # Killed while events wait in its spool: they are on disk.
+            await asyncio.sleep(1)
+            assert a.process is not None
+            a.process.kill()
+            killed_at = time.time()
+            await a.process.wait()
+            kept = spooled_events(tmp_path / "a")
+            assert kept > 0
+            # Restarted while the store is still down: it spools from its first event.
+            await a.start()
+            await a.message("READY=1", timeout=20)
+            await a.poll("/readyz", lambda r: "store not answering" in r.json()["reason"])
+            await asyncio.sleep(stopped + 10 - loop.time())
+            assert sent < events
+            # From this thread: the server ends with the thread that starts it.
+            postgres.resume()
+            await streaming
+
+            def done() -> Counter[int]:
+                lines = [line.split() for line in journal.read_text().splitlines()]
+                return Counter(int(line[3]) for line in lines if line[0] == "done")
+
+            await receiver.wait_until(
+                lambda requests: len({r.headers["webhook-id"] for r in requests}) >= events,
+                timeout=30,
+            )
+            async with asyncio.timeout(10):
+                # Other processes write the journal: look every 0.1 s.
+                while len(done()) < events:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+            # Both spools drain (the instance that lost a claim is told no), and meanwhile
+            # a double would show up, if there were one.
+            async with asyncio.timeout(20):
+                while any(spooled_events(tmp_path / name) for name in "ab"):  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
+            readyz = [(await instance.get("/readyz")).json()["reason"] for instance in instances]
+        finally:
+            for instance in instances:
+                await instance.stop()
+    assert readyz == ["joined", "joined"]
+    handled = done()
+    assert set(handled) == set(range(events))
+    assert set(handled.values()) == {1}
+    ids = Counter(r.headers["webhook-id"] for r in receiver.requests)
+    assert len(ids) == events
+    # At least once: a delivery the killed instance made as the store went down got its 2xx
+    # but could not record it, so it goes out again, under the same webhook-id (receivers
+    # dedupe by it). Any other resend is a double.
+    first_arrival: dict[str, float] = {}
+    for request in receiver.requests:
+        first_arrival.setdefault(request.headers["webhook-id"], request.received_at)
+    resent = {msg_id for msg_id, count in ids.items() if count > 1}
+    assert set(ids.values()) <= {1, 2}
+    assert all(stopped_at - 0.5 <= first_arrival[msg_id] <= killed_at for msg_id in resent), resent
+    assert {json.loads(r.body)["data"]["seq"] for r in receiver.requests} == set(range(events))

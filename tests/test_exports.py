@@ -56,8 +56,8 @@ def test_the_public_api_keeps_its_promises() -> None:
 
 # What `run` must not load when its configuration does not ask for it: the test kit and the
 # demo (only `demo` needs them), the webhook stack (only with a webhook handler), the
-# metrics server (only with service.metrics_listen), the shared store's driver (only with
-# [store]). See bench/README.md for what each costs.
+# metrics server and the library that renders the metrics (only with service.metrics_listen),
+# the shared store's driver (only with [store]). See bench/README.md for what each costs.
 NOT_LOADED_BY_RUN = (
     "listener.testing",
     "listener.service.demo",
@@ -66,6 +66,7 @@ NOT_LOADED_BY_RUN = (
     "listener.service.asgi",
     "uvicorn",
     "starlette",
+    "prometheus_client",
     "standardwebhooks",
     "psycopg",
     "psycopg_pool",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import psycopg
+import pytest
 
 from tests.postgres import PostgresServer
 
@@ -22,3 +23,18 @@ def test_each_test_gets_a_fresh_database_on_a_real_server(
     other = postgres.create_database("fixture_other")
     with psycopg.connect(other) as conn:
         assert conn.execute("SELECT to_regclass('mine')").fetchone() == (None,)
+
+
+def test_a_halted_server_resumes_on_its_port_with_its_data(
+    postgres: PostgresServer, pg_url: str
+) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE kept AS SELECT 42 AS answer")
+    port = postgres.port
+    postgres.halt()
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(pg_url, connect_timeout=2)
+    postgres.resume()
+    assert postgres.port == port
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT answer FROM kept").fetchone() == (42,)

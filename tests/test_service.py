@@ -71,12 +71,17 @@ class ServiceProcess:
         self.messages: list[str] = []
         self.process: asyncio.subprocess.Process | None = None
 
-    def write_config(self, handlers: str = '[[handlers]]\nuse = "log"\n', extra: str = "") -> None:
+    def write_config(
+        self,
+        handlers: str = '[[handlers]]\nuse = "log"\n',
+        extra: str = "",
+        log_level: str = "debug",
+    ) -> None:
         self.config.write_text(
             f'[sippet]\nbase_url = "{self.fake.base_url}"\nheartbeat_interval = 0.5\n'
             "backoff_initial = 0.05\nbackoff_max = 0.2\n"
             f'[service]\nstate_dir = "{self.config.parent}"\nlog_format = "json"\n'
-            f'log_level = "debug"\nmetrics_listen = "127.0.0.1:{self.port}"\n'
+            f'log_level = "{log_level}"\nmetrics_listen = "127.0.0.1:{self.port}"\n'
             f"drain_timeout = 2.0\n{extra}{handlers}"
         )
 

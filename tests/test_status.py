@@ -218,13 +218,14 @@ async def test_without_an_admin_token_the_page_is_read_only(fake: FakeSippet) ->
         assert (await client.post("/login", data={"token": ADMIN})).status_code == 403
 
 
-async def test_run_exits_78_naming_the_key_when_the_admin_token_is_too_short(
-    tmp_path: Path,
+@pytest.mark.parametrize("command", ["run", "check-config"])
+async def test_exits_78_naming_the_key_when_the_admin_token_is_too_short(
+    tmp_path: Path, command: str
 ) -> None:
     config = _config(tmp_path, free_port())
     config.write_text(config.read_text() + 'admin_token = "short-token"\n')
     code, _, err = await run_cli(
-        "run", "--config", str(config), env={"SIPPET_SECRET_KEY": "sk_test_unused"}
+        command, "--config", str(config), env={"SIPPET_SECRET_KEY": "sk_test_unused"}
     )
     assert code == 78
     assert "service.admin_token: the admin token must be at least 16" in err

@@ -17,7 +17,13 @@ from listener.core.events import Event
 from tests.postgres import PASSWORD
 from tests.test_cli import run_cli, write_config
 
-TABLES = {"sippet_schema", "sippet_leases", "sippet_events", "sippet_claims"}
+TABLES = {
+    "sippet_schema",
+    "sippet_leases",
+    "sippet_events",
+    "sippet_claims",
+    *("sippet_deliveries", "sippet_dead_letters", "sippet_destinations", "sippet_attempts"),
+}
 
 
 async def tables(url: StoreUrl) -> set[str]:
@@ -85,7 +91,7 @@ async def test_store_migrate_command(tmp_path: Path, pg_url: str) -> None:
 
 
 async def test_store_status_command(tmp_path: Path, store: StoreUrl) -> None:
-    shared = SharedStore(store, holder="host-a:1:x")
+    shared = SharedStore(store, tmp_path / "spool.sqlite3", holder="host-a:1:x")
     await shared.open()
     try:
         running = asyncio.create_task(shared.elector.run())

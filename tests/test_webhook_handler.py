@@ -324,8 +324,8 @@ def test_outbox_files_are_named_as_the_daemon_names_them(tmp_path: Path) -> None
     }
     files = outbox_files([{"use": "log"}, single, fanout], tmp_path)
     assert files == [
-        OutboxFile(tmp_path / "webhooks-webhook.sqlite3", ("webhook",)),
-        OutboxFile(tmp_path / "webhooks-fanout.sqlite3", ("a", "b")),
+        OutboxFile(tmp_path / "webhooks-webhook.sqlite3", ("webhook",), "webhook"),
+        OutboxFile(tmp_path / "webhooks-fanout.sqlite3", ("a", "b"), "fanout"),
     ]
     assert load_handler(single, "handlers[1]").settings.name == "webhook"
     with pytest.raises(ConfigError) as caught:
@@ -387,8 +387,9 @@ async def test_kill_9_mid_delivery_loses_nothing(
 ) -> None:
     config = tmp_path / "config.toml"
     config.write_text(config_text(fake, receiver, tmp_path))
-    # A slow receiver keeps deliveries in flight when the daemon dies.
-    receiver.respond_with(200, delay=0.2)
+    # A slow receiver keeps deliveries in flight when the daemon dies, however long the CLI
+    # polls below take on a loaded machine (0.2 s let all 60 through before the kill).
+    receiver.respond_with(200, delay=1.0)
     daemon = await start_daemon(config, fake)
     for seq in range(60):
         await fake.broadcast("call_transcript_delta", {"callUuid": f"c-{seq % 4}", "seq": seq})

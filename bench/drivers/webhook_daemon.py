@@ -16,9 +16,11 @@ stderr). Every event is committed to the SQLite outbox before its first attempt:
 only ever attempts rows it read back from the file. ``stats`` also answers ``wal_bytes``, the
 size of the outbox's WAL file (its high-water mark).
 
-Options (JSON): ``url``, ``secret``; ``handler``, extra keys for the ``[[handlers]]`` table
-(``concurrency``, ``max_in_flight``...); ``sippet``, overrides for ``[sippet]``; ``trace``:
-stamp each event along its path (``webhook_trace``) and hand the stamps over with ``stats``;
+Options (JSON): ``url``, ``secret``; ``store``, a PostgreSQL URL: an instance of a cluster
+sharing that store (``[store]``), instead of SQLite alone; ``handler``, extra keys for the
+``[[handlers]]`` table (``concurrency``, ``max_in_flight``...); ``sippet``, overrides for
+``[sippet]``; ``trace``: stamp each event along its path (``webhook_trace``) and hand the
+stamps over with ``stats``;
 ``switch_interval``: ``sys.setswitchinterval`` (the GIL's, 5 ms by default), and ``pragmas``:
 ``{name: value}`` run on the outbox's connection once it is open, and ``modules``:
 ``{module: file}``, a module of ``listener`` loaded from another file (an older version, for
@@ -36,6 +38,7 @@ from typing import Any
 
 from common import Recorder, driver_args, serve, start_daemon
 
+from listener.cluster.url import StoreUrl
 from listener.core.logs import configure_logging
 from listener.dispatch.loader import load_handlers
 from listener.service.config import parse_settings
@@ -100,7 +103,8 @@ async def main() -> None:
                 "handlers": [table],
             }
         )
-        daemon = Daemon(settings, args.api_key, load_handlers(settings.handlers))
+        store = StoreUrl(options["store"]) if options.get("store") else None
+        daemon = Daemon(settings, args.api_key, load_handlers(settings.handlers), store=store)
         shutdown = await start_daemon(daemon)
 
         def stats() -> dict[str, Any]:

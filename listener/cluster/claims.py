@@ -14,6 +14,15 @@ takes the lapsed one over. Marks are written in batches, a few times a second: a
 to a crash only means the handler may run once more after the lease (at least once, never
 never).
 
+A claim the store does not answer (within ``timeout``) goes into the local :class:`Spool`
+and the handler waits: neither run (another instance may run it too) nor dropped. From then
+on claims go straight to the spool without asking the store, and so does whatever comes for
+a handler with entries spooled (it goes behind them: each handler sees its events in the
+order they were received). :meth:`drain` hands the entries back to their handlers, oldest
+first, a batch at a time, once the store answers again (retrying every ``timeout``): each is
+then claimed like any other, right before ``handle()`` (so that its lease covers the handler,
+not its wait in the queue), and leaves the spool once its claim was answered, won or lost.
+
 Single statements in autocommit, no session state: PgBouncer in transaction mode is fine.
 """
 
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, LiteralString
 
 import orjson
@@ -29,10 +39,14 @@ import structlog
 from psycopg_pool import AsyncConnectionPool
 
 from listener.cluster.database import Abandoned, StoreError, bounded, describe
+from listener.cluster.spool import Spool, Spooled
 from listener.cluster.url import StoreUrl
 from listener.core.events import Event
 
-__all__ = ["Claims"]
+__all__ = ["ClaimRefused", "Claims", "Redeliver"]
+
+# Hands an event to the named handler again (on this instance).
+Redeliver = Callable[[Event, str], Awaitable[None]]
 
 _log = structlog.get_logger(__name__)
 
@@ -40,13 +54,13 @@ _log = structlog.get_logger(__name__)
 # or the takeover of lapsed ones. The claims' foreign key sees the events this statement
 # inserts. Both inserts go in key order, in every instance: two batches that share keys wait
 # for each other in one order, never in a cycle.
-_CLAIM: Final = """
+_TAKE: Final = """
 WITH asked AS (
     SELECT * FROM unnest(
         %(ids)s::text[], %(names)s::text[], %(topics)s::text[], %(payloads)s::text[],
         %(received)s::float8[], %(origins)s::text[], %(sizes)s::int[], %(handlers)s::text[],
-        %(leases)s::float8[]
-    ) AS asked (id, name, topic, payload, received_at, origin, size, handler, lease)
+        %(leases)s::float8[], %(mine)s::bool[]
+    ) AS asked (id, name, topic, payload, received_at, origin, size, handler, lease, mine)
 ),
 recorded AS (
     INSERT INTO sippet_events
@@ -55,19 +69,50 @@ recorded AS (
         id, name, topic, payload::json, received_at, origin, size, %(holder)s
     FROM asked ORDER BY id
     ON CONFLICT (id) DO NOTHING
+),
+taken AS (
+    INSERT INTO sippet_claims AS claim (event_id, handler, holder, lease_until)
+    SELECT id, handler, %(holder)s, now() + make_interval(secs => lease)
+    FROM asked ORDER BY id, handler
+    ON CONFLICT (event_id, handler) DO UPDATE
+    SET holder = excluded.holder, lease_until = excluded.lease_until, claimed_at = now()
+    WHERE claim.done_at IS NULL AND claim.lease_until < now()
+    RETURNING event_id, handler
 )
-INSERT INTO sippet_claims AS claim (event_id, handler, holder, lease_until)
-SELECT id, handler, %(holder)s, now() + make_interval(secs => lease)
-FROM asked ORDER BY id, handler
-ON CONFLICT (event_id, handler) DO UPDATE
-SET holder = excluded.holder, lease_until = excluded.lease_until, claimed_at = now()
-WHERE claim.done_at IS NULL AND claim.lease_until < now()
-RETURNING event_id, handler
+SELECT event_id, handler FROM taken
 """
+_CLAIM: Final = _TAKE
+# A spooled claim (``mine``) may have been taken already, by this instance: the statement
+# that did not answer in time may have reached the store and committed all the same (a
+# partition, or a connection found as the store came back). Such a claim, unfinished, is
+# this instance's to run. The SELECT reads the table as it was before this statement, so a
+# claim taken just now is not listed twice.
+_RECLAIM: Final = (
+    _TAKE
+    + """UNION ALL
+SELECT c.event_id, c.handler
+FROM sippet_claims c JOIN asked a ON (a.id, a.handler) = (c.event_id, c.handler)
+WHERE a.mine AND c.holder = %(holder)s AND c.done_at IS NULL
+"""
+)
+# The marks lock their rows in key order, as the claims' inserts do: marked in whatever order
+# the plan chose, they deadlocked with another instance's claim of the same events (3 runs in
+# 5 of two instances on 20,000 events; in key order, none in 5).
 _DONE: Final = """
-UPDATE sippet_claims SET done_at = now()
-WHERE (event_id, handler) IN (SELECT * FROM unnest(%(ids)s::text[], %(handlers)s::text[]))
+WITH marked AS (
+    SELECT c.event_id, c.handler FROM sippet_claims c
+    JOIN unnest(%(ids)s::text[], %(handlers)s::text[]) AS m (event_id, handler)
+        USING (event_id, handler)
+    ORDER BY c.event_id, c.handler
+    FOR UPDATE OF c
+)
+UPDATE sippet_claims c SET done_at = now()
+FROM marked WHERE (c.event_id, c.handler) = (marked.event_id, marked.handler)
 """
+# A statement the server aborted to break a deadlock or a serialization conflict has done
+# nothing and may simply run again: it says nothing about the store being unreachable.
+_CONFLICTS: Final = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+_CONFLICT_RETRIES: Final = 3
 _EXPIRED: Final = """
 SELECT e.name, e.payload, e.topic, e.received_at, e.size, e.id, e.origin, c.handler
 FROM sippet_claims c JOIN sippet_events e ON e.id = c.event_id
@@ -75,10 +120,25 @@ WHERE c.done_at IS NULL AND c.lease_until < now()
 ORDER BY c.lease_until
 LIMIT %(limit)s
 """
-# An event, its handler, the lease asked for and where the answer goes.
-_Asked = tuple[Event, str, float, "asyncio.Future[bool]"]
+# An event, its handler, the lease asked for, whether it comes from the spool, and where the
+# answer goes.
+_Asked = tuple[Event, str, float, bool, "asyncio.Future[bool]"]
+# What the store answers to a claim it will never take (the others mean it did not answer).
+_REFUSALS: Final = (
+    psycopg.DataError,
+    psycopg.IntegrityError,
+    psycopg.NotSupportedError,
+    psycopg.ProgrammingError,
+)
 # Seconds between writes of the done marks.
 _FLUSH_EVERY: Final = 0.1
+# Spooled entries handed back at a time: what the drain holds in memory.
+_DRAIN_BATCH: Final = 500
+
+
+class ClaimRefused(StoreError):
+    """The store answered a claim with an error about the claim itself (its data, the
+    schema), not about reaching the store."""
 
 
 def _batch_params(batch: list[_Asked], holder: str) -> dict[str, Any]:
@@ -93,18 +153,22 @@ def _batch_params(batch: list[_Asked], holder: str) -> dict[str, Any]:
         "sizes": [event.size for event in events],
         "handlers": [asked[1] for asked in batch],
         "leases": [asked[2] for asked in batch],
+        "mine": [asked[3] for asked in batch],
         "holder": holder,
     }
 
 
 class Claims:
-    """The claims of one instance, through its pool.
+    """The claims of one instance, through its pool, with its spool for when the store does
+    not answer.
 
     Args:
         pool: connections to the migrated store.
         url: the store's URL (for error messages).
         holder: this instance's name, written with each event and claim it takes.
-        timeout: seconds a claim may take (a connection from the pool and the round trip).
+        spool: where the claims the store does not answer wait.
+        timeout: seconds a claim may take (a connection from the pool and the round trip),
+            and between attempts at the spooled ones while the store does not answer.
         grace: seconds a claim's lease outlasts the handler's timeout.
     """
 
@@ -113,54 +177,143 @@ class Claims:
         pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]],
         url: StoreUrl,
         holder: str,
+        spool: Spool,
         timeout: float = 5.0,
         grace: float = 15.0,
     ) -> None:
         self._pool = pool
         self._url = url
         self._holder = holder
+        self.spool = spool
         self._timeout = timeout
         self._grace = grace
         self.abandoned = Abandoned()
         self._done: list[tuple[str, str]] = []
-        # Until when (loop time) claims fail at once: the store just failed to answer one.
-        self._down_until = 0.0
+        # Whether the store failed to answer the latest claim, and from when (loop time) the
+        # spooled ones are tried again.
+        self._down = False
+        self._retry_at = 0.0
+        # Whether the spooled claims handed back may go to the store: from each round of
+        # drain() until one of them (or any claim) is not answered. The ones after it then
+        # stay in the spool, so that none overtakes it.
+        self._trying = False
         # Claims asked and not yet sent; the statements in flight; whether a send is due.
         self._asked: list[_Asked] = []
         self._sending: set[asyncio.Future[None]] = set()
         self._scheduled = False
+        # The spooled entries handed back by drain() and not yet answered; set on each answer.
+        self._released: dict[tuple[str, str], Spooled] = {}
+        self._settled = asyncio.Event()
 
     @property
     def down(self) -> bool:
         """Whether the store failed to answer the latest claim tried."""
-        return self._down_until > 0.0
+        return self._down
 
     def answering(self) -> None:
-        """The store answered (a claim, or something else: a migration): try claims again at
-        once."""
-        if self.down:
-            _log.info("the store answers claims again")
-        self._down_until = 0.0
+        """The store answered (a claim, or something else: a migration): send claims to it
+        again."""
+        if self._down:
+            _log.info("the store answers claims again", spooled=self.spool.events)
+        self._down = False
 
-    async def claim(self, event: Event, handler: str, lease: float) -> bool:
+    def not_answering(self) -> None:
+        """The store did not answer (a claim, or the migration at start): spool claims
+        without asking it, and try the spooled ones again in ``timeout`` seconds."""
+        self._down = True
+        self._trying = False
+        self._retry_at = asyncio.get_running_loop().time() + self._timeout
+
+    async def claim(self, event: Event, handler: str, lease: float) -> bool | None:
         """Whether this instance is the one to run ``handler`` on ``event``, for the next
-        ``lease`` seconds (its timeout) plus the grace.
-
-        After a claim the store did not answer, the next ones fail at once for ``timeout``
-        seconds, then one is tried again: while the store is down every event costs one
-        wait per ``timeout``, not one each.
+        ``lease`` seconds (its timeout) plus the grace; None when the store did not answer
+        and the claim went into the spool (:meth:`drain` hands it back to ``handler``).
 
         Raises:
-            StoreError: the store did not answer; the caller decides (the dispatcher runs
-                the handler: better twice than never).
+            ClaimRefused: the store refused the claim itself (it will not be asked again).
+            SpoolError: the store did not answer and the spool failed too.
+
+        Either way the caller decides (the dispatcher runs the handler: better twice than
+        never).
         """
-        loop = asyncio.get_running_loop()
-        if self._down_until > loop.time():
-            raise StoreError(self._url.key, f"{self._url}: not answering; retried shortly")
-        answer: asyncio.Future[bool] = loop.create_future()
-        self._asked.append((event, handler, lease + self._grace, answer))
+        released = self._released.get((event.id, handler)) if self._released else None
+        if released is None:
+            if self._down or self.spool.holds(handler):
+                await self.spool.add(event, handler, lease)
+                return None
+        elif not self._trying:
+            self._settle(released, answered=False)
+            return None
+        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._asked.append((event, handler, lease + self._grace, released is not None, answer))
         self._send_soon()
-        return await answer
+        try:
+            won = await answer
+        except ClaimRefused:
+            if released is not None:
+                self._settle(released, answered=True)
+            raise
+        except StoreError:
+            if released is None:
+                await self.spool.add(event, handler, lease)
+            else:
+                self._settle(released, answered=False)
+            return None
+        if released is not None:
+            self._settle(released, answered=True)
+        return won
+
+    def _settle(self, entry: Spooled, *, answered: bool) -> None:
+        """A spooled entry handed back is done with: out of the spool if ``answered``,
+        else left there for the next attempt."""
+        if self._released.pop((entry.event.id, entry.handler), None) is None:
+            return
+        if answered:
+            self.spool.remove(entry)
+        self._settled.set()
+
+    async def drain(self, redeliver: Redeliver) -> None:
+        """Hand the spooled entries to ``redeliver``, oldest first, ``_DRAIN_BATCH`` at a
+        time, each batch once the previous one was answered, until cancelled. While the store
+        does not answer, a batch is tried every ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.spool.wait()
+            if self._down and (delay := self._retry_at - loop.time()) > 0:
+                await asyncio.sleep(delay)
+            batch = await self.spool.oldest(_DRAIN_BATCH)
+            if not batch:
+                # Asked for and not written: the write failed, or is still going.
+                await asyncio.sleep(self._timeout)
+                continue
+            self._released = {(entry.event.id, entry.handler): entry for entry in batch}
+            self._trying = True
+            for entry in batch:
+                await redeliver(entry.event, entry.handler)
+            # A worker takes its next event within twice the handler's timeout (its handle()
+            # then its on_error hook), and claims it first.
+            await self._until_settled(2 * max(entry.lease for entry in batch) + self._timeout)
+            if not self.spool.entries:
+                _log.info("the spooled claims are all answered")
+
+    async def _until_settled(self, stall: float) -> None:
+        """Wait until every entry handed back was answered, or none was for ``stall``
+        seconds: their handler did not take them (``on_full = "drop"`` with a full queue, a
+        filter that changed its mind). They leave the spool, dropped as that handler drops
+        what it does not take, rather than holding up everything behind them."""
+        while self._released:
+            self._settled.clear()
+            try:
+                async with asyncio.timeout(stall):
+                    await self._settled.wait()
+            except TimeoutError:
+                _log.warning(
+                    "spooled claims handed back were not taken by their handler; dropped",
+                    entries=len(self._released),
+                    handlers=sorted({entry.handler for entry in self._released.values()}),
+                )
+                for entry in list(self._released.values()):
+                    self._settle(entry, answered=True)
 
     def _send_soon(self) -> None:
         """Send what was asked in one statement, from the next turn of the loop (so that the
@@ -191,14 +344,21 @@ class Claims:
         for asked in batch:
             first.setdefault((asked[0].id, asked[1]), asked)
         params = _batch_params(list(first.values()), self._holder)
-        loop = asyncio.get_running_loop()
+        query = _RECLAIM if any(params["mine"]) else _CLAIM
         try:
-            rows = await bounded(self._fetch(_CLAIM, params), self._timeout, self.abandoned)
+            rows = await self._fetch_retrying_conflicts(query, params)
         except (psycopg.Error, TimeoutError) as exc:
-            if not self.down:
-                _log.warning("the store stopped answering claims", error=self._url.scrub(str(exc)))
-            self._down_until = loop.time() + self._timeout
-            error = describe(self._url, exc)
+            error: StoreError = describe(self._url, exc)
+            if isinstance(exc, _REFUSALS):
+                # The store answered, and no later attempt would fare better.
+                _log.error("the store refused claims", error=str(error), claims=len(batch))
+                error = ClaimRefused(error.key, error.problem)
+            else:
+                if not self._down:
+                    _log.warning(
+                        "the store stopped answering claims; spooling them", error=str(error)
+                    )
+                self.not_answering()
             for *_, answer in batch:
                 if not answer.done():
                     answer.set_exception(error)
@@ -206,16 +366,20 @@ class Claims:
         self.answering()
         won = {(event_id, handler) for event_id, handler in rows}
         for key, asked in first.items():
-            answer = asked[3]
+            answer = asked[4]
             if not answer.done():
                 answer.set_result(key in won)
         for asked in batch:
-            if not asked[3].done():
-                asked[3].set_result(False)
+            if not asked[4].done():
+                asked[4].set_result(False)
 
     def done(self, event: Event, handler: str) -> None:
-        """``handler`` is done with ``event`` here (whatever its outcome): written soon."""
+        """``handler`` is done with ``event`` here (whatever its outcome): written soon. A
+        spooled entry handed back for a handler this instance does not have leaves the
+        spool this way."""
         self._done.append((event.id, handler))
+        if self._released and (entry := self._released.get((event.id, handler))):
+            self._settle(entry, answered=True)
 
     async def expired(self, limit: int = 500) -> list[tuple[Event, str]]:
         """The events whose claim lapsed unfinished (its holder died mid-handle), with the
@@ -271,6 +435,18 @@ class Claims:
         with contextlib.suppress(StoreError):
             await self.flush()
         await self.abandoned.close()
+
+    async def _fetch_retrying_conflicts(
+        self, query: LiteralString, params: dict[str, Any]
+    ) -> list[Any]:
+        for _ in range(_CONFLICT_RETRIES):
+            try:
+                return await bounded(self._fetch(query, params), self._timeout, self.abandoned)
+            except _CONFLICTS as exc:
+                _log.debug(
+                    "a claim statement conflicted with another; running it again", error=str(exc)
+                )
+        return await bounded(self._fetch(query, params), self._timeout, self.abandoned)
 
     async def _fetch(self, query: LiteralString, params: dict[str, Any]) -> list[Any]:
         async with self._pool.connection() as conn:

@@ -1,8 +1,10 @@
-"""One instance's part of the shared store: its pool, its claims and its vote for a leader.
+"""One instance's part of the shared store: its pool, its claims (with their local spool for
+when the store does not answer) and its vote for a leader.
 
 :meth:`SharedStore.open` connects and applies pending migrations (so a fresh database, or an
 upgrade, needs no manual step; ``store migrate`` does the same by hand). :meth:`SharedStore.run`
-takes part in the election, writes the claims' done marks and, while this instance leads,
+takes part in the election, writes the claims' done marks, hands the spooled claims back to
+their handlers once the store answers and, while this instance leads,
 hands the events whose claims lapsed unfinished to their handlers again and prunes what is
 old enough to go.
 """
@@ -10,13 +12,13 @@ old enough to go.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Final
 
 import psycopg
 import structlog
 
-from listener.cluster.claims import Claims
+from listener.cluster.claims import Claims, Redeliver
 from listener.cluster.database import (
     Abandoned,
     StoreError,
@@ -29,13 +31,10 @@ from listener.cluster.database import (
 )
 from listener.cluster.leader import Elector, LeaseSettings, holder_id
 from listener.cluster.schema import Migrated, migrate
+from listener.cluster.spool import Spool
 from listener.cluster.url import StoreUrl
-from listener.core.events import Event
 
 __all__ = ["Redeliver", "SharedStore"]
-
-# Hands an event to the named handler again (on this instance).
-Redeliver = Callable[[Event, str], Awaitable[None]]
 
 _log = structlog.get_logger(__name__)
 # Rows per DELETE: each batch holds its row locks briefly, whatever the backlog.
@@ -54,6 +53,7 @@ class SharedStore:
 
     Args:
         url: the store's URL.
+        spool: the file of the claims the store does not answer (opened by :meth:`open`).
         pool_size: connections at most (claims; the elector has one of its own).
         connect_timeout: seconds to connect, and for a claim.
         lease: the leader lease's timing.
@@ -63,6 +63,7 @@ class SharedStore:
     def __init__(
         self,
         url: StoreUrl,
+        spool: Path,
         *,
         pool_size: int = 4,
         connect_timeout: float = 5.0,
@@ -80,6 +81,7 @@ class SharedStore:
             self.pool,
             url,
             self.holder,
+            Spool(spool),
             timeout=connect_timeout,
             grace=self.elector.settings.ttl,
         )
@@ -88,21 +90,27 @@ class SharedStore:
         self.ready = asyncio.Event()
 
     async def open(self) -> Migrated | None:
-        """Open the pool and migrate; None when the store does not answer: the instance then
-        runs without it (its claims fail at once, its handlers run), and :meth:`run` keeps
-        trying until it answers.
+        """Open the spool and the pool, and migrate; None when the store does not answer:
+        the instance then runs without it (its claims go into the spool from the first),
+        and :meth:`run` keeps trying until it answers.
 
         Raises:
             StoreError: the store refused the URL, or has a newer schema.
+            SpoolError: the spool cannot be opened.
         """
+        await self.claims.spool.open()
         await self.pool.open(wait=False)
         try:
             return await self._migrate()
         except StoreUnreachable as exc:
-            _log.warning("the shared store does not answer; running without it", error=str(exc))
+            _log.warning(
+                "the shared store does not answer; spooling claims until it does", error=str(exc)
+            )
+            self.claims.not_answering()
             return None
         except BaseException:
             await self.pool.close()
+            await self.claims.spool.close()
             raise
 
     async def _migrate(self) -> Migrated:
@@ -116,13 +124,16 @@ class SharedStore:
         return migrated
 
     async def close(self) -> None:
-        """Write the last done marks, end the queries given up on, close the pool."""
+        """Write the last done marks, end the queries given up on, close the pool and the
+        spool."""
         await self.claims.close()
         await self._abandoned.close()
         await self.pool.close()
+        await self.claims.spool.close()
 
     async def run(self, retain: float, redeliver: Redeliver, prune_every: float = 3600.0) -> None:
-        """Vote for a leader and write done marks, for ever. While leading: every lease
+        """Vote for a leader, write done marks and, once the store is migrated, hand the
+        spooled claims back to ``redeliver`` when it answers, for ever. While leading: every lease
         renewal, hand the events whose claims lapsed to ``redeliver``; every ``prune_every``
         seconds, forget the events (and their claims) recorded more than ``retain`` ago."""
 
@@ -156,6 +167,7 @@ class SharedStore:
         async with asyncio.TaskGroup() as group:
             group.create_task(self.claims.run())
             await self._until_migrated()
+            group.create_task(self.claims.drain(redeliver))
             group.create_task(self.elector.run())
             group.create_task(self.elector.while_leader(sweep_forever))
             group.create_task(self.elector.while_leader(prune_forever))
@@ -169,7 +181,8 @@ class SharedStore:
                 # Refused now, after it opened: a password rotated under us, say. Keep trying.
                 _log.warning("the shared store still does not answer", error=str(exc))
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                # No longer apart than the spooled claims' retries: they wait for this.
+                delay = min(delay * 2, max(self.connect_timeout, 1.0))
             else:
                 _log.info("the shared store answers again", schema=migrated.version)
 

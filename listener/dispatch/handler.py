@@ -85,6 +85,9 @@ class Policy(TypedDict, total=False):
     on_full: OnFull
 
 
+_new = object.__new__
+
+
 class Context(Generic[ConfigT]):
     """What a handler is given with each event (and at setup and teardown).
 
@@ -138,15 +141,19 @@ class Context(Generic[ConfigT]):
 
     def for_event(self, event: Event, call: CallRecord | None = None) -> Context[ConfigT]:
         """A copy of this context for handling ``event``, of ``call`` as of this event."""
-        return Context(
-            rpc=self.rpc,
-            config=self.config,
-            name=self.name,
-            state_dir=self.state_dir,
-            event=event,
-            call=call,
-            calls=self.calls,
-        )
+        # Slot by slot, not through __init__'s keywords: one is made per handled event, and
+        # __init__ took 1.3-3.1 µs, this 0.3-0.5 (timeit in one process, best of 5); a
+        # drain, ``bench.instructions``: 179,000 -> 175,000 instructions an event.
+        context: Context[ConfigT] = _new(type(self))
+        context.rpc = self.rpc
+        context.config = self.config
+        context.name = self.name
+        context.state_dir = self.state_dir
+        context.event = event
+        context.call = call
+        context.calls = self.calls
+        context._log = None
+        return context
 
 
 class Handler(Generic[ConfigT]):

@@ -25,7 +25,6 @@ import structlog
 from starlette.requests import Request
 
 from listener.webhooks.forwarder import WebhookForwarder
-from listener.webhooks.outbox import Outbox
 
 __all__ = ["COOKIE", "SESSION_SECONDS", "ActionError", "AdminGate", "perform"]
 
@@ -134,10 +133,10 @@ async def perform(
     if action == "replay":
         message = await _replay(forwarder, destination, body, now)
     elif action == "pause":
-        paused = await forwarder.change(Outbox.disable, destination, now, PAUSED)
+        paused = await forwarder.change(lambda outbox: outbox.disable(destination, now, PAUSED))
         message = f"{destination}: paused" if paused else f"{destination}: already disabled"
     elif action in ("resume", "enable"):
-        enabled = await forwarder.change(Outbox.enable, destination)
+        enabled = await forwarder.change(lambda outbox: outbox.enable(destination))
         message = f"{destination}: delivering" if enabled else f"{destination}: was not disabled"
     else:
         raise ActionError(400, f"action: unknown {action!r}")
@@ -161,11 +160,13 @@ async def _replay(
         if not isinstance(msg_id, str):
             raise ActionError(400, "msg_id: must be a string")
         moved = await forwarder.change(
-            Outbox.replay, now, destination=destination, msg_ids=[msg_id]
+            lambda outbox: outbox.replay(now, destination=destination, msg_ids=[msg_id])
         )
     elif isinstance(minutes, int | float) and not isinstance(minutes, bool) and minutes > 0:
         since = now - minutes * 60
-        moved = await forwarder.change(Outbox.replay, now, destination=destination, since=since)
+        moved = await forwarder.change(
+            lambda outbox: outbox.replay(now, destination=destination, since=since)
+        )
     else:
         raise ActionError(400, "replay: give msg_id, or since_minutes above 0")
     return f"{destination}: {moved.get('dead', 0)} dead letters replayed"

@@ -166,6 +166,7 @@ async def _check_config(args: argparse.Namespace) -> int:
     settings, _ = _load(args.config)
     handlers = load_handlers(settings.handlers)
     names = ", ".join(item.settings.name for item in handlers) or "none"
+    config.read_admin_token(settings.service)
     store = await check_store(settings)
     sys.stdout.write(f"{args.config}: ok (handlers: {names}{store})\n")
     return 0

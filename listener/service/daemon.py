@@ -19,17 +19,20 @@ not change keep running untouched, removed ones drain and are torn down, new one
 a configuration that does not load leaves the running one in place.
 
 With a shared store (``[store]``, see ``listener.cluster``): the daemon migrates it at start,
-claims each (event, handler) there before handling, and takes part in the election of the
-leader that sweeps lapsed claims and prunes the store.
+claims each (event, handler) there before handling, keeps the ``webhook`` handlers' outboxes
+there (every instance delivers from them, ``listener.webhooks.shared_outbox``), and takes part
+in the election of the leader that sweeps lapsed claims and prunes the store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.util
 import os
 import signal
+import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -47,13 +50,13 @@ from listener.core.ids import EventIds
 from listener.core.logs import configure_logging, register_secret
 from listener.core.retry import BackoffPolicy
 from listener.dispatch.dispatcher import Dispatcher, DispatchReport, HandlerRunner
-from listener.dispatch.handler import Context
+from listener.dispatch.handler import Context, Handler
 from listener.dispatch.loader import LoadedHandler
 from listener.realtime.connection import LinkSettings
 from listener.realtime.session import Session, SessionSettings
 from listener.realtime.tokens import TokenSource
 from listener.rpc.client import RpcClient
-from listener.service.config import Settings, SippetSettings, read_admin_token
+from listener.service.config import Settings, SippetSettings, StoreSettings, read_admin_token
 from listener.service.linklog import LinkLog
 from listener.service.status import StatusBoard
 from listener.service.systemd import Notifier
@@ -209,12 +212,28 @@ class Daemon:
         self._status = ""
 
     def readiness(self) -> tuple[bool, str]:
-        """(ready, reason): joined, and its heartbeats answered."""
+        """(ready, reason): joined, and its heartbeats answered.
+
+        A shared store that does not answer leaves it ready, and says so in the reason:
+        the instance still hears every event and keeps it in its spool, which is what it is
+        there for; every instance shares that store, so none would do better, and an
+        orchestrator seeing them all unready at once would only hold a rolling upgrade.
+        """
         if not self.session.joined.is_set():
             return False, "events channel not joined"
         if not self.session.healthy:
             return False, "heartbeats unanswered"
-        return True, "joined"
+        store = self._store_state()
+        return True, f"joined; {store}" if store else "joined"
+
+    def _store_state(self) -> str | None:
+        """What the shared store's claims are up to, when not simply answering."""
+        if self.store is None:
+            return None
+        spooled = self.store.claims.spool.events
+        if self.store.claims.down or not self.store.ready.is_set():
+            return f"store not answering; {spooled} events spooled"
+        return f"store answering; {spooled} events spooled" if spooled else None
 
     def status_line(self) -> str:
         """What ``systemctl status`` shows: link state, handlers, and their own words."""
@@ -223,8 +242,8 @@ class Daemon:
         if self.store is not None:
             elector = self.store.elector
             parts.append(f"leader (term {elector.term})" if elector.is_leader else "follower")
-            if self.store.claims.down or not self.store.ready.is_set():
-                parts.append("store not answering: handlers run without claims")
+            if store := self._store_state():
+                parts.append(store)
         for item, runner in zip(self.handlers, self.dispatcher.runners, strict=True):
             extra = item.handler.status()
             pending = f", {runner.pending} pending" if runner.pending else ""
@@ -392,11 +411,12 @@ class Daemon:
         await self._teardown([pair[1] for pair in old])
 
     async def _redeliver(self, event: Event, handler: str) -> None:
-        """Hand ``event`` to ``handler`` again: its claim lapsed on an instance that died."""
+        """Hand ``event`` to ``handler`` again: its claim lapsed on an instance that died, or
+        it waited in the spool for the store to answer."""
         runner = next((r for r in self.dispatcher.runners if r.settings.name == handler), None)
         if runner is None:
             assert self.store is not None
-            _log.warning("lapsed claim for a handler not configured here", handler=handler)
+            _log.warning("claim owed to a handler not configured here", handler=handler)
             self.store.claims.done(event, handler)
             return
         call = self.tracker.get(event.call_key) if event.call_key else None
@@ -413,6 +433,8 @@ class Daemon:
             calls=self.tracker,
         )
         claims = self.store.claims if self.store is not None else None
+        if self.store is not None:
+            _share_outbox(item.handler, self.store, self.settings.store)
         return HandlerRunner(item.handler, item.settings, context, claims)
 
     async def _open_store(self) -> Persister:
@@ -507,6 +529,7 @@ def _shared_store(settings: Settings, url: StoreUrl) -> SharedStore:
     # single instance (max RSS after importing them on top of the CLI), which has no use
     # for them.
     from listener.cluster.leader import LeaseSettings
+    from listener.cluster.spool import SPOOL_FILE
     from listener.cluster.store import SharedStore
 
     store = settings.store
@@ -514,8 +537,33 @@ def _shared_store(settings: Settings, url: StoreUrl) -> SharedStore:
         ttl=store.lease_ttl, renew_every=store.lease_renew, connect_timeout=store.connect_timeout
     )
     return SharedStore(
-        url, pool_size=store.pool_size, connect_timeout=store.connect_timeout, lease=lease
+        url,
+        settings.service.state_dir / SPOOL_FILE,
+        pool_size=store.pool_size,
+        connect_timeout=store.connect_timeout,
+        lease=lease,
     )
+
+
+def _share_outbox(handler: Handler, store: SharedStore, settings: StoreSettings) -> None:
+    """A ``webhook`` handler of an instance sharing a store keeps its outbox there."""
+    # No webhook handler exists before its module is loaded: the webhook stack stays out of
+    # a daemon without one (as in listener.service.status.forwarders).
+    if "listener.webhooks.handler" not in sys.modules:
+        return
+    from listener.webhooks.handler import WebhookHandler
+
+    if isinstance(handler, WebhookHandler):
+        from listener.webhooks.shared_outbox import open_shared
+
+        handler.shared_outbox = functools.partial(
+            open_shared,
+            store.url,
+            holder=store.holder,
+            lease_ttl=settings.lease_ttl,
+            renew_every=settings.lease_renew,
+            connect_timeout=settings.connect_timeout,
+        )
 
 
 def stop_on_signals(stop: asyncio.Event) -> None:

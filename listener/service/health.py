@@ -2,8 +2,11 @@
 
 ``/healthz`` answers 200 while the process serves requests at all (liveness). ``/readyz``
 answers 200 only while the events channel is joined and its heartbeats are answered, 503
-otherwise, with the reason in the body (readiness). The status page (:mod:`.status_app`)
-adds its routes to the same server, and its background work runs while it serves.
+otherwise, with the reason in the body (readiness). A shared store that does not answer
+leaves it at 200, the reason saying so (``joined; store not answering; N events spooled``):
+the instance still hears and keeps every event (see ``Daemon.readiness``). The status page
+(:mod:`.status_app`) adds its routes to the same server, and its background work runs while
+it serves.
 """
 
 from __future__ import annotations

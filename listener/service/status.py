@@ -30,6 +30,8 @@ from listener.service.linklog import HOUR
 if TYPE_CHECKING:
     from listener.service.daemon import Daemon
     from listener.webhooks.forwarder import WebhookForwarder
+    from listener.webhooks.outbox_rows import DeadLetter
+    from listener.webhooks.outbox_store import OutboxStore
 
 __all__ = ["RECENT_EVENTS", "StatusBoard", "forwarders"]
 
@@ -56,6 +58,10 @@ def forwarders(daemon: Daemon) -> Iterator[tuple[str, WebhookForwarder]]:
         handler = item.handler
         if isinstance(handler, WebhookHandler) and handler.forwarder is not None:
             yield item.settings.name, handler.forwarder
+
+
+def _dead_letters(outbox: OutboxStore, destination: str) -> list[DeadLetter]:
+    return outbox.dead_letters(destination=destination, limit=_DEAD_SHOWN)
 
 
 def _summary(event: Event) -> str:
@@ -105,15 +111,11 @@ class StatusBoard:
         """Read the dead letters shown on the page (only of destinations that have some)."""
         dead: dict[str, list[dict[str, Any]]] = {}
         for _, forwarder in forwarders(self._daemon):
-            from listener.webhooks.outbox import Outbox  # a forwarder running has loaded it
-
             for view in forwarder.views():
                 if view.stats is None or not view.stats.dead:
                     continue
                 try:
-                    letters = await forwarder.inspect(
-                        Outbox.dead_letters, destination=view.name, limit=_DEAD_SHOWN
-                    )
+                    letters = await forwarder.inspect(_dead_letters, view.name)
                 except Exception:
                     _log.exception("status page: reading dead letters failed")
                     continue
@@ -192,6 +194,7 @@ class StatusBoard:
             "leader": elector.is_leader,
             "term": elector.term,
             "store_answering": store.ready.is_set() and not store.claims.down,
+            "spooled": store.claims.spool.events,
         }
 
     def _handlers(self) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ from listener.service.sse import Feed
 from listener.service.status import StatusBoard, forwarders
 from listener.service.status_page import SECURITY_HEADERS, render_page, static_asset
 from listener.service.status_view import view
-from listener.webhooks.outbox import Outbox
+from listener.webhooks.outbox_store import OutboxStore
 
 if TYPE_CHECKING:
     from listener.service.daemon import Daemon
@@ -42,6 +42,12 @@ _log = structlog.get_logger(__name__)
 _REFRESH_EVERY = 1.0
 _MAX_MSG_ID = 200
 _MAX_BODY = 4096
+
+
+def _whereabouts(
+    outbox: OutboxStore, destination: str, msg_id: str
+) -> tuple[str, float | None] | None:
+    return outbox.whereabouts(destination, msg_id)
 
 
 def _clock(moment: float) -> str:
@@ -128,7 +134,7 @@ class StatusApp:
         attempts: list[dict[str, Any]] = []
         where: list[str] = []
         for _, forwarder in forwarders(self._daemon):
-            for attempt in await forwarder.inspect(Outbox.attempts, msg_id):
+            for attempt in await forwarder.inspect(lambda outbox: outbox.attempts(msg_id)):
                 attempts.append(
                     {
                         "at": attempt.at,
@@ -142,7 +148,7 @@ class StatusApp:
                     }
                 )
             for destination in forwarder.destinations:
-                found = await forwarder.inspect(Outbox.whereabouts, destination.name, msg_id)
+                found = await forwarder.inspect(_whereabouts, destination.name, msg_id)
                 if found is not None:
                     state, at = found
                     where.append(f"{destination.name}: {state}" + (f" {_clock(at)}" if at else ""))

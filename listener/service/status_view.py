@@ -88,10 +88,11 @@ def _cluster(cluster: dict[str, Any] | None) -> list[Row]:
     if cluster is None:
         return []
     role = f"leader (term {cluster['term']})" if cluster["leader"] else "follower"
+    spooled = f"{cluster['spooled']} events spooled"
     store: Cell = (
-        {"t": "answering", "c": "ok"}
+        {"t": f"answering; {spooled}" if cluster["spooled"] else "answering", "c": "ok"}
         if cluster["store_answering"]
-        else {"t": "not answering: handlers run without claims", "c": "bad"}
+        else {"t": f"not answering; {spooled}", "c": "bad"}
     )
     return [["Instance", f"{cluster['instance']}: {role}"], ["Shared store", store]]
 

@@ -2,7 +2,9 @@
 daemon runs (SQLite in WAL mode serves both).
 
 Outboxes are found from the configuration: each ``webhook`` handler keeps one file under
-``service.state_dir``, named after the handler. No secret is needed to inspect them.
+``service.state_dir``, named after the handler, or, with a shared store (``[store] url``),
+the outbox of that name in the store, which every instance delivers from. No webhook secret
+is needed to inspect them.
 """
 
 from __future__ import annotations
@@ -15,27 +17,36 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from listener.core.errors import ConfigError
-from listener.service.config import load_settings
+from listener.service.config import load_settings, store_url
 from listener.service.inspection import add_state_arguments, print_rows, when
 
 if TYPE_CHECKING:
-    from listener.webhooks.outbox import Outbox, ReplaySource
+    from listener.webhooks.outbox_store import OutboxStore, ReplaySource
 
 __all__ = ["add_webhooks_commands"]
 
 
-def _open_all(args: argparse.Namespace) -> Iterator[tuple[tuple[str, ...], Outbox]]:
+def _open_all(args: argparse.Namespace) -> Iterator[tuple[tuple[str, ...], OutboxStore]]:
     # Imported here: every command parser is built on each start, and `run` without a
     # webhook handler must not load the webhook stack (about 4 MiB; bench/README.md).
     from listener.webhooks.handler import outbox_files
     from listener.webhooks.outbox import Outbox
 
     settings = load_settings(args.config)
+    shared = store_url(settings)
     found = False
     for file in outbox_files(settings.handlers, args.state_dir or settings.service.state_dir):
         if args.destination and args.destination not in file.destinations:
             continue
         found = True
+        if shared is not None:
+            from listener.webhooks.shared_outbox import SharedOutbox
+
+            timeout = settings.store.connect_timeout
+            # It never claims, so its holder name is only for the record.
+            with SharedOutbox(shared, file.name, holder="cli", connect_timeout=timeout) as store:
+                yield file.destinations, store
+            continue
         if not file.path.exists():
             sys.stderr.write(f"{file.path}: no outbox yet (the daemon creates it on start)\n")
             continue

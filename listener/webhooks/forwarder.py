@@ -35,7 +35,6 @@ from listener.core.httputil import USER_AGENT
 from listener.webhooks.destination import DEFAULT_RETENTION, Destination
 from listener.webhooks.gauges import Gauges
 from listener.webhooks.http1 import Http1Pool
-from listener.webhooks.outbox import Outbox
 from listener.webhooks.outbox_rows import DestinationStats, NewDelivery, Outcome
 from listener.webhooks.outbox_store import OutboxStore
 from listener.webhooks.signing import encode_body, new_message_id
@@ -51,6 +50,8 @@ _T = TypeVar("_T")
 
 
 def _prune(outbox: OutboxStore, before: float) -> int:
+    # The leases of a shared store are kept first: a prune may take a while.
+    outbox.renew()
     return outbox.prune(before)
 
 
@@ -100,6 +101,8 @@ class WebhookForwarder:
             (the CLI's replay or enable), and how often gauges and outbox bounds are checked
             and old records pruned.
         retention: seconds the outbox keeps attempts and delivered deliveries.
+        shared_outbox: opens the outbox on its thread instead of ``outbox_path``, for the
+            store several instances share (:mod:`.shared_outbox`).
 
     Raises:
         ValueError: two destinations share a name (the configuration refuses that first).
@@ -112,6 +115,7 @@ class WebhookForwarder:
         *,
         poll_interval: float = 0.5,
         retention: float = DEFAULT_RETENTION,
+        shared_outbox: Callable[[], OutboxStore] | None = None,
     ) -> None:
         names = [d.name for d in destinations]
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -121,6 +125,7 @@ class WebhookForwarder:
         self._path = outbox_path
         self._poll_interval = poll_interval
         self._retention = retention
+        self._shared_outbox = shared_outbox
         self._state: Literal["new", "running", "stopping", "stopped"] = "new"
         self._running: _Running | None = None
         self._workers: dict[str, Worker] = {}
@@ -148,7 +153,8 @@ class WebhookForwarder:
         """
         if self._state != "new":
             raise ForwarderStateError(f"webhook forwarder cannot start: it is {self._state}")
-        store = await Store.open(self._path)
+        opener = self._shared_outbox
+        store = await (Store.open(self._path) if opener is None else Store.open_with(opener))
         # Connections are per origin and unbounded in number: each destination's slots
         # (max_in_flight) bound them, and a hung destination cannot starve another.
         client = Http1Pool(user_agent=USER_AGENT)
@@ -262,7 +268,10 @@ class WebhookForwarder:
         ]
 
     async def inspect(
-        self, function: Callable[Concatenate[Outbox, _P], _T], *args: _P.args, **kwargs: _P.kwargs
+        self,
+        function: Callable[Concatenate[OutboxStore, _P], _T],
+        *args: _P.args,
+        **kwargs: _P.kwargs,
     ) -> _T:
         """Run a read of the outbox on its thread, between the forwarder's own calls.
 
@@ -275,7 +284,10 @@ class WebhookForwarder:
         return await running.store.run(function, *args, **kwargs)
 
     async def change(
-        self, function: Callable[Concatenate[Outbox, _P], _T], *args: _P.args, **kwargs: _P.kwargs
+        self,
+        function: Callable[Concatenate[OutboxStore, _P], _T],
+        *args: _P.args,
+        **kwargs: _P.kwargs,
     ) -> _T:
         """Run a change to the outbox (a replay, a pause, an enable) as :meth:`inspect`
         does, then wake every worker and measure again, so that it shows and acts at once
@@ -288,13 +300,14 @@ class WebhookForwarder:
         return result
 
     async def _housekeep(self, store: Store) -> None:
-        """Every ``poll_interval`` until cancelled: measure the outbox, prune old records."""
+        """Every ``poll_interval`` until cancelled: measure the outbox, keep its claims
+        (:meth:`~.outbox_store.OutboxStore.renew`), prune old records."""
         while True:
             await self._gauges.measure(store)
             try:
                 await store.run(functools.partial(_prune, before=time.time() - self._retention))
             except Exception:
-                _log.exception("webhook outbox prune failed")
+                _log.exception("webhook outbox renewal or prune failed")
             await asyncio.sleep(self._poll_interval)
 
     def _announce_commit(self) -> None:

@@ -21,7 +21,8 @@ or several behind one outbox, each with its own filter; destination keys at the 
 
 Requests follow Standard Webhooks (``webhook-id``, ``webhook-timestamp``,
 ``webhook-signature``). An event counts as handled once it is committed to the outbox
-(SQLite under ``service.state_dir``), so a crash after that loses nothing; delivery, retries,
+(SQLite under ``service.state_dir``, or the shared store's when the daemon sets
+:attr:`WebhookHandler.shared_outbox`), so a crash after that loses nothing; delivery, retries,
 dead letters and 410s are ``listener.webhooks.forwarder``'s business. The settings are
 :class:`~listener.webhooks.config.WebhookConfig`.
 """
@@ -29,7 +30,8 @@ dead letters and 410s are ``listener.webhooks.forwarder``'s business. The settin
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ from listener.core.validation import format_validation_error
 from listener.dispatch.handler import Context, Handler
 from listener.webhooks.config import WebhookConfig
 from listener.webhooks.forwarder import WebhookForwarder
+from listener.webhooks.outbox_store import OutboxStore
 
 __all__ = ["OutboxFile", "WebhookHandler", "outbox_files", "outbox_path"]
 
@@ -53,10 +56,12 @@ def outbox_path(state_dir: Path, handler_name: str) -> Path:
 
 @dataclass(frozen=True, slots=True)
 class OutboxFile:
-    """A webhook handler's outbox and the destinations whose deliveries it keeps."""
+    """A webhook handler's outbox and the destinations whose deliveries it keeps; ``name``
+    is the handler's, which names its outbox in the shared store."""
 
     path: Path
     destinations: tuple[str, ...]
+    name: str
 
 
 def outbox_files(handlers: Sequence[Mapping[str, Any]], state_dir: Path) -> list[OutboxFile]:
@@ -81,7 +86,7 @@ def outbox_files(handlers: Sequence[Mapping[str, Any]], state_dir: Path) -> list
             field, problem = format_validation_error(exc, WebhookConfig)
             raise ConfigError(f"handlers[{index}].{field}", problem) from None
         names = tuple(config.destination_names(name))
-        found.append(OutboxFile(outbox_path(state_dir, name), names))
+        found.append(OutboxFile(outbox_path(state_dir, name), names, name))
     return found
 
 
@@ -99,12 +104,20 @@ class WebhookHandler(Handler):
         # destinations are built in setup, once the handler's name is known.
         self._secrets = config.signing_secrets()
         self.forwarder: WebhookForwarder | None = None
+        # Set by the daemon of an instance sharing a store: opens the outbox named after the
+        # handler there (on the outbox's thread), given the SQLite file it replaces.
+        self.shared_outbox: Callable[[str, Path], OutboxStore] | None = None
 
     async def setup(self, ctx: Context) -> None:
         destinations = self.config.build(ctx.name, self._secrets)
         ctx.state_dir.mkdir(parents=True, exist_ok=True)
+        shared = self.shared_outbox
+        path = outbox_path(ctx.state_dir, ctx.name)
         self.forwarder = WebhookForwarder(
-            destinations, outbox_path(ctx.state_dir, ctx.name), retention=self.config.retention
+            destinations,
+            path,
+            retention=self.config.retention,
+            shared_outbox=None if shared is None else functools.partial(shared, ctx.name, path),
         )
         await self.forwarder.start()
 

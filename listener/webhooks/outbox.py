@@ -134,6 +134,9 @@ class Outbox(OutboxConnection):
         for msg_id in msg_ids:
             claims.pop(msg_id, None)
 
+    def renew(self) -> None:
+        """Nothing to keep: claims here live in memory, for as long as the process."""
+
     def _look(
         self, destination: str, now: float, limit: int, per_call: bool
     ) -> tuple[list[Delivery], float | None]:

@@ -1,16 +1,17 @@
 """What the delivery engine and the CLI ask of an outbox: the one interface a store implements.
 
-:class:`~listener.webhooks.outbox.Outbox` (SQLite, one file) satisfies it; a server-backed
-store (PostgreSQL: claims with ``FOR UPDATE SKIP LOCKED`` under a lease) would implement the
-same methods and nothing else is needed above it. Every method is synchronous and called from
-one thread at a time (:mod:`.store` runs the engine's on a thread of its own); times are
-seconds since the epoch, passed in.
+:class:`~listener.webhooks.outbox.Outbox` (SQLite, one file) satisfies it, and so does
+:class:`~listener.webhooks.shared_outbox.SharedOutbox` (the PostgreSQL store several instances
+share: claims with ``FOR UPDATE SKIP LOCKED`` under a lease); nothing else is needed above
+it. Every method is synchronous and called from one thread at a time (:mod:`.store` runs the
+engine's on a thread of its own); times are seconds since the epoch, passed in.
 
 The contract of a claim: :meth:`OutboxStore.claim` returns due rows that no other claim
 returns until :meth:`OutboxStore.commit` records their outcomes or
 :meth:`OutboxStore.release` gives them back; a claim does not outlive the process that made
-it (the SQLite store keeps it in memory; a server-backed one would put a lease on the row),
-so a row claimed but never finished is due again after a crash.
+it (the SQLite store keeps it in memory; the shared store, :mod:`.shared_outbox`, puts a
+lease on the row that :meth:`OutboxStore.renew` extends), so a row claimed but never finished
+is due again after a crash.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ class OutboxStore(Protocol):
 
     def release(self, destination: str, msg_ids: Iterable[str]) -> None:
         """Give back claimed rows unattempted: they are due as they were."""
+
+    def renew(self) -> None:
+        """Keep the claims held (called every ``poll_interval`` or so): a store whose claims
+        are leases extends them when they are due for it; one whose claims live in memory
+        has nothing to do."""
 
     def pending_count(self, destination: str) -> int:
         """How many deliveries to ``destination`` are pending (claimed ones included)."""
@@ -109,6 +115,10 @@ class OutboxStore(Protocol):
 
     def whereabouts(self, destination: str, msg_id: str) -> tuple[str, float | None] | None:
         """``pending``, ``dead`` or ``delivered`` (with when), or None if not stored."""
+        ...
+
+    def disable(self, destination: str, now: float, reason: str) -> bool:
+        """Disable a destination (the status page's pause); False if it already was."""
         ...
 
     def enable(self, destination: str) -> bool:

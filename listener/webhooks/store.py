@@ -1,4 +1,5 @@
-"""The outbox and the one thread that owns its connection, so SQLite never blocks the loop.
+"""The outbox and the one thread that owns its connection, so SQLite never blocks the loop
+(nor PostgreSQL: the shared store's outbox runs on such a thread too, :meth:`Store.open_with`).
 
 The WAL is checkpointed off that thread: SQLite's automatic checkpoint runs inside the commit
 that crosses 1,000 pages, with an fsync of the database, and was the largest part of the
@@ -28,6 +29,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import structlog
 
 from listener.webhooks.outbox import Outbox
+from listener.webhooks.outbox_store import OutboxStore
 
 __all__ = ["Store"]
 
@@ -181,7 +183,9 @@ class Store:
     commit (counting, logging) belongs inside the call, not after the ``await``.
     """
 
-    def __init__(self, thread: _Thread, outbox: Outbox, checkpointer: _Checkpointer) -> None:
+    def __init__(
+        self, thread: _Thread, outbox: OutboxStore, checkpointer: _Checkpointer | None = None
+    ) -> None:
         self._thread = thread
         self._outbox = outbox
         self._checkpointer = checkpointer
@@ -198,22 +202,39 @@ class Store:
         checkpointer = _Checkpointer(path, thread, outbox.conn)
         return cls(thread, outbox, checkpointer)
 
+    @classmethod
+    async def open_with(cls, opener: Callable[[], OutboxStore]) -> Store:
+        """Open another kind of outbox (the shared store's) on a new thread: ``opener`` runs
+        there. It has no WAL to checkpoint."""
+        thread = _Thread("sippet-outbox")
+        try:
+            outbox = await thread.submit(opener)
+        except BaseException:
+            thread.stop()
+            raise
+        return cls(thread, outbox)
+
     async def run(
-        self, function: Callable[Concatenate[Outbox, _P], _T], *args: _P.args, **kwargs: _P.kwargs
+        self,
+        function: Callable[Concatenate[OutboxStore, _P], _T],
+        *args: _P.args,
+        **kwargs: _P.kwargs,
     ) -> _T:
         """Return ``function(outbox, *args, **kwargs)``, run on the outbox thread.
 
-        The delivery engine's functions take, and call only what names,
+        Functions take, and call only what names,
         :class:`~listener.webhooks.outbox_store.OutboxStore`.
         """
-        self._checkpointer.dirty = True
+        if self._checkpointer is not None:
+            self._checkpointer.dirty = True
         if kwargs:
             return await self._thread.submit(lambda: function(self._outbox, *args, **kwargs))
         return await self._thread.submit(function, self._outbox, *args)
 
     async def close(self) -> None:
         """Close the outbox and end its threads (closing checkpoints what is left)."""
-        self._checkpointer.stop()
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         await self.run(lambda outbox: outbox.close())
         self._thread.stop()
 

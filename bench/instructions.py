@@ -1,0 +1,156 @@
+"""Instructions per event, socket -> handler: a figure the shared machine's load cannot move.
+
+On two cores shared with other sessions, CPU time per event moves by 2x between runs (cache
+and frequency contention). Here each client's driver runs under valgrind's callgrind with
+instrumentation off; it is switched on (``callgrind_control -i on``) for one drain of
+``--events`` events (streamed while the client reads, all of the process's threads
+counted) and the count is dumped a few seconds after the last has reached the handler (so
+that the call store's batch of them is in it); the instructions executed (``Ir``) are
+divided by the events. Deterministic up to the batching the timing allows (how many frames
+each socket read brings), so two runs agree to a few percent where CPU time does not.
+
+Clients: the bare loop, this tree's daemon, with ``--before TREE`` another checkout's (as
+in ``bench.hotpath``; repeatable, each labelled by its directory's name), and with
+``--no-calls`` each daemon with call state off.
+
+``python -m bench.instructions [--events N] [--before TREE] [--no-calls]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.peers import BARE, DAEMON, Client
+from bench.procs import ROOT, BenchServer, Driver
+from bench.scenarios import _SEQ
+
+__all__ = ["main", "measure"]
+
+# Seconds the process is left to finish its work after the last event (under callgrind).
+_SETTLE = 4.0
+_TOTALS = re.compile(r"^summary:\s+(\d+)", re.MULTILINE)
+
+
+def _wrapper(directory: Path) -> Path:
+    """An interpreter that runs Python under callgrind, instrumentation off at start."""
+    script = directory / "python-under-callgrind"
+    out = directory / "callgrind.out.%p"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"exec valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file={out}"
+        f' -q {sys.executable} "$@"\n'
+    )
+    script.chmod(0o755)
+    return script
+
+
+def _control(*argv: str) -> None:
+    done = subprocess.run(
+        ["callgrind_control", *argv], check=True, capture_output=True, text=True, timeout=120
+    )
+    if "OK" not in done.stdout:
+        # callgrind_control exits 0 whatever happened.
+        raise RuntimeError(f"callgrind_control {' '.join(argv)}: {done.stdout}{done.stderr}")
+
+
+def _tool_pid(pid: int) -> str:
+    """The callgrind process under the driver's pid (``valgrind`` is a script that starts
+    the tool as its child)."""
+    children = [
+        child
+        for path in Path(f"/proc/{pid}/task").glob("*/children")
+        for child in path.read_text().split()
+    ]
+    return children[0] if children else str(pid)
+
+
+def measure(
+    server: BenchServer, client: Client, root: Path, events: int, logs: Path, tag: str
+) -> float:
+    """Instructions per event of one drain of ``events`` by a fresh driver of ``client``."""
+    with tempfile.TemporaryDirectory(prefix="sippet-bench-ir-") as scratch:
+        directory = Path(scratch)
+        python = _wrapper(directory)
+        log = logs / f"instructions-{tag}.log"
+        driver = Driver(client.label, python, client.script, server, log, client.options,
+                        root=root)  # fmt: skip
+        try:
+            driver.expect(200)
+            server.stream(200, _SEQ.take(200))
+            driver.wait(timeout=300, records=False)
+            pid = _tool_pid(driver.pid)
+            driver.expect(events, keep=False)
+            _control("-i", "on", pid)
+            server.stream(events, _SEQ.take(events))
+            driver.wait(timeout=600, records=False)
+            # What the events cost after the handler too: the call store's batch of them,
+            # which waits for a lull (on a drain, after its last event). Without this wait
+            # it fell inside the count in some runs and not in others (+22,000 a event).
+            time.sleep(_SETTLE)
+            _control("--dump", pid)
+            _control("-i", "off", pid)
+            time.sleep(0.5)
+        finally:
+            driver.quit()
+        total = 0
+        # The requested dump (``callgrind.out.PID.1``): what ran while instrumented.
+        for dump in directory.glob("callgrind.out.*.*"):
+            found = _TOTALS.findall(dump.read_text(errors="replace"))
+            total += sum(int(value) for value in found)
+        return total / events
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__)
+    parser.add_argument("--events", type=int, default=5000)
+    parser.add_argument(
+        "--before",
+        type=Path,
+        action="append",
+        default=[],
+        help="another checkout's tree (repeatable; each is labelled by its directory's name)",
+    )
+    parser.add_argument("--no-calls", action="store_true", help="also with call state off")
+    args = parser.parse_args(argv)
+    if shutil.which("callgrind_control") is None:
+        print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
+        return 1
+    logs = ROOT / "bench" / "results" / "instructions"
+    logs.mkdir(parents=True, exist_ok=True)
+    off = Client(DAEMON.key, DAEMON.label, "callstate.py", options={"call_state": False})
+    clients: list[tuple[str, Client, Path]] = [("bare", BARE, ROOT), ("ours", DAEMON, ROOT)]
+    for tree in args.before:
+        clients.append((tree.name, DAEMON, tree))
+    if args.no_calls:
+        clients.append(("ours, calls off", off, ROOT))
+        for tree in args.before:
+            clients.append((f"{tree.name}, calls off", off, tree))
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    server = BenchServer(logs / "server.log")
+    began = time.strftime("%H:%M:%S")
+    try:
+        server.call("/configure", {"token_ttl": 3600})
+        figures = [(label, measure(server, c, root, args.events, logs, label.replace(" ", "-")))
+                   for label, c, root in clients]  # fmt: skip
+    finally:
+        server.close()
+    print(f"{began}-{time.strftime('%H:%M:%S')}: instructions per event, one drain of"
+          f" {args.events:,} under callgrind, every thread")  # fmt: skip
+    print("| client | instructions/event | vs bare |")
+    print("|---|---:|---:|")
+    bare = figures[0][1]
+    for label, value in figures:
+        print(f"| {label} | {value:,.0f} | {value / bare:.2f} x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,551 @@
+"""The webhook outbox in the shared PostgreSQL store: every instance delivers from it.
+
+:class:`SharedOutbox` is an :class:`~listener.webhooks.outbox_store.OutboxStore` over the
+tables of the store's migration 2 (:mod:`listener.cluster.schema`): the SQLite outbox's rows,
+keyed by ``outbox`` as well (the webhook handler's name, which names its file there). It
+keeps one synchronous psycopg connection on the outbox's thread (:mod:`.store`), so the
+delivery engine above it is the SQLite outbox's, unchanged. Its statements are in
+:mod:`.shared_outbox_sql`.
+
+Claims. A claim takes due rows with ``FOR UPDATE SKIP LOCKED`` (instances claiming at once
+get disjoint rows, and none waits for another) and leases them in the same statement: a
+holder (this instance) and ``lease_until`` on the database's clock, so that no host's clock
+matters. No claim returns a leased row and the outbox bound leaves it alone; its outcome or a
+release ends the lease. :meth:`SharedOutbox.renew` extends the leases of every row this
+instance holds (claimed ahead, being attempted, or with its outcome waiting for the next
+commit), every ``renew_every`` seconds. An instance that dies stops renewing; once its leases
+pass, its rows are due for any instance, under the same ``msg_id`` (the ``webhook-id``).
+A failure's outcome moves its row only while this instance still holds it (one taken over
+meanwhile is the new holder's to schedule); a 2xx marks it delivered whoever holds it.
+Per-call ordering looks at every pending row of the call, held anywhere.
+
+An instance given a store keeps no delivery in its SQLite file: :func:`open_shared` moves the
+rows still pending there (from a run without a store) into the shared outbox, same ids, and
+renames the file, once.
+
+The connection is in autocommit with explicit transactions, no server-side prepared
+statement and no lock beyond a transaction (``listener.cluster.database``: PgBouncer in
+transaction mode). While the store does not answer, a connection is tried at most every
+:data:`_RETRY_EVERY` seconds (a call in between does not wait ``connect_timeout``), and the
+outage is logged when it starts and when it ends. A commit fails then with
+:class:`OutboxError` (the writer keeps its batch and retries, logging each retry, at most
+one per 5 s); the engine's outbox (``quiet``) answers the calls made every ``poll_interval``
+quietly: no row to claim, no lease to renew, nothing pruned, the figures last measured.
+Otherwise each of them logs a traceback every ``poll_interval`` for each destination (a
+1.2 s outage at a ``poll_interval`` of 0.05 s: 41 claims and 39 prunes failed, each logged).
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Concatenate, Final, LiteralString, ParamSpec, TypeVar
+
+import psycopg
+import structlog
+
+from listener.cluster.database import connection_options, describe
+from listener.cluster.url import StoreUrl
+from listener.webhooks import shared_outbox_sql as sql
+from listener.webhooks.outbox import Outbox
+from listener.webhooks.outbox_connection import OutboxError
+from listener.webhooks.outbox_rows import (
+    Attempt,
+    Claim,
+    DeadLetter,
+    Delivery,
+    DestinationStats,
+    NewDelivery,
+    Outcome,
+)
+from listener.webhooks.outbox_store import DEAD_ONLY, ReplaySource
+
+__all__ = ["SharedOutbox", "open_shared"]
+
+_log = structlog.get_logger(__name__)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+# Seconds between two tries to connect while the store does not answer.
+_RETRY_EVERY: Final = 1.0
+# The file's pending rows as deliveries to insert (the columns of every schema version).
+_FILE_PENDING: Final = (
+    "SELECT destination, msg_id, event, call_key, body, created_at, due_at FROM deliveries"
+    " WHERE delivered_at IS NULL ORDER BY seq"
+)
+_MOVED_SUFFIX: Final = ".moved-to-store"
+
+
+class _Unreachable(OutboxError):
+    """No connection: the store does not answer (or did not, less than a retry ago)."""
+
+
+def _maps_errors(
+    method: Callable[Concatenate[SharedOutbox, _P], _R],
+) -> Callable[Concatenate[SharedOutbox, _P], _R]:
+    """Turn a driver error into :class:`OutboxError` (password scrubbed), and drop a
+    connection the error broke so that the next call makes a new one."""
+
+    @functools.wraps(method)
+    def wrapper(self: SharedOutbox, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except psycopg.Error as exc:
+            self._drop_if_broken()
+            raise OutboxError(
+                f"outbox {method.__name__} failed: {describe(self.url, exc)}"
+            ) from None
+
+    return wrapper
+
+
+class SharedOutbox:
+    """The outbox of the webhook handler ``outbox`` in the store at ``url``.
+
+    Nothing connects until the first call, so that a store not answering at start delays
+    deliveries, not the daemon. Use it from one thread at a time.
+
+    Args:
+        url: the store.
+        outbox: the webhook handler's name.
+        holder: this instance's name on the rows it leases.
+        lease_ttl: seconds a lease lasts unless renewed.
+        renew_every: seconds between two renewals (:meth:`renew` does nothing sooner).
+        connect_timeout: seconds to connect.
+        quiet: the delivery engine's: while the store does not answer, its periodic calls
+            answer quietly (see the module's docstring); otherwise (the CLI) every call fails.
+    """
+
+    def __init__(
+        self,
+        url: StoreUrl,
+        outbox: str,
+        *,
+        holder: str,
+        lease_ttl: float = 15.0,
+        renew_every: float = 5.0,
+        connect_timeout: float = 5.0,
+        quiet: bool = False,
+    ) -> None:
+        self.url = url
+        self.outbox = outbox
+        self.holder = holder
+        self._ttl = lease_ttl
+        self._renew_every = renew_every
+        self._connect_timeout = connect_timeout
+        self._conn: psycopg.Connection[Any] | None = None
+        self._retry_at = 0.0
+        self._down = False
+        self._quiet = quiet
+        self._last_stats: list[DestinationStats] = []
+        # The rows this instance holds, by destination: msg_id -> seq.
+        self._held: dict[str, dict[str, int]] = {}
+        self._renewed = time.monotonic()
+
+    def __enter__(self) -> SharedOutbox:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # The connection.
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            return conn
+        now = time.monotonic()
+        if now < self._retry_at:
+            raise _Unreachable(f"outbox: the store at {self.url} does not answer")
+        try:
+            conn = psycopg.connect(self.url.conninfo, **connection_options(self._connect_timeout))
+        except psycopg.Error as exc:
+            self._retry_at = now + _RETRY_EVERY
+            problem = describe(self.url, exc)
+            if self._quiet and not self._down:
+                self._down = True
+                _log.warning(
+                    "the shared store does not answer; webhook deliveries wait for it",
+                    outbox=self.outbox,
+                    error=str(problem),
+                )
+            raise _Unreachable(f"outbox: {problem}") from None
+        if self._down:
+            self._down = False
+            _log.info(
+                "the shared store answers again; webhook deliveries resume", outbox=self.outbox
+            )
+        self._conn = conn
+        return conn
+
+    def _connection_or_none(self) -> psycopg.Connection[Any] | None:
+        """The connection; None while the store does not answer, if this outbox answers the
+        engine's periodic calls quietly then."""
+        try:
+            return self._connection()
+        except _Unreachable:
+            if self._quiet:
+                return None
+            raise
+
+    def _drop_if_broken(self) -> None:
+        if self._conn is not None and self._conn.broken:
+            self._conn.close()
+            self._conn = None
+
+    def _params(self, destination: str | None = None, **values: object) -> dict[str, object]:
+        return {"outbox": self.outbox, "destination": destination, "holder": self.holder, **values}
+
+    def _one(self, query: LiteralString, params: dict[str, object]) -> Any:
+        row = self._connection().execute(query, params).fetchone()
+        return None if row is None else row[0]
+
+    # The delivery engine.
+
+    @_maps_errors
+    def commit(self, rows: Sequence[NewDelivery], outcomes: Sequence[Outcome]) -> None:
+        """Insert new rows and record attempts' outcomes, in one transaction; the rows the
+        outcomes concern are no longer held once it is committed."""
+        conn = self._connection()
+        failed = [o for o in outcomes if o.kind != "delivered"]
+        delivered = [
+            {"destination": o.destination, **_attempt(o.attempt)}
+            for o in outcomes
+            if o.kind == "delivered"
+        ]
+        batches: list[tuple[LiteralString, list[dict[str, object]]]] = [
+            (sql.INSERT, [_columns([_new(r) for r in rows], self.outbox)] if rows else []),
+            (sql.DELIVER, [_columns(delivered, self.outbox)] if delivered else []),
+            (sql.ATTEMPT, [self._params(o.destination, **_attempt(o.attempt)) for o in failed]),
+            (
+                sql.DISABLE,
+                [
+                    self._params(o.destination, at=o.attempt.at, reason="HTTP 410 Gone")
+                    for o in failed
+                    if o.kind == "gone"
+                ],
+            ),
+            (
+                sql.RESCHEDULE,
+                [
+                    self._params(o.destination, **_attempt(o.attempt), **_next(o))
+                    for o in failed
+                    if o.kind != "exhausted"
+                ],
+            ),
+            (
+                sql.BURY,
+                [
+                    self._params(o.destination, **_attempt(o.attempt), **_next(o))
+                    for o in failed
+                    if o.kind == "exhausted"
+                ],
+            ),
+        ]
+        with conn.transaction(), conn.cursor() as cursor:
+            for statement, params in batches:
+                if params:
+                    cursor.executemany(statement, params)
+        for outcome in outcomes:
+            self._held.get(outcome.destination, {}).pop(outcome.msg_id, None)
+
+    @_maps_errors
+    def claim(
+        self,
+        destination: str,
+        now: float,
+        limit: int,
+        *,
+        per_call: bool = False,
+        max_pending: int | None = None,
+        max_age: float | None = None,
+    ) -> Claim:
+        """Enforce the bound if given, then lease up to ``limit`` due rows, earliest due
+        first (see :class:`~listener.webhooks.outbox_store.OutboxStore`)."""
+        conn = self._connection_or_none()
+        if conn is None:
+            return Claim([], None, {})
+        with conn.transaction():
+            evicted = self._evict(destination, now, max_pending, max_age)
+            if limit <= 0:
+                return Claim([], None, evicted)
+            params = self._params(destination, now=now, limit=limit, ttl=self._ttl)
+            found = conn.execute(sql.CLAIM[per_call], params).fetchall()
+            next_due = self._one(sql.NEXT_DUE[per_call], params)
+        rows = sorted((Delivery(*row) for row in found), key=lambda d: (d.due_at, d.seq))
+        held = self._held.setdefault(destination, {})
+        for row in rows:
+            held[row.msg_id] = row.seq
+        return Claim(rows, None if next_due is None else float(next_due), evicted)
+
+    def _evict(
+        self, destination: str, now: float, max_pending: int | None, max_age: float | None
+    ) -> dict[str, int]:
+        """The outbox bound, inside the claim's transaction: the oldest rows nobody holds
+        move to the dead letters, by reason."""
+        moved: dict[str, int] = {}
+        conn = self._connection()
+        if max_age is not None:
+            params = self._params(destination, now=now, cutoff=now - max_age, limit=None)
+            count = conn.execute(sql.EVICT, {**params, "reason": "max_age"}).rowcount
+            if count:
+                moved["max_age"] = count
+        if max_pending is not None:
+            excess = int(self._one(sql.PENDING, self._params(destination))) - max_pending
+            if excess > 0:
+                params = self._params(destination, now=now, cutoff=float("inf"), limit=excess)
+                count = conn.execute(sql.EVICT, {**params, "reason": "max_pending"}).rowcount
+                if count:
+                    moved["max_pending"] = count
+        return moved
+
+    def release(self, destination: str, msg_ids: Iterable[str]) -> None:
+        """Give back held rows unattempted: they are due as they were, for any instance."""
+        held = self._held.get(destination, {})
+        seqs = [seq for msg_id in msg_ids if (seq := held.pop(msg_id, None)) is not None]
+        if seqs:
+            self._release(seqs)
+
+    @_maps_errors
+    def _release(self, seqs: list[int]) -> None:
+        conn = self._connection_or_none()
+        if conn is None:
+            # Their leases pass on their own.
+            return
+        conn.execute(sql.RELEASE, self._params(seqs=seqs))
+
+    @_maps_errors
+    def renew(self) -> None:
+        """Extend the leases of the rows held, if ``renew_every`` has passed since the last
+        renewal; one that passed and went to another instance is left to it (logged: its
+        delivery may be attempted twice, under one ``webhook-id``)."""
+        now = time.monotonic()
+        if now - self._renewed < self._renew_every:
+            return
+        seqs = [seq for held in self._held.values() for seq in held.values()]
+        if seqs:
+            conn = self._connection_or_none()
+            if conn is None:
+                return
+            params = self._params(seqs=seqs, ttl=self._ttl)
+            renewed = conn.execute(sql.RENEW, params).rowcount
+            if renewed < len(seqs):
+                _log.warning(
+                    "webhook deliveries held here were taken over after their lease passed",
+                    outbox=self.outbox,
+                    held=len(seqs),
+                    renewed=renewed,
+                )
+        self._renewed = now
+
+    @_maps_errors
+    def pending_count(self, destination: str) -> int:
+        """How many deliveries to ``destination`` are pending, held ones included."""
+        return int(self._one(sql.PENDING, self._params(destination)))
+
+    @_maps_errors
+    def prune(self, before: float, limit: int = 10_000) -> int:
+        """Forget attempts and delivered rows older than ``before``, at most ``limit`` of
+        each; return how many went."""
+        conn = self._connection_or_none()
+        if conn is None:
+            return 0
+        params = self._params(before=before, limit=limit)
+        with conn.transaction():
+            return sum(conn.execute(statement, params).rowcount for statement in sql.PRUNE)
+
+    def close(self) -> None:
+        """Give back the rows still held (due at once for another instance, instead of
+        after their lease), then close the connection."""
+        seqs = [seq for held in self._held.values() for seq in held.values()]
+        self._held.clear()
+        try:
+            if seqs:
+                self._release(seqs)
+        except OutboxError as exc:
+            _log.warning("webhook deliveries held here wait for their lease", error=str(exc))
+        finally:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    # Inspection and repair.
+
+    @_maps_errors
+    def stats(self, now: float, destinations: Iterable[str] = ()) -> list[DestinationStats]:
+        """Every destination named here or stored in this outbox, by name (as last measured
+        while the store does not answer)."""
+        conn = self._connection_or_none()
+        if conn is None:
+            return list(self._last_stats)
+        params = self._params()
+        pending_q, dead_q, disabled_q = sql.STATS
+        pending = {row[0]: row[1:] for row in conn.execute(pending_q, params)}
+        dead = {row[0]: int(row[1]) for row in conn.execute(dead_q, params)}
+        disabled = {row[0]: row[1:] for row in conn.execute(disabled_q, params)}
+        result = []
+        for name in sorted({*destinations, *pending, *dead, *disabled}):
+            count, oldest, failing = pending.get(name, (0, None, 0))
+            disabled_at, reason = disabled.get(name, (None, None))
+            age = None if oldest is None else max(0.0, now - oldest)
+            result.append(
+                DestinationStats(
+                    name, int(count), age, int(failing), dead.get(name, 0), disabled_at, reason
+                )
+            )
+        self._last_stats = result
+        return result
+
+    @_maps_errors
+    def dead_letters(
+        self,
+        *,
+        destination: str | None = None,
+        since: float | None = None,
+        msg_ids: Collection[str] | None = None,
+        limit: int | None = None,
+    ) -> list[DeadLetter]:
+        """Dead letters in enqueue order, filtered (as the SQLite outbox's)."""
+        params = self._filter(destination, since, None, msg_ids, limit=limit)
+        return [DeadLetter(*row) for row in self._connection().execute(sql.DEAD_LETTERS, params)]
+
+    @_maps_errors
+    def replay(
+        self,
+        now: float,
+        *,
+        sources: Collection[ReplaySource] = DEAD_ONLY,
+        destination: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        msg_ids: Collection[str] | None = None,
+        dry_run: bool = False,
+    ) -> dict[ReplaySource, int]:
+        """Make dead or delivered deliveries pending again, same ids and places; counts by
+        source (with ``dry_run``: would be)."""
+        conn = self._connection()
+        params = self._filter(destination, since, until, msg_ids, now=now)
+        if dry_run:
+            return {s: int(self._one(sql.COUNT_REPLAYABLE[s], params)) for s in sources}
+        moved: dict[ReplaySource, int] = {}
+        with conn.transaction():
+            for source in sources:
+                first, then = sql.REPLAY[source]
+                count = conn.execute(first, params).rowcount
+                later = conn.execute(then, params).rowcount
+                moved[source] = count if source == "dead" else later
+        return moved
+
+    def _filter(
+        self,
+        destination: str | None,
+        since: float | None,
+        until: float | None,
+        msg_ids: Collection[str] | None,
+        **values: object,
+    ) -> dict[str, object]:
+        return self._params(
+            destination,
+            since=since,
+            until=until,
+            msg_ids=None if msg_ids is None else list(msg_ids),
+            **values,
+        )
+
+    @_maps_errors
+    def attempts(self, msg_id: str) -> list[Attempt]:
+        """A message's attempts to any destination of this outbox, in time order."""
+        rows = self._connection().execute(sql.SELECT_ATTEMPTS, self._params(msg_id=msg_id))
+        return [Attempt(*row) for row in rows]
+
+    @_maps_errors
+    def whereabouts(self, destination: str, msg_id: str) -> tuple[str, float | None] | None:
+        """``pending``, ``dead`` or ``delivered`` (with when), or None if not stored."""
+        params = self._params(destination, msg_id=msg_id)
+        row = self._connection().execute(sql.WHEREABOUTS, params).fetchone()
+        return None if row is None else (str(row[0]), row[1])
+
+    @_maps_errors
+    def disable(self, destination: str, now: float, reason: str) -> bool:
+        """Disable a destination for every instance; False if it already was."""
+        params = self._params(destination, at=now, reason=reason)
+        return self._connection().execute(sql.DISABLE, params).rowcount > 0
+
+    @_maps_errors
+    def enable(self, destination: str) -> bool:
+        """Enable a destination for every instance; False if it was not disabled."""
+        return self._connection().execute(sql.ENABLE, self._params(destination)).rowcount > 0
+
+
+def open_shared(
+    url: StoreUrl, outbox: str, file: Path, *, holder: str, **settings: float
+) -> SharedOutbox:
+    """The shared outbox ``outbox`` (see :class:`SharedOutbox` for ``settings``), with what
+    the handler's SQLite ``file`` still has pending moved into it.
+
+    The file's pending rows (a run without a store left them: a receiver down, say) keep
+    their ids and due times and start their retry schedules over; once they are committed
+    the file is renamed (``*.moved-to-store``: its dead letters and records stay readable
+    there). If the store does not answer, the file stays for the next start, and is said so.
+    """
+    shared = SharedOutbox(url, outbox, holder=holder, quiet=True, **settings)
+    if not file.exists():
+        return shared
+    try:
+        with Outbox(file) as local:
+            pending = [NewDelivery(*row) for row in local.conn.execute(_FILE_PENDING)]
+        shared.commit(pending, [])
+    except (OutboxError, sqlite3.Error) as exc:
+        _log.warning(
+            "webhook deliveries pending in the outbox file are not moved into the store yet;"
+            " the next start tries again",
+            file=str(file),
+            error=str(exc),
+        )
+        return shared
+    file.rename(file.with_name(file.name + _MOVED_SUFFIX))
+    _log.info("webhook outbox file moved into the store", file=str(file), pending=len(pending))
+    return shared
+
+
+def _columns(rows: list[dict[str, object]], outbox: str) -> dict[str, object]:
+    """Rows as one array a column, the parameters of a statement over ``unnest``."""
+    return {"outbox": outbox, **{key: [row[key] for row in rows] for key in rows[0]}}
+
+
+def _new(row: NewDelivery) -> dict[str, object]:
+    return {
+        "destination": row.destination,
+        "msg_id": row.msg_id,
+        "event": row.event,
+        "call_key": row.call_key,
+        "body": row.body,
+        "created_at": row.created_at,
+        "due_at": row.due_at,
+    }
+
+
+def _attempt(attempt: Attempt) -> dict[str, object]:
+    return {
+        "msg_id": attempt.msg_id,
+        "at": attempt.at,
+        "latency": attempt.latency,
+        "status": attempt.status,
+        "error_class": attempt.error_class,
+        "error": attempt.error,
+        "answer": attempt.answer,
+        "probe": attempt.probe,
+        "counted": attempt.counted,
+    }
+
+
+def _next(outcome: Outcome) -> dict[str, object]:
+    return {"attempts": outcome.attempts, "due_at": outcome.due_at}

@@ -1,0 +1,56 @@
+"""The socket's read loop: messages already received are taken in batches, in order."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from listener.core import metrics
+from listener.core.events import Event
+from listener.realtime.connection import Connection, _Received
+from listener.realtime.session import socket_url
+from listener.realtime.tokens import TokenSource
+from listener.testing import FakeSippet
+from tests.conftest import fast_settings
+
+
+async def test_messages_queued_behind_a_paused_intake_are_taken_in_order_in_batches(
+    fake: FakeSippet, http: httpx.AsyncClient
+) -> None:
+    token = await TokenSource(http, fake.base_url, fake.api_key).mint()
+    settings = fast_settings(fake.base_url).link
+    received: list[Event] = []
+    release = asyncio.Event()
+
+    def on_event(event: Event) -> asyncio.Task[bool] | None:
+        received.append(event)
+        # The first event holds the intake until the server has queued everything else.
+        return asyncio.create_task(release.wait()) if len(received) == 1 else None
+
+    link = Connection(socket_url(fake.base_url, token.value), settings, on_event)
+    await link.open()
+    try:
+        assert link._ws is not None
+        # This websockets keeps what it received where the batch path reads it: were that
+        # to change, every message would go through recv() one by one, silently slower.
+        assert _Received.of(link._ws) is not None
+        malformed = metrics.FRAMES_MALFORMED.value
+        await fake.broadcast("incoming_call", {"seq": 0})
+        await fake.wait_until(lambda: len(received) == 1)
+        for seq in range(1, 200):
+            await fake.broadcast("incoming_call", {"seq": seq})
+            if seq == 100:
+                await fake.send_malformed()
+        frames, batches = link._frames, link._batches
+        await asyncio.sleep(0.1)  # the server's outbox reaches our socket
+        release.set()
+        await fake.wait_until(lambda: len(received) == 200)
+        assert [event.payload["seq"] for event in received] == list(range(200))
+        assert metrics.FRAMES_MALFORMED.value - malformed == 6
+        # 199 events, 6 malformed frames (and heartbeat replies), read in a few batches,
+        # not one await each.
+        assert link._frames - frames >= 205
+        assert link._batches - batches < 205 / 4
+    finally:
+        await link.close()

@@ -1,0 +1,305 @@
+"""Three real daemon processes on one PostgreSQL store, under failures: one SIGKILLed every
+3 s under a stream, the leader killed, a gap all of them shared. The webhook receiver and the
+fake's RPC log say what the cluster did, across its instances.
+
+The rolling restart (SIGTERM) is in test_cluster_processes.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from listener.cluster.url import StoreUrl
+from listener.core.ids import lifecycle_id
+from listener.testing import FakeSippet
+from listener.testing.receiver import ReceivedRequest, WebhookReceiver
+from tests.test_cluster_processes import SECRET, instances_of, start_all
+from tests.test_service import ServiceProcess
+
+EVENTS = 2000
+RATE = 200.0
+KILL_EVERY = 3.0
+KILLS = 3
+# The first kill, seconds into the 10 s stream: the third comes 6 s later, with slack for a
+# restart slower than 3 s on a busy machine.
+FIRST_KILL = 1.5
+# Slack between this process's clock readings and the database's or the receiver's (one
+# host, one clock; the readings lag on a busy machine).
+CLOCKS = 0.5
+# Every FINAL-th event matches the rpc rule.
+FINAL = 10
+# Short leases: a lapsed claim (handler timeout + lease_ttl) is handed out again within 3 s.
+HANDLER_TIMEOUT = 2.0
+LEASE_TTL = 1.0
+LEASE = f"[store]\nlease_ttl = {LEASE_TTL}\nlease_renew = 0.25\n"
+
+
+def handlers(receiver: WebhookReceiver, rpc_on: str, when: str = "") -> str:
+    """A webhook to ``receiver`` and an rpc rule ending the event's call on ``rpc_on``."""
+    timeout = f"timeout = {HANDLER_TIMEOUT}\n"
+    return (
+        f'[[handlers]]\nuse = "webhook"\nname = "crm"\n{timeout}url = "{receiver.url}"\n'
+        f'secret = "{SECRET}"\n'
+        f'[[handlers]]\nuse = "rpc"\nname = "hangup"\n{timeout}'
+        f'[[handlers.rules]]\non = "{rpc_on}"\n{when}action = "end_call"\n'
+        'input = { callUuid = "{call_key}" }\n'
+    )
+
+
+def ended_calls(fake: FakeSippet) -> Counter[str]:
+    """How many times the rpc rule ended each call (list_calls goes through RPC too)."""
+    return Counter(
+        r.body["input"]["callUuid"] for r in fake.rpc_requests if r.body["action"] == "end_call"
+    )
+
+
+def hooks_by_event(requests: list[ReceivedRequest]) -> dict[tuple[str, str], set[str]]:
+    """Each event's webhook-ids, by its name and its call (the events here have one each)."""
+    ids: dict[tuple[str, str], set[str]] = {}
+    for request in requests:
+        body = request.json()
+        event = (body["type"], body["data"]["callUuid"])
+        ids.setdefault(event, set()).add(request.headers["webhook-id"])
+    return ids
+
+
+def distinct(requests: list[ReceivedRequest]) -> int:
+    """How many webhook-ids arrived."""
+    return len({request.headers["webhook-id"] for request in requests})
+
+
+async def open_claims(store: StoreUrl) -> int:
+    """Claims not yet marked done, lapsed or not: work the cluster still owes."""
+    async with await psycopg.AsyncConnection.connect(store.conninfo, autocommit=True) as conn:
+        row = await (
+            await conn.execute("SELECT count(*) FROM sippet_claims WHERE done_at IS NULL")
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def takeovers(store: StoreUrl) -> dict[tuple[str, str], tuple[float, float]]:
+    """The claims taken over after they lapsed, by (call, handler): when their event was
+    recorded, and when the claim was taken over (wall clock, the database's).
+
+    A takeover comes a claim's lease at least after the first claim, itself no earlier than
+    the event's row; a first claim that late would need a backlog of that long."""
+    query = (
+        "SELECT e.payload->>'callUuid', c.handler, extract(epoch FROM e.recorded_at),"
+        " extract(epoch FROM c.claimed_at)"
+        " FROM sippet_claims c JOIN sippet_events e ON e.id = c.event_id"
+        " WHERE c.claimed_at >= e.recorded_at + make_interval(secs => %s)"
+    )
+    async with await psycopg.AsyncConnection.connect(store.conninfo, autocommit=True) as conn:
+        rows = await (await conn.execute(query, (HANDLER_TIMEOUT + LEASE_TTL,))).fetchall()
+    return {(call, handler): (float(at), float(taken)) for call, handler, at, taken in rows}
+
+
+async def settled(store: StoreUrl, timeout: float = 15.0) -> None:
+    """Wait until every claim is marked done: nothing lapsed is left to hand out again."""
+    async with asyncio.timeout(timeout):
+        # The claims are written by other processes: look every 0.1 s.
+        while await open_claims(store):  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until ``check()`` holds; the state it reads lives in other processes."""
+    async with asyncio.timeout(timeout):
+        while not check():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+async def roles(instances: list[ServiceProcess]) -> dict[int, tuple[bool, int | None]]:
+    """Each running instance's (leads, term) from its own ``/status``, by index."""
+    found = {}
+    for n, instance in enumerate(instances):
+        if instance.process is not None and instance.process.returncode is None:
+            cluster = (await instance.get("/status")).json()["link"]["cluster"]
+            found[n] = (cluster["leader"], cluster["term"])
+    return found
+
+
+async def test_three_instances_killed_in_turn_under_a_stream_lose_nothing(
+    tmp_path: Path, fake: FakeSippet, store: StoreUrl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SIPPET_STORE_URL", store.conninfo)
+    heard: list[int] = []
+    killed: list[float] = []
+    during = 0
+    async with WebhookReceiver() as receiver:
+        config = handlers(receiver, "transcript_delta", "when = { final = true }\n")
+        instances = instances_of(tmp_path, fake, config, LEASE, count=3, log_level="info")
+        try:
+            await start_all(instances)
+
+            async def stream() -> None:
+                start = time.monotonic()
+                for n in range(EVENTS):
+                    payload = {"callUuid": f"c{n}", "seq": n, "final": n % FINAL == 0}
+                    heard.append(await fake.broadcast("transcript_delta", payload))
+                    await asyncio.sleep(max(0.0, start + (n + 1) / RATE - time.monotonic()))
+
+            streaming = asyncio.create_task(stream())
+            first = time.monotonic() + FIRST_KILL
+            for n in range(KILLS):
+                await asyncio.sleep(first + n * KILL_EVERY - time.monotonic())
+                # One down at a time: the last one killed has joined again before the next.
+                await fake.wait_until(lambda: fake.joined_sockets >= 3, timeout=20)
+                victim = instances[n % 3].process
+                assert victim is not None
+                victim.kill()
+                killed.append(time.time())
+                during += not streaming.done()
+                await victim.wait()
+                await instances[n % 3].start()
+            # A restart slower than 3 s (a very busy machine) pushes the last kill past the end.
+            assert during >= KILLS - 1, "the machine is too slow: kills came after the stream"
+            await streaming
+            await receiver.wait_until(lambda r: len(r) >= EVENTS and distinct(r) >= EVENTS, 30)
+            # A lapsed claim is handed out again, and marked done, on a live instance.
+            await settled(store)
+            await eventually(lambda: len(ended_calls(fake)) >= EVENTS // FINAL)
+            await asyncio.sleep(0.5)
+        finally:
+            for instance in instances:
+                await instance.stop()
+    # Two instances at least were joined for each event: every one was heard, none is lost.
+    assert len(heard) == EVENTS
+    assert min(heard) >= 2
+    ids = hooks_by_event(receiver.requests)
+    assert set(ids) == {("transcript_delta", f"c{n}") for n in range(EVENTS)}
+    assert all(len(hooks) == 1 for hooks in ids.values()), "an event under two webhook-ids"
+    ended = ended_calls(fake)
+    assert set(ended) == {f"c{n}" for n in range(0, EVENTS, FINAL)}
+
+    # Once per event, but for what a kill left unsure. A claim taken over (its holder died
+    # before marking it done: it may have run) lapsed after a kill, between its event's
+    # arrival and its takeover.
+    taken_over = await takeovers(store)
+    assert all(
+        any(recorded - CLOCKS <= kill <= taken + CLOCKS for kill in killed)
+        for recorded, taken in taken_over.values()
+    ), "a claim lapsed with no kill to explain it"
+    # Only such an event's rpc action may have fired twice.
+    twice = {call for call, n in ended.items() if n > 1}
+    assert twice <= {call for call, handler in taken_over if handler == "hangup"}
+    # Likewise its webhook; or a delivery the receiver had when its sender was killed, before
+    # the outbox recorded it as delivered, is sent again after the restart.
+    copies: dict[str, list[float]] = {}
+    for request in receiver.requests:
+        copies.setdefault(request.json()["data"]["callUuid"], []).append(request.received_at)
+    resent = {
+        call
+        for call, at in copies.items()
+        if any(min(at) <= kill + CLOCKS < max(at) for kill in killed)
+    }
+    twice = {call for call, at in copies.items() if len(at) > 1}
+    assert twice <= {call for call, handler in taken_over if handler == "crm"} | resent
+
+
+async def test_a_killed_leader_is_replaced_within_two_lease_periods(
+    tmp_path: Path, fake: FakeSippet, store: StoreUrl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SIPPET_STORE_URL", store.conninfo)
+    instances = instances_of(tmp_path, fake, '[[handlers]]\nuse = "log"\n', LEASE, count=3)
+    try:
+        await start_all(instances)
+        found: dict[int, tuple[bool, int | None]] = {}
+
+        async def leaders() -> list[int]:
+            found.update(await roles(instances))
+            return [n for n, (leads, _) in found.items() if leads]
+
+        async with asyncio.timeout(10):
+            # Each process serves its own role: ask every 20 ms.
+            while len(await leaders()) != 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        [old] = await leaders()
+        old_term = found[old][1]
+        assert old_term is not None
+        victim = instances[old].process
+        assert victim is not None
+        victim.kill()
+        killed = time.monotonic()
+        await victim.wait()
+        found.clear()
+        async with asyncio.timeout(10):
+            while not await leaders():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        took = time.monotonic() - killed
+        [new] = await leaders()
+    finally:
+        for instance in instances:
+            await instance.stop()
+    assert new != old
+    assert took <= 2 * LEASE_TTL
+    # A new term: the old leader's work can be told apart from the new one's.
+    new_term = found[new][1]
+    assert new_term is not None
+    assert new_term > old_term
+    assert [n for n, (leads, _) in found.items() if not leads] == [
+        n for n in range(3) if n not in (old, new)
+    ]
+
+
+async def test_a_gap_all_instances_shared_is_reconciled_once_across_the_cluster(
+    tmp_path: Path, fake: FakeSippet, store: StoreUrl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SIPPET_STORE_URL", store.conninfo)
+    calls = [f"c-{n}" for n in range(10)]
+    async with WebhookReceiver() as receiver:
+        config = handlers(receiver, "call_ended")
+        instances = instances_of(tmp_path, fake, config, LEASE + "[calls]\nreconcile = true\n", 3)
+        try:
+            await start_all(instances)
+            for key in calls[:5]:
+                assert await fake.call_event("incoming_call", key) == 3
+            await receiver.wait_until(lambda r: distinct(r) >= 5)
+            joins = fake.joins
+            listed = sum(1 for r in fake.rpc_requests if r.body["action"] == "list_calls")
+            await fake.outage(1.0)
+            await fake.wait_until(lambda: fake.joined_sockets == 0)
+            # Nobody hears these: every instance is out.
+            for key in calls[:5]:
+                assert await fake.call_event("call_ended", key) == 0
+            for key in calls[5:]:
+                assert await fake.call_event("incoming_call", key) == 0
+            await fake.wait_until(lambda: fake.joins >= joins + 3, timeout=20)
+            # Each instance asks list_calls after its gap, and rebuilds the same 10 transitions.
+            await eventually(
+                lambda: (
+                    sum(1 for r in fake.rpc_requests if r.body["action"] == "list_calls")
+                    >= listed + 3
+                )
+            )
+            await receiver.wait_until(lambda r: distinct(r) >= 15, timeout=20)
+            await settled(store)
+            await asyncio.sleep(0.5)
+        finally:
+            for instance in instances:
+                await instance.stop()
+    ids = hooks_by_event(receiver.requests)
+    rebuilt = {
+        (body["type"], body["data"]["callUuid"])
+        for body in (r.json() for r in receiver.requests)
+        if body["origin"] == "reconcile"
+    }
+    assert rebuilt == {("call_ended", key) for key in calls[:5]} | {
+        ("incoming_call", key) for key in calls[5:]
+    }
+    # Rebuilt or heard, a transition has one id: its name and call.
+    assert ids == {
+        (name, key): {lifecycle_id(name, key)}
+        for name, keys in (("incoming_call", calls), ("call_ended", calls[:5]))
+        for key in keys
+    }
+    webhook_ids = Counter(r.headers["webhook-id"] for r in receiver.requests)
+    assert set(webhook_ids.values()) == {1}, "a transition delivered twice"
+    assert ended_calls(fake) == Counter(calls[:5])

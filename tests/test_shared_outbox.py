@@ -1,0 +1,326 @@
+"""The webhook outbox in the shared PostgreSQL store (a real server): the outbox contract,
+run against it and the SQLite file alike, then what only several instances can show."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import psycopg
+import pytest
+from structlog.testing import capture_logs
+
+from listener.cluster.url import StoreUrl
+from listener.core.events import Event
+from listener.testing.receiver import WebhookReceiver
+from listener.webhooks.forwarder import WebhookForwarder
+from listener.webhooks.outbox import Outbox
+from listener.webhooks.outbox_rows import Attempt, Delivery, NewDelivery, Outcome
+from listener.webhooks.outbox_store import OutboxStore
+from listener.webhooks.shared_outbox import SharedOutbox, open_shared
+from tests.tcpproxy import FreezableProxy, proxied
+from tests.test_delivery import destination
+from tests.test_webhook_handler import cli
+
+T0 = 1_800_000_000.0
+
+
+def new(i: int, *, call: str | None = None, due: float = T0) -> NewDelivery:
+    return NewDelivery("a", f"msg_{i}", "call_started", call, b'{"i":%d}' % i, T0 + i, due)
+
+
+def attempt(msg_id: str, at: float = T0, status: int | None = 200) -> Attempt:
+    failed = status is None or status >= 300
+    return Attempt(
+        "a",
+        msg_id,
+        at,
+        0.01,
+        status,
+        "rejected" if failed else None,
+        f"HTTP {status}" if failed else "",
+        b"x" * 1024,
+        False,
+        failed,
+    )
+
+
+def ids(rows: list[Delivery]) -> list[str]:
+    return [row.msg_id for row in rows]
+
+
+def shared(url: StoreUrl, holder: str, ttl: float = 30.0) -> SharedOutbox:
+    return SharedOutbox(url, "hooks", holder=holder, lease_ttl=ttl, renew_every=0.0)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def outbox(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OutboxStore]:
+    """Each store the daemon may deliver from, fresh."""
+    if request.param == "sqlite":
+        with Outbox(tmp_path / "outbox.sqlite3") as opened:
+            yield opened
+    else:
+        url = request.getfixturevalue("store")
+        with shared(url, "h1") as opened:
+            yield opened
+
+
+# The contract, through OutboxStore's methods only.
+
+
+def test_a_claim_takes_due_rows_in_order_each_once_until_its_outcome_or_release(
+    outbox: OutboxStore,
+) -> None:
+    outbox.commit(
+        [new(3, due=T0 + 3), new(1, due=T0 + 1), new(2, due=T0 + 2), new(9, due=T0 + 9)], []
+    )
+    first = outbox.claim("a", T0 + 5, 2)
+    assert ids(first.rows) == ["msg_1", "msg_2"]
+    assert first.next_due == T0 + 3
+    second = outbox.claim("a", T0 + 5, 10)
+    assert ids(second.rows) == ["msg_3"]
+    assert second.next_due == T0 + 9
+    outbox.release("a", ["msg_2"])
+    outbox.commit([], [Outcome(attempt("msg_1"), "delivered")])
+    assert ids(outbox.claim("a", T0 + 5, 10).rows) == ["msg_2"]
+    assert outbox.pending_count("a") == 3
+    assert outbox.whereabouts("a", "msg_1") == ("delivered", T0)
+    [success] = outbox.attempts("msg_1")
+    assert (success.status, success.answer) == (200, b"x" * 1024)
+
+
+def test_per_call_order_holds_a_later_row_while_an_earlier_one_is_pending(
+    outbox: OutboxStore,
+) -> None:
+    outbox.commit([new(1, call="c"), new(2, call="c"), new(3, call="d")], [])
+    assert ids(outbox.claim("a", T0, 10, per_call=True).rows) == ["msg_1", "msg_3"]
+    assert outbox.claim("a", T0, 10, per_call=True).rows == []
+    outbox.commit([], [Outcome(attempt("msg_1"), "delivered")])
+    assert ids(outbox.claim("a", T0, 10, per_call=True).rows) == ["msg_2"]
+
+
+def test_failures_reschedule_bury_and_disable_and_replay_brings_rows_back(
+    outbox: OutboxStore,
+) -> None:
+    outbox.commit([new(1), new(2), new(3)], [])
+    outbox.claim("a", T0, 10)
+    outbox.commit(
+        [],
+        [
+            Outcome(attempt("msg_1", status=500), "retry", 1, T0 + 60),
+            Outcome(attempt("msg_2", status=400), "exhausted", 3, T0),
+        ],
+    )
+    assert outbox.claim("a", T0 + 1, 10).rows == []
+    assert ids(outbox.claim("a", T0 + 60, 10).rows) == ["msg_1"]
+    [letter] = outbox.dead_letters(destination="a")
+    assert (letter.msg_id, letter.attempts, letter.last_status, letter.reason) == (
+        "msg_2",
+        3,
+        400,
+        "exhausted",
+    )
+    assert outbox.replay(T0 + 70, dry_run=True) == {"dead": 1}
+    assert outbox.replay(T0 + 70) == {"dead": 1}
+    assert outbox.dead_letters() == []
+    outbox.commit([], [Outcome(attempt("msg_3", status=410), "gone", 0, T0)])
+    [stats] = outbox.stats(T0 + 70, ["a"])
+    assert (stats.pending, stats.failing, stats.dead, stats.disabled_reason) == (
+        3,
+        2,
+        0,
+        "HTTP 410 Gone",
+    )
+    assert outbox.claim("a", T0 + 70, 10).rows == []
+    assert outbox.enable("a")
+    assert not outbox.enable("a")
+    assert ids(outbox.claim("a", T0 + 70, 10).rows) == ["msg_3", "msg_2"]
+    assert [a.status for a in outbox.attempts("msg_1")] == [500]
+
+
+def test_the_bound_moves_the_oldest_rows_not_held_and_prune_forgets_old_records(
+    outbox: OutboxStore,
+) -> None:
+    outbox.commit([new(i) for i in range(5)], [])
+    outbox.claim("a", T0, 1)
+    claim = outbox.claim("a", T0 + 10, 0, max_pending=2, max_age=7.5)
+    # msg_0 is held (and counts); msg_1 and msg_2 are older than 7.5 s; then msg_3 is the
+    # oldest over the bound of 2.
+    assert claim.evicted == {"max_age": 2, "max_pending": 1}
+    assert outbox.pending_count("a") == 2
+    assert [d.msg_id for d in outbox.dead_letters()] == ["msg_1", "msg_2", "msg_3"]
+    outbox.commit([], [Outcome(attempt("msg_0", at=T0), "delivered")])
+    assert outbox.prune(T0 + 1) == 1
+    assert outbox.whereabouts("a", "msg_0") is None
+    assert outbox.whereabouts("a", "msg_1") == ("dead", T0 + 10)
+
+
+# Several holders on one shared store.
+
+
+def test_holders_claiming_at_once_never_get_the_same_row(store: StoreUrl) -> None:
+    with shared(store, "seed") as seed:
+        seed.commit([new(i) for i in range(600)], [])
+    taken: dict[str, list[str]] = {}
+    start = threading.Barrier(3)
+    # Closed only once all are done: a store closing gives its rows back.
+    holders = {holder: shared(store, holder) for holder in ("h1", "h2", "h3")}
+
+    def drain(holder: str) -> None:
+        mine = taken.setdefault(holder, [])
+        start.wait()
+        while rows := holders[holder].claim("a", T0 + 1000, 7).rows:
+            mine += ids(rows)
+
+    threads = [threading.Thread(target=drain, args=(h,)) for h in holders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for outbox in holders.values():
+        outbox.close()
+    everything = [msg_id for rows in taken.values() for msg_id in rows]
+    assert sorted(everything) == sorted(f"msg_{i}" for i in range(600))
+    assert sum(1 for rows in taken.values() if rows) >= 2, "they claimed side by side"
+
+
+def test_a_lapsed_lease_hands_the_row_to_another_holder_and_a_renewed_one_does_not(
+    store: StoreUrl,
+) -> None:
+    with shared(store, "h1", ttl=0.3) as first, shared(store, "h2") as second:
+        first.commit([new(1), new(2)], [])
+        assert ids(first.claim("a", T0, 1).rows) == ["msg_1"]
+        assert ids(second.claim("a", T0, 10).rows) == ["msg_2"]
+        for _ in range(4):
+            time.sleep(0.15)
+            first.renew()
+        assert second.claim("a", T0, 10).rows == []
+        time.sleep(0.4)
+        [row] = second.claim("a", T0, 10).rows
+        assert (row.msg_id, row.body) == ("msg_1", b'{"i":1}')
+        # The first holder's late failure no longer moves the row; the new holder's 2xx does.
+        first.commit([], [Outcome(attempt("msg_1", status=503), "retry", 1, T0 + 99)])
+        second.commit([], [Outcome(attempt("msg_1"), "delivered")])
+        assert first.whereabouts("a", "msg_1") == ("delivered", T0)
+        assert [a.status for a in first.attempts("msg_1")] == [503, 200]
+
+
+def test_per_call_order_holds_across_holders(store: StoreUrl) -> None:
+    with shared(store, "h1") as first, shared(store, "h2") as second:
+        first.commit([new(1, call="c"), new(2, call="c")], [])
+        assert ids(first.claim("a", T0, 1, per_call=True).rows) == ["msg_1"]
+        assert second.claim("a", T0, 10, per_call=True).rows == []
+        first.release("a", ["msg_1"])
+        assert ids(second.claim("a", T0, 10, per_call=True).rows) == ["msg_1"]
+        assert first.claim("a", T0, 10, per_call=True).rows == []
+
+
+def test_a_store_closed_gives_its_rows_back_at_once(store: StoreUrl) -> None:
+    with shared(store, "h2") as second:
+        with shared(store, "h1") as first:
+            first.commit([new(1)], [])
+            assert ids(first.claim("a", T0, 10).rows) == ["msg_1"]
+        assert ids(second.claim("a", T0, 10).rows) == ["msg_1"]
+
+
+async def test_deliveries_submitted_while_the_store_does_not_answer_go_out_once_it_does(
+    store: StoreUrl, tmp_path: Path
+) -> None:
+    def opener() -> SharedOutbox:
+        return SharedOutbox(via, "hooks", holder="h1", connect_timeout=1, quiet=True)
+
+    async with WebhookReceiver() as receiver, proxied(store) as (proxy, via):
+        forwarder = WebhookForwarder(
+            [destination(receiver.url)],
+            tmp_path / "unused.sqlite3",
+            poll_interval=0.05,
+            shared_outbox=opener,
+        )
+        with capture_logs() as logs:
+            await outage(forwarder, proxy, receiver)
+    assert [r.headers["webhook-id"] for r in receiver.requests] == ["e0", "e1"]
+    # The outage in the journal: where it starts and ends, and the writer's retries of its
+    # batch; no line for each claim, measure or prune the engine made meanwhile.
+    events = Counter(entry["event"] for entry in logs if entry["log_level"] != "debug")
+    assert events["the shared store does not answer; webhook deliveries wait for it"] == 1
+    assert events["the shared store answers again; webhook deliveries resume"] == 1
+    assert events["webhook outbox commit failed"] >= 1
+    # At most the one call that found the connection broken (41 claims and 39 prunes logged
+    # their failure here, when they were not quiet).
+    quiet = ("claim failed", "stats failed", "renewal or prune failed")
+    assert sum(events[f"webhook outbox {what}"] for what in quiet) <= 1
+    assert not (tmp_path / "unused.sqlite3").exists()
+    async with await psycopg.AsyncConnection.connect(store.conninfo) as conn:
+        rows = await (
+            await conn.execute("SELECT delivered_at IS NOT NULL, holder FROM sippet_deliveries")
+        ).fetchall()
+    assert rows == [(True, None), (True, None)]
+
+
+async def outage(
+    forwarder: WebhookForwarder, proxy: FreezableProxy, receiver: WebhookReceiver
+) -> None:
+    """One event delivered, then one submitted while the store does not answer (for 1.2 s)."""
+    async with forwarder:
+        first = forwarder.submit(Event("call_started", {"i": 0}, "events", T0, id="e0"))
+        assert first is not None
+        await asyncio.wait_for(first, 10)
+        await receiver.wait_for(1, timeout=10)
+        # The store goes away under the open connection, and does not take a new one.
+        proxy.refusing = True
+        proxy.cut()
+        committed = forwarder.submit(Event("call_started", {"i": 1}, "events", T0, id="e1"))
+        assert committed is not None
+        await asyncio.sleep(1.2)
+        assert not committed.done()
+        proxy.refusing = False
+        await asyncio.wait_for(committed, 10)
+        await receiver.wait_for(2, timeout=10)
+
+
+def test_an_instance_given_a_store_moves_its_files_pending_rows_into_it_once(
+    store: StoreUrl, tmp_path: Path
+) -> None:
+    file = tmp_path / "webhooks-hooks.sqlite3"
+    with Outbox(file) as local:
+        local.commit([new(1), new(2)], [])
+        local.claim("a", T0, 1)
+        local.commit([], [Outcome(attempt("msg_1"), "delivered")])
+    nobody = StoreUrl("postgresql://sippet:secret@127.0.0.1:1/sippet")
+    open_shared(nobody, "hooks", file, holder="h1", connect_timeout=1).close()
+    assert file.exists(), "kept for the next start while the store does not answer"
+    with open_shared(store, "hooks", file, holder="h1") as outbox:
+        [row] = outbox.claim("a", T0, 10).rows
+        assert (row.msg_id, row.body, row.due_at) == ("msg_2", b'{"i":2}', T0)
+    assert not file.exists()
+    assert (tmp_path / "webhooks-hooks.sqlite3.moved-to-store").exists()
+    with open_shared(store, "hooks", file, holder="h1") as outbox:
+        assert outbox.pending_count("a") == 1
+
+
+async def test_the_webhooks_commands_work_on_the_shared_outbox(
+    store: StoreUrl, tmp_path: Path
+) -> None:
+    with SharedOutbox(store, "crm", holder="h1") as outbox:
+        hooks = [replace(new(i), destination="crm") for i in (1, 2)]
+        outbox.commit(hooks, [])
+        outbox.claim("crm", T0, 1)
+        failed = replace(attempt("msg_1", status=400), destination="crm")
+        outbox.commit([], [Outcome(failed, "exhausted", 3, T0)])
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[store]\nurl = "{store.conninfo}"\n[service]\nstate_dir = "{tmp_path}"\n'
+        '[[handlers]]\nuse = "webhook"\nname = "crm"\nurl = "https://crm.example/"\n'
+    )
+    code, out = await cli("webhooks", "replay", "--all", "--config", str(config))
+    assert (code, out) == (0, "replayed 1 dead letter\n")
+    code, out = await cli("webhooks", "status", "--json", "--config", str(config))
+    assert code == 0
+    [status] = [json.loads(line) for line in out.splitlines()]
+    assert (status["destination"], status["pending"], status["dead"]) == ("crm", 2, 0)
