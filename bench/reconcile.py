@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -90,22 +89,17 @@ class _Trial:
 
 
 def _driver(server: BenchServer, options: dict[str, Any], log: Path) -> Driver:
-    # ``script``: another tree's driver, for an A/B run, with that tree's ``listener``: the
-    # child's PYTHONPATH is the tree's root (without it the venv's editable install is this
-    # tree's, whatever the driver).
+    # ``script``: another tree's driver, for an A/B run, with that tree's ``listener``
+    # (Driver's ``root``; without it the venv's editable install is this tree's, whatever
+    # the driver).
     options = dict(options)
     script = options.pop("script", None)
     if script is None:
         return Driver(_LABEL, Path(sys.executable), _SCRIPT, server, log, options)
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = str(Path(script).resolve().parents[2])
-    try:
-        return Driver(_LABEL, Path(sys.executable), script, server, log, options)
-    finally:
-        if saved is None:
-            del os.environ["PYTHONPATH"]
-        else:
-            os.environ["PYTHONPATH"] = saved
+    path = Path(script).resolve()
+    return Driver(
+        _LABEL, Path(sys.executable), path.name, server, log, options, root=path.parents[2]
+    )
 
 
 def _drain_rows(
