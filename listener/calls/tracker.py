@@ -16,7 +16,7 @@ the live map through (``ctx.calls``).
 A lifecycle event is remembered by its name and call key, which its id is a hash of
 (:func:`~listener.core.ids.lifecycle_id`): the intake stamps such events with an id made only
 when read (:data:`~listener.core.ids.LIFECYCLE_ID`), so that de-duplicating them costs no
-hash; :meth:`CallTracker.unsaved` writes the ids out for the store. An event whose given
+hash; :meth:`CallTracker.unsaved` gives them to the store by call and name. An event whose given
 lifecycle id is not that hash (a test's, a plugin's), and the stored ids of calls the map
 does not hold, are remembered as ids; while there are any, a new lifecycle event's id is made
 and checked against them too, so the rule is the id's either way.
