@@ -235,7 +235,8 @@ async def test_memory_stays_flat_under_a_long_stream_of_short_calls(tmp_path: Pa
 
 async def test_what_was_handled_is_still_handled_after_a_restart(tmp_path: Path) -> None:
     """Lifecycle events kept by call, and ids that are not the rule's, both outlive the
-    process: the restarted tracker hands none of them on again."""
+    process; the restarted tracker holds only the recent calls in memory, reads the others
+    back when asked, and hands none of them on again."""
     path = tmp_path / "calls.sqlite3"
     tracker = CallTracker()
     persister = Persister(CallStore(path), tracker, lambda now: now, retain=3600)
@@ -243,9 +244,15 @@ async def test_what_was_handled_is_still_handled_after_a_restart(tmp_path: Path)
     odd = Event.create("call_ended", {"callUuid": "c-1"}, "events", 2.0, id="evt_given")
     assert tracker.admit(odd)
     tracker.merge(odd)
+    hand_on(tracker, "incoming_call", "c-open", 2.0)
     await persister.close()
     restarted = CallTracker()
     store, _ = await Persister.open(path, restarted)
+    persister = Persister(store, restarted, lambda now: now, retain=3600)
+    assert [record.call_key for record in restarted.state.all_calls()] == ["c-open"]
+    ended = restarted.get("c-1")
+    assert ended is not None
+    assert ended.status == "ended"
     again = Event.create(
         "incoming_call", {"callUuid": "c-1"}, "events", 3.0, id=lifecycle_id("incoming_call", "c-1")
     )
@@ -253,4 +260,16 @@ async def test_what_was_handled_is_still_handled_after_a_restart(tmp_path: Path)
     assert not restarted.admit(
         Event.create("call_ended", {"callUuid": "c-1"}, "events", 3.0, id="evt_given")
     )
-    store.close()
+    assert not restarted.admit(
+        Event.create(
+            "incoming_call",
+            {"callUuid": "c-open"},
+            "events",
+            3.0,
+            id=lifecycle_id("incoming_call", "c-open"),
+        )
+    ), "a call held in memory came back with what was handled of it"
+    late = restarted.merge(again)
+    assert late is not None
+    assert late.status == "ended", "a late event never reopens a call read back"
+    await persister.close()

@@ -114,24 +114,34 @@ class Persister:
             StoreError: the file cannot be opened or read.
         """
 
+        # Only the open calls and the recent ended ones come into memory (with what was
+        # handled of them); the others are read back when asked for.
+        since = time.time() - RESIDENT_FOR
+
         def load() -> tuple[
-            CallStore, list[CallRecord], set[str], list[tuple[str, str]], float | None
+            CallStore,
+            list[CallRecord],
+            set[str],
+            list[tuple[str, str]],
+            list[str],
+            float | None,
         ]:
             store = CallStore(path)
             try:
                 return (
                     store,
-                    store.calls(),
+                    store.calls(since),
                     store.handled_ids(),
-                    store.handled_calls(),
+                    store.handled_calls(since),
+                    store.ended_keys(),
                     store.last_seen(),
                 )
             except StoreError:
                 store.close()
                 raise
 
-        store, records, handled, handled_calls, last_seen = await asyncio.to_thread(load)
-        tracker.load(records, handled, time.time(), handled_calls)
+        store, records, handled, handled_calls, ended, last_seen = await asyncio.to_thread(load)
+        tracker.load(records, handled, time.time(), handled_calls, ended)
         return store, last_seen
 
     async def run(self) -> None:

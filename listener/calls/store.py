@@ -158,10 +158,16 @@ class CallStore(Database):
                     (seen_until,),
                 )
 
-    def calls(self) -> list[CallRecord]:
-        """Return every stored call."""
+    def calls(self, since: float | None = None) -> list[CallRecord]:
+        """Return every stored call, or with ``since`` the open ones and those ended whose
+        last event came at ``since`` or later."""
         with self.translated("read"):
-            rows = self.conn.execute(_SELECT_CALLS).fetchall()
+            if since is None:
+                rows = self.conn.execute(_SELECT_CALLS).fetchall()
+            else:
+                rows = self.conn.execute(
+                    _SELECT_CALLS + " WHERE status != 'ended' OR last_event_at >= ?", (since,)
+                ).fetchall()
         return [_record(row) for row in rows]
 
     def handled_ids(self) -> set[str]:
@@ -169,10 +175,21 @@ class CallStore(Database):
         with self.translated("read"):
             return {msg_id for (msg_id,) in self.conn.execute("SELECT id FROM handled")}
 
-    def handled_calls(self) -> list[tuple[str, str]]:
-        """Return every lifecycle event stored as handled, as (call key, event name)."""
+    def handled_calls(self, since: float | None = None) -> list[tuple[str, str]]:
+        """Return every lifecycle event stored as handled, as (call key, event name); with
+        ``since``, only those of the calls :meth:`calls` returns for it and of calls not
+        stored."""
         with self.translated("read"):
-            return list(self.conn.execute("SELECT call_key, name FROM handled_calls"))
+            if since is None:
+                return list(self.conn.execute("SELECT call_key, name FROM handled_calls"))
+            return list(
+                self.conn.execute(
+                    "SELECT h.call_key, h.name FROM handled_calls AS h"
+                    " LEFT JOIN calls AS c ON c.call_key = h.call_key"
+                    " WHERE c.call_key IS NULL OR c.status != 'ended' OR c.last_event_at >= ?",
+                    (since,),
+                )
+            )
 
     def last_seen(self) -> float | None:
         """Return the last ``seen_until`` that :meth:`save` wrote, or None when none was."""

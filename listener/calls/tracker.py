@@ -38,6 +38,7 @@ from typing import Protocol
 
 import structlog
 
+from listener.calls.keyfilter import KeyFilter
 from listener.calls.state import CallRecord, CallState
 from listener.calls.store import StoreError
 from listener.core import metrics
@@ -104,12 +105,14 @@ class CallTracker:
         self.last_heard = 0.0
         self.backlog: Callable[[], int] = _nothing
         self._archive: Archive | None = None
+        # The stored calls load() left out of memory, for attach().
+        self._let_go: KeyFilter | None = None
 
     def attach(self, archive: Archive) -> None:
         """Let ended calls leave memory once saved (:meth:`evict`), read back from
         ``archive`` when needed."""
         self._archive = archive
-        self.state.attach(self._read, self._recall)
+        self.state.attach(self._read, self._recall, self._let_go)
 
     def load(
         self,
@@ -117,30 +120,38 @@ class CallTracker:
         handled: Iterable[str],
         now: float,
         handled_calls: Iterable[tuple[str, str]] = (),
+        let_go: Iterable[str] = (),
     ) -> None:
         """Start from what the store kept (what was handled before counts as handled at
-        ``now``): ids, and lifecycle events as (call key, event name).
+        ``now``): the calls to hold in memory, ids, lifecycle events as (call key, event
+        name), and the keys of stored calls left out of memory (``let_go``, read back when
+        an event asks: see :meth:`attach`).
 
-        Each stored id of a call in the map is found among its four possible lifecycle ids
-        (four hashes per call: 0.6 s for 100,000 calls, once per start; only files written
-        before the store kept lifecycle events by call have such ids) and remembered by key.
+        Each stored id of a call is found among its four possible lifecycle ids (four hashes
+        per call: 0.6 s for 100,000 calls, once per start; only files written before the
+        store kept lifecycle events by call have such ids) and remembered by key, or left in
+        the store for a call left out of memory.
         """
         self.state = CallState(records)
+        resident = self.state.resident
+        outside = [key for key in let_go if key not in resident]
+        self._let_go = KeyFilter.of(outside) if outside else None
         if self._archive is not None:
-            self.state.attach(self._read, self._recall)
+            self.state.attach(self._read, self._recall, self._let_go)
         ids = set(handled)
         self._handled = _by_name()
         for key, name in handled_calls:
             if name in self._handled:
                 self._handled[name][key] = now
-        for record in self.state.all_calls():
+        for key in (*resident, *outside):
             if not ids:
                 break
             for name in LIFECYCLE_EVENTS:
-                event_id = lifecycle_id(name, record.call_key)
+                event_id = lifecycle_id(name, key)
                 if event_id in ids:
                     ids.discard(event_id)
-                    self._handled[name][record.call_key] = now
+                    if key in resident:
+                        self._handled[name][key] = now
         self._handled_ids = dict.fromkeys(ids, now)
 
     def get(self, call_key: str) -> CallRecord | None:
