@@ -25,7 +25,11 @@ _log = structlog.get_logger(__name__)
 # A failed commit (the CLI holding the write lock past busy_timeout, a full disk) holds back
 # every handle() waiting for durability: retried at once, then backing off to at most 5 s.
 _COMMIT_RETRY = BackoffPolicy(initial=0.5, cap=5.0)
-# Turns of the loop a commit waits at most while its batch still grows (see _gather).
+# Turns of the loop a commit waits at most while its batch still grows (see _gather). A
+# commit's cost is mostly per transaction (the pages it writes: 170 µs, against 40 µs a row
+# inserted and marked delivered, measured on one thread): gathering took a traced drain of
+# 20,000 from 4.2 to 7.2 rows a commit and from 0.31 to 0.19 calls to the outbox thread a
+# delivery, side by side; no timer, so an event alone waits a turn of the loop, not 1 ms.
 _GATHER_TURNS = 4
 
 
