@@ -76,6 +76,13 @@ async def test_events_are_forwarded_signed_with_every_secret(
         assert Webhook(secret).verify(request.body, request.headers) == body
 
 
+def test_the_handler_takes_32_events_at_once_unless_its_table_says_otherwise() -> None:
+    """Each handle() only waits for the batch commit of its event: more at once, larger commits."""
+    table = {"use": "webhook", "url": "https://x.example/", "secret": SECRET}
+    assert load_handler(table, "handlers[0]").settings.concurrency == 32
+    assert load_handler({**table, "concurrency": 4}, "handlers[0]").settings.concurrency == 4
+
+
 def test_config_errors_name_the_key() -> None:
     with pytest.raises(ConfigError) as caught:
         load_handler({"use": "webhook", "url": "ftp://x", "secret": SECRET}, "handlers[2]")

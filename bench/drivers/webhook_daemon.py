@@ -10,9 +10,9 @@ a fresh state directory, and one table::
     url = "<the receiver>"
     secret = "whsec_..."
 
-Everything else is a default: the dispatcher's (concurrency 8, queue 10,000), the
-destination's (8 in flight, the Svix retry schedule), production logging (JSON at info on
-stderr). Every event is committed to the SQLite outbox before its first attempt: the worker
+Everything else is a default: the handler's and the dispatcher's (32 events at once, queue
+10,000), the destination's (8 in flight, the Svix retry schedule), production logging (JSON at
+info on stderr). Every event is committed to the SQLite outbox before its first attempt: the worker
 only ever attempts rows it read back from the file. ``stats`` also answers ``wal_bytes``, the
 size of the outbox's WAL file (its high-water mark).
 

@@ -42,8 +42,12 @@ _Loop = asyncio.AbstractEventLoop
 _Call = tuple[_Loop | None, asyncio.Future[Any] | None, Callable[..., Any], tuple[Any, ...]]
 # How often the checkpointer looks, while the outbox is being written; the WAL size (in
 # pages) past which the writer's connection completes a checkpoint so the WAL starts over,
-# and how many passes the checkpointer makes first to leave it little to copy.
-_CHECKPOINT_EVERY = 0.05
+# and how many passes the checkpointer makes first to leave it little to copy. A pass copies
+# each page written since the last once, however often it was written (the tails of the
+# table and of its indexes, in every commit): every 0.25 s instead of every 0.05 s, the
+# checkpoints' CPU per delivery went from 11.5 to 6 µs (commits of 20 rows, one thread, two
+# runs each); a backlog of 50,000 peaked at 51 and 58 MiB of WAL against 62 and 41 MiB.
+_CHECKPOINT_EVERY = 0.25
 _WRAP_FRAMES = 4000
 _CATCH_UP_PASSES = 4
 

@@ -25,6 +25,12 @@ _log = structlog.get_logger(__name__)
 # A failed commit (the CLI holding the write lock past busy_timeout, a full disk) holds back
 # every handle() waiting for durability: retried at once, then backing off to at most 5 s.
 _COMMIT_RETRY = BackoffPolicy(initial=0.5, cap=5.0)
+# Turns of the loop a commit waits at most while its batch still grows (see _gather). A
+# commit's cost is mostly per transaction (the pages it writes: 170 µs, against 40 µs a row
+# inserted and marked delivered, measured on one thread): gathering took a traced drain of
+# 20,000 from 4.2 to 7.2 rows a commit and from 0.31 to 0.19 calls to the outbox thread a
+# delivery, side by side; no timer, so an event alone waits a turn of the loop, not 1 ms.
+_GATHER_TURNS = 4
 
 
 class BatchWriter:
@@ -79,6 +85,7 @@ class BatchWriter:
     async def _run(self) -> None:
         while True:
             await self._dirty.wait()
+            await self._gather()
             self._dirty.clear()
             if await self._flush():
                 self._backoff.reset()
@@ -92,6 +99,17 @@ class BatchWriter:
                     async with asyncio.timeout(self._backoff.next_delay()):
                         await self._closing.wait()
                 self._dirty.set()
+
+    async def _gather(self) -> None:
+        """Let what the loop has ready join the batch: yield a turn of the loop at a time,
+        while the batch still grows (at most :data:`_GATHER_TURNS`)."""
+        queued = -1
+        for _ in range(_GATHER_TURNS):
+            size = len(self._rows) + len(self._outcomes)
+            if size == queued:
+                return
+            queued = size
+            await asyncio.sleep(0)
 
     async def _flush(self) -> bool:
         """Commit the current batch; on failure keep it for the next try and return False."""
