@@ -195,10 +195,11 @@ class _IdleCheck:
     only for a connection that sat in the pool for more than :data:`_CHECK_IDLE`.
 
     A connection used a moment ago was working a moment ago; checking it anyway cost every
-    claim a round trip (0.8 ms p50 of the 3.2 ms a claim took, two instances at 500 events/s,
-    traced). One the server dropped within that moment fails its statement instead, which
-    the caller treats as the store not answering (a claim is spooled, not lost); psycopg
-    marks it broken and the pool replaces it.
+    claim a round trip: two instances at 500 events/s, traced, a claim's wait for its
+    connection went from p50 0.83 to 0.015 ms (of the 3.2 ms a claim took), end to end from
+    p50 11.2 / p99 35.7 to 8.7 / 21.5 ms. One the server dropped within that moment fails
+    its statement instead, which the caller treats as the store not answering (a claim is
+    spooled, not lost); psycopg marks it broken and the pool replaces it.
     """
 
     def __init__(self) -> None:

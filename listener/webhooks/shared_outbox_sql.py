@@ -50,7 +50,8 @@ _DELIVERY = "d.seq, d.destination, d.msg_id, d.event, d.call_key, d.body, d.crea
 # set in the same statement, so a row is never locked past it. The statement's last row (its
 # seq NULL) carries the earliest due time of the eligible rows left (those it took are held
 # now, so not counted). One statement in autocommit instead of a transaction of two: four
-# round trips to the server became one (see SharedOutbox.claim for the figure).
+# round trips to the server became one, and a claim's p50 from 1.90 to 0.88 ms (traced, one
+# instance at 500 events/s; the end-to-end figure is at SharedOutbox.commit).
 CLAIM = {
     per_call: f"""
 WITH picked AS MATERIALIZED (
@@ -76,9 +77,9 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, (
 # receiver went from 361-829/s to 569-1,762/s, three rounds side by side, a 2-core machine
 # under a load of 10; the SQLite outbox 939-2,363/s in the same run), in one statement:
 # atomic in autocommit, so a batch without failures needs no transaction around it (one
-# round trip instead of four; see SharedOutbox.commit). A 2xx is a fact whoever holds the
-# row now: it is delivered. The rows a 2xx concerns were committed before (claimed), so the
-# update, which does not see this statement's inserts, finds them.
+# round trip instead of four; the figure is at SharedOutbox.commit). A 2xx is a fact
+# whoever holds the row now: it is delivered. The rows a 2xx concerns were committed before
+# (claimed), so the update, which does not see this statement's inserts, finds them.
 COMMIT = """
 WITH inserted AS (
     INSERT INTO sippet_deliveries
