@@ -144,6 +144,24 @@ def test_failures_reschedule_bury_and_disable_and_replay_brings_rows_back(
     assert [a.status for a in outbox.attempts("msg_1")] == [500]
 
 
+def test_one_commit_of_new_rows_a_2xx_and_a_failure_records_them_all(
+    outbox: OutboxStore,
+) -> None:
+    outbox.commit([new(1), new(2)], [])
+    assert ids(outbox.claim("a", T0, 10).rows) == ["msg_1", "msg_2"]
+    outbox.commit(
+        [new(3)],
+        [
+            Outcome(attempt("msg_1"), "delivered"),
+            Outcome(attempt("msg_2", status=500), "retry", 1, T0 + 60),
+        ],
+    )
+    assert outbox.whereabouts("a", "msg_1") == ("delivered", T0)
+    claim = outbox.claim("a", T0 + 1, 10)
+    assert (ids(claim.rows), claim.next_due) == (["msg_3"], T0 + 60)
+    assert [a.status for a in outbox.attempts("msg_2")] == [500]
+
+
 def test_the_bound_moves_the_oldest_rows_not_held_and_prune_forgets_old_records(
     outbox: OutboxStore,
 ) -> None:

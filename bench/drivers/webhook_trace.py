@@ -9,7 +9,7 @@ stamp                 taken
 ====================  =========================================================================
 ``intake``            ``Event.received_at``: the frame was read and decoded
 ``handle``            ``WebhookHandler.handle`` starts (the dispatcher's worker took the event)
-``commit_start``      ``Outbox.commit`` starts on the outbox thread (the batch holding the row)
+``commit_start``      ``Outbox.commit`` (or ``SharedOutbox.commit``) starts on the outbox thread
 ``commit_end``        ``Outbox.commit`` returns on the outbox thread
 ``committed``         ``WebhookForwarder._on_commit`` runs on the loop (the batch's future is set)
 ``claim_start``       ``Worker._claim_on_store`` starts on the outbox thread (the claim that
@@ -34,7 +34,7 @@ from typing import Any
 
 import orjson
 
-from listener.webhooks import forwarder, handler, http1, outbox, worker
+from listener.webhooks import forwarder, handler, http1, outbox, shared_outbox, worker
 
 STAMPS = (
     "intake",
@@ -81,18 +81,19 @@ def install() -> None:
         _stamp(seq, "handle", time.time())
         await handle(self, event, ctx)
 
-    commit = outbox.Outbox.commit
+    def traced(commit: Any) -> Any:
+        @functools.wraps(commit)
+        def traced_commit(self: Any, rows: Any, outcomes: Any) -> None:
+            began = time.time()
+            commit(self, rows, outcomes)
+            ended = time.time()
+            COUNTS.update(commits=1, rows=len(rows), outcomes=len(outcomes))
+            for row in rows:
+                seq = _seq_of(row.body)
+                _stamp(seq, "commit_start", began)
+                _stamp(seq, "commit_end", ended)
 
-    @functools.wraps(commit)
-    def traced_commit(self: Any, rows: Any, outcomes: Any) -> None:
-        began = time.time()
-        commit(self, rows, outcomes)
-        ended = time.time()
-        COUNTS.update(commits=1, rows=len(rows), outcomes=len(outcomes))
-        for row in rows:
-            seq = _seq_of(row.body)
-            _stamp(seq, "commit_start", began)
-            _stamp(seq, "commit_end", ended)
+        return traced_commit
 
     on_commit = forwarder.WebhookForwarder._on_commit
 
@@ -135,7 +136,11 @@ def install() -> None:
         return reply
 
     handler.WebhookHandler.handle = traced_handle  # type: ignore[method-assign]
-    outbox.Outbox.commit = traced_commit  # type: ignore[method-assign]
+    outbox.Outbox.commit = traced(outbox.Outbox.commit)  # type: ignore[method-assign]
+    # The shared store's outbox (a daemon given ``store``) commits through its own class.
+    shared_outbox.SharedOutbox.commit = traced(  # type: ignore[method-assign]
+        shared_outbox.SharedOutbox.commit
+    )
     forwarder.WebhookForwarder._on_commit = traced_on_commit  # type: ignore[method-assign]
     worker.Worker._claim_on_store = traced_claim  # type: ignore[method-assign]
     worker.Worker._attempt = traced_attempt  # type: ignore[method-assign]
