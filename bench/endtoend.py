@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import BenchServer, Child, Driver, cpu_seconds
-from bench.scenarios import percentile
+from bench.scenarios import Seq, percentile
 
 __all__ = [
     "LIMIT",
@@ -178,15 +178,6 @@ class Receiver(Child):
             if not missing or len(records) < asked or time.monotonic() >= deadline:
                 return answer
             asked = len(records) + missing
-
-
-class Seq:
-    def __init__(self) -> None:
-        self.next = 0
-
-    def take(self, count: int) -> int:
-        start, self.next = self.next, self.next + count
-        return start
 
 
 def note(result: Result, answer: dict[str, Any], seqs: range) -> list[list[Any]]:

@@ -27,6 +27,7 @@ __all__ = [
     "Mode",
     "Rotation",
     "Rounds",
+    "Seq",
     "SocketResult",
     "Webhooks",
     "footprint",
@@ -96,7 +97,7 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
-class _Seq:
+class Seq:
     """Event numbers, unique over the whole run."""
 
     def __init__(self) -> None:
@@ -107,7 +108,7 @@ class _Seq:
         return start
 
 
-_SEQ = _Seq()
+_SEQ = Seq()
 
 
 def _drain(server: BenchServer, driver: Driver, count: int) -> tuple[float, int, float | None]:
