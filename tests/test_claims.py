@@ -223,8 +223,11 @@ async def test_a_claim_lapsed_unfinished_is_found_and_taken_over_once(
         # While the lease runs, nobody else may take it, and it is not lapsed yet.
         assert not await alive.claim(lapsing, "audit", 30)
         assert await alive.expired() == []
-        await asyncio.sleep(0.4)
-        [(found, handler)] = await alive.expired()
+        async with asyncio.timeout(5):
+            # Until the lease has passed, by the database's clock.
+            while not (lapsed := await alive.expired()):  # noqa: ASYNC110 (the store has no event)
+                await asyncio.sleep(0.02)
+        [(found, handler)] = lapsed
         assert (found, handler) == (lapsing, "audit")
         # The first to claim it again takes it over; the lease is then fresh.
         assert await alive.claim(found, "audit", 30)

@@ -174,7 +174,10 @@ async def test_deliveries_held_by_a_killed_instance_go_out_from_the_other_under_
             # Down: the survivor's own attempts get a 503 and it probes; the victim's leases
             # pass meanwhile.
             await receiver.down()
-            await asyncio.sleep(2.5)
+            async with asyncio.timeout(10):
+                # Until the victim's leases have passed, by the database's clock.
+                while victim_pid in await _holders(store):  # noqa: ASYNC110 (a query, no event)
+                    await asyncio.sleep(0.1)
             back = time.time()
             receiver.respond_with(200)
             await receiver.up()

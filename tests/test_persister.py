@@ -108,9 +108,9 @@ async def test_a_batch_due_in_a_burst_waits_for_a_lull_but_not_past_another_inte
         began = loop.time()
         for _ in range(500):  # polls the file: a store has no event to wait on
             if stored() == expected:
-                break
+                return loop.time() - began
             await asyncio.sleep(0.01)
-        return loop.time() - began
+        raise AssertionError(f"not stored within 5 s: {stored()} instead of {expected}")
 
     hand_on(tracker, "incoming_call", "c-1", 100.0)  # heard just now, by the clock above
     began = loop.time()
@@ -118,7 +118,9 @@ async def test_a_batch_due_in_a_burst_waits_for_a_lull_but_not_past_another_inte
     try:
         # Due after one interval; the intake looks busy all along, so it waits one more.
         await until_stored([("c-1", "ringing")])
-        assert loop.time() - began >= 2 * every
+        # Not before the busy interval is over, nor past the one after it (a loaded
+        # machine's scheduling delay stays well inside that interval).
+        assert 2 * every <= loop.time() - began < 3 * every
         # In a lull the next batch goes when due.
         now[0] = 200.0
         hand_on(tracker, "call_ended", "c-1", 150.0)

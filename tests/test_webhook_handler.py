@@ -76,7 +76,7 @@ async def test_events_are_forwarded_signed_with_every_secret(
         assert Webhook(secret).verify(request.body, request.headers) == body
 
 
-def test_the_handler_takes_32_events_at_once_unless_its_table_says_otherwise() -> None:
+def test_the_handlers_concurrency_defaults_to_32_unless_its_table_says_otherwise() -> None:
     """Each handle() only waits for the batch commit of its event: more at once, larger commits."""
     table = {"use": "webhook", "url": "https://x.example/", "secret": SECRET}
     assert load_handler(table, "handlers[0]").settings.concurrency == 32

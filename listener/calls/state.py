@@ -215,16 +215,9 @@ def _times(
     A status the call has not reached gets no time; one it reached keeps the time it has,
     else takes the payload's, else ``heard`` (when the move to it was heard) for the status
     it is at now. By rank, without a loop (a loop over the ranks took 0.62 µs, this 0.35).
+    Only for a payload with a time in it: its callers settle the common case, none, inline.
     """
     started, answered, ended = had
-    if _TIME_KEYS.isdisjoint(event.payload):
-        # No time in the payload (the realtime events seen so far carry none): the one
-        # lookup settles all three, where each miss of a spelling cost 0.3 µs.
-        if reached == 0:
-            return (heard if started is None else started), None, None
-        if reached == 1:
-            return started, (heard if answered is None else answered), None
-        return started, answered, (heard if ended is None else ended)
     if reached == 0:
         return _when(started, event, "startedAt", heard), None, None
     if reached == 1:

@@ -54,7 +54,7 @@ _log = structlog.get_logger(__name__)
 # or the takeover of lapsed ones. The claims' foreign key sees the events this statement
 # inserts. Both inserts go in key order, in every instance: two batches that share keys wait
 # for each other in one order, never in a cycle.
-_TAKE: Final = """
+_CLAIM: Final = """
 WITH asked AS (
     SELECT * FROM unnest(
         %(ids)s::text[], %(names)s::text[], %(topics)s::text[], %(payloads)s::text[],
@@ -81,14 +81,13 @@ taken AS (
 )
 SELECT event_id, handler FROM taken
 """
-_CLAIM: Final = _TAKE
 # A spooled claim (``mine``) may have been taken already, by this instance: the statement
 # that did not answer in time may have reached the store and committed all the same (a
 # partition, or a connection found as the store came back). Such a claim, unfinished, is
 # this instance's to run. The SELECT reads the table as it was before this statement, so a
 # claim taken just now is not listed twice.
 _RECLAIM: Final = (
-    _TAKE
+    _CLAIM
     + """UNION ALL
 SELECT c.event_id, c.handler
 FROM sippet_claims c JOIN asked a ON (a.id, a.handler) = (c.event_id, c.handler)
@@ -143,11 +142,16 @@ class ClaimRefused(StoreError):
 
 def _batch_params(batch: list[_Asked], holder: str) -> dict[str, Any]:
     events = [asked[0] for asked in batch]
+    # An event is asked for once per handler: its payload is serialised once.
+    payloads: dict[str, str] = {}
+    for event in events:
+        if event.id not in payloads:
+            payloads[event.id] = orjson.dumps(event.payload).decode()
     return {
         "ids": [event.id for event in events],
         "names": [event.name for event in events],
         "topics": [event.topic for event in events],
-        "payloads": [orjson.dumps(event.payload).decode() for event in events],
+        "payloads": [payloads[event.id] for event in events],
         "received": [event.received_at for event in events],
         "origins": [event.origin for event in events],
         "sizes": [event.size for event in events],

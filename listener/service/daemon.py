@@ -432,10 +432,10 @@ class Daemon:
             state_dir=self.settings.service.state_dir,
             calls=self.tracker,
         )
-        claims = self.store.claims if self.store is not None else None
-        if self.store is not None:
-            _share_outbox(item.handler, self.store, self.settings.store)
-        return HandlerRunner(item.handler, item.settings, context, claims)
+        if self.store is None:
+            return HandlerRunner(item.handler, item.settings, context)
+        _share_outbox(item.handler, self.store, self.settings.store)
+        return HandlerRunner(item.handler, item.settings, context, self.store.claims)
 
     async def _open_store(self) -> Persister:
         """Load the call store into the tracker and tell the reconciler where history ends.
