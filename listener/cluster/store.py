@@ -33,6 +33,7 @@ from listener.cluster.leader import Elector, LeaseSettings, holder_id
 from listener.cluster.schema import Migrated, migrate
 from listener.cluster.spool import Spool
 from listener.cluster.url import StoreUrl
+from listener.core.retry import Backoff, BackoffPolicy
 
 __all__ = ["Redeliver", "SharedStore"]
 
@@ -173,16 +174,18 @@ class SharedStore:
             group.create_task(self.elector.while_leader(prune_forever))
 
     async def _until_migrated(self) -> None:
-        delay = 1.0
+        # The project's one retry schedule, from 1 s, no longer apart than the spooled claims'
+        # retries (they wait for this).
+        backoff = Backoff(
+            BackoffPolicy(initial=1.0, first=1.0, cap=max(self.connect_timeout, 1.0), jitter=0.0)
+        )
         while not self.ready.is_set():
             try:
                 migrated = await self._migrate()
             except (StoreUnreachable, StoreRefused) as exc:
                 # Refused now, after it opened: a password rotated under us, say. Keep trying.
                 _log.warning("the shared store still does not answer", error=str(exc))
-                await asyncio.sleep(delay)
-                # No longer apart than the spooled claims' retries: they wait for this.
-                delay = min(delay * 2, max(self.connect_timeout, 1.0))
+                await asyncio.sleep(backoff.next_delay())
             else:
                 _log.info("the shared store answers again", schema=migrated.version)
 

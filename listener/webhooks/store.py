@@ -180,6 +180,16 @@ class _Checkpointer:
         self._conn.close()
 
 
+async def _on_a_new_thread(opener: Callable[[], _T]) -> tuple[_Thread, _T]:
+    """Start the outbox thread and run ``opener`` there; the thread stops if it fails."""
+    thread = _Thread("sippet-outbox")
+    try:
+        return thread, await thread.submit(opener)
+    except BaseException:
+        thread.stop()
+        raise
+
+
 class Store:
     """Runs calls on the outbox, one at a time, on the outbox's own thread.
 
@@ -197,26 +207,14 @@ class Store:
     @classmethod
     async def open(cls, path: str | os.PathLike[str]) -> Store:
         """Open (or create) the outbox on a new thread, its WAL checkpointed on another."""
-        thread = _Thread("sippet-outbox")
-        try:
-            outbox = await thread.submit(_open_for_writing, path)
-        except BaseException:
-            thread.stop()
-            raise
-        checkpointer = _Checkpointer(path, thread, outbox.conn)
-        return cls(thread, outbox, checkpointer)
+        thread, outbox = await _on_a_new_thread(lambda: _open_for_writing(path))
+        return cls(thread, outbox, _Checkpointer(path, thread, outbox.conn))
 
     @classmethod
     async def open_with(cls, opener: Callable[[], OutboxStore]) -> Store:
         """Open another kind of outbox (the shared store's) on a new thread: ``opener`` runs
         there. It has no WAL to checkpoint."""
-        thread = _Thread("sippet-outbox")
-        try:
-            outbox = await thread.submit(opener)
-        except BaseException:
-            thread.stop()
-            raise
-        return cls(thread, outbox)
+        return cls(*await _on_a_new_thread(opener))
 
     async def run(
         self,
