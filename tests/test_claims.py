@@ -12,8 +12,8 @@ import psycopg
 import pytest
 
 from listener.cluster.claims import ClaimRefused, Claims
-from listener.cluster.database import make_pool
-from listener.cluster.spool import Spool
+from listener.cluster.database import StoreError, make_pool
+from listener.cluster.spool import Spool, SpoolError
 from listener.cluster.store import SharedStore
 from listener.cluster.url import StoreUrl
 from listener.core import metrics
@@ -235,6 +235,11 @@ async def test_a_claim_lapsed_unfinished_is_found_and_taken_over_once(
         assert await alive.expired() == []
         # A finished one is never taken over.
         assert not await alive.claim(finished, "audit", 30)
+        async with await psycopg.AsyncConnection.connect(store.conninfo) as conn:
+            rows = await (
+                await conn.execute("SELECT event_id, holder, takeovers FROM sippet_claims")
+            ).fetchall()
+        assert sorted(rows) == [("evt_1", "b", 1), ("evt_2", "a", 0)]
     finally:
         for pool in pools:
             await pool.close()
@@ -340,3 +345,99 @@ async def test_a_claim_the_store_refuses_outright_is_neither_spooled_nor_retried
         await claims.close()
         await claims.spool.close()
         await pool.close()
+
+
+async def claim_rows(store: StoreUrl) -> dict[str, tuple[bool, bool]]:
+    """Each claim by event id: whether it is marked done, and whether its lease has passed."""
+    async with await psycopg.AsyncConnection.connect(store.conninfo, autocommit=True) as conn:
+        rows = await (
+            await conn.execute(
+                "SELECT event_id, done_at IS NOT NULL, lease_until <= now() FROM sippet_claims"
+            )
+        ).fetchall()
+    return {event_id: (done, lapsed) for event_id, done, lapsed in rows}
+
+
+async def test_a_mark_the_store_does_not_take_is_kept_on_disk_and_a_restart_gives_back_the_rest(
+    store: StoreUrl, tmp_path: Path
+) -> None:
+    path = tmp_path / "spool.sqlite3"
+    async with proxied(store) as (proxy, via):
+        pool = make_pool(via, size=2, connect_timeout=1)
+        await pool.open(wait=True)
+        spool = Spool(path)
+        await spool.open("a-1")
+        first = Claims(pool, via, "a-1", spool, timeout=0.5)
+        try:
+            for n in (1, 2, 3):
+                assert await first.claim(event(n), "audit", 30)
+            # Handled; then the store goes away before the mark is written.
+            first.done(event(1), "audit")
+            proxy.refusing = True
+            proxy.cut()
+            with pytest.raises(StoreError):
+                await first.flush()
+            assert spool.marks == 1
+            # evt_2 was being handled, evt_3 waited: the process is killed. (Its spool file
+            # is closed as the kernel closes it: no flush, no goodbye to the store.)
+        finally:
+            await spool.close()
+            await pool.close()
+            proxy.refusing = False
+
+    # Another instance on the same state dir at once: refused.
+    again = Spool(path)
+    await again.open("a-2")
+    with pytest.raises(SpoolError, match="state_dir of its own"):
+        await Spool(path).open("a-3")
+    pool = make_pool(store, size=2)
+    await pool.open(wait=True)
+    second = Claims(pool, store, "a-2", again)
+    try:
+        assert (again.previous_holder, again.marks) == ("a-1", 1)
+        assert await second.release("a-1") == 2
+        # The kept mark reached the store first: evt_1 is not handed out again.
+        assert await claim_rows(store) == {
+            "evt_1": (True, False),
+            "evt_2": (False, True),
+            "evt_3": (False, True),
+        }
+        assert again.marks == 0
+        assert sorted(ev.id for ev, _ in await second.expired()) == ["evt_2", "evt_3"]
+    finally:
+        await second.close()
+        await again.close()
+        await pool.close()
+    reopened = Spool(path)
+    await reopened.open("a-3")
+    assert (reopened.previous_holder, reopened.marks) == ("a-2", 0)
+    await reopened.close()
+
+
+async def test_a_mark_the_store_is_slow_to_take_is_kept_on_disk_meanwhile(
+    store: StoreUrl, tmp_path: Path
+) -> None:
+    async with proxied(store) as (proxy, via):
+        pool = make_pool(via, size=2, connect_timeout=5)
+        await pool.open(wait=True)
+        spool = await opened(tmp_path / "spool.sqlite3")
+        claims = Claims(pool, via, "a", spool, timeout=5)
+        try:
+            assert await claims.claim(event(1), "audit", 30)
+            claims.done(event(1), "audit")
+            proxy.freeze()
+            flushing = asyncio.create_task(claims.flush())
+            async with asyncio.timeout(2):
+                # Written to disk by another thread: nothing to wait on but the count.
+                while not spool.marks:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            assert not flushing.done()
+            proxy.thaw()
+            await flushing
+            assert spool.marks == 0
+            assert await claim_rows(store) == {"evt_1": (True, False)}
+        finally:
+            proxy.thaw()
+            await claims.close()
+            await spool.close()
+            await pool.close()

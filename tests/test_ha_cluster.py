@@ -19,7 +19,7 @@ from listener.cluster.url import StoreUrl
 from listener.core.ids import lifecycle_id
 from listener.testing import FakeSippet
 from listener.testing.receiver import ReceivedRequest, WebhookReceiver
-from tests.test_cluster_processes import SECRET, instances_of, start_all
+from tests.test_cluster_processes import SECRET, instances_of, settled, start_all
 from tests.test_service import ServiceProcess
 
 EVENTS = 2000
@@ -74,39 +74,19 @@ def distinct(requests: list[ReceivedRequest]) -> int:
     return len({request.headers["webhook-id"] for request in requests})
 
 
-async def open_claims(store: StoreUrl) -> int:
-    """Claims not yet marked done, lapsed or not: work the cluster still owes."""
-    async with await psycopg.AsyncConnection.connect(store.conninfo, autocommit=True) as conn:
-        row = await (
-            await conn.execute("SELECT count(*) FROM sippet_claims WHERE done_at IS NULL")
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 async def takeovers(store: StoreUrl) -> dict[tuple[str, str], tuple[float, float]]:
-    """The claims taken over after they lapsed, by (call, handler): when their event was
-    recorded, and when the claim was taken over (wall clock, the database's).
-
-    A takeover comes a claim's lease at least after the first claim, itself no earlier than
-    the event's row; a first claim that late would need a backlog of that long."""
+    """The claims taken over from an instance that died before it was done (after their lease
+    lapsed, or once its next start gave them back), by (call, handler): when their event was
+    recorded, and when the claim was last taken over (wall clock, the database's)."""
     query = (
         "SELECT e.payload->>'callUuid', c.handler, extract(epoch FROM e.recorded_at),"
         " extract(epoch FROM c.claimed_at)"
         " FROM sippet_claims c JOIN sippet_events e ON e.id = c.event_id"
-        " WHERE c.claimed_at >= e.recorded_at + make_interval(secs => %s)"
+        " WHERE c.takeovers > 0"
     )
     async with await psycopg.AsyncConnection.connect(store.conninfo, autocommit=True) as conn:
-        rows = await (await conn.execute(query, (HANDLER_TIMEOUT + LEASE_TTL,))).fetchall()
+        rows = await (await conn.execute(query)).fetchall()
     return {(call, handler): (float(at), float(taken)) for call, handler, at, taken in rows}
-
-
-async def settled(store: StoreUrl, timeout: float = 15.0) -> None:
-    """Wait until every claim is marked done: nothing lapsed is left to hand out again."""
-    async with asyncio.timeout(timeout):
-        # The claims are written by other processes: look every 0.1 s.
-        while await open_claims(store):  # noqa: ASYNC110
-            await asyncio.sleep(0.1)
 
 
 async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:

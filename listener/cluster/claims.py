@@ -10,9 +10,13 @@ waits for the first's commit, then does nothing.
 A claim is held under a lease (the handler's timeout plus ``grace``) until :meth:`done` marks
 it; an instance that dies mid-handle leaves it unmarked, and once the lease has passed the
 leader finds it (:meth:`expired`) and hands the event to that handler again: its claim then
-takes the lapsed one over. Marks are written in batches, a few times a second: a mark lost
-to a crash only means the handler may run once more after the lease (at least once, never
-never).
+takes the lapsed one over (and counts the takeover). An instance restarted on the same
+state dir does not wait for that: it gives back what its previous start left claimed
+(:meth:`release`), and the leader's next sweep hands it out. Marks are written in batches,
+ten times a second; one the store has not taken within ``_KEEP_AFTER`` is kept on disk until
+it does, so that a kill while the store is away forgets none. A kill in the quarter second
+between a handler's end and its mark is what remains: the handler may run once more
+(at least once, never never).
 
 A claim the store does not answer (within ``timeout``) goes into the local :class:`Spool`
 and the handler waits: neither run (another instance may run it too) nor dropped. From then
@@ -39,7 +43,7 @@ import structlog
 from psycopg_pool import AsyncConnectionPool
 
 from listener.cluster.database import Abandoned, StoreError, bounded, describe
-from listener.cluster.spool import Spool, Spooled
+from listener.cluster.spool import Mark, Spool, Spooled, SpoolError
 from listener.cluster.url import StoreUrl
 from listener.core.events import Event
 
@@ -75,7 +79,8 @@ taken AS (
     SELECT id, handler, %(holder)s, now() + make_interval(secs => lease)
     FROM asked ORDER BY id, handler
     ON CONFLICT (event_id, handler) DO UPDATE
-    SET holder = excluded.holder, lease_until = excluded.lease_until, claimed_at = now()
+    SET holder = excluded.holder, lease_until = excluded.lease_until, claimed_at = now(),
+        takeovers = claim.takeovers + 1
     WHERE claim.done_at IS NULL AND claim.lease_until < now()
     RETURNING event_id, handler
 )
@@ -108,6 +113,11 @@ WITH marked AS (
 UPDATE sippet_claims c SET done_at = now()
 FROM marked WHERE (c.event_id, c.handler) = (marked.event_id, marked.handler)
 """
+# The unfinished claims of an instance that was killed: they lapse now.
+_RELEASE: Final = """
+UPDATE sippet_claims SET lease_until = now()
+WHERE holder = %(previous)s AND done_at IS NULL AND lease_until > now()
+"""
 # A statement the server aborted to break a deadlock or a serialization conflict has done
 # nothing and may simply run again: it says nothing about the store being unreachable.
 _CONFLICTS: Final = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
@@ -133,6 +143,12 @@ _REFUSALS: Final = (
 _FLUSH_EVERY: Final = 0.1
 # Spooled entries handed back at a time: what the drain holds in memory.
 _DRAIN_BATCH: Final = 500
+# Seconds a done mark waits for the store before it is kept on disk as well: the store
+# answers within a few ms when it is well (so the disk is spared), and a kill after this
+# forgets nothing.
+_KEEP_AFTER: Final = 0.25
+# Done marks kept on disk sent to the store at a time (a long outage leaves many).
+_MARKS_BATCH: Final = 5000
 
 
 class ClaimRefused(StoreError):
@@ -192,7 +208,7 @@ class Claims:
         self._timeout = timeout
         self._grace = grace
         self.abandoned = Abandoned()
-        self._done: list[tuple[str, str]] = []
+        self._done: list[Mark] = []
         # Whether the store failed to answer the latest claim, and from when (loop time) the
         # spooled ones are tried again.
         self._down = False
@@ -416,20 +432,91 @@ class Claims:
                 _log.warning("cannot mark claims done; they are kept for later", error=str(exc))
 
     async def flush(self) -> None:
-        """Write the done marks taken so far.
+        """Write the done marks taken so far, and those kept on disk.
+
+        A mark the store has not taken within ``_KEEP_AFTER`` (at once while it does not
+        answer claims) is kept on disk too, until the store has it: a kill meanwhile, or a
+        stop, does not forget it.
 
         Raises:
             StoreError: they could not be written; they are kept for the next flush.
         """
-        if not self._done:
-            return
-        marks, self._done = self._done, []
-        params = {"ids": [m[0] for m in marks], "handlers": [m[1] for m in marks]}
+        fresh, self._done = self._done, []
         try:
-            await bounded(self._execute(_DONE, params), self._timeout, self.abandoned)
+            if fresh and self._down:
+                fresh = await self._keep(fresh)
+            kept = await self._kept()
+            if not fresh and not kept:
+                return
+            marks = fresh + kept
+            params = {"ids": [m[0] for m in marks], "handlers": [m[1] for m in marks]}
+            write = asyncio.ensure_future(
+                bounded(self._execute(_DONE, params), self._timeout, self.abandoned)
+            )
+            try:
+                if fresh:
+                    await asyncio.wait((write,), timeout=_KEEP_AFTER)
+                    if not write.done():
+                        kept += fresh
+                        fresh = await self._keep(fresh)
+                await write
+            except (psycopg.Error, TimeoutError) as exc:
+                fresh = await self._keep(fresh)
+                raise describe(self._url, exc) from None
+            finally:
+                write.cancel()
+            fresh = []
+            if kept:
+                try:
+                    await self.spool.drop(kept)
+                except SpoolError as exc:
+                    _log.warning("cannot forget done marks the store has", error=str(exc))
+        finally:
+            # Whatever is neither in the store nor on disk (a failure, a cancellation) is
+            # written next time.
+            self._done[:0] = fresh
+
+    async def release(self, previous: str) -> int:
+        """Give back the claims ``previous`` (this instance's name at its previous start,
+        killed before it ended them) left unfinished, once the marks it kept on disk are in
+        the store: they lapse now, not a lease later, and the leader's next sweep hands
+        them out again. Return how many were given back.
+
+        Raises:
+            StoreError: the store failed or did not answer (call again).
+        """
+        while self.spool.marks:
+            before = self.spool.marks
+            await self.flush()
+            if self.spool.marks >= before:
+                # The file cannot forget them: they are in the store all the same.
+                break
+        try:
+            return await bounded(
+                self._count(_RELEASE, {"previous": previous}), self._timeout, self.abandoned
+            )
         except (psycopg.Error, TimeoutError) as exc:
-            self._done[:0] = marks
             raise describe(self._url, exc) from None
+
+    async def _keep(self, marks: list[Mark]) -> list[Mark]:
+        """Keep ``marks`` on disk; return those it could not (they stay in memory)."""
+        if not marks:
+            return marks
+        try:
+            await self.spool.keep(marks)
+        except SpoolError as exc:
+            _log.error("cannot keep done marks on disk", error=str(exc), marks=len(marks))
+            return marks
+        return []
+
+    async def _kept(self) -> list[Mark]:
+        if not self.spool.marks:
+            return []
+        try:
+            return await self.spool.kept(_MARKS_BATCH)
+        except SpoolError as exc:
+            _log.warning("cannot read the done marks kept on disk", error=str(exc))
+            return []
 
     async def close(self) -> None:
         """Let the claims in flight end, write the last marks (if the store answers), then
@@ -460,3 +547,7 @@ class Claims:
     async def _execute(self, query: LiteralString, params: dict[str, Any]) -> None:
         async with self._pool.connection() as conn:
             await conn.execute(query, params)
+
+    async def _count(self, query: LiteralString, params: dict[str, Any]) -> int:
+        async with self._pool.connection() as conn:
+            return (await conn.execute(query, params)).rowcount

@@ -134,6 +134,9 @@ MIGRATIONS: Final[tuple[tuple[LiteralString, ...], ...]] = (
         "CREATE INDEX sippet_attempts_msg ON sippet_attempts (msg_id)",
         "CREATE INDEX sippet_attempts_at ON sippet_attempts (outbox, at)",
     ),
+    # 3: how many times a claim was taken over from an instance that died (or restarted)
+    # before it was done: the handler may have run more than once for those.
+    ("ALTER TABLE sippet_claims ADD COLUMN takeovers integer NOT NULL DEFAULT 0",),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 # pg_advisory_xact_lock's key for migrations: any constant other applications are unlikely

@@ -17,13 +17,23 @@ The schema (``PRAGMA user_version`` = 1)::
     entries  seq PK (received order), event_id -> events, handler, lease;
              UNIQUE (event_id, handler)
 
-An event is written once whatever the number of its handlers waiting.
+An event is written once whatever the number of its handlers waiting. Step 2 adds::
+
+    marks        (event_id, handler) PK: handled here, not yet marked done in the store
+    incarnation  holder: the name this file's instance took in the store at its last start
+
+A mark the store does not take at once is kept here (:meth:`Spool.keep`), so that a kill
+while the store is away does not forget it: the handler would run again once its claim
+lapsed. The previous incarnation tells a restarted instance which unfinished claims were its
+own, so that it can give them back at once instead of after their lease.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import fcntl
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +47,7 @@ from listener.core.errors import ListenerError
 from listener.core.events import Event
 from listener.core.sqlite import Database
 
-__all__ = ["SPOOL_FILE", "Spool", "SpoolError", "SpoolFile", "Spooled"]
+__all__ = ["SPOOL_FILE", "Mark", "Spool", "SpoolError", "SpoolFile", "Spooled"]
 
 #: The spool's file name under ``service.state_dir``.
 SPOOL_FILE: Final = "claims-spool.sqlite3"
@@ -62,6 +72,14 @@ _SCHEMA: Final = (
         lease    REAL NOT NULL,
         UNIQUE (event_id, handler)
     )""",
+)
+_MARKS: Final = (
+    """CREATE TABLE marks (
+        event_id TEXT NOT NULL,
+        handler  TEXT NOT NULL,
+        PRIMARY KEY (event_id, handler)
+    ) WITHOUT ROWID""",
+    "CREATE TABLE incarnation (holder TEXT NOT NULL)",
 )
 _OLDEST: Final = """
 SELECT s.seq, s.handler, s.lease, e.name, e.payload, e.topic, e.received_at, e.size, e.id,
@@ -89,6 +107,8 @@ class Spooled:
 # What one write reports: events added or removed, and per handler, the entries that were
 # already there (added twice) or were not (removed twice).
 _Written = tuple[int, dict[str, int]]
+# A done mark: (event id, handler).
+Mark = tuple[str, str]
 
 
 class SpoolFile(Database):
@@ -96,7 +116,7 @@ class SpoolFile(Database):
 
     what = "claim spool"
     error = SpoolError
-    migrations = (_SCHEMA,)
+    migrations = (_SCHEMA, _MARKS)
 
     def add(self, entries: Sequence[tuple[Event, str, float]]) -> _Written:
         """Spool ``entries`` (event, handler, lease) in their order, in one transaction;
@@ -162,12 +182,69 @@ class SpoolFile(Database):
             for seq, handler, lease, name, payload, topic, received_at, size, id_, origin in rows
         ]
 
-    def counts(self) -> tuple[int, dict[str, int]]:
-        """The events spooled, and the entries per handler."""
+    def keep_marks(self, marks: Sequence[Mark]) -> int:
+        """Keep ``marks`` until the store has them, in one transaction; return how many
+        were not kept already."""
+        with self.translated("write"), self.transaction():
+            return self.conn.executemany(
+                "INSERT OR IGNORE INTO marks VALUES (?, ?)", marks
+            ).rowcount
+
+    def drop_marks(self, marks: Sequence[Mark]) -> int:
+        """Forget ``marks`` (the store has them); return how many were kept."""
+        with self.translated("write"), self.transaction():
+            return self.conn.executemany(
+                "DELETE FROM marks WHERE event_id = ? AND handler = ?", marks
+            ).rowcount
+
+    def kept_marks(self, limit: int) -> list[Mark]:
+        """The first ``limit`` marks kept for the store."""
+        with self.translated("read"):
+            rows = self.conn.execute("SELECT event_id, handler FROM marks LIMIT ?", (limit,))
+            return [(event_id, handler) for event_id, handler in rows]
+
+    def succeed(self, holder: str) -> str | None:
+        """Record ``holder`` as this file's instance in the store; return the one it
+        replaces (None on the first start)."""
+        with self.translated("write"), self.transaction():
+            row = self.conn.execute("SELECT holder FROM incarnation").fetchone()
+            self.conn.execute("DELETE FROM incarnation")
+            self.conn.execute("INSERT INTO incarnation VALUES (?)", (holder,))
+        return None if row is None else str(row[0])
+
+    def counts(self) -> tuple[int, dict[str, int], int]:
+        """The events spooled, the entries per handler, and the marks kept."""
         with self.translated("read"):
             (events,) = self.conn.execute("SELECT count(*) FROM events").fetchone()
             rows = self.conn.execute("SELECT handler, count(*) FROM entries GROUP BY handler")
-            return events, dict(rows.fetchall())
+            entries = dict(rows.fetchall())
+            (marks,) = self.conn.execute("SELECT count(*) FROM marks").fetchone()
+            return events, entries, marks
+
+
+def _lock(path: Path) -> int:
+    """Lock the spool for this process (released when it ends, however it ends): what it
+    holds, and the name it took in the store, are one instance's.
+
+    Raises:
+        SpoolError: another process has it (two instances on one ``state_dir``).
+    """
+    # A file of its own: SQLite's own locks on the database file are POSIX locks, which a
+    # flock on a file system that emulates flock with them (NFS) would collide with.
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise SpoolError(f"claim spool: cannot open {lock_path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SpoolError(
+            f"claim spool {path} is in use by another process: each instance needs a"
+            " service.state_dir of its own"
+        ) from None
+    return fd
 
 
 class _Batch(Generic[_T]):
@@ -204,6 +281,7 @@ class Spool:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file: SpoolFile | None = None
+        self._lock: int | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool")
         self.events = 0
         self._entries: dict[str, int] = {}
@@ -211,34 +289,71 @@ class Spool:
         self._nonempty = asyncio.Event()
         self._adds: _Batch[tuple[Event, str, float]] = _Batch(self._write_adds)
         self._removals: _Batch[Spooled] = _Batch(self._write_removals)
+        #: The done marks kept on disk for the store (:meth:`keep`).
+        self.marks = 0
+        #: The name the instance of the previous start took in the store, if any.
+        self.previous_holder: str | None = None
 
-    async def open(self) -> None:
-        """Open (or create) the file, with what an earlier run left in it.
+    async def open(self, holder: str | None = None) -> None:
+        """Open (or create) the file, with what an earlier run left in it; with ``holder``
+        (this instance's name in the store), record it and read the previous one.
 
         Raises:
             SpoolError: the file cannot be opened or read.
         """
 
-        def load() -> tuple[SpoolFile, int, dict[str, int]]:
+        def load() -> tuple[SpoolFile, int, dict[str, int], int, str | None]:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise SpoolError(
                     f"claim spool: cannot create {self.path.parent}: {exc.strerror}"
                 ) from None
-            file = SpoolFile(self.path)
+            lock = _lock(self.path)
             try:
-                return file, *file.counts()
+                file = SpoolFile(self.path)
+            except SpoolError:
+                os.close(lock)
+                raise
+            self._lock = lock
+            try:
+                previous = None if holder is None else file.succeed(holder)
+                return file, *file.counts(), previous
             except SpoolError:
                 file.close()
+                self._unlock()
                 raise
 
-        self._file, events, entries = await self._run(load)
+        self._file, events, entries, marks, self.previous_holder = await self._run(load)
         for handler, count in entries.items():
             self._count(handler, count)
         self._events(events)
+        self.marks = marks
         if events:
             _log.warning("claims spooled by an earlier run wait for the store", events=events)
+        if marks:
+            _log.warning("done marks kept by an earlier run wait for the store", marks=marks)
+
+    async def keep(self, marks: Sequence[Mark]) -> None:
+        """Keep ``marks`` on disk until :meth:`drop`; return once they are there.
+
+        Raises:
+            SpoolError: they could not be written (they are not kept).
+        """
+        self.marks += await self._run(self._opened().keep_marks, marks)
+
+    async def kept(self, limit: int) -> list[Mark]:
+        """The first ``limit`` marks kept."""
+        return await self._run(self._opened().kept_marks, limit)
+
+    async def drop(self, marks: Sequence[Mark]) -> None:
+        """Forget kept ``marks`` (the store has them).
+
+        Raises:
+            SpoolError: the file failed (they stay on disk, and go to the store again,
+                which does no harm).
+        """
+        self.marks -= await self._run(self._opened().drop_marks, marks)
 
     @property
     def entries(self) -> int:
@@ -281,8 +396,14 @@ class Spool:
             self._removals.flush()
             await self._run(self._file.close)
             self._file = None
+        self._unlock()
         self._executor.shutdown()
         self._events(-self.events)
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def _opened(self) -> SpoolFile:
         if self._file is None:

@@ -99,7 +99,7 @@ class SharedStore:
             StoreError: the store refused the URL, or has a newer schema.
             SpoolError: the spool cannot be opened.
         """
-        await self.claims.spool.open()
+        await self.claims.spool.open(self.holder)
         await self.pool.open(wait=False)
         try:
             return await self._migrate()
@@ -168,10 +168,32 @@ class SharedStore:
         async with asyncio.TaskGroup() as group:
             group.create_task(self.claims.run())
             await self._until_migrated()
+            group.create_task(self._release_previous())
             group.create_task(self.claims.drain(redeliver))
             group.create_task(self.elector.run())
             group.create_task(self.elector.while_leader(sweep_forever))
             group.create_task(self.elector.while_leader(prune_forever))
+
+    async def _release_previous(self) -> None:
+        """Give back what this instance's previous start left claimed and unfinished (it was
+        killed): the cluster runs it again within a sweep, not a claim's lease later."""
+        previous = self.claims.spool.previous_holder
+        if previous is None:
+            return
+        while True:
+            try:
+                released = await self.claims.release(previous)
+            except StoreError as exc:
+                _log.warning("cannot give back the previous start's claims yet", error=str(exc))
+                await asyncio.sleep(self.connect_timeout)
+                continue
+            if released:
+                _log.warning(
+                    "the previous start left claims unfinished; given back to the cluster",
+                    claims=released,
+                    previous=previous,
+                )
+            return
 
     async def _until_migrated(self) -> None:
         # The project's one retry schedule, from 1 s, no longer apart than the spooled claims'
