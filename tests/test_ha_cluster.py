@@ -22,6 +22,8 @@ from listener.testing.receiver import ReceivedRequest, WebhookReceiver
 from tests.test_cluster_processes import SECRET, instances_of, settled, start_all
 from tests.test_service import ServiceProcess
 
+# At least: the stream goes on until the last kill (a restart slower than KILL_EVERY, on a
+# busy machine, pushes the kills later).
 EVENTS = 2000
 RATE = 200.0
 KILL_EVERY = 3.0
@@ -112,19 +114,22 @@ async def test_three_instances_killed_in_turn_under_a_stream_lose_nothing(
     monkeypatch.setenv("SIPPET_STORE_URL", store.conninfo)
     heard: list[int] = []
     killed: list[float] = []
-    during = 0
     async with WebhookReceiver() as receiver:
         config = handlers(receiver, "transcript_delta", "when = { final = true }\n")
         instances = instances_of(tmp_path, fake, config, LEASE, count=3, log_level="info")
         try:
             await start_all(instances)
 
+            kills_done = asyncio.Event()
+
             async def stream() -> None:
                 start = time.monotonic()
-                for n in range(EVENTS):
+                n = 0
+                while n < EVENTS or not kills_done.is_set():
                     payload = {"callUuid": f"c{n}", "seq": n, "final": n % FINAL == 0}
                     heard.append(await fake.broadcast("transcript_delta", payload))
-                    await asyncio.sleep(max(0.0, start + (n + 1) / RATE - time.monotonic()))
+                    n += 1
+                    await asyncio.sleep(max(0.0, start + n / RATE - time.monotonic()))
 
             streaming = asyncio.create_task(stream())
             first = time.monotonic() + FIRST_KILL
@@ -136,28 +141,27 @@ async def test_three_instances_killed_in_turn_under_a_stream_lose_nothing(
                 assert victim is not None
                 victim.kill()
                 killed.append(time.time())
-                during += not streaming.done()
                 await victim.wait()
                 await instances[n % 3].start()
-            # A restart slower than 3 s (a very busy machine) pushes the last kill past the end.
-            assert during >= KILLS - 1, "the machine is too slow: kills came after the stream"
+            kills_done.set()
             await streaming
-            await receiver.wait_until(lambda r: len(r) >= EVENTS and distinct(r) >= EVENTS, 30)
+            sent = len(heard)
+            await receiver.wait_until(lambda r: len(r) >= sent and distinct(r) >= sent, 30)
             # A lapsed claim is handed out again, and marked done, on a live instance.
             await settled(store)
-            await eventually(lambda: len(ended_calls(fake)) >= EVENTS // FINAL)
+            await eventually(lambda: len(ended_calls(fake)) >= len(range(0, sent, FINAL)))
             await asyncio.sleep(0.5)
         finally:
             for instance in instances:
                 await instance.stop()
     # Two instances at least were joined for each event: every one was heard, none is lost.
-    assert len(heard) == EVENTS
+    assert len(heard) >= EVENTS
     assert min(heard) >= 2
     ids = hooks_by_event(receiver.requests)
-    assert set(ids) == {("transcript_delta", f"c{n}") for n in range(EVENTS)}
+    assert set(ids) == {("transcript_delta", f"c{n}") for n in range(sent)}
     assert all(len(hooks) == 1 for hooks in ids.values()), "an event under two webhook-ids"
     ended = ended_calls(fake)
-    assert set(ended) == {f"c{n}" for n in range(0, EVENTS, FINAL)}
+    assert set(ended) == {f"c{n}" for n in range(0, sent, FINAL)}
 
     # Once per event, but for what a kill left unsure. A claim taken over (its holder died
     # before marking it done: it may have run) lapsed after a kill, between its event's
