@@ -93,6 +93,11 @@ class ServiceProcess:
         }
         if watchdog_usec is not None:
             env["WATCHDOG_USEC"] = str(watchdog_usec)
+        if self.log.exists():
+            # Each run's log of its own (``log`` is the latest): a restarted instance's
+            # earlier life is what a failure is often about.
+            earlier = len(list(self.log.parent.glob("daemon.*.log")))
+            self.log.rename(self.log.with_name(f"daemon.{earlier + 1}.log"))
         with self.log.open("wb") as log:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable,

@@ -8,7 +8,7 @@ failure that outlived its retries, becomes :class:`~listener.RpcError`.
 
 Retries never repeat a side effect unasked. A request that certainly never left (connect errors,
 connect and pool timeouts) is retried for every action. A request that may have reached Sippet
-(read timeouts, dropped connections, HTTP 429/502/503/504) is retried only for pure reads (see
+(read timeouts, dropped connections, HTTP 408/429/502/503/504) is retried only for pure reads (see
 :attr:`listener.rpc.catalog.ActionSpec.mutating`), or when the caller passes ``retry_unsafe=True``
 because the action is idempotent for them.
 
@@ -71,7 +71,7 @@ class ValidationResult:
 
 
 class _StatusError(RpcError):
-    """Sippet answered with a status worth retrying (429, 502, 503, 504)."""
+    """Sippet answered with a status worth retrying (408, 429, 502, 503, 504)."""
 
     def __init__(self, action: str, status: int, retry_after: float | None) -> None:
         super().__init__(f"rpc {action} failed: HTTP {status}")
