@@ -342,3 +342,43 @@ async def test_the_webhooks_commands_work_on_the_shared_outbox(
     assert code == 0
     [status] = [json.loads(line) for line in out.splitlines()]
     assert (status["destination"], status["pending"], status["dead"]) == ("crm", 2, 0)
+
+
+async def test_only_the_leader_prunes_the_shared_outbox(store: StoreUrl, tmp_path: Path) -> None:
+    leading = False
+
+    async def delivered_rows() -> int:
+        async with await psycopg.AsyncConnection.connect(store.conninfo) as conn:
+            query = "SELECT count(*) FROM sippet_deliveries WHERE delivered_at IS NOT NULL"
+            row = await (await conn.execute(query)).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async with WebhookReceiver() as receiver:
+        forwarder = WebhookForwarder(
+            [destination(receiver.url)],
+            tmp_path / "unused.sqlite3",
+            poll_interval=0.02,
+            # Every delivered row is old enough to go at the next prune.
+            retention=0.0,
+            shared_outbox=lambda: shared(store, "h1"),
+            leads=lambda: leading,
+        )
+        async with forwarder:
+            committed = forwarder.submit(Event("call_started", {"i": 0}, "events", T0, id="e0"))
+            assert committed is not None
+            await asyncio.wait_for(committed, 10)
+            await receiver.wait_for(1, timeout=10)
+            async with asyncio.timeout(5):
+                # Recorded by the outbox's thread: nothing to wait on but the table.
+                while not await delivered_rows():  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            # A follower: fifteen housekeeping rounds, no prune (it still measured the outbox
+            # once, for its own status).
+            await asyncio.sleep(0.3)
+            assert await delivered_rows() == 1
+            assert [view.stats is not None for view in forwarder.views()] == [True]
+            leading = True
+            async with asyncio.timeout(5):
+                while await delivered_rows():  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)

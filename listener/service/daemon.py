@@ -564,6 +564,7 @@ def _share_outbox(handler: Handler, store: SharedStore, settings: StoreSettings)
             renew_every=settings.lease_renew,
             connect_timeout=settings.connect_timeout,
         )
+        handler.leads = lambda: store.elector.is_leader
 
 
 def stop_on_signals(stop: asyncio.Event) -> None:

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Concatenate, Literal, ParamSpec, TypeVar
+from typing import Concatenate, Final, Literal, ParamSpec, TypeVar
 
 import structlog
 
@@ -42,17 +43,21 @@ from listener.webhooks.store import Store
 from listener.webhooks.worker import Worker
 from listener.webhooks.writer import BatchWriter
 
-__all__ = ["DestinationView", "ForwarderStateError", "WebhookForwarder"]
+__all__ = ["FOLLOWER_MEASURE_EVERY", "DestinationView", "ForwarderStateError", "WebhookForwarder"]
 
 _log = structlog.get_logger(__name__)
+#: Seconds between a follower's measures of the outbox every instance shares: each scans
+#: the pending rows, which the leader does every ``poll_interval`` for the cluster.
+FOLLOWER_MEASURE_EVERY: Final = 10.0
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 
-def _prune(outbox: OutboxStore, before: float) -> int:
+def _renew_and_prune(outbox: OutboxStore, before: float | None) -> None:
     # The leases of a shared store are kept first: a prune may take a while.
     outbox.renew()
-    return outbox.prune(before)
+    if before is not None:
+        outbox.prune(before)
 
 
 class ForwarderStateError(ListenerError, RuntimeError):
@@ -103,6 +108,10 @@ class WebhookForwarder:
         retention: seconds the outbox keeps attempts and delivered deliveries.
         shared_outbox: opens the outbox on its thread instead of ``outbox_path``, for the
             store several instances share (:mod:`.shared_outbox`).
+        leads: whether this instance does the shared outbox's singleton work now (the
+            store's leader): it alone prunes it, and measures it every ``poll_interval``;
+            the others measure it every ``FOLLOWER_MEASURE_EVERY`` seconds, for their own
+            status. None: always (an outbox of this instance's own).
 
     Raises:
         ValueError: two destinations share a name (the configuration refuses that first).
@@ -116,6 +125,7 @@ class WebhookForwarder:
         poll_interval: float = 0.5,
         retention: float = DEFAULT_RETENTION,
         shared_outbox: Callable[[], OutboxStore] | None = None,
+        leads: Callable[[], bool] | None = None,
     ) -> None:
         names = [d.name for d in destinations]
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -126,6 +136,7 @@ class WebhookForwarder:
         self._poll_interval = poll_interval
         self._retention = retention
         self._shared_outbox = shared_outbox
+        self._leads = leads
         self._state: Literal["new", "running", "stopping", "stopped"] = "new"
         self._running: _Running | None = None
         self._workers: dict[str, Worker] = {}
@@ -300,12 +311,19 @@ class WebhookForwarder:
         return result
 
     async def _housekeep(self, store: Store) -> None:
-        """Every ``poll_interval`` until cancelled: measure the outbox, keep its claims
-        (:meth:`~.outbox_store.OutboxStore.renew`), prune old records."""
+        """Every ``poll_interval`` until cancelled: keep the outbox's claims
+        (:meth:`~.outbox_store.OutboxStore.renew`) and, while this instance leads, measure
+        it and prune old records (a follower measures it less often)."""
+        measured = -math.inf
         while True:
-            await self._gauges.measure(store)
+            leads = self._leads is None or self._leads()
+            now = time.monotonic()
+            if leads or now - measured >= FOLLOWER_MEASURE_EVERY:
+                measured = now
+                await self._gauges.measure(store)
+            before = time.time() - self._retention if leads else None
             try:
-                await store.run(functools.partial(_prune, before=time.time() - self._retention))
+                await store.run(functools.partial(_renew_and_prune, before=before))
             except Exception:
                 _log.exception("webhook outbox renewal or prune failed")
             await asyncio.sleep(self._poll_interval)

@@ -111,8 +111,10 @@ class WebhookHandler(Handler):
         self._secrets = config.signing_secrets()
         self.forwarder: WebhookForwarder | None = None
         # Set by the daemon of an instance sharing a store: opens the outbox named after the
-        # handler there (on the outbox's thread), given the SQLite file it replaces.
+        # handler there (on the outbox's thread), given the SQLite file it replaces; and
+        # whether this instance leads (see WebhookForwarder's ``leads``).
         self.shared_outbox: Callable[[str, Path], OutboxStore] | None = None
+        self.leads: Callable[[], bool] | None = None
 
     async def setup(self, ctx: Context) -> None:
         destinations = self.config.build(ctx.name, self._secrets)
@@ -124,6 +126,7 @@ class WebhookHandler(Handler):
             path,
             retention=self.config.retention,
             shared_outbox=None if shared is None else functools.partial(shared, ctx.name, path),
+            leads=self.leads,
         )
         await self.forwarder.start()
 
