@@ -307,7 +307,7 @@ class WebhookForwarder:
         for worker in self._workers.values():
             worker.wake.set()
         if self._running is not None:
-            await self._gauges.measure(self._running.store)
+            await self._gauges.measure(self._running.store, force=True)
         return result
 
     async def _housekeep(self, store: Store) -> None:
