@@ -76,13 +76,15 @@ async def test_events_arriving_while_held_events_are_delivered_are_not_lost(
         sent = await burst(fake, 0, 10)
         await fake.wait_until(lambda: fake.joins >= 2)
         sent = await burst(fake, sent, 300)
-        # 100 events/s, well under the handler's pace. Faster than it can go (it was 400/s), the
-        # handover seldom finds the new socket's queue empty: 20 s to rotate, 120 s when loaded.
+        # 100 events/s, under the handler's pace, until the rotation is over (and the held
+        # events go on behind it, the later ones behind them).
         while session.rotations == 0:
             sent = await burst(fake, sent, 2)
             await asyncio.sleep(0.02)
         await drained(fake, events)
-    assert session.rotations == 1
+    # A second one may come while the backlog drains on a busy machine: a rotation no longer
+    # waits for the events it held back.
+    assert session.rotations >= 1
     assert session.reconnects == 0
     seqs = events.payloads("seq")[:-1]
     assert sorted(seqs) == list(range(sent)), "lost or duplicated events"

@@ -25,9 +25,9 @@ both, the other is new). Old delivered ``A A``, new holds ``A A B``: only ``B`` 
 though the new socket may have heard a third ``A``. No event is delivered twice; the only loss
 is such a verbatim repeat, heard by the new socket alone while its events were held back.
 
-The handover goes on after :meth:`Handover.finish`: the new socket keeps hearing events while
-its backlog is delivered (at the handler's pace, which may take seconds: 3,262 events held in
-one soak), and those follow the backlog instead of being lost between the two.
+The handover goes on after :meth:`Handover.finish`: the new socket may keep feeding it
+while its backlog is taken (3,262 events held in one soak), and those follow the backlog
+instead of being lost between the two.
 """
 
 from __future__ import annotations
