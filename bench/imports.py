@@ -51,7 +51,7 @@ HEAVY = (
     "httpx",
     "tenacity",
     "structlog",
-    "rich",
+    "rich.traceback",
     "click",
     "greenlet",
     "prometheus_client",
@@ -192,13 +192,24 @@ def _importtime(stderr: str) -> dict[str, float]:
     return times
 
 
+# `run` under a probe that writes, when it exits, the modules it has loaded: `-X importtime`
+# also lists the imports that failed (an extra not installed, or one hidden).
+_MODULES_PROBE = """
+import atexit, runpy, sys
+out = sys.argv.pop(1)
+atexit.register(lambda: open(out, "w").write("\\n".join(sorted(sys.modules))))
+del sys.argv[:2]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
 def run_imports(server: BenchServer, logs: Path, loop: str = "asyncio") -> dict[str, float]:
     """Which of :data:`HEAVY` ``run`` loads (minimal configuration), with their ms."""
-    _, stderr = _run_joined(
-        server, [sys.executable, "-X", "importtime"], loop, logs / f"importtime-run-{loop}.log"
-    )
-    loaded = _importtime(stderr)
-    return {module: loaded[module] for module in HEAVY if module in loaded}
+    out = logs / f"modules-run-{loop}.txt"
+    argv = [sys.executable, "-X", "importtime", "-c", _MODULES_PROBE, str(out)]
+    _, stderr = _run_joined(server, argv, loop, logs / f"importtime-run-{loop}.log")
+    times, loaded = _importtime(stderr), set(out.read_text(encoding="utf-8").split())
+    return {module: times[module] for module in HEAVY if module in loaded}
 
 
 def marginal(module: str, runs: int = 3) -> tuple[float, float] | None:
