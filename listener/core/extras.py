@@ -18,7 +18,7 @@ import sys
 
 __all__ = ["HIDDEN"]
 
-# Idle RSS of `sippet-listener run` (bench/README.md, "Idle memory"): -1.0 MiB with
+# Idle RSS of `sippet-listener run` (bench/README.md, "Idle RSS, issue #14 item 3"): -1.0 MiB with
 # `pip install sippet-listener` (click), -5.8 MiB with the dev extras (rich, pygments, click,
 # greenlet).
 HIDDEN = ("rich", "click", "greenlet")
