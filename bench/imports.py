@@ -13,11 +13,22 @@
   bring h11 and anyio...): each figure is "this module, if nothing else had loaded its
   dependencies".
 
-``python -m bench.imports`` prints both tables (its own server).
+- :func:`layers`: what the idle RSS of ``run`` is made of: a fresh interpreter imports the run
+  path's dependencies a layer at a time, in the order ``run`` loads them (the bare loop's
+  ``asyncio`` + ``websockets`` first, then httpx, structlog, pydantic with its first model,
+  the rest, our own package), RSS after each; what ``run`` holds beyond the last layer is its
+  running state (the HTTP client's SSL context, the call store, the link).
+- :func:`idle_side_by_side`: the bare loop's idle RSS and ``run``'s, for this tree and, with
+  ``--before TREE``, another checkout, in each ``--python`` given, interleaved over rounds.
+
+``python -m bench.imports [--before TREE] [--python PY ...] [--rounds N]`` prints the tables
+(its own server).
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import os
 import signal
 import statistics
@@ -27,9 +38,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.procs import ROOT, BenchServer, rss_mib
+from bench.peers import BARE
+from bench.procs import ROOT, BenchServer, Driver, rss_mib
+from listener.core.extras import HIDDEN
 
-__all__ = ["HEAVY", "idle_run", "main", "marginal", "run_imports"]
+__all__ = ["HEAVY", "LAYERS", "idle_run", "idle_side_by_side", "layers", "main", "marginal",
+           "run_imports"]  # fmt: skip
 
 # The suspects: what the daemon's dependencies and its own optional stacks cost.
 HEAVY = (
@@ -37,7 +51,9 @@ HEAVY = (
     "httpx",
     "tenacity",
     "structlog",
-    "rich",
+    "rich.traceback",
+    "click",
+    "greenlet",
     "prometheus_client",
     "uvicorn",
     "starlette.applications",
@@ -54,6 +70,40 @@ HEAVY = (
     "listener.testing",
 )
 _SETTLE = 2.0
+# The run path's imports in the order `run` loads them, a layer each (each layer's modules
+# load what they need of the earlier ones' and nothing more). The pydantic layer builds one
+# model: the first one costs what no import shows (pydantic's plugin lookup, the core's
+# first schema).
+LAYERS = (
+    ("the bare loop's: asyncio, json, websockets' client", "import asyncio, json, argparse\n"
+     "import websockets.asyncio.client"),
+    ("httpx (httpcore, h11, anyio, idna, email, http.cookiejar)",
+     "import httpx, httpcore, h11, anyio, httpcore._backends.anyio"),
+    ("structlog", "import structlog"),
+    ("pydantic, and a first model", "from pydantic import BaseModel, Field\n"
+     "class Model(BaseModel):\n    value: int = Field(default=1, ge=0)"),
+    ("tenacity, orjson, sqlite3, tomllib, importlib.metadata, difflib, zoneinfo",
+     "import tenacity, orjson, sqlite3, tomllib, importlib.metadata, difflib, zoneinfo"),
+    ("our own: everything of listener/ that `run` imports", "import listener.service.cli"),
+)  # fmt: skip
+# Layer by layer, hiding what listener.core.extras hides (as the door does, which the last
+# layer loads).
+_LAYERS_PROBE = """
+import sys
+def rss():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmRSS:'):
+            return int(line.split()[1]) / 1024
+print(rss())
+hidden = [name for name in {hidden!r} if name not in sys.modules]
+sys.modules.update(dict.fromkeys(hidden))
+for layer in {layers!r}:
+    if layer == "import listener.service.cli":
+        for name in hidden:
+            del sys.modules[name]
+    exec(layer)
+    print(rss())
+"""
 _PROBE = (
     "import {base}\n"
     "def rss():\n"
@@ -142,13 +192,24 @@ def _importtime(stderr: str) -> dict[str, float]:
     return times
 
 
+# `run` under a probe that writes, when it exits, the modules it has loaded: `-X importtime`
+# also lists the imports that failed (an extra not installed, or one hidden).
+_MODULES_PROBE = """
+import atexit, runpy, sys
+out = sys.argv.pop(1)
+atexit.register(lambda: open(out, "w").write("\\n".join(sorted(sys.modules))))
+del sys.argv[:2]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
 def run_imports(server: BenchServer, logs: Path, loop: str = "asyncio") -> dict[str, float]:
     """Which of :data:`HEAVY` ``run`` loads (minimal configuration), with their ms."""
-    _, stderr = _run_joined(
-        server, [sys.executable, "-X", "importtime"], loop, logs / f"importtime-run-{loop}.log"
-    )
-    loaded = _importtime(stderr)
-    return {module: loaded[module] for module in HEAVY if module in loaded}
+    out = logs / f"modules-run-{loop}.txt"
+    argv = [sys.executable, "-X", "importtime", "-c", _MODULES_PROBE, str(out)]
+    _, stderr = _run_joined(server, argv, loop, logs / f"importtime-run-{loop}.log")
+    times, loaded = _importtime(stderr), set(out.read_text(encoding="utf-8").split())
+    return {module: times[module] for module in HEAVY if module in loaded}
 
 
 def marginal(module: str, runs: int = 3) -> tuple[float, float] | None:
@@ -172,19 +233,91 @@ def marginal(module: str, runs: int = 3) -> tuple[float, float] | None:
     return statistics.median(times), statistics.median(sizes)
 
 
-def main() -> int:
+def layers(python: Path, root: Path = ROOT) -> list[tuple[str, float]]:
+    """(layer, MiB it adds) for :data:`LAYERS` in ``python``, the interpreter itself first."""
+    code = _LAYERS_PROBE.format(hidden=HIDDEN, layers=[layer for _, layer in LAYERS])
+    done = subprocess.run(
+        [str(python), "-c", code], cwd=root, capture_output=True, text=True, check=True, timeout=60
+    )
+    sizes = [float(line) for line in done.stdout.split()]
+    names = ["the interpreter (`python -c pass`)"] + [name for name, _ in LAYERS]
+    return [(names[0], sizes[0])] + [
+        (name, after - before)
+        for name, (before, after) in zip(names[1:], itertools.pairwise(sizes), strict=True)
+    ]
+
+
+def _bare_idle(server: BenchServer, logs: Path) -> float:
+    """The bare loop's RSS 2 s after its join (the footprint row's reference)."""
+    driver = Driver("bare", Path(sys.executable), BARE.script, server, logs / "idle-bare.log")
+    try:
+        time.sleep(_SETTLE)
+        return rss_mib(driver.process.pid)
+    finally:
+        driver.quit()
+
+
+def idle_side_by_side(
+    server: BenchServer,
+    logs: Path,
+    pythons: list[Path],
+    before: Path | None,
+    rounds: int,
+) -> dict[str, list[float]]:
+    """Idle RSS (MiB) per round: the bare loop, then ``run`` of this tree and ``before`` in
+    each interpreter; one of each per round, in turn."""
+    trees = [("this tree", ROOT)] + ([("before", before)] if before is not None else [])
+    runs: dict[str, list[float]] = {"bare loop": []}
+    for _ in range(rounds):
+        runs["bare loop"].append(_bare_idle(server, logs))
+        for python in pythons:
+            for label, root in trees:
+                key = f"`run`, {label}, {python.parent.parent.name}"
+                runs.setdefault(key, []).append(idle_run(server, logs, python=python, root=root))
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.imports", description=__doc__)
+    parser.add_argument("--before", type=Path, help="another checkout's tree, for a before")
+    parser.add_argument(
+        "--python",
+        type=Path,
+        action="append",
+        help="an interpreter to run `run` in (repeatable; default: this one; e.g."
+        " bench/.venvs/production/bin/python, as `pip install sippet-listener` runs it)",
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    pythons = [path.absolute() for path in args.python or [Path(sys.executable)]]
     logs = ROOT / "bench" / "results" / "imports"
     logs.mkdir(parents=True, exist_ok=True)
     server = BenchServer(logs / "server.log")
+    began = time.strftime("%H:%M:%S")
     try:
         server.call("/configure", {"token_ttl": 3600})
+        idle = idle_side_by_side(server, logs, pythons, args.before, args.rounds)
         loaded = run_imports(server, logs)
-        idle = {loop: idle_run(server, logs, loop) for loop in ("asyncio", "uvloop")}
     finally:
         server.close()
-    print(f"idle RSS of `run`, minimal config: asyncio {idle['asyncio']:.1f} MiB,", end=" ")
-    print(f"uvloop {idle['uvloop']:.1f} MiB\n")
-    print("| module | alone after asyncio: ms | MiB | loaded by `run` (ms there) |")
+    bare = statistics.median(idle["bare loop"])
+    print(f"{began}-{time.strftime('%H:%M:%S')}: idle RSS 2 s after the join, MiB, median of")
+    print(f"{args.rounds} rounds (every run listed), one of each per round\n")
+    print("| process | idle RSS | runs | vs the bare loop |")
+    print("|---|---:|---|---:|")
+    for label, values in idle.items():
+        median = statistics.median(values)
+        listed = ", ".join(f"{value:.1f}" for value in values)
+        print(f"| {label} | {median:.1f} | {listed} | {median / bare:.2f} x |")
+    for python in pythons:
+        print(f"\nWhat `run` loads, a layer at a time ({python.parent.parent.name}), MiB:\n")
+        print("| layer | adds | total |")
+        print("|---|---:|---:|")
+        total = 0.0
+        for name, size in layers(python):
+            total += size
+            print(f"| {name} | {size:.1f} | {total:.1f} |")
+    print("\n| module | alone after asyncio: ms | MiB | loaded by `run` (ms there) |")
     print("|---|---:|---:|---|")
     for module in HEAVY:
         cost = marginal(module)

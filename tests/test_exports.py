@@ -57,7 +57,9 @@ def test_the_public_api_keeps_its_promises() -> None:
 # What `run` must not load when its configuration does not ask for it: the test kit and the
 # demo (only `demo` needs them), the webhook stack (only with a webhook handler), the
 # metrics server and the library that renders the metrics (only with service.metrics_listen),
-# the shared store's driver (only with [store]). See bench/README.md for what each costs.
+# the shared store's driver (only with [store]), and the extras structlog and httpx load when
+# installed for code the daemon never calls (listener/core/extras.py; the dev extras install
+# them all). See bench/README.md for what each costs.
 NOT_LOADED_BY_RUN = (
     "listener.testing",
     "listener.service.demo",
@@ -71,6 +73,10 @@ NOT_LOADED_BY_RUN = (
     "psycopg",
     "psycopg_pool",
     "listener.cluster.store",
+    "rich",
+    "pygments",
+    "click",
+    "greenlet",
 )
 # Runs the command line as `sippet-listener run` does, and writes the modules loaded by the
 # time it exits (after SIGTERM) to the file named in argv[1].
@@ -116,6 +122,23 @@ async def test_run_with_a_minimal_config_loads_only_what_it_uses(
         m for m in loaded if any(m == p or m.startswith(f"{p}.") for p in NOT_LOADED_BY_RUN)
     ]
     assert unwanted == []
+
+
+def test_the_extras_hidden_from_structlog_and_httpx_import_normally_afterwards() -> None:
+    """The door hides rich, click and greenlet only while structlog and httpx load: a plugin
+    that imports them afterwards gets them (a fresh interpreter: this one has them loaded)."""
+    probe = (
+        "import sys, listener, structlog.dev\n"
+        "assert structlog.dev.rich is None\n"
+        "assert not {'rich', 'click', 'greenlet'} & set(sys.modules)\n"
+        "import rich.console, click, greenlet\n"
+        "print(rich.console.Console.__name__, click.command.__name__, greenlet.getcurrent())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Console command <greenlet.greenlet")
 
 
 def _defining_modules() -> dict[str, str]:
