@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections import Counter
 from collections.abc import Awaitable
@@ -13,6 +14,7 @@ import pytest
 
 from listener.cluster.claims import ClaimRefused, Claims
 from listener.cluster.database import StoreError, make_pool
+from listener.cluster.leader import LeaseSettings
 from listener.cluster.spool import Spool, SpoolError
 from listener.cluster.store import SharedStore
 from listener.cluster.url import StoreUrl
@@ -441,3 +443,45 @@ async def test_a_mark_the_store_is_slow_to_take_is_kept_on_disk_meanwhile(
             await claims.close()
             await spool.close()
             await pool.close()
+
+
+async def test_a_new_leader_waits_a_lease_period_before_handing_out_lapsed_claims(
+    store: StoreUrl, tmp_path: Path
+) -> None:
+    pool = make_pool(store, size=2)
+    await pool.open(wait=True)
+    other = Claims(pool, store, "b", await opened(tmp_path / "b"), grace=0.0)
+    lease = LeaseSettings(ttl=1.0, renew_every=0.1)
+    leader = SharedStore(store, tmp_path / "a" / "spool", holder="a", lease=lease)
+    handed: list[tuple[str, float]] = []
+    loop = asyncio.get_running_loop()
+
+    async def redeliver(ev: Event, handler: str) -> None:
+        handed.append((ev.id, loop.time()))
+
+    try:
+        # Both lapse at once (no lease beyond the handler's timeout of 0): evt_1 was done
+        # and its mark reaches the store a moment after the leader took over, evt_2 never.
+        assert await other.claim(event(1), "audit", 0)
+        assert await other.claim(event(2), "audit", 0)
+        await leader.open()
+        running = asyncio.create_task(leader.run(3600, redeliver))
+        await asyncio.wait_for(leader.elector.leading.wait(), 10)
+        led_at = loop.time()
+        other.done(event(1), "audit")
+        await other.flush()
+        async with asyncio.timeout(10):
+            # Handed out by the leader's own task: nothing to wait on but the list.
+            while not handed:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+    finally:
+        await leader.close()
+        await other.close()
+        await other.spool.close()
+        await pool.close()
+    [(event_id, at)] = handed
+    assert event_id == "evt_2"
+    assert at - led_at >= lease.ttl * 0.9

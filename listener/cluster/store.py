@@ -139,6 +139,11 @@ class SharedStore:
         seconds, forget the events (and their claims) recorded more than ``retain`` ago."""
 
         async def sweep_forever() -> None:
+            # A new leader (the first, or the next one after an outage of the store) leaves
+            # every live instance a lease period to write the done marks it could not while
+            # the store was away (they are retried ten times a second): a claim that lapsed
+            # meanwhile was most likely done, and handing it out at once ran it twice.
+            await asyncio.sleep(self.elector.settings.ttl)
             while True:
                 try:
                     lapsed = await self.claims.expired()
