@@ -53,24 +53,34 @@ class FreezableProxy:
             task.cancel()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.refusing:
-            writer.close()
-            return
-        await self._flowing.wait()
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-        pumps = [
-            asyncio.ensure_future(self._pump(reader, up_writer)),
-            asyncio.ensure_future(self._pump(up_reader, writer)),
-        ]
-        self._tasks.update(pumps)
+        # Tracked, and every socket closed however it ends: a connection held while frozen
+        # outlived the proxy otherwise, and its sockets were collected (with a warning that
+        # failed whatever test ran then) after the loop had closed.
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        up_writer: asyncio.StreamWriter | None = None
         try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            if self.refusing:
+                return
+            await self._flowing.wait()
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            pumps = [
+                asyncio.ensure_future(self._pump(reader, up_writer)),
+                asyncio.ensure_future(self._pump(up_reader, writer)),
+            ]
+            self._tasks.update(pumps)
+            try:
+                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for pump in pumps:
+                    pump.cancel()
+                    self._tasks.discard(pump)
         finally:
-            for pump in pumps:
-                pump.cancel()
-                self._tasks.discard(pump)
+            self._tasks.discard(task)
             for side in (writer, up_writer):
-                side.close()
+                if side is not None:
+                    side.close()
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(65536):

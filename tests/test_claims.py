@@ -381,7 +381,8 @@ async def test_a_mark_the_store_does_not_take_is_kept_on_disk_and_a_restart_give
                 await first.flush()
             assert spool.marks == 1
             # evt_2 was being handled, evt_3 waited: the process is killed. (Its spool file
-            # is closed as the kernel closes it: no flush, no goodbye to the store.)
+            # is closed as the kernel closes it; ``first`` is not: no flush, no goodbye to
+            # the store.)
         finally:
             await spool.close()
             await pool.close()
@@ -396,8 +397,9 @@ async def test_a_mark_the_store_does_not_take_is_kept_on_disk_and_a_restart_give
     await pool.open(wait=True)
     second = Claims(pool, store, "a-2", again)
     try:
-        assert (again.previous_holder, again.marks) == ("a-1", 1)
-        assert await second.release("a-1") == 2
+        assert (again.previous_holders, again.marks) == (["a-1"], 1)
+        assert await second.release(again.previous_holders) == 2
+        await again.forget_holders(["a-1"])
         # The kept mark reached the store first: evt_1 is not handed out again.
         assert await claim_rows(store) == {
             "evt_1": (True, False),
@@ -410,10 +412,13 @@ async def test_a_mark_the_store_does_not_take_is_kept_on_disk_and_a_restart_give
         await second.close()
         await again.close()
         await pool.close()
-    reopened = Spool(path)
-    await reopened.open("a-3")
-    assert (reopened.previous_holder, reopened.marks) == ("a-2", 0)
-    await reopened.close()
+    # Each start's name stays until its claims were given back: a start killed before it
+    # could (the store away all along) leaves its own, and its predecessor's, to the next.
+    for holder, earlier in (("a-3", ["a-2"]), ("a-4", ["a-2", "a-3"])):
+        reopened = Spool(path)
+        await reopened.open(holder)
+        assert (reopened.previous_holders, reopened.marks) == (earlier, 0)
+        await reopened.close()
 
 
 async def test_a_mark_the_store_is_slow_to_take_is_kept_on_disk_meanwhile(
@@ -425,19 +430,28 @@ async def test_a_mark_the_store_is_slow_to_take_is_kept_on_disk_meanwhile(
         spool = await opened(tmp_path / "spool.sqlite3")
         claims = Claims(pool, via, "a", spool, timeout=5)
         try:
-            assert await claims.claim(event(1), "audit", 30)
+            for n in (1, 2):
+                assert await claims.claim(event(n), "audit", 30)
             claims.done(event(1), "audit")
             proxy.freeze()
             flushing = asyncio.create_task(claims.flush())
-            async with asyncio.timeout(2):
-                # Written to disk by another thread: nothing to wait on but the count.
-                while not spool.marks:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
+
+            async def on_disk(count: int) -> None:
+                async with asyncio.timeout(2):
+                    # Written by the spool's thread: nothing to wait on but the count.
+                    while spool.marks < count:  # noqa: ASYNC110
+                        await asyncio.sleep(0.01)
+
+            await on_disk(1)
+            # One taken while that write hangs waits behind it, and is kept on disk too.
+            claims.done(event(2), "audit")
+            await on_disk(2)
             assert not flushing.done()
             proxy.thaw()
             await flushing
+            await claims.flush()
             assert spool.marks == 0
-            assert await claim_rows(store) == {"evt_1": (True, False)}
+            assert await claim_rows(store) == {"evt_1": (True, False), "evt_2": (True, False)}
         finally:
             proxy.thaw()
             await claims.close()

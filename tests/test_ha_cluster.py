@@ -133,17 +133,20 @@ async def test_three_instances_killed_in_turn_under_a_stream_lose_nothing(
 
             streaming = asyncio.create_task(stream())
             first = time.monotonic() + FIRST_KILL
-            for n in range(KILLS):
-                await asyncio.sleep(first + n * KILL_EVERY - time.monotonic())
-                # One down at a time: the last one killed has joined again before the next.
-                await fake.wait_until(lambda: fake.joined_sockets >= 3, timeout=20)
-                victim = instances[n % 3].process
-                assert victim is not None
-                victim.kill()
-                killed.append(time.time())
-                await victim.wait()
-                await instances[n % 3].start()
-            kills_done.set()
+            try:
+                for n in range(KILLS):
+                    await asyncio.sleep(first + n * KILL_EVERY - time.monotonic())
+                    # One down at a time: the last one killed has joined again before the next.
+                    await fake.wait_until(lambda: fake.joined_sockets >= 3, timeout=20)
+                    victim = instances[n % 3].process
+                    assert victim is not None
+                    victim.kill()
+                    killed.append(time.time())
+                    await victim.wait()
+                    await instances[n % 3].start()
+            finally:
+                # Whatever happened: the stream ends.
+                kills_done.set()
             await streaming
             sent = len(heard)
             await receiver.wait_until(lambda r: len(r) >= sent and distinct(r) >= sent, 30)

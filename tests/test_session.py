@@ -493,18 +493,14 @@ async def test_faults_every_second_are_ridden_out_without_backoff_creep(fake: Fa
     assert 3 <= failed_mints <= 12, failed_mints
 
 
-async def behind_a_slow_handler(
-    fake: FakeSippet, http: httpx.AsyncClient, state_dir: Path, rate: float, duration: float
-) -> tuple[Session, int, list[int]]:
-    """Stream ``{"seq": n}`` at ``rate`` for ``duration`` to a session whose one handler takes
-    2 ms an event (500/s, its queue 50 deep), until it has handled them all or reconnected;
-    return the session, how many were sent, and the seqs handled."""
-    handled: list[int] = []
+def slow_dispatcher(state_dir: Path, handled: list[int], delay: float) -> Dispatcher:
+    """A started dispatcher whose one handler takes ``delay`` seconds an event (its queue 50
+    deep), appending each call event's seq to ``handled``."""
 
     async def slow(event: Event, ctx: Context[None]) -> None:
         if event.name == "incoming_call":
             handled.append(event.payload["seq"])
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(delay)
 
     runner = HandlerRunner(
         FunctionHandler(slow, name="slow"),
@@ -513,6 +509,17 @@ async def behind_a_slow_handler(
     )
     dispatcher = Dispatcher([runner])
     dispatcher.start()
+    return dispatcher
+
+
+async def behind_a_slow_handler(
+    fake: FakeSippet, http: httpx.AsyncClient, state_dir: Path, rate: float, duration: float
+) -> tuple[Session, int, list[int]]:
+    """Stream ``{"seq": n}`` at ``rate`` for ``duration`` to a session whose one handler takes
+    2 ms an event (500/s), until it has handled them all or reconnected; return the session,
+    how many were sent, and the seqs handled."""
+    handled: list[int] = []
+    dispatcher = slow_dispatcher(state_dir, handled, 0.002)
     tokens = TokenSource(http, fake.base_url, fake.api_key)
     session = Session(fast_settings(fake.base_url, close_timeout=0.3), tokens, dispatcher.submit)
     task = asyncio.create_task(session.run())
@@ -551,10 +558,10 @@ async def test_a_rotation_behind_slow_handlers_loses_nothing_the_old_socket_stil
 async def test_a_rotation_behind_slow_handlers_ends_before_the_new_token_expires(
     fake: FakeSippet, http: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    # 700/s for 3 s to a handler of 500/s: the new socket's events stayed behind the backlog
-    # in memory, at the stream's pace, so the backlog emptied only after the stream; the
-    # rotation never ended before the new token expired (the server then closed the socket).
-    # They now pause the socket, and the rotation ends once the backlog is handled.
+    # 700/s for 3 s to a handler of 500/s: the rotation delivered what it held back itself,
+    # while the new socket's events kept coming behind it, so the backlog emptied only after
+    # the stream and the rotation never ended before the new token expired (the server then
+    # closed the socket). Now the rotation ends once the old socket has left.
     fake.token_ttl = 2.0
     fake.behaviour.join_checks_token = True
     fake.behaviour.expiry_action = "close_socket"
@@ -562,3 +569,34 @@ async def test_a_rotation_behind_slow_handlers_ends_before_the_new_token_expires
     assert session.rotations >= 2
     assert session.reconnects == 0
     assert handled == list(range(sent)), "lost, doubled or out of order"
+
+
+async def test_a_stop_behind_slow_handlers_takes_close_timeout_not_the_backlog(
+    fake: FakeSippet, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    # A handler of 50/s, a stream of 1,000/s through a rotation: the new socket ends up
+    # paused behind more than a thousand events held in memory. A stop must not wait for
+    # the handler to work through them (24 s here, once) before its sockets can leave.
+    fake.token_ttl = 0.8
+    handled: list[int] = []
+    dispatcher = slow_dispatcher(tmp_path, handled, 0.02)
+    tokens = TokenSource(http, fake.base_url, fake.api_key)
+    session = Session(fast_settings(fake.base_url, close_timeout=0.3), tokens, dispatcher.submit)
+    task = asyncio.create_task(session.run())
+    # Stopped while the stream goes on: the socket is paused behind the feed.
+    streaming = asyncio.create_task(stream(fake, rate=1000, duration=4.0))
+    try:
+        async with asyncio.timeout(10):
+            await session.joined.wait()
+            await fake.wait_until(lambda: session.rotations >= 1 and fake.sent_events >= 1500)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        stopping = time.monotonic()
+        await session.stop()
+        took = time.monotonic() - stopping
+        await streaming
+        await dispatcher.stop(0.1)
+    # The sockets' leaves (0.3 s at most each) and the feed's flush (0.3 s).
+    assert took < 2.0

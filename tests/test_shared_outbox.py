@@ -373,8 +373,8 @@ async def test_only_the_leader_prunes_the_shared_outbox(store: StoreUrl, tmp_pat
                 # Recorded by the outbox's thread: nothing to wait on but the table.
                 while not await delivered_rows():  # noqa: ASYNC110
                     await asyncio.sleep(0.02)
-            # A follower: fifteen housekeeping rounds, no prune (it still measured the outbox
-            # once, for its own status).
+            # A follower: fifteen housekeeping rounds, no prune (it still measures the outbox,
+            # less often, for its own status).
             await asyncio.sleep(0.3)
             assert await delivered_rows() == 1
             assert [view.stats is not None for view in forwarder.views()] == [True]

@@ -117,7 +117,7 @@ FROM marked WHERE (c.event_id, c.handler) = (marked.event_id, marked.handler)
 # The unfinished claims of an instance that was killed: they lapse now.
 _RELEASE: Final = """
 UPDATE sippet_claims SET lease_until = now()
-WHERE holder = %(previous)s AND done_at IS NULL AND lease_until > now()
+WHERE holder = ANY(%(previous)s::text[]) AND done_at IS NULL AND lease_until > now()
 """
 # A statement the server aborted to break a deadlock or a serialization conflict has done
 # nothing and may simply run again: it says nothing about the store being unreachable.
@@ -214,6 +214,8 @@ class Claims:
         # The write of the marks taken just now, if one is due; one write at a time.
         self._marking: asyncio.Future[None] | None = None
         self._flushing = asyncio.Lock()
+        # Marks on their way to disk (_keep_late).
+        self._keeping: set[asyncio.Future[None]] = set()
         # Whether the store failed to answer the latest claim, and from when (loop time) the
         # spooled ones are tried again.
         self._down = False
@@ -402,6 +404,9 @@ class Claims:
         """``handler`` is done with ``event`` here (whatever its outcome): written soon. A
         spooled entry handed back for a handler this instance does not have leaves the
         spool this way."""
+        if not self._done:
+            # Whatever the writes: these marks are on disk if still here in _KEEP_AFTER.
+            asyncio.get_running_loop().call_later(_KEEP_AFTER, self._keep_late, self._done)
         self._done.append((event.id, handler))
         if self._released and (entry := self._released.get((event.id, handler))):
             self._settle(entry, answered=True)
@@ -413,13 +418,30 @@ class Claims:
         write was out) in one statement: a kill between a handler's end and its mark is what
         may run it twice, and a mark sent at once shrinks that window from ~50 ms on average
         (a write every 0.1 s) to the store's round trip."""
+        written = False
         try:
             await asyncio.sleep(0)
             # Not answered: the retries (and their warnings) are run()'s.
             with contextlib.suppress(StoreError):
                 await self.flush()
+                written = True
         finally:
             self._marking = None
+        if written and self._done and not self._down:
+            # Taken while that write was out: they go now, not at run()'s next turn.
+            self._marking = asyncio.ensure_future(self._mark_soon())
+
+    def _keep_late(self, waiting: list[Mark]) -> None:
+        """Marks still waiting for a write (behind one the store is slow to answer, or
+        while it is away) go to disk, and from there to the next write."""
+        if waiting is self._done and waiting:
+            self._done = []
+            keeping = asyncio.ensure_future(self._keep_back(waiting))
+            self._keeping.add(keeping)
+            keeping.add_done_callback(self._keeping.discard)
+
+    async def _keep_back(self, marks: list[Mark]) -> None:
+        self._done[:0] = await self._keep(marks)
 
     async def expired(self, limit: int = 500) -> list[tuple[Event, str]]:
         """The events whose claim lapsed unfinished (its holder died mid-handle), with the
@@ -501,9 +523,9 @@ class Claims:
             # written next time.
             self._done[:0] = fresh
 
-    async def release(self, previous: str) -> int:
-        """Give back the claims ``previous`` (this instance's name at its previous start,
-        killed before it ended them) left unfinished, once the marks it kept on disk are in
+    async def release(self, previous: list[str]) -> int:
+        """Give back the claims ``previous`` (this instance's names at its earlier starts,
+        killed before they ended them) left unfinished, once the marks kept on disk are in
         the store: they lapse now, not a lease later, and the leader's next sweep hands
         them out again. Return how many were given back.
 
@@ -550,6 +572,8 @@ class Claims:
             await asyncio.wait(self._sending, timeout=self._timeout)
         if self._marking is not None:
             self._marking.cancel()
+        if self._keeping:
+            await asyncio.wait(self._keeping)
         with contextlib.suppress(StoreError):
             await self.flush()
         await self.abandoned.close()

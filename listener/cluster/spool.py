@@ -11,7 +11,7 @@ answered. A process killed meanwhile finds them again at its next start.
 own, so that the event loop never waits for the disk, and writes what is asked within one
 turn of the loop in one transaction.
 
-The schema (``PRAGMA user_version`` = 1)::
+The schema (``PRAGMA user_version`` = 2)::
 
     events   id PK, name, topic, payload (JSON), received_at, size, origin
     entries  seq PK (received order), event_id -> events, handler, lease;
@@ -20,12 +20,13 @@ The schema (``PRAGMA user_version`` = 1)::
 An event is written once whatever the number of its handlers waiting. Step 2 adds::
 
     marks        (event_id, handler) PK: handled here, not yet marked done in the store
-    incarnation  holder: the name this file's instance took in the store at its last start
+    incarnation  holder PK: the names this file's instance took in the store, at each start
+                 whose claims were not given back yet
 
 A mark the store does not take at once is kept here (:meth:`Spool.keep`), so that a kill
 while the store is away does not forget it: the handler would run again once its claim
-lapsed. The previous incarnation tells a restarted instance which unfinished claims were its
-own, so that it can give them back at once instead of after their lease.
+lapsed. The earlier names tell a restarted instance which unfinished claims were its own,
+so that it can give them back at once instead of after their lease.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ _MARKS: Final = (
         handler  TEXT NOT NULL,
         PRIMARY KEY (event_id, handler)
     ) WITHOUT ROWID""",
-    "CREATE TABLE incarnation (holder TEXT NOT NULL)",
+    "CREATE TABLE incarnation (holder TEXT PRIMARY KEY) WITHOUT ROWID",
 )
 _OLDEST: Final = """
 SELECT s.seq, s.handler, s.lease, e.name, e.payload, e.topic, e.received_at, e.size, e.id,
@@ -203,14 +204,20 @@ class SpoolFile(Database):
             rows = self.conn.execute("SELECT event_id, handler FROM marks LIMIT ?", (limit,))
             return [(event_id, handler) for event_id, handler in rows]
 
-    def succeed(self, holder: str) -> str | None:
-        """Record ``holder`` as this file's instance in the store; return the one it
-        replaces (None on the first start)."""
+    def succeed(self, holder: str) -> list[str]:
+        """Record ``holder`` as this file's instance in the store; return the names of the
+        earlier starts whose claims were not given back."""
         with self.translated("write"), self.transaction():
-            row = self.conn.execute("SELECT holder FROM incarnation").fetchone()
-            self.conn.execute("DELETE FROM incarnation")
-            self.conn.execute("INSERT INTO incarnation VALUES (?)", (holder,))
-        return None if row is None else str(row[0])
+            rows = self.conn.execute("SELECT holder FROM incarnation").fetchall()
+            self.conn.execute("INSERT OR IGNORE INTO incarnation VALUES (?)", (holder,))
+        return [str(name) for (name,) in rows if name != holder]
+
+    def forget_holders(self, holders: Sequence[str]) -> None:
+        """The claims of ``holders`` were given back."""
+        with self.translated("write"), self.transaction():
+            self.conn.executemany(
+                "DELETE FROM incarnation WHERE holder = ?", [(name,) for name in holders]
+            )
 
     def counts(self) -> tuple[int, dict[str, int], int]:
         """The events spooled, the entries per handler, and the marks kept."""
@@ -291,8 +298,8 @@ class Spool:
         self._removals: _Batch[Spooled] = _Batch(self._write_removals)
         #: The done marks kept on disk for the store (:meth:`keep`).
         self.marks = 0
-        #: The name the instance of the previous start took in the store, if any.
-        self.previous_holder: str | None = None
+        #: The names earlier starts took in the store, their claims not given back yet.
+        self.previous_holders: list[str] = []
 
     async def open(self, holder: str | None = None) -> None:
         """Open (or create) the file, with what an earlier run left in it; with ``holder``
@@ -302,7 +309,7 @@ class Spool:
             SpoolError: the file cannot be opened or read.
         """
 
-        def load() -> tuple[SpoolFile, int, dict[str, int], int, str | None]:
+        def load() -> tuple[SpoolFile, int, dict[str, int], int, list[str]]:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -317,14 +324,14 @@ class Spool:
                 raise
             self._lock = lock
             try:
-                previous = None if holder is None else file.succeed(holder)
+                previous = [] if holder is None else file.succeed(holder)
                 return file, *file.counts(), previous
             except SpoolError:
                 file.close()
                 self._unlock()
                 raise
 
-        self._file, events, entries, marks, self.previous_holder = await self._run(load)
+        self._file, events, entries, marks, self.previous_holders = await self._run(load)
         for handler, count in entries.items():
             self._count(handler, count)
         self._events(events)
@@ -340,7 +347,7 @@ class Spool:
         Raises:
             SpoolError: they could not be written (they are not kept).
         """
-        self.marks += await self._run(self._opened().keep_marks, marks)
+        await self._counted(self._opened().keep_marks, marks, 1)
 
     async def kept(self, limit: int) -> list[Mark]:
         """The first ``limit`` marks kept."""
@@ -353,7 +360,30 @@ class Spool:
             SpoolError: the file failed (they stay on disk, and go to the store again,
                 which does no harm).
         """
-        self.marks -= await self._run(self._opened().drop_marks, marks)
+        await self._counted(self._opened().drop_marks, marks, -1)
+
+    async def forget_holders(self, holders: Sequence[str]) -> None:
+        """The claims of ``holders`` (earlier starts) were given back.
+
+        Raises:
+            SpoolError: the file failed (they are given back again at the next start,
+                which finds nothing left to give).
+        """
+        await self._run(self._opened().forget_holders, holders)
+        self.previous_holders = [h for h in self.previous_holders if h not in holders]
+
+    async def _counted(
+        self, work: Callable[[Sequence[Mark]], int], marks: Sequence[Mark], sign: int
+    ) -> None:
+        # The write goes on if its caller is cancelled: its count is taken all the same.
+        job = asyncio.get_running_loop().run_in_executor(self._executor, work, marks)
+
+        def count(job: asyncio.Future[int]) -> None:
+            if not job.cancelled() and job.exception() is None:
+                self.marks += sign * job.result()
+
+        job.add_done_callback(count)
+        await asyncio.shield(job)
 
     @property
     def entries(self) -> int:

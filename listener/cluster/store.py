@@ -31,7 +31,7 @@ from listener.cluster.database import (
 )
 from listener.cluster.leader import Elector, LeaseSettings, holder_id
 from listener.cluster.schema import Migrated, migrate
-from listener.cluster.spool import Spool
+from listener.cluster.spool import Spool, SpoolError
 from listener.cluster.url import StoreUrl
 from listener.core.retry import Backoff, BackoffPolicy
 
@@ -180,15 +180,16 @@ class SharedStore:
             group.create_task(self.elector.while_leader(prune_forever))
 
     async def _release_previous(self) -> None:
-        """Give back what this instance's previous start left claimed and unfinished (it was
-        killed): the cluster runs it again within a sweep, not a claim's lease later."""
-        previous = self.claims.spool.previous_holder
-        if previous is None:
+        """Give back what this instance's earlier starts left claimed and unfinished (they
+        were killed): the cluster runs it again within a sweep, not a claim's lease later."""
+        previous = self.claims.spool.previous_holders
+        if not previous:
             return
         while True:
             try:
                 released = await self.claims.release(previous)
-            except StoreError as exc:
+                await self.claims.spool.forget_holders(previous)
+            except (StoreError, SpoolError) as exc:
                 _log.warning("cannot give back the previous start's claims yet", error=str(exc))
                 await asyncio.sleep(self.connect_timeout)
                 continue

@@ -227,11 +227,9 @@ class _Feed:
         self._queue: deque[Event] = deque()
         self._task: asyncio.Future[None] | None = None
         self._room: asyncio.Future[None] | None = None
+        self._closing = False
         #: Whether events wait here: what comes next goes behind them.
         self.busy = False
-
-    def __len__(self) -> int:
-        return len(self._queue)
 
     def hold(self, event: Event) -> None:
         """Queue ``event``, never pausing its socket."""
@@ -244,33 +242,49 @@ class _Feed:
         """Queue ``event``; return what its socket waits for while more than ``bound``
         events wait."""
         self.hold(event)
-        if len(self._queue) <= self._bound:
+        if len(self._queue) <= self._bound or self._closing:
             return None
         if self._room is None:
             self._room = asyncio.get_running_loop().create_future()
-        return self._room
+        # One future for every socket that waits: a reader cancelled while it waits must
+        # not cancel it for the others.
+        return asyncio.shield(self._room)
 
     def release(self) -> None:
         """Let a socket paused while more than ``bound`` wait go on (it is leaving)."""
         if self._room is not None:
-            self._room.set_result(None)
+            if not self._room.done():
+                self._room.set_result(None)
             self._room = None
+
+    def close(self) -> None:
+        """Pause no socket any more: they are leaving, and a paused one would hold its leave
+        up for as long as the handlers take."""
+        self._closing = True
+        self.release()
 
     async def flush(self, timeout: float) -> int:
         """Wait up to ``timeout`` seconds for what waits to go on; return how many did not
         (they are dropped)."""
         if self._task is not None:
             await asyncio.wait({self._task}, timeout=timeout)
+        left = len(self._queue)
         if self._task is not None:
             self._task.cancel()
-        left = len(self._queue)
         self._queue.clear()
         return left
 
     async def _run(self) -> None:
         try:
             while self._queue:
-                wait = self._deliver(self._queue.popleft())
+                event = self._queue.popleft()
+                try:
+                    wait = self._deliver(event)
+                except Exception:
+                    # As a socket's reader would have: this event is lost, not the others
+                    # (nor their order).
+                    _log.exception("event could not be handed to the handlers", event=event.name)
+                    continue
                 if len(self._queue) <= self._bound // 2:
                     self.release()
                 if wait is not None:
@@ -351,6 +365,7 @@ class Session:
         self.connection = None
         self._set_joined(False)
         links, self._links = self._links, set()
+        self._feed.close()
         await asyncio.gather(*(link.leave() for link in links))
         if dropped := await self._feed.flush(self.settings.link.close_timeout):
             _log.warning("events not handed to the handlers before the stop", events=dropped)

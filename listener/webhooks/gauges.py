@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from typing import Final
 
 import structlog
 
 from listener.core.metrics import DEAD_LETTERS, OUTBOX_OLDEST_AGE, OUTBOX_PENDING
 from listener.webhooks.outbox_rows import DestinationStats
+from listener.webhooks.outbox_store import OutboxStore
 from listener.webhooks.store import Store
 
 __all__ = ["Gauges"]
+
+# Seconds between two measures at most, however costly they are.
+_LONGEST_GAP: Final = 10.0
 
 _log = structlog.get_logger(__name__)
 
@@ -33,21 +38,24 @@ class Gauges:
     async def measure(self, store: Store, *, force: bool = False) -> None:
         """Measure, unless the last measure was too recent for its cost (or ``force``); a
         failure is logged and the last figures stay."""
-        started = time.monotonic()
-        if not force and started < self._next:
+        if not force and time.monotonic() < self._next:
             return
+        now = time.time()
+
+        def measured(outbox: OutboxStore) -> tuple[list[DestinationStats], float]:
+            started = time.perf_counter()
+            return outbox.stats(now, self._names), time.perf_counter() - started
+
         try:
-            now = time.time()
-            stats = await store.run(lambda outbox: outbox.stats(now, self._names))
+            stats, took = await store.run(measured)
         except Exception:
             _log.exception("webhook outbox stats failed")
             return
-        finally:
-            # A measure counts the pending rows, on the outbox's thread: 63 ms for 200,000
-            # of them in SQLite, so every poll_interval (0.5 s) an eighth of the thread's
-            # time taken from the commits during a receiver's outage, and more as its
-            # backlog grows. Measures take a twentieth of the time at most.
-            self._next = time.monotonic() + 19 * (time.monotonic() - started)
+        # A measure counts the pending rows, on the outbox's thread: 63 ms for 200,000 of
+        # them in SQLite, so every poll_interval (0.5 s) an eighth of the thread's time
+        # taken from the commits during a receiver's outage, and more as its backlog grows.
+        # Measures take a twentieth of that time at most, and come every 10 s at least.
+        self._next = time.monotonic() + min(19 * took, _LONGEST_GAP)
         self._publish(stats, warn_unknown=not self._measured)
         self._measured = True
 
