@@ -34,9 +34,8 @@ def ringing(key: str, at: float = NOW) -> CallRecord:
 
 def opened(directory: Path, url: StoreUrl, timeout: float = 2.0) -> SharedCallStore:
     directory.mkdir(exist_ok=True)
-    return SharedCallStore.open(
-        directory / "calls.sqlite3", url=url, timeout=timeout, leads=lambda: True
-    )
+    path = directory / "calls.sqlite3"
+    return SharedCallStore(path, url=url, timeout=timeout, leads=lambda: True)
 
 
 async def shared_calls(url: StoreUrl) -> dict[str, tuple[str, float | None, float | None]]:

@@ -292,17 +292,8 @@ class Reconciler:
             return
         self._backoff.reset()
         if gap is not None:
-            if self._generation == generation:
-                self._pending = None
-                if self._down is None:
-                    self.caught_up.set()
-            _log.info(
-                "reconciled",
-                cause=gap.cause,
-                since=None if gap.start is None else format_time(gap.start),
-                rows=len(rows),
-                emitted=emitted,
-                loaded=loaded,
+            self._covered(
+                gap, generation, "reconciled", rows=len(rows), emitted=emitted, loaded=loaded
             )
         elif emitted:
             _log.info("refresh found missed transitions", rows=len(rows), emitted=emitted)
@@ -342,18 +333,18 @@ class Reconciler:
         adopted = self._tracker.adopt(records, handled)
         self._backoff.reset()
         if gap is not None:
-            if self._generation == generation:
-                self._pending = None
-                if self._down is None:
-                    self.caught_up.set()
-            _log.info(
-                "reconciled from the shared call map",
-                cause=gap.cause,
-                since=None if gap.start is None else format_time(gap.start),
-                rows=len(records),
-                adopted=adopted,
-            )
+            message = "reconciled from the shared call map"
+            self._covered(gap, generation, message, rows=len(records), adopted=adopted)
         return True
+
+    def _covered(self, gap: _Gap, generation: int, message: str, **detail: int) -> None:
+        """A pass covered ``gap``: it closes, unless another gap ended meanwhile."""
+        if self._generation == generation:
+            self._pending = None
+            if self._down is None:
+                self.caught_up.set()
+        since = None if gap.start is None else format_time(gap.start)
+        _log.info(message, cause=gap.cause, since=since, **detail)
 
     def _request(self, gap: _Gap | None, now: float) -> dict[str, Any] | None:
         settings, state = self.settings, self._tracker.state

@@ -117,30 +117,33 @@ def _further(record: CallRecord, known: CallRecord | None) -> bool:
 
 class SharedCallStore:
     """The call store of an instance of a cluster (see the module docstring and
-    :class:`~listener.calls.backend.CallBackend`). Use :meth:`open`, from one thread at a time.
+    :class:`~listener.calls.backend.CallBackend`), from one thread at a time.
+
+    Opening it opens the local files beside ``path`` and, if the shared store answers, hands
+    it what waited, then takes into the local file the calls the cluster knows (the open ones
+    and those of the last minute) and the moment it covered.
 
     Args:
-        local: the instance's own SQLite store.
-        unshared: the file of the batches the shared store did not take.
+        path: the instance's own SQLite file (``calls.sqlite3``).
         url: the shared store.
         timeout: seconds to connect and for a batch; between tries while it does not answer.
         leads: whether this instance leads now (only the leader prunes the shared tables).
         answering: whether the shared store answered a moment ago (else the first batches go
-            to ``unshared`` without trying it).
+            to the local file of those not shared without trying it).
+
+    Raises:
+        StoreError: a local file cannot be opened or written.
     """
 
     def __init__(
         self,
-        local: CallStore,
-        unshared: CallStore,
-        url: StoreUrl,
+        path: Path,
         *,
+        url: StoreUrl,
         timeout: float,
         leads: Callable[[], bool],
         answering: bool = True,
     ) -> None:
-        self.local = local
-        self.unshared = unshared
         self._url = url
         self._timeout = timeout
         self._leads = leads
@@ -148,41 +151,23 @@ class SharedCallStore:
         self._retry_at = 0.0 if answering else time.monotonic() + timeout
         #: Whether the latest batch stayed local for want of the shared store.
         self.down = not answering
-        self._waiting = bool(unshared.calls() or unshared.handled_calls() or unshared.last_seen())
         # The moment until which the cluster missed nothing, as read at open.
         self._covered: float | None = None
-
-    @classmethod
-    def open(
-        cls,
-        path: Path,
-        *,
-        url: StoreUrl,
-        timeout: float,
-        leads: Callable[[], bool],
-        answering: bool = True,
-    ) -> SharedCallStore:
-        """Open the local files beside ``path`` and, if the shared store answers, hand it what
-        waited, then take into the local file the calls the cluster knows (the open ones and
-        those of the last minute) and the moment it covered.
-
-        Raises:
-            StoreError: a local file cannot be opened or written.
-        """
-        local = CallStore(path)
+        self.local = CallStore(path)
         try:
-            unshared = CallStore(path.with_name(UNSHARED_FILE))
+            self.unshared = CallStore(path.with_name(UNSHARED_FILE))
         except BaseException:
-            local.close()
+            self.local.close()
             raise
         try:
-            store = cls(local, unshared, url, timeout=timeout, leads=leads, answering=answering)
-            store._take_cluster(time.time())
+            unshared = self.unshared
+            self._waiting = bool(
+                unshared.calls() or unshared.handled_calls() or unshared.last_seen()
+            )
+            self._take_cluster(time.time())
         except BaseException:
-            local.close()
-            unshared.close()
+            self.close()
             raise
-        return store
 
     @property
     def path(self) -> Path:

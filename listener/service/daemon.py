@@ -563,7 +563,7 @@ def _shared_calls(store: SharedStore) -> Callable[[Path], CallBackend]:
 
     elector = store.elector
     return functools.partial(
-        SharedCallStore.open,
+        SharedCallStore,
         url=store.url,
         timeout=store.connect_timeout,
         leads=lambda: elector.is_leader,
