@@ -37,7 +37,8 @@ began from the shared call map, silently: their transitions reached the handlers
 instance that rebuilt or heard them (the claims run each handler once per event, cluster
 wide). Its refreshes take the shared map's recent calls likewise. A follower that becomes
 leader meanwhile, or finds the store not answering, lists calls itself, as an instance on its
-own does (the claims still make each rebuilt transition reach a handler once).
+own does (the claims still make each rebuilt transition reach a handler once); so does each
+instance's first start in a cluster that has no history yet (a silent load).
 
 None of this is on the socket's path: :meth:`~Reconciler.lost` and :meth:`~Reconciler.joined`
 return at once, and the passes run in their own task, which waits only for room in the
@@ -309,7 +310,9 @@ class Reconciler:
             if gap is not None:
                 end = self._joined_at
                 while (covered := await cluster.covered()) is None or covered < end:
-                    if cluster.leads():
+                    if cluster.leads() or (covered is None and gap.start is None):
+                        # The first start of a cluster: nobody has history to share, and
+                        # the load emits nothing (each instance loads its own, at once).
                         return False
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(_FOLLOW_EVERY):
