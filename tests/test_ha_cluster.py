@@ -116,6 +116,15 @@ async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
             await asyncio.sleep(0.02)
 
 
+def reconciled(instances: list[ServiceProcess]) -> bool:
+    """Whether every instance has covered its first gap (its log says so): from then on it
+    asks list_calls only after a gap or for a refresh."""
+    return all(
+        any(str(line.get("event", "")).startswith("reconciled") for line in i.log_lines())
+        for i in instances
+    )
+
+
 async def roles(instances: list[ServiceProcess]) -> dict[int, tuple[bool, int | None]]:
     """Each running instance's (leads, term) from its own ``/status``, by index."""
     found = {}
@@ -262,6 +271,7 @@ async def test_a_gap_all_instances_shared_is_reconciled_once_across_the_cluster(
             for key in calls[:5]:
                 assert await fake.call_event("incoming_call", key) == 3
             await receiver.wait_until(lambda r: distinct(r) >= 5)
+            await eventually(lambda: reconciled(instances))
             joins = fake.joins
             listed = sum(1 for r in fake.rpc_requests if r.body["action"] == "list_calls")
             await fake.outage(1.0)

@@ -15,12 +15,15 @@ import pytest
 
 from listener.calls.shared import UNSHARED_FILE, SharedCallStore
 from listener.calls.state import CallRecord, shared_origins
+from listener.calls.tracker import CallTracker
 from listener.cluster.url import StoreUrl
+from listener.core.events import Event
+from listener.core.ids import lifecycle_id
 from listener.testing import FakeSippet
 from listener.testing.receiver import WebhookReceiver
 from tests.tcpproxy import proxied
 from tests.test_cluster_processes import instances_of, start_all
-from tests.test_ha_cluster import LEASE, ended_calls, handlers, settled
+from tests.test_ha_cluster import LEASE, ended_calls, eventually, handlers, reconciled, settled
 from tests.test_service import ServiceProcess
 
 NOW = 1_800_000_000.0
@@ -50,6 +53,37 @@ async def shared_calls(url: StoreUrl) -> dict[str, tuple[str, float | None, floa
 def unshared_keys(directory: Path) -> set[str]:
     with sqlite3.connect(directory / UNSHARED_FILE) as conn:
         return {key for (key,) in conn.execute("SELECT call_key FROM calls")}
+
+
+def test_a_call_another_instance_got_further_with_is_adopted_with_its_handled_events() -> None:
+    tracker = CallTracker()
+    tracker.load([ringing("c1")], set(), NOW)
+    ended = CallRecord(
+        "c1", "ended", NOW + 9, None, "+200", NOW - 1, None, NOW + 9,
+        shared_origins({"ringing": "realtime", "ended": "reconcile"}),
+    )  # fmt: skip
+    adopted = tracker.adopt(
+        [ended, ringing("c2"), ringing("c1", NOW - 5)],
+        [("c1", "incoming_call"), ("c1", "call_ended"), ("c2", "incoming_call")],
+    )
+    assert adopted == 2
+    record = tracker.get("c1")
+    assert record is not None
+    # Its status, times and origins; what this map knew fills what it lacked.
+    assert (record.status, record.from_number, record.to_number, record.started_at) == (
+        "ended", "+100", "+200", NOW - 1,
+    )  # fmt: skip
+    assert dict(record.origins) == {"ringing": "realtime", "ended": "reconcile"}
+    assert {r.call_key for r in tracker.state.changed()} == {"c1", "c2"}
+    # Handed on by another instance: its twin is not handed on here again, and the store
+    # takes the marks with the next batch.
+    twin = Event.create(
+        "call_ended", {"callUuid": "c1"}, "t", NOW + 10, id=lifecycle_id("call_ended", "c1")
+    )
+    assert not tracker.admit(twin)
+    assert sorted(tracker.unsaved()[1]) == [
+        ("c1", "call_ended"), ("c1", "incoming_call"), ("c2", "incoming_call"),
+    ]  # fmt: skip
 
 
 async def test_a_store_opened_later_reads_the_calls_and_moment_another_shared(
@@ -167,6 +201,7 @@ async def test_an_instance_started_later_knows_the_calls_and_a_shared_gap_is_lis
             # The second never heard c1 begin: it reads it from the shared map at start.
             await start_all([second])
             assert "c1" in await open_keys(second)
+            await eventually(lambda: reconciled([first, second]))
             before = listed()
             joins = fake.joins
             await fake.outage(1.0)
