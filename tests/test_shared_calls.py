@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from listener.calls.shared import UNSHARED_FILE, SharedCallStore
+from listener.calls.shared import SharedCallStore
 from listener.calls.state import CallRecord, shared_origins
 from listener.calls.tracker import CallTracker
 from listener.cluster.url import StoreUrl
@@ -48,11 +48,6 @@ async def shared_calls(url: StoreUrl) -> dict[str, tuple[str, float | None, floa
             await conn.execute("SELECT call_key, status, answered_at, ended_at FROM sippet_calls")
         ).fetchall()
     return {key: (status, answered, ended) for key, status, answered, ended in rows}
-
-
-def unshared_keys(directory: Path) -> set[str]:
-    with sqlite3.connect(directory / UNSHARED_FILE) as conn:
-        return {key for (key,) in conn.execute("SELECT call_key FROM calls")}
 
 
 def test_a_call_another_instance_got_further_with_is_adopted_with_its_handled_events() -> None:
@@ -126,44 +121,60 @@ async def test_a_store_opened_later_reads_the_calls_and_moment_another_shared(
         third.close()
 
 
-async def test_batches_the_store_does_not_take_wait_on_disk_and_go_once_it_does(
+async def test_what_the_store_did_not_take_reaches_it_from_the_local_file_once_it_does(
     tmp_path: Path, store: StoreUrl
 ) -> None:
     local = tmp_path / "a"
     async with proxied(store) as (proxy, via):
         calls = await asyncio.to_thread(opened, local, via, 0.3)
         try:
+            await asyncio.to_thread(calls.save, NOW, calls=[ringing("c0")], seen_until=NOW)
             proxy.refusing = True
             proxy.cut()
-            await asyncio.to_thread(calls.save, NOW, calls=[ringing("c1")], seen_until=NOW)
+            await asyncio.to_thread(calls.save, NOW + 1, calls=[ringing("c1", NOW + 1)])
             assert calls.down
-            # The map goes on locally, and the batch waits on disk.
-            assert [r.call_key for r in calls.calls()] == ["c1"]
-            assert unshared_keys(local) == {"c1"}
+            # The map goes on locally.
+            assert {r.call_key for r in calls.calls()} == {"c0", "c1"}
             proxy.refusing = False
             # Within the retry interval the store is not tried again.
-            await asyncio.to_thread(calls.save, NOW + 1, calls=[ringing("c2", NOW + 1)])
-            assert unshared_keys(local) == {"c1", "c2"}
+            await asyncio.to_thread(calls.save, NOW + 2, calls=[ringing("c2", NOW + 2)])
+            assert calls.down
+            assert set(await shared_calls(store)) == {"c0"}
             await asyncio.sleep(0.35)
-            await asyncio.to_thread(calls.save, NOW + 2, calls=[ringing("c3", NOW + 2)])
+            await asyncio.to_thread(calls.save, NOW + 3, calls=[ringing("c3", NOW + 3)])
             assert not calls.down
+            assert set(await shared_calls(store)) == {"c0", "c1", "c2", "c3"}
+
+            # Killed while the store was down: the next start's first batch hands it over.
+            proxy.refusing = True
+            proxy.cut()
+            await asyncio.to_thread(calls.save, NOW + 4, calls=[ringing("c4", NOW + 4)])
         finally:
             calls.close()
-        assert set(await shared_calls(store)) == {"c1", "c2", "c3"}
-        assert unshared_keys(local) == set()
-
-        # Killed while the store was down: the next start hands over what waited.
-        calls = await asyncio.to_thread(opened, local, via, 0.3)
-        proxy.refusing = True
-        proxy.cut()
-        await asyncio.to_thread(calls.save, NOW + 3, calls=[ringing("c4", NOW + 3)])
-        calls.close()
         proxy.refusing = False
-        assert unshared_keys(local) == {"c4"}
         calls = await asyncio.to_thread(opened, local, via, 0.3)
-        calls.close()
-    assert set(await shared_calls(store)) == {"c1", "c2", "c3", "c4"}
-    assert unshared_keys(local) == set()
+        try:
+            await asyncio.to_thread(calls.save, NOW + 5, seen_until=NOW + 5)
+        finally:
+            calls.close()
+    assert set(await shared_calls(store)) == {"c0", "c1", "c2", "c3", "c4"}
+
+
+async def test_only_the_leader_writes_the_shared_map(tmp_path: Path, store: StoreUrl) -> None:
+    (tmp_path / "f").mkdir()
+    follower = await asyncio.to_thread(
+        SharedCallStore,
+        tmp_path / "f" / "calls.sqlite3",
+        url=store,
+        timeout=2.0,
+        leads=lambda: False,
+    )
+    try:
+        await asyncio.to_thread(follower.save, NOW, calls=[ringing("c1")], seen_until=NOW)
+        assert [r.call_key for r in follower.calls()] == ["c1"]
+    finally:
+        follower.close()
+    assert await shared_calls(store) == {}
 
 
 async def open_keys(instance: ServiceProcess) -> set[str]:

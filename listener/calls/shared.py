@@ -1,21 +1,27 @@
 """The call map and the gap record in the PostgreSQL store every instance shares.
 
 Each instance keeps its own SQLite call store (:class:`~listener.calls.store.CallStore`), as
-an instance on its own does: events, lookups and reads back never wait for the network.
-:class:`SharedCallStore` writes every batch there first, then into the shared tables
-(``sippet_calls``, ``sippet_handled_calls``, ``sippet_moments``, schema version 3), where the
-batches of all instances merge: a call keeps the furthest status any instance saw (with the
-origins of that one), the latest last event and every field one of them knew; the moment
-until which the cluster missed nothing is the greatest any instance wrote (one joined and
-caught up is enough). An instance that starts reads the calls the others saw before it loads
-its map (into its SQLite file too, so that they can be let go of and read back).
+an instance on its own does: events, lookups and reads back never wait for the network, and
+that file is the durable record of what the instance knows. :class:`SharedCallStore` writes
+every batch there first; the leader also writes it into the shared tables (``sippet_calls``,
+``sippet_handled_calls``, ``sippet_moments``, schema version 3), with the moment until which
+it missed nothing. Every instance hears every event, so one writer is enough, and the others
+add neither load nor row locks to the store the claims use (two instances writing the same
+calls at 1,000 events/s contended for the same rows every batch). Rows merge all the same: a
+call keeps the furthest status written (with the origins of that one), the latest last event
+and every field one writer knew; the moment never goes back.
 
-A batch the store does not take (down, unreachable, not migrated yet) goes into a second
-SQLite file, ``calls-unshared.sqlite3``: the call map goes on locally, and whatever waits there
-goes with the next batch the store takes, in one transaction, then leaves the file, so a
-restart meanwhile loses nothing. While the store does not answer it is tried once per
-``timeout`` seconds, not on every batch. The ids handed on that are not lifecycle events stay
-local: the claims (``listener.cluster.claims``) make those once-only across the cluster.
+What is shared is whole up to the moment written with it: an instance that starts writing
+(it became leader, or the store answers again after a batch it did not take) first writes,
+in the same transaction as its batch, the calls of its own file that moved since a minute
+before the shared moment (and the open ones), which holds what a leader that died or a store
+that was down left unwritten. So nothing is lost while the store does not answer: the map
+goes on locally, it is tried once per ``timeout`` seconds (not on every batch), and the next
+batch it takes catches up from the file, across restarts too. The ids handed on that are not
+lifecycle events stay local: the claims (``listener.cluster.claims``) make those once-only.
+
+An instance that starts reads the open calls and those of the last minute before it loads its
+map (into its own file, so that they can be let go of and read back).
 
 :class:`ClusterCalls` is what the reconciler asks: whether this instance leads, how far the
 cluster has covered, and the calls that moved since a moment (those the leader rebuilt from
@@ -40,10 +46,7 @@ from listener.cluster.database import connection_options
 from listener.cluster.store import SharedStore
 from listener.cluster.url import StoreUrl
 
-__all__ = ["UNSHARED_FILE", "ClusterCalls", "SharedCallStore"]
-
-#: The file of the batches the shared store did not take yet, beside ``calls.sqlite3``.
-UNSHARED_FILE: Final = "calls-unshared.sqlite3"
+__all__ = ["ClusterCalls", "SharedCallStore"]
 
 _log = structlog.get_logger(__name__)
 
@@ -100,6 +103,9 @@ _PRUNES: Final[tuple[LiteralString, ...]] = (
 # Aborted by the server to break a deadlock or a conflict: nothing was done, run it again.
 _CONFLICTS: Final = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 _CONFLICT_RETRIES: Final = 3
+# How much earlier than the shared moment a catch-up writes from: the batches of the last
+# writer not in the store yet (up to two intervals) and the skew between two hosts' clocks.
+_CATCH_UP_MARGIN: Final = 60.0
 
 
 def _params(calls: Iterable[CallRecord]) -> dict[str, list[Any]]:
@@ -119,20 +125,20 @@ class SharedCallStore:
     """The call store of an instance of a cluster (see the module docstring and
     :class:`~listener.calls.backend.CallBackend`), from one thread at a time.
 
-    Opening it opens the local files beside ``path`` and, if the shared store answers, hands
-    it what waited, then takes into the local file the calls the cluster knows (the open ones
-    and those of the last minute) and the moment it covered.
+    Opening it opens the local file at ``path`` and, if the shared store answers, takes into
+    it the calls the cluster knows (the open ones and those of the last minute) and the
+    moment it covered.
 
     Args:
         path: the instance's own SQLite file (``calls.sqlite3``).
         url: the shared store.
         timeout: seconds to connect and for a batch; between tries while it does not answer.
-        leads: whether this instance leads now (only the leader prunes the shared tables).
-        answering: whether the shared store answered a moment ago (else the first batches go
-            to the local file of those not shared without trying it).
+        leads: whether this instance leads now: only the leader writes the shared tables.
+        answering: whether the shared store answered a moment ago (else it is first tried
+            ``timeout`` seconds from now).
 
     Raises:
-        StoreError: a local file cannot be opened or written.
+        StoreError: the local file cannot be opened or written.
     """
 
     def __init__(
@@ -149,21 +155,14 @@ class SharedCallStore:
         self._leads = leads
         self._conn: psycopg.Connection[Any] | None = None
         self._retry_at = 0.0 if answering else time.monotonic() + timeout
-        #: Whether the latest batch stayed local for want of the shared store.
+        #: Whether the latest batch the leader asked to share did not reach the store.
         self.down = not answering
+        # Whether every batch since this instance's catch-up reached the store.
+        self._in_step = False
         # The moment until which the cluster missed nothing, as read at open.
         self._covered: float | None = None
         self.local = CallStore(path)
         try:
-            self.unshared = CallStore(path.with_name(UNSHARED_FILE))
-        except BaseException:
-            self.local.close()
-            raise
-        try:
-            unshared = self.unshared
-            self._waiting = bool(
-                unshared.calls() or unshared.handled_calls() or unshared.last_seen()
-            )
             self._take_cluster(time.time())
         except BaseException:
             self.close()
@@ -179,8 +178,6 @@ class SharedCallStore:
             return
         since = now - RESIDENT_FOR
         try:
-            if self._waiting:
-                self._push(now, [], [], None)
             conn = self._connection()
             records = [row_record(row) for row in conn.execute(_CALLS_SINCE, {"since": since})]
             keys = [record.call_key for record in records]
@@ -209,62 +206,34 @@ class SharedCallStore:
         handled_calls: Iterable[tuple[str, str]] = (),
         seen_until: float | None = None,
     ) -> None:
-        """Write the batch locally, then share it (or keep it for later: see the module
-        docstring). Only the local write can fail."""
+        """Write the batch locally; on the leader, share it (see the module docstring).
+        Only the local write can fail."""
         calls, handled_calls = list(calls), list(handled_calls)
         self.local.save(
             now, calls=calls, handled=handled, handled_calls=handled_calls, seen_until=seen_until
         )
-        if not calls and not handled_calls and seen_until is None:
+        if not self._leads() or not self._may_try():
+            self._in_step = False
             return
-        if self._may_try():
-            try:
-                self._push(now, calls, handled_calls, seen_until)
-                return
-            except psycopg.Error as exc:
-                self._failed(exc)
-        self.unshared.save(now, calls=calls, handled_calls=handled_calls, seen_until=seen_until)
-        self._waiting = True
-
-    def _may_try(self) -> bool:
-        return self._conn is not None or time.monotonic() >= self._retry_at
-
-    def _push(
-        self,
-        now: float,
-        calls: list[CallRecord],
-        handled_calls: list[tuple[str, str]],
-        seen_until: float | None,
-    ) -> None:
-        """Share a batch with what waited for the store, in one transaction; then forget
-        what waited.
-
-        Raises:
-            psycopg.Error: the store did not take it.
-        """
-        waited = 0
-        if self._waiting:
-            records = {record.call_key: record for record in self.unshared.calls()}
-            waited = len(records)
-            records.update((record.call_key, record) for record in calls)
-            calls = list(records.values())
-            handled_calls = sorted({*self.unshared.handled_calls(), *handled_calls})
-            moments = [at for at in (self.unshared.last_seen(), seen_until) if at is not None]
-            seen_until = max(moments, default=None)
-        for attempt in range(_CONFLICT_RETRIES):
-            try:
-                self._write(now, calls, handled_calls, seen_until)
-                break
-            except _CONFLICTS:
-                if attempt == _CONFLICT_RETRIES - 1:
-                    raise
-        if self._waiting:
-            self.unshared.clear()
-            self._waiting = False
-            _log.info("the call map kept locally is shared again", calls=waited)
+        try:
+            for attempt in range(_CONFLICT_RETRIES):
+                try:
+                    self._write(now, calls, handled_calls, seen_until)
+                    break
+                except _CONFLICTS:
+                    if attempt == _CONFLICT_RETRIES - 1:
+                        raise
+        except psycopg.Error as exc:
+            self._failed(exc)
+            self._in_step = False
+            return
+        self._in_step = True
         if self.down:
             self.down = False
             _log.info("the shared store takes the call map again")
+
+    def _may_try(self) -> bool:
+        return self._conn is not None or time.monotonic() >= self._retry_at
 
     def _write(
         self,
@@ -273,6 +242,8 @@ class SharedCallStore:
         handled_calls: list[tuple[str, str]],
         seen_until: float | None,
     ) -> None:
+        """Share a batch in one transaction, after what this instance's file holds that the
+        store may lack when this instance was not in step (see the module docstring)."""
         conn = self._connection()
         with conn.transaction():
             # Transaction-scoped (PgBouncer in transaction mode keeps no session setting).
@@ -280,6 +251,14 @@ class SharedCallStore:
                 "SELECT set_config('statement_timeout', %s, true)",
                 (f"{round(self._timeout * 1000)}ms",),
             )
+            if not self._in_step:
+                row = conn.execute(_READ_COVERED).fetchone()
+                since = None if row is None else float(row[0]) - _CATCH_UP_MARGIN
+                records = {record.call_key: record for record in self.local.calls(since)}
+                records.update((record.call_key, record) for record in calls)
+                calls = list(records.values())
+                handled_calls = sorted({*self.local.handled_calls(since), *handled_calls})
+                _log.info("sharing the call map from this instance", calls=len(calls))
             if calls:
                 conn.execute(_UPSERT, _params(calls))
             if handled_calls:
@@ -362,7 +341,6 @@ class SharedCallStore:
         """Close the files and the connection."""
         self._close_connection()
         self.local.close()
-        self.unshared.close()
 
 
 class ClusterCalls:

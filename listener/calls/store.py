@@ -223,12 +223,6 @@ class CallStore(Database):
             self.conn.execute("DELETE FROM handled_calls WHERE handled_at < ?", (before,))
         return forgotten.rowcount
 
-    def clear(self) -> None:
-        """Forget everything (the shared store's local spool, once the store took it)."""
-        with self.translated("clear"), self.transaction():
-            for table in ("calls", "handled", "handled_calls", "moments"):
-                self.conn.execute(f"DELETE FROM {table}")  # noqa: S608 (the module's own names)
-
 
 class CallReader:
     """Reads single calls back from the store, on the event loop's own thread, through a
