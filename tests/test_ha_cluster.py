@@ -98,6 +98,15 @@ async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
             await asyncio.sleep(0.02)
 
 
+def reconciled(instances: list[ServiceProcess]) -> bool:
+    """Whether every instance has covered its first gap (its log says so): from then on it
+    asks list_calls only after a gap or for a refresh."""
+    return all(
+        any(str(line.get("event", "")).startswith("reconciled") for line in i.log_lines())
+        for i in instances
+    )
+
+
 async def roles(instances: list[ServiceProcess]) -> dict[int, tuple[bool, int | None]]:
     """Each running instance's (leads, term) from its own ``/status``, by index."""
     found = {}
@@ -249,6 +258,7 @@ async def test_a_gap_all_instances_shared_is_reconciled_once_across_the_cluster(
             for key in calls[:5]:
                 assert await fake.call_event("incoming_call", key) == 3
             await receiver.wait_until(lambda r: distinct(r) >= 5)
+            await eventually(lambda: reconciled(instances))
             joins = fake.joins
             listed = sum(1 for r in fake.rpc_requests if r.body["action"] == "list_calls")
             await fake.outage(1.0)
@@ -259,19 +269,30 @@ async def test_a_gap_all_instances_shared_is_reconciled_once_across_the_cluster(
             for key in calls[5:]:
                 assert await fake.call_event("incoming_call", key) == 0
             await fake.wait_until(lambda: fake.joins >= joins + 3, timeout=20)
-            # Each instance asks list_calls after its gap, and rebuilds the same 10 transitions.
+            # The leader asks list_calls after the gap and rebuilds the 10 transitions; the
+            # others take them from the shared call map.
             await eventually(
                 lambda: (
                     sum(1 for r in fake.rpc_requests if r.body["action"] == "list_calls")
-                    >= listed + 3
+                    >= listed + 1
                 )
             )
             await receiver.wait_until(lambda r: distinct(r) >= 15, timeout=20)
             await settled(store)
             await asyncio.sleep(0.5)
+            # Every instance's map has the calls the leader rebuilt (its /status lists the
+            # open ones): the 5 that began in the gap, not the 5 that ended in it.
+            for instance in instances:
+                await instance.poll(
+                    "/status",
+                    lambda r: (
+                        {call["call_key"] for call in r.json()["calls"]["open"]} == set(calls[5:])
+                    ),
+                )
         finally:
             for instance in instances:
                 await instance.stop()
+    assert sum(1 for r in fake.rpc_requests if r.body["action"] == "list_calls") == listed + 1
     ids = hooks_by_event(receiver.requests)
     rebuilt = {
         (body["type"], body["data"]["callUuid"])

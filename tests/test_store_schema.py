@@ -23,6 +23,7 @@ TABLES = {
     "sippet_events",
     "sippet_claims",
     *("sippet_deliveries", "sippet_dead_letters", "sippet_destinations", "sippet_attempts"),
+    *("sippet_calls", "sippet_handled_calls", "sippet_moments"),
 }
 
 

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from listener.calls.backend import CallBackend
 from listener.calls.keyfilter import KeyFilter
 from listener.calls.state import CallRecord
 from listener.calls.store import CallReader, CallStore, StoreError
@@ -60,7 +61,8 @@ class Persister:
     Use :meth:`open`, then run :meth:`run` as a task, then :meth:`close`.
 
     Args:
-        store: the open store, or None to keep nothing.
+        store: the open store (either kind: :mod:`listener.calls.backend`), or None to keep
+            nothing.
         tracker: whose map and handled ids are kept.
         covered_until: the last moment until which nothing was missed, given ``now``
             (None: no history yet, nothing to record).
@@ -76,7 +78,7 @@ class Persister:
 
     def __init__(
         self,
-        store: CallStore | None,
+        store: CallBackend | None,
         tracker: CallTracker,
         covered_until: Callable[[float], float | None],
         *,
@@ -106,9 +108,11 @@ class Persister:
             tracker.attach(self._reader)
 
     @staticmethod
-    async def open(path: Path, tracker: CallTracker) -> tuple[CallStore, float | None]:
-        """Open the store at ``path``, load it into ``tracker``; return it and the last
-        moment seen (None when it has no history).
+    async def open(
+        path: Path, tracker: CallTracker, opener: Callable[[Path], CallBackend] = CallStore
+    ) -> tuple[CallBackend, float | None]:
+        """Open the store at ``path`` (with ``opener``, on a worker thread), load it into
+        ``tracker``; return it and the last moment seen (None when it has no history).
 
         Raises:
             StoreError: the file cannot be opened or read.
@@ -119,14 +123,14 @@ class Persister:
         since = time.time() - RESIDENT_FOR
 
         def load() -> tuple[
-            CallStore,
+            CallBackend,
             list[CallRecord],
             set[str],
             list[tuple[str, str]],
             list[str],
             float | None,
         ]:
-            store = CallStore(path)
+            store = opener(path)
             try:
                 return (
                     store,

@@ -29,6 +29,17 @@ interval (:func:`~listener.calls.reconcile.refresh_request`), so a ``call_ended`
 lost without any gap is still seen. Any pass restarts the interval, so refreshes add at most
 one ``list_calls`` per interval; a failed refresh waits for the next interval.
 
+In a cluster (``[store]``, a :class:`Cluster`), one instance lists calls for all: the leader.
+A follower whose gap ends waits until the cluster has covered it (the moment until which the
+cluster missed nothing, in the shared store, reaches the follower's join: the leader has
+reconciled, or another instance heard it all), then takes the calls that moved since the gap
+began from the shared call map, silently: their transitions reached the handlers through the
+instance that rebuilt or heard them (the claims run each handler once per event, cluster
+wide). Its refreshes take the shared map's recent calls likewise. A follower that becomes
+leader meanwhile, or finds the store not answering, lists calls itself, as an instance on its
+own does (the claims still make each rebuilt transition reach a handler once); so does each
+instance's first start in a cluster that has no history yet (a silent load).
+
 None of this is on the socket's path: :meth:`~Reconciler.lost` and :meth:`~Reconciler.joined`
 return at once, and the passes run in their own task, which waits only for room in the
 handler queues for what it emits.
@@ -41,7 +52,7 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 import structlog
 
@@ -52,23 +63,45 @@ from listener.calls.reconcile import (
     open_calls_request,
     refresh_request,
 )
-from listener.calls.state import StatusMap, format_time
+from listener.calls.state import CallRecord, StatusMap, format_time
 from listener.calls.tracker import CallTracker
 from listener.core import metrics
-from listener.core.errors import RpcActionError, RpcError
+from listener.core.errors import ListenerError, RpcActionError, RpcError
 from listener.core.events import Event
 from listener.core.retry import Backoff, BackoffPolicy
 from listener.realtime.connection import EventSink
 from listener.rpc.client import RpcClient
 
-__all__ = ["ReconcileSettings", "Reconciler"]
+__all__ = ["Cluster", "ReconcileSettings", "Reconciler"]
 
 _log = structlog.get_logger(__name__)
 
 Cause = Literal["link", "restart", "first_start"]
 # How much earlier than a gap's start a pass looks: events in flight when it began, and the
-# skew between this clock and Sippet's.
+# skew between this clock and Sippet's (or another instance's).
 _MARGIN: Final = 60.0
+# Seconds between a follower's looks at how far the cluster has covered: the leader's batches
+# come once a second.
+_FOLLOW_EVERY: Final = 0.2
+
+
+class Cluster(Protocol):
+    """The cluster an instance belongs to, as reconciliation asks it
+    (:class:`~listener.calls.shared.ClusterCalls`). The reads raise
+    :class:`~listener.core.errors.ListenerError` when the shared store does not answer."""
+
+    def leads(self) -> bool:
+        """Whether this instance leads now."""
+        ...
+
+    async def covered(self) -> float | None:
+        """The moment until which the cluster missed nothing, or None."""
+        ...
+
+    async def calls_since(self, since: float) -> tuple[list[CallRecord], list[tuple[str, str]]]:
+        """The shared map's open calls and those whose last event came since ``since``, with
+        the lifecycle events handed on of them (call key, event name)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +161,7 @@ class Reconciler:
         emit: where rebuilt events go (the dispatcher's intake).
         topic: the topic rebuilt events carry.
         clock: wall-clock seconds (tests pass their own).
+        cluster: the cluster this instance belongs to, if any: only its leader lists calls.
     """
 
     def __init__(
@@ -139,6 +173,7 @@ class Reconciler:
         *,
         topic: str,
         clock: Callable[[], float] = time.time,
+        cluster: Cluster | None = None,
     ) -> None:
         self.settings = settings
         self._rpc = rpc
@@ -155,6 +190,11 @@ class Reconciler:
         self._backoff = Backoff(settings.backoff)
         self._next_refresh = 0.0
         self.caught_up = asyncio.Event()
+        self._cluster = cluster
+        # When the latest gap ended (a follower waits for the cluster to cover it), and when a
+        # follower last took the shared map's calls.
+        self._joined_at = 0.0
+        self._pulled_at: float | None = None
 
     def resume(self, last_seen: float | None) -> None:
         """Start from the store's last moment seen: from then until the first join is a gap."""
@@ -172,6 +212,7 @@ class Reconciler:
         gap, self._down = self._down, None
         if gap is None:
             return
+        self._joined_at = at
         metrics.GAPS.labels(cause=gap.cause).inc()
         if gap.start is None:
             _log.info("first start: no call history", reconcile=self.settings.enabled)
@@ -225,6 +266,8 @@ class Reconciler:
         self._wake.clear()
         loop = asyncio.get_running_loop()
         self._next_refresh = loop.time() + self.settings.interval
+        if await self._followed(gap, generation):
+            return
         now = self._clock()
         request = self._request(gap, now)
         if request is None:
@@ -250,20 +293,61 @@ class Reconciler:
             return
         self._backoff.reset()
         if gap is not None:
-            if self._generation == generation:
-                self._pending = None
-                if self._down is None:
-                    self.caught_up.set()
-            _log.info(
-                "reconciled",
-                cause=gap.cause,
-                since=None if gap.start is None else format_time(gap.start),
-                rows=len(rows),
-                emitted=emitted,
-                loaded=loaded,
+            self._covered(
+                gap, generation, "reconciled", rows=len(rows), emitted=emitted, loaded=loaded
             )
         elif emitted:
             _log.info("refresh found missed transitions", rows=len(rows), emitted=emitted)
+
+    async def _followed(self, gap: _Gap | None, generation: int) -> bool:
+        """As a follower, take the leader's pass from the shared map (see the module
+        docstring); False when this instance must list calls itself: on its own, leading, or
+        the store does not answer."""
+        cluster = self._cluster
+        if cluster is None or cluster.leads():
+            return False
+        try:
+            if gap is not None:
+                end = self._joined_at
+                while (covered := await cluster.covered()) is None or covered < end:
+                    if cluster.leads() or (covered is None and gap.start is None):
+                        # The first start of a cluster: nobody has history to share, and
+                        # the load emits nothing (each instance loads its own, at once).
+                        return False
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(_FOLLOW_EVERY):
+                            await self._wake.wait()
+                    if self._generation != generation:
+                        # Another gap ended meanwhile: the next pass covers both.
+                        return True
+            now = self._clock()
+            lookback = now - self.settings.lookback_max
+            if gap is not None:
+                since = lookback if gap.start is None else max(gap.start - _MARGIN, lookback)
+            elif self._pulled_at is None:
+                since = now - self.settings.interval - _MARGIN
+            else:
+                since = self._pulled_at - _MARGIN
+            records, handled = await cluster.calls_since(since)
+        except ListenerError as exc:
+            _log.warning("the shared call map does not answer; listing calls here", error=str(exc))
+            return False
+        self._pulled_at = now
+        adopted = self._tracker.adopt(records, handled)
+        self._backoff.reset()
+        if gap is not None:
+            message = "reconciled from the shared call map"
+            self._covered(gap, generation, message, rows=len(records), adopted=adopted)
+        return True
+
+    def _covered(self, gap: _Gap, generation: int, message: str, **detail: int) -> None:
+        """A pass covered ``gap``: it closes, unless another gap ended meanwhile."""
+        if self._generation == generation:
+            self._pending = None
+            if self._down is None:
+                self.caught_up.set()
+        since = None if gap.start is None else format_time(gap.start)
+        _log.info(message, cause=gap.cause, since=since, **detail)
 
     def _request(self, gap: _Gap | None, now: float) -> dict[str, Any] | None:
         settings, state = self.settings, self._tracker.state

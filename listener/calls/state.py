@@ -442,6 +442,32 @@ class CallState:
         """Take a call read back from the store into memory again (it is saved as it is)."""
         self.resident[record.call_key] = record
 
+    def adopt(self, record: CallRecord) -> bool:
+        """Take what another instance of a cluster knows of a call, if it got further (or the
+        map does not know the call); what the map knew fills what it lacks. Return whether
+        the map changed (the call is then saved as changed)."""
+        known = self.get(record.call_key)
+        if known is not None and (record.rank(), record.last_event_at) <= (
+            known.rank(),
+            known.last_event_at,
+        ):
+            return False
+        if known is not None:
+            record = _record(
+                record.call_key,
+                record.status if record.rank() >= known.rank() else known.status,
+                max(record.last_event_at, known.last_event_at),
+                record.from_number or known.from_number,
+                record.to_number or known.to_number,
+                record.started_at if record.started_at is not None else known.started_at,
+                record.answered_at if record.answered_at is not None else known.answered_at,
+                record.ended_at if record.ended_at is not None else known.ended_at,
+                record.origins if record.rank() >= known.rank() else known.origins,
+            )
+        self.resident[record.call_key] = record
+        self._changed.add(record.call_key)
+        return True
+
     def open_calls(self) -> list[CallRecord]:
         """Return the calls not ended (they are always in memory)."""
         return [record for record in self.resident.values() if record.status != "ended"]

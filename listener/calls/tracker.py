@@ -226,6 +226,21 @@ class CallTracker:
         self.last_heard = event.received_at
         return self.state.fold(event)
 
+    def adopt(self, records: Iterable[CallRecord], handled_calls: Iterable[tuple[str, str]]) -> int:
+        """Take what another instance of the cluster knows of these calls where it got further
+        (:meth:`CallState.adopt <listener.calls.state.CallState.adopt>`), and the lifecycle
+        events it handed on of them (as (call key, event name); they are not handed on here
+        again); return how many calls changed."""
+        state = self.state
+        changed = sum(state.adopt(record) for record in records)
+        for key, name in handled_calls:
+            handled = self._handled.get(name)
+            record = state.resident.get(key)
+            if handled is not None and record is not None and key not in handled:
+                handled[key] = record.last_event_at
+                self._unsaved[name].append(key)
+        return changed
+
     def evict(self, before: float, keep: int) -> int:
         """Let go of the saved ended calls silent since before ``before`` and of the oldest
         beyond the ``keep`` newest, with their handled ids (see

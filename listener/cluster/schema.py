@@ -137,6 +137,36 @@ MIGRATIONS: Final[tuple[tuple[LiteralString, ...], ...]] = (
     # 3: how many times a claim was taken over from an instance that died (or restarted)
     # before it was done: the handler may have run more than once for those.
     ("ALTER TABLE sippet_claims ADD COLUMN takeovers integer NOT NULL DEFAULT 0",),
+    # 4: the call map every instance shares (listener.calls.shared), the SQLite call store's
+    # tables: calls as far as any instance got with them, the lifecycle events handed on, and
+    # the moment until which the cluster missed nothing (the greatest any instance wrote).
+    (
+        """CREATE TABLE sippet_calls (
+            call_key      text PRIMARY KEY,
+            status        text NOT NULL,
+            last_event_at double precision NOT NULL,
+            from_number   text,
+            to_number     text,
+            started_at    double precision,
+            answered_at   double precision,
+            ended_at      double precision,
+            origins       text NOT NULL
+        )""",
+        # For the loads after a gap or a start (by last event), and for pruning.
+        "CREATE INDEX sippet_calls_last_event ON sippet_calls (last_event_at)",
+        "CREATE INDEX sippet_calls_open ON sippet_calls (call_key) WHERE status != 'ended'",
+        """CREATE TABLE sippet_handled_calls (
+            call_key   text NOT NULL,
+            name       text NOT NULL,
+            handled_at double precision NOT NULL,
+            PRIMARY KEY (call_key, name)
+        )""",
+        "CREATE INDEX sippet_handled_calls_at ON sippet_handled_calls (handled_at)",
+        """CREATE TABLE sippet_moments (
+            name text PRIMARY KEY,
+            at   double precision NOT NULL
+        )""",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 # pg_advisory_xact_lock's key for migrations: any constant other applications are unlikely

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, LiteralString
 
 import psycopg
 import structlog
@@ -236,6 +236,22 @@ class SharedStore:
             removed += count
             if count < _PRUNE_BATCH:
                 return removed
+
+    async def read(self, query: LiteralString, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """The rows of one read, through the pool, within the store's timeout.
+
+        Raises:
+            StoreError: the store failed or did not answer.
+        """
+
+        async def run() -> list[tuple[Any, ...]]:
+            async with self.pool.connection() as conn:
+                return await (await conn.execute(query, params)).fetchall()
+
+        try:
+            return await bounded(run(), self.connect_timeout * 2, self._abandoned)
+        except (psycopg.Error, TimeoutError) as exc:
+            raise describe(self.url, exc) from None
 
     async def _delete(self, params: dict[str, float]) -> int:
         async with self.pool.connection() as conn:

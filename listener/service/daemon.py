@@ -21,7 +21,9 @@ a configuration that does not load leaves the running one in place.
 With a shared store (``[store]``, see ``listener.cluster``): the daemon migrates it at start,
 claims each (event, handler) there before handling, keeps the ``webhook`` handlers' outboxes
 there (every instance delivers from them, ``listener.webhooks.shared_outbox``), and takes part
-in the election of the leader that sweeps lapsed claims and prunes the store.
+in the election of the leader that sweeps lapsed claims and prunes the store. The call map
+and the gap record are shared there too (``listener.calls.shared``): an instance that starts
+knows the calls the others saw, and only the leader lists calls after a gap.
 """
 
 from __future__ import annotations
@@ -34,14 +36,16 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
 import structlog
 
+from listener.calls.backend import CallBackend
 from listener.calls.persister import Persister
-from listener.calls.reconciler import Reconciler, ReconcileSettings
-from listener.calls.store import store_path
+from listener.calls.reconciler import Cluster, Reconciler, ReconcileSettings
+from listener.calls.store import CallStore, store_path
 from listener.calls.tracker import CallTracker
 from listener.cluster.url import StoreUrl
 from listener.core.errors import ConfigError, HandlerLoadError, ListenerError
@@ -190,6 +194,7 @@ class Daemon:
             self.tracker,
             self.dispatcher.submit,
             topic=sippet.topic,
+            cluster=_cluster_calls(self.store) if self.store is not None else None,
         )
         # The status page's view of the link's gaps, passed on to the reconciler.
         self.link_log = LinkLog(self.reconciler)
@@ -301,9 +306,8 @@ class Daemon:
                     self.store.run(retain, self._redeliver), name="sippet-shared-store"
                 )
             )
-        # Every instance reconciles its own gaps, leader or not: each keeps its own call map
-        # (what its handlers see as ctx.call), and the claims make a transition rebuilt by
-        # several instances (one id) reach each handler once.
+        # In a cluster only the leader lists calls; the others take its results from the
+        # shared call map (see listener.calls.reconciler).
         if self.reconciler.settings.enabled:
             lifelong.add(asyncio.create_task(self.reconciler.run(), name="sippet-reconciler"))
         ready = asyncio.create_task(self._notify_ready(), name="sippet-ready")
@@ -453,7 +457,8 @@ class Daemon:
             raise ListenerError(
                 f"service.state_dir: cannot create {state_dir}: {exc.strerror}"
             ) from None
-        store, last_seen = await Persister.open(store_path(state_dir), self.tracker)
+        opener = CallStore if self.store is None else _shared_calls(self.store)
+        store, last_seen = await Persister.open(store_path(state_dir), self.tracker, opener)
         self.reconciler.resume(last_seen)
         return Persister(store, self.tracker, self.reconciler.covered_until, retain=retain)
 
@@ -542,6 +547,27 @@ def _shared_store(settings: Settings, url: StoreUrl) -> SharedStore:
         pool_size=store.pool_size,
         connect_timeout=store.connect_timeout,
         lease=lease,
+    )
+
+
+def _cluster_calls(store: SharedStore) -> Cluster:
+    from listener.calls.shared import ClusterCalls
+
+    return ClusterCalls(store)
+
+
+def _shared_calls(store: SharedStore) -> Callable[[Path], CallBackend]:
+    """The opener of the call store of an instance sharing ``store`` (tried at once only if
+    the store answered at start)."""
+    from listener.calls.shared import SharedCallStore
+
+    elector = store.elector
+    return functools.partial(
+        SharedCallStore,
+        url=store.url,
+        timeout=store.connect_timeout,
+        leads=lambda: elector.is_leader,
+        answering=store.ready.is_set(),
     )
 
 
