@@ -23,10 +23,10 @@ development run of about a minute and a half.
 
 ``--heap`` (a debugging run, its figures not the soak's: the dumps stop the daemon for a
 moment): the daemon writes what its memory is made of (``bench/drivers/heap.py``) ten times
-over the stream, at its end and at rest, and ``soak-heap.md`` in the logs compares them;
-``--tracemalloc N`` adds the allocations traced with N frames and their growth between half
-time and the end, by traceback; ``--trim S`` calls ``malloc_trim(0)`` in the daemon every S
-seconds.
+over the stream (``--heap S``: every S s), at its end and at rest, and ``soak-heap.md`` in the
+logs compares them; ``--tracemalloc N`` adds the allocations traced with N frames and their
+growth from half time to the end, by traceback; ``--trim S`` calls ``malloc_trim(0)`` in the
+daemon every S seconds.
 """
 
 from __future__ import annotations
@@ -185,9 +185,11 @@ def run(
     rate: float = RATE,
     heap: int | None = None,
     trim: float = 0.0,
+    heap_every: float = 0.0,
 ) -> Soak:
-    """One soak of ``duration`` seconds of stream; ``heap``: heap dumps, with tracemalloc's
-    tracebacks of that many frames if not 0 (see the module's docstring)."""
+    """One soak of ``duration`` seconds of stream; ``heap``: heap dumps (every
+    ``heap_every`` s, or ten over the stream), with tracemalloc's tracebacks of that many
+    frames if not 0 (see the module's docstring)."""
     events = int(rate * duration)
     result = Soak(events, rate)
     server = BenchServer(logs / "soak-server.log")
@@ -234,7 +236,7 @@ def run(
 
         streaming = threading.Thread(target=stream, daemon=True)
         sampled = threading.Event()
-        dump_every = duration / 10 if heap is not None else 0.0
+        dump_every = (heap_every or duration / 10) if heap is not None else 0.0
         sampler = threading.Thread(
             target=_sample_rss,
             args=(driver.pid, result.rss, sampled, dump_every, dumped),
@@ -325,7 +327,7 @@ def run(
         if heap is not None:
             dumped.append(time.time())
             os.kill(driver.pid, signal.SIGUSR1)
-            report = heap_report(dumps, len(dumped))
+            report = heap_report(dumps, len(dumped), began + duration / 2)
             (logs / "soak-heap.md").write_text(report)
             say(f"soak: heap dumps compared in {logs / 'soak-heap.md'}")
     finally:
@@ -453,10 +455,11 @@ def _mib(size: float) -> str:
     return f"{size / 2**20:.2f}"
 
 
-def heap_report(directory: Path, count: int, timeout: float = 120.0) -> str:
-    """Compare the daemon's heap dumps (``heap-1.json`` ... ``heap-<count>.json``): the layers
-    at each, the live objects by type and, if traced, the allocations by traceback, from half
-    time (dump 5 of the 10 over the stream) to the end of the stream and to rest."""
+def heap_report(directory: Path, count: int, half_time: float, timeout: float = 120.0) -> str:
+    """Compare the daemon's heap dumps (``heap-1.json`` ... ``heap-<count>.json``; the last
+    two at the stream's end and at rest): the layers at each, and the live objects by type
+    and, if traced, the allocations by traceback, from the dump nearest ``half_time`` to the
+    end of the stream and to rest."""
     deadline = time.time() + timeout
     while len(list(directory.glob("heap-*.json"))) < count and time.time() < deadline:
         time.sleep(0.5)
@@ -468,8 +471,8 @@ def heap_report(directory: Path, count: int, timeout: float = 120.0) -> str:
         return "no heap dumps\n"
     lines = [
         "| dump | s | RSS | glibc brk heap | glibc mmap | glibc in use | glibc free held"
-        " | pymalloc arenas | traced | rotations |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        " | pymalloc arenas | pymalloc in use | traced | rotations |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     first = records[0]["at"]
     for index, record in enumerate(records, 1):
@@ -479,9 +482,10 @@ def heap_report(directory: Path, count: int, timeout: float = 120.0) -> str:
             f" | {_mib(info.get('arena', 0))} | {_mib(info.get('hblkhd', 0))}"
             f" | {_mib(info.get('uordblks', 0))} | {_mib(info.get('fordblks', 0))}"
             f" | {_mib(pymalloc.get('total', 0))} ({pymalloc.get('arenas', 0)})"
+            f" | {_mib(pymalloc.get('allocated_blocks', 0))}"
             f" | {_mib(record.get('traced', 0))} | {record['rotations']} |"
         )
-    half = min(5, len(records)) - 1
+    half = min(range(len(records)), key=lambda i: abs(records[i]["at"] - half_time))
     for label, later in (("end of the stream", len(records) - 2), ("rest", len(records) - 1)):
         if later <= half:
             continue

@@ -39,6 +39,7 @@ from listener.core.logs import configure_logging
 from listener.dispatch.dispatcher import RunnerSettings
 from listener.dispatch.handler import Context, Handler
 from listener.dispatch.loader import LoadedHandler, load_handlers
+from listener.service.allocator import release_large_blocks
 from listener.service.config import parse_settings
 from listener.service.daemon import LOOP_ENV, Daemon, loop_factory
 
@@ -147,6 +148,7 @@ if __name__ == "__main__":
     # The loop exists before main() runs: chosen the way the daemon's command line chooses it.
     chosen = json.loads(arguments.options)
     os.environ[LOOP_ENV] = chosen.get("loop", "asyncio")
+    release_large_blocks()  # as ``run`` does
     if chosen.get("tracemalloc"):
         tracemalloc.start(int(chosen["tracemalloc"]))
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
