@@ -103,10 +103,15 @@ def dump(directory: Path, index: int, extra: dict[str, Any]) -> None:
     """Write ``heap-<index>.json`` (and ``heap-<index>.pickle`` when tracing) in ``directory``."""
     if tracemalloc.is_tracing():
         tracemalloc.take_snapshot().dump(str(directory / f"heap-{index}.pickle"))
-    gc.collect()
+    # What the cyclic GC had not yet collected: found unreachable now, and the generations'
+    # counts and totals before this collection.
+    before = {"counts": gc.get_count(), "stats": gc.get_stats()}
+    rss_before = _rss_kib()
+    unreachable = gc.collect()
     types = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
     record: dict[str, Any] = {
-        "rss_kib": _rss_kib(),
+        "rss_kib": rss_before,
+        "gc": {**before, "unreachable": unreachable},
         "mallinfo2": _mallinfo(),
         "pymalloc": _pymalloc(),
         "types": dict(types),
