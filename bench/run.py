@@ -396,7 +396,9 @@ def _header(mode: Mode, peers_used: list[Client], skipped: dict[str, str]) -> st
     return "\n".join(lines)
 
 
-def _soak(duration: float, loop: str, rate: float) -> int:
+def _soak(
+    duration: float, loop: str, rate: float, heap: int | None, heap_every: float, trim: float
+) -> int:
     logs = RESULTS / "soak"
     logs.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
@@ -405,7 +407,9 @@ def _soak(duration: float, loop: str, rate: float) -> int:
         print(f"[bench {time.monotonic() - began:5.1f} s] {text}", file=sys.stderr, flush=True)
 
     say(f"soak of {duration:g} s ...")
-    result = soak.run(duration, logs, say, loop, rate=rate)
+    result = soak.run(
+        duration, logs, say, loop, rate=rate, heap=heap, heap_every=heap_every, trim=trim
+    )
     table = _table([Row(*cells) for cells in soak.rows(result)])
     report = f"{_header(MODES['full'], [], {}).replace('full mode', 'soak')}\n\n{table}\n"
     print(report)
@@ -443,9 +447,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--loop", choices=("asyncio", "uvloop"), default="asyncio", help="the soak's loop"
     )
+    parser.add_argument(
+        "--heap",
+        nargs="?",
+        type=float,
+        const=0.0,
+        default=None,
+        metavar="S",
+        help="the soak's daemon dumps its heap every S s (default: ten times; a debugging run)",
+    )
+    parser.add_argument(
+        "--tracemalloc",
+        type=int,
+        default=None,
+        metavar="FRAMES",
+        help="with --heap: trace the daemon's allocations with this many frames",
+    )
+    parser.add_argument(
+        "--trim",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="the soak's daemon calls malloc_trim every S s",
+    )
     args = parser.parse_args(argv)
     if args.soak:
-        return _soak(args.duration, args.loop, args.rate)
+        traced = args.heap is not None or args.tracemalloc is not None
+        heap = (args.tracemalloc or 0) if traced else None
+        return _soak(args.duration, args.loop, args.rate, heap, args.heap or 0.0, args.trim)
     mode = MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
     logs = RESULTS / mode.name
     logs.mkdir(parents=True, exist_ok=True)

@@ -20,17 +20,27 @@ and its intervals with no socket joined.
 
 ``--duration S`` scales the run (events = 1,667 x S): ``--soak --duration 60`` is a
 development run of about a minute and a half.
+
+``--heap`` (a debugging run, its figures not the soak's: the dumps stop the daemon for a
+moment): the daemon writes what its memory is made of (``bench/drivers/heap.py``) ten times
+over the stream (``--heap S``: every S s), at its end and at rest, and ``soak-heap.md`` in the
+logs compares them; ``--tracemalloc N`` adds the allocations traced with N frames and their
+growth from half time to the end, by traceback; ``--trim S`` calls ``malloc_trim(0)`` in the
+daemon every S seconds.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import secrets
+import signal
 import statistics
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,10 +149,21 @@ class Soak:
         return statistics.median(window or [self.rss[-1][1]])
 
 
-def _sample_rss(pid: int, into: list[tuple[float, float]], done: threading.Event) -> None:
+def _sample_rss(
+    pid: int,
+    into: list[tuple[float, float]],
+    done: threading.Event,
+    dump_every: float,
+    dumped: list[float],
+) -> None:
+    """RSS every second; with ``dump_every``, a heap dump (``SIGUSR1``) that often."""
+    began = time.time()
     while not done.wait(1.0):
         try:
             into.append((time.time(), rss_mib(pid)))
+            if dump_every and time.time() - began >= (len(dumped) + 1) * dump_every:
+                dumped.append(time.time())
+                os.kill(pid, signal.SIGUSR1)
         except (OSError, RuntimeError):
             return
 
@@ -161,10 +182,14 @@ def run(
     logs: Path,
     say: Callable[[str], None],
     loop: str = "asyncio",
-    trace: bool = False,
     rate: float = RATE,
+    heap: int | None = None,
+    trim: float = 0.0,
+    heap_every: float = 0.0,
 ) -> Soak:
-    """One soak of ``duration`` seconds of stream."""
+    """One soak of ``duration`` seconds of stream; ``heap``: heap dumps (every
+    ``heap_every`` s, or ten over the stream), with tracemalloc's tracebacks of that many
+    frames if not 0 (see the module's docstring)."""
     events = int(rate * duration)
     result = Soak(events, rate)
     server = BenchServer(logs / "soak-server.log")
@@ -183,8 +208,15 @@ def run(
             "seqs": events,
             "webhook": {"url": url, "secret": secret},
             "loop": loop,
-            "tracemalloc": trace,
         }
+        dumps, dumped = logs / "soak-heap", list[float]()
+        if heap is not None:
+            dumps.mkdir(exist_ok=True)
+            for old in dumps.glob("heap-*"):
+                old.unlink()
+            options.update(heap=str(dumps), tracemalloc=heap)
+        if trim:
+            options["trim"] = trim
         driver = Driver(
             DAEMON.label,
             Path(sys.executable),
@@ -204,8 +236,11 @@ def run(
 
         streaming = threading.Thread(target=stream, daemon=True)
         sampled = threading.Event()
+        dump_every = (heap_every or duration / 10) if heap is not None else 0.0
         sampler = threading.Thread(
-            target=_sample_rss, args=(driver.pid, result.rss, sampled), daemon=True
+            target=_sample_rss,
+            args=(driver.pid, result.rss, sampled, dump_every, dumped),
+            daemon=True,
         )
         began = time.time()
         cpu_before = cpu_seconds(driver.pid)
@@ -236,13 +271,14 @@ def run(
         result.seconds = time.time() - began
         result.cpu = (cpu_seconds(driver.pid) - cpu_before) / result.seconds
         sampled.set()
+        if heap is not None:
+            dumped.append(time.time())
+            os.kill(driver.pid, signal.SIGUSR1)
         result.unheard = sum(last - first + 1 for first, last in streamed["unheard"])
         heard = bytearray(b"\x01") * events
         for first, last in streamed["unheard"]:
             heard[first : last + 1] = bytes(last - first + 1)
         stats = driver.stats()
-        if trace:
-            (logs / "soak-grown.json").write_text(json.dumps(stats["grown"], indent=1))
         seen = base64.b64decode(stats["seen"])
         result.handled = sum(1 for count in seen if count)
         # The receiver gets what the handler handled (and the ringing and answering of the
@@ -288,6 +324,12 @@ def run(
             fault.back_at = during[-1][1] if during else fault.began
         time.sleep(2.0)
         result.rss_at_rest = rss_mib(driver.pid)
+        if heap is not None:
+            dumped.append(time.time())
+            os.kill(driver.pid, signal.SIGUSR1)
+            report = heap_report(dumps, len(dumped), began + duration / 2)
+            (logs / "soak-heap.md").write_text(report)
+            say(f"soak: heap dumps compared in {logs / 'soak-heap.md'}")
     finally:
         if driver is not None:
             driver.quit()
@@ -407,3 +449,64 @@ def rows(soak: Soak) -> list[tuple[str, str, str, str, str]]:
         )
     )
     return out
+
+
+def _mib(size: float) -> str:
+    return f"{size / 2**20:.2f}"
+
+
+def heap_report(directory: Path, count: int, half_time: float, timeout: float = 120.0) -> str:
+    """Compare the daemon's heap dumps (``heap-1.json`` ... ``heap-<count>.json``; the last
+    two at the stream's end and at rest): the layers at each, and the live objects by type
+    and, if traced, the allocations by traceback, from the dump nearest ``half_time`` to the
+    end of the stream and to rest."""
+    deadline = time.time() + timeout
+    while len(list(directory.glob("heap-*.json"))) < count and time.time() < deadline:
+        time.sleep(0.5)
+    records = [
+        json.loads(path.read_text())
+        for path in sorted(directory.glob("heap-*.json"), key=lambda p: int(p.stem[5:]))
+    ]
+    if not records:
+        return "no heap dumps\n"
+    lines = [
+        "| dump | s | RSS | glibc brk heap | glibc mmap | glibc in use | glibc free held"
+        " | pymalloc arenas | pymalloc in use | traced | rotations |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    first = records[0]["at"]
+    for index, record in enumerate(records, 1):
+        info, pymalloc = record["mallinfo2"], record["pymalloc"]
+        lines.append(
+            f"| {index} | {record['at'] - first:.0f} | {record['rss_kib'] / 1024:.1f}"
+            f" | {_mib(info.get('arena', 0))} | {_mib(info.get('hblkhd', 0))}"
+            f" | {_mib(info.get('uordblks', 0))} | {_mib(info.get('fordblks', 0))}"
+            f" | {_mib(pymalloc.get('total', 0))} ({pymalloc.get('arenas', 0)})"
+            f" | {_mib(pymalloc.get('allocated_blocks', 0))}"
+            f" | {_mib(record.get('traced', 0))} | {record['rotations']} |"
+        )
+    half = min(range(len(records)), key=lambda i: abs(records[i]["at"] - half_time))
+    for label, later in (("end of the stream", len(records) - 2), ("rest", len(records) - 1)):
+        if later <= half:
+            continue
+        lines += ["", f"## From half time (dump {half + 1}) to the {label} (dump {later + 1})", ""]
+        before, after = records[half]["types"], records[later]["types"]
+        grown = sorted(
+            ((after.get(name, 0) - before.get(name, 0), name) for name in {*before, *after}),
+            reverse=True,
+        )
+        lines.append(
+            "live objects by type, most grown: "
+            + ", ".join(f"{name} {diff:+d}" for diff, name in grown[:12])
+        )
+        pickles = [directory / f"heap-{i + 1}.pickle" for i in (half, later)]
+        if all(path.exists() for path in pickles):
+            old, new = (tracemalloc.Snapshot.load(str(path)) for path in pickles)
+            ignore = [tracemalloc.Filter(False, tracemalloc.__file__)]
+            stats = new.filter_traces(ignore).compare_to(old.filter_traces(ignore), "traceback")
+            total = sum(stat.size_diff for stat in stats)
+            lines += ["", f"traced: {total / 2**20:+.2f} MiB in all; the 15 most grown:", ""]
+            for stat in stats[:15]:
+                lines.append(f"- {stat.size_diff / 1024:+.1f} KiB, {stat.count_diff:+d} blocks:")
+                lines += [f"    {line}" for line in stat.traceback.format()[-12:]]
+    return "\n".join(lines) + "\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from listener.core.ids import lifecycle_id
 from listener.core.retry import NO_DELAY, BackoffPolicy
 from listener.dispatch.dispatcher import Dispatcher, HandlerRunner, RunnerSettings
 from listener.dispatch.handler import Context, FunctionHandler
+from listener.realtime.connection import Connection
 from listener.realtime.session import Decision, Failure, Session, SessionSettings, classify
 from listener.realtime.tokens import TokenSource
 from listener.service.config import parse_settings
@@ -185,6 +187,24 @@ async def test_a_403_storm_is_paced_by_the_backoff(
     assert sum(1 for gap in gaps if gap < 0.015) <= 2, gaps
     # Every auth-shaped refusal re-minted.
     assert fake.mints >= len(refused)
+
+
+async def test_refused_upgrades_leave_no_connection_behind(
+    fake: FakeSippet, run_session: RunSession
+) -> None:
+    # A link refused at the upgrade never starts, so it never counts as closed: the session
+    # kept each one (its token URL with it) for its lifetime, 24 more over the soak's 300 s.
+    async with run_session(backoff=BackoffPolicy(initial=MS, cap=5 * MS)) as (session, _):
+        fake.behaviour.upgrade_status = 403
+        await fake.drop_all()
+        await fake.wait_until(lambda: len(fake.upgrades) >= 12)
+        fake.behaviour.upgrade_status = None
+        await rejoined(fake, session, 2)
+        gc.collect()
+        alive = [o for o in gc.get_objects() if isinstance(o, Connection)]
+        # The link joined now and, at most, the one the drop ended (still the session's
+        # last failed link while it is replaced).
+        assert len(alive) <= 2, alive
 
 
 async def test_a_heartbeat_reply_behind_a_large_event_does_not_cost_the_event(

@@ -8,8 +8,12 @@ choice, ``loop_factory``); for the soak (``bench.soak``): ``seqs``: N, count eac
 N in a preallocated byte per seq instead of keeping records (memory stays flat over a million
 events; ``stats`` then answers ``seen``, the counts in base64), and ``webhook``: ``{"url",
 "secret"}``, a second handler, ``use = "webhook"`` from a configuration table, every other
-setting its default; ``tracemalloc``: trace allocations from the join on, and answer
-``grown``, the ten lines whose memory grew most since then, with ``stats``.
+setting its default; ``heap``: a directory: on each ``SIGUSR1``, write ``heap-N.json`` there
+(RSS, glibc's ``mallinfo2``, live objects by type, and with ``tracemalloc`` the memory traced)
+and, with ``tracemalloc`` (a number of frames), ``heap-N.pickle``, the allocations traced
+(``tracemalloc.Snapshot.load``); ``bench.soak --heap`` sends it ten times over the stream, at
+its end and at rest, and compares them. ``trim``: call ``malloc_trim(0)`` every that many
+seconds (to tell what the allocator keeps from what Python holds).
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ import asyncio
 import base64
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
 import tracemalloc
+from pathlib import Path
 from typing import Any
 
+import heap
 from common import Recorder, driver_args, serve, start_daemon
 
 from listener.core.events import Event
@@ -32,6 +39,7 @@ from listener.core.logs import configure_logging
 from listener.dispatch.dispatcher import RunnerSettings
 from listener.dispatch.handler import Context, Handler
 from listener.dispatch.loader import LoadedHandler, load_handlers
+from listener.service.allocator import release_large_blocks
 from listener.service.config import parse_settings
 from listener.service.daemon import LOOP_ENV, Daemon, loop_factory
 
@@ -73,6 +81,24 @@ class _Seen(Handler):
         self._recorder.count += 1
 
 
+def _dump_heap_on_signal(directory: Path, daemon: Daemon) -> None:
+    dumps = 0
+
+    def dump() -> None:
+        nonlocal dumps
+        dumps += 1
+        extra = {"at": time.time(), "rotations": daemon.session.rotations}
+        heap.dump(directory, dumps, extra)
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)
+
+
+async def _trim(every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        heap.malloc_trim()
+
+
 async def main(args: argparse.Namespace) -> None:
     options: dict[str, Any] = json.loads(args.options)
     # Production logging (JSON at info) on stderr; stdout carries the command protocol.
@@ -94,7 +120,11 @@ async def main(args: argparse.Namespace) -> None:
         daemon = Daemon(settings, args.api_key, [ours, *load_handlers(settings.handlers)])
         shutdown = await start_daemon(daemon)
 
-        traced = tracemalloc.take_snapshot() if options.get("tracemalloc") else None
+        if options.get("heap"):
+            _dump_heap_on_signal(Path(options["heap"]), daemon)
+        trimming = (
+            asyncio.create_task(_trim(float(options["trim"]))) if options.get("trim") else None
+        )
 
         def stats() -> dict[str, Any]:
             answer: dict[str, Any] = {
@@ -106,15 +136,11 @@ async def main(args: argparse.Namespace) -> None:
             if seen is not None:
                 answer["seen"] = base64.b64encode(seen.seen).decode()
                 answer["lag"] = seen.lag
-            if traced is not None:
-                grown = tracemalloc.take_snapshot().compare_to(traced, "traceback")
-                answer["grown"] = [
-                    [stat.size_diff, stat.count_diff, stat.traceback.format()[-6:]]
-                    for stat in grown[:10]
-                ]
             return answer
 
         await serve(recorder, {"client": "sippet-listener"}, stats, shutdown)
+        if trimming is not None:
+            trimming.cancel()
 
 
 if __name__ == "__main__":
@@ -122,7 +148,8 @@ if __name__ == "__main__":
     # The loop exists before main() runs: chosen the way the daemon's command line chooses it.
     chosen = json.loads(arguments.options)
     os.environ[LOOP_ENV] = chosen.get("loop", "asyncio")
+    release_large_blocks()  # as ``run`` does
     if chosen.get("tracemalloc"):
-        tracemalloc.start(12)
+        tracemalloc.start(int(chosen["tracemalloc"]))
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(main(arguments))

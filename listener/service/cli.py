@@ -31,6 +31,7 @@ from listener.dispatch.loader import LoadedHandler, load_handlers, loaded_instan
 from listener.realtime.tokens import TokenSource
 from listener.rpc.client import RpcClient
 from listener.service import config
+from listener.service.allocator import release_large_blocks
 from listener.service.calls_cli import add_calls_command
 from listener.service.daemon import Daemon, loop_factory, stop_on_signals
 from listener.service.inspection import add_config_argument
@@ -92,6 +93,7 @@ def _load(path: Path) -> tuple[config.Settings, str]:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    release_large_blocks()
     settings, api_key = _load(args.config)
     settings = _formatted(settings, args.format)
     handlers = load_handlers(settings.handlers)
