@@ -10,9 +10,11 @@ handler start), in that order, else to ``nothing traced`` (the server, the kerne
 machine's other processes). Variants (``--variant 'LABEL={options}'``: ``switch_interval``,
 ``gc`` thresholds, ``loop``) run beside the daemon as shipped, rounds alternating, a fresh
 driver each, after a warm-up and a drain of ``--drain`` events (as the latency row follows
-the drains).
+the drains). ``--before TREE`` adds another checkout's daemon (as in ``bench.hotpath``; its
+driver may not trace, and is then only timed).
 
-``python -m bench.hotwait [--seconds S] [--rounds N] [--drain N] [--variant L=JSON ...]``.
+``python -m bench.hotwait [--seconds S] [--rounds N] [--drain N] [--before TREE]
+[--variant L=JSON ...]``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ _Record = tuple[Any, float, float]
 class _Variant:
     label: str
     client: Client
+    root: Path = ROOT
     p99: list[float] = field(default_factory=list)
     p50: list[float] = field(default_factory=list)
     causes: Counter[str] = field(default_factory=Counter)
@@ -76,7 +79,8 @@ def _round(variant: _Variant, server: BenchServer, seconds: float, drain: int, l
     traced = client is not BARE
     options = {**client.options, **({"trace": True} if traced else {})}
     log = logs / f"hotwait-{variant.label.replace(' ', '-')}.log"
-    driver = Driver(variant.label, Path(sys.executable), client.script, server, log, options)
+    driver = Driver(variant.label, Path(sys.executable), client.script, server, log, options,
+                    root=variant.root)  # fmt: skip
     try:
         for count in (1000, drain):
             driver.expect(count, keep=False)
@@ -94,7 +98,7 @@ def _round(variant: _Variant, server: BenchServer, seconds: float, drain: int, l
     latencies = [(started - sent) * 1000 for _, sent, started in records]
     variant.p99.append(percentile(latencies, 99))
     variant.p50.append(percentile(latencies, 50))
-    if not traced:
+    if not spans:
         return
     spans = {name: [span for span in kept if span[1] > began] for name, kept in spans.items()}
     for name, kept in spans.items():
@@ -116,10 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--drain", type=int, default=10_000, help="events drained first")
     parser.add_argument("--variant", action="append", default=[], type=_variant)
+    parser.add_argument("--before", type=Path, help="another checkout's tree")
     args = parser.parse_args(argv)
     logs = ROOT / "bench" / "results" / "hotwait"
     logs.mkdir(parents=True, exist_ok=True)
     variants = [_Variant("bare loop", BARE), _Variant("daemon", DAEMON), *args.variant]
+    if args.before:
+        variants.append(_Variant(f"daemon, {args.before.name}", DAEMON, args.before))
     server = BenchServer(logs / "server.log")
     began = time.strftime("%H:%M:%S")
     try:
