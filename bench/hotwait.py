@@ -53,6 +53,8 @@ class _Variant:
     causes: Counter[str] = field(default_factory=Counter)
     waits: dict[str, list[float]] = field(default_factory=dict)
     spans: dict[str, list[float]] = field(default_factory=dict)
+    # Latencies (ms) of the events in flight during a call store batch.
+    in_batch: list[float] = field(default_factory=list)
 
 
 def slowest(
@@ -103,6 +105,12 @@ def _round(variant: _Variant, server: BenchServer, seconds: float, drain: int, l
     spans = {name: [span for span in kept if span[1] > began] for name, kept in spans.items()}
     for name, kept in spans.items():
         variant.spans.setdefault(name, []).extend((end - start) * 1000 for start, end in kept)
+    batches = spans.get("batch", [])
+    variant.in_batch.extend(
+        (started - sent) * 1000
+        for _, sent, started in records
+        if any(begin < started and end > sent for begin, end in batches)
+    )
     for cause, ms in slowest(records, spans):
         variant.causes[cause] += 1
         variant.waits.setdefault(cause, []).append(ms)
@@ -152,6 +160,14 @@ def main(argv: list[str] | None = None) -> int:
         rounds = ", ".join(f"{value:.2f}" for value in variant.p99)
         print(f"| {variant.label} | {statistics.median(variant.p50):.2f} | {p99:.2f} ({rounds})"
               f"{ratio} | {causes} |")  # fmt: skip
+    print()
+    print("| client | events in flight during a call store batch | their p50 / p99 / max ms |")
+    print("|---|---:|---|")
+    for variant in variants[1:]:
+        if variant.in_batch:
+            waits = variant.in_batch
+            print(f"| {variant.label} | {len(waits)} | {percentile(waits, 50):.2f} /"
+                  f" {percentile(waits, 99):.2f} / {max(waits):.2f} |")  # fmt: skip
     print()
     print("| client | span | count | median ms | max ms | total ms |")
     print("|---|---|---:|---:|---:|---:|")
