@@ -11,9 +11,11 @@ each socket read brings), so two runs agree to a few percent where CPU time does
 
 Clients: the bare loop, this tree's daemon, with ``--before TREE`` another checkout's (as
 in ``bench.hotpath``; repeatable, each labelled by its directory's name), and with
-``--no-calls`` each daemon with call state off.
+``--no-calls`` each daemon with call state off, with ``--no-store`` each with call state on and
+no call store (``bench/drivers/callstate.py``'s ``persist: false``, as ``tail`` runs): the
+store's batch, on the persister's thread, is what tells the two apart.
 
-``python -m bench.instructions [--events N] [--before TREE] [--no-calls]``.
+``python -m bench.instructions [--events N] [--before TREE] [--no-calls] [--no-store]``.
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         help="another checkout's tree (repeatable; each is labelled by its directory's name)",
     )
     parser.add_argument("--no-calls", action="store_true", help="also with call state off")
+    parser.add_argument("--no-store", action="store_true", help="also without a call store")
     args = parser.parse_args(argv)
     if shutil.which("callgrind_control") is None:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
@@ -126,9 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     logs = ROOT / "bench" / "results" / "instructions"
     logs.mkdir(parents=True, exist_ok=True)
     off = Client(DAEMON.key, DAEMON.label, "callstate.py", options={"call_state": False})
+    no_store = Client(DAEMON.key, DAEMON.label, "callstate.py", options={"persist": False})
     clients: list[tuple[str, Client, Path]] = [("bare", BARE, ROOT), ("ours", DAEMON, ROOT)]
     for tree in args.before:
         clients.append((tree.name, DAEMON, tree))
+    if args.no_store:
+        clients.append(("ours, no store", no_store, ROOT))
+        for tree in args.before:
+            clients.append((f"{tree.name}, no store", no_store, tree))
     if args.no_calls:
         clients.append(("ours, calls off", off, ROOT))
         for tree in args.before:

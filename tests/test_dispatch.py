@@ -12,7 +12,7 @@ import pytest
 
 from listener.core import metrics
 from listener.core.events import Event
-from listener.dispatch.dispatcher import RunnerSettings
+from listener.dispatch.dispatcher import RunnerSettings, _Queue
 from listener.dispatch.handler import Context, Handler, handler
 from listener.dispatch.loader import LoadedHandler
 from listener.testing import FakeSippet, running_daemon, settle
@@ -131,6 +131,45 @@ async def test_per_call_order_holds_while_calls_run_in_parallel(fake: FakeSippet
     }
     assert jittery.max_active > 1, "calls were not handled in parallel"
     assert jittery.max_active <= 4, "the concurrency limit was exceeded"
+
+
+async def test_a_burst_of_events_of_different_calls_reaches_every_worker(
+    fake: FakeSippet,
+) -> None:
+    # Idle workers are woken one at a time, each one that takes an event waking the next
+    # while events remain: a burst must still fill every worker, not only the first.
+    gate, full = asyncio.Event(), asyncio.Event()
+
+    class Crowd(Recorder):
+        async def handle(self, event: Event, ctx: Context) -> None:
+            if self.active + 1 == 4:
+                full.set()
+            await super().handle(event, ctx)
+
+    crowd = Crowd("crowd", gate=gate)
+    async with running_daemon(fake, [loaded(crowd, concurrency=4)]) as daemon:
+        for seq in range(12):
+            await fake.broadcast("call_transcript_delta", {"callUuid": f"c-{seq}", "seq": seq})
+        async with asyncio.timeout(5):
+            await full.wait()
+        assert crowd.active == 4
+        gate.set()
+        await settle(daemon, 12)
+    assert len(crowd.done) == 12
+    assert crowd.max_active == 4
+
+
+async def test_a_worker_cancelled_once_woken_passes_the_event_on() -> None:
+    queue = _Queue(10)
+    first = asyncio.create_task(queue.get())
+    second = asyncio.create_task(queue.get())
+    await asyncio.sleep(0)  # both wait
+    queue.put_nowait((Event("x", {}, "events", 0.0), None))
+    first.cancel()  # woken by the put, cancelled before it ran
+    async with asyncio.timeout(5):
+        event, _ = await second
+    assert event.name == "x"
+    assert first.cancelled()
 
 
 async def test_events_of_one_call_arrive_in_order(fake: FakeSippet) -> None:

@@ -13,7 +13,12 @@ setting its default; ``heap``: a directory: on each ``SIGUSR1``, write ``heap-N.
 and, with ``tracemalloc`` (a number of frames), ``heap-N.pickle``, the allocations traced
 (``tracemalloc.Snapshot.load``); ``bench.soak --heap`` sends it ten times over the stream, at
 its end and at rest, and compares them. ``trim``: call ``malloc_trim(0)`` every that many
-seconds (to tell what the allocator keeps from what Python holds).
+seconds (to tell what the allocator keeps from what Python holds). ``trace``: note
+when the cyclic GC ran, the event loop's turns longer than 0.2 ms (asyncio's loop only) and
+the call store's batches (the loop's part and the thread's), and answer them with ``stats``
+as ``[start, end]`` wall-clock pairs (``bench.hotwait`` lines them up with the slowest
+events); ``switch_interval``: ``sys.setswitchinterval`` for this process; ``gc``: the
+collector's thresholds ``[g0, g1, g2]``, set once the daemon has started.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
+import gc
 import json
 import os
 import signal
@@ -28,12 +35,15 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import heap
 from common import Recorder, driver_args, serve, start_daemon
 
+from listener.calls.persister import Persister
+from listener.calls.store import CallStore
 from listener.core.events import Event
 from listener.core.logs import configure_logging
 from listener.dispatch.dispatcher import RunnerSettings
@@ -99,8 +109,97 @@ async def _trim(every: float) -> None:
         heap.malloc_trim()
 
 
+class _Trace:
+    """When the GC, the loop's long turns and the call store's batches ran (``trace``)."""
+
+    # A turn shorter than this is not worth a record (most take tens of µs).
+    LONG_TURN = 0.0002
+
+    def __init__(self) -> None:
+        self.spans: dict[str, list[tuple[float, float]]] = {
+            "gc": [],
+            "turn": [],
+            "batch": [],
+            "batch: SQLite (thread)": [],
+        }
+        self._gc_began = 0.0
+        gc.callbacks.append(self._gc)
+
+    def _gc(self, phase: str, info: dict[str, Any]) -> None:
+        del info
+        if phase == "start":
+            self._gc_began = time.time()
+        else:
+            self.spans["gc"].append((self._gc_began, time.time()))
+
+    def loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Time each turn of asyncio's loop, less its wait in the selector (its private
+        ``_run_once`` and ``_selector``; not on uvloop)."""
+        run_once: Callable[[], None] | None = getattr(loop, "_run_once", None)
+        selector = getattr(loop, "_selector", None)
+        if run_once is None or selector is None:
+            return
+        turns, floor = self.spans["turn"], self.LONG_TURN
+        select = selector.select
+        waited = [0.0]
+
+        def timed_select(timeout: float | None = None) -> Any:
+            began = time.time()
+            try:
+                return select(timeout)
+            finally:
+                waited[0] = time.time() - began
+
+        def timed() -> None:
+            began = time.time()
+            waited[0] = 0.0
+            assert run_once is not None
+            run_once()
+            ended = time.time()
+            if ended - began - waited[0] > floor:
+                turns.append((began + waited[0], ended))
+
+        selector.select = timed_select
+        loop._run_once = timed  # type: ignore[attr-defined]
+
+    def wrap(self, owner: type, name: str, span: str) -> None:
+        """Note each call of ``owner.name`` (a coroutine function or a plain one)."""
+        spans, original = self.spans[span], getattr(owner, name)
+        if asyncio.iscoroutinefunction(original):
+
+            @functools.wraps(original)
+            async def timed_async(*args: Any, **kwargs: Any) -> Any:
+                began = time.time()
+                try:
+                    return await original(*args, **kwargs)
+                finally:
+                    spans.append((began, time.time()))
+
+            setattr(owner, name, timed_async)
+        else:
+
+            @functools.wraps(original)
+            def timed(*args: Any, **kwargs: Any) -> Any:
+                began = time.time()
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    spans.append((began, time.time()))
+
+            setattr(owner, name, timed)
+
+
 async def main(args: argparse.Namespace) -> None:
     options: dict[str, Any] = json.loads(args.options)
+    trace = _Trace() if options.get("trace") else None
+    if trace is not None:
+        trace.loop(asyncio.get_running_loop())
+        # The batch's loop side (changed calls, rows to write, its wait for a lull is not in
+        # it) and its thread side (the SQLite writes).
+        trace.wrap(Persister, "flush", "batch")
+        trace.wrap(CallStore, "save", "batch: SQLite (thread)")
+    if "switch_interval" in options:
+        sys.setswitchinterval(float(options["switch_interval"]))
     # Production logging (JSON at info) on stderr; stdout carries the command protocol.
     configure_logging("info", "json", stream=sys.stderr)
     recorder = Recorder()
@@ -119,6 +218,8 @@ async def main(args: argparse.Namespace) -> None:
         ours = LoadedHandler(seen or _Record(recorder), runner)
         daemon = Daemon(settings, args.api_key, [ours, *load_handlers(settings.handlers)])
         shutdown = await start_daemon(daemon)
+        if "gc" in options:
+            gc.set_threshold(*options["gc"])
 
         if options.get("heap"):
             _dump_heap_on_signal(Path(options["heap"]), daemon)
@@ -136,6 +237,8 @@ async def main(args: argparse.Namespace) -> None:
             if seen is not None:
                 answer["seen"] = base64.b64encode(seen.seen).decode()
                 answer["lag"] = seen.lag
+            if trace is not None:
+                answer["spans"] = trace.spans
             return answer
 
         await serve(recorder, {"client": "sippet-listener"}, stats, shutdown)

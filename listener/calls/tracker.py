@@ -168,24 +168,33 @@ class CallTracker:
         if not raw:
             return True
         key = event.call_key
-        if key is not None and event.name in LIFECYCLE_EVENTS:
-            if type(raw) is LazyId and not self._handled_ids:
-                # The intake's event, and no id to check it against: by key alone, inline
-                # (a second call took 0.1 of the 0.4 µs).
-                name = event.name
-                handled = self._handled[name]
-                if key in handled:
-                    return False
-                state = self.state
-                if self._archive is not None and key not in state.resident and state.let_go(key):
-                    # A call let go of: its handled ids come back with it.
-                    self._recall(key)
-                    if key in handled:
-                        return False
-                handled[key] = event.received_at
-                self._unsaved[name].append(key)
-                return True
-            return self._admit_lifecycle(event, key, raw)
+        name = event.name
+        if key is None or name not in LIFECYCLE_EVENTS:
+            return self._admit_other(event, raw)
+        # A lifecycle event, inline: a second call took 0.1 of the 0.4 µs.
+        state = self.state
+        if self._archive is not None and key not in state.resident and state.let_go(key):
+            # A call let go of: its handled ids come back with it.
+            self._recall(key)
+        handled_ids = self._handled_ids
+        # The intake's lazy id is the key's hash by construction; a given one may be too.
+        if type(raw) is LazyId or raw == lifecycle_id(name, key):
+            handled = self._handled[name]
+            if key in handled or (handled_ids and event.id in handled_ids):
+                return False
+            handled[key] = event.received_at
+            self._unsaved[name].append(key)
+            return True
+        event_id = event.id
+        if event_id in handled_ids:
+            return False
+        handled_ids[event_id] = event.received_at
+        self._unsaved_ids.append(event_id)
+        return True
+
+    def _admit_other(self, event: Event, raw: str | LazyId) -> bool:
+        """:meth:`admit` for an event that is not of a call's lifecycle: by id, for the id
+        window."""
         # Only the intake stamps a LazyId, and only on lifecycle events.
         event_id = raw if type(raw) is str else event.id
         recent = self._recent
@@ -198,26 +207,6 @@ class CallTracker:
         if event_id in recent:
             return False
         recent[event_id] = now
-        return True
-
-    def _admit_lifecycle(self, event: Event, key: str, raw: str | LazyId) -> bool:
-        name, at = event.name, event.received_at
-        state = self.state
-        if self._archive is not None and key not in state.resident and state.let_go(key):
-            self._recall(key)
-        # The intake's lazy id is the key's hash by construction; a given one may be too.
-        if type(raw) is LazyId or raw == lifecycle_id(name, key):
-            handled_ids = self._handled_ids
-            if key in self._handled[name] or (handled_ids and event.id in handled_ids):
-                return False
-            self._handled[name][key] = at
-            self._unsaved[name].append(key)
-            return True
-        event_id = event.id
-        if event_id in self._handled_ids:
-            return False
-        self._handled_ids[event_id] = at
-        self._unsaved_ids.append(event_id)
         return True
 
     def merge(self, event: Event) -> CallRecord | None:
