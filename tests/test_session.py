@@ -26,6 +26,7 @@ from listener.service.config import parse_settings
 from listener.service.daemon import session_settings
 from listener.testing import FakeSippet
 from listener.testing.harness import running_daemon
+from listener.testing.server import ExpiryAction
 from listener.testing.traffic import call_payload
 from tests.conftest import MS, RunSession, fast_settings
 
@@ -560,33 +561,36 @@ async def behind_a_slow_handler(
     return session, sent, handled
 
 
-async def test_a_rotation_behind_slow_handlers_loses_nothing_the_old_socket_still_held(
-    fake: FakeSippet, http: httpx.AsyncClient, tmp_path: Path
+@pytest.mark.parametrize(
+    ("expiry_action", "ttl", "rate", "duration", "rotations"),
+    [
+        # The stream comes at twice the handler's pace: at each rotation the server holds
+        # hundreds of events for the old socket, more than its leave's close_timeout (0.3 s)
+        # of handling; they come before the leave's acknowledgement (85 of 2,000 were lost
+        # when they waited for room in the handler's queue instead).
+        pytest.param("none", 1.2, 1000, 2.0, 1, id="the old socket's backlog is kept"),
+        # 700/s for 3 s: the rotation delivered what it held back itself, while the new
+        # socket's events kept coming behind it, so the backlog emptied only after the
+        # stream and the rotation never ended before the new token expired (the server then
+        # closed the socket). Now the rotation ends once the old socket has left.
+        pytest.param("close_socket", 2.0, 700, 3.0, 2, id="it ends before the new token expires"),
+    ],
+)
+async def test_a_rotation_behind_slow_handlers_loses_nothing_and_ends_in_time(
+    fake: FakeSippet,
+    http: httpx.AsyncClient,
+    tmp_path: Path,
+    expiry_action: ExpiryAction,
+    ttl: float,
+    rate: float,
+    duration: float,
+    rotations: int,
 ) -> None:
-    # The stream comes at twice the handler's pace: at each rotation the server holds
-    # hundreds of events for the old socket, more than its leave's close_timeout (0.3 s) of
-    # handling; they come before the leave's acknowledgement (85 of 2,000 were lost when
-    # they waited for room in the handler's queue instead).
-    fake.token_ttl = 1.2
+    fake.token_ttl = ttl
     fake.behaviour.join_checks_token = True
-    session, sent, handled = await behind_a_slow_handler(fake, http, tmp_path, 1000, 2.0)
-    assert session.rotations >= 1
-    assert session.reconnects == 0
-    assert handled == list(range(sent)), "lost, doubled or out of order"
-
-
-async def test_a_rotation_behind_slow_handlers_ends_before_the_new_token_expires(
-    fake: FakeSippet, http: httpx.AsyncClient, tmp_path: Path
-) -> None:
-    # 700/s for 3 s to a handler of 500/s: the rotation delivered what it held back itself,
-    # while the new socket's events kept coming behind it, so the backlog emptied only after
-    # the stream and the rotation never ended before the new token expired (the server then
-    # closed the socket). Now the rotation ends once the old socket has left.
-    fake.token_ttl = 2.0
-    fake.behaviour.join_checks_token = True
-    fake.behaviour.expiry_action = "close_socket"
-    session, sent, handled = await behind_a_slow_handler(fake, http, tmp_path, 700, 3.0)
-    assert session.rotations >= 2
+    fake.behaviour.expiry_action = expiry_action
+    session, sent, handled = await behind_a_slow_handler(fake, http, tmp_path, rate, duration)
+    assert session.rotations >= rotations
     assert session.reconnects == 0
     assert handled == list(range(sent)), "lost, doubled or out of order"
 
