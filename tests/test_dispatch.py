@@ -344,3 +344,20 @@ async def test_only_the_byte_budget_holds_the_intake_and_nothing_is_lost(
         await settle(daemon, 10)
         assert daemon.session.reconnects == 0
     assert [event.call_key for event in slow.done] == [f"c-{seq}" for seq in range(10)]
+
+
+async def test_an_event_larger_than_the_byte_budget_goes_in_once_nothing_is_pending(
+    fake: FakeSippet,
+) -> None:
+    held = asyncio.Event()
+    slow = Recorder("oversized", gate=held)
+    async with running_daemon(fake, [loaded(slow, concurrency=1, queue_bytes=4096)]) as daemon:
+        await fake.broadcast("call_ai_audit_event", {"callUuid": "c-small"})
+        await asyncio.wait_for(daemon.dispatcher.wait_received(1), 10)
+        # Larger than the whole budget: it waits until nothing is pending, which the end of
+        # the one in flight (taken from the queue long before) must announce.
+        await fake.broadcast("call_ai_audit_event", {"callUuid": "c-big", "blob": "x" * 6000})
+        await asyncio.wait_for(daemon.dispatcher.wait_received(2), 10)
+        held.set()
+        await settle(daemon, 2)
+    assert [event.call_key for event in slow.done] == ["c-small", "c-big"]

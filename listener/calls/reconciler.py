@@ -83,6 +83,9 @@ _MARGIN: Final = 60.0
 # Seconds between a follower's looks at how far the cluster has covered: the leader's batches
 # come once a second.
 _FOLLOW_EVERY: Final = 0.2
+# Seconds a follower waits for the leader's pass over a gap before it lists calls itself: a
+# leader that rejoined passes within a second or two.
+_FOLLOW_AT_MOST: Final = 10.0
 
 
 class Cluster(Protocol):
@@ -309,11 +312,26 @@ class Reconciler:
         try:
             if gap is not None:
                 end = self._joined_at
+                # Not for ever: a leader whose own link stays down, one that keeps no
+                # state or runs an older version, or whose shared writes fail, never moves
+                # the moment past this join. Then this instance lists calls itself (the
+                # claims still hand each rebuilt transition to each handler once).
+                give_up = self._clock() + _FOLLOW_AT_MOST
+                waiting_logged = False
                 while (covered := await cluster.covered()) is None or covered < end:
                     if cluster.leads() or (covered is None and gap.start is None):
                         # The first start of a cluster: nobody has history to share, and
                         # the load emits nothing (each instance loads its own, at once).
                         return False
+                    if self._clock() >= give_up:
+                        _log.warning(
+                            "the leader has not covered this gap in the shared call map;"
+                            " listing calls here"
+                        )
+                        return False
+                    if not waiting_logged:
+                        _log.info("waiting for the leader's pass over this gap")
+                        waiting_logged = True
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(_FOLLOW_EVERY):
                             await self._wake.wait()

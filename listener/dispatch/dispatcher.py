@@ -429,6 +429,10 @@ class HandlerRunner:
                 # last event): the workers' 18,200 -> 17,400 instructions an event.
                 if not self._busy and not self._laned and not queue.qsize():
                     self._idle.set()
+                    # An event larger than queue_bytes waits for nothing pending at all,
+                    # which no event leaving the queue announces: this one just ended.
+                    if self._byte_waiters:
+                        self._byte_room.set()
 
     async def _invoke(self, event: Event, call: CallRecord | None, deadline: _Deadline) -> None:
         # Claims first: ``event.id`` makes a lifecycle event's lazy id, and reading it for

@@ -23,14 +23,16 @@ __all__ = ["MMAP_THRESHOLD", "release_large_blocks"]
 
 MMAP_THRESHOLD = 128 * 1024
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter (glibc's malloc.h)
-# The user's own malloc tuning wins.
-_OWN_TUNING = ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+# The user's own tuning of that threshold wins (another tunable does not count).
+_OWN_SETTING = "MALLOC_MMAP_THRESHOLD_"
+_OWN_TUNABLE = "glibc.malloc.mmap_threshold"
 
 
 def release_large_blocks() -> bool:
     """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD` for this process; return whether
     it was set (False: not glibc, or tuned through the environment already)."""
-    if not sys.platform.startswith("linux") or any(name in os.environ for name in _OWN_TUNING):
+    tuned = _OWN_SETTING in os.environ or _OWN_TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
+    if not sys.platform.startswith("linux") or tuned:
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
