@@ -363,9 +363,18 @@ class ClusterCalls:
     async def calls_since(self, since: float) -> tuple[list[CallRecord], list[tuple[str, str]]]:
         """The open calls and those whose last event came at ``since`` or later, with the
         lifecycle events handed on of them (call key, event name)."""
-        records = [
-            row_record(row) for row in await self._store.read(_CALLS_SINCE, {"since": since})
-        ]
+        records = []
+        for row in await self._store.read(_CALLS_SINCE, {"since": since}):
+            try:
+                records.append(row_record(row))
+            except (TypeError, ValueError) as exc:
+                # One bad row (another program's, or a newer version's) costs that call, not
+                # the reconciler: its task runs for the daemon's life.
+                _log.warning(
+                    "a call in the shared map cannot be read; skipped",
+                    call_key=str(row[0]),
+                    error=str(exc),
+                )
         keys = [record.call_key for record in records]
         pairs = await self._store.read(_HANDLED_OF, {"keys": keys}) if keys else []
         return records, [(str(key), str(name)) for key, name in pairs]
