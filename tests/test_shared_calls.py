@@ -177,6 +177,20 @@ async def test_only_the_leader_writes_the_shared_map(tmp_path: Path, store: Stor
     assert await shared_calls(store) == {}
 
 
+async def test_the_leader_prunes_the_shared_map_of_calls_older_than_it_keeps(
+    tmp_path: Path, store: StoreUrl
+) -> None:
+    leader = await asyncio.to_thread(opened, tmp_path / "a", store)
+    try:
+        old, recent = ringing("c-old", NOW - 7200), ringing("c-new", NOW)
+        await asyncio.to_thread(leader.save, NOW, calls=[old, recent], seen_until=NOW)
+        assert set(await shared_calls(store)) == {"c-old", "c-new"}
+        await asyncio.to_thread(leader.prune, NOW - 3600)
+    finally:
+        leader.close()
+    assert set(await shared_calls(store)) == {"c-new"}
+
+
 async def open_keys(instance: ServiceProcess) -> set[str]:
     """The open calls in the instance's map, from its own ``/status``."""
     response = await instance.get("/status")

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Final, LiteralString
 
@@ -182,10 +182,12 @@ class SharedCallStore:
         since = now - RESIDENT_FOR
         try:
             conn = self._connection()
-            records = [row_record(row) for row in conn.execute(_CALLS_SINCE, {"since": since})]
-            keys = [record.call_key for record in records]
-            pairs = [(key, name) for key, name in conn.execute(_HANDLED_OF, {"keys": keys})]
-            covered = conn.execute(_READ_COVERED).fetchone()
+            with self._bounded(conn):
+                rows = conn.execute(_CALLS_SINCE, {"since": since}).fetchall()
+                records = [row_record(row) for row in rows]
+                keys = [record.call_key for record in records]
+                pairs = [(key, name) for key, name in conn.execute(_HANDLED_OF, {"keys": keys})]
+                covered = conn.execute(_READ_COVERED).fetchone()
         except psycopg.Error as exc:
             self._failed(exc)
             return
@@ -248,12 +250,7 @@ class SharedCallStore:
         """Share a batch in one transaction, after what this instance's file holds that the
         store may lack when this instance was not in step (see the module docstring)."""
         conn = self._connection()
-        with conn.transaction():
-            # Transaction-scoped (PgBouncer in transaction mode keeps no session setting).
-            conn.execute(
-                "SELECT set_config('statement_timeout', %s, true)",
-                (f"{round(self._timeout * 1000)}ms",),
-            )
+        with self._bounded(conn):
             if not self._in_step:
                 row = conn.execute(_READ_COVERED).fetchone()
                 # Never the whole file (a day of calls by default: one upsert of 130,000
@@ -273,6 +270,18 @@ class SharedCallStore:
                 conn.execute(_HANDLED, {"now": now, "pairs": pairs})
             if seen_until is not None:
                 conn.execute(_COVERED, {"at": seen_until})
+
+    @contextlib.contextmanager
+    def _bounded(self, conn: psycopg.Connection[Any]) -> Iterator[None]:
+        """A transaction whose statements each end within the timeout: none may hold the
+        persister's thread (one job at a time) behind a lock or a backlog."""
+        with conn.transaction():
+            # Transaction-scoped (PgBouncer in transaction mode keeps no session setting).
+            conn.execute(
+                "SELECT set_config('statement_timeout', %s, true)",
+                (f"{round(self._timeout * 1000)}ms",),
+            )
+            yield
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
@@ -331,8 +340,10 @@ class SharedCallStore:
                 conn = self._connection()
                 for statement in _PRUNES:
                     params = {"before": before, "batch": _PRUNE_BATCH}
-                    while conn.execute(statement, params).rowcount == _PRUNE_BATCH:
-                        pass
+                    while True:
+                        with self._bounded(conn):
+                            if conn.execute(statement, params).rowcount < _PRUNE_BATCH:
+                                break
             except psycopg.Error as exc:
                 self._failed(exc)
         return forgotten
