@@ -409,8 +409,9 @@ class Claims:
         """``handler`` is done with ``event`` here (whatever its outcome): written soon. A
         spooled entry handed back for a handler this instance does not have leaves the
         spool this way."""
-        if not self._done:
-            # Whatever the writes: these marks are on disk if still here in _KEEP_AFTER.
+        if not self._done and self._flushing.locked():
+            # Behind a write that is out (and may hang): these marks are on disk if still
+            # here in _KEEP_AFTER. With no write out, the next one keeps them itself.
             asyncio.get_running_loop().call_later(_KEEP_AFTER, self._keep_late, self._done)
         self._done.append((event.id, handler))
         if self._released and (entry := self._released.get((event.id, handler))):
@@ -545,7 +546,7 @@ class Claims:
                 break
         try:
             return await bounded(
-                self._count(_RELEASE, {"previous": previous}), self._timeout, self.abandoned
+                self._execute(_RELEASE, {"previous": previous}), self._timeout, self.abandoned
             )
         except (psycopg.Error, TimeoutError) as exc:
             raise describe(self._url, exc) from None
@@ -600,10 +601,7 @@ class Claims:
             cursor = await conn.execute(query, params)
             return await cursor.fetchall()
 
-    async def _execute(self, query: LiteralString, params: dict[str, Any]) -> None:
-        async with self._pool.connection() as conn:
-            await conn.execute(query, params)
-
-    async def _count(self, query: LiteralString, params: dict[str, Any]) -> int:
+    async def _execute(self, query: LiteralString, params: dict[str, Any]) -> int:
+        """Run ``query``; return the rows it changed."""
         async with self._pool.connection() as conn:
             return (await conn.execute(query, params)).rowcount
