@@ -123,6 +123,7 @@ _databases = itertools.count()
 @pytest.fixture
 def pg_url(postgres: PostgresServer) -> str:
     """The URL of a fresh, empty database of its own for this test."""
+    postgres.ensure_running()
     return postgres.create_database(f"test_{next(_databases)}")
 
 

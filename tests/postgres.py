@@ -123,6 +123,12 @@ class PostgresServer:
         self.process = _launch(self.command, self.directory / "server.log")
         self.wait_until_up(timeout)
 
+    def ensure_running(self) -> None:
+        """Resume the server if a test halted it and failed before resuming it: tests share
+        it, and one failure must not turn into errors in every test after it."""
+        if self.process.poll() is not None:
+            self.resume()
+
     def wait_until_up(self, timeout: float) -> None:
         """Wait until the server answers.
 

@@ -38,3 +38,17 @@ def test_a_halted_server_resumes_on_its_port_with_its_data(
     assert postgres.port == port
     with psycopg.connect(pg_url) as conn:
         assert conn.execute("SELECT answer FROM kept").fetchone() == (42,)
+
+
+def test_a_server_a_test_left_halted_runs_again_for_the_next(
+    postgres: PostgresServer, pg_url: str
+) -> None:
+    running = postgres.process.pid
+    postgres.ensure_running()
+    assert postgres.process.pid == running
+    postgres.halt()
+    # What pg_url does before each test.
+    postgres.ensure_running()
+    assert postgres.process.pid != running
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
