@@ -57,6 +57,7 @@ from typing import Any, Final, Literal, Protocol
 import structlog
 
 from listener.calls.reconcile import (
+    MARGIN,
     Missed,
     diff,
     list_calls_request,
@@ -77,9 +78,6 @@ __all__ = ["Cluster", "ReconcileSettings", "Reconciler"]
 _log = structlog.get_logger(__name__)
 
 Cause = Literal["link", "restart", "first_start"]
-# How much earlier than a gap's start a pass looks: events in flight when it began, and the
-# skew between this clock and Sippet's (or another instance's).
-_MARGIN: Final = 60.0
 # Seconds between a follower's looks at how far the cluster has covered: the leader's batches
 # come once a second.
 _FOLLOW_EVERY: Final = 0.2
@@ -341,11 +339,11 @@ class Reconciler:
             now = self._clock()
             lookback = now - self.settings.lookback_max
             if gap is not None:
-                since = lookback if gap.start is None else max(gap.start - _MARGIN, lookback)
+                since = lookback if gap.start is None else max(gap.start - MARGIN, lookback)
             elif self._pulled_at is None:
-                since = now - self.settings.interval - _MARGIN
+                since = now - self.settings.interval - MARGIN
             else:
-                since = self._pulled_at - _MARGIN
+                since = self._pulled_at - MARGIN
             records, handled = await cluster.calls_since(since)
         except ListenerError as exc:
             _log.warning("the shared call map does not answer; listing calls here", error=str(exc))
@@ -379,7 +377,7 @@ class Reconciler:
             state,
             since=gap.start,
             now=now,
-            margin=_MARGIN,
+            margin=MARGIN,
             lookback_max=settings.lookback_max,
         )
 

@@ -43,6 +43,7 @@ __all__ = [
     "Status",
     "StatusMap",
     "Transition",
+    "adopted",
     "format_time",
     "parse_time",
 ]
@@ -369,6 +370,34 @@ _FIRST_ORIGINS: Final = {
 }
 
 
+def adopted(known: CallRecord | None, record: CallRecord) -> CallRecord | None:
+    """What another instance's ``record`` of a call makes of the one known here (None: the
+    call is not known), or None when it adds nothing.
+
+    The one further along (by status, then last event) keeps its status, origins and the
+    fields it has; the other fills what it lacks (parties, times), so a record that only adds
+    fields is taken too. Never backwards: a late record never reopens an ended call.
+    """
+    if known is None:
+        return record
+    if (record.rank(), record.last_event_at) > (known.rank(), known.last_event_at):
+        ahead, behind = record, known
+    else:
+        ahead, behind = known, record
+    taken = _record(
+        known.call_key,
+        ahead.status,
+        max(record.last_event_at, known.last_event_at),
+        ahead.from_number or behind.from_number,
+        ahead.to_number or behind.to_number,
+        behind.started_at if ahead.started_at is None else ahead.started_at,
+        behind.answered_at if ahead.answered_at is None else ahead.answered_at,
+        behind.ended_at if ahead.ended_at is None else ahead.ended_at,
+        ahead.origins,
+    )
+    return None if taken == known else taken
+
+
 class CallLookup(Protocol):
     """The call map as handlers read it (``ctx.calls``): live, and read-only."""
 
@@ -443,28 +472,12 @@ class CallState:
         self.resident[record.call_key] = record
 
     def adopt(self, record: CallRecord) -> bool:
-        """Take what another instance of a cluster knows of a call, if it got further (or the
-        map does not know the call); what the map knew fills what it lacks. Return whether
-        the map changed (the call is then saved as changed)."""
-        known = self.get(record.call_key)
-        if known is not None and (record.rank(), record.last_event_at) <= (
-            known.rank(),
-            known.last_event_at,
-        ):
+        """Take what another instance of a cluster knows of a call (see :func:`adopted`).
+        Return whether the map changed (the call is then saved as changed)."""
+        taken = adopted(self.get(record.call_key), record)
+        if taken is None:
             return False
-        if known is not None:
-            record = _record(
-                record.call_key,
-                record.status if record.rank() >= known.rank() else known.status,
-                max(record.last_event_at, known.last_event_at),
-                record.from_number or known.from_number,
-                record.to_number or known.to_number,
-                record.started_at if record.started_at is not None else known.started_at,
-                record.answered_at if record.answered_at is not None else known.answered_at,
-                record.ended_at if record.ended_at is not None else known.ended_at,
-                record.origins if record.rank() >= known.rank() else known.origins,
-            )
-        self.resident[record.call_key] = record
+        self.resident[record.call_key] = taken
         self._changed.add(record.call_key)
         return True
 
