@@ -246,7 +246,7 @@ class Daemon:
             parts.append(f"store answering; {spooled} events spooled")
         if self.shared_calls is not None and self.shared_calls.not_sharing:
             # Still ready: the call map goes on locally, and is shared once the store takes it.
-            parts.append("call map kept locally: store not answering")
+            parts.append("store not taking the call map; kept locally")
         return "; ".join(parts) or None
 
     def status_line(self) -> str:
