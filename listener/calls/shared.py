@@ -5,11 +5,12 @@ an instance on its own does: events, lookups and reads back never wait for the n
 that file is the durable record of what the instance knows. :class:`SharedCallStore` writes
 every batch there first; the leader also writes it into the shared tables (``sippet_calls``,
 ``sippet_handled_calls``, ``sippet_moments``, schema version 4), with the moment until which
-it missed nothing. Every instance hears every event, so one writer is enough, and the others
-add neither load nor row locks to the store the claims use (two instances writing the same
-calls at 1,000 events/s contended for the same rows every batch). Rows merge all the same: a
-call keeps the furthest status written (with the origins of that one), the latest last event
-and every field one writer knew; the moment never goes back.
+it missed nothing if it reconciles its gaps (``[calls] reconcile``; without, it cannot vouch
+for a gap of its own, so it writes none). Every instance hears every event, so one writer is
+enough, and the others add neither load nor row locks to the store the claims use (two
+instances writing the same calls at 1,000 events/s contended for the same rows every batch).
+Rows merge all the same: a call keeps the furthest status written (with the origins of that
+one), the latest last event and every field one writer knew; the moment never goes back.
 
 What is shared is whole up to the moment written with it: an instance that starts writing
 (it became leader, or the store answers again after a batch it did not take) first writes,
@@ -21,11 +22,13 @@ batch it takes catches up from the file, across restarts too. The ids handed on 
 lifecycle events stay local: the claims (``listener.cluster.claims``) make those once-only.
 
 An instance that starts reads the open calls and those of the last minute before it loads its
-map (into its own file, so that they can be let go of and read back).
+map (into its own file, so that they can be let go of and read back). Only the leader keeps a
+connection between batches.
 
 :class:`ClusterCalls` is what the reconciler asks: whether this instance leads, how far the
 cluster has covered, and the calls that moved since a moment (those the leader rebuilt from
-``list_calls`` after a gap they all shared), so that one instance lists calls for all.
+``list_calls`` after a gap they all shared), so that one instance lists calls for all; those
+are read on a worker thread, off the event loop.
 """
 
 from __future__ import annotations
@@ -195,8 +198,11 @@ class SharedCallStore:
         self._retry_at = 0.0 if answering else time.monotonic() + timeout
         #: Whether the latest batch the leader asked to share did not reach the store.
         self.down = not answering
-        # Whether every batch since this instance's catch-up reached the store.
+        # Whether every batch since this instance's catch-up reached the store, and whether
+        # the latest one it tried did not (not merely untried: a store that did not answer
+        # at open is not said to refuse the map before the instance leads and tries).
         self._in_step = False
+        self._refused = False
         # The moment until which the cluster missed nothing, as read at open.
         self._covered: float | None = None
         self.local = CallStore(path)
@@ -270,17 +276,20 @@ class SharedCallStore:
         except psycopg.Error as exc:
             self._failed(exc)
             self._in_step = False
+            self._refused = True
             return
         self._in_step = True
+        self._refused = False
         if self.down:
             self.down = False
             _log.info("the shared store takes the call map again")
 
     @property
     def not_sharing(self) -> bool:
-        """Whether this instance leads and the store did not take its latest batch: the call
-        map goes on in the local file until it does (what ``/readyz`` and ``STATUS=`` say)."""
-        return self.down and self._leads()
+        """Whether this instance leads and the store did not take the latest batch it tried:
+        the call map goes on in the local file until it does (what ``/readyz`` and
+        ``STATUS=`` say)."""
+        return self._refused and self._leads()
 
     def _may_try(self) -> bool:
         return self._conn is not None or time.monotonic() >= self._retry_at
