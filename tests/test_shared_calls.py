@@ -32,6 +32,7 @@ from listener.cluster.url import StoreUrl
 from listener.core.events import Event
 from listener.core.ids import lifecycle_id
 from listener.rpc.client import RpcClient
+from listener.service.daemon import Daemon
 from listener.testing import FakeSippet, running_daemon
 from listener.testing.receiver import WebhookReceiver
 from tests.tcpproxy import proxied
@@ -48,10 +49,15 @@ def ringing(key: str, at: float = NOW) -> CallRecord:
     )
 
 
-def opened(directory: Path, url: StoreUrl, timeout: float = 2.0) -> SharedCallStore:
+def opened(
+    directory: Path,
+    url: StoreUrl,
+    timeout: float = 2.0,
+    leads: Callable[[], bool] = lambda: True,
+) -> SharedCallStore:
+    """A call store in ``directory`` (made if need be) of an instance sharing ``url``."""
     directory.mkdir(exist_ok=True)
-    path = directory / "calls.sqlite3"
-    return SharedCallStore(path, url=url, timeout=timeout, leads=lambda: True)
+    return SharedCallStore(directory / "calls.sqlite3", url=url, timeout=timeout, leads=leads)
 
 
 async def shared_calls(url: StoreUrl) -> dict[str, tuple[str, float | None, float | None]]:
@@ -174,14 +180,7 @@ async def test_what_the_store_did_not_take_reaches_it_from_the_local_file_once_i
 
 
 async def test_only_the_leader_writes_the_shared_map(tmp_path: Path, store: StoreUrl) -> None:
-    (tmp_path / "f").mkdir()
-    follower = await asyncio.to_thread(
-        SharedCallStore,
-        tmp_path / "f" / "calls.sqlite3",
-        url=store,
-        timeout=2.0,
-        leads=lambda: False,
-    )
+    follower = await asyncio.to_thread(opened, tmp_path / "f", store, leads=lambda: False)
     try:
         await asyncio.to_thread(follower.save, NOW, calls=[ringing("c1")], seen_until=NOW)
         assert [r.call_key for r in follower.calls()] == ["c1"]
@@ -301,14 +300,20 @@ async def connections(url: StoreUrl) -> int:
     return int(count)
 
 
-async def test_a_leader_that_does_not_reconcile_shares_its_calls_but_no_covered_moment(
-    fake: FakeSippet, store: StoreUrl
-) -> None:
-    # The harness's default: [calls] reconcile off.
+@contextlib.asynccontextmanager
+async def leading(fake: FakeSippet, store: StoreUrl) -> AsyncIterator[Daemon]:
+    """A daemon on ``store`` (with the harness's ``[calls] reconcile`` off), once it leads."""
     async with running_daemon(fake, [], store=store.conninfo) as daemon:
         shared = daemon.store
         assert shared is not None
         await until(lambda: shared.elector.is_leader)
+        yield daemon
+
+
+async def test_a_leader_that_does_not_reconcile_shares_its_calls_but_no_covered_moment(
+    fake: FakeSippet, store: StoreUrl
+) -> None:
+    async with leading(fake, store):
         await fake.call_event("incoming_call", "c1")
         await until(lambda: _has(store, "c1"))
     # It heard c1, but a gap of its own it would not have rebuilt: no moment claims that the
@@ -323,10 +328,7 @@ async def _has(store: StoreUrl, key: str) -> bool:
 async def test_a_leader_whose_call_map_the_store_does_not_take_says_so_and_stays_ready(
     fake: FakeSippet, store: StoreUrl
 ) -> None:
-    async with running_daemon(fake, [], store=store.conninfo) as daemon:
-        shared = daemon.store
-        assert shared is not None
-        await until(lambda: shared.elector.is_leader)
+    async with leading(fake, store) as daemon:
         # The claims' tables answer; the call map's does not.
         await execute(store, "ALTER TABLE sippet_calls RENAME TO sippet_calls_away")
         await fake.call_event("incoming_call", "c1")
@@ -346,14 +348,7 @@ async def test_a_follower_holds_no_connection_to_the_shared_map(
     tmp_path: Path, store: StoreUrl
 ) -> None:
     leads = False
-    (tmp_path / "a").mkdir()
-    calls = await asyncio.to_thread(
-        SharedCallStore,
-        tmp_path / "a" / "calls.sqlite3",
-        url=store,
-        timeout=2.0,
-        leads=lambda: leads,
-    )
+    calls = await asyncio.to_thread(opened, tmp_path / "a", store, leads=lambda: leads)
     try:
         # It read the cluster's calls at open, then let go of its connection.
         await until(lambda: _connections_are(store, 0))
@@ -424,14 +419,11 @@ async def test_a_store_opened_later_takes_what_the_shared_map_adds_to_calls_it_k
     tmp_path: Path, store: StoreUrl
 ) -> None:
     follower = tmp_path / "b"
-    follower.mkdir()
     ended = CallRecord(
         "c2", "ended", NOW + 9, "+100", None, NOW, None, NOW + 9,
         shared_origins({"ringing": "realtime", "ended": "realtime"}),
     )  # fmt: skip
-    mine = await asyncio.to_thread(
-        SharedCallStore, follower / "calls.sqlite3", url=store, timeout=2.0, leads=lambda: False
-    )
+    mine = await asyncio.to_thread(opened, follower, store, leads=lambda: False)
     try:
         await asyncio.to_thread(mine.save, NOW + 9, calls=[ringing("c1"), ended])
     finally:
@@ -453,9 +445,7 @@ async def test_a_store_opened_later_takes_what_the_shared_map_adds_to_calls_it_k
         )
     finally:
         leader.close()
-    again = await asyncio.to_thread(
-        SharedCallStore, follower / "calls.sqlite3", url=store, timeout=2.0, leads=lambda: False
-    )
+    again = await asyncio.to_thread(opened, follower, store, leads=lambda: False)
     try:
         records = {record.call_key: record for record in again.calls()}
     finally:
