@@ -423,12 +423,19 @@ async def test_a_store_opened_later_takes_what_the_shared_map_adds_to_calls_it_k
         "c2", "ended", NOW + 9, "+100", None, NOW, None, NOW + 9,
         shared_origins({"ringing": "realtime", "ended": "realtime"}),
     )  # fmt: skip
+    # And c3 ended here ten minutes ago.
+    gone = time.time() - 600
+    long_ended = CallRecord(
+        "c3", "ended", gone, "+100", None, gone - 5, None, gone,
+        shared_origins({"ringing": "realtime", "ended": "realtime"}),
+    )  # fmt: skip
     mine = await asyncio.to_thread(opened, follower, store, leads=lambda: False)
     try:
-        await asyncio.to_thread(mine.save, NOW + 9, calls=[ringing("c1"), ended])
+        await asyncio.to_thread(mine.save, NOW + 9, calls=[ringing("c1"), ended, long_ended])
     finally:
         mine.close()
-    # The leader heard the same of c1 with its callee, and c2 only ring (with its callee).
+    # The leader heard the same of c1 with its callee, c2 only ring (with its callee), and
+    # never c3's end.
     leader = await asyncio.to_thread(opened, tmp_path / "a", store)
     try:
         known = CallRecord(
@@ -441,7 +448,9 @@ async def test_a_store_opened_later_takes_what_the_shared_map_adds_to_calls_it_k
             origins=shared_origins({"ringing": "realtime"}),
         )
         await asyncio.to_thread(
-            leader.save, NOW, calls=[known, replace(ringing("c2"), to_number="+300")]
+            leader.save,
+            NOW,
+            calls=[known, replace(ringing("c2"), to_number="+300"), ringing("c3", gone - 5)],
         )
     finally:
         leader.close()
@@ -452,6 +461,7 @@ async def test_a_store_opened_later_takes_what_the_shared_map_adds_to_calls_it_k
         again.close()
     assert records["c1"] == known
     assert records["c2"] == replace(ended, to_number="+300")
+    assert records["c3"] == long_ended
 
 
 async def test_a_follower_reads_the_shared_map_on_a_connection_of_its_own(

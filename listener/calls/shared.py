@@ -235,10 +235,14 @@ class SharedCallStore:
             self._idle()
         self._covered = None if covered is None else float(covered[0])
         known = {record.call_key: record for record in self.local.calls(since)}
+        # A call that ended here longer ago than that stays ended: the shared map may still
+        # have it open (its leader missed the end), and a late record never reopens a call.
+        ended = set(self.local.ended_keys()).difference(known)
         taken = [
             record
             for found in records
-            if (record := adopted(known.get(found.call_key), found)) is not None
+            if found.call_key not in ended
+            and (record := adopted(known.get(found.call_key), found)) is not None
         ]
         self.local.save(now, calls=taken, handled_calls=pairs)
         _log.info(
