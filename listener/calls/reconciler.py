@@ -84,6 +84,9 @@ _FOLLOW_EVERY: Final = 0.2
 # Seconds a follower waits for the leader's pass over a gap before it lists calls itself: a
 # leader that rejoined passes within a second or two.
 _FOLLOW_AT_MOST: Final = 10.0
+# Calls a follower takes from the shared map between two turns of the event loop: adopting
+# 10,000 open calls held it for 28 ms in one go (2.8 µs each), a batch of 1,000 for 3 ms.
+_ADOPT_BATCH: Final = 1000
 
 
 class Cluster(Protocol):
@@ -349,7 +352,12 @@ class Reconciler:
             _log.warning("the shared call map does not answer; listing calls here", error=str(exc))
             return False
         self._pulled_at = now
-        adopted = self._tracker.adopt(records, handled)
+        adopted = 0
+        for start in range(0, len(records), _ADOPT_BATCH):
+            # Events merged in between are no harm: a call only ever moves forward.
+            adopted += self._tracker.adopt(records[start : start + _ADOPT_BATCH], ())
+            await asyncio.sleep(0)
+        self._tracker.adopt((), handled)
         self._backoff.reset()
         if gap is not None:
             message = "reconciled from the shared call map"
