@@ -37,7 +37,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import httpx
 import structlog
@@ -466,30 +466,16 @@ class Daemon:
             raise ListenerError(
                 f"service.state_dir: cannot create {state_dir}: {exc.strerror}"
             ) from None
-        opener = CallStore if self.store is None else self._shared_calls(self.store)
+        opener = (
+            CallStore
+            if self.store is None
+            else _shared_calls(self.store, covers=self.reconciler.settings.enabled)
+        )
         store, last_seen = await Persister.open(store_path(state_dir), self.tracker, opener)
+        if self.store is not None:
+            self.shared_calls = cast("SharedCallStore", store)
         self.reconciler.resume(last_seen)
         return Persister(store, self.tracker, self.reconciler.covered_until, retain=retain)
-
-    def _shared_calls(self, store: SharedStore) -> Callable[[Path], CallBackend]:
-        """The opener of the call store of an instance sharing ``store`` (tried at once only
-        if the store answered at start); it keeps what it opened in :attr:`shared_calls`."""
-        from listener.calls.shared import SharedCallStore
-
-        elector = store.elector
-
-        def open_shared(path: Path) -> CallBackend:
-            self.shared_calls = SharedCallStore(
-                path,
-                url=store.url,
-                timeout=store.connect_timeout,
-                leads=lambda: elector.is_leader,
-                covers=self.reconciler.settings.enabled,
-                answering=store.ready.is_set(),
-            )
-            return self.shared_calls
-
-        return open_shared
 
     def _health_server(self) -> HealthServer | None:
         address = self.settings.service.metrics_address
@@ -583,6 +569,22 @@ def _cluster_calls(store: SharedStore) -> Cluster:
     from listener.calls.shared import ClusterCalls
 
     return ClusterCalls(store)
+
+
+def _shared_calls(store: SharedStore, *, covers: bool) -> Callable[[Path], CallBackend]:
+    """The opener of the call store of an instance sharing ``store`` (tried at once only if
+    the store answered at start); ``covers``: whether this instance reconciles its gaps."""
+    from listener.calls.shared import SharedCallStore
+
+    elector = store.elector
+    return functools.partial(
+        SharedCallStore,
+        url=store.url,
+        timeout=store.connect_timeout,
+        leads=lambda: elector.is_leader,
+        covers=covers,
+        answering=store.ready.is_set(),
+    )
 
 
 def _share_outbox(handler: Handler, store: SharedStore, settings: StoreSettings) -> None:
