@@ -57,7 +57,15 @@ def opened(
 ) -> SharedCallStore:
     """A call store in ``directory`` (made if need be) of an instance sharing ``url``."""
     directory.mkdir(exist_ok=True)
-    return SharedCallStore(directory / "calls.sqlite3", url=url, timeout=timeout, leads=leads)
+    return SharedCallStore(
+        directory / "calls.sqlite3",
+        url=url,
+        timeout=timeout,
+        leads=leads,
+        covers=True,
+        # "The last minute" at open is counted from the records' own times.
+        clock=lambda: NOW + 10,
+    )
 
 
 async def shared_calls(url: StoreUrl) -> dict[str, tuple[str, float | None, float | None]]:
@@ -151,17 +159,17 @@ async def test_what_the_store_did_not_take_reaches_it_from_the_local_file_once_i
             proxy.refusing = True
             proxy.cut()
             await asyncio.to_thread(calls.save, NOW + 1, calls=[ringing("c1", NOW + 1)])
-            assert calls.down
+            assert calls.not_sharing
             # The map goes on locally.
             assert {r.call_key for r in calls.calls()} == {"c0", "c1"}
             proxy.refusing = False
             # Within the retry interval the store is not tried again.
             await asyncio.to_thread(calls.save, NOW + 2, calls=[ringing("c2", NOW + 2)])
-            assert calls.down
+            assert calls.not_sharing
             assert set(await shared_calls(store)) == {"c0"}
             await asyncio.sleep(0.35)
             await asyncio.to_thread(calls.save, NOW + 3, calls=[ringing("c3", NOW + 3)])
-            assert not calls.down
+            assert not calls.not_sharing
             assert set(await shared_calls(store)) == {"c0", "c1", "c2", "c3"}
 
             # Killed while the store was down: the next start's first batch hands it over.
@@ -382,7 +390,7 @@ async def test_the_persister_closes_the_shared_call_store_off_the_event_loop(
             super().close()
 
     calls = await asyncio.to_thread(
-        Watched, tmp_path / "calls.sqlite3", url=store, timeout=2.0, leads=lambda: True
+        Watched, tmp_path / "calls.sqlite3", url=store, timeout=2.0, leads=lambda: True, covers=True
     )
     persister = Persister(calls, CallTracker(), lambda now: None, retain=3600.0)
     await persister.close()
@@ -413,6 +421,23 @@ def test_a_record_that_only_adds_fields_is_adopted_and_never_moves_a_call_back()
     )  # fmt: skip
     assert tracker.get("c2") == callee
     assert {r.call_key for r in tracker.state.changed()} == {"c1", "c2"}
+    # Further along there, it missed the answer heard here: where each came from is kept.
+    answered = CallRecord(
+        "c3", "answered", NOW + 2, None, None, NOW, NOW + 2, None,
+        shared_origins({"ringing": "realtime", "answered": "realtime"}),
+    )  # fmt: skip
+    tracker.adopt([answered], [])
+    reconciled_end = CallRecord(
+        "c3", "ended", NOW + 30, None, None, NOW, None, NOW + 30,
+        shared_origins({"ringing": "realtime", "ended": "reconcile"}),
+    )  # fmt: skip
+    assert tracker.adopt([reconciled_end], []) == 1
+    record = tracker.get("c3")
+    assert record is not None
+    assert (record.status, record.answered_at) == ("ended", NOW + 2)
+    assert dict(record.origins) == {
+        "ringing": "realtime", "answered": "realtime", "ended": "reconcile",
+    }  # fmt: skip
 
 
 async def test_a_store_opened_later_takes_what_the_shared_map_adds_to_calls_it_knows(
@@ -424,7 +449,7 @@ async def test_a_store_opened_later_takes_what_the_shared_map_adds_to_calls_it_k
         shared_origins({"ringing": "realtime", "ended": "realtime"}),
     )  # fmt: skip
     # And c3 ended here ten minutes ago.
-    gone = time.time() - 600
+    gone = NOW - 600
     long_ended = CallRecord(
         "c3", "ended", gone, "+100", None, gone - 5, None, gone,
         shared_origins({"ringing": "realtime", "ended": "realtime"}),
@@ -464,7 +489,7 @@ async def test_a_store_opened_later_takes_what_the_shared_map_adds_to_calls_it_k
     assert records["c3"] == long_ended
 
 
-async def test_a_follower_reads_the_shared_map_on_a_connection_of_its_own(
+async def test_a_follower_reads_the_shared_map_on_a_worker_thread_on_a_connection_of_its_own(
     tmp_path: Path, store: StoreUrl
 ) -> None:
     leader = await asyncio.to_thread(opened, tmp_path / "a", store)
@@ -480,10 +505,21 @@ async def test_a_follower_reads_the_shared_map_on_a_connection_of_its_own(
         " VALUES ('c-bad', 'ringing', %s, 'not json')",
         (NOW,),
     )
+
+    class Watched(ClusterCalls):
+        read_on: threading.Thread | None = None
+
+        def _calls_since(self, since: float) -> tuple[list[CallRecord], list[tuple[str, str]]]:
+            self.read_on = threading.current_thread()
+            return super()._calls_since(since)
+
     # Never opened: its pool (the claims') is not what the follower's reads wait for.
-    cluster = ClusterCalls(SharedStore(store, tmp_path / "spool.sqlite3"))
+    cluster = Watched(SharedStore(store, tmp_path / "spool.sqlite3"))
     with capture_logs() as logs:
         records, handled = await cluster.calls_since(NOW - 60)
+    # Every open call of the cluster, made into records: not work for the event loop.
+    assert cluster.read_on is not None
+    assert cluster.read_on is not threading.current_thread()
     assert [record.call_key for record in records] == ["c1"]
     assert handled == [("c1", "incoming_call")]
     assert [line["call_key"] for line in logs if line["log_level"] == "warning"] == ["c-bad"]

@@ -353,11 +353,18 @@ class Reconciler:
             return False
         self._pulled_at = now
         adopted = 0
+        by_call: dict[str, list[tuple[str, str]]] = {}
+        for key, name in handled:
+            by_call.setdefault(key, []).append((key, name))
         for start in range(0, len(records), _ADOPT_BATCH):
-            # Events merged in between are no harm: a call only ever moves forward.
-            adopted += self._tracker.adopt(records[start : start + _ADOPT_BATCH], ())
+            batch = records[start : start + _ADOPT_BATCH]
+            # Each call with its handled events: between batches the persister may save and
+            # let go of a call adopted earlier, and a handled event applied after that would
+            # be dropped (the call not in memory), its event then admitted again. Events
+            # merged in between are no harm: a call only ever moves forward.
+            calls_handled = [pair for record in batch for pair in by_call.get(record.call_key, ())]
+            adopted += self._tracker.adopt(batch, calls_handled)
             await asyncio.sleep(0)
-        self._tracker.adopt((), handled)
         self._backoff.reset()
         if gap is not None:
             message = "reconciled from the shared call map"

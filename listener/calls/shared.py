@@ -60,6 +60,7 @@ from listener.cluster.url import StoreUrl
 __all__ = ["ClusterCalls", "SharedCallStore"]
 
 _log = structlog.get_logger(__name__)
+_NOT_TAKEN: Final = "the shared store does not take the call map; keeping it locally until it does"
 
 _COLUMNS: Final = (
     "call_key, status, last_event_at, from_number, to_number, started_at, answered_at,"
@@ -175,6 +176,7 @@ class SharedCallStore:
             it), otherwise its calls alone.
         answering: whether the shared store answered a moment ago (else it is first tried
             ``timeout`` seconds from now).
+        clock: wall-clock seconds (what "the last minute" at open is counted from).
 
     Raises:
         StoreError: the local file cannot be opened or written.
@@ -187,8 +189,9 @@ class SharedCallStore:
         url: StoreUrl,
         timeout: float,
         leads: Callable[[], bool],
-        covers: bool = True,
+        covers: bool,
         answering: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._url = url
         self._timeout = timeout
@@ -196,8 +199,8 @@ class SharedCallStore:
         self._covers = covers
         self._conn: psycopg.Connection[Any] | None = None
         self._retry_at = 0.0 if answering else time.monotonic() + timeout
-        #: Whether the latest batch the leader asked to share did not reach the store.
-        self.down = not answering
+        # Whether this outage of the store was logged: once, not at each batch's retry.
+        self._warned = not answering
         # Whether every batch since this instance's catch-up reached the store, and whether
         # the latest one it tried did not (not merely untried: a store that did not answer
         # at open is not said to refuse the map before the instance leads and tries).
@@ -207,7 +210,7 @@ class SharedCallStore:
         self._covered: float | None = None
         self.local = CallStore(path)
         try:
-            self._take_cluster(time.time())
+            self._take_cluster(clock())
         except BaseException:
             self.close()
             raise
@@ -229,7 +232,7 @@ class SharedCallStore:
                 pairs = [(key, name) for key, name in conn.execute(_HANDLED_OF, {"keys": keys})]
                 covered = conn.execute(_READ_COVERED).fetchone()
         except psycopg.Error as exc:
-            self._failed(exc)
+            self._failed(exc, "the shared call map could not be read; going on from the local file")
             return
         finally:
             self._idle()
@@ -278,14 +281,14 @@ class SharedCallStore:
                 with attempt:
                     self._write(now, calls, handled_calls, seen_until)
         except psycopg.Error as exc:
-            self._failed(exc)
+            self._failed(exc, _NOT_TAKEN)
             self._in_step = False
             self._refused = True
             return
         self._in_step = True
         self._refused = False
-        if self.down:
-            self.down = False
+        if self._warned:
+            self._warned = False
             _log.info("the shared store takes the call map again")
 
     @property
@@ -342,14 +345,13 @@ class SharedCallStore:
             self._conn = _connect(self._url, self._timeout)
         return self._conn
 
-    def _failed(self, exc: psycopg.Error) -> None:
-        """The store did not take a batch: close the connection, try again after
-        ``timeout``."""
-        if not self.down:
-            self.down = True
+    def _failed(self, exc: psycopg.Error, message: str) -> None:
+        """The store did not answer (``message`` says what it means here): close the
+        connection, try again after ``timeout``."""
+        if not self._warned:
+            self._warned = True
             _log.warning(
-                "the shared store does not take the call map; keeping it locally until it does",
-                error=self._url.scrub(" ".join(str(exc).split()) or type(exc).__name__),
+                message, error=self._url.scrub(" ".join(str(exc).split()) or type(exc).__name__)
             )
         self._close_connection()
         self._retry_at = time.monotonic() + self._timeout
@@ -397,7 +399,7 @@ class SharedCallStore:
                             if conn.execute(statement, params).rowcount < PRUNE_BATCH:
                                 break
             except psycopg.Error as exc:
-                self._failed(exc)
+                self._failed(exc, _NOT_TAKEN)
         return forgotten
 
     def close(self) -> None:

@@ -346,8 +346,16 @@ def shared_origins(origins: Mapping[Status, Origin]) -> Mapping[Status, Origin]:
     items = tuple(origins.items())
     shared = _SHARED_ORIGINS.get(items)
     if shared is None:
-        shared = _SHARED_ORIGINS[items] = dict(items)
+        # setdefault, not a test then a store: the follower's read makes records on a thread
+        # of its own, and two threads storing two mappings would leave one in use unshared
+        # (whose id() _origins_after could later see reused).
+        shared = _SHARED_ORIGINS.setdefault(items, dict(items))
     return shared
+
+
+def _in_order(origins: Mapping[Status, Origin]) -> dict[Status, Origin]:
+    """``origins`` in the statuses' order (as the merge makes them: one shared mapping)."""
+    return {status: origins[status] for status in STATUSES if status in origins}
 
 
 def _origins_after(
@@ -374,9 +382,10 @@ def adopted(known: CallRecord | None, record: CallRecord) -> CallRecord | None:
     """What another instance's ``record`` of a call makes of the one known here (None: the
     call is not known), or None when it adds nothing.
 
-    The one further along (by status, then last event) keeps its status, origins and the
-    fields it has; the other fills what it lacks (parties, times), so a record that only adds
-    fields is taken too. Never backwards: a late record never reopens an ended call.
+    The one further along (by status, then last event) keeps its status and the fields it
+    has; the other fills what it lacks (parties, times, where a transition came from), so a
+    record that only adds fields is taken too. Never backwards: a late record never reopens
+    an ended call.
     """
     if known is None:
         return record
@@ -393,7 +402,9 @@ def adopted(known: CallRecord | None, record: CallRecord) -> CallRecord | None:
         behind.started_at if ahead.started_at is None else ahead.started_at,
         behind.answered_at if ahead.answered_at is None else ahead.answered_at,
         behind.ended_at if ahead.ended_at is None else ahead.ended_at,
-        ahead.origins,
+        ahead.origins
+        if behind.origins.keys() <= ahead.origins.keys()
+        else shared_origins(_in_order({**behind.origins, **ahead.origins})),
     )
     return None if taken == known else taken
 
@@ -474,11 +485,18 @@ class CallState:
     def adopt(self, record: CallRecord) -> bool:
         """Take what another instance of a cluster knows of a call (see :func:`adopted`).
         Return whether the map changed (the call is then saved as changed)."""
-        taken = adopted(self.get(record.call_key), record)
+        key = record.call_key
+        known = self.resident.get(key)
+        if known is None and self._evicted is not None and key in self._evicted:
+            # Taken back in as an event of it would be, with the lifecycle events handed on
+            # of it: read only, it would come back into memory without them, and a repeat of
+            # one would be handed on again.
+            known = self._recall(key)
+        taken = adopted(known, record)
         if taken is None:
             return False
-        self.resident[record.call_key] = taken
-        self._changed.add(record.call_key)
+        self.resident[key] = taken
+        self._changed.add(key)
         return True
 
     def open_calls(self) -> list[CallRecord]:

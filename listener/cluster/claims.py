@@ -591,8 +591,8 @@ class Claims:
     ) -> list[Any]:
         for attempt in conflict_attempts():
             with attempt:
-                rows = await bounded(self._fetch(query, params), self._timeout, self.abandoned)
-        return rows
+                return await bounded(self._fetch(query, params), self._timeout, self.abandoned)
+        raise AssertionError("the last try returns or raises")
 
     async def _fetch(self, query: LiteralString, params: dict[str, Any]) -> list[Any]:
         async with self._pool.connection() as conn:

@@ -25,7 +25,6 @@ from listener.core.errors import ListenerError
 __all__ = [
     "PRUNE_BATCH",
     "Abandoned",
-    "Attempt",
     "StoreError",
     "StoreRefused",
     "StoreUnreachable",
@@ -94,7 +93,7 @@ def connection_options(connect_timeout: float) -> dict[str, Any]:
     }
 
 
-class Attempt:
+class ConflictAttempt:
     """One try of :func:`conflict_attempts`: a context manager that swallows a conflict,
     unless it is the last try."""
 
@@ -102,7 +101,7 @@ class Attempt:
         self._last = last
         self.conflicted = False
 
-    def __enter__(self) -> Attempt:
+    def __enter__(self) -> ConflictAttempt:
         return self
 
     def __exit__(
@@ -118,7 +117,7 @@ class Attempt:
         return True
 
 
-def conflict_attempts(retries: int = _CONFLICT_RETRIES) -> Iterator[Attempt]:
+def conflict_attempts(retries: int = _CONFLICT_RETRIES) -> Iterator[ConflictAttempt]:
     """The tries of work the server may abort to break a deadlock or a serialization
     conflict (sync or async alike): the next try runs it again, and the last one's conflict
     is raised, as is any other error at once::
@@ -128,7 +127,7 @@ def conflict_attempts(retries: int = _CONFLICT_RETRIES) -> Iterator[Attempt]:
                 rows = run()
     """
     for left in range(retries, -1, -1):
-        attempt = Attempt(last=left == 0)
+        attempt = ConflictAttempt(last=left == 0)
         yield attempt
         if not attempt.conflicted:
             return

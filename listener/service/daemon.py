@@ -37,7 +37,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import httpx
 import structlog
@@ -473,7 +473,10 @@ class Daemon:
         )
         store, last_seen = await Persister.open(store_path(state_dir), self.tracker, opener)
         if self.store is not None:
-            self.shared_calls = cast("SharedCallStore", store)
+            from listener.calls.shared import SharedCallStore
+
+            if isinstance(store, SharedCallStore):
+                self.shared_calls = store
         self.reconciler.resume(last_seen)
         return Persister(store, self.tracker, self.reconciler.covered_until, retain=retain)
 
