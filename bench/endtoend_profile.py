@@ -210,8 +210,8 @@ _PATH = (
     ("handle", "commit_start", "writer wakes, hop to the outbox thread"),
     ("commit_start", "commit_end", "commit: INSERT + attempts + COMMIT (SQLite)"),
     ("commit_end", "committed", "hop back to the loop: _on_commit"),
-    ("committed", "claim_start", "worker wakes, hop to the outbox thread"),
-    ("claim_start", "claim_end", "claim: the due rows, read (SQLite)"),
+    ("committed", "claim_start", "worker wakes, hop to the outbox thread (0: commit claimed)"),
+    ("claim_start", "claim_end", "claim: the due rows, read (0: the commit claimed it)"),
     ("claim_end", "attempt", "hop back, a slot takes the row, its task starts"),
     ("attempt", "post", "sign, headers"),
     ("post", "arrived", "HTTP: request written -> receiver has the body"),
@@ -304,6 +304,7 @@ def flood_counts(
         "rows per commit": counts.get("rows", 0) / commits,
         "outcomes per commit": counts.get("outcomes", 0) / commits,
         "rows per claim": counts.get("claimed", 0) / claims,
+        "rows claimed by their commit": counts.get("taken", 0) / count,
         "outbox-thread calls per delivery": (commits + claims) / count,
     }
 
