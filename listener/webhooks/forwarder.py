@@ -13,7 +13,8 @@ outcomes of finished attempts together on the outbox's own thread (:mod:`.store`
 attempted only once it is committed, so a crash loses nothing that was attempted, and
 redelivers (with the same ``webhook-id``) what was attempted but not yet recorded as delivered:
 delivery is at-least-once, receivers deduplicate on ``webhook-id``. Each destination has its
-own worker (:mod:`.worker`), woken by the commits that concern it.
+own worker (:mod:`.worker`), woken by the commits that concern it, or handed the rows a
+commit claimed for it (the shared store's outbox does that; the SQLite one does not).
 """
 
 from __future__ import annotations

@@ -17,7 +17,12 @@ commit), every ``renew_every`` seconds. An instance that dies stops renewing; on
 pass, its rows are due for any instance, under the same ``msg_id`` (the ``webhook-id``).
 A failure's outcome moves its row only while this instance still holds it (one taken over
 meanwhile is the new holder's to schedule); a 2xx marks it delivered whoever holds it.
-Per-call ordering looks at every pending row of the call, held anywhere.
+Per-call ordering looks at every pending row of the call, held anywhere. A commit leases its
+own new rows the same way, as it inserts them (those its worker has room for, due, of an
+enabled destination, in per-call order), and returns them to be attempted here: a fresh row
+then needs no claim after its commit. If a commit's answer is lost (the connection broke
+after the server committed it), the rows it leased are not known here: nobody renews them,
+and they are due again, for any instance, once their lease passes.
 
 An instance given a store keeps no delivery in its SQLite file: :func:`open_shared` moves the
 rows still pending there (from a run without a store) into the shared outbox, same ids, and

@@ -125,8 +125,10 @@ class Worker:
     It claims due rows ahead of its free slots (up to :data:`_PREFETCH` times
     ``max_in_flight``) and keeps them, claimed, in ``ready``; a slot that frees takes the
     next one without a trip to the outbox, and it claims again when fewer than
-    ``max_in_flight`` are left. Claimed rows are given back when the destination turns
-    unhealthy or gone, so that probes and the bound see the whole backlog.
+    ``max_in_flight`` are left. A commit may claim fresh rows for it too (up to
+    :meth:`room`, handed over by :meth:`take`): they join ``ready`` as claimed ones. Claimed
+    rows are given back when the destination turns unhealthy or gone, so that probes and the
+    bound see the whole backlog.
 
     Args:
         destination: what to deliver to.
