@@ -265,20 +265,24 @@ class SharedOutbox:
         #
         # A fresh row leased to this instance by its commit (``take``) needs no claim of the
         # worker's after it: FIXME figure.
-        news = None
+        news: tuple[LiteralString, dict[str, object]] | None = None
         if rows or delivered:
-            news = {**self._params(ttl=self._ttl), **_commit_params(rows, delivered, take)}
+            takes = _takes(rows, take)
+            ordered = [take is not None and r.destination in take.per_call for r in rows]
+            params = {**self._params(ttl=self._ttl), **_commit_params(rows, delivered)}
+            params.update(take=takes, per_call=ordered)
+            news = (sql.COMMIT[any(t and o for t, o in zip(takes, ordered, strict=True))], params)
         leased: list[tuple[int, str, str]] = []
         if not failed:
             if news is not None:
-                leased = conn.execute(sql.COMMIT, news).fetchall()
+                leased = conn.execute(*news).fetchall()
         else:
             with conn.transaction(), conn.cursor() as cursor:
                 if news is not None:
-                    leased = cursor.execute(sql.COMMIT, news).fetchall()
-                for statement, params in failures:
-                    if params:
-                        cursor.executemany(statement, params)
+                    leased = cursor.execute(*news).fetchall()
+                for statement, values in failures:
+                    if values:
+                        cursor.executemany(statement, values)
         for outcome in outcomes:
             self._held.get(outcome.destination, {}).pop(outcome.msg_id, None)
         return self._taken(rows, leased)
@@ -574,11 +578,9 @@ def open_shared(
     return shared
 
 
-def _commit_params(
-    rows: Sequence[NewDelivery], delivered: Sequence[Outcome], take: Take | None
-) -> dict[str, object]:
-    """The parameters of :data:`sql.COMMIT` but the outbox's own: the rows (and whether each
-    may be leased here) and the 2xx, one array a column."""
+def _commit_params(rows: Sequence[NewDelivery], delivered: Sequence[Outcome]) -> dict[str, object]:
+    """The parameters of :data:`sql.COMMIT` but the outbox's own and the leases': the rows
+    and the 2xx, one array a column."""
     attempts = [o.attempt for o in delivered]
     return {
         "destination": [r.destination for r in rows],
@@ -588,8 +590,6 @@ def _commit_params(
         "body": [r.body for r in rows],
         "created_at": [r.created_at for r in rows],
         "due_at": [r.due_at for r in rows],
-        "take": _takes(rows, take),
-        "per_call": [take is not None and r.destination in take.per_call for r in rows],
         "delivered_destination": [o.destination for o in delivered],
         "delivered_msg_id": [o.msg_id for o in delivered],
         "at": [a.at for a in attempts],

@@ -85,19 +85,25 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, (
 # The new rows the caller would take (``take``: its worker has room, and the row is due) are
 # leased to it as they are inserted, as CLAIM would lease them right after: not while their
 # destination is disabled, and with ``per_call``, not while a row of their call is pending
-# (the caller lets only the first row of a call in the batch ask). The statement returns
-# those it leased (those inserted: a row already stored is skipped and not leased). The
-# figure this bought is at SharedOutbox.commit.
-COMMIT = f"""
+# (the caller lets only the first row of a call in the batch ask). That last test is in the
+# statement only when a row needs it: the statement's planning took 0.30-0.33 ms with it,
+# 0.20 ms without, against 0.10-0.11 ms for the statement with no leases (EXPLAIN ANALYZE,
+# two new rows and two 2xx, side by side). The rows go in in the arrays' order (their seq,
+# which per-call ordering follows: no join here, which could reorder them). The statement
+# returns the rows it leased (of those inserted: a row already stored is skipped, and not
+# leased). The figure this bought is at SharedOutbox.commit.
+_IN_CALL_ORDER = """
+        AND (NOT n.per_call OR n.call_key IS NULL OR NOT EXISTS (
+            SELECT 1 FROM sippet_deliveries AS e
+            WHERE e.outbox = %(outbox)s AND e.destination = n.destination
+                AND e.call_key = n.call_key AND e.delivered_at IS NULL))"""
+COMMIT = {
+    per_call: f"""
 WITH new AS (
     SELECT n.*, n.take AND NOT EXISTS (
             SELECT 1 FROM sippet_destinations AS x
             WHERE x.outbox = %(outbox)s AND x.name = n.destination
-                AND x.disabled_at IS NOT NULL)
-        AND (NOT n.per_call OR n.call_key IS NULL OR NOT EXISTS (
-            SELECT 1 FROM sippet_deliveries AS e
-            WHERE e.outbox = %(outbox)s AND e.destination = n.destination
-                AND e.call_key = n.call_key AND e.delivered_at IS NULL)) AS leased
+                AND x.disabled_at IS NOT NULL){_IN_CALL_ORDER if per_call else ""} AS leased
     FROM unnest(%(destination)s::text[], %(msg_id)s::text[], %(event)s::text[],
         %(call_key)s::text[], %(body)s::bytea[], %(created_at)s::float8[],
         %(due_at)s::float8[], %(take)s::boolean[], %(per_call)s::boolean[])
@@ -123,6 +129,8 @@ marked AS (
         AND d.delivered_at IS NULL)
 SELECT seq, destination, msg_id FROM inserted WHERE holder IS NOT NULL
 """  # noqa: S608
+    for per_call in (False, True)
+}
 ATTEMPT = """
 INSERT INTO sippet_attempts
     (outbox, destination, msg_id, at, latency, status, error_class, error, answer, probe,
