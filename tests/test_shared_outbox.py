@@ -310,6 +310,38 @@ async def test_fresh_rows_go_out_without_a_claim_leased_by_their_commit_each_onc
     assert seen.claimed == []
 
 
+async def test_a_commit_leases_nothing_for_an_unhealthy_destination_its_probe_goes_first(
+    store: StoreUrl, tmp_path: Path
+) -> None:
+    async with WebhookReceiver() as receiver:
+        receiver.respond_with(503)
+        forwarder = WebhookForwarder(
+            # The first probe a second after the failure.
+            [destination(receiver.url, max_probe_interval=30.0)],
+            tmp_path / "unused.sqlite3",
+            poll_interval=0.02,
+            shared_outbox=lambda: shared(store, "h1"),
+        )
+        async with forwarder:
+            for i in range(2):
+                committed = forwarder.submit(Event("call_started", {}, "events", T0, id=f"e{i}"))
+                assert committed is not None
+                await asyncio.wait_for(committed, 10)
+                async with asyncio.timeout(10):
+                    # Judged on the loop after the answer: nothing to wait on but the view.
+                    while forwarder.views()[0].unhealthy_for is None:  # noqa: ASYNC110
+                        await asyncio.sleep(0.01)
+            async with await psycopg.AsyncConnection.connect(store.conninfo) as conn:
+                query = "SELECT holder FROM sippet_deliveries WHERE msg_id = 'e1'"
+                assert await (await conn.execute(query)).fetchall() == [(None,)]
+            assert len(receiver.requests) == 1
+            receiver.respond_with(200)
+            await receiver.wait_for(3, timeout=10)
+            await asyncio.sleep(0.1)
+    first, *then = [r.headers["webhook-id"] for r in receiver.requests]
+    assert (first, sorted(then)) == ("e0", ["e0", "e1"])
+
+
 def test_per_call_order_holds_across_holders(store: StoreUrl) -> None:
     with shared(store, "h1") as first, shared(store, "h2") as second:
         first.commit([new(1, call="c"), new(2, call="c")], [])
