@@ -271,23 +271,22 @@ class SharedOutbox:
         # p99 23.2 / 110.8 -> 15.6 / 76.0 ms, two instances 36.7 / 187.8 -> 34.6 / 127.2 ms
         # (bench/README.md).
         news: tuple[LiteralString, dict[str, object]] | None = None
-        if rows or delivered:
-            takes = _takes(rows, take)
+        takes = _takes(rows, take)
+        if any(takes):
             ordered = [take is not None and r.destination in take.per_call for r in rows]
             params = {**self._params(ttl=self._ttl), **_commit_params(rows, delivered)}
             params.update(take=takes, per_call=ordered)
-            news = (sql.COMMIT[any(t and o for t, o in zip(takes, ordered, strict=True))], params)
-        leased: list[tuple[int, str, str]] = []
-        if not failed:
+            per_call = any(t and o for t, o in zip(takes, ordered, strict=True))
+            news = (sql.COMMIT_LEASING[per_call], params)
+        elif rows or delivered:
+            news = (sql.COMMIT, {**self._params(), **_commit_params(rows, delivered)})
+        with conn.transaction() if failed else contextlib.nullcontext(), conn.cursor() as cursor:
             if news is not None:
-                leased = conn.execute(*news).fetchall()
-        else:
-            with conn.transaction(), conn.cursor() as cursor:
-                if news is not None:
-                    leased = cursor.execute(*news).fetchall()
-                for statement, values in failures:
-                    if values:
-                        cursor.executemany(statement, values)
+                cursor.execute(*news)
+            leased = cursor.fetchall() if any(takes) else []
+            for statement, values in failures:
+                if values:
+                    cursor.executemany(statement, values)
         for outcome in outcomes:
             self._held.get(outcome.destination, {}).pop(outcome.msg_id, None)
         return self._taken(rows, leased)
