@@ -267,8 +267,8 @@ class SharedOutbox:
         # worker's after it. Traced at 500 events/s, one instance, four pairs side by side:
         # a row's way from its commit to its attempt went from p50 2.1-5.4 / p99 5.3-26.7 ms
         # to 0.23-0.45 / 1.1-3.2 ms, and the worker's claims from 509-1,346 per 2,000 events
-        # to 7-8. bench.ha quick, 11 pairs on a loaded machine: medians one instance p50 /
-        # p99 23.2 / 110.8 -> 15.6 / 76.0 ms, two instances 36.7 / 187.8 -> 34.6 / 127.2 ms
+        # to 7-8. bench.ha quick, 13 pairs on a loaded machine: medians one instance p50 /
+        # p99 23.2 / 89.1 -> 15.6 / 76.0 ms, two instances 36.7 / 204.3 -> 34.6 / 127.2 ms
         # (bench/README.md).
         news: tuple[LiteralString, dict[str, object]] | None = None
         takes = _takes(rows, take)
