@@ -107,9 +107,9 @@ COMMIT = f"WITH inserted AS ({_INSERTED}){_MARKED}"
 # ask). The statement returns the rows it leased (of those inserted: a row already stored is
 # skipped, and not leased). Each test is in a statement only where a batch needs it: the
 # planning took 0.30-0.37 ms with the per-call one, 0.20-0.26 ms without, 0.10-0.13 ms for
-# COMMIT (EXPLAIN ANALYZE, two new rows and two 2xx, side by side, three runs). The rows go in in the arrays'
-# order (their seq, which per-call ordering follows: no join here, which could reorder
-# them). The figure this bought is at SharedOutbox.commit.
+# COMMIT (EXPLAIN ANALYZE, two new rows and two 2xx, side by side, three runs). The rows go
+# in in the arrays' order (their seq, which per-call ordering follows: no join here, which
+# could reorder them). The figure this bought is at SharedOutbox.commit.
 _IN_CALL_ORDER = """
         AND (NOT n.per_call OR n.call_key IS NULL OR NOT EXISTS (
             SELECT 1 FROM sippet_deliveries AS e
