@@ -235,14 +235,15 @@ class Daemon:
         return True, f"joined; {store}" if store else "joined"
 
     def _store_state(self) -> str | None:
-        """What the shared store's claims are up to, when not simply answering."""
+        """What the shared store (the claims, the call map) is up to, when not simply answering."""
         if self.store is None:
             return None
         spooled = self.store.claims.spool.events
         parts = []
         if self.store.claims.down or not self.store.ready.is_set():
-            parts.append(f"store not answering; {spooled} events spooled")
-        elif spooled:
+            # Which says it of the call map too.
+            return f"store not answering; {spooled} events spooled"
+        if spooled:
             parts.append(f"store answering; {spooled} events spooled")
         if self.shared_calls is not None and self.shared_calls.not_sharing:
             # Still ready: the call map goes on locally, and is shared once the store takes it.
