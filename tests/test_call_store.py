@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from listener.calls.state import CallRecord, CallState
-from listener.calls.store import SCHEMA_VERSION, CallStore, StoreError
+from listener.calls.store import SCHEMA_VERSION, CallReader, CallStore, StoreError
 
 
 def test_a_new_store_is_empty(tmp_path: Path) -> None:
@@ -149,3 +149,66 @@ def test_a_first_store_loses_its_time_indexes_and_keeps_its_rows(tmp_path: Path)
         assert [name for (name,) in indexes if not name.startswith("sqlite_")] == []
         assert store.prune(11.0) == 1
         assert store.handled_ids() == set()
+
+
+def test_lifecycle_events_handed_on_are_kept_on_the_call_s_row_across_batches(
+    tmp_path: Path,
+) -> None:
+    """A call written again keeps the events handed on before; an event whose call the
+    batch does not write gets a row of its own; both read back, and prune with their rows."""
+    path = tmp_path / "calls.db"
+    state = CallState()
+    with CallStore(path) as store:
+        state.merge("incoming_call", {"callUuid": "c-1"}, "realtime", 10.0)
+        store.save(10.0, calls=state.changed(), handled_calls=[("c-1", "incoming_call")])
+        state.merge("call_ended", {"callUuid": "c-1"}, "realtime", 11.0)
+        store.save(11.0, calls=state.changed(), handled_calls=[("c-1", "call_ended")])
+        store.save(12.0, handled_calls=[("c-1", "call_transcript_completed")])
+    with CallStore(path) as store:
+        assert sorted(store.handled_calls()) == [
+            ("c-1", "call_ended"),
+            ("c-1", "call_transcript_completed"),
+            ("c-1", "incoming_call"),
+        ]
+        assert store.handled_calls(since=11.5) == [], "an ended call older than since"
+        assert store.conn.execute("SELECT count(*) FROM handled_calls").fetchone() == (1,)
+        reader = CallReader(path)
+        assert reader.handled_names("c-1") == {
+            "incoming_call",
+            "call_ended",
+            "call_transcript_completed",
+        }
+        reader.close()
+        store.prune(13.0)
+        assert store.handled_calls() == []
+
+
+def test_a_version_2_file_keeps_its_handled_rows(tmp_path: Path) -> None:
+    path = tmp_path / "calls.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            """
+            CREATE TABLE calls (
+                call_key TEXT PRIMARY KEY, status TEXT NOT NULL, last_event_at REAL NOT NULL,
+                from_number TEXT, to_number TEXT, started_at REAL, answered_at REAL,
+                ended_at REAL, origins TEXT NOT NULL
+            ) WITHOUT ROWID;
+            CREATE TABLE handled (id TEXT PRIMARY KEY, handled_at REAL NOT NULL) WITHOUT ROWID;
+            CREATE TABLE moments (name TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
+            CREATE TABLE handled_calls (
+                call_key TEXT NOT NULL, name TEXT NOT NULL, handled_at REAL NOT NULL,
+                PRIMARY KEY (call_key, name)
+            ) WITHOUT ROWID;
+            INSERT INTO calls VALUES
+                ('c-1', 'ringing', 10.0, '+1', NULL, 9.0, NULL, NULL, '{"ringing": "realtime"}');
+            INSERT INTO handled_calls VALUES ('c-1', 'incoming_call', 10.0);
+            PRAGMA user_version = 2;
+            """
+        )
+    conn.close()
+    state = CallState(CallStore(path).calls())
+    state.merge("call_answered", {"callUuid": "c-1"}, "realtime", 11.0)
+    with CallStore(path) as store:
+        store.save(11.0, calls=state.changed(), handled_calls=[("c-1", "call_answered")])
+        assert store.conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert sorted(store.handled_calls()) == [("c-1", "call_answered"), ("c-1", "incoming_call")]
