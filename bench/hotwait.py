@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.close()
     print(f"{began}-{time.strftime('%H:%M:%S')}: {args.rounds} rounds of {args.seconds:g} s at"
-          f" 500/s, each {args.pause:g} s after a drain of {args.drain:,}; medians of the rounds")  # fmt: skip
+          f" 500/s, each {args.pause:g} s after a drain of {args.drain:,}; medians")  # fmt: skip
     print("| client | p50 ms | p99 ms (rounds) | slowest 1 %: charged to (count, median ms) |")
     print("|---|---:|---:|---|")
     bare = statistics.median(variants[0].p99)
