@@ -14,17 +14,19 @@ Two looks, each against the same three processes as ``bench.endtoend``:
   the server's ``ts`` to the receiver's arrival; p50 / p99 of each stage, and the stages'
   mean over the slowest 1 % of events, which is where the p99 goes.
 
-``python -m bench.endtoend_profile [smoke|quick|full]`` prints both as markdown.
+``python -m bench.endtoend_profile [smoke|quick|full]`` prints both as markdown; with
+``--store N``, of a daemon on a PostgreSQL store beside N - 1 others (a database a look).
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from bench.endtoend import LOOP, SIZES, WEBHOOK_DAEMON, Contender, Receiver, Seq
 from bench.procs import BenchServer, Driver, cpu_seconds
 from bench.profile import Profile, record
 from bench.scenarios import percentile
+from tests.postgres import postgres_server
 
 __all__ = ["COMPONENTS", "cpu_profile", "latency_trace", "main"]
 
@@ -210,8 +213,8 @@ _PATH = (
     ("handle", "commit_start", "writer wakes, hop to the outbox thread"),
     ("commit_start", "commit_end", "commit: INSERT + attempts + COMMIT (SQLite)"),
     ("commit_end", "committed", "hop back to the loop: _on_commit"),
-    ("committed", "claim_start", "worker wakes, hop to the outbox thread"),
-    ("claim_start", "claim_end", "claim: the due rows, read (SQLite)"),
+    ("committed", "claim_start", "worker wakes, hop to the outbox thread (0: commit claimed)"),
+    ("claim_start", "claim_end", "claim: the due rows, read (0: the commit claimed it)"),
     ("claim_end", "attempt", "hop back, a slot takes the row, its task starts"),
     ("attempt", "post", "sign, headers"),
     ("post", "arrived", "HTTP: request written -> receiver has the body"),
@@ -221,35 +224,46 @@ _PATH = (
 @contextmanager
 def _traced(
     name: str, mode: str, logs: Path, options: dict[str, Any] | None
-) -> Iterator[tuple[BenchServer, Receiver, Driver, Seq]]:
-    """The three processes with the traced daemon, warmed up; logs named ``e2e-{name}-*``."""
+) -> Iterator[tuple[BenchServer, Receiver, list[Driver], Seq]]:
+    """The three processes with the traced daemon first, warmed up; logs named
+    ``e2e-{name}-*``. With ``instances`` in ``options`` (and a ``store``), that many
+    daemons on the store, the others untraced: an event one of them delivers has no stamps.
+    A ``store`` that is a callable gives each look a database of its own (the events' stable
+    ids repeat from look to look, and a store remembers those handled)."""
     from bench.endtoend import new_secret
 
     size = SIZES[mode]
     secret = new_secret()
     seq = Seq()
+    settings = dict(options or {})
+    count = int(settings.pop("instances", 1))
+    if callable(settings.get("store")):
+        settings["store"] = settings["store"]()
     server = BenchServer(logs / f"e2e-{name}-server.log")
     try:
         server.call("/configure", {"token_ttl": 3600})
         receiver = Receiver(secret, "lean", logs / f"e2e-{name}-receiver.log")
+        drivers: list[Driver] = []
         try:
-            driver = Driver(
-                WEBHOOK_DAEMON.label,
-                Path(sys.executable),
-                WEBHOOK_DAEMON.script,
-                server,
-                logs / f"e2e-{name}-daemon.log",
-                {"url": receiver.url, "secret": secret, "trace": True, **(options or {})},
-            )
-            try:
-                receiver.reset()
-                server.stream(size.warmup, seq.take(size.warmup))
-                receiver.wait(size.warmup, 30)
-                driver.stats()
-                yield server, receiver, driver, seq
-            finally:
-                driver.quit()
+            for n in range(count):
+                drivers.append(
+                    Driver(
+                        WEBHOOK_DAEMON.label,
+                        Path(sys.executable),
+                        WEBHOOK_DAEMON.script,
+                        server,
+                        logs / f"e2e-{name}-daemon{'' if n == 0 else n}.log",
+                        {"url": receiver.url, "secret": secret, "trace": n == 0, **settings},
+                    )
+                )
+            receiver.reset()
+            server.stream(size.warmup, seq.take(size.warmup))
+            receiver.wait(size.warmup, 30)
+            drivers[0].stats()
+            yield server, receiver, drivers, seq
         finally:
+            for driver in drivers:
+                driver.quit()
             receiver.close()
     finally:
         server.close()
@@ -259,13 +273,13 @@ def latency_trace(
     mode: str, logs: Path, *, options: dict[str, Any] | None = None, rate: float = 500.0
 ) -> tuple[dict[str, list[float]], list[float]]:
     """The traced daemon at ``rate`` events/s: each stage's ms per event, and the totals."""
-    with _traced("trace", mode, logs, options) as (server, receiver, driver, seq):
+    with _traced("trace", mode, logs, options) as (server, receiver, drivers, seq):
         count = int(rate * max(SIZES[mode].latency_seconds, 2.0))
         receiver.reset()
         server.stream(count, seq.take(count), rate=rate)
         records = receiver.wait(count, 10)["records"]
         time.sleep(0.2)
-        stamps = {int(k): v for k, v in driver.stats()["trace"].items()}
+        stamps = {int(k): v for k, v in drivers[0].stats()["trace"].items()}
     names = ("ts", "intake", "handle", "commit_start", "commit_end", "committed")
     names += ("claim_start", "claim_end", "attempt", "post", "answered")
     stages: dict[str, list[float]] = {label: [] for _, _, label in _PATH}
@@ -287,23 +301,26 @@ def flood_counts(
 ) -> dict[str, float]:
     """The traced daemon draining a flood: its calls to the outbox thread, per delivery."""
     count = SIZES[mode].drain_events
-    with _traced("counts", mode, logs, options) as (server, receiver, driver, seq):
+    with _traced("counts", mode, logs, options) as (server, receiver, drivers, seq):
         receiver.reset()
-        driver.pause()
+        for driver in drivers:
+            driver.pause()
         try:
             server.stream(count, seq.take(count))
             time.sleep(0.5)
         finally:
-            driver.resume()
+            for driver in drivers:
+                driver.resume()
         receiver.wait(count, 60 + count / 200)
         time.sleep(0.3)
-        counts: dict[str, int] = driver.stats()["counts"]
+        counts: dict[str, int] = drivers[0].stats()["counts"]
     commits, claims = counts.get("commits", 0) or 1, counts.get("claims", 0) or 1
     return {
         "deliveries": count,
         "rows per commit": counts.get("rows", 0) / commits,
         "outcomes per commit": counts.get("outcomes", 0) / commits,
         "rows per claim": counts.get("claimed", 0) / claims,
+        "rows claimed by their commit": counts.get("taken", 0) / count,
         "outbox-thread calls per delivery": (commits + claims) / count,
     }
 
@@ -382,19 +399,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cpu", action="store_true")
     parser.add_argument("--no-trace", action="store_true")
     parser.add_argument("--options", default="{}", help="extra daemon driver options (JSON)")
+    parser.add_argument(
+        "--store",
+        type=int,
+        metavar="INSTANCES",
+        help="trace a daemon on a PostgreSQL store (the test suite's server, started for the"
+        " run), beside INSTANCES - 1 untraced ones on it",
+    )
     args = parser.parse_args(argv)
     logs = RESULTS / f"{args.mode}-e2e"
     logs.mkdir(parents=True, exist_ok=True)
-    print(
-        report(
-            args.mode,
-            logs,
-            args.seconds,
-            cpu=not args.no_cpu,
-            trace=not args.no_trace,
-            options=json.loads(args.options),
+    options = json.loads(args.options)
+    with ExitStack() as stack:
+        if args.store is not None:
+            postgres = stack.enter_context(postgres_server())
+            names = (f"bench_trace_{n}" for n in itertools.count())
+            options.update(
+                store=lambda: postgres.create_database(next(names)), instances=args.store
+            )
+        print(
+            report(
+                args.mode,
+                logs,
+                args.seconds,
+                cpu=not args.no_cpu,
+                trace=not args.no_trace,
+                options=options,
+            )
         )
-    )
     return 0
 
 

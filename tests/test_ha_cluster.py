@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Final
 
 import psycopg
 import pytest
@@ -98,13 +99,25 @@ async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
             await asyncio.sleep(0.02)
 
 
-def reconciled(instances: list[ServiceProcess]) -> bool:
-    """Whether every instance has covered its first gap (its log says so): from then on it
-    asks list_calls only after a gap or for a refresh."""
-    return all(
-        any(str(line.get("event", "")).startswith("reconciled") for line in i.log_lines())
-        for i in instances
-    )
+# How an instance covered a gap, by what its log says then: it listed calls itself, or took
+# the leader's pass from the shared call map.
+COVERED: Final = {"reconciled": "listed", "reconciled from the shared call map": "followed"}
+
+
+def covered_how(instance: ServiceProcess) -> str | None:
+    """How the instance covered its first gap, by its log (None: not yet)."""
+    for line in instance.log_lines():
+        how = COVERED.get(str(line.get("event")))
+        if how is not None:
+            return how
+    return None
+
+
+def reconciled(instances: list[ServiceProcess], how: str | None = None) -> bool:
+    """Whether every instance has covered its first gap, ``how`` it was told to (``listed``
+    or ``followed``) if given: from then on it asks list_calls only after a gap or for a
+    refresh."""
+    return all(covered_how(i) in ((how,) if how else COVERED.values()) for i in instances)
 
 
 async def roles(instances: list[ServiceProcess]) -> dict[int, tuple[bool, int | None]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 from listener.calls.persister import Persister
@@ -208,6 +209,40 @@ async def test_ended_calls_leave_memory_once_saved_and_still_answer(tmp_path: Pa
     assert merged is not None
     assert merged.status == "ended"
     assert [(r.call_key, r.status) for r in tracker.open_calls()] == [("open", "ringing")]
+    await persister.close()
+
+
+async def test_a_call_let_go_of_and_adopted_from_the_cluster_keeps_what_was_handed_on(
+    tmp_path: Path,
+) -> None:
+    """Another instance's record of a call this one let go of (the follower's refresh)
+    brings it back with its lifecycle events handed on: a repeat is not handed on again."""
+    tracker = CallTracker()
+    persister = Persister(
+        CallStore(tmp_path / "calls.sqlite3"),
+        tracker,
+        lambda now: now,
+        retain=3600,
+        clock=lambda: 1000.0,
+        resident_for=60,
+        resident_ended=0,
+    )
+    hand_on(tracker, "incoming_call", "c1", 900.0)
+    hand_on(tracker, "call_ended", "c1", 901.0)
+    await persister.flush()
+    assert tracker.state.all_calls() == []
+    stored = tracker.get("c1")
+    assert stored is not None
+    # The other instance heard the callee, and its clock stamped the end a little later.
+    theirs = replace(stored, to_number="+200", last_event_at=901.2)
+    assert tracker.adopt([theirs], ()) == 1
+    adopted = tracker.get("c1")
+    assert adopted is not None
+    assert (adopted.status, adopted.to_number) == ("ended", "+200")
+    repeat = Event.create(
+        "call_ended", {"callUuid": "c1"}, "events", 1001.0, id=lifecycle_id("call_ended", "c1")
+    )
+    assert not tracker.admit(repeat)
     await persister.close()
 
 

@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -21,7 +22,7 @@ from listener.core.events import Event
 from listener.testing.receiver import WebhookReceiver
 from listener.webhooks.forwarder import WebhookForwarder
 from listener.webhooks.outbox import Outbox
-from listener.webhooks.outbox_rows import Attempt, Delivery, NewDelivery, Outcome
+from listener.webhooks.outbox_rows import Attempt, Claim, Delivery, NewDelivery, Outcome, Take
 from listener.webhooks.outbox_store import OutboxStore
 from listener.webhooks.shared_outbox import SharedOutbox, open_shared
 from tests.tcpproxy import FreezableProxy, proxied
@@ -103,6 +104,15 @@ def test_per_call_order_holds_a_later_row_while_an_earlier_one_is_pending(
     assert outbox.claim("a", T0, 10, per_call=True).rows == []
     outbox.commit([], [Outcome(attempt("msg_1"), "delivered")])
     assert ids(outbox.claim("a", T0, 10, per_call=True).rows) == ["msg_2"]
+
+
+def test_the_rows_a_commit_claims_are_claimed_each_once_whatever_the_store(
+    outbox: OutboxStore,
+) -> None:
+    taken = outbox.commit([new(1), new(2)], [], Take(T0, {"a": 1}))
+    claimed = outbox.claim("a", T0, 10).rows
+    assert sorted(ids(taken) + ids(claimed)) == ["msg_1", "msg_2"]
+    assert outbox.claim("a", T0, 10).rows == []
 
 
 def test_failures_reschedule_bury_and_disable_and_replay_brings_rows_back(
@@ -227,6 +237,109 @@ def test_a_lapsed_lease_hands_the_row_to_another_holder_and_a_renewed_one_does_n
         second.commit([], [Outcome(attempt("msg_1"), "delivered")])
         assert first.whereabouts("a", "msg_1") == ("delivered", T0)
         assert [a.status for a in first.attempts("msg_1")] == [503, 200]
+
+
+def test_a_commit_leases_its_new_rows_to_its_holder_as_a_claim_would_until_it_lapses(
+    store: StoreUrl,
+) -> None:
+    with shared(store, "h1", ttl=0.3) as first, shared(store, "h2") as second:
+        # One row within the limit; one past it and one not due yet stay for any claim.
+        taken = first.commit([new(1), new(2), new(3, due=T0 + 5)], [], Take(T0, {"a": 1}))
+        assert ids(taken) == ["msg_1"]
+        assert ids(second.claim("a", T0 + 5, 10).rows) == ["msg_2", "msg_3"]
+        for _ in range(4):
+            time.sleep(0.15)
+            first.renew()
+        assert second.claim("a", T0 + 5, 10).rows == []
+        time.sleep(0.4)
+        # Lapsed (its holder stopped renewing): the same row, the same webhook-id.
+        assert second.claim("a", T0 + 5, 10).rows == taken
+        second.commit([], [Outcome(attempt("msg_1"), "delivered")])
+        assert first.whereabouts("a", "msg_1") == ("delivered", T0)
+
+
+def test_a_commit_leases_no_row_of_a_disabled_destination_nor_one_behind_its_call(
+    store: StoreUrl,
+) -> None:
+    take = Take(T0, {"a": 10}, frozenset({"a"}))
+    with shared(store, "h1") as first, shared(store, "h2") as second:
+        taken = first.commit([new(1, call="c"), new(2, call="c"), new(3, call="d")], [], take)
+        assert ids(taken) == ["msg_1", "msg_3"]
+        # msg_3 of call d is pending: msg_4 waits behind it.
+        assert first.commit([new(4, call="d")], [], take) == []
+        assert second.claim("a", T0, 10, per_call=True).rows == []
+        assert first.disable("a", T0, "paused")
+        assert first.commit([new(5)], [], take) == []
+        assert first.enable("a")
+        assert ids(second.claim("a", T0, 10).rows) == ["msg_2", "msg_4", "msg_5"]
+
+
+class _ClaimsSeen(SharedOutbox):
+    """The shared outbox, noting the rows its claims return."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.claimed: list[str] = []
+
+    def claim(self, *args: Any, **kwargs: Any) -> Claim:
+        got = super().claim(*args, **kwargs)
+        self.claimed.extend(ids(got.rows))
+        return got
+
+
+async def test_fresh_rows_go_out_without_a_claim_leased_by_their_commit_each_once(
+    store: StoreUrl, tmp_path: Path
+) -> None:
+    seen = _ClaimsSeen(store, "hooks", holder="h1", renew_every=0.0)
+    async with WebhookReceiver() as receiver:
+        # One attempt at a time: the rows behind it wait, leased to this instance.
+        receiver.respond_with(200, delay=0.1)
+        forwarder = WebhookForwarder(
+            [destination(receiver.url, max_in_flight=1)],
+            tmp_path / "unused.sqlite3",
+            poll_interval=0.02,
+            shared_outbox=lambda: seen,
+        )
+        async with forwarder:
+            for i in range(3):
+                committed = forwarder.submit(Event("call_started", {}, "events", T0, id=f"e{i}"))
+                assert committed is not None
+            await receiver.wait_for(3, timeout=10)
+            await asyncio.sleep(0.1)
+    assert [r.headers["webhook-id"] for r in receiver.requests] == ["e0", "e1", "e2"]
+    assert seen.claimed == []
+
+
+async def test_a_commit_leases_nothing_for_an_unhealthy_destination_its_probe_goes_first(
+    store: StoreUrl, tmp_path: Path
+) -> None:
+    async with WebhookReceiver() as receiver:
+        receiver.respond_with(503)
+        forwarder = WebhookForwarder(
+            # The first probe a second after the failure.
+            [destination(receiver.url, max_probe_interval=30.0)],
+            tmp_path / "unused.sqlite3",
+            poll_interval=0.02,
+            shared_outbox=lambda: shared(store, "h1"),
+        )
+        async with forwarder:
+            for i in range(2):
+                committed = forwarder.submit(Event("call_started", {}, "events", T0, id=f"e{i}"))
+                assert committed is not None
+                await asyncio.wait_for(committed, 10)
+                async with asyncio.timeout(10):
+                    # Judged on the loop after the answer: nothing to wait on but the view.
+                    while forwarder.views()[0].unhealthy_for is None:  # noqa: ASYNC110
+                        await asyncio.sleep(0.01)
+            async with await psycopg.AsyncConnection.connect(store.conninfo) as conn:
+                query = "SELECT holder FROM sippet_deliveries WHERE msg_id = 'e1'"
+                assert await (await conn.execute(query)).fetchall() == [(None,)]
+            assert len(receiver.requests) == 1
+            receiver.respond_with(200)
+            await receiver.wait_for(3, timeout=10)
+            await asyncio.sleep(0.1)
+    first, *then = [r.headers["webhook-id"] for r in receiver.requests]
+    assert (first, sorted(then)) == ("e0", ["e0", "e1"])
 
 
 def test_per_call_order_holds_across_holders(store: StoreUrl) -> None:

@@ -13,8 +13,9 @@ stamp                 taken
 ``commit_end``        ``Outbox.commit`` returns on the outbox thread
 ``committed``         ``WebhookForwarder._on_commit`` runs on the loop (the batch's future is set)
 ``claim_start``       ``Worker._claim_on_store`` starts on the outbox thread (the claim that
-                      returned the row)
-``claim_end``         ``Worker._claim_on_store`` returns
+                      returned the row); for a row its commit claimed, ``committed``
+``claim_end``         ``Worker._claim_on_store`` returns; for a row its commit claimed,
+                      ``committed``
 ``attempt``           ``Worker._attempt`` starts (a slot took the claimed row, its task got the
                       loop)
 ``post``              ``Http1Pool.post`` starts (headers signed)
@@ -50,7 +51,8 @@ STAMPS = (
 )
 _AT = {name: index for index, name in enumerate(STAMPS)}
 TRACE: dict[int, list[float]] = {}
-# Calls on the outbox thread and what they carried: commits, rows, outcomes, claims, claimed.
+# Calls on the outbox thread and what they carried: commits, rows, outcomes, taken (the new
+# rows a commit claimed), claims, claimed.
 COUNTS: Counter[str] = Counter()
 
 
@@ -83,26 +85,32 @@ def install() -> None:
 
     def traced(commit: Any) -> Any:
         @functools.wraps(commit)
-        def traced_commit(self: Any, rows: Any, outcomes: Any) -> None:
+        def traced_commit(self: Any, rows: Any, outcomes: Any, take: Any = None) -> Any:
             began = time.time()
-            commit(self, rows, outcomes)
+            taken = commit(self, rows, outcomes, take)
             ended = time.time()
-            COUNTS.update(commits=1, rows=len(rows), outcomes=len(outcomes))
+            COUNTS.update(commits=1, rows=len(rows), outcomes=len(outcomes), taken=len(taken))
             for row in rows:
                 seq = _seq_of(row.body)
                 _stamp(seq, "commit_start", began)
                 _stamp(seq, "commit_end", ended)
+            return taken
 
         return traced_commit
 
     on_commit = forwarder.WebhookForwarder._on_commit
 
     @functools.wraps(on_commit)
-    def traced_on_commit(self: Any, rows: list[Any], outcomes: list[Any]) -> None:
+    def traced_on_commit(self: Any, rows: list[Any], outcomes: list[Any], taken: list[Any]) -> None:
         now = time.time()
         for row in rows:
             _stamp(_seq_of(row.body), "committed", now)
-        on_commit(self, rows, outcomes)
+        # A row its commit claimed has no claim of its own: both stamps are the hand-over.
+        for row in taken:
+            seq = _seq_of(row.body)
+            _stamp(seq, "claim_start", now)
+            _stamp(seq, "claim_end", now)
+        on_commit(self, rows, outcomes, taken)
 
     claim = worker.Worker._claim_on_store
 

@@ -261,7 +261,8 @@ class Persister:
             if self._reader is not None:
                 self._reader.close()
             if self._store is not None:
-                self._store.close()
+                # On the worker thread: the shared store's close is network I/O.
+                await self._off_loop(self._store.close)
 
     async def _off_loop(self, work: Callable[[], _T]) -> _T:
         """Run ``work`` on a worker thread, one at a time: a caller cancelled meanwhile does

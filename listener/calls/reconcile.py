@@ -44,6 +44,7 @@ from listener.core.ids import lifecycle_id
 
 __all__ = [
     "CALL_FIELDS",
+    "MARGIN",
     "Diff",
     "Missed",
     "diff",
@@ -66,6 +67,10 @@ CALL_FIELDS: Final = (
     "endedAt",
     "durationSeconds",
 )
+#: Seconds earlier than a gap's start a pass looks (and a catch-up of the shared call map
+#: writes from): the events in flight when it began, and the skew between two clocks (this
+#: host's and Sippet's, or another instance's).
+MARGIN: Final = 60.0
 _EVENT_OF: Final = {status: name for name, status in TRANSITIONS.items()}
 _DEFAULT_STATUSES: Final = StatusMap()
 
@@ -178,7 +183,7 @@ def list_calls_request(
     *,
     since: float,
     now: float,
-    margin: float = 60.0,
+    margin: float = MARGIN,
     lookback_max: float = 86400.0,
 ) -> dict[str, Any]:
     """Return the payload keys of the ``list_calls`` request that covers a gap.

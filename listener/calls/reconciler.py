@@ -57,6 +57,7 @@ from typing import Any, Final, Literal, Protocol
 import structlog
 
 from listener.calls.reconcile import (
+    MARGIN,
     Missed,
     diff,
     list_calls_request,
@@ -77,15 +78,15 @@ __all__ = ["Cluster", "ReconcileSettings", "Reconciler"]
 _log = structlog.get_logger(__name__)
 
 Cause = Literal["link", "restart", "first_start"]
-# How much earlier than a gap's start a pass looks: events in flight when it began, and the
-# skew between this clock and Sippet's (or another instance's).
-_MARGIN: Final = 60.0
 # Seconds between a follower's looks at how far the cluster has covered: the leader's batches
 # come once a second.
 _FOLLOW_EVERY: Final = 0.2
 # Seconds a follower waits for the leader's pass over a gap before it lists calls itself: a
 # leader that rejoined passes within a second or two.
 _FOLLOW_AT_MOST: Final = 10.0
+# Calls a follower takes from the shared map between two turns of the event loop: adopting
+# 10,000 open calls held it for 28 ms in one go (2.8 µs each), a batch of 1,000 for 3 ms.
+_ADOPT_BATCH: Final = 1000
 
 
 class Cluster(Protocol):
@@ -341,17 +342,29 @@ class Reconciler:
             now = self._clock()
             lookback = now - self.settings.lookback_max
             if gap is not None:
-                since = lookback if gap.start is None else max(gap.start - _MARGIN, lookback)
+                since = lookback if gap.start is None else max(gap.start - MARGIN, lookback)
             elif self._pulled_at is None:
-                since = now - self.settings.interval - _MARGIN
+                since = now - self.settings.interval - MARGIN
             else:
-                since = self._pulled_at - _MARGIN
+                since = self._pulled_at - MARGIN
             records, handled = await cluster.calls_since(since)
         except ListenerError as exc:
             _log.warning("the shared call map does not answer; listing calls here", error=str(exc))
             return False
         self._pulled_at = now
-        adopted = self._tracker.adopt(records, handled)
+        adopted = 0
+        by_call: dict[str, list[tuple[str, str]]] = {}
+        for key, name in handled:
+            by_call.setdefault(key, []).append((key, name))
+        for start in range(0, len(records), _ADOPT_BATCH):
+            batch = records[start : start + _ADOPT_BATCH]
+            # Each call with its handled events: between batches the persister may save and
+            # let go of a call adopted earlier, and a handled event applied after that would
+            # be dropped (the call not in memory), its event then admitted again. Events
+            # merged in between are no harm: a call only ever moves forward.
+            calls_handled = [pair for record in batch for pair in by_call.get(record.call_key, ())]
+            adopted += self._tracker.adopt(batch, calls_handled)
+            await asyncio.sleep(0)
         self._backoff.reset()
         if gap is not None:
             message = "reconciled from the shared call map"
@@ -379,7 +392,7 @@ class Reconciler:
             state,
             since=gap.start,
             now=now,
-            margin=_MARGIN,
+            margin=MARGIN,
             lookback_max=settings.lookback_max,
         )
 

@@ -44,6 +44,7 @@ __all__ = [
     "Status",
     "StatusMap",
     "Transition",
+    "adopted",
     "format_time",
     "parse_time",
 ]
@@ -346,8 +347,16 @@ def shared_origins(origins: Mapping[Status, Origin]) -> Mapping[Status, Origin]:
     items = tuple(origins.items())
     shared = _SHARED_ORIGINS.get(items)
     if shared is None:
-        shared = _SHARED_ORIGINS[items] = dict(items)
+        # setdefault, not a test then a store: the follower's read makes records on a thread
+        # of its own, and two threads storing two mappings would leave one in use unshared
+        # (whose id() _origins_after could later see reused).
+        shared = _SHARED_ORIGINS.setdefault(items, dict(items))
     return shared
+
+
+def _in_order(origins: Mapping[Status, Origin]) -> dict[Status, Origin]:
+    """``origins`` in the statuses' order (as the merge makes them: one shared mapping)."""
+    return {status: origins[status] for status in STATUSES if status in origins}
 
 
 def _origins_after(
@@ -368,6 +377,37 @@ _FIRST_ORIGINS: Final = {
     origin: tuple(_origins_after(_NO_ORIGINS, status, origin) for status in STATUSES)
     for origin in ("realtime", "reconcile")
 }
+
+
+def adopted(known: CallRecord | None, record: CallRecord) -> CallRecord | None:
+    """What another instance's ``record`` of a call makes of the one known here (None: the
+    call is not known), or None when it adds nothing.
+
+    The one further along (by status, then last event) keeps its status and the fields it
+    has; the other fills what it lacks (parties, times, where a transition came from), so a
+    record that only adds fields is taken too. Never backwards: a late record never reopens
+    an ended call.
+    """
+    if known is None:
+        return record
+    if (record.rank(), record.last_event_at) > (known.rank(), known.last_event_at):
+        ahead, behind = record, known
+    else:
+        ahead, behind = known, record
+    taken = _record(
+        known.call_key,
+        ahead.status,
+        max(record.last_event_at, known.last_event_at),
+        ahead.from_number or behind.from_number,
+        ahead.to_number or behind.to_number,
+        behind.started_at if ahead.started_at is None else ahead.started_at,
+        behind.answered_at if ahead.answered_at is None else ahead.answered_at,
+        behind.ended_at if ahead.ended_at is None else ahead.ended_at,
+        ahead.origins
+        if behind.origins.keys() <= ahead.origins.keys()
+        else shared_origins(_in_order({**behind.origins, **ahead.origins})),
+    )
+    return None if taken == known else taken
 
 
 class CallLookup(Protocol):
@@ -444,29 +484,20 @@ class CallState:
         self.resident[record.call_key] = record
 
     def adopt(self, record: CallRecord) -> bool:
-        """Take what another instance of a cluster knows of a call, if it got further (or the
-        map does not know the call); what the map knew fills what it lacks. Return whether
-        the map changed (the call is then saved as changed)."""
-        known = self.get(record.call_key)
-        if known is not None and (record.rank(), record.last_event_at) <= (
-            known.rank(),
-            known.last_event_at,
-        ):
+        """Take what another instance of a cluster knows of a call (see :func:`adopted`).
+        Return whether the map changed (the call is then saved as changed)."""
+        key = record.call_key
+        known = self.resident.get(key)
+        if known is None and self._evicted is not None and key in self._evicted:
+            # Taken back in as an event of it would be, with the lifecycle events handed on
+            # of it: read only, it would come back into memory without them, and a repeat of
+            # one would be handed on again.
+            known = self._recall(key)
+        taken = adopted(known, record)
+        if taken is None:
             return False
-        if known is not None:
-            record = _record(
-                record.call_key,
-                record.status if record.rank() >= known.rank() else known.status,
-                max(record.last_event_at, known.last_event_at),
-                record.from_number or known.from_number,
-                record.to_number or known.to_number,
-                record.started_at if record.started_at is not None else known.started_at,
-                record.answered_at if record.answered_at is not None else known.answered_at,
-                record.ended_at if record.ended_at is not None else known.ended_at,
-                record.origins if record.rank() >= known.rank() else known.origins,
-            )
-        self.resident[record.call_key] = record
-        self._changed.add(record.call_key)
+        self.resident[key] = taken
+        self._changed.add(key)
         return True
 
     def open_calls(self) -> list[CallRecord]:

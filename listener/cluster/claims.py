@@ -43,7 +43,13 @@ import psycopg
 import structlog
 from psycopg_pool import AsyncConnectionPool
 
-from listener.cluster.database import Abandoned, StoreError, bounded, describe
+from listener.cluster.database import (
+    Abandoned,
+    StoreError,
+    bounded,
+    conflict_attempts,
+    describe,
+)
 from listener.cluster.spool import Mark, Spool, Spooled, SpoolError
 from listener.cluster.url import StoreUrl
 from listener.core.events import Event
@@ -122,10 +128,6 @@ _RELEASE: Final = """
 UPDATE sippet_claims SET lease_until = now()
 WHERE holder = ANY(%(previous)s::text[]) AND done_at IS NULL AND lease_until > now()
 """
-# A statement the server aborted to break a deadlock or a serialization conflict has done
-# nothing and may simply run again: it says nothing about the store being unreachable.
-_CONFLICTS: Final = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
-_CONFLICT_RETRIES: Final = 3
 _EXPIRED: Final = """
 SELECT e.name, e.payload, e.topic, e.received_at, e.size, e.id, e.origin, c.handler
 FROM sippet_claims c JOIN sippet_events e ON e.id = c.event_id
@@ -587,14 +589,10 @@ class Claims:
     async def _fetch_retrying_conflicts(
         self, query: LiteralString, params: dict[str, Any]
     ) -> list[Any]:
-        for _ in range(_CONFLICT_RETRIES):
-            try:
+        for attempt in conflict_attempts():
+            with attempt:
                 return await bounded(self._fetch(query, params), self._timeout, self.abandoned)
-            except _CONFLICTS as exc:
-                _log.debug(
-                    "a claim statement conflicted with another; running it again", error=str(exc)
-                )
-        return await bounded(self._fetch(query, params), self._timeout, self.abandoned)
+        raise AssertionError("the last try returns or raises")
 
     async def _fetch(self, query: LiteralString, params: dict[str, Any]) -> list[Any]:
         async with self._pool.connection() as conn:

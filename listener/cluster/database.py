@@ -11,21 +11,25 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
+from types import TracebackType
 from typing import Any, Final, TypeVar
 
 import psycopg
+import structlog
 from psycopg_pool import AsyncConnectionPool
 
 from listener.cluster.url import StoreUrl
 from listener.core.errors import ListenerError
 
 __all__ = [
+    "PRUNE_BATCH",
     "Abandoned",
     "StoreError",
     "StoreRefused",
     "StoreUnreachable",
     "bounded",
+    "conflict_attempts",
     "connect",
     "connection_options",
     "describe",
@@ -34,7 +38,15 @@ __all__ = [
 ]
 
 APPLICATION_NAME: Final = "sippet-listener"
+#: Rows per DELETE of a prune: each batch holds its row locks briefly, whatever the backlog.
+PRUNE_BATCH: Final = 5000
+_log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
+# What the server aborts to break a deadlock or a serialization conflict: the statement (or
+# transaction) did nothing and may simply run again; it says nothing about the store being
+# unreachable.
+_CONFLICTS: Final = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+_CONFLICT_RETRIES: Final = 3
 # What libpq reports after FATAL: when the server refuses the URL itself.
 _REFUSALS: Final = (
     "authentication failed",
@@ -79,6 +91,46 @@ def connection_options(connect_timeout: float) -> dict[str, Any]:
         "keepalives_count": 3,
         "tcp_user_timeout": round(max(connect_timeout, 1.0) * 2000),
     }
+
+
+class ConflictAttempt:
+    """One try of :func:`conflict_attempts`: a context manager that swallows a conflict,
+    unless it is the last try."""
+
+    def __init__(self, *, last: bool) -> None:
+        self._last = last
+        self.conflicted = False
+
+    def __enter__(self) -> ConflictAttempt:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        if self._last or not isinstance(exc, _CONFLICTS):
+            return False
+        _log.debug("a statement conflicted with another; running it again", error=str(exc))
+        self.conflicted = True
+        return True
+
+
+def conflict_attempts(retries: int = _CONFLICT_RETRIES) -> Iterator[ConflictAttempt]:
+    """The tries of work the server may abort to break a deadlock or a serialization
+    conflict (sync or async alike): the next try runs it again, and the last one's conflict
+    is raised, as is any other error at once::
+
+        for attempt in conflict_attempts():
+            with attempt:
+                rows = run()
+    """
+    for left in range(retries, -1, -1):
+        attempt = ConflictAttempt(last=left == 0)
+        yield attempt
+        if not attempt.conflicted:
+            return
 
 
 class Abandoned:

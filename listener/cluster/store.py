@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any, Final, LiteralString
+from typing import Any, LiteralString
 
 import psycopg
 import structlog
 
 from listener.cluster.claims import Claims, Redeliver
 from listener.cluster.database import (
+    PRUNE_BATCH,
     Abandoned,
     StoreError,
     StoreRefused,
@@ -38,8 +39,6 @@ from listener.core.retry import Backoff, BackoffPolicy
 __all__ = ["Redeliver", "SharedStore"]
 
 _log = structlog.get_logger(__name__)
-# Rows per DELETE: each batch holds its row locks briefly, whatever the backlog.
-_PRUNE_BATCH: Final = 5000
 _PRUNE = """
 DELETE FROM sippet_events WHERE id IN (
     SELECT id FROM sippet_events
@@ -225,7 +224,7 @@ class SharedStore:
             StoreError: the store failed or did not answer.
         """
         removed = 0
-        params = {"retain": retain, "batch": _PRUNE_BATCH}
+        params = {"retain": retain, "batch": PRUNE_BATCH}
         while True:
             try:
                 count = await bounded(
@@ -234,7 +233,7 @@ class SharedStore:
             except (psycopg.Error, TimeoutError) as exc:
                 raise describe(self.url, exc) from None
             removed += count
-            if count < _PRUNE_BATCH:
+            if count < PRUNE_BATCH:
                 return removed
 
     async def read(self, query: LiteralString, params: dict[str, Any]) -> list[tuple[Any, ...]]:

@@ -66,6 +66,7 @@ from listener.service.status import StatusBoard
 from listener.service.systemd import Notifier
 
 if TYPE_CHECKING:
+    from listener.calls.shared import SharedCallStore
     from listener.cluster.store import SharedStore
     from listener.service.health import HealthServer
     from listener.service.status_app import StatusApp
@@ -186,6 +187,8 @@ class Daemon:
         tokens = TokenSource(self._http, sippet.base_url, api_key)
         self.handlers = list(handlers)
         self.store = _shared_store(settings, store) if store is not None else None
+        # The call map's share of it, once open.
+        self.shared_calls: SharedCallStore | None = None
         self.tracker = CallTracker(settings.calls.id_window)
         self.dispatcher = Dispatcher([self._runner(item) for item in self.handlers], self.tracker)
         self.reconciler = Reconciler(
@@ -236,9 +239,15 @@ class Daemon:
         if self.store is None:
             return None
         spooled = self.store.claims.spool.events
+        parts = []
         if self.store.claims.down or not self.store.ready.is_set():
-            return f"store not answering; {spooled} events spooled"
-        return f"store answering; {spooled} events spooled" if spooled else None
+            parts.append(f"store not answering; {spooled} events spooled")
+        elif spooled:
+            parts.append(f"store answering; {spooled} events spooled")
+        if self.shared_calls is not None and self.shared_calls.not_sharing:
+            # Still ready: the call map goes on locally, and is shared once the store takes it.
+            parts.append("store not taking the call map; kept locally")
+        return "; ".join(parts) or None
 
     def status_line(self) -> str:
         """What ``systemctl status`` shows: link state, handlers, and their own words."""
@@ -457,8 +466,17 @@ class Daemon:
             raise ListenerError(
                 f"service.state_dir: cannot create {state_dir}: {exc.strerror}"
             ) from None
-        opener = CallStore if self.store is None else _shared_calls(self.store)
+        opener = (
+            CallStore
+            if self.store is None
+            else _shared_calls(self.store, covers=self.reconciler.settings.enabled)
+        )
         store, last_seen = await Persister.open(store_path(state_dir), self.tracker, opener)
+        if self.store is not None:
+            from listener.calls.shared import SharedCallStore
+
+            if isinstance(store, SharedCallStore):
+                self.shared_calls = store
         self.reconciler.resume(last_seen)
         return Persister(store, self.tracker, self.reconciler.covered_until, retain=retain)
 
@@ -556,9 +574,9 @@ def _cluster_calls(store: SharedStore) -> Cluster:
     return ClusterCalls(store)
 
 
-def _shared_calls(store: SharedStore) -> Callable[[Path], CallBackend]:
+def _shared_calls(store: SharedStore, *, covers: bool) -> Callable[[Path], CallBackend]:
     """The opener of the call store of an instance sharing ``store`` (tried at once only if
-    the store answered at start)."""
+    the store answered at start); ``covers``: whether this instance reconciles its gaps."""
     from listener.calls.shared import SharedCallStore
 
     elector = store.elector
@@ -567,6 +585,7 @@ def _shared_calls(store: SharedStore) -> Callable[[Path], CallBackend]:
         url=store.url,
         timeout=store.connect_timeout,
         leads=lambda: elector.is_leader,
+        covers=covers,
         answering=store.ready.is_set(),
     )
 

@@ -13,7 +13,8 @@ outcomes of finished attempts together on the outbox's own thread (:mod:`.store`
 attempted only once it is committed, so a crash loses nothing that was attempted, and
 redelivers (with the same ``webhook-id``) what was attempted but not yet recorded as delivered:
 delivery is at-least-once, receivers deduplicate on ``webhook-id``. Each destination has its
-own worker (:mod:`.worker`), woken by the commits that concern it.
+own worker (:mod:`.worker`), woken by the commits that concern it, or handed the rows a
+commit claimed for it (the shared store's outbox does that; the SQLite one does not).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import functools
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -36,7 +38,7 @@ from listener.core.httputil import USER_AGENT
 from listener.webhooks.destination import DEFAULT_RETENTION, Destination
 from listener.webhooks.gauges import Gauges
 from listener.webhooks.http1 import Http1Pool
-from listener.webhooks.outbox_rows import DestinationStats, NewDelivery, Outcome
+from listener.webhooks.outbox_rows import Delivery, DestinationStats, NewDelivery, Outcome, Take
 from listener.webhooks.outbox_store import OutboxStore
 from listener.webhooks.signing import encode_body, new_message_id
 from listener.webhooks.store import Store
@@ -169,7 +171,7 @@ class WebhookForwarder:
         # Connections are per origin and unbounded in number: each destination's slots
         # (max_in_flight) bound them, and a hung destination cannot starve another.
         client = Http1Pool(user_agent=USER_AGENT)
-        writer = BatchWriter(store, self._on_commit)
+        writer = BatchWriter(store, self._on_commit, self._take)
         self._workers = {
             d.name: Worker(
                 d, store, client, writer.record, self._announce_commit, self._poll_interval
@@ -333,10 +335,34 @@ class WebhookForwarder:
         self._committed.set()
         self._committed = asyncio.Event()
 
-    def _on_commit(self, rows: list[NewDelivery], outcomes: list[Outcome]) -> None:
-        """Wake the workers whose rows changed, and the commit's watchers."""
+    def _take(self, rows: Sequence[NewDelivery]) -> Take:
+        """What the next commit may claim of ``rows`` for the workers: as many as each would
+        claim now."""
+        limits = {}
         for name in {row.destination for row in rows}:
-            self._workers[name].wake.set()
+            room = self._workers[name].room()
+            if room > 0:
+                limits[name] = room
+        per_call = frozenset(
+            name for name in limits if self._workers[name].destination.ordering == "per_call"
+        )
+        return Take(time.time(), limits, per_call)
+
+    def _on_commit(
+        self, rows: list[NewDelivery], outcomes: list[Outcome], taken: list[Delivery]
+    ) -> None:
+        """Hand the workers the rows the commit claimed for them, wake those with other new
+        rows, and the commit's watchers."""
+        handed: dict[str, list[Delivery]] = {}
+        for row in taken:
+            handed.setdefault(row.destination, []).append(row)
+        for name, given in handed.items():
+            self._workers[name].take(given)
+        new = Counter(row.destination for row in rows)
+        for name, count in new.items():
+            if count > len(handed.get(name, ())):
+                # Some of them are the outbox's to hand out: claimed by the next look.
+                self._workers[name].wake.set()
         for outcome in outcomes:
             self._workers[outcome.destination].settle(outcome)
         self._announce_commit()

@@ -41,6 +41,7 @@ from listener.webhooks.outbox_rows import (
     DestinationStats,
     NewDelivery,
     Outcome,
+    Take,
 )
 from listener.webhooks.outbox_schema import (
     BURY,
@@ -168,9 +169,15 @@ class Outbox(OutboxConnection):
         return [Delivery(*row) for row in rows], next_due
 
     @maps_sqlite_errors
-    def commit(self, rows: Sequence[NewDelivery], outcomes: Sequence[Outcome]) -> None:
+    def commit(
+        self, rows: Sequence[NewDelivery], outcomes: Sequence[Outcome], take: Take | None = None
+    ) -> list[Delivery]:
         """Insert new rows and record attempts' outcomes, in one transaction; the rows the
-        outcomes concern are no longer claimed once it is committed."""
+        outcomes concern are no longer claimed once it is committed.
+
+        It claims none of the new rows (``take`` is not used): a claim here is a query on
+        the same thread and connection, with no round trip to the server to save.
+        """
         with self.transaction():
             self.add(rows)
             self.record_attempts(o.attempt for o in outcomes if o.kind != "delivered")
@@ -180,6 +187,7 @@ class Outbox(OutboxConnection):
                     self._apply(outcome)
         for outcome in outcomes:
             self._claims.get(outcome.destination, {}).pop(outcome.msg_id, None)
+        return []
 
     def _apply(self, outcome: Outcome) -> None:
         """Record a failed attempt's outcome (inside the caller's transaction)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -13,6 +14,7 @@ __all__ = [
     "DestinationStats",
     "NewDelivery",
     "Outcome",
+    "Take",
 ]
 
 
@@ -71,6 +73,22 @@ class Claim:
     rows: list[Delivery]
     next_due: float | None
     evicted: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Take:
+    """What a commit may claim of its own new rows for its caller, as a claim made right
+    after it would (:meth:`.outbox_store.OutboxStore.commit`).
+
+    Attributes:
+        now: the rows due by then may be claimed.
+        limits: at most this many rows to each destination named; none to another.
+        per_call: the destinations that order deliveries per call.
+    """
+
+    now: float
+    limits: Mapping[str, int]
+    per_call: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

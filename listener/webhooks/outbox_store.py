@@ -6,12 +6,12 @@ share: claims with ``FOR UPDATE SKIP LOCKED`` under a lease); nothing else is ne
 it. Every method is synchronous and called from one thread at a time (:mod:`.store` runs the
 engine's on a thread of its own); times are seconds since the epoch, passed in.
 
-The contract of a claim: :meth:`OutboxStore.claim` returns due rows that no other claim
-returns until :meth:`OutboxStore.commit` records their outcomes or
-:meth:`OutboxStore.release` gives them back; a claim does not outlive the process that made
-it (the SQLite store keeps it in memory; the shared store, :mod:`.shared_outbox`, puts a
-lease on the row that :meth:`OutboxStore.renew` extends), so a row claimed but never finished
-is due again after a crash.
+The contract of a claim: :meth:`OutboxStore.claim` (or a commit, of the rows it inserts)
+returns due rows that no other claim returns until :meth:`OutboxStore.commit` records their
+outcomes or :meth:`OutboxStore.release` gives them back; a claim does not outlive the
+process that made it (the SQLite store keeps it in memory; the shared store,
+:mod:`.shared_outbox`, puts a lease on the row that :meth:`OutboxStore.renew` extends), so a
+row claimed but never finished is due again after a crash.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ from listener.webhooks.outbox_rows import (
     Attempt,
     Claim,
     DeadLetter,
+    Delivery,
     DestinationStats,
     NewDelivery,
     Outcome,
+    Take,
 )
 
 __all__ = ["DEAD_ONLY", "OutboxStore", "ReplaySource"]
@@ -39,9 +41,18 @@ class OutboxStore(Protocol):
 
     # The delivery engine.
 
-    def commit(self, rows: Sequence[NewDelivery], outcomes: Sequence[Outcome]) -> None:
+    def commit(
+        self, rows: Sequence[NewDelivery], outcomes: Sequence[Outcome], take: Take | None = None
+    ) -> list[Delivery]:
         """Insert new deliveries (one already stored is skipped) and record attempts'
-        outcomes, atomically; the outcomes' rows are no longer claimed once it returns."""
+        outcomes, atomically; the outcomes' rows are no longer claimed once it returns.
+
+        With ``take``, the commit may also claim some of its new rows for the caller, as a
+        claim right after it would (due by ``take.now``, at most ``take.limits`` a
+        destination, none while the destination is disabled, none behind an earlier pending
+        row of its call for ``take.per_call``), and returns those; a store may claim none.
+        """
+        ...
 
     def claim(
         self,

@@ -125,8 +125,10 @@ class Worker:
     It claims due rows ahead of its free slots (up to :data:`_PREFETCH` times
     ``max_in_flight``) and keeps them, claimed, in ``ready``; a slot that frees takes the
     next one without a trip to the outbox, and it claims again when fewer than
-    ``max_in_flight`` are left. Claimed rows are given back when the destination turns
-    unhealthy or gone, so that probes and the bound see the whole backlog.
+    ``max_in_flight`` are left. A commit may claim fresh rows for it too (up to
+    :meth:`room`, handed over by :meth:`take`): they join ``ready`` as claimed ones. Claimed
+    rows are given back when the destination turns unhealthy or gone, so that probes and the
+    bound see the whole backlog.
 
     Args:
         destination: what to deliver to.
@@ -204,6 +206,24 @@ class Worker:
     def success_ratio(self) -> float | None:
         """The share of attempts answered 2xx over about the last minute; None before any."""
         return self._ratio.value
+
+    def room(self) -> int:
+        """How many fresh rows the next commit may claim for this worker
+        (:meth:`~listener.webhooks.outbox_store.OutboxStore.commit`): as many as a claim of
+        its own would take now (none while unhealthy: probes take the oldest due rows, one at
+        a time; none while gone or stopping)."""
+        if self._stopping or self._gone_msg_id is not None or not self.health.healthy:
+            return 0
+        return max(0, _PREFETCH * self.destination.max_in_flight - len(self._ready))
+
+    def take(self, rows: list[Delivery]) -> None:
+        """Rows a commit claimed for this worker: ready, as claimed ones, and started at once
+        if allowed (the destination may have turned unhealthy or gone meanwhile: the claim
+        loop then gives them back, as it does claimed rows)."""
+        self._ready.extend(rows)
+        if not (self._stopping or self._must_release()):
+            self._start_ready()
+        self.wake.nudge()
 
     def settle(self, outcome: Outcome) -> None:
         """Take note of an attempt's committed outcome: the outbox now tells its row's state."""

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import structlog
 
 from listener.core.retry import Backoff, BackoffPolicy
-from listener.webhooks.outbox_rows import NewDelivery, Outcome
+from listener.webhooks.outbox_rows import Delivery, NewDelivery, Outcome, Take
 from listener.webhooks.store import Store
 
 __all__ = ["BatchWriter"]
@@ -38,14 +38,21 @@ class BatchWriter:
 
     Args:
         store: the outbox's thread.
-        committed: called on the loop after each successful commit, with what it held.
+        committed: called on the loop after each successful commit, with what it held and
+            the new rows it claimed (see ``take``).
+        take: what each commit may claim of its new rows, asked on the loop just before it
+            (see :meth:`~listener.webhooks.outbox_store.OutboxStore.commit`).
     """
 
     def __init__(
-        self, store: Store, committed: Callable[[list[NewDelivery], list[Outcome]], None]
+        self,
+        store: Store,
+        committed: Callable[[list[NewDelivery], list[Outcome], list[Delivery]], None],
+        take: Callable[[Sequence[NewDelivery]], Take | None],
     ) -> None:
         self._store = store
         self._committed = committed
+        self._take = take
         self._backoff = Backoff(_COMMIT_RETRY)
         self._rows: list[NewDelivery] = []
         self._outcomes: list[Outcome] = []
@@ -118,8 +125,9 @@ class BatchWriter:
         batch, self._batch = self._batch, None
         if not (rows or outcomes):
             return True
+        take = self._take(rows) if rows else None
         try:
-            await self._store.run(lambda outbox: outbox.commit(rows, outcomes))
+            taken = await self._store.run(lambda outbox: outbox.commit(rows, outcomes, take))
         except Exception:
             self._rows[:0], self._outcomes[:0] = rows, outcomes
             if batch is not None:
@@ -139,5 +147,5 @@ class BatchWriter:
             return False
         if batch is not None and not batch.done():
             batch.set_result(None)
-        self._committed(rows, outcomes)
+        self._committed(rows, outcomes, taken)
         return True
