@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from listener.calls import store as store_module
 from listener.calls.state import CallRecord, CallState
 from listener.calls.store import SCHEMA_VERSION, CallReader, CallStore, StoreError
 
@@ -186,19 +187,11 @@ def test_lifecycle_events_handed_on_are_kept_on_the_call_s_row_across_batches(
 def test_a_version_2_file_keeps_its_handled_rows(tmp_path: Path) -> None:
     path = tmp_path / "calls.db"
     with sqlite3.connect(path) as conn:
+        # The file as version 2 made it: its two steps, a call and an event handed on.
+        for statement in (*store_module._SCHEMA, *store_module._HANDLED_CALLS):
+            conn.execute(statement)
         conn.executescript(
             """
-            CREATE TABLE calls (
-                call_key TEXT PRIMARY KEY, status TEXT NOT NULL, last_event_at REAL NOT NULL,
-                from_number TEXT, to_number TEXT, started_at REAL, answered_at REAL,
-                ended_at REAL, origins TEXT NOT NULL
-            ) WITHOUT ROWID;
-            CREATE TABLE handled (id TEXT PRIMARY KEY, handled_at REAL NOT NULL) WITHOUT ROWID;
-            CREATE TABLE moments (name TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
-            CREATE TABLE handled_calls (
-                call_key TEXT NOT NULL, name TEXT NOT NULL, handled_at REAL NOT NULL,
-                PRIMARY KEY (call_key, name)
-            ) WITHOUT ROWID;
             INSERT INTO calls VALUES
                 ('c-1', 'ringing', 10.0, '+1', NULL, 9.0, NULL, NULL, '{"ringing": "realtime"}');
             INSERT INTO handled_calls VALUES ('c-1', 'incoming_call', 10.0);
