@@ -13,8 +13,8 @@ driver each, after a warm-up and a drain of ``--drain`` events (as the latency r
 the drains). ``--before TREE`` adds another checkout's daemon (as in ``bench.hotpath``; its
 driver may not trace, and is then only timed).
 
-``python -m bench.hotwait [--seconds S] [--rounds N] [--drain N] [--before TREE]
-[--variant L=JSON ...]``.
+``python -m bench.hotwait [--seconds S] [--rounds N] [--drain N] [--pause S]
+[--before TREE] [--variant L=JSON ...]``.
 """
 
 from __future__ import annotations
@@ -76,7 +76,9 @@ def slowest(
     return out
 
 
-def _round(variant: _Variant, server: BenchServer, seconds: float, drain: int, logs: Path) -> None:
+def _round(
+    variant: _Variant, server: BenchServer, seconds: float, drain: int, pause: float, logs: Path
+) -> None:
     client = variant.client
     traced = client is not BARE
     options = {**client.options, **({"trace": True} if traced else {})}
@@ -88,7 +90,7 @@ def _round(variant: _Variant, server: BenchServer, seconds: float, drain: int, l
             driver.expect(count, keep=False)
             server.stream(count, _SEQ.take(count))
             driver.wait(timeout=120, records=False)
-        time.sleep(1.0)
+        time.sleep(pause)
         began = time.time()
         count = int(_LATENCY_RATE * seconds)
         driver.expect(count)
@@ -127,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="at 500/s, per round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--drain", type=int, default=10_000, help="events drained first")
+    parser.add_argument(
+        "--pause",
+        type=float,
+        default=1.0,
+        help="seconds between the drain and the stream (0: as the latency row, which follows"
+        " the drains at once, so the drain's call store batch lands in the stream)",
+    )
     parser.add_argument("--variant", action="append", default=[], type=_variant)
     parser.add_argument("--before", type=Path, help="another checkout's tree")
     args = parser.parse_args(argv)
@@ -142,11 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         for index in range(args.rounds):
             order = variants[index % len(variants) :] + variants[: index % len(variants)]
             for variant in order:
-                _round(variant, server, args.seconds, args.drain, logs)
+                _round(variant, server, args.seconds, args.drain, args.pause, logs)
     finally:
         server.close()
     print(f"{began}-{time.strftime('%H:%M:%S')}: {args.rounds} rounds of {args.seconds:g} s at"
-          f" 500/s, each after a drain of {args.drain:,}; medians of the rounds")  # fmt: skip
+          f" 500/s, each {args.pause:g} s after a drain of {args.drain:,}; medians")  # fmt: skip
     print("| client | p50 ms | p99 ms (rounds) | slowest 1 %: charged to (count, median ms) |")
     print("|---|---:|---:|---|")
     bare = statistics.median(variants[0].p99)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from listener.calls import store as store_module
 from listener.calls.state import CallRecord, CallState
-from listener.calls.store import SCHEMA_VERSION, CallStore, StoreError
+from listener.calls.store import SCHEMA_VERSION, CallReader, CallStore, StoreError
 
 
 def test_a_new_store_is_empty(tmp_path: Path) -> None:
@@ -149,3 +150,58 @@ def test_a_first_store_loses_its_time_indexes_and_keeps_its_rows(tmp_path: Path)
         assert [name for (name,) in indexes if not name.startswith("sqlite_")] == []
         assert store.prune(11.0) == 1
         assert store.handled_ids() == set()
+
+
+def test_lifecycle_events_handed_on_are_kept_on_the_call_s_row_across_batches(
+    tmp_path: Path,
+) -> None:
+    """A call written again keeps the events handed on before; an event whose call the
+    batch does not write gets a row of its own; both read back, and prune with their rows."""
+    path = tmp_path / "calls.db"
+    state = CallState()
+    with CallStore(path) as store:
+        state.merge("incoming_call", {"callUuid": "c-1"}, "realtime", 10.0)
+        store.save(10.0, calls=state.changed(), handled_calls=[("c-1", "incoming_call")])
+        state.merge("call_ended", {"callUuid": "c-1"}, "realtime", 11.0)
+        store.save(11.0, calls=state.changed(), handled_calls=[("c-1", "call_ended")])
+        store.save(12.0, handled_calls=[("c-1", "call_transcript_completed")])
+    with CallStore(path) as store:
+        assert sorted(store.handled_calls()) == [
+            ("c-1", "call_ended"),
+            ("c-1", "call_transcript_completed"),
+            ("c-1", "incoming_call"),
+        ]
+        assert store.handled_calls(since=11.5) == [], "an ended call older than since"
+        assert store.conn.execute("SELECT count(*) FROM handled_calls").fetchone() == (1,)
+        reader = CallReader(path)
+        assert reader.handled_names("c-1") == {
+            "incoming_call",
+            "call_ended",
+            "call_transcript_completed",
+        }
+        reader.close()
+        store.prune(13.0)
+        assert store.handled_calls() == []
+
+
+def test_a_version_2_file_keeps_its_handled_rows(tmp_path: Path) -> None:
+    path = tmp_path / "calls.db"
+    with sqlite3.connect(path) as conn:
+        # The file as version 2 made it: its two steps, a call and an event handed on.
+        for statement in (*store_module._SCHEMA, *store_module._HANDLED_CALLS):
+            conn.execute(statement)
+        conn.executescript(
+            """
+            INSERT INTO calls VALUES
+                ('c-1', 'ringing', 10.0, '+1', NULL, 9.0, NULL, NULL, '{"ringing": "realtime"}');
+            INSERT INTO handled_calls VALUES ('c-1', 'incoming_call', 10.0);
+            PRAGMA user_version = 2;
+            """
+        )
+    conn.close()
+    state = CallState(CallStore(path).calls())
+    state.merge("call_answered", {"callUuid": "c-1"}, "realtime", 11.0)
+    with CallStore(path) as store:
+        store.save(11.0, calls=state.changed(), handled_calls=[("c-1", "call_answered")])
+        assert store.conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert sorted(store.handled_calls()) == [("c-1", "call_answered"), ("c-1", "incoming_call")]

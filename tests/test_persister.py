@@ -312,3 +312,52 @@ async def test_what_was_handled_is_still_handled_after_a_restart(tmp_path: Path)
     assert late is not None
     assert late.status == "ended", "a late event never reopens a call read back"
     await persister.close()
+
+
+async def test_a_call_changed_many_times_in_one_batch_is_one_row_of_its_latest_state(
+    tmp_path: Path,
+) -> None:
+    """One row per changed call per batch, its lifecycle events handed on as bits of it: the
+    restarted tracker finds the latest state and hands none of the three on again."""
+    path = tmp_path / "calls.sqlite3"
+    tracker = CallTracker()
+    persister = Persister(CallStore(path), tracker, lambda now: now, retain=3600)
+    for at, name in enumerate(("incoming_call", "call_answered", "call_ended"), start=1):
+        hand_on(tracker, name, "c-1", float(at))
+    await persister.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT call_key, status, handled FROM calls").fetchall() == [
+            ("c-1", "ended", 7)
+        ]
+        assert conn.execute("SELECT count(*) FROM handled_calls").fetchone() == (0,)
+    conn.close()
+    restarted = CallTracker()
+    store, _ = await Persister.open(path, restarted)
+    persister = Persister(store, restarted, lambda now: now, retain=3600)
+    record = restarted.get("c-1")
+    assert record is not None
+    assert (record.status, record.last_event_at) == ("ended", 3.0)
+    for name in ("incoming_call", "call_answered", "call_ended"):
+        event = Event.create(name, {"callUuid": "c-1"}, "events", 4.0, id=lifecycle_id(name, "c-1"))
+        assert not restarted.admit(event), name
+    await persister.close()
+
+
+async def test_a_call_heard_again_after_it_was_chosen_to_leave_memory_stays(
+    tmp_path: Path,
+) -> None:
+    """Calls leave memory in slices after a batch, events served between them: one that an
+    event changed (or handed on) since it was chosen stays until it is saved again."""
+    tracker = CallTracker()
+    store = CallStore(tmp_path / "calls.sqlite3")
+    persister = Persister(store, tracker, lambda n: n, retain=3600, resident_for=1e12)
+    for key in ("c-1", "c-2"):
+        hand_on(tracker, "incoming_call", key, 1.0)
+        hand_on(tracker, "call_ended", key, 2.0)
+    await persister.flush()  # both saved, both kept in memory (resident_for)
+    chosen = tracker.evictable(1000.0, 1000)
+    assert sorted(chosen) == ["c-1", "c-2"]
+    hand_on(tracker, "call_transcript_completed", "c-2", 3.0)
+    assert tracker.evict(chosen) == 1
+    assert [record.call_key for record in tracker.state.all_calls()] == ["c-2"]
+    await persister.close()

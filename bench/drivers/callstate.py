@@ -60,7 +60,7 @@ class _Record(Handler):
             self.reconciled += 1
 
 
-class _NoCalls(CallTracker):
+class NoCalls(CallTracker):
     """Admits every event and knows no call: the dispatcher as it was without call state."""
 
     def admit(self, event: Event) -> bool:
@@ -100,7 +100,7 @@ async def main() -> None:
         if not call_state:
             session = daemon.session
             session._deliver = session._sink
-            daemon.dispatcher.tracker = _NoCalls()
+            daemon.dispatcher.tracker = NoCalls()
         passes: list[tuple[float, float]] = []
         reconciler = daemon.reconciler
         list_calls = reconciler._list_calls

@@ -18,7 +18,10 @@ when the cyclic GC ran, the event loop's turns longer than 0.2 ms (asyncio's loo
 the call store's batches (the loop's part and the thread's), and answer them with ``stats``
 as ``[start, end]`` wall-clock pairs (``bench.hotwait`` lines them up with the slowest
 events); ``switch_interval``: ``sys.setswitchinterval`` for this process; ``gc``: the
-collector's thresholds ``[g0, g1, g2]``, set once the daemon has started.
+collector's thresholds ``[g0, g1, g2]``, set once the daemon has started; ``persist``
+(default true): false keeps no call store (``Daemon(persist=False)``, as ``tail`` runs);
+``call_state`` (default true): false takes call state off the path as ``callstate.py``'s
+option does.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import heap
+from callstate import NoCalls
 from common import Recorder, driver_args, serve, start_daemon
 
 from listener.calls.persister import Persister
@@ -212,11 +216,20 @@ async def main(args: argparse.Namespace) -> None:
                 "sippet": {"base_url": args.base_url, **options.get("sippet", {})},
                 "service": {"state_dir": state_dir},
                 "handlers": tables,
+                "calls": {} if options.get("call_state", True) else {"reconcile": False},
             }
         )
         runner = RunnerSettings(name="bench", events=("*",), **options.get("handler", {}))
         ours = LoadedHandler(seen or _Record(recorder), runner)
-        daemon = Daemon(settings, args.api_key, [ours, *load_handlers(settings.handlers)])
+        daemon = Daemon(
+            settings,
+            args.api_key,
+            [ours, *load_handlers(settings.handlers)],
+            persist=bool(options.get("persist", True)),
+        )
+        if not options.get("call_state", True):
+            daemon.session._deliver = daemon.session._sink
+            daemon.dispatcher.tracker = NoCalls()
         shutdown = await start_daemon(daemon)
         if "gc" in options:
             gc.set_threshold(*options["gc"])

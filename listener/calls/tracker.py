@@ -230,17 +230,24 @@ class CallTracker:
                 self._unsaved[name].append(key)
         return changed
 
-    def evict(self, before: float, keep: int) -> int:
-        """Let go of the saved ended calls silent since before ``before`` and of the oldest
-        beyond the ``keep`` newest, with their handled ids (see
-        :meth:`CallState.evict <listener.calls.state.CallState.evict>`); return how many.
-        Call it only once the store holds everything :meth:`unsaved` gave."""
-        pinned = {key for keys in self._unsaved.values() for key in keys}
-        gone = self.state.evict(before, keep, pinned)
+    def evictable(self, before: float, keep: int) -> list[str]:
+        """The saved ended calls to let go of (see :meth:`CallState.evictable
+        <listener.calls.state.CallState.evictable>`). Call it only once the
+        store holds everything :meth:`unsaved` gave."""
+        return self.state.evictable(before, keep, self._pinned())
+
+    def evict(self, keys: Sequence[str]) -> int:
+        """Let go of the calls of ``keys`` (from :meth:`evictable`) still as they were then,
+        with their handled ids; return how many."""
+        gone = self.state.evict(keys, self._pinned())
         for handled in self._handled.values():
             for key in gone:
                 handled.pop(key, None)
         return len(gone)
+
+    def _pinned(self) -> set[str]:
+        """The calls with lifecycle events handed on that the store does not hold yet."""
+        return {key for keys in self._unsaved.values() for key in keys}
 
     def _read(self, call_key: str) -> CallRecord | None:
         """The call let go of, from the archive (None if it is not there or cannot be read:
