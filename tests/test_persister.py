@@ -166,10 +166,9 @@ async def test_a_batch_waits_while_handlers_have_a_backlog(tmp_path: Path) -> No
         await persister.close()
 
 
-async def test_ended_calls_leave_memory_once_saved_and_still_answer(tmp_path: Path) -> None:
-    """Memory keeps the open calls and the recent ended ones; the others are read back from
-    the store: by a lookup, and by a late event, which neither reopens the call nor is
-    handed on a second time."""
+def letting_go(tmp_path: Path, resident_ended: int) -> tuple[CallTracker, Persister]:
+    """A tracker whose persister, at 1000 s, lets go of the saved calls ended before 940 s
+    and of all but the ``resident_ended`` newest ended ones."""
     tracker = CallTracker()
     persister = Persister(
         CallStore(tmp_path / "calls.sqlite3"),
@@ -178,8 +177,16 @@ async def test_ended_calls_leave_memory_once_saved_and_still_answer(tmp_path: Pa
         retain=3600,
         clock=lambda: 1000.0,
         resident_for=60,
-        resident_ended=2,
+        resident_ended=resident_ended,
     )
+    return tracker, persister
+
+
+async def test_ended_calls_leave_memory_once_saved_and_still_answer(tmp_path: Path) -> None:
+    """Memory keeps the open calls and the recent ended ones; the others are read back from
+    the store: by a lookup, and by a late event, which neither reopens the call nor is
+    handed on a second time."""
+    tracker, persister = letting_go(tmp_path, resident_ended=2)
     for index in range(5):  # ended 100 s ago, beyond resident_for
         hand_on(tracker, "incoming_call", f"old-{index}", 900.0 + index)
         hand_on(tracker, "call_ended", f"old-{index}", 900.0 + index)
@@ -217,16 +224,7 @@ async def test_a_call_let_go_of_and_adopted_from_the_cluster_keeps_what_was_hand
 ) -> None:
     """Another instance's record of a call this one let go of (the follower's refresh)
     brings it back with its lifecycle events handed on: a repeat is not handed on again."""
-    tracker = CallTracker()
-    persister = Persister(
-        CallStore(tmp_path / "calls.sqlite3"),
-        tracker,
-        lambda now: now,
-        retain=3600,
-        clock=lambda: 1000.0,
-        resident_for=60,
-        resident_ended=0,
-    )
+    tracker, persister = letting_go(tmp_path, resident_ended=0)
     hand_on(tracker, "incoming_call", "c1", 900.0)
     hand_on(tracker, "call_ended", "c1", 901.0)
     await persister.flush()
