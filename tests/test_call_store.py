@@ -11,6 +11,7 @@ import pytest
 from listener.calls import store as store_module
 from listener.calls.state import CallRecord, CallState
 from listener.calls.store import SCHEMA_VERSION, CallReader, CallStore, StoreError
+from listener.core.ids import LIFECYCLE_EVENTS
 
 
 def test_a_new_store_is_empty(tmp_path: Path) -> None:
@@ -184,14 +185,24 @@ def test_lifecycle_events_handed_on_are_kept_on_the_call_s_row_across_batches(
         assert store.handled_calls() == []
 
 
-def test_a_version_2_file_keeps_its_handled_rows(tmp_path: Path) -> None:
+def test_a_version_2_file_keeps_its_handled_rows_and_is_read_as_it_is(tmp_path: Path) -> None:
     path = tmp_path / "calls.db"
     with sqlite3.connect(path) as conn:
-        # The file as version 2 made it: its two steps, a call and an event handed on.
-        for statement in (*store_module._SCHEMA, *store_module._HANDLED_CALLS):
-            conn.execute(statement)
+        # The file as version 2 made it (written out: the module's steps may change), a call
+        # and an event handed on.
         conn.executescript(
             """
+            CREATE TABLE calls (
+                call_key TEXT PRIMARY KEY, status TEXT NOT NULL, last_event_at REAL NOT NULL,
+                from_number TEXT, to_number TEXT, started_at REAL, answered_at REAL,
+                ended_at REAL, origins TEXT NOT NULL
+            ) WITHOUT ROWID;
+            CREATE TABLE handled (id TEXT PRIMARY KEY, handled_at REAL NOT NULL) WITHOUT ROWID;
+            CREATE TABLE moments (name TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
+            CREATE TABLE handled_calls (
+                call_key TEXT NOT NULL, name TEXT NOT NULL, handled_at REAL NOT NULL,
+                PRIMARY KEY (call_key, name)
+            ) WITHOUT ROWID;
             INSERT INTO calls VALUES
                 ('c-1', 'ringing', 10.0, '+1', NULL, 9.0, NULL, NULL, '{"ringing": "realtime"}');
             INSERT INTO handled_calls VALUES ('c-1', 'incoming_call', 10.0);
@@ -199,9 +210,30 @@ def test_a_version_2_file_keeps_its_handled_rows(tmp_path: Path) -> None:
             """
         )
     conn.close()
-    state = CallState(CallStore(path).calls())
+    # What `sippet-listener calls` reads with: the file stays version 2 (a running older
+    # daemon could not start again on a migrated one).
+    reader = CallReader(path)
+    try:
+        records = reader.calls()
+        assert reader.conn.execute("PRAGMA user_version").fetchone() == (2,)
+    finally:
+        reader.close()
+    state = CallState(records)
     state.merge("call_answered", {"callUuid": "c-1"}, "realtime", 11.0)
     with CallStore(path) as store:
         store.save(11.0, calls=state.changed(), handled_calls=[("c-1", "call_answered")])
         assert store.conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        # The new event a bit of the call's row, the old one still its own row: both read.
+        assert store.conn.execute("SELECT count(*) FROM handled_calls").fetchone() == (1,)
         assert sorted(store.handled_calls()) == [("c-1", "call_answered"), ("c-1", "incoming_call")]
+        assert sorted(store.handled_calls(since=10.5)) == [
+            ("c-1", "call_answered"),
+            ("c-1", "incoming_call"),
+        ]
+
+
+def test_every_lifecycle_event_has_a_bit_of_its_own() -> None:
+    # One without a bit would still be kept (a row of its own), only at the old cost.
+    bits = store_module._BITS
+    assert set(bits) == LIFECYCLE_EVENTS
+    assert sorted(bits.values()) == [1 << n for n in range(len(bits))]

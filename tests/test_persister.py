@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 from listener.calls.persister import Persister
 from listener.calls.store import CallStore
@@ -341,11 +344,26 @@ async def test_a_call_changed_many_times_in_one_batch_is_one_row_of_its_latest_s
     await persister.close()
 
 
+@pytest.mark.parametrize(
+    "heard",
+    [
+        # Handed on, its record as it was: the store lacks the event (pinned).
+        Event.create(
+            "call_transcript_completed", {"callUuid": "c-2"}, "events", 2.0,
+            id=lifecycle_id("call_transcript_completed", "c-2"),
+        ),
+        # No id to hand on, its record changed: the store lacks the callee.
+        Event.create(
+            "transcript_delta", {"callUuid": "c-2", "toNumber": "+200"}, "events", 3.0, id=""
+        ),
+    ],
+    ids=["an event handed on", "its record changed"],
+)  # fmt: skip
 async def test_a_call_heard_again_after_it_was_chosen_to_leave_memory_stays(
-    tmp_path: Path,
+    tmp_path: Path, heard: Event
 ) -> None:
     """Calls leave memory in slices after a batch, events served between them: one that an
-    event changed (or handed on) since it was chosen stays until it is saved again."""
+    event handed on of it, or changed, since it was chosen stays until it is saved again."""
     tracker = CallTracker()
     store = CallStore(tmp_path / "calls.sqlite3")
     persister = Persister(store, tracker, lambda n: n, retain=3600, resident_for=1e12)
@@ -355,7 +373,50 @@ async def test_a_call_heard_again_after_it_was_chosen_to_leave_memory_stays(
     await persister.flush()  # both saved, both kept in memory (resident_for)
     chosen = tracker.evictable(1000.0, 1000)
     assert sorted(chosen) == ["c-1", "c-2"]
-    hand_on(tracker, "call_transcript_completed", "c-2", 3.0)
+    before = tracker.get("c-2")
+    assert tracker.admit(heard)
+    tracker.merge(heard)
+    # Each case by one of the two reasons alone.
+    assert (tracker.get("c-2") is before) == bool(heard.id)
     assert tracker.evict(chosen) == 1
     assert [record.call_key for record in tracker.state.all_calls()] == ["c-2"]
+    await persister.close()
+
+
+async def test_after_a_batch_calls_leave_memory_a_slice_at_a_time_events_served_between(
+    tmp_path: Path,
+) -> None:
+    heard_between: list[str] = []
+    slices: list[int] = []
+
+    class Watched(CallTracker):
+        def evict(self, keys: Sequence[str]) -> int:
+            gone = super().evict(keys)
+            slices.append(gone)
+            if not heard_between:
+                # What the loop serves between two slices: an event of a call chosen for a
+                # later one.
+                heard_between.append(hand_on(self, "call_transcript_completed", "c-599", 3.0))
+            return gone
+
+    tracker = Watched()
+    persister = Persister(
+        CallStore(tmp_path / "calls.sqlite3"), tracker, lambda n: n, retain=3600,
+        clock=lambda: 1000.0, resident_for=60, resident_ended=0,
+    )  # fmt: skip
+    calls = 600  # three slices
+    for index in range(calls):
+        hand_on(tracker, "incoming_call", f"c-{index}", 1.0)
+        hand_on(tracker, "call_ended", f"c-{index}", 2.0)
+    await persister.flush()
+    assert heard_between
+    assert slices == [256, 256, 87]
+    # Every call chosen left memory but the one heard between slices.
+    assert [record.call_key for record in tracker.state.all_calls()] == ["c-599"]
+    await persister.flush()
+    assert tracker.state.all_calls() == []
+    repeat = Event.create(
+        "call_transcript_completed", {"callUuid": "c-599"}, "events", 4.0, id=heard_between[0]
+    )
+    assert not tracker.admit(repeat)
     await persister.close()

@@ -78,9 +78,10 @@ _HANDLED_CALLS: Final = (
     ) WITHOUT ROWID""",
 )
 # Version 3: the lifecycle events handed on of a call the batch writes are bits of its row.
-# A row per event was 1.3 of the batch's 2.4 µs per drain event (three B-tree inserts per
-# call, and the batch is what the loop competes with: bench/README.md, "The call store's
-# batch and the p99"). Rows of version 2 stay where they are, and are read as before.
+# A row per event made the store's part 3.4-4.3 µs per lifecycle event of the drain stream,
+# the bits 1.9-2.1 (bench.callcost; three B-tree inserts per call fewer, and the batch is
+# what the loop competes with: bench/README.md, "The call store's batch and the p99"). Rows
+# of version 2 stay where they are, and are read as before.
 _HANDLED_BITS_COLUMN: Final = ("ALTER TABLE calls ADD COLUMN handled INTEGER NOT NULL DEFAULT 0",)
 _MIGRATIONS: Final = (_SCHEMA, _HANDLED_CALLS, _HANDLED_BITS_COLUMN)
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
@@ -96,7 +97,8 @@ _CALL_COLUMNS: Final = (
 )
 # Assembled from the module's own constants only (hence the S608 silences); values travel as
 # parameters.
-# A call's row replaced, its handled bits kept and added to.
+# A later batch carries only its own events' bits: replacing the row would forget those of
+# earlier batches, and their events would be handed on again after a restart.
 _UPSERT_CALL: Final = (
     f"INSERT INTO calls ({_CALL_COLUMNS}, handled) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
     " ON CONFLICT (call_key) DO UPDATE SET status = excluded.status,"
@@ -163,7 +165,8 @@ class CallStore(Database):
         handled_calls: Iterable[tuple[str, str]] = (),
         seen_until: float | None = None,
     ) -> None:
-        """Write a batch in one transaction: calls (replacing what was stored of them), ids
+        """Write a batch in one transaction: calls (replacing what was stored of them, the
+        lifecycle events handed on of each added to its row's), ids
         and lifecycle events (call key, event name) newly handled at ``now`` (one already
         stored keeps its time) and, when given, ``seen_until`` as the last moment until which
         nothing was missed."""
@@ -218,7 +221,8 @@ class CallStore(Database):
     def handled_calls(self, since: float | None = None) -> list[tuple[str, str]]:
         """Return every lifecycle event stored as handled, as (call key, event name); with
         ``since``, only those of the calls :meth:`calls` returns for it and of calls not
-        stored."""
+        stored. One may come twice (a version-2 row and its call's bit): callers take them
+        as a set."""
         with self.translated("read"):
             if since is None:
                 rows = list(self.conn.execute("SELECT call_key, name FROM handled_calls"))
@@ -254,7 +258,8 @@ class CallStore(Database):
             return [key for (key,) in rows]
 
     def prune(self, before: float) -> int:
-        """Forget the calls whose last event, and the ids handled, before ``before``.
+        """Forget the calls whose last event, and the ids handled, before ``before`` (a
+        call's lifecycle events handed on go with its row).
 
         Returns:
             How many calls were forgotten.
@@ -296,6 +301,19 @@ class CallReader:
         except sqlite3.Error as exc:
             raise StoreError(f"call store read failed: {exc}") from exc
         return None if row is None else row_record(row)
+
+    def calls(self) -> list[CallRecord]:
+        """Return every stored call (``sippet-listener calls``: read only, so that a newer
+        install's command never migrates the file of a running older daemon, which could
+        then not start again).
+
+        Raises:
+            StoreError: SQLite failed.
+        """
+        try:
+            return [row_record(row) for row in self.conn.execute(_SELECT_CALLS).fetchall()]
+        except sqlite3.Error as exc:
+            raise StoreError(f"call store read failed: {exc}") from exc
 
     def handled(self, ids: Sequence[str]) -> set[str]:
         """Return which of ``ids`` are stored as handled.

@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from listener.calls.state import CallRecord
-from listener.calls.store import CallStore, store_path
+from listener.calls.store import CallReader, store_path
 from listener.service.config import load_settings
 from listener.service.inspection import add_state_arguments, print_rows, when
 
@@ -43,8 +43,11 @@ def _calls(args: argparse.Namespace) -> int:
     if not path.exists():
         sys.stderr.write(f"{path}: no call store yet (the daemon creates it on start)\n")
         return 1
-    with CallStore(path) as store:
-        records = store.calls()
+    reader = CallReader(path)
+    try:
+        records = reader.calls()
+    finally:
+        reader.close()
     # Open calls first, then the most recently heard of.
     records.sort(key=lambda record: (record.status == "ended", -record.last_event_at))
     print_rows([_row(record, args.json) for record in records], args.json, _COLUMNS)
