@@ -362,7 +362,16 @@ class WebhookForwarder:
         for name, count in new.items():
             if count > len(handed.get(name, ())):
                 # Some of them are the outbox's to hand out: claimed by the next look.
-                self._workers[name].wake.set()
+                worker = self._workers[name]
+                worker.wake.set()
+                given_ids = {row.msg_id for row in handed.get(name, ())}
+                worker.hold_back(
+                    row.call_key
+                    for row in rows
+                    if row.destination == name
+                    and row.call_key is not None
+                    and row.msg_id not in given_ids
+                )
         for outcome in outcomes:
             self._workers[outcome.destination].settle(outcome)
         self._announce_commit()
