@@ -21,11 +21,14 @@ from listener.cluster.url import StoreUrl
 from listener.core.events import Event
 from listener.testing.receiver import WebhookReceiver
 from listener.webhooks.forwarder import WebhookForwarder
+from listener.webhooks.http1 import Http1Pool
 from listener.webhooks.outbox import Outbox
 from listener.webhooks.outbox_connection import OutboxError
 from listener.webhooks.outbox_rows import Attempt, Claim, Delivery, NewDelivery, Outcome, Take
 from listener.webhooks.outbox_store import OutboxStore
 from listener.webhooks.shared_outbox import SharedOutbox, open_shared
+from listener.webhooks.store import Store
+from listener.webhooks.worker import Worker
 from tests.tcpproxy import FreezableProxy, proxied
 from tests.test_delivery import destination
 from tests.test_webhook_handler import cli
@@ -442,6 +445,55 @@ async def test_the_next_row_of_a_call_goes_once_the_first_is_delivered_amid_a_st
     assert submitted < 100
     received = [r.headers["webhook-id"] for r in receiver.requests]
     assert received.index("c0") < received.index("c1")
+
+
+async def test_a_commits_promise_and_a_claim_on_its_way_are_counted_against_the_prefetch(
+    store: StoreUrl,
+) -> None:
+    with shared(store, "h0") as other:
+        now = time.time()
+        other.commit([replace(new(i), destination="hooks", due_at=now) for i in range(10)], [])
+    outbox = await Store.open_with(lambda: shared(store, "h1"))
+    gate = threading.Event()
+    async with WebhookReceiver() as receiver:
+        # Attempts whose outcomes are never committed: their rows stay leased here.
+        receiver.respond_with(200, delay=0.3)
+        client = Http1Pool()
+        worker = Worker(
+            destination(receiver.url, max_in_flight=1),
+            outbox,
+            client,
+            lambda _: None,
+            lambda: None,
+            poll_interval=30.0,
+        )
+        try:
+            # A commit on its way may lease 5 rows here: the claim takes 3, not 8 (the
+            # prefetch, 8 x max_in_flight).
+            worker.promise(5)
+            worker.start()
+            await receiver.wait_for(1, timeout=10)
+            async with await psycopg.AsyncConnection.connect(store.conninfo) as conn:
+                query = "SELECT count(*) FROM sippet_deliveries WHERE holder = 'h1'"
+                assert await (await conn.execute(query)).fetchall() == [(3,)]
+            worker.promise(0)
+            # That claim came back full. The next one, due as the third row starts, waits
+            # behind the busy outbox thread: on its way, it leaves a commit no room.
+            busy = asyncio.ensure_future(outbox.run(lambda _: gate.wait(30)))
+            async with asyncio.timeout(10):
+                # Nothing to wait on but the worker's own figure.
+                while worker.room() != 0:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            gate.set()
+            await busy
+        finally:
+            gate.set()
+            await worker.stop_claiming()
+            for task in worker.attempts:
+                task.cancel()
+            await asyncio.gather(*worker.attempts, return_exceptions=True)
+            await client.aclose()
+            await outbox.close()
 
 
 def test_per_call_order_holds_across_holders(store: StoreUrl) -> None:

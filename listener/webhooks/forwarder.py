@@ -339,8 +339,11 @@ class WebhookForwarder:
         """What the next commit may claim of ``rows`` for the workers: as many as each would
         claim now."""
         limits = {}
-        for name in {row.destination for row in rows}:
-            room = self._workers[name].room()
+        for name, count in Counter(row.destination for row in rows).items():
+            worker = self._workers[name]
+            room = worker.room()
+            # Commits are one at a time: this one's promise replaces a failed one's.
+            worker.promise(min(room, count))
             if room > 0:
                 limits[name] = room
         per_call = frozenset(
@@ -354,6 +357,8 @@ class WebhookForwarder:
         """Hand the workers the rows the commit claimed for them, wake those with other new
         rows, and the commit's watchers."""
         handed: dict[str, list[Delivery]] = {}
+        for name in {row.destination for row in rows}:
+            self._workers[name].promise(0)
         for row in taken:
             handed.setdefault(row.destination, []).append(row)
         for name, given in handed.items():

@@ -189,6 +189,14 @@ class Worker:
         self._per_call = destination.ordering == "per_call"
         self._call_of: dict[str, str] = {}
         self._held_back: set[str] = set()
+        # Rows on their way here, counted against the prefetch so that a claim and a commit
+        # together lease no more than it: what the commit on its way may lease (promise()),
+        # and what the claim on its way asked for, while the last claim found a backlog (it
+        # came back full). Counting every claim on its way left the commits no room under
+        # steady traffic (a claim every poll_interval): fresh rows went out by claims again.
+        self._claiming = 0
+        self._full = False
+        self._promised = 0
         # Set by stop_claiming: a finished attempt's task goes on with no other row.
         self._stopping = False
         # Slots' tasks whose attempt ran out of time and was cancelled for it (_send).
@@ -220,7 +228,13 @@ class Worker:
         a time; none while gone or stopping)."""
         if self._stopping or self._gone_msg_id is not None or not self.health.healthy:
             return 0
-        return max(0, _PREFETCH * self.destination.max_in_flight - len(self._ready))
+        wanted = _PREFETCH * self.destination.max_in_flight
+        return max(0, wanted - len(self._ready) - self._claiming)
+
+    def promise(self, count: int) -> None:
+        """The commit on its way may lease up to ``count`` rows for this worker (0: it is
+        done); its own claims take that many fewer meanwhile."""
+        self._promised = count
 
     def take(self, rows: list[Delivery]) -> None:
         """Rows a commit claimed for this worker: ready, as claimed ones, and started at once
@@ -319,6 +333,7 @@ class Worker:
         if want == 0 and not enforce:
             return self._sleep()
         ahead = self.health.healthy
+        self._claiming = want if self._full else 0
         try:
             claim = await self._store.run(
                 lambda outbox: self._claim_on_store(outbox, want, enforce)
@@ -326,6 +341,8 @@ class Worker:
         except Exception:
             self._log.exception("webhook outbox claim failed")
             return self._poll_interval
+        finally:
+            self._claiming = 0
         if enforce:
             self._next_bound_check = time.monotonic() + self._poll_interval
         if claim.evicted:
@@ -334,7 +351,7 @@ class Worker:
             self._announce_commit()
         if want > 0:
             # A change while we claimed is seen at the next look (wake.changes).
-            self._more = len(claim.rows) == want
+            self._more = self._full = len(claim.rows) == want
             self._next_due = claim.next_due
         self._add_ready(claim.rows)
         if ahead and self._must_release():
@@ -356,7 +373,9 @@ class Worker:
         # claimed; claiming 8 x max_in_flight took the drain from 3,509 to 4,353/s and
         # 268 to 218 µs CPU a delivery in the stand-in measured side by side
         # (bench/README.md, "prefetch").
-        return _PREFETCH * self.destination.max_in_flight - len(self._ready)
+        return max(
+            0, _PREFETCH * self.destination.max_in_flight - len(self._ready) - self._promised
+        )
 
     def _sleep(self) -> float | None:
         """How long to wait after starting what was allowed."""
