@@ -356,14 +356,14 @@ class WebhookForwarder:
     ) -> None:
         """Hand the workers the rows the commit claimed for them, wake those with other new
         rows, and the commit's watchers."""
-        handed: dict[str, list[Delivery]] = {}
-        for name in {row.destination for row in rows}:
+        new = Counter(row.destination for row in rows)
+        for name in new:
             self._workers[name].promise(0)
+        handed: dict[str, list[Delivery]] = {}
         for row in taken:
             handed.setdefault(row.destination, []).append(row)
         for name, given in handed.items():
             self._workers[name].take(given)
-        new = Counter(row.destination for row in rows)
         for name, count in new.items():
             if count > len(handed.get(name, ())):
                 # Some of them are the outbox's to hand out: claimed by the next look.
