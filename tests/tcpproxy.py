@@ -24,6 +24,9 @@ class FreezableProxy:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.refusing = False
+        # Set: the server's next answer is dropped and its connection closed (the server did
+        # what it was asked; the client never hears it).
+        self.losing = False
 
     async def __aenter__(self) -> FreezableProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -67,7 +70,7 @@ class FreezableProxy:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
             pumps = [
                 asyncio.ensure_future(self._pump(reader, up_writer)),
-                asyncio.ensure_future(self._pump(up_reader, writer)),
+                asyncio.ensure_future(self._pump(up_reader, writer, answers=True)),
             ]
             self._tasks.update(pumps)
             try:
@@ -82,9 +85,13 @@ class FreezableProxy:
                 if side is not None:
                     side.close()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answers: bool = False
+    ) -> None:
         while data := await reader.read(65536):
             await self._flowing.wait()
+            if answers and self.losing:
+                return
             writer.write(data)
             await writer.drain()
 

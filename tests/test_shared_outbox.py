@@ -21,10 +21,14 @@ from listener.cluster.url import StoreUrl
 from listener.core.events import Event
 from listener.testing.receiver import WebhookReceiver
 from listener.webhooks.forwarder import WebhookForwarder
+from listener.webhooks.http1 import Http1Pool
 from listener.webhooks.outbox import Outbox
+from listener.webhooks.outbox_connection import OutboxError
 from listener.webhooks.outbox_rows import Attempt, Claim, Delivery, NewDelivery, Outcome, Take
 from listener.webhooks.outbox_store import OutboxStore
 from listener.webhooks.shared_outbox import SharedOutbox, open_shared
+from listener.webhooks.store import Store
+from listener.webhooks.worker import Worker
 from tests.tcpproxy import FreezableProxy, proxied
 from tests.test_delivery import destination
 from tests.test_webhook_handler import cli
@@ -258,6 +262,45 @@ def test_a_commit_leases_its_new_rows_to_its_holder_as_a_claim_would_until_it_la
         assert first.whereabouts("a", "msg_1") == ("delivered", T0)
 
 
+def test_a_commit_leases_only_due_rows_and_the_next_due_one_within_its_limit(
+    store: StoreUrl,
+) -> None:
+    with shared(store, "h1") as first:
+        taken = first.commit([new(1), new(3, due=T0 + 5), new(2)], [], Take(T0, {"a": 2}))
+        assert ids(taken) == ["msg_1", "msg_2"]
+        assert ids(first.claim("a", T0 + 5, 10).rows) == ["msg_3"]
+
+
+def test_a_row_twice_in_a_commit_is_leased_and_handed_over_once(store: StoreUrl) -> None:
+    with shared(store, "h1") as first:
+        taken = first.commit([new(1), new(1)], [], Take(T0, {"a": 10}))
+        assert ids(taken) == ["msg_1"]
+        assert first.claim("a", T0, 10).rows == []
+
+
+async def test_the_rows_a_commit_leased_before_its_answer_was_lost_are_claimed_at_once(
+    store: StoreUrl,
+) -> None:
+    take = Take(T0, {"a": 10})
+    async with proxied(store) as (proxy, via):
+        first = SharedOutbox(via, "hooks", holder="h1", connect_timeout=1, renew_every=0.0)
+        try:
+            assert await asyncio.to_thread(first.pending_count, "a") == 0
+            # The server commits; its answer never comes back, the connection breaks.
+            proxy.losing = True
+            with pytest.raises(OutboxError):
+                await asyncio.to_thread(first.commit, [new(1), new(2)], [], take)
+            proxy.losing = False
+            # The writer's retry: its inserts are skipped, so it leases nothing itself...
+            assert await asyncio.to_thread(first.commit, [new(1), new(2)], [], take) == []
+            # ...and the rows are not left leased to nobody's worker for lease_ttl.
+            claimed = await asyncio.to_thread(first.claim, "a", T0, 10)
+            assert ids(claimed.rows) == ["msg_1", "msg_2"]
+        finally:
+            # Off the loop: the proxy moves its bytes there.
+            await asyncio.to_thread(first.close)
+
+
 def test_a_commit_leases_no_row_of_a_disabled_destination_nor_one_behind_its_call(
     store: StoreUrl,
 ) -> None:
@@ -338,8 +381,119 @@ async def test_a_commit_leases_nothing_for_an_unhealthy_destination_its_probe_go
             receiver.respond_with(200)
             await receiver.wait_for(3, timeout=10)
             await asyncio.sleep(0.1)
-    first, *then = [r.headers["webhook-id"] for r in receiver.requests]
-    assert (first, sorted(then)) == ("e0", ["e0", "e1"])
+    assert [r.headers["webhook-id"] for r in receiver.requests] == ["e0", "e0", "e1"]
+
+
+async def _stream_until(
+    forwarder: WebhookForwarder, receiver: WebhookReceiver, wanted: set[str], count: int = 150
+) -> int:
+    """Submit an event of a call of its own every 30 ms until the ids ``wanted`` have all
+    been received, at most ``count``; return how many went in."""
+    for i in range(count):
+        if wanted <= {r.headers["webhook-id"] for r in receiver.requests}:
+            return i
+        event = Event.create(
+            "call_started", {"callUuid": f"k{i}"}, "events", time.time(), id=f"e{i}"
+        )
+        assert forwarder.submit(event) is not None
+        await asyncio.sleep(0.03)
+    return count
+
+
+async def test_a_dead_holders_rows_are_taken_over_while_fresh_rows_still_flow(
+    store: StoreUrl, tmp_path: Path
+) -> None:
+    # Leased by their commit to an instance that then stops renewing (as if dead).
+    with shared(store, "h2", ttl=0.5) as dead:
+        now = time.time()
+        rows = [
+            NewDelivery("hooks", f"x{i}", "call_started", None, b"{}", now, now) for i in range(3)
+        ]
+        assert len(dead.commit(rows, [], Take(now, {"hooks": 10}))) == 3
+        async with WebhookReceiver() as receiver:
+            forwarder = WebhookForwarder(
+                [destination(receiver.url)],
+                tmp_path / "unused.sqlite3",
+                poll_interval=0.2,
+                shared_outbox=lambda: shared(store, "h1"),
+            )
+            async with forwarder:
+                # Each fresh row is handed over by its commit, and its attempt's end nudges
+                # the worker: the claims that take the lapsed rows must still come.
+                submitted = await _stream_until(forwarder, receiver, {"x0", "x1", "x2"})
+    assert submitted < 150
+
+
+async def test_the_next_row_of_a_call_goes_once_the_first_is_delivered_amid_a_stream(
+    store: StoreUrl, tmp_path: Path
+) -> None:
+    async with WebhookReceiver() as receiver:
+        forwarder = WebhookForwarder(
+            [destination(receiver.url, ordering="per_call")],
+            tmp_path / "unused.sqlite3",
+            # No look of its own in the test's time: only the first row's outcome brings c1.
+            poll_interval=30.0,
+            shared_outbox=lambda: shared(store, "h1"),
+        )
+        async with forwarder:
+            for j in range(2):
+                event = Event.create(
+                    "call_started", {"callUuid": "C"}, "events", time.time(), id=f"c{j}"
+                )
+                assert forwarder.submit(event) is not None
+            submitted = await _stream_until(forwarder, receiver, {"c0", "c1"}, count=100)
+    assert submitted < 100
+    received = [r.headers["webhook-id"] for r in receiver.requests]
+    assert received.index("c0") < received.index("c1")
+
+
+async def test_a_commits_promise_and_a_claim_on_its_way_are_counted_against_the_prefetch(
+    store: StoreUrl,
+) -> None:
+    with shared(store, "h0") as other:
+        now = time.time()
+        other.commit([replace(new(i), destination="hooks", due_at=now) for i in range(10)], [])
+    outbox = await Store.open_with(lambda: shared(store, "h1"))
+    gate = threading.Event()
+    async with WebhookReceiver() as receiver:
+        # Attempts whose outcomes are never committed: their rows stay leased here.
+        receiver.respond_with(200, delay=0.3)
+        client = Http1Pool()
+        worker = Worker(
+            destination(receiver.url, max_in_flight=1),
+            outbox,
+            client,
+            lambda _: None,
+            lambda: None,
+            poll_interval=30.0,
+        )
+        try:
+            # A commit on its way may lease 5 rows here: the claim takes 3, not 8 (the
+            # prefetch, 8 x max_in_flight).
+            worker.promise(5)
+            worker.start()
+            await receiver.wait_for(1, timeout=10)
+            async with await psycopg.AsyncConnection.connect(store.conninfo) as conn:
+                query = "SELECT count(*) FROM sippet_deliveries WHERE holder = 'h1'"
+                assert await (await conn.execute(query)).fetchall() == [(3,)]
+            worker.promise(0)
+            # That claim came back full. The next one, due as the third row starts, waits
+            # behind the busy outbox thread: on its way, it leaves a commit no room.
+            busy = asyncio.ensure_future(outbox.run(lambda _: gate.wait(30)))
+            async with asyncio.timeout(10):
+                # Nothing to wait on but the worker's own figure.
+                while worker.room() != 0:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            gate.set()
+            await busy
+        finally:
+            gate.set()
+            await worker.stop_claiming()
+            for task in worker.attempts:
+                task.cancel()
+            await asyncio.gather(*worker.attempts, return_exceptions=True)
+            await client.aclose()
+            await outbox.close()
 
 
 def test_per_call_order_holds_across_holders(store: StoreUrl) -> None:

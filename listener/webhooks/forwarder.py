@@ -339,8 +339,11 @@ class WebhookForwarder:
         """What the next commit may claim of ``rows`` for the workers: as many as each would
         claim now."""
         limits = {}
-        for name in {row.destination for row in rows}:
-            room = self._workers[name].room()
+        for name, count in Counter(row.destination for row in rows).items():
+            worker = self._workers[name]
+            room = worker.room()
+            # Commits are one at a time: this one's promise replaces a failed one's.
+            worker.promise(min(room, count))
             if room > 0:
                 limits[name] = room
         per_call = frozenset(
@@ -353,16 +356,27 @@ class WebhookForwarder:
     ) -> None:
         """Hand the workers the rows the commit claimed for them, wake those with other new
         rows, and the commit's watchers."""
+        new = Counter(row.destination for row in rows)
+        for name in new:
+            self._workers[name].promise(0)
         handed: dict[str, list[Delivery]] = {}
         for row in taken:
             handed.setdefault(row.destination, []).append(row)
         for name, given in handed.items():
             self._workers[name].take(given)
-        new = Counter(row.destination for row in rows)
         for name, count in new.items():
             if count > len(handed.get(name, ())):
                 # Some of them are the outbox's to hand out: claimed by the next look.
-                self._workers[name].wake.set()
+                worker = self._workers[name]
+                worker.wake.set()
+                given_ids = {row.msg_id for row in handed.get(name, ())}
+                worker.hold_back(
+                    row.call_key
+                    for row in rows
+                    if row.destination == name
+                    and row.call_key is not None
+                    and row.msg_id not in given_ids
+                )
         for outcome in outcomes:
             self._workers[outcome.destination].settle(outcome)
         self._announce_commit()

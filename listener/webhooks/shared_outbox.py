@@ -21,8 +21,8 @@ Per-call ordering looks at every pending row of the call, held anywhere. A commi
 own new rows the same way, as it inserts them (those its worker has room for, due, of an
 enabled destination, in per-call order), and returns them to be attempted here: a fresh row
 then needs no claim after its commit. If a commit's answer is lost (the connection broke
-after the server committed it), the rows it leased are not known here: nobody renews them,
-and they are due again, for any instance, once their lease passes.
+after the server committed it), the rows it may have leased are not held here: the next
+commit (its retry, whose inserts are then skipped) gives them back first, for a claim.
 
 An instance given a store keeps no delivery in its SQLite file: :func:`open_shared` moves the
 rows still pending there (from a run without a store) into the shared outbox, same ids, and
@@ -150,6 +150,10 @@ class SharedOutbox:
         self._last_stats: list[DestinationStats] = []
         # The rows this instance holds, by destination: msg_id -> seq.
         self._held: dict[str, dict[str, int]] = {}
+        # The rows a commit that failed may have leased here, (destination, msg_id): if the
+        # server committed it and only its answer was lost, nobody here holds them, and the
+        # retry (its inserts skipped) would not hand them over; released by the next commit.
+        self._unsure: set[tuple[str, str]] = set()
         self._renewed = time.monotonic()
 
     def __enter__(self) -> SharedOutbox:
@@ -224,8 +228,10 @@ class SharedOutbox:
         """Insert new rows and record attempts' outcomes, in one transaction; the rows the
         outcomes concern are no longer held once it is committed. With ``take``, the new
         rows it allows are leased to this instance as they are inserted, and returned
-        (held, as claimed ones: see :data:`sql.COMMIT`)."""
+        (held, as claimed ones: see :data:`sql.COMMIT_LEASING`)."""
         conn = self._connection()
+        if self._unsure:
+            self._release_unsure(conn)
         failed = [o for o in outcomes if o.kind != "delivered"]
         delivered = [o for o in outcomes if o.kind == "delivered"]
         failures: list[tuple[LiteralString, list[dict[str, object]]]] = [
@@ -280,16 +286,36 @@ class SharedOutbox:
             news = (sql.COMMIT_LEASING[per_call], params)
         elif rows or delivered:
             news = (sql.COMMIT, {**self._params(), **_commit_params(rows, delivered)})
-        with conn.transaction() if failed else contextlib.nullcontext(), conn.cursor() as cursor:
-            if news is not None:
-                cursor.execute(*news)
-            leased = cursor.fetchall() if any(takes) else []
-            for statement, values in failures:
-                if values:
-                    cursor.executemany(statement, values)
+        try:
+            with (
+                conn.transaction() if failed else contextlib.nullcontext(),
+                conn.cursor() as cursor,
+            ):
+                if news is not None:
+                    cursor.execute(*news)
+                leased = cursor.fetchall() if any(takes) else []
+                for statement, values in failures:
+                    if values:
+                        cursor.executemany(statement, values)
+        except Exception:
+            self._unsure.update(
+                (row.destination, row.msg_id) for row, t in zip(rows, takes, strict=True) if t
+            )
+            raise
         for outcome in outcomes:
             self._held.get(outcome.destination, {}).pop(outcome.msg_id, None)
         return self._taken(rows, leased)
+
+    def _release_unsure(self, conn: psycopg.Connection[Any]) -> None:
+        """Give back the rows a failed commit may have leased here (none of them is held:
+        the retry of that commit, which this one is, leases afresh only what it inserts)."""
+        pairs = [pair for pair in self._unsure if pair[1] not in self._held.get(pair[0], {})]
+        if pairs:
+            conn.execute(
+                sql.RELEASE_UNSURE,
+                self._params(destinations=[d for d, _ in pairs], msg_ids=[m for _, m in pairs]),
+            )
+        self._unsure.clear()
 
     def _taken(
         self, rows: Sequence[NewDelivery], leased: list[tuple[int, str, str]]
@@ -300,7 +326,8 @@ class SharedOutbox:
         seqs = {(destination, msg_id): seq for seq, destination, msg_id in leased}
         taken = []
         for row in rows:
-            seq = seqs.get((row.destination, row.msg_id))
+            # pop: a row twice in the batch was inserted (and leased) once.
+            seq = seqs.pop((row.destination, row.msg_id), None)
             if seq is not None:
                 self._held.setdefault(row.destination, {})[row.msg_id] = seq
                 taken.append(

@@ -22,6 +22,7 @@ __all__ = [
     "PENDING",
     "PRUNE",
     "RELEASE",
+    "RELEASE_UNSURE",
     "RENEW",
     "REPLAY",
     "RESCHEDULE",
@@ -82,7 +83,6 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, (
 # round trip instead of four; the figure is at SharedOutbox.commit). A 2xx is a fact
 # whoever holds the row now: it is delivered. The rows a 2xx concerns were committed before
 # (claimed), so the update, which does not see this statement's inserts, finds them.
-#
 _INSERTED = """
     INSERT INTO sippet_deliveries
         (outbox, destination, msg_id, event, call_key, body, created_at, due_at)
@@ -189,6 +189,14 @@ WITH victims AS (
 RELEASE = """
 UPDATE sippet_deliveries SET holder = NULL, lease_until = NULL
 WHERE seq = ANY(%(seqs)s) AND holder = %(holder)s AND delivered_at IS NULL
+"""
+# The rows a commit whose answer was lost may have leased to this holder (SharedOutbox
+# knows their ids, not their seqs).
+RELEASE_UNSURE = """
+UPDATE sippet_deliveries AS d SET holder = NULL, lease_until = NULL
+FROM unnest(%(destinations)s::text[], %(msg_ids)s::text[]) AS u (destination, msg_id)
+WHERE d.outbox = %(outbox)s AND d.destination = u.destination AND d.msg_id = u.msg_id
+    AND d.holder = %(holder)s AND d.delivered_at IS NULL
 """
 RENEW = f"""
 UPDATE sippet_deliveries SET lease_until = {_LEASE}

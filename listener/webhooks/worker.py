@@ -42,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -183,6 +183,20 @@ class Worker:
         # until it is, the outbox does not know, so claiming pauses.
         self._gone_msg_id: str | None = None
         self._claim_task: asyncio.Task[None] | None = None
+        # Per-call ordering: the call of each row claimed here until its outcome settles, and
+        # the calls of fresh rows a commit held back behind one of them, claimed once it is
+        # delivered (set(): a nudge would leave them until the next poll_interval).
+        self._per_call = destination.ordering == "per_call"
+        self._call_of: dict[str, str] = {}
+        self._held_back: set[str] = set()
+        # Rows on their way here, counted against the prefetch so that a claim and a commit
+        # together lease no more than it: what the commit on its way may lease (promise()),
+        # and what the claim on its way asked for, while the last claim found a backlog (it
+        # came back full). Counting every claim on its way left the commits no room under
+        # steady traffic (a claim every poll_interval): fresh rows went out by claims again.
+        self._claiming = 0
+        self._full = False
+        self._promised = 0
         # Set by stop_claiming: a finished attempt's task goes on with no other row.
         self._stopping = False
         # Slots' tasks whose attempt ran out of time and was cancelled for it (_send).
@@ -214,22 +228,47 @@ class Worker:
         a time; none while gone or stopping)."""
         if self._stopping or self._gone_msg_id is not None or not self.health.healthy:
             return 0
-        return max(0, _PREFETCH * self.destination.max_in_flight - len(self._ready))
+        wanted = _PREFETCH * self.destination.max_in_flight
+        return max(0, wanted - len(self._ready) - self._claiming)
+
+    def promise(self, count: int) -> None:
+        """The commit on its way may lease up to ``count`` rows for this worker (0: it is
+        done); its own claims take that many fewer meanwhile."""
+        self._promised = count
 
     def take(self, rows: list[Delivery]) -> None:
         """Rows a commit claimed for this worker: ready, as claimed ones, and started at once
         if allowed (the destination may have turned unhealthy or gone meanwhile: the claim
         loop then gives them back, as it does claimed rows)."""
-        self._ready.extend(rows)
+        self._add_ready(rows)
         if not (self._stopping or self._must_release()):
             self._start_ready()
         self.wake.nudge()
+
+    def hold_back(self, calls: Iterable[str]) -> None:
+        """Calls of fresh rows a commit did not hand over: those behind a row of theirs
+        claimed here are claimed once it is delivered."""
+        if self._per_call and self._call_of:
+            mine = set(self._call_of.values())
+            self._held_back.update(c for c in calls if c in mine)
+
+    def _add_ready(self, rows: list[Delivery]) -> None:
+        if self._per_call:
+            for row in rows:
+                if row.call_key is not None:
+                    self._call_of[row.msg_id] = row.call_key
+        self._ready.extend(rows)
 
     def settle(self, outcome: Outcome) -> None:
         """Take note of an attempt's committed outcome: the outbox now tells its row's state."""
         if outcome.msg_id == self._gone_msg_id:
             self._gone_msg_id = None
-        if outcome.kind == "delivered":
+        call = self._call_of.pop(outcome.msg_id, None) if self._call_of else None
+        if outcome.kind == "delivered" and call in self._held_back:
+            # The next row of its call is due now.
+            self._held_back.discard(call)
+            self.wake.set()
+        elif outcome.kind == "delivered":
             self.wake.nudge()
         else:
             # A retry may be due at once.
@@ -237,6 +276,11 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         """Claim due rows whenever a slot is free and something may have changed."""
+        # ``_more`` comes back every poll_interval on this fixed clock, which wake-ups do not
+        # push back: under steady traffic nudges (attempts ending, rows handed over by
+        # commits) keep coming, and rows no commit hands over (a dead instance's whose lease
+        # passed, given back, replayed by the CLI) would wait for the stream to stop.
+        rearm = time.monotonic() + self._poll_interval
         while True:
             # Cleared before looking, so that a wake-up during the look is not lost.
             self.wake.clear()
@@ -257,6 +301,12 @@ class Worker:
             if self.wake.changes != self._changes:
                 self._changes = self.wake.changes
                 self._more = True
+            now = time.monotonic()
+            if now >= rearm:
+                self._more = True
+                rearm = now + self._poll_interval
+                # Keys whose first row is no longer ours: their rows come with this look.
+                self._held_back.intersection_update(self._call_of.values())
 
     def _allowance(self) -> tuple[int, float | None]:
         """How many attempts may start now, and when to look again if it is fewer than the
@@ -283,6 +333,7 @@ class Worker:
         if want == 0 and not enforce:
             return self._sleep()
         ahead = self.health.healthy
+        self._claiming = want if self._full else 0
         try:
             claim = await self._store.run(
                 lambda outbox: self._claim_on_store(outbox, want, enforce)
@@ -290,6 +341,8 @@ class Worker:
         except Exception:
             self._log.exception("webhook outbox claim failed")
             return self._poll_interval
+        finally:
+            self._claiming = 0
         if enforce:
             self._next_bound_check = time.monotonic() + self._poll_interval
         if claim.evicted:
@@ -298,9 +351,9 @@ class Worker:
             self._announce_commit()
         if want > 0:
             # A change while we claimed is seen at the next look (wake.changes).
-            self._more = len(claim.rows) == want
+            self._more = self._full = len(claim.rows) == want
             self._next_due = claim.next_due
-        self._ready.extend(claim.rows)
+        self._add_ready(claim.rows)
         if ahead and self._must_release():
             # The destination turned unhealthy or gone while we claimed ahead.
             await self._release_ready()
@@ -320,7 +373,9 @@ class Worker:
         # claimed; claiming 8 x max_in_flight took the drain from 3,509 to 4,353/s and
         # 268 to 218 µs CPU a delivery in the stand-in measured side by side
         # (bench/README.md, "prefetch").
-        return _PREFETCH * self.destination.max_in_flight - len(self._ready)
+        return max(
+            0, _PREFETCH * self.destination.max_in_flight - len(self._ready) - self._promised
+        )
 
     def _sleep(self) -> float | None:
         """How long to wait after starting what was allowed."""
@@ -399,6 +454,8 @@ class Worker:
         """Give the claimed rows not started back to the outbox."""
         msg_ids = [row.msg_id for row in self._ready]
         self._ready.clear()
+        for msg_id in msg_ids:
+            self._call_of.pop(msg_id, None)
         name = self.destination.name
         try:
             await self._store.run(lambda outbox: outbox.release(name, msg_ids))
