@@ -424,7 +424,7 @@ async def test_a_dead_holders_rows_are_taken_over_while_fresh_rows_still_flow(
     assert submitted < 150
 
 
-async def test_the_next_row_of_a_call_goes_once_the_first_is_delivered_amid_a_stream(
+async def test_each_next_row_of_a_call_goes_once_the_one_before_is_delivered_amid_a_stream(
     store: StoreUrl, tmp_path: Path
 ) -> None:
     async with WebhookReceiver() as receiver:
@@ -436,15 +436,16 @@ async def test_the_next_row_of_a_call_goes_once_the_first_is_delivered_amid_a_st
             shared_outbox=lambda: shared(store, "h1"),
         )
         async with forwarder:
-            for j in range(2):
+            # A call's three events: each row behind the one before it.
+            for j in range(3):
                 event = Event.create(
                     "call_started", {"callUuid": "C"}, "events", time.time(), id=f"c{j}"
                 )
                 assert forwarder.submit(event) is not None
-            submitted = await _stream_until(forwarder, receiver, {"c0", "c1"}, count=100)
+            submitted = await _stream_until(forwarder, receiver, {"c0", "c1", "c2"}, count=100)
     assert submitted < 100
     received = [r.headers["webhook-id"] for r in receiver.requests]
-    assert received.index("c0") < received.index("c1")
+    assert received.index("c0") < received.index("c1") < received.index("c2")
 
 
 async def test_a_commits_promise_and_a_claim_on_its_way_are_counted_against_the_prefetch(
@@ -456,8 +457,10 @@ async def test_a_commits_promise_and_a_claim_on_its_way_are_counted_against_the_
     outbox = await Store.open_with(lambda: shared(store, "h1"))
     gate = threading.Event()
     async with WebhookReceiver() as receiver:
-        # Attempts whose outcomes are never committed: their rows stay leased here.
-        receiver.respond_with(200, delay=0.3)
+        # Attempts whose outcomes are never committed: their rows stay leased here. Slow
+        # enough that the test's look at the store comes before the third attempt starts,
+        # on a slow machine too.
+        receiver.respond_with(200, delay=1.0)
         client = Http1Pool()
         worker = Worker(
             destination(receiver.url, max_in_flight=1),

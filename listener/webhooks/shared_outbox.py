@@ -463,7 +463,11 @@ class SharedOutbox:
         try:
             if seqs:
                 self._release(seqs)
-        except OutboxError as exc:
+            # And those the last commit may have leased before its answer was lost.
+            conn = self._connection_or_none() if self._unsure else None
+            if conn is not None:
+                self._release_unsure(conn)
+        except (OutboxError, psycopg.Error) as exc:
             _log.warning("webhook deliveries held here wait for their lease", error=str(exc))
         finally:
             if self._conn is not None:

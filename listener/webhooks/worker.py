@@ -265,8 +265,9 @@ class Worker:
             self._gone_msg_id = None
         call = self._call_of.pop(outcome.msg_id, None) if self._call_of else None
         if outcome.kind == "delivered" and call in self._held_back:
-            # The next row of its call is due now.
-            self._held_back.discard(call)
+            # The next row of its call is due now, and once that one (claimed here) is
+            # delivered, the one after it: the call stays held back until the re-arm finds no
+            # row of it here (at the cost of one claim more at the end of each chain).
             self.wake.set()
         elif outcome.kind == "delivered":
             self.wake.nudge()
@@ -331,6 +332,12 @@ class Worker:
         enforce = self._bounded and time.monotonic() >= self._next_bound_check
         want = self._wanted()
         if want == 0 and not enforce:
+            if self._promised and self._more:
+                # Only the commit on its way stands in the way: its end wakes us (rows handed
+                # over, or a wake-up for those it left); _sleep() could say 0 s here and the
+                # loop would spin until then, on the GIL the commit's thread needs, and
+                # through a failed commit's backoff.
+                return self._poll_interval
             return self._sleep()
         ahead = self.health.healthy
         self._claiming = want if self._full else 0
