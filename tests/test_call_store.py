@@ -24,6 +24,16 @@ _RINGING = """INSERT INTO calls VALUES
     ('c-1', 'ringing', 10.0, '+1', NULL, 9.0, NULL, NULL, '{"ringing": "realtime"}');"""
 
 
+def old_file(path: Path, rest: str) -> None:
+    """Write a file as a version before 3 did: its calls table with c-1 ringing, then
+    ``rest``."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.executescript("\n".join((_CALLS_TABLE, _RINGING, rest)))
+    finally:
+        conn.close()
+
+
 def test_a_new_store_is_empty(tmp_path: Path) -> None:
     with CallStore(tmp_path / "calls.db") as store:
         assert (store.calls(), store.handled_ids(), store.last_seen()) == ([], set(), None)
@@ -135,20 +145,17 @@ def test_an_unopenable_file_and_a_held_lock_are_store_errors(tmp_path: Path) -> 
 def test_a_first_store_loses_its_time_indexes_and_keeps_its_rows(tmp_path: Path) -> None:
     """Files written before the indexes went: same schema version, same rows, no index."""
     path = tmp_path / "calls.db"
-    with sqlite3.connect(path) as conn:
-        conn.executescript(
-            f"""
-            {_CALLS_TABLE}
-            CREATE INDEX calls_last_event ON calls (last_event_at);
-            CREATE TABLE handled (id TEXT PRIMARY KEY, handled_at REAL NOT NULL) WITHOUT ROWID;
-            CREATE INDEX handled_at ON handled (handled_at);
-            CREATE TABLE moments (name TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
-            {_RINGING}
-            INSERT INTO handled VALUES ('evt_a', 10.0);
-            PRAGMA user_version = 1;
-            """  # noqa: S608 (the test's own constants)
-        )
-    conn.close()
+    old_file(
+        path,
+        """
+        CREATE INDEX calls_last_event ON calls (last_event_at);
+        CREATE TABLE handled (id TEXT PRIMARY KEY, handled_at REAL NOT NULL) WITHOUT ROWID;
+        CREATE INDEX handled_at ON handled (handled_at);
+        CREATE TABLE moments (name TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
+        INSERT INTO handled VALUES ('evt_a', 10.0);
+        PRAGMA user_version = 1;
+        """,
+    )
     with CallStore(path) as store:
         assert [record.call_key for record in store.calls()] == ["c-1"]
         assert store.handled_ids() == {"evt_a"}
@@ -192,23 +199,20 @@ def test_lifecycle_events_handed_on_are_kept_on_the_call_s_row_across_batches(
 
 def test_a_version_2_file_keeps_its_handled_rows_and_is_read_as_it_is(tmp_path: Path) -> None:
     path = tmp_path / "calls.db"
-    with sqlite3.connect(path) as conn:
-        # The file as version 2 made it, a call and an event handed on.
-        conn.executescript(
-            f"""
-            {_CALLS_TABLE}
-            CREATE TABLE handled (id TEXT PRIMARY KEY, handled_at REAL NOT NULL) WITHOUT ROWID;
-            CREATE TABLE moments (name TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
-            CREATE TABLE handled_calls (
-                call_key TEXT NOT NULL, name TEXT NOT NULL, handled_at REAL NOT NULL,
-                PRIMARY KEY (call_key, name)
-            ) WITHOUT ROWID;
-            {_RINGING}
-            INSERT INTO handled_calls VALUES ('c-1', 'incoming_call', 10.0);
-            PRAGMA user_version = 2;
-            """  # noqa: S608 (the test's own constants)
-        )
-    conn.close()
+    # The file as version 2 made it, a call and an event handed on.
+    old_file(
+        path,
+        """
+        CREATE TABLE handled (id TEXT PRIMARY KEY, handled_at REAL NOT NULL) WITHOUT ROWID;
+        CREATE TABLE moments (name TEXT PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
+        CREATE TABLE handled_calls (
+            call_key TEXT NOT NULL, name TEXT NOT NULL, handled_at REAL NOT NULL,
+            PRIMARY KEY (call_key, name)
+        ) WITHOUT ROWID;
+        INSERT INTO handled_calls VALUES ('c-1', 'incoming_call', 10.0);
+        PRAGMA user_version = 2;
+        """,
+    )
     # What `sippet-listener calls` reads with: the file stays version 2 (a running older
     # daemon could not start again on a migrated one).
     reader = CallReader(path)

@@ -171,7 +171,10 @@ class WebhookForwarder:
         # Connections are per origin and unbounded in number: each destination's slots
         # (max_in_flight) bound them, and a hung destination cannot starve another.
         client = Http1Pool(user_agent=USER_AGENT)
-        writer = BatchWriter(store, self._on_commit, self._take)
+        # Only the shared store's commit leases rows (the SQLite one has no round trip to
+        # save): without it no commit promises rows, which would only shrink the workers'
+        # own claims, and the event path skips the count of each commit's destinations.
+        writer = BatchWriter(store, self._on_commit, None if opener is None else self._take)
         self._workers = {
             d.name: Worker(
                 d, store, client, writer.record, self._announce_commit, self._poll_interval

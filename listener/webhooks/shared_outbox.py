@@ -278,7 +278,8 @@ class SharedOutbox:
         # (bench/README.md).
         news: tuple[LiteralString, dict[str, object]] | None = None
         takes = _takes(rows, take)
-        if any(takes):
+        leasing = any(takes)
+        if leasing:
             ordered = [take is not None and r.destination in take.per_call for r in rows]
             params = {**self._params(ttl=self._ttl), **_commit_params(rows, delivered)}
             params.update(take=takes, per_call=ordered)
@@ -293,7 +294,7 @@ class SharedOutbox:
             ):
                 if news is not None:
                     cursor.execute(*news)
-                leased = cursor.fetchall() if any(takes) else []
+                leased = cursor.fetchall() if leasing else []
                 for statement, values in failures:
                     if values:
                         cursor.executemany(statement, values)

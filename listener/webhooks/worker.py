@@ -228,8 +228,11 @@ class Worker:
         a time; none while gone or stopping)."""
         if self._stopping or self._gone_msg_id is not None or not self.health.healthy:
             return 0
-        wanted = _PREFETCH * self.destination.max_in_flight
-        return max(0, wanted - len(self._ready) - self._claiming)
+        return max(0, self._headroom() - self._claiming)
+
+    def _headroom(self) -> int:
+        """How many rows ready falls short of the prefetch (see :meth:`_wanted`)."""
+        return _PREFETCH * self.destination.max_in_flight - len(self._ready)
 
     def promise(self, count: int) -> None:
         """The commit on its way may lease up to ``count`` rows for this worker (0: it is
@@ -380,9 +383,7 @@ class Worker:
         # claimed; claiming 8 x max_in_flight took the drain from 3,509 to 4,353/s and
         # 268 to 218 µs CPU a delivery in the stand-in measured side by side
         # (bench/README.md, "prefetch").
-        return max(
-            0, _PREFETCH * self.destination.max_in_flight - len(self._ready) - self._promised
-        )
+        return max(0, self._headroom() - self._promised)
 
     def _sleep(self) -> float | None:
         """How long to wait after starting what was allowed."""

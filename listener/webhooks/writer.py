@@ -41,14 +41,15 @@ class BatchWriter:
         committed: called on the loop after each successful commit, with what it held and
             the new rows it claimed (see ``take``).
         take: what each commit may claim of its new rows, asked on the loop just before it
-            (see :meth:`~listener.webhooks.outbox_store.OutboxStore.commit`).
+            (see :meth:`~listener.webhooks.outbox_store.OutboxStore.commit`); None: the
+            store claims none.
     """
 
     def __init__(
         self,
         store: Store,
         committed: Callable[[list[NewDelivery], list[Outcome], list[Delivery]], None],
-        take: Callable[[Sequence[NewDelivery]], Take | None],
+        take: Callable[[Sequence[NewDelivery]], Take] | None = None,
     ) -> None:
         self._store = store
         self._committed = committed
@@ -125,7 +126,7 @@ class BatchWriter:
         batch, self._batch = self._batch, None
         if not (rows or outcomes):
             return True
-        take = self._take(rows) if rows else None
+        take = self._take(rows) if rows and self._take is not None else None
         try:
             taken = await self._store.run(lambda outbox: outbox.commit(rows, outcomes, take))
         except Exception:
