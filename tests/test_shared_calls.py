@@ -33,6 +33,7 @@ from listener.core.events import Event
 from listener.core.ids import lifecycle_id
 from listener.rpc.client import RpcClient
 from listener.service.daemon import Daemon
+from listener.service.status_view import view
 from listener.testing import FakeSippet, running_daemon
 from listener.testing.receiver import WebhookReceiver
 from tests.tcpproxy import proxied
@@ -345,11 +346,22 @@ async def test_a_leader_whose_call_map_the_store_does_not_take_says_so_and_stays
         # Still ready: it works from its own file.
         assert daemon.readiness() == (True, f"joined; {said}")
         assert f"; {said}" in daemon.status_line()
+        assert store_row(daemon) == {
+            "t": "answering; not taking the call map, kept locally",
+            "c": "warn",
+        }
         await execute(store, "ALTER TABLE sippet_calls_away RENAME TO sippet_calls")
         # Tried again a connect_timeout (5 s) later, with what it kept.
         await until(lambda: daemon.readiness() == (True, "joined"), timeout=15)
         assert said not in daemon.status_line()
+        assert store_row(daemon) == {"t": "answering", "c": "ok"}
         assert await _has(store, "c1")
+
+
+def store_row(daemon: Daemon) -> object:
+    """The status page's "Shared store" cell."""
+    rows = view(daemon.board.snapshot(), admin=False)["tables"]["link"]
+    return dict((row[0], row[1]) for row in rows)["Shared store"]
 
 
 async def test_a_follower_holds_no_connection_to_the_shared_map(

@@ -189,12 +189,16 @@ class StatusBoard:
         if store is None:
             return None
         elector = store.elector
+        shared = self._daemon.shared_calls
         return {
             "instance": elector.holder,
             "leader": elector.is_leader,
             "term": elector.term,
             "store_answering": store.ready.is_set() and not store.claims.down,
             "spooled": store.claims.spool.events,
+            # A leader whose batches of the call map the store refuses keeps the map in its
+            # own file until it takes them (the readiness reason says the same).
+            "call_map_shared": not (shared is not None and shared.not_sharing),
         }
 
     def _handlers(self) -> list[dict[str, Any]]:

@@ -89,11 +89,15 @@ def _cluster(cluster: dict[str, Any] | None) -> list[Row]:
         return []
     role = f"leader (term {cluster['term']})" if cluster["leader"] else "follower"
     spooled = f"{cluster['spooled']} events spooled"
-    store: Cell = (
-        {"t": f"answering; {spooled}" if cluster["spooled"] else "answering", "c": "ok"}
-        if cluster["store_answering"]
-        else {"t": f"not answering; {spooled}", "c": "bad"}
-    )
+    store: Cell
+    if not cluster["store_answering"]:
+        store = {"t": f"not answering; {spooled}", "c": "bad"}
+    else:
+        said = ["answering", *([spooled] if cluster["spooled"] else [])]
+        local = not cluster["call_map_shared"]
+        if local:
+            said.append("not taking the call map, kept locally")
+        store = {"t": "; ".join(said), "c": "warn" if local else "ok"}
     return [["Instance", f"{cluster['instance']}: {role}"], ["Shared store", store]]
 
 
