@@ -169,11 +169,10 @@ async def _play(
     max_queue: int | None = None,
 ) -> Outcome:
     server.script, server.deflate, server.client_frames = script, deflate, []
-    made: list[Any] = []
+    made: list[_StockClient | _RunClient] = []
 
     def factory(*args: Any, **kwargs: Any) -> ClientConnection:
-        cls = _RunClient if runs else _StockClient
-        made.append(cls(*args, **kwargs))
+        made.append((_RunClient if runs else _StockClient)(*args, **kwargs))
         server.client = made[0]
         return made[0]
 
@@ -189,8 +188,8 @@ async def _play(
         )
         if max_queue is not None:
             while not ws.recv_messages.paused:
-                ws.changed.clear()
-                await ws.changed.wait()
+                made[0].changed.clear()
+                await made[0].changed.wait()
             outcome.held = len(ws.recv_messages.frames)
         if runs:
             assert isinstance(ws, _RunClient)
@@ -265,9 +264,11 @@ async def test_control_frames_fragments_and_a_close_amid_runs_match_stock(
     for deflate in (False, True):
         # In one read, in reads of 61 bytes, and byte by byte.
         for size in (1 << 20, 61, 1):
-            outcome = await _same(
-                raw, lambda server, size=size: _pieces(_interleave(server), size), deflate=deflate
-            )
+
+            def script(server: ServerProtocol, size: int = size) -> list[bytes]:
+                return _pieces(_interleave(server), size)
+
+            outcome = await _same(raw, script, deflate=deflate)
             assert "frag-mented" in outcome.messages
             assert len(outcome.messages) == 16
             assert (Opcode.PONG, b"are you there") in outcome.client_frames
