@@ -45,7 +45,7 @@ _FRAME_FIELDS = ("opcode", "data", "fin", "rsv1", "rsv2", "rsv3")
 _RECEIVE_DATA_USES = ("reader", "feed_data", "next", "parser")
 _PARSE_USES = {"at_eof", "current_size", "max_message_size", "max_fragment_size", "recv_frame"}
 _PARSER_AS_READ = Protocol.receive_data.__code__.co_names == _RECEIVE_DATA_USES and (
-    _PARSE_USES <= set(Protocol.parse.__code__.co_names)
+    _PARSE_USES.issubset(Protocol.parse.__code__.co_names)
 )
 
 
