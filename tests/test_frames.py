@@ -21,11 +21,13 @@ from typing import Any
 import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
 
 from listener.realtime.connection import _CountingConnection, _Received
 from listener.realtime.frames import Messages, RunProtocol
@@ -384,3 +386,15 @@ async def test_reading_pauses_past_max_queue_messages_as_stock_does(raw: RawServ
     assert outcome.held == 100
     assert outcome.runs == 1
     assert len(outcome.messages) == 100
+
+
+def test_a_protocol_other_than_websockets_own_keeps_its_own_parser() -> None:
+    class Other(ClientProtocol):
+        pass
+
+    other = Other(parse_uri("ws://127.0.0.1/"))
+    assert not RunProtocol.adopt(other)
+    assert type(other) is Other
+    stock = ClientProtocol(parse_uri("ws://127.0.0.1/"))
+    assert RunProtocol.adopt(stock)
+    assert type(stock) is RunProtocol
