@@ -76,7 +76,9 @@ class _CountingConnection(ClientConnection):
             return
         # A run's messages go where recv() finds websockets' frames, behind them, in order;
         # the last through Assembler.put, which wakes a waiting reader and pauses reading
-        # past max_queue (counted in messages, as websockets counts frames).
+        # past max_queue (counted in messages, as websockets counts frames). With the runs
+        # and this one put per run, a drain costs 123,800 -> 91,000 instructions an event
+        # (bench.instructions; call state off 91,000 -> 57,900, the bare loop 80,100).
         last = event.pop()
         self.recv_messages.frames.queue.extend(cast("list[Frame]", event))
         self.recv_messages.put(cast(Frame, last))
