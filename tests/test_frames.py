@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import struct
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -388,13 +389,17 @@ async def test_reading_pauses_past_max_queue_messages_as_stock_does(raw: RawServ
     assert len(outcome.messages) == 100
 
 
-def test_a_protocol_other_than_websockets_own_keeps_its_own_parser() -> None:
+def test_a_protocol_other_than_websockets_own_or_logging_frames_keeps_its_own_parser() -> None:
     class Other(ClientProtocol):
         pass
 
     other = Other(parse_uri("ws://127.0.0.1/"))
     assert not RunProtocol.adopt(other)
     assert type(other) is Other
+    logged = logging.getLogger("tests.frames.debug")
+    logged.setLevel(logging.DEBUG)
+    # With frames logged at DEBUG level, websockets parses (and logs) every one.
+    assert not RunProtocol.adopt(ClientProtocol(parse_uri("ws://127.0.0.1/"), logger=logged))
     stock = ClientProtocol(parse_uri("ws://127.0.0.1/"))
     assert RunProtocol.adopt(stock)
     assert type(stock) is RunProtocol

@@ -82,6 +82,8 @@ class RunProtocol(ClientProtocol):
         fits = (
             _PARSER_AS_READ
             and type(protocol) is ClientProtocol
+            # websockets logs each frame it parses at DEBUG level: with that on, it parses all.
+            and protocol.debug is False
             and isinstance(getattr(getattr(protocol, "reader", None), "buffer", None), bytearray)
             and isinstance(getattr(protocol, "events", None), list)
             and all(
