@@ -14,7 +14,8 @@ connection puts a run's messages where ``recv()`` would find them (``connection.
 Figures (callgrind, 5,000 of the bench's call events as the fake server sends them,
 compressed, fed 64 KiB at a time): websockets' parser 33,800 instructions a frame; the runs
 9,100 a frame, the message decoded to ``str`` included (zlib's inflate is 3,500 of it; a
-``Frame`` built per message would add 3,200, so the messages go on as ``str``).
+``Frame`` built per message would add 3,200, so the messages go on as ``str``). Uncompressed
+(197 bytes a frame, as Phoenix sends by default): 27,000 -> 6,000.
 """
 
 from __future__ import annotations
