@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import struct
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -118,12 +119,17 @@ class RawServer:
     def __init__(self) -> None:
         self.script: Script = lambda server: []
         self.deflate = False
+        # With permessage-deflate: a new decoder per message (the server's choice).
+        self.no_context_takeover = False
         self.client: Any = None
         self.client_frames: list[tuple[Opcode, bytes]] = []
         self.port = 0
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        extensions = [ServerPerMessageDeflateFactory()] if self.deflate else None
+        factory = ServerPerMessageDeflateFactory(
+            server_no_context_takeover=self.no_context_takeover
+        )
+        extensions = [factory] if self.deflate else None
         protocol = ServerProtocol(extensions=extensions)
         with contextlib.suppress(ConnectionError):
             protocol.receive_data(await reader.readuntil(b"\r\n\r\n"))
@@ -227,19 +233,30 @@ async def _same(server: RawServer, script: Script, **options: Any) -> Outcome:
     return ours
 
 
-@pytest.mark.parametrize("deflate", [False, True], ids=["plain", "deflate"])
+@pytest.mark.parametrize(
+    ("deflate", "no_context_takeover"),
+    [(False, False), (True, False), (True, True)],
+    ids=["plain", "deflate", "deflate-no-context-takeover"],
+)
 async def test_many_frames_in_one_read_and_split_at_every_byte_match_stock(
-    raw: RawServer, deflate: bool
+    raw: RawServer, deflate: bool, no_context_takeover: bool
 ) -> None:
+    raw.no_context_takeover = no_context_takeover
+    noise = random.Random(7).randbytes(3000)
+
     def at_once(server: ServerProtocol) -> list[bytes]:
-        # 7- and 16-bit lengths, text and binary, 2 KiB+ compressed (inflated in two calls).
+        # 7- and 16-bit lengths, text and binary, over 2,044 bytes compressed (websockets
+        # inflates those in two calls).
         server.send_binary(b"\x00\x01binary")
         server.send_text(("x" * 300).encode())
-        server.send_text(bytes(range(256)).hex().encode() * 8)
-        return [_texts(server, 300) + _sent(server) + _close(server)]
+        server.send_text(noise.hex().encode())
+        server.send_binary(noise)
+        texts = _texts(server, 300)
+        return [_sent(server) + texts + _close(server)]
 
     outcome = await _same(raw, at_once, deflate=deflate)
-    assert len(outcome.messages) == 303
+    assert len(outcome.messages) == 304
+    assert noise in outcome.messages
     assert outcome.close_rcvd == Close(1000, "bye")
     # The bulk came in runs, not frame by frame (a read holds up to 256 KiB).
     assert 1 <= outcome.runs <= 3
