@@ -30,7 +30,7 @@ __all__ = ["COMPONENTS", "components", "main"]
 # (component, what a frame's location or function must contain), the first match wins; a
 # sample is matched on its innermost frame of ours.
 COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("websockets: socket read, frame parse, inflate", ("data_received",)),
+    ("websockets: socket read, frame parse, inflate", ("data_received", "realtime/frames.py")),
     ("websockets: recv, the read loop", ("Connection._read", "_Received.")),
     ("frame decode: orjson, protocol core", ("realtime/protocol.py",)),
     ("ids: stamp, lifecycle ids", ("core/ids.py", "stamp_id", "_read_id", "_stamped")),

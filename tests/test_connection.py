@@ -35,6 +35,8 @@ async def test_messages_queued_behind_a_paused_intake_are_taken_in_order_in_batc
         # This websockets keeps what it received where the batch path reads it: were that
         # to change, every message would go through recv() one by one, silently slower.
         assert _Received.of(link._ws) is not None
+        # And its parser is the one the runs of frames read (frames.RunProtocol).
+        assert link._ws.runs
         malformed = metrics.FRAMES_MALFORMED.value
         await fake.broadcast("incoming_call", {"seq": 0})
         await fake.wait_until(lambda: len(received) == 1)
