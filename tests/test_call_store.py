@@ -256,6 +256,5 @@ def test_each_call_s_origins_are_written_as_its_own_whatever_mapping_holds_them(
                 calls=[CallRecord(f"c-{index}", "ringing", 1.0, origins={"ringing": origin})],
             )
         assert [(r.call_key, dict(r.origins)) for r in store.calls()] == [
-            (f"c-{index}", {"ringing": origin})
-            for index, origin in enumerate(origins)
+            (f"c-{index}", {"ringing": origin}) for index, origin in enumerate(origins)
         ]

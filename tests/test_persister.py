@@ -7,7 +7,6 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -423,84 +422,6 @@ async def test_after_a_batch_calls_leave_memory_a_slice_at_a_time_events_served_
     )
     assert not tracker.admit(repeat)
     await persister.close()
-
-
-async def test_a_large_batch_is_written_in_parts_each_call_s_events_on_its_row(
-    tmp_path: Path,
-) -> None:
-    """A backlog's batch goes to the store a part at a time, the loop's events served
-    between them; each part carries the lifecycle events of its own calls as their rows'
-    bits, and the moment seen goes with the last part only."""
-    parts: list[tuple[int, float | None]] = []
-    served: list[int] = []
-
-    class Parts(CallStore):
-        def save(self, now: float, **batch: Any) -> None:
-            parts.append((len(list(batch["calls"])), batch["seen_until"]))
-            super().save(now, **batch)
-
-    tracker = CallTracker()
-    path = tmp_path / "calls.sqlite3"
-    persister = Persister(Parts(path), tracker, lambda n: n - 1, retain=3600, clock=lambda: 50.0)
-    calls = 2 * persister_module._SAVE_SLICE + 5
-    for index in range(calls):
-        hand_on(tracker, "incoming_call", f"c-{index:05}", 10.0)
-        hand_on(tracker, "call_ended", f"c-{index:05}", 11.0)
-
-    async def watch() -> None:
-        while len(parts) < 3:
-            served.append(len(parts))
-            await asyncio.sleep(0)
-
-    watcher = asyncio.create_task(watch())
-    await persister.flush()
-    await watcher
-    assert parts == [(1000, None), (1000, None), (5, 49.0)]
-    # The loop ran while parts were written, not only before and after the batch.
-    assert {1, 2} <= set(served)
-    await persister.close()
-    with sqlite3.connect(path) as conn:
-        rows = conn.execute("SELECT count(*), min(handled), max(handled) FROM calls")
-        assert rows.fetchone() == (calls, 5, 5)
-        assert conn.execute("SELECT count(*) FROM handled_calls").fetchone() == (0,)
-
-
-async def test_a_part_of_a_batch_that_failed_is_written_with_the_next_batch_alone(
-    tmp_path: Path,
-) -> None:
-    """The parts written before a failed one are not written again; the rest, and the
-    moment seen, are written by the next batch."""
-    path = tmp_path / "calls.sqlite3"
-    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    written: list[int] = []
-
-    class HeldAfterFirst(CallStore):
-        def save(self, now: float, **batch: Any) -> None:
-            super().save(now, **batch)
-            written.append(len(list(batch["calls"])))
-            if len(written) == 1:
-                holder.execute("BEGIN IMMEDIATE")  # the next part meets a held lock
-
-    tracker = CallTracker()
-    store = HeldAfterFirst(path, busy_timeout=0.05)
-    persister = Persister(store, tracker, lambda n: n - 1, retain=3600, clock=lambda: 50.0)
-    calls = persister_module._SAVE_SLICE + 10
-    for index in range(calls):
-        hand_on(tracker, "incoming_call", f"c-{index:05}", 10.0)
-    before = failed_writes()
-    await persister.flush()
-    assert failed_writes() == before + 1
-    assert written == [1000]
-    assert store.last_seen() is None
-    holder.execute("ROLLBACK")
-    holder.close()
-    await persister.flush()
-    assert written == [1000, 10]
-    await persister.close()
-    with CallStore(path) as reopened:
-        assert len(reopened.calls()) == calls
-        assert len(reopened.handled_calls()) == calls
-        assert reopened.last_seen() == 49.0
 
 
 async def test_the_map_is_scanned_for_calls_to_let_go_of_a_slice_at_a_time(

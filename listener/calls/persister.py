@@ -58,8 +58,6 @@ RESIDENT_ENDED = 1000
 _EVICT_SLICE = 256
 # Calls of the map looked at per turn when choosing those to let go of (see _evictable).
 _SCAN_SLICE = 1024
-# Calls written per transaction of a batch, at most (see flush): ~4 ms of the thread's.
-_SAVE_SLICE = 1000
 _call_key: Final = attrgetter("call_key")
 
 
@@ -196,37 +194,20 @@ class Persister:
         self._handled_calls.extend(pairs)
         calls, handled = list(self._calls.values()), list(self._handled)
         handled_calls = list(self._handled_calls)
-        seen_until = self._covered_until(now)
-        # A large batch (a backlog's) is written a part at a time, the loop's events served
-        # between them: the batch of a drain of 10,000 events held the thread, and the GIL
-        # with it, for 14-16 ms in one transaction (bench/README.md, "The call map's cost on
-        # the hot path"). The ids and the moment seen go with the last part, so a crash
-        # between parts leaves the moment where it was and the next start reconciles from
-        # there, as for a crash before the batch.
-        parts = (
-            [(calls, handled_calls)]
-            if len(calls) <= _SAVE_SLICE
-            else await self._off_loop(functools.partial(_parts, calls, handled_calls))
+        save = functools.partial(
+            store.save,
+            now,
+            calls=calls,
+            handled=handled,
+            handled_calls=handled_calls,
+            seen_until=self._covered_until(now),
         )
-        for index, (part, pairs) in enumerate(parts):
-            last = index == len(parts) - 1
-            save = functools.partial(
-                store.save,
-                now,
-                calls=part,
-                handled=handled if last else (),
-                handled_calls=pairs,
-                seen_until=seen_until if last else None,
-            )
-            try:
-                await self._off_loop(save)
-            except StoreError as exc:
-                metrics.CALL_STORE_FAILURES.inc()
-                _log.error("call store write failed; retrying with the next batch", error=str(exc))
-                # What the parts before wrote is not written again.
-                self._calls = {r.call_key: r for rest, _ in parts[index:] for r in rest}
-                self._handled_calls = [pair for _, rest in parts[index:] for pair in rest]
-                return
+        try:
+            await self._off_loop(save)
+        except StoreError as exc:
+            metrics.CALL_STORE_FAILURES.inc()
+            _log.error("call store write failed; retrying with the next batch", error=str(exc))
+            return
         self._calls.clear()
         del self._handled[: len(handled)]
         del self._handled_calls[: len(handled_calls)]
@@ -310,22 +291,3 @@ class Persister:
         busy = asyncio.ensure_future(asyncio.to_thread(work))
         self._busy = busy
         return await asyncio.shield(busy)
-
-
-def _parts(
-    calls: list[CallRecord], pairs: list[tuple[str, str]]
-) -> list[tuple[list[CallRecord], list[tuple[str, str]]]]:
-    """A batch in parts of ``_SAVE_SLICE`` calls in key order (the store's B-tree is written
-    page by page), each with the lifecycle events handed on of its calls (they are bits of
-    those calls' rows); the events of calls not in the batch go with the last part."""
-    ordered = sorted(calls, key=_call_key)
-    parts: list[tuple[list[CallRecord], list[tuple[str, str]]]] = []
-    part_of: dict[str, int] = {}
-    for start in range(0, len(ordered), _SAVE_SLICE):
-        part = ordered[start : start + _SAVE_SLICE]
-        part_of.update(dict.fromkeys(map(_call_key, part), len(parts)))
-        parts.append((part, []))
-    last = len(parts) - 1
-    for pair in pairs:
-        parts[part_of.get(pair[0], last)][1].append(pair)
-    return parts
