@@ -239,6 +239,7 @@ def _new_event(
     event.size = size
     event.id = id
     event.origin = origin
-    # A plain store, not object.__setattr__'s call: 800 instructions fewer an event.
+    # A plain store, not object.__setattr__'s call: Event.create 7,850 -> 7,040
+    # instructions an event (bench.hotstages).
     event.__class__ = Event  # type: ignore[assignment]
     return event  # type: ignore[return-value]
