@@ -246,7 +246,7 @@ def _when(had: float | None, event: Event, name: str, heard: float | None) -> fl
 
 class _Unfrozen:
     """CallRecord's layout without its frozen ``__setattr__``: a record is filled in as one of
-    these, then becomes a CallRecord (see ``_record``)."""
+    these, then becomes a CallRecord (see the end of ``CallState.fold``)."""
 
     __slots__ = (
         "answered_at",
@@ -268,42 +268,6 @@ class _Unfrozen:
     answered_at: float | None
     ended_at: float | None
     origins: Mapping[Status, Origin]
-
-
-def _record(
-    call_key: str,
-    status: Status,
-    last_event_at: float,
-    from_number: str | None,
-    to_number: str | None,
-    started_at: float | None,
-    answered_at: float | None,
-    ended_at: float | None,
-    origins: Mapping[Status, Origin],
-) -> CallRecord:
-    """``CallRecord(...)``, its fields in order, in half the instructions.
-
-    A frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``, and its
-    slots' own descriptors (this function's first version) cost a call each too: 8,000
-    instructions a record (valgrind, per call). Plain attribute stores into a twin without
-    the frozen ``__setattr__``, then one ``__class__`` assignment (the layouts are the same,
-    checked at import): 3,900; with the assignment a plain store, 3,100. A record is handed
-    on only once it is a CallRecord.
-    """
-    record = _new(_Unfrozen)
-    record.call_key = call_key
-    record.status = status
-    record.last_event_at = last_event_at
-    record.from_number = from_number
-    record.to_number = to_number
-    record.started_at = started_at
-    record.answered_at = answered_at
-    record.ended_at = ended_at
-    record.origins = origins
-    # A plain store (the twin has no __setattr__ of its own), not object.__setattr__'s
-    # call: 1,540 -> 740 instructions (callgrind, per record).
-    record.__class__ = CallRecord  # type: ignore[assignment]
-    return record  # type: ignore[return-value]
 
 
 _new: Final = object.__new__
@@ -396,7 +360,8 @@ def adopted(known: CallRecord | None, record: CallRecord) -> CallRecord | None:
         ahead, behind = record, known
     else:
         ahead, behind = known, record
-    taken = _record(
+    # The constructor, off the socket's path (another instance's records, a batch a second).
+    taken = CallRecord(
         known.call_key,
         ahead.status,
         max(record.last_event_at, known.last_event_at),
@@ -626,9 +591,15 @@ class CallState:
                 return known
             if last < now:
                 last = now
-        # _record's body, inline: the merge 10,700 -> 10,120 instructions an event without
-        # its call of nine arguments (bench.hotstages; bench/README.md, "The call map's cost
-        # on the hot path, second pass").
+        # The record: a frozen dataclass's __init__ sets each field through
+        # object.__setattr__, and its slots' own descriptors cost a call each too: 8,000
+        # instructions a record. Plain attribute stores into a twin without the frozen
+        # __setattr__, then one __class__ assignment (the layouts are the same, checked at
+        # import): 3,900; with that assignment a plain store (the twin has no __setattr__ of
+        # its own), not object.__setattr__'s call, 3,100. Inline here, not a function of
+        # nine arguments: the merge 10,700 -> 10,120 instructions an event (bench.hotstages;
+        # bench/README.md, "The call map's cost on the hot path, second pass"). A record is
+        # handed on only once it is a CallRecord.
         updated = _new(_Unfrozen)
         updated.call_key = key
         updated.status = status
