@@ -126,9 +126,11 @@ async def _run(
     gcs = _Collections()
     results: dict[str, list[_Figures]] = {"on": [], "off": []}
     if python_gc:
-        from listener.dispatch.dispatcher import _settle_heap
+        from listener.dispatch.dispatcher import Dispatcher
 
-        _settle_heap()  # once per process: undone here, and not done again
+        # A dispatcher's first start settles the heap, once per process: undone here, and
+        # not done again.
+        Dispatcher([]).start()
         gc.unfreeze()
         gc.set_threshold(700, 10, 10)
     first = 0

@@ -10,8 +10,16 @@ over the events (a few hundred an event of it are the control calls themselves, 
 in every tree). A warm-up pass of the same size runs first. The figure the shared machine's
 load cannot move: two runs agree within 1 %.
 
-``python -m bench.hotstages [--events N] [--before TREE ...]`` (``TREE``: another checkout,
-``git archive <commit> | tar -x -C TREE``, whose ``listener`` is imported instead).
+With ``--store``, the tracker has the daemon's call store (a :class:`CallStore` in a
+temporary directory and its :class:`Persister`: admit and merge then ask the filter of the
+calls let go of, as in the daemon), and a last stage, ``batch``, is the persister's batch of
+the stage's events (``Persister.flush``: its loop side and its worker thread's, callgrind
+counting every thread), with the calls it lets go of afterwards (as many stay in memory as
+``bench.instructions``' drain leaves there: 1,000 of 1,733 calls); ``admit`` is then each
+event's admit and merge, one after the other as the dispatcher has them.
+
+``python -m bench.hotstages [--events N] [--store] [--before TREE ...]`` (``TREE``: another
+checkout, ``git archive <commit> | tar -x -C TREE``, whose ``listener`` is imported instead).
 """
 
 from __future__ import annotations
@@ -31,18 +39,20 @@ from bench.procs import ROOT
 
 __all__ = ["STAGES", "main"]
 
-STAGES = ("receive", "create", "stamp", "admit", "merge", "offer", "workers")
+STAGES = ("receive", "create", "stamp", "admit", "merge", "offer", "workers", "batch")
 _TOTALS = re.compile(r"^totals:\s+(\d+)", re.MULTILINE)
 _TRIGGER = re.compile(r"^desc: Trigger: dump (\w+)", re.MULTILINE)
 
 
-async def _stages(events: int) -> None:
+async def _stages(events: int, store: bool) -> None:
     """The stages, each between a switch on and a dump (run under callgrind)."""
     import orjson
 
     import listener.service.daemon  # noqa: F401  (the daemon's heap)
     from bench.callcost import _Nothing
     from bench.server import call_event
+    from listener.calls.persister import Persister
+    from listener.calls.store import CallStore
     from listener.calls.tracker import CallTracker
     from listener.core.events import Event
     from listener.core.ids import EventIds
@@ -66,6 +76,15 @@ async def _stages(events: int) -> None:
         context = Context(rpc=None, config=None, name=handler.name, state_dir=Path("."))  # type: ignore[arg-type]
         runner = HandlerRunner(handler, RunnerSettings(name=handler.name), context)
         tracker = CallTracker()
+        folder = tempfile.TemporaryDirectory(prefix="sippet-bench-stages-store-")
+        persister = (
+            Persister(
+                CallStore(Path(folder.name) / "calls.sqlite3"), tracker, lambda now: now,
+                retain=86400.0, resident_ended=events * 1000 // 5200,
+            )
+            if store
+            else None
+        )  # fmt: skip
         dispatcher = Dispatcher([runner], tracker)
         dispatcher.start()
         await asyncio.sleep(0)
@@ -90,13 +109,21 @@ async def _stages(events: int) -> None:
         for event in built:
             ids.stamp(event)
         stage("stamp", False)
-        stage("admit", True)
-        for event in built:
-            tracker.admit(event)
-        stage("admit", False)
-        stage("merge", True)
-        calls = [tracker.merge(event) for event in built]
-        stage("merge", False)
+        if persister is None:
+            stage("admit", True)
+            for event in built:
+                tracker.admit(event)
+            stage("admit", False)
+            stage("merge", True)
+            calls = [tracker.merge(event) for event in built]
+            stage("merge", False)
+        else:
+            # Each event's admit, then its merge, as the dispatcher has them: with a store,
+            # a call's first admit asks the filter and its merge reuses the answer, which
+            # all admits before all merges would not (every event's would ask).
+            stage("admit", True)
+            calls = [tracker.merge(event) for event in built if tracker.admit(event)]
+            stage("admit", False)
         stage("offer", True)
         for event, call in zip(built, calls, strict=True):
             runner.offer(event, call)
@@ -105,9 +132,15 @@ async def _stages(events: int) -> None:
         await runner.drain()
         stage("workers", False)
         await runner.stop()
+        if persister is not None:
+            stage("batch", True)
+            await persister.flush()
+            stage("batch", False)
+            await persister.close()
+        folder.cleanup()
 
 
-def _measure(tree: Path, events: int) -> dict[str, float]:
+def _measure(tree: Path, events: int, store: bool) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="sippet-bench-stages-") as scratch:
         # This file runs in the child (another tree may not have it); its imports come
         # from ``tree``.
@@ -115,7 +148,7 @@ def _measure(tree: Path, events: int) -> dict[str, float]:
         subprocess.run(
             ["valgrind", "--tool=callgrind", "--instr-atstart=no", "-q",
              f"--callgrind-out-file={scratch}/callgrind.out.%p", sys.executable, __file__,
-             "--child", str(events)],
+             "--child", str(events), *(["--store"] if store else [])],
             env=env, cwd=tree, check=True, capture_output=True, timeout=1200,
         )  # fmt: skip
         figures = {}
@@ -131,22 +164,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.hotstages", description=__doc__)
     parser.add_argument("--events", type=int, default=3000)
     parser.add_argument("--before", type=Path, action="append", default=[])
+    parser.add_argument("--store", action="store_true", help="with the call store and its batch")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        asyncio.run(_stages(args.child))
+        asyncio.run(_stages(args.child, args.store))
         return 0
     if shutil.which("callgrind_control") is None:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
         return 1
     began = time.strftime("%H:%M:%S")
     trees = [("this tree", ROOT), *((tree.name, tree) for tree in args.before)]
-    results = {label: _measure(tree, args.events) for label, tree in trees}
+    results = {label: _measure(tree, args.events, args.store) for label, tree in trees}
     print(f"{began}-{time.strftime('%H:%M:%S')}: instructions per event, {args.events:,} events"
-          " of the drain stream, in one process under callgrind")  # fmt: skip
+          " of the drain stream, in one process under callgrind"
+          + (", with the call store" if args.store else ""))  # fmt: skip
     print("| stage | " + " | ".join(label for label, _ in trees) + " |")
     print("|---|" + "---:|" * len(trees))
-    for name in (*STAGES, "all"):
+    for name in (*(s for s in STAGES if any(s in f for f in results.values())), "all"):
         cells = [
             sum(figures.values()) if name == "all" else figures.get(name, 0.0)
             for figures in results.values()

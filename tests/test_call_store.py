@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from listener.calls import store as store_module
-from listener.calls.state import CallRecord, CallState
+from listener.calls.state import CallRecord, CallState, Origin
 from listener.calls.store import SCHEMA_VERSION, CallReader, CallStore, StoreError
 from listener.core.ids import LIFECYCLE_EVENTS
 
@@ -240,3 +240,21 @@ def test_every_lifecycle_event_has_a_bit_of_its_own() -> None:
     bits = store_module._BITS
     assert set(bits) == LIFECYCLE_EVENTS
     assert sorted(bits.values()) == [1 << n for n in range(len(bits))]
+
+
+def test_each_call_s_origins_are_written_as_its_own_whatever_mapping_holds_them(
+    tmp_path: Path,
+) -> None:
+    """The origins' JSON is looked up by the identity of the shared mapping: a plain dict of
+    a caller's, made and dropped one after another (so one may take the address of the one
+    before), is written as what it holds."""
+    origins: list[Origin] = ["realtime", "reconcile"] * 3
+    with CallStore(tmp_path / "calls.db") as store:
+        for index, origin in enumerate(origins):
+            store.save(
+                1.0,
+                calls=[CallRecord(f"c-{index}", "ringing", 1.0, origins={"ringing": origin})],
+            )
+        assert [(r.call_key, dict(r.origins)) for r in store.calls()] == [
+            (f"c-{index}", {"ringing": origin}) for index, origin in enumerate(origins)
+        ]

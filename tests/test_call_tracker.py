@@ -109,3 +109,26 @@ def test_the_filter_of_calls_let_go_of_finds_each_and_few_others() -> None:
     strangers = sum(f"new-{index}" in keys for index in range(20_000))
     assert strangers < 20_000 * 0.02
     assert not keys.full
+
+
+def test_the_filter_sets_the_three_bits_of_its_rule_for_each_key() -> None:
+    """Each key sets bits (h + k * step) mod size, k = 0, 1, 2, of its 64-bit hash h and the
+    odd step (h >> 32) | 1, computed here on the whole hash: the filter takes both under the
+    mask first, which must give the same positions, for keys added one at a time or many."""
+    keys = [f"gone-{index}" for index in range(5_000)]
+    one_by_one, at_once = KeyFilter(), KeyFilter()
+    for key in keys[:10]:
+        one_by_one.add(key)
+    at_once.update(keys)
+    for made, added in ((one_by_one, keys[:10]), (at_once, keys)):
+        size = len(made._bits) * 8
+        expected = bytearray(len(made._bits))
+        for key in added:
+            at = hash(key)
+            step = (at >> 32) | 1
+            for k in range(3):
+                bit = (at + k * step) % size
+                expected[bit >> 3] |= 1 << (bit & 7)
+        assert made._bits == expected
+        assert made.count == len(added)
+        assert all(key in made for key in added)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from listener.calls import persister as persister_module
 from listener.calls.persister import Persister
+from listener.calls.state import CallRecord
 from listener.calls.store import CallStore
 from listener.calls.tracker import CallTracker
 from listener.core import metrics
@@ -419,4 +421,36 @@ async def test_after_a_batch_calls_leave_memory_a_slice_at_a_time_events_served_
         "call_transcript_completed", {"callUuid": "c-599"}, "events", 4.0, id=heard_between[0]
     )
     assert not tracker.admit(repeat)
+    await persister.close()
+
+
+async def test_the_map_is_scanned_for_calls_to_let_go_of_a_slice_at_a_time(
+    tmp_path: Path,
+) -> None:
+    """After a batch, the map's calls are looked at a slice at a time, the loop's events
+    served between slices; a call heard of between them stays in memory."""
+    slices: list[int] = []
+
+    class Watched(CallTracker):
+        def saved_ended(self, records: Iterable[CallRecord]) -> list[CallRecord]:
+            records = list(records)
+            slices.append(len(records))
+            if len(slices) == 2:
+                # Served between the first slice and this one: an event of a call the first
+                # slice found ended and saved.
+                hand_on(self, "call_transcript_completed", "c-00000", 3.0)
+            return super().saved_ended(records)
+
+    tracker = Watched()
+    persister = Persister(
+        CallStore(tmp_path / "calls.sqlite3"), tracker, lambda n: n, retain=3600,
+        clock=lambda: 1000.0, resident_for=60, resident_ended=0,
+    )  # fmt: skip
+    calls = persister_module._SCAN_SLICE + 100
+    for index in range(calls):
+        hand_on(tracker, "incoming_call", f"c-{index:05}", 1.0)
+        hand_on(tracker, "call_ended", f"c-{index:05}", 2.0)
+    await persister.flush()
+    assert slices == [persister_module._SCAN_SLICE, 100]
+    assert [record.call_key for record in tracker.state.all_calls()] == ["c-00000"]
     await persister.close()

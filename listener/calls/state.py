@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any, Final, Literal, Protocol
 
 from listener.calls.keyfilter import KeyFilter
@@ -245,7 +246,7 @@ def _when(had: float | None, event: Event, name: str, heard: float | None) -> fl
 
 class _Unfrozen:
     """CallRecord's layout without its frozen ``__setattr__``: a record is filled in as one of
-    these, then becomes a CallRecord (see ``_record``)."""
+    these, then becomes a CallRecord (see the end of ``CallState.fold``)."""
 
     __slots__ = (
         "answered_at",
@@ -269,41 +270,7 @@ class _Unfrozen:
     origins: Mapping[Status, Origin]
 
 
-def _record(
-    call_key: str,
-    status: Status,
-    last_event_at: float,
-    from_number: str | None,
-    to_number: str | None,
-    started_at: float | None,
-    answered_at: float | None,
-    ended_at: float | None,
-    origins: Mapping[Status, Origin],
-) -> CallRecord:
-    """``CallRecord(...)``, its fields in order, in half the instructions.
-
-    A frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``, and its
-    slots' own descriptors (this function's first version) cost a call each too: 8,000
-    instructions a record (valgrind, per call). Plain attribute stores into a twin without
-    the frozen ``__setattr__``, then one ``__class__`` assignment (the layouts are the same,
-    checked at import): 3,900. A record is handed on only once it is a CallRecord.
-    """
-    record = _new(_Unfrozen)
-    record.call_key = call_key
-    record.status = status
-    record.last_event_at = last_event_at
-    record.from_number = from_number
-    record.to_number = to_number
-    record.started_at = started_at
-    record.answered_at = answered_at
-    record.ended_at = ended_at
-    record.origins = origins
-    _set_class(record, "__class__", CallRecord)
-    return record  # type: ignore[return-value]
-
-
 _new: Final = object.__new__
-_set_class: Final = object.__setattr__
 _RECORD_FIELDS: Final = (
     "call_key",
     "status",
@@ -393,7 +360,8 @@ def adopted(known: CallRecord | None, record: CallRecord) -> CallRecord | None:
         ahead, behind = record, known
     else:
         ahead, behind = known, record
-    taken = _record(
+    # The constructor, off the socket's path (another instance's records, a batch a second).
+    taken = CallRecord(
         known.call_key,
         ahead.status,
         max(record.last_event_at, known.last_event_at),
@@ -576,17 +544,10 @@ class CallState:
                 ended = now if move == 2 else None
             else:
                 started, answered, ended = _times(move, _NO_TIMES, event, now)
-            updated = _record(
-                key,
-                status,
-                now,
-                from_number if isinstance(from_number, str) and from_number else None,
-                to_number if isinstance(to_number, str) and to_number else None,
-                started,
-                answered,
-                ended,
-                _FIRST_ORIGINS[event.origin][move],
-            )
+            last = now
+            from_number = from_number if isinstance(from_number, str) and from_number else None
+            to_number = to_number if isinstance(to_number, str) and to_number else None
+            origins = _FIRST_ORIGINS[event.origin][move]
         else:
             status = known.status
             rank = _RANK[status]
@@ -628,20 +589,31 @@ class CallState:
             ):
                 # An event that changes nothing (a repeat, a late one): no new record.
                 return known
-            updated = _record(
-                key,
-                status,
-                last if last >= now else now,
-                from_number,
-                to_number,
-                started,
-                answered,
-                ended,
-                origins,
-            )
-        self.resident[key] = updated
+            if last < now:
+                last = now
+        # The record: a frozen dataclass's __init__ sets each field through
+        # object.__setattr__, and its slots' own descriptors cost a call each too: 8,000
+        # instructions a record. Plain attribute stores into a twin without the frozen
+        # __setattr__, then one __class__ assignment (the layouts are the same, checked at
+        # import): 3,900; with that assignment a plain store (the twin has no __setattr__ of
+        # its own), not object.__setattr__'s call, 3,100. Inline here, not a function of
+        # nine arguments: the merge 10,700 -> 10,120 instructions an event (bench.hotstages;
+        # bench/README.md, "The call map's cost on the hot path, second pass"). A record is
+        # handed on only once it is a CallRecord.
+        updated = _new(_Unfrozen)
+        updated.call_key = key
+        updated.status = status
+        updated.last_event_at = last
+        updated.from_number = from_number
+        updated.to_number = to_number
+        updated.started_at = started
+        updated.answered_at = answered
+        updated.ended_at = ended
+        updated.origins = origins
+        updated.__class__ = CallRecord  # type: ignore[assignment]
+        self.resident[key] = updated  # type: ignore[assignment]
         self._changed.add(key)
-        return updated
+        return updated  # type: ignore[return-value]
 
     def changed(self) -> list[CallRecord]:
         """Return the calls changed since the last call (for the store), and forget them."""
@@ -661,19 +633,38 @@ class CallState:
             self._changed.discard(key)
         return len(stale)
 
-    def evictable(self, before: float, keep: int, pinned: Container[str] = ()) -> list[str]:
-        """The keys of the ended calls to let go of: those silent since before
-        ``before``, and the oldest beyond the ``keep`` newest. Only with an archive, and only
-        calls saved as they are: none changed since :meth:`changed` last gave them, none
-        ``pinned`` (the caller's unsaved ones)."""
+    def saved_ended(
+        self, records: Iterable[CallRecord], pinned: Container[str] = ()
+    ) -> list[CallRecord]:
+        """Those of ``records`` that :meth:`evictable` may choose from: ended, saved as they
+        are (none changed since :meth:`changed` last gave them), none ``pinned`` (the
+        caller's unsaved ones). Only with an archive."""
         if self._evicted is None:
             return []
         changed = self._changed
-        ended = [
+        return [
             record
-            for key, record in self.resident.items()
-            if record.status == "ended" and key not in changed and key not in pinned
+            for record in records
+            if record.status == "ended"
+            and record.call_key not in changed
+            and record.call_key not in pinned
         ]
+
+    def evictable(
+        self,
+        before: float,
+        keep: int,
+        pinned: Container[str] = (),
+        ended: list[CallRecord] | None = None,
+    ) -> list[str]:
+        """The keys of the ended calls to let go of: those silent since before
+        ``before``, and the oldest beyond the ``keep`` newest, chosen among ``ended`` (from
+        :meth:`saved_ended`, which a caller may make a slice of the map at a time), else
+        among all of the map's saved ended calls."""
+        if self._evicted is None:
+            return []
+        if ended is None:
+            ended = self.saved_ended(self.resident.values(), pinned)
         over = len(ended) - keep
         if over > 0:
             ended.sort(key=_last_event_at)
@@ -701,8 +692,9 @@ class CallState:
                 and key not in pinned
             ):
                 del resident[key]
-                evicted.add(key)
                 gone.append(key)
+        # The filter's bits for all of them at once (see KeyFilter.update).
+        evicted.update(gone)
         self._cleared = None
         return gone
 
@@ -725,5 +717,5 @@ def _nothing(call_key: str) -> CallRecord | None:
     return None
 
 
-def _last_event_at(record: CallRecord) -> float:
-    return record.last_event_at
+# In C: a Python key function was a frame per call sorted.
+_last_event_at: Final = attrgetter("last_event_at")

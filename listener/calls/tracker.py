@@ -97,6 +97,9 @@ class CallTracker:
         # the ids of those remembered by id.
         self._unsaved: dict[str, list[str]] = {name: [] for name in LIFECYCLE_EVENTS}
         self._unsaved_ids: list[str] = []
+        # What _pinned() made of _unsaved: how much of each list it took, and the set (made
+        # afresh whenever _unsaved is).
+        self._pinned_from: tuple[dict[str, int], set[str]] = ({}, set())
         # Other ids -> when, the oldest first.
         self._recent: OrderedDict[str, float] = OrderedDict()
         #: When the newest event merged was heard (0 before any), and how many events wait
@@ -230,11 +233,18 @@ class CallTracker:
                 self._unsaved[name].append(key)
         return changed
 
-    def evictable(self, before: float, keep: int) -> list[str]:
+    def saved_ended(self, records: Iterable[CallRecord]) -> list[CallRecord]:
+        """Those of ``records`` :meth:`evictable` may choose from (see
+        :meth:`CallState.saved_ended <listener.calls.state.CallState.saved_ended>`)."""
+        return self.state.saved_ended(records, self._pinned())
+
+    def evictable(
+        self, before: float, keep: int, ended: list[CallRecord] | None = None
+    ) -> list[str]:
         """The saved ended calls to let go of (see :meth:`CallState.evictable
         <listener.calls.state.CallState.evictable>`). Call it only once the
         store holds everything :meth:`unsaved` gave."""
-        return self.state.evictable(before, keep, self._pinned())
+        return self.state.evictable(before, keep, self._pinned(), ended)
 
     def evict(self, keys: Sequence[str]) -> int:
         """Let go of the calls of ``keys`` (from :meth:`evictable`) still as they were then,
@@ -246,8 +256,19 @@ class CallTracker:
         return len(gone)
 
     def _pinned(self) -> set[str]:
-        """The calls with lifecycle events handed on that the store does not hold yet."""
-        return {key for keys in self._unsaved.values() for key in keys}
+        """The calls with lifecycle events handed on that the store does not hold yet.
+
+        Kept between calls and extended with what was handed on since (the lists only grow
+        until :meth:`unsaved` replaces them): the persister asks once per slice of calls it
+        lets go of, and a set of every unsaved key made afresh each time cost a slice as
+        much again while a backlog's keys waited for the next batch.
+        """
+        taken, pinned = self._pinned_from
+        for name, keys in self._unsaved.items():
+            if len(keys) > taken.get(name, 0):
+                pinned.update(keys[taken.get(name, 0) :])
+                taken[name] = len(keys)
+        return pinned
 
     def _read(self, call_key: str) -> CallRecord | None:
         """The call let go of, from the archive (None if it is not there or cannot be read:
@@ -286,12 +307,14 @@ class CallTracker:
         remembered as ids, and the lifecycle events remembered by (call key, event name),
         whose ids the store need not make (2.4 µs each: no hash in the batch)."""
         keys, self._unsaved = self._unsaved, {name: [] for name in LIFECYCLE_EVENTS}
+        self._pinned_from = ({}, set())
         ids, self._unsaved_ids = self._unsaved_ids, []
         return ids, [(key, name) for name, handed in keys.items() for key in handed]
 
     def forget_unsaved(self) -> None:
         """Drop what :meth:`unsaved` would return (there is no store to take it)."""
         self._unsaved = {name: [] for name in LIFECYCLE_EVENTS}
+        self._pinned_from = ({}, set())
         self._unsaved_ids = []
 
     def prune(self, before: float) -> int:
