@@ -116,7 +116,7 @@ class _Received:
         queue = getattr(frames, "queue", None)
         if (
             not isinstance(queue, deque)
-            or not all(callable(getattr(frames, name, None)) for name in ("get", "put_back"))
+            or not callable(getattr(frames, "get", None))
             or not all(callable(getattr(assembler, name, None)) for name in ("put", "maybe_resume"))
             or not isinstance(getattr(assembler, "closed", None), bool)
         ):
@@ -132,7 +132,8 @@ class _Received:
             except EOFError:
                 # Ended, and everything read: recv() says how (ConnectionClosed).
                 return [await self._ws.recv()]
-            self._frames.put_back([first])
+            # Back at the front, as websockets 17's put_back does (15 and 16 have none).
+            queue.appendleft(first)
         batch: list[str | bytes] = []
         while queue:
             item = queue[0]

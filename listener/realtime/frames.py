@@ -198,10 +198,11 @@ def _deflate(extensions: list[Any]) -> PerMessageDeflate | bool | None:
         return None
     if len(extensions) == 1 and type(extensions[0]) is PerMessageDeflate:
         deflate = extensions[0]
-        if all(
-            hasattr(deflate, name)
-            for name in ("decode_cont_data", "remote_no_context_takeover", "decode")
-        ):
+        names = ["decode_cont_data", "remote_no_context_takeover", "decode"]
+        if not getattr(deflate, "remote_no_context_takeover", True):
+            # The loop inflates with the connection's own decoder (see _take).
+            names.append("decoder")
+        if all(hasattr(deflate, name) for name in names):
             return deflate
     return False
 
