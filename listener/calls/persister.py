@@ -28,16 +28,15 @@ import asyncio
 import functools
 import time
 from collections.abc import Callable
-from operator import attrgetter
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
 from listener.calls.backend import CallBackend
 from listener.calls.keyfilter import KeyFilter
 from listener.calls.state import CallRecord
-from listener.calls.store import CallReader, CallStore, StoreError
+from listener.calls.store import CallReader, CallStore, StoreError, by_call_key
 from listener.calls.tracker import CallTracker
 from listener.core import metrics
 
@@ -58,7 +57,6 @@ RESIDENT_ENDED = 1000
 _EVICT_SLICE = 256
 # Calls of the map looked at per turn when choosing those to let go of (see _evictable).
 _SCAN_SLICE = 1024
-_call_key: Final = attrgetter("call_key")
 
 
 class Persister:
@@ -188,8 +186,8 @@ class Persister:
             self._tracker.forget_unsaved()
             return
         ids, pairs = self._tracker.unsaved()
-        # In C, where a generator's tuple per call was ~400 instructions on the loop.
-        self._calls.update(zip(map(_call_key, changed), changed, strict=True))
+        # In C, rather than a generator making a tuple per call on the loop.
+        self._calls.update(zip(map(by_call_key, changed), changed, strict=True))
         self._handled.extend(ids)
         self._handled_calls.extend(pairs)
         calls, handled = list(self._calls.values()), list(self._handled)

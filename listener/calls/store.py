@@ -44,6 +44,7 @@ __all__ = [
     "CallReader",
     "CallStore",
     "StoreError",
+    "by_call_key",
     "record_row",
     "row_record",
     "store_path",
@@ -173,8 +174,8 @@ class CallStore(Database):
         # In key order: B-tree inserts at random keys (call keys and ids are hashes and
         # UUIDs) touched a page apart each, sorted ones go page by page. 30,000 ids into an
         # empty table: 3.9 -> 1.8 µs each; into one holding 300,000: 9.4 -> 4.6 µs.
-        ordered = sorted(calls, key=_call_key)
-        bits = dict.fromkeys(map(_call_key, ordered), 0)
+        ordered = sorted(calls, key=by_call_key)
+        bits = dict.fromkeys(map(by_call_key, ordered), 0)
         rows: list[tuple[str, str]] = []
         for key, name in handled_calls:
             bit = _BITS.get(name, 0)
@@ -183,10 +184,11 @@ class CallStore(Database):
             else:
                 rows.append((key, name))
         with self.translated("save"), self.transaction():
-            # The bits concatenated, not the row unpacked into another tuple (400 instructions
-            # fewer a row, callgrind). With the origins' JSON by identity: the batch's rows
-            # 2,140 -> 1,270 and its save 9,920 -> 8,840 instructions per event of the drain
-            # stream (bench/README.md, "The call map's cost on the hot path, second pass").
+            # The bits concatenated, not the row unpacked into another tuple (200-260
+            # instructions fewer a row, callgrind). With the origins' JSON by identity: the
+            # batch's rows 2,140 -> 1,270 and its save 9,920 -> 8,840 instructions per event
+            # of the drain stream (bench/README.md, "The call map's cost on the hot path,
+            # second pass").
             self.conn.executemany(
                 _UPSERT_CALL,
                 (record_row(record) + (bits[record.call_key],) for record in ordered),  # noqa: RUF005
@@ -357,10 +359,10 @@ class CallReader:
 
 
 # In C: a Python key function was a frame per call, twice per row of a batch.
-_call_key: Final = operator.attrgetter("call_key")
+by_call_key: Final = operator.attrgetter("call_key")
 # The origins' JSON by the identity of the shared mapping (listener.calls.state's: 26 or so,
-# alive as long as the process, so no other object takes their ids): a tuple of the items
-# and an lru_cache lookup, hashing and comparing it, took ~800 instructions a row.
+# alive as long as the process, so no other object takes their ids), where a tuple of the
+# items and an lru_cache lookup hashed and compared it: 5,870 -> 3,310 instructions a row.
 _ORIGINS_JSON: dict[int, tuple[Mapping[Status, Origin], str]] = {}
 
 
