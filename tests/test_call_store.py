@@ -245,9 +245,9 @@ def test_every_lifecycle_event_has_a_bit_of_its_own() -> None:
 def test_each_call_s_origins_are_written_as_its_own_whatever_mapping_holds_them(
     tmp_path: Path,
 ) -> None:
-    """The origins' JSON is looked up by the identity of the shared mapping: a plain dict of
-    a caller's, made and dropped one after another (so one may take the address of the one
-    before), is written as what it holds."""
+    """The origins' JSON is looked up by the identity of the shared mapping: plain dicts of
+    a caller's, made and dropped one after another with alternating contents, are each
+    written as what they hold."""
     origins: list[Origin] = ["realtime", "reconcile"] * 3
     with CallStore(tmp_path / "calls.db") as store:
         for index, origin in enumerate(origins):

@@ -430,16 +430,25 @@ async def test_the_map_is_scanned_for_calls_to_let_go_of_a_slice_at_a_time(
     """After a batch, the map's calls are looked at a slice at a time, the loop's events
     served between slices; a call heard of between them stays in memory."""
     slices: list[int] = []
+    first_sliced = asyncio.Event()
+    heard: list[str] = []
 
     class Watched(CallTracker):
         def saved_ended(self, records: Iterable[CallRecord]) -> list[CallRecord]:
             records = list(records)
             slices.append(len(records))
-            if len(slices) == 2:
-                # Served between the first slice and this one: an event of a call the first
-                # slice found ended and saved.
-                hand_on(self, "call_transcript_completed", "c-00000", 3.0)
+            if len(slices) == 1:
+                first_sliced.set()
+            else:
+                # The loop ran the task below between the first slice and this one.
+                assert heard == ["c-00000"]
             return super().saved_ended(records)
+
+    async def between_slices() -> None:
+        # An event of a call the first slice found ended and saved.
+        await first_sliced.wait()
+        hand_on(tracker, "call_transcript_completed", "c-00000", 3.0)
+        heard.append("c-00000")
 
     tracker = Watched()
     persister = Persister(
@@ -450,7 +459,9 @@ async def test_the_map_is_scanned_for_calls_to_let_go_of_a_slice_at_a_time(
     for index in range(calls):
         hand_on(tracker, "incoming_call", f"c-{index:05}", 1.0)
         hand_on(tracker, "call_ended", f"c-{index:05}", 2.0)
+    served = asyncio.create_task(between_slices())
     await persister.flush()
+    await served
     assert slices == [persister_module._SCAN_SLICE, 100]
     assert [record.call_key for record in tracker.state.all_calls()] == ["c-00000"]
     await persister.close()
