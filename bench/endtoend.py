@@ -19,7 +19,8 @@ Per round, each forwarder gets a process of its own, then, in this order:
    and the server's queue), 0.5 s later SIGCONT; rate = N / (last arrival - SIGCONT);
    ``µs CPU/delivery`` = the forwarder's process CPU time (all threads, from ``/proc``) from
    SIGCONT until the receiver has all N, over N;
-3. latency: 500 events/s for a few seconds; latency = receiver arrival - the server's ``ts``.
+3. latency, after 1.5 s at rest: 500 events/s for a few seconds; latency = receiver arrival -
+   the server's ``ts``.
 
 Rounds rotate which forwarder goes first, so that a noisy neighbour spreads over both.
 
@@ -47,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import BenchServer, Child, Driver, cpu_seconds
-from bench.scenarios import Seq, percentile
+from bench.scenarios import QUIET_BEFORE_LATENCY, Seq, percentile
 
 __all__ = [
     "LIMIT",
@@ -257,6 +258,7 @@ def measure_round(drivers: Sequence[Driver], result: Result, shared: Bench) -> N
         result.cpu_us.append(cpu * 1e6 / len(records))
         result.receiver_cpu_us.append(answer["cpu"] * 1e6 / len(records))
 
+    time.sleep(QUIET_BEFORE_LATENCY)
     count = int(_LATENCY_RATE * size.latency_seconds)
     receiver.reset()
     start = seq.take(count)

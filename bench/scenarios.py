@@ -22,6 +22,7 @@ from bench.procs import BenchServer, Child, Driver, cpu_seconds, rss_mib
 from bench.profile import Profile, record
 
 __all__ = [
+    "QUIET_BEFORE_LATENCY",
     "RECOVERY_TIMEOUT",
     "Footprint",
     "Mode",
@@ -45,12 +46,14 @@ _SETTLE = 0.5
 _RECOVERY_GAP = 0.75
 RECOVERY_TIMEOUT = 15.0
 _LATENCY_RATE = 500.0
-# The latency row is the steady stream's: it starts once every client has had this long at
-# rest after the drains, the same for all. Without it the daemon's call store writes the
+# The latency rows are the steady stream's: each starts once every client has had this long
+# at rest after the drains, the same for all. Without it the daemon's call store writes the
 # last drain's 10,000 events' batch (due within its 1 s interval, ~50-100 ms of work on
 # its thread) inside the stream, and that one batch was the daemon's slowest 1 %:
-# `python -m bench.hotwait --pause 0` 3.5 x the bare loop's p99, `--pause 1` 0.94 x.
-_QUIET_BEFORE_LATENCY = 1.5
+# `python -m bench.hotwait --pause 0` 3.5 x the bare loop's p99, `--pause 1` 0.94 x. The end
+# to end rows (bench.endtoend, bench.ha) rest as long: after a drain an instance still
+# writes its outbox's marks and its call map's batch, and a cluster's store takes them.
+QUIET_BEFORE_LATENCY = 1.5
 _ROTATION_RATE = 200.0
 _FLOOD_CHUNK = 50_000
 
@@ -143,7 +146,7 @@ def _drain(server: BenchServer, driver: Driver, count: int) -> tuple[float, int,
 def _latency(server: BenchServer, driver: Driver, seconds: float) -> tuple[list[float], int]:
     """Stream at 500 events/s after a rest; return the latencies in ms (handler start -
     server ts)."""
-    time.sleep(_QUIET_BEFORE_LATENCY)
+    time.sleep(QUIET_BEFORE_LATENCY)
     count = int(_LATENCY_RATE * seconds)
     driver.expect(count)
     server.stream(count, _SEQ.take(count), rate=_LATENCY_RATE)
