@@ -8,7 +8,11 @@ notes ``time.time()`` at each, keyed by the event's ``seq``:
 stamp                 taken
 ====================  =========================================================================
 ``intake``            ``Event.received_at``: the frame was read and decoded
-``handle``            ``WebhookHandler.handle`` starts (the dispatcher's worker took the event)
+``asked``             ``Claims.claim`` starts: a handler worker took the event (a store only;
+                      without one, ``handle``)
+``sent``              ``Claims._send`` starts: the claim's batch goes to the pool (a store only)
+``answered_claim``    the batch's statement returned (a store only)
+``handle``            ``WebhookHandler.handle`` starts (the claim was won)
 ``commit_start``      ``Outbox.commit`` (or ``SharedOutbox.commit``) starts on the outbox thread
 ``commit_end``        ``Outbox.commit`` returns on the outbox thread
 ``committed``         ``WebhookForwarder._on_commit`` runs on the loop (the batch's future is set)
@@ -35,10 +39,14 @@ from typing import Any
 
 import orjson
 
+from listener.cluster import claims as cluster_claims
 from listener.webhooks import forwarder, handler, http1, outbox, shared_outbox, worker
 
 STAMPS = (
     "intake",
+    "asked",
+    "sent",
+    "answered_claim",
     "handle",
     "commit_start",
     "commit_end",
@@ -143,6 +151,30 @@ def install() -> None:
         _stamp(seq, "answered", time.time())
         return reply
 
+    cluster_claim = cluster_claims.Claims.claim
+
+    @functools.wraps(cluster_claim)
+    async def traced_cluster_claim(self: Any, event: Any, *args: Any, **kwargs: Any) -> Any:
+        _stamp(event.payload.get("seq"), "asked", time.time())
+        return await cluster_claim(self, event, *args, **kwargs)
+
+    fetch = cluster_claims.Claims._fetch_retrying_conflicts
+
+    @functools.wraps(fetch)
+    async def traced_fetch(self: Any, query: Any, params: dict[str, Any]) -> Any:
+        seqs = [event.get("payload", {}).get("seq") for event in orjson.loads(params["events"])]
+        now = time.time()
+        for seq in seqs:
+            _stamp(seq, "sent", now)
+        rows = await fetch(self, query, params)
+        now = time.time()
+        COUNTS.update(cluster_claims=1, cluster_claimed=len(seqs))
+        for seq in seqs:
+            _stamp(seq, "answered_claim", now)
+        return rows
+
+    cluster_claims.Claims.claim = traced_cluster_claim  # type: ignore[method-assign]
+    cluster_claims.Claims._fetch_retrying_conflicts = traced_fetch  # type: ignore[method-assign]
     handler.WebhookHandler.handle = traced_handle  # type: ignore[method-assign]
     outbox.Outbox.commit = traced(outbox.Outbox.commit)  # type: ignore[method-assign]
     # The shared store's outbox (a daemon given ``store``) commits through its own class.

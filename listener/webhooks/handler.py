@@ -115,6 +115,9 @@ class WebhookHandler(Handler):
         # whether this instance leads (see WebhookForwarder's ``leads``).
         self.shared_outbox: Callable[[str, Path], OutboxStore] | None = None
         self.leads: Callable[[], bool] | None = None
+        # The events staged (by id: the dispatcher holds each until its handle()) and their
+        # commits.
+        self._staged: dict[int, tuple[Event, asyncio.Future[None]]] = {}
 
     async def setup(self, ctx: Context) -> None:
         destinations = self.config.build(ctx.name, self._secrets)
@@ -130,9 +133,26 @@ class WebhookHandler(Handler):
         )
         await self.forwarder.start()
 
+    def stage_event(self, event: Event) -> bool:
+        """Queue ``event``'s rows for the next commit now (the dispatcher of an instance of a
+        cluster calls this in the call's order, see ``listener.dispatch.dispatcher.Staged``);
+        ``handle()`` then waits for that commit."""
+        assert self.forwarder is not None, "stage_event() before setup()"
+        if id(event) in self._staged:
+            return False
+        committed = self.forwarder.submit(event)
+        if committed is None:
+            return False
+        self._staged[id(event)] = (event, committed)
+        return True
+
     async def handle(self, event: Event, ctx: Context) -> None:
         assert self.forwarder is not None, "handle() before setup()"
-        committed = self.forwarder.submit(event)
+        staged = self._staged.pop(id(event), None) if self._staged else None
+        if staged is not None and staged[0] is event:
+            committed: asyncio.Future[None] | None = staged[1]
+        else:
+            committed = self.forwarder.submit(event)
         if committed is not None:
             # Handled means durable: after this, a crash cannot lose the event.
             await asyncio.shield(committed)
