@@ -278,15 +278,21 @@ def _traced(
 
 def latency_trace(
     mode: str, logs: Path, *, options: dict[str, Any] | None = None, rate: float = 500.0
-) -> tuple[dict[str, list[float]], list[float]]:
-    """The traced daemon at ``rate`` events/s: each stage's ms per event, and the totals."""
+) -> tuple[dict[str, list[float]], list[float], dict[str, float]]:
+    """The traced daemon at ``rate`` events/s: each stage's ms per event, the totals, and
+    its statements per second by kind."""
     with _traced("trace", mode, logs, options) as (server, receiver, drivers, seq):
         count = int(rate * max(SIZES[mode].latency_seconds, 2.0))
         receiver.reset()
         server.stream(count, seq.take(count), rate=rate)
         records = receiver.wait(count, 10)["records"]
         time.sleep(0.2)
-        stamps = {int(k): v for k, v in drivers[0].stats()["trace"].items()}
+        began = time.monotonic()
+        stats = drivers[0].stats()
+        # The counts since the warm-up's stats: the stream, its wait, and this pause.
+        seconds = count / rate + (time.monotonic() - began)
+        stamps = {int(k): v for k, v in stats["trace"].items()}
+        counts: dict[str, int] = stats["counts"]
     names = ("ts", "intake", "asked", "sent", "answered_claim", "handle")
     names += ("commit_start", "commit_end", "committed")
     names += ("claim_start", "claim_end", "attempt", "post", "answered")
@@ -306,7 +312,20 @@ def latency_trace(
         for start, end, label in _PATH:
             stages[label].append((at[end] - at[start]) * 1000)
         totals.append((arrived - ts) * 1000)
-    return stages, totals
+    rates = {
+        kind: counts.get(key, 0) / seconds
+        for kind, key in (
+            ("outbox commits", "commits"),
+            ("outbox claims", "claims"),
+            ("cluster claims", "cluster_claims"),
+            ("cluster writes (done marks)", "cluster_writes"),
+        )
+    }
+    for name in ("stats", "renew", "prune"):
+        if f"{name}_us" in counts:
+            rates[f"outbox thread in {name} (ms/s)"] = counts[f"{name}_us"] / 1000 / seconds
+            rates[f"longest {name} (ms)"] = counts[f"{name}_max_us"] / 1000
+    return stages, totals, rates
 
 
 def flood_counts(
@@ -348,15 +367,19 @@ def counts_text(counts: dict[str, float]) -> str:
     )
 
 
-def latency_text(stages: dict[str, list[float]], totals: list[float]) -> str:
+def latency_text(
+    stages: dict[str, list[float]], totals: list[float], rates: dict[str, float] | None = None
+) -> str:
     """A table: each stage's p50, p99, mean, and mean over the slowest 1 % of events."""
     if not totals:
         return "no traced event reached the receiver"
     cut = percentile(totals, 99)
     slow = [index for index, total in enumerate(totals) if total >= cut]
+    per_second = ", ".join(f"{kind} {rate:,.1f}" for kind, rate in (rates or {}).items())
     lines = [
         f"{len(totals):,} events; end to end p50 {percentile(totals, 50):.2f} ms,"
         f" p99 {cut:.2f} ms, max {max(totals):.2f} ms",
+        *([f"statements per second (the traced instance): {per_second}"] if rates else []),
         "",
         "| stage | p50 ms | p99 ms | mean ms | mean over the slowest 1 % (ms) |",
         "|---|---|---|---|---|",

@@ -60,7 +60,9 @@ STAMPS = (
 _AT = {name: index for index, name in enumerate(STAMPS)}
 TRACE: dict[int, list[float]] = {}
 # Calls on the outbox thread and what they carried: commits, rows, outcomes, taken (the new
-# rows a commit claimed), claims, claimed.
+# rows a commit claimed), claims, claimed; the cluster's claim statements and the events they
+# carried (cluster_claims, cluster_claimed), and its other writes (cluster_writes: the done
+# marks).
 COUNTS: Counter[str] = Counter()
 
 
@@ -173,6 +175,38 @@ def install() -> None:
             _stamp(seq, "answered_claim", now)
         return rows
 
+    execute = cluster_claims.Claims._execute
+
+    @functools.wraps(execute)
+    async def traced_execute(self: Any, query: Any, params: dict[str, Any]) -> Any:
+        # Nearly all of them the done marks (the rest: renewals, a restart's release).
+        COUNTS.update(cluster_writes=1)
+        return await execute(self, query, params)
+
+    cluster_claims.Claims._execute = traced_execute  # type: ignore[method-assign]
+
+    def timed(name: str, call: Any) -> Any:
+        """The outbox thread's time in ``call``: its total and its longest, in µs."""
+
+        @functools.wraps(call)
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                took = round((time.perf_counter() - began) * 1e6)
+                COUNTS.update({f"{name}_us": took})
+                COUNTS[f"{name}_max_us"] = max(COUNTS[f"{name}_max_us"], took)
+
+        return timed_call
+
+    # The shared outbox's housekeeping, on the thread its commits take turns on.
+    for name in ("stats", "renew", "prune"):
+        setattr(
+            shared_outbox.SharedOutbox,
+            name,
+            timed(name, getattr(shared_outbox.SharedOutbox, name)),
+        )
     cluster_claims.Claims.claim = traced_cluster_claim  # type: ignore[method-assign]
     cluster_claims.Claims._fetch_retrying_conflicts = traced_fetch  # type: ignore[method-assign]
     handler.WebhookHandler.handle = traced_handle  # type: ignore[method-assign]
