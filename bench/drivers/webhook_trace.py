@@ -12,7 +12,7 @@ stamp                 taken
                       without one, ``handle``)
 ``sent``              ``Claims._send`` starts: the claim's batch goes to the pool (a store only)
 ``answered_claim``    the batch's statement returned (a store only)
-``handle``            ``WebhookHandler.handle`` starts (the claim was won)
+``handle``            ``WebhookHandler.handle`` starts, or ``stage_event`` (the claim was won)
 ``commit_start``      ``Outbox.commit`` (or ``SharedOutbox.commit``) starts on the outbox thread
 ``commit_end``        ``Outbox.commit`` returns on the outbox thread
 ``committed``         ``WebhookForwarder._on_commit`` runs on the loop (the batch's future is set)
@@ -209,6 +209,20 @@ def install() -> None:
         )
     cluster_claims.Claims.claim = traced_cluster_claim  # type: ignore[method-assign]
     cluster_claims.Claims._fetch_retrying_conflicts = traced_fetch  # type: ignore[method-assign]
+    # A tree before staged handlers (an A/B run) has no stage_event.
+    stage = getattr(handler.WebhookHandler, "stage_event", None)
+    if stage is not None:
+
+        @functools.wraps(stage)
+        def traced_stage(self: Any, event: Any) -> bool:
+            # A staged event's rows go to the writer here, before its handle() (the first
+            # stamp counts).
+            seq = event.payload.get("seq")
+            _stamp(seq, "intake", event.received_at)
+            _stamp(seq, "handle", time.time())
+            return bool(stage(self, event))
+
+        handler.WebhookHandler.stage_event = traced_stage  # type: ignore[method-assign]
     handler.WebhookHandler.handle = traced_handle  # type: ignore[method-assign]
     outbox.Outbox.commit = traced(outbox.Outbox.commit)  # type: ignore[method-assign]
     # The shared store's outbox (a daemon given ``store``) commits through its own class.

@@ -137,7 +137,9 @@ class Staged(Protocol):
     handler: queue the rows for the outbox's next commit, then wait for that commit). With
     claims, the dispatcher calls :meth:`stage_event` in the call's order as soon as the claim
     is won, and lets the call's next event go on while ``handle()`` waits, in a task of its
-    own; ``handle()`` then finishes what was staged rather than starting again."""
+    own; ``handle()`` then finishes what was staged rather than starting again. Its claim is
+    marked done, and its ``on_error`` told, once that wait ends: the call's next event may
+    have been staged by then."""
 
     def stage_event(self, event: Event) -> bool:
         """Take the ordered step for ``event`` now; False if there is none (or it was
