@@ -68,21 +68,33 @@ async def until_claimed(store: StoreUrl, ids: set[str]) -> dict[str, tuple[str, 
     return found
 
 
+class Gated:
+    """A handler that notes each event, then waits until the test opens its gate."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.handled: list[str] = []
+
+    async def record(self, ev: Event, ctx: Context[None]) -> None:
+        self.handled.append(ev.id)
+        await self.gate.wait()
+
+    def runner(self, claims: Claims, tmp_path: Path, **settings: Any) -> HandlerRunner:
+        return HandlerRunner(
+            FunctionHandler(self.record, name="audit"),
+            RunnerSettings("audit", **settings),
+            context(tmp_path),
+            claims,
+        )
+
+
 async def test_a_queued_events_claim_is_taken_before_its_call_lets_it_run_and_it_runs_once_in_order(
     store: StoreUrl, tmp_path: Path
 ) -> None:
-    gate = asyncio.Event()
-    handled: list[str] = []
-
-    async def record(ev: Event, ctx: Context[None]) -> None:
-        handled.append(ev.id)
-        await gate.wait()
-
+    gated = Gated()
+    handled = gated.handled
     async with instance(store, tmp_path, "a") as a, instance(store, tmp_path, "b") as b:
-        runner = HandlerRunner(
-            FunctionHandler(record, name="audit"), RunnerSettings("audit"), context(tmp_path), a
-        )
-        dispatcher = Dispatcher([runner])
+        dispatcher = Dispatcher([gated.runner(a, tmp_path)])
         dispatcher.start()
         try:
             for n in (1, 2, 3):
@@ -93,7 +105,7 @@ async def test_a_queued_events_claim_is_taken_before_its_call_lets_it_run_and_it
             assert {holder for holder, _, _ in found.values()} == {"a"}
             # Another instance hearing them is told no.
             assert await b.claim(call_event(2), "audit", 30) is False
-            gate.set()
+            gated.gate.set()
             await dispatcher.drain()
             await a.flush()
         finally:
@@ -105,25 +117,14 @@ async def test_a_queued_events_claim_is_taken_before_its_call_lets_it_run_and_it
 async def test_a_claim_asked_long_before_its_handler_starts_is_renewed_or_left_to_its_taker(
     store: StoreUrl, tmp_path: Path
 ) -> None:
-    gate = asyncio.Event()
-    handled: list[str] = []
-
-    async def record(ev: Event, ctx: Context[None]) -> None:
-        handled.append(ev.id)
-        await gate.wait()
-
+    gated = Gated()
+    handled = gated.handled
     elsewhere = metrics.HANDLER_OUTCOMES.labels(handler="audit", outcome="elsewhere")
     before = elsewhere.value
     # A grace of 0.2 s: a claim asked 0.1 s before its handler starts is renewed first.
     async with instance(store, tmp_path, "a", grace=0.2) as a:
         assert a.fresh_for == 0.1
-        runner = HandlerRunner(
-            FunctionHandler(record, name="audit"),
-            RunnerSettings("audit", timeout=5),
-            context(tmp_path),
-            a,
-        )
-        dispatcher = Dispatcher([runner])
+        dispatcher = Dispatcher([gated.runner(a, tmp_path, timeout=5)])
         dispatcher.start()
         try:
             for n in (1, 2, 3):
@@ -135,7 +136,7 @@ async def test_a_claim_asked_long_before_its_handler_starts_is_renewed_or_left_t
                 store.conninfo, autocommit=True
             ) as conn:
                 await conn.execute("UPDATE sippet_claims SET holder = 'b' WHERE event_id = 'evt_3'")
-            gate.set()
+            gated.gate.set()
             await dispatcher.drain()
         finally:
             await dispatcher.stop(1)
