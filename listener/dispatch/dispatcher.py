@@ -399,9 +399,11 @@ class HandlerRunner:
         behind its call's earlier events, instead of inside its call's turn. The bench's
         calls have three events 2 ms apart, and each held its call's lane through its claim
         (2.2 ms p50 of round trip, two instances traced at 500/s) as well as its commit, so
-        a call's third event waited for two claims and two commits: the dispatcher's queue
-        stage was 1.75 / 25.5 ms p50 / p99 of 10.3 / 47.1 end to end (see bench/README.md's
-        "Claims asked at intake")."""
+        a call's third event waited for two claims and two commits. With the staged commits
+        below, an event's wait before its claim went from p50 1.8-14.6 / p99 22-115 ms to
+        0.2-0.5 / 2.3-8.8, and after it (the call's lane) 0.5-1.9 / 4.7-15.7; bench.ha
+        quick, one instance on PostgreSQL p99 43.5-76.6 -> 22.3-37.8 ms, three pairs (see
+        bench/README.md, "Claims asked at intake, staged commits")."""
         wait = HandlerRunner.offer(self, event, call)
         if (
             wait is None
@@ -592,7 +594,8 @@ class HandlerRunner:
         instead of starting after it: with the claims asked at intake, a call's events held
         its lane through each commit (the writer's hop, the commit, the hop back: 4 ms p50),
         and the lane's wait was 0.83 / 24.2 ms p50 / p99 of 10.4 / 46.4 end to end, two
-        instances traced at 500/s (see bench/README.md's "Claims asked at intake")."""
+        instances traced at 500/s; with this, 0.5-1.9 / 4.7-15.7 ms (the figures together are
+        at _offer_and_claim)."""
         if self._won is None:
             self._won = asyncio.get_running_loop().create_future()
             self._won.set_result(True)
