@@ -213,7 +213,8 @@ _PATH = (
     ("asked", "sent", "cluster claim: batched, waits for a pool slot"),
     ("sent", "answered_claim", "cluster claim: the statement (round trip)"),
     ("answered_claim", "handle", "claim answered -> handle or stage (a worker, the lane)"),
-    ("handle", "commit_start", "writer wakes, hop to the outbox thread (previous commit)"),
+    ("handle", "flush", "writer: the previous commit's end, the batch gathered"),
+    ("flush", "commit_start", "hop to the outbox thread"),
     (
         "commit_start",
         "commit_end",
@@ -297,7 +298,7 @@ def latency_trace(
         seconds = count / rate + (time.monotonic() - began)
         stamps = {int(k): v for k, v in stats["trace"].items()}
         counts: dict[str, int] = stats["counts"]
-    names = ("ts", "intake", "asked", "sent", "answered_claim", "handle")
+    names = ("ts", "intake", "asked", "sent", "answered_claim", "handle", "flush")
     names += ("commit_start", "commit_end", "committed")
     names += ("claim_start", "claim_end", "attempt", "post", "answered")
     stages: dict[str, list[float]] = {label: [] for _, _, label in _PATH}

@@ -13,6 +13,8 @@ stamp                 taken
 ``sent``              ``Claims._send`` starts: the claim's batch goes to the pool (a store only)
 ``answered_claim``    the batch's statement returned (a store only)
 ``handle``            ``WebhookHandler.handle`` starts, or ``stage_event`` (the claim was won)
+``flush``             ``BatchWriter._flush`` takes the batch (the previous commit is back,
+                      the batch gathered)
 ``commit_start``      ``Outbox.commit`` (or ``SharedOutbox.commit``) starts on the outbox thread
 ``commit_end``        ``Outbox.commit`` returns on the outbox thread
 ``committed``         ``WebhookForwarder._on_commit`` runs on the loop (the batch's future is set)
@@ -40,7 +42,7 @@ from typing import Any
 import orjson
 
 from listener.cluster import claims as cluster_claims
-from listener.webhooks import forwarder, handler, http1, outbox, shared_outbox, worker
+from listener.webhooks import forwarder, handler, http1, outbox, shared_outbox, worker, writer
 
 STAMPS = (
     "intake",
@@ -48,6 +50,7 @@ STAMPS = (
     "sent",
     "answered_claim",
     "handle",
+    "flush",
     "commit_start",
     "commit_end",
     "committed",
@@ -223,6 +226,16 @@ def install() -> None:
             return bool(stage(self, event))
 
         handler.WebhookHandler.stage_event = traced_stage  # type: ignore[method-assign]
+    flush = writer.BatchWriter._flush
+
+    @functools.wraps(flush)
+    async def traced_flush(self: Any) -> bool:
+        now = time.time()
+        for row in self._rows:
+            _stamp(_seq_of(row.body), "flush", now)
+        return bool(await flush(self))
+
+    writer.BatchWriter._flush = traced_flush  # type: ignore[method-assign]
     handler.WebhookHandler.handle = traced_handle  # type: ignore[method-assign]
     outbox.Outbox.commit = traced(outbox.Outbox.commit)  # type: ignore[method-assign]
     # The shared store's outbox (a daemon given ``store``) commits through its own class.
