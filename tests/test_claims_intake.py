@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +19,11 @@ from listener.core import metrics
 from listener.core.events import Event
 from listener.dispatch.dispatcher import Dispatcher, HandlerRunner, RunnerSettings
 from listener.dispatch.handler import Context, FunctionHandler, Handler
+from listener.testing.receiver import WebhookReceiver
+from listener.webhooks.config import WebhookConfig
+from listener.webhooks.handler import WebhookHandler
+from listener.webhooks.shared_outbox import open_shared
+from tests.test_webhook_handler import SECRET
 
 
 def call_event(n: int) -> Event:
@@ -200,3 +206,32 @@ async def test_a_staged_handler_stages_the_next_event_while_the_first_waits_each
             await dispatcher.stop(1)
     assert sorted(handler.finished) == ["evt_1", "evt_2"]
     assert all(done for _, _, done in (await claims_of(store)).values())
+
+
+async def test_a_webhook_handler_stages_on_the_shared_store_only_and_handle_awaits_that_commit(
+    store: StoreUrl, tmp_path: Path
+) -> None:
+    async with WebhookReceiver() as receiver:
+        config = WebhookConfig.model_validate({"url": receiver.url, "secret": SECRET})
+        alone, shared = WebhookHandler(config), WebhookHandler(config)
+        shared.shared_outbox = functools.partial(open_shared, store, holder="a")
+        ctx = Context(rpc=None, config=config, name="hooks", state_dir=tmp_path)  # type: ignore[arg-type]
+        for handler in (alone, shared):
+            await handler.setup(ctx)
+        try:
+            # On SQLite alone nothing is staged: handle() does it all.
+            assert not alone.stage_event(call_event(1))
+            staged = call_event(2)
+            assert shared.stage_event(staged)
+            assert not shared.stage_event(staged)
+            await shared.handle(staged, ctx.for_event(staged))
+            # Durable once handle() returns.
+            async with await psycopg.AsyncConnection.connect(store.conninfo) as conn:
+                query = "SELECT msg_id FROM sippet_deliveries"
+                rows = await (await conn.execute(query)).fetchall()
+            assert rows == [("evt_2",)]
+            await receiver.wait_for(1, timeout=10)
+        finally:
+            for handler in (alone, shared):
+                await handler.teardown(ctx)
+    assert [request.headers["webhook-id"] for request in receiver.requests] == ["evt_2"]

@@ -123,6 +123,9 @@ class WebhookHandler(Handler):
         destinations = self.config.build(ctx.name, self._secrets)
         ctx.state_dir.mkdir(parents=True, exist_ok=True)
         shared = self.shared_outbox
+        if shared is not None:
+            # Bound here, so that handle() on SQLite alone stays as it was.
+            self.handle = self._handle_staged  # type: ignore[method-assign]
         path = outbox_path(ctx.state_dir, ctx.name)
         self.forwarder = WebhookForwarder(
             destinations,
@@ -136,9 +139,9 @@ class WebhookHandler(Handler):
     def stage_event(self, event: Event) -> bool:
         """Queue ``event``'s rows for the next commit now (the dispatcher of an instance of a
         cluster calls this in the call's order, see ``listener.dispatch.dispatcher.Staged``);
-        ``handle()`` then waits for that commit."""
+        ``handle()`` then waits for that commit. Only with the shared store's outbox."""
         assert self.forwarder is not None, "stage_event() before setup()"
-        if id(event) in self._staged:
+        if self.shared_outbox is None or id(event) in self._staged:
             return False
         committed = self.forwarder.submit(event)
         if committed is None:
@@ -148,14 +151,19 @@ class WebhookHandler(Handler):
 
     async def handle(self, event: Event, ctx: Context) -> None:
         assert self.forwarder is not None, "handle() before setup()"
-        staged = self._staged.pop(id(event), None) if self._staged else None
-        if staged is not None and staged[0] is event:
-            committed: asyncio.Future[None] | None = staged[1]
-        else:
-            committed = self.forwarder.submit(event)
+        committed = self.forwarder.submit(event)
         if committed is not None:
             # Handled means durable: after this, a crash cannot lose the event.
             await asyncio.shield(committed)
+
+    async def _handle_staged(self, event: Event, ctx: Context) -> None:
+        """``handle()`` with the shared store's outbox: waits for the commit of what
+        :meth:`stage_event` queued, or does all of it."""
+        staged = self._staged.pop(id(event), None)
+        if staged is None or staged[0] is not event:
+            await WebhookHandler.handle(self, event, ctx)
+        else:
+            await asyncio.shield(staged[1])
 
     async def teardown(self, ctx: Context) -> None:
         if self.forwarder is not None:
