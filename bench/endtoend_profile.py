@@ -209,9 +209,17 @@ def cpu_text(profiles: list[CpuProfile]) -> str:
 # The stages, between consecutive stamps; "ts" is the server's, "arrived" the receiver's.
 _PATH = (
     ("ts", "intake", "socket: server ts -> frame decoded"),
-    ("intake", "handle", "dispatcher: queue -> WebhookHandler.handle"),
-    ("handle", "commit_start", "writer wakes, hop to the outbox thread"),
-    ("commit_start", "commit_end", "commit: INSERT + attempts + COMMIT (SQLite)"),
+    ("intake", "asked", "dispatcher: queue -> claim asked (at intake, or by a handler worker)"),
+    ("asked", "sent", "cluster claim: batched, waits for a pool slot"),
+    ("sent", "answered_claim", "cluster claim: the statement (round trip)"),
+    ("answered_claim", "handle", "claim answered -> handle or stage (a worker, the lane)"),
+    ("handle", "flush", "writer: the previous commit's end, the batch gathered"),
+    ("flush", "commit_start", "hop to the outbox thread"),
+    (
+        "commit_start",
+        "commit_end",
+        "commit, on the outbox thread (SQLite, or the store's statement)",
+    ),
     ("commit_end", "committed", "hop back to the loop: _on_commit"),
     ("committed", "claim_start", "worker wakes, hop to the outbox thread (0: commit claimed)"),
     ("claim_start", "claim_end", "claim: the due rows, read (0: the commit claimed it)"),
@@ -219,6 +227,10 @@ _PATH = (
     ("attempt", "post", "sign, headers"),
     ("post", "arrived", "HTTP: request written -> receiver has the body"),
 )
+
+
+# The cluster claim's stamps, none without a store.
+_CLAIM_STAMPS = ("asked", "sent", "answered_claim")
 
 
 @contextmanager
@@ -271,29 +283,54 @@ def _traced(
 
 def latency_trace(
     mode: str, logs: Path, *, options: dict[str, Any] | None = None, rate: float = 500.0
-) -> tuple[dict[str, list[float]], list[float]]:
-    """The traced daemon at ``rate`` events/s: each stage's ms per event, and the totals."""
+) -> tuple[dict[str, list[float]], list[float], dict[str, float]]:
+    """The traced daemon at ``rate`` events/s: each stage's ms per event, the totals, and
+    its statements per second by kind."""
     with _traced("trace", mode, logs, options) as (server, receiver, drivers, seq):
         count = int(rate * max(SIZES[mode].latency_seconds, 2.0))
         receiver.reset()
         server.stream(count, seq.take(count), rate=rate)
         records = receiver.wait(count, 10)["records"]
         time.sleep(0.2)
-        stamps = {int(k): v for k, v in drivers[0].stats()["trace"].items()}
-    names = ("ts", "intake", "handle", "commit_start", "commit_end", "committed")
+        began = time.monotonic()
+        stats = drivers[0].stats()
+        # The counts since the warm-up's stats: the stream, its wait, and this pause.
+        seconds = count / rate + (time.monotonic() - began)
+        stamps = {int(k): v for k, v in stats["trace"].items()}
+        counts: dict[str, int] = stats["counts"]
+    names = ("ts", "intake", "asked", "sent", "answered_claim", "handle", "flush")
+    names += ("commit_start", "commit_end", "committed")
     names += ("claim_start", "claim_end", "attempt", "post", "answered")
     stages: dict[str, list[float]] = {label: [] for _, _, label in _PATH}
     totals = []
     for seq_no, ts, arrived in records:
         got = stamps.get(seq_no)
-        if got is None or not all(got):
+        if got is None:
             continue
         at = dict(zip(names[1:], got, strict=True))
+        # Without a store there is no cluster claim: its stamps are the handler's start.
+        for name in _CLAIM_STAMPS:
+            at[name] = at[name] or at["handle"]
+        if not all(at.values()):
+            continue
         at["ts"], at["arrived"] = ts, arrived
         for start, end, label in _PATH:
             stages[label].append((at[end] - at[start]) * 1000)
         totals.append((arrived - ts) * 1000)
-    return stages, totals
+    rates = {
+        kind: counts.get(key, 0) / seconds
+        for kind, key in (
+            ("outbox commits", "commits"),
+            ("outbox claims", "claims"),
+            ("cluster claims", "cluster_claims"),
+            ("cluster writes (done marks)", "cluster_writes"),
+        )
+    }
+    for name in ("stats", "renew", "prune"):
+        if f"{name}_us" in counts:
+            rates[f"outbox thread in {name} (ms/s)"] = counts[f"{name}_us"] / 1000 / seconds
+            rates[f"longest {name} (ms)"] = counts[f"{name}_max_us"] / 1000
+    return stages, totals, rates
 
 
 def flood_counts(
@@ -322,6 +359,8 @@ def flood_counts(
         "rows per claim": counts.get("claimed", 0) / claims,
         "rows claimed by their commit": counts.get("taken", 0) / count,
         "outbox-thread calls per delivery": (commits + claims) / count,
+        "events per cluster claim statement": counts.get("cluster_claimed", 0)
+        / (counts.get("cluster_claims", 0) or 1),
     }
 
 
@@ -333,15 +372,19 @@ def counts_text(counts: dict[str, float]) -> str:
     )
 
 
-def latency_text(stages: dict[str, list[float]], totals: list[float]) -> str:
+def latency_text(
+    stages: dict[str, list[float]], totals: list[float], rates: dict[str, float] | None = None
+) -> str:
     """A table: each stage's p50, p99, mean, and mean over the slowest 1 % of events."""
     if not totals:
         return "no traced event reached the receiver"
     cut = percentile(totals, 99)
     slow = [index for index, total in enumerate(totals) if total >= cut]
+    per_second = ", ".join(f"{kind} {rate:,.1f}" for kind, rate in (rates or {}).items())
     lines = [
         f"{len(totals):,} events; end to end p50 {percentile(totals, 50):.2f} ms,"
         f" p99 {cut:.2f} ms, max {max(totals):.2f} ms",
+        *([f"statements per second (the traced instance): {per_second}"] if rates else []),
         "",
         "| stage | p50 ms | p99 ms | mean ms | mean over the slowest 1 % (ms) |",
         "|---|---|---|---|---|",

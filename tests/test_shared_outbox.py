@@ -119,6 +119,30 @@ def test_the_rows_a_commit_claims_are_claimed_each_once_whatever_the_store(
     assert outbox.claim("a", T0, 10).rows == []
 
 
+def test_stats_give_each_destination_its_pending_dead_and_disabled_state(
+    outbox: OutboxStore,
+) -> None:
+    outbox.commit([new(1), new(2), replace(new(3), destination="b")], [])
+    outbox.claim("a", T0, 10)
+    outbox.claim("b", T0, 10)
+    outbox.commit(
+        [],
+        [
+            Outcome(attempt("msg_1", status=410), "gone", 0, T0),
+            Outcome(replace(attempt("msg_3", status=400), destination="b"), "exhausted", 3, T0),
+        ],
+    )
+    stats = outbox.stats(T0 + 71, ["a", "b", "c"])
+    assert [
+        (s.name, s.pending, s.oldest_age, s.failing, s.dead, s.disabled_at, s.disabled_reason)
+        for s in stats
+    ] == [
+        ("a", 2, 70.0, 1, 0, T0, "HTTP 410 Gone"),
+        ("b", 0, None, 0, 1, None, None),
+        ("c", 0, None, 0, 0, None, None),
+    ]
+
+
 def test_failures_reschedule_bury_and_disable_and_replay_brings_rows_back(
     outbox: OutboxStore,
 ) -> None:

@@ -8,7 +8,13 @@ notes ``time.time()`` at each, keyed by the event's ``seq``:
 stamp                 taken
 ====================  =========================================================================
 ``intake``            ``Event.received_at``: the frame was read and decoded
-``handle``            ``WebhookHandler.handle`` starts (the dispatcher's worker took the event)
+``asked``             ``Claims.claim`` starts: a handler worker took the event (a store only;
+                      without one, ``handle``)
+``sent``              ``Claims._send`` starts: the claim's batch goes to the pool (a store only)
+``answered_claim``    the batch's statement returned (a store only)
+``handle``            ``WebhookHandler.handle`` starts, or ``stage_event`` (the claim was won)
+``flush``             ``BatchWriter._flush`` takes the batch (the previous commit is back,
+                      the batch gathered)
 ``commit_start``      ``Outbox.commit`` (or ``SharedOutbox.commit``) starts on the outbox thread
 ``commit_end``        ``Outbox.commit`` returns on the outbox thread
 ``committed``         ``WebhookForwarder._on_commit`` runs on the loop (the batch's future is set)
@@ -35,11 +41,16 @@ from typing import Any
 
 import orjson
 
-from listener.webhooks import forwarder, handler, http1, outbox, shared_outbox, worker
+from listener.cluster import claims as cluster_claims
+from listener.webhooks import forwarder, handler, http1, outbox, shared_outbox, worker, writer
 
 STAMPS = (
     "intake",
+    "asked",
+    "sent",
+    "answered_claim",
     "handle",
+    "flush",
     "commit_start",
     "commit_end",
     "committed",
@@ -52,7 +63,9 @@ STAMPS = (
 _AT = {name: index for index, name in enumerate(STAMPS)}
 TRACE: dict[int, list[float]] = {}
 # Calls on the outbox thread and what they carried: commits, rows, outcomes, taken (the new
-# rows a commit claimed), claims, claimed.
+# rows a commit claimed), claims, claimed; the cluster's claim statements and the events they
+# carried (cluster_claims, cluster_claimed), and its other writes (cluster_writes: the done
+# marks).
 COUNTS: Counter[str] = Counter()
 
 
@@ -143,6 +156,86 @@ def install() -> None:
         _stamp(seq, "answered", time.time())
         return reply
 
+    cluster_claim = cluster_claims.Claims.claim
+
+    @functools.wraps(cluster_claim)
+    async def traced_cluster_claim(self: Any, event: Any, *args: Any, **kwargs: Any) -> Any:
+        _stamp(event.payload.get("seq"), "asked", time.time())
+        return await cluster_claim(self, event, *args, **kwargs)
+
+    fetch = cluster_claims.Claims._fetch_retrying_conflicts
+
+    @functools.wraps(fetch)
+    async def traced_fetch(self: Any, query: Any, params: dict[str, Any]) -> Any:
+        seqs = [event.get("payload", {}).get("seq") for event in orjson.loads(params["events"])]
+        now = time.time()
+        for seq in seqs:
+            _stamp(seq, "sent", now)
+        rows = await fetch(self, query, params)
+        now = time.time()
+        COUNTS.update(cluster_claims=1, cluster_claimed=len(seqs))
+        for seq in seqs:
+            _stamp(seq, "answered_claim", now)
+        return rows
+
+    execute = cluster_claims.Claims._execute
+
+    @functools.wraps(execute)
+    async def traced_execute(self: Any, query: Any, params: dict[str, Any]) -> Any:
+        # Nearly all of them the done marks (the rest: renewals, a restart's release).
+        COUNTS.update(cluster_writes=1)
+        return await execute(self, query, params)
+
+    cluster_claims.Claims._execute = traced_execute  # type: ignore[method-assign]
+
+    def timed(name: str, call: Any) -> Any:
+        """The outbox thread's time in ``call``: its total and its longest, in µs."""
+
+        @functools.wraps(call)
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                took = round((time.perf_counter() - began) * 1e6)
+                COUNTS.update({f"{name}_us": took})
+                COUNTS[f"{name}_max_us"] = max(COUNTS[f"{name}_max_us"], took)
+
+        return timed_call
+
+    # The shared outbox's housekeeping, on the thread its commits take turns on.
+    for name in ("stats", "renew", "prune"):
+        setattr(
+            shared_outbox.SharedOutbox,
+            name,
+            timed(name, getattr(shared_outbox.SharedOutbox, name)),
+        )
+    cluster_claims.Claims.claim = traced_cluster_claim  # type: ignore[method-assign]
+    cluster_claims.Claims._fetch_retrying_conflicts = traced_fetch  # type: ignore[method-assign]
+    # A tree before staged handlers (an A/B run) has no stage_event.
+    stage = getattr(handler.WebhookHandler, "stage_event", None)
+    if stage is not None:
+
+        @functools.wraps(stage)
+        def traced_stage(self: Any, event: Any) -> bool:
+            # A staged event's rows go to the writer here, before its handle() (the first
+            # stamp counts).
+            seq = event.payload.get("seq")
+            _stamp(seq, "intake", event.received_at)
+            _stamp(seq, "handle", time.time())
+            return bool(stage(self, event))
+
+        handler.WebhookHandler.stage_event = traced_stage  # type: ignore[method-assign]
+    flush = writer.BatchWriter._flush
+
+    @functools.wraps(flush)
+    async def traced_flush(self: Any) -> bool:
+        now = time.time()
+        for row in self._rows:
+            _stamp(_seq_of(row.body), "flush", now)
+        return bool(await flush(self))
+
+    writer.BatchWriter._flush = traced_flush  # type: ignore[method-assign]
     handler.WebhookHandler.handle = traced_handle  # type: ignore[method-assign]
     outbox.Outbox.commit = traced(outbox.Outbox.commit)  # type: ignore[method-assign]
     # The shared store's outbox (a daemon given ``store``) commits through its own class.

@@ -123,6 +123,11 @@ WITH marked AS (
 UPDATE sippet_claims c SET done_at = now()
 FROM marked WHERE (c.event_id, c.handler) = (marked.event_id, marked.handler)
 """
+# A claim asked a while before its handler starts (see ``fresh_for``), extended to cover it.
+_RENEW: Final = """
+UPDATE sippet_claims SET lease_until = now() + make_interval(secs => %(lease)s)
+WHERE event_id = %(id)s AND handler = %(handler)s AND holder = %(holder)s AND done_at IS NULL
+"""
 # The unfinished claims of an instance that was killed: they lapse now.
 _RELEASE: Final = """
 UPDATE sippet_claims SET lease_until = now()
@@ -295,6 +300,32 @@ class Claims:
         if released is not None:
             self._settle(released, answered=True)
         return won
+
+    @property
+    def fresh_for(self) -> float:
+        """Seconds after it was asked that a won claim still covers its handler's whole
+        timeout: half the grace its lease has beyond the timeout."""
+        return self._grace / 2
+
+    async def renew(self, event: Event, handler: str, lease: float) -> bool:
+        """Extend this instance's unfinished claim of ``handler`` on ``event`` to ``lease``
+        seconds plus the grace from now; False when it is not this instance's any more (it
+        lapsed and another instance took it over).
+
+        Raises:
+            StoreError: the store failed or did not answer.
+        """
+        params = {
+            "id": event.id,
+            "handler": handler,
+            "holder": self._holder,
+            "lease": lease + self._grace,
+        }
+        try:
+            changed = await bounded(self._execute(_RENEW, params), self._timeout, self.abandoned)
+        except (psycopg.Error, TimeoutError) as exc:
+            raise describe(self._url, exc) from None
+        return changed == 1
 
     def _settle(self, entry: Spooled, *, answered: bool) -> None:
         """A spooled entry handed back is done with: out of the spool if ``answered``,

@@ -115,11 +115,17 @@ class WebhookHandler(Handler):
         # whether this instance leads (see WebhookForwarder's ``leads``).
         self.shared_outbox: Callable[[str, Path], OutboxStore] | None = None
         self.leads: Callable[[], bool] | None = None
+        # The events staged (by id: the dispatcher holds each until its handle()) and their
+        # commits.
+        self._staged: dict[int, tuple[Event, asyncio.Future[None]]] = {}
 
     async def setup(self, ctx: Context) -> None:
         destinations = self.config.build(ctx.name, self._secrets)
         ctx.state_dir.mkdir(parents=True, exist_ok=True)
         shared = self.shared_outbox
+        if shared is not None:
+            # Bound here, so that handle() on SQLite alone stays as it was.
+            self.handle = self._handle_staged  # type: ignore[method-assign]
         path = outbox_path(ctx.state_dir, ctx.name)
         self.forwarder = WebhookForwarder(
             destinations,
@@ -130,12 +136,34 @@ class WebhookHandler(Handler):
         )
         await self.forwarder.start()
 
+    def stage_event(self, event: Event) -> bool:
+        """Queue ``event``'s rows for the next commit now (the dispatcher of an instance of a
+        cluster calls this in the call's order, see ``listener.dispatch.dispatcher.Staged``);
+        ``handle()`` then waits for that commit. Only with the shared store's outbox."""
+        assert self.forwarder is not None, "stage_event() before setup()"
+        if self.shared_outbox is None or id(event) in self._staged:
+            return False
+        committed = self.forwarder.submit(event)
+        if committed is None:
+            return False
+        self._staged[id(event)] = (event, committed)
+        return True
+
     async def handle(self, event: Event, ctx: Context) -> None:
         assert self.forwarder is not None, "handle() before setup()"
         committed = self.forwarder.submit(event)
         if committed is not None:
             # Handled means durable: after this, a crash cannot lose the event.
             await asyncio.shield(committed)
+
+    async def _handle_staged(self, event: Event, ctx: Context) -> None:
+        """``handle()`` with the shared store's outbox: waits for the commit of what
+        :meth:`stage_event` queued, or does all of it."""
+        staged = self._staged.pop(id(event), None)
+        if staged is None or staged[0] is not event:
+            await WebhookHandler.handle(self, event, ctx)
+        else:
+            await asyncio.shield(staged[1])
 
     async def teardown(self, ctx: Context) -> None:
         if self.forwarder is not None:

@@ -484,11 +484,16 @@ class SharedOutbox:
         conn = self._connection_or_none()
         if conn is None:
             return list(self._last_stats)
-        params = self._params()
-        pending_q, dead_q, disabled_q = sql.STATS
-        pending = {row[0]: row[1:] for row in conn.execute(pending_q, params)}
-        dead = {row[0]: int(row[1]) for row in conn.execute(dead_q, params)}
-        disabled = {row[0]: row[1:] for row in conn.execute(disabled_q, params)}
+        pending: dict[str, tuple[int, float | None, int]] = {}
+        dead: dict[str, int] = {}
+        disabled: dict[str, tuple[float | None, str | None]] = {}
+        for kind, name, count, at, failing, reason in conn.execute(sql.STATS, self._params()):
+            if kind == "p":
+                pending[name] = (count, at, failing)
+            elif kind == "d":
+                dead[name] = int(count)
+            else:
+                disabled[name] = (at, reason)
         result = []
         for name in sorted({*destinations, *pending, *dead, *disabled}):
             count, oldest, failing = pending.get(name, (0, None, 0))

@@ -217,15 +217,20 @@ ENABLE = """
 UPDATE sippet_destinations SET disabled_at = NULL, disabled_reason = NULL
 WHERE outbox = %(outbox)s AND name = %(destination)s AND disabled_at IS NOT NULL
 """
-STATS = (
-    """SELECT destination, count(*), min(created_at), count(last_attempt_at)
-    FROM sippet_deliveries WHERE outbox = %(outbox)s AND delivered_at IS NULL
-    GROUP BY destination""",
-    """SELECT destination, count(*) FROM sippet_dead_letters WHERE outbox = %(outbox)s
-    GROUP BY destination""",
-    """SELECT name, disabled_at, disabled_reason FROM sippet_destinations
-    WHERE outbox = %(outbox)s""",
-)
+# Each destination's pending rows (``p``: count, oldest, failing), dead letters (``d``:
+# count) and disabled state (``x``: when, why), in one statement: three round trips on the
+# outbox's thread, which the commits wait behind, took the leader's thread 12.8 ms a second
+# at 500 events/s, 19.6 ms at the longest (two instances traced).
+STATS = """
+SELECT 'p', destination, count(*), min(created_at), count(last_attempt_at), NULL::text
+FROM sippet_deliveries WHERE outbox = %(outbox)s AND delivered_at IS NULL GROUP BY destination
+UNION ALL
+SELECT 'd', destination, count(*), NULL, NULL, NULL
+FROM sippet_dead_letters WHERE outbox = %(outbox)s GROUP BY destination
+UNION ALL
+SELECT 'x', name, NULL, disabled_at, NULL, disabled_reason
+FROM sippet_destinations WHERE outbox = %(outbox)s
+"""
 
 # The filters of listing and replaying dead and delivered rows; NULL means any. Times are
 # the event's (when it was enqueued).
