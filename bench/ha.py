@@ -11,9 +11,9 @@ set-ups of the same daemon, in the same run, against the same server and receive
   that wins delivers it (from its own outbox).
 
 Each round gives each set-up fresh processes: warm-up, a drain (every instance SIGSTOPped,
-N events streamed, SIGCONT; rate = N / (last arrival - SIGCONT)) and latency at 500 events/s
-(server send -> receiver arrival). Rounds rotate the order. Lost and doubled events are
-counted by ``seq`` (a double: two instances delivered one event).
+N events streamed, SIGCONT; rate = N / (last arrival - SIGCONT)) and, after 1.5 s at rest,
+latency at 500 events/s (server send -> receiver arrival). Rounds rotate the order. Lost and
+doubled events are counted by ``seq`` (a double: two instances delivered one event).
 
 The PostgreSQL server is the test suite's (:mod:`tests.postgres`: the system's binaries or
 the ``pgserver`` wheel, on loopback, fsync off), started for the run and removed after it;
