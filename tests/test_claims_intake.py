@@ -33,6 +33,13 @@ def call_event(n: int) -> Event:
     )
 
 
+def event_of(n: int, call: str, size: int = 0) -> Event:
+    """Event ``n`` (``evt_n``), of ``call``."""
+    return Event.create(
+        "transcript_delta", {"callUuid": call, "n": n}, "events", 0.0, size, id=f"evt_{n}"
+    )
+
+
 def context(tmp_path: Path) -> Context[None]:
     return Context(rpc=None, config=None, name="audit", state_dir=tmp_path)  # type: ignore[arg-type]
 
@@ -94,29 +101,33 @@ class Gated:
         )
 
 
-async def test_a_queued_events_claim_is_taken_before_its_call_lets_it_run_and_it_runs_once_in_order(
+async def test_a_queued_events_claim_is_taken_at_intake_a_calls_later_event_after_its_first(
     store: StoreUrl, tmp_path: Path
 ) -> None:
     gated = Gated()
     handled = gated.handled
     async with instance(store, tmp_path, "a") as a, instance(store, tmp_path, "b") as b:
-        dispatcher = Dispatcher([gated.runner(a, tmp_path)])
+        dispatcher = Dispatcher([gated.runner(a, tmp_path, concurrency=1)])
         dispatcher.start()
         try:
-            for n in (1, 2, 3):
-                dispatcher.submit(call_event(n))
-            # The call's first event holds its lane; the others' claims are in the store.
-            found = await until_claimed(store, {"evt_1", "evt_2", "evt_3"})
+            first, other, second = call_event(1), event_of(4, "call-2"), call_event(2)
+            for event in (first, other, second):
+                dispatcher.submit(event)
+            # The first event holds the one worker; the other call's event, queued behind
+            # it, is claimed already. The first call's second event is claimed only after
+            # its first (so that it would follow it into the spool, never pass it).
+            found = await until_claimed(store, {"evt_1", "evt_4"})
             assert handled == ["evt_1"]
             assert {holder for holder, _, _ in found.values()} == {"a"}
-            # Another instance hearing them is told no.
-            assert await b.claim(call_event(2), "audit", 30) is False
+            assert "evt_2" not in found
+            # Another instance hearing it is told no.
+            assert await b.claim(other, "audit", 30) is False
             gated.gate.set()
             await dispatcher.drain()
             await a.flush()
         finally:
             await dispatcher.stop(1)
-    assert handled == ["evt_1", "evt_2", "evt_3"]
+    assert handled == ["evt_1", "evt_4", "evt_2"]
     assert all(done for _, _, done in (await claims_of(store)).values())
 
 
@@ -130,28 +141,31 @@ async def test_a_claim_asked_long_before_its_handler_starts_is_renewed_or_left_t
     # A grace of 0.2 s: a claim asked 0.1 s before its handler starts is renewed first.
     async with instance(store, tmp_path, "a", grace=0.2) as a:
         assert a.fresh_for == 0.1
-        dispatcher = Dispatcher([gated.runner(a, tmp_path, timeout=5)])
+        dispatcher = Dispatcher([gated.runner(a, tmp_path, timeout=5, concurrency=2)])
         dispatcher.start()
         try:
-            for n in (1, 2, 3):
-                dispatcher.submit(call_event(n))
-            asked = await until_claimed(store, {"evt_1", "evt_2", "evt_3"})
+            # Five calls: two held by the workers, two claimed as they queue (twice the
+            # concurrency pending at most), the fifth claimed as a worker takes it.
+            for n in (1, 2, 3, 4, 5):
+                dispatcher.submit(event_of(n, f"call-{n}"))
+            asked = await until_claimed(store, {"evt_1", "evt_2", "evt_3", "evt_4"})
+            assert "evt_5" not in asked
             await asyncio.sleep(0.15)
-            # The third one's lease passed meanwhile, and another instance took it over.
+            # The fourth one's lease passed meanwhile, and another instance took it over.
             async with await psycopg.AsyncConnection.connect(
                 store.conninfo, autocommit=True
             ) as conn:
-                await conn.execute("UPDATE sippet_claims SET holder = 'b' WHERE event_id = 'evt_3'")
+                await conn.execute("UPDATE sippet_claims SET holder = 'b' WHERE event_id = 'evt_4'")
             gated.gate.set()
             await dispatcher.drain()
         finally:
             await dispatcher.stop(1)
     after = await claims_of(store)
-    assert handled == ["evt_1", "evt_2"]
+    assert handled == ["evt_1", "evt_2", "evt_3", "evt_5"]
     assert elsewhere.value == before + 1
     # Renewed as its handler started: its lease ends later than the one asked at intake.
-    assert after["evt_2"][1] > asked["evt_2"][1]
-    assert after["evt_3"][:2] == ("b", asked["evt_3"][1])
+    assert after["evt_3"][1] > asked["evt_3"][1]
+    assert after["evt_4"][:2] == ("b", asked["evt_4"][1])
 
 
 class Staging(Handler[None]):

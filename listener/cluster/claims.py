@@ -123,10 +123,20 @@ WITH marked AS (
 UPDATE sippet_claims c SET done_at = now()
 FROM marked WHERE (c.event_id, c.handler) = (marked.event_id, marked.handler)
 """
-# A claim asked a while before its handler starts (see ``fresh_for``), extended to cover it.
+# A claim asked a while before its handler starts (see ``fresh_for``), extended to cover it;
+# not once its lease has passed: the leader's sweep may have handed that event to this
+# instance again already, whose copy's claim then took it over under the same holder.
 _RENEW: Final = """
 UPDATE sippet_claims SET lease_until = now() + make_interval(secs => %(lease)s)
 WHERE event_id = %(id)s AND handler = %(handler)s AND holder = %(holder)s AND done_at IS NULL
+AND lease_until > now()
+"""
+# Claims won for queued events that a stop abandons: they lapse now, so that the other
+# instances' sweep hands them out at once instead of a lease later.
+_GIVE_BACK: Final = """
+UPDATE sippet_claims SET lease_until = now()
+WHERE event_id = ANY(%(ids)s::text[]) AND handler = %(handler)s AND holder = %(holder)s
+AND done_at IS NULL
 """
 # The unfinished claims of an instance that was killed: they lapse now.
 _RELEASE: Final = """
@@ -309,12 +319,16 @@ class Claims:
 
     async def renew(self, event: Event, handler: str, lease: float) -> bool:
         """Extend this instance's unfinished claim of ``handler`` on ``event`` to ``lease``
-        seconds plus the grace from now; False when it is not this instance's any more (it
-        lapsed and another instance took it over).
+        seconds plus the grace from now; False when its lease has passed (the leader's sweep
+        hands the event out again, to whichever instance) or another instance took it over.
+        True at once while the store does not answer: the claim was won, and the handler
+        runs (better twice than never).
 
         Raises:
             StoreError: the store failed or did not answer.
         """
+        if self._down:
+            return True
         params = {
             "id": event.id,
             "handler": handler,
@@ -326,6 +340,20 @@ class Claims:
         except (psycopg.Error, TimeoutError) as exc:
             raise describe(self._url, exc) from None
         return changed == 1
+
+    async def give_back(self, events: list[Event], handler: str) -> None:
+        """Let this instance's unfinished claims of ``handler`` on ``events`` lapse now (their
+        events were abandoned before their handler started).
+
+        Raises:
+            StoreError: the store failed or did not answer (they lapse a lease later).
+        """
+        params = {"ids": [event.id for event in events], "handler": handler,
+                  "holder": self._holder}  # fmt: skip
+        try:
+            await bounded(self._execute(_GIVE_BACK, params), self._timeout, self.abandoned)
+        except (psycopg.Error, TimeoutError) as exc:
+            raise describe(self._url, exc) from None
 
     def _settle(self, entry: Spooled, *, answered: bool) -> None:
         """A spooled entry handed back is done with: out of the spool if ``answered``,

@@ -125,9 +125,15 @@ class Claims(Protocol):
 
     async def renew(self, event: Event, handler: str, lease: float) -> bool:
         """Extend this instance's claim of ``handler`` on ``event`` to ``lease`` seconds (its
-        timeout) plus the grace; False when it is no longer this instance's (it lapsed and
-        another took it over). Raises :class:`~listener.core.errors.ListenerError` when the
-        store does not answer."""
+        timeout) plus the grace; False when its lease passed or another instance took it
+        over. Raises :class:`~listener.core.errors.ListenerError` when the store does not
+        answer."""
+        ...
+
+    async def give_back(self, events: list[Event], handler: str) -> None:
+        """Let this instance's claims of ``handler`` on ``events``, abandoned before their
+        handler started, lapse now. Raises :class:`~listener.core.errors.ListenerError`
+        when the store does not answer."""
         ...
 
 
@@ -322,8 +328,12 @@ class HandlerRunner:
         # Set by an observer (the status page): one O(1) append per handled event.
         self.handled: deque[Handled] | None = None
         # The claims asked as their events were queued (by ``id(event)``: the queue holds
-        # each until a worker pops it here), with the loop's time of asking.
-        self._asked: dict[int, tuple[asyncio.Future[bool | None], float]] = {}
+        # each until a worker pops it here), with the loop's time of asking and the event.
+        self._asked: dict[int, tuple[asyncio.Future[bool | None], float, Event]] = {}
+        # The calls with such a claim not yet taken up, and how many: a call's later event
+        # is claimed only after its earlier ones are, so that when one goes to the spool
+        # (the store not answering) the later ones follow it there, not overtake it.
+        self._asked_calls: dict[str, int] = {}
         if claims is not None:
             # Bound here, so that a runner without claims keeps offer()'s path as it was.
             self.offer = self._offer_and_claim  # type: ignore[method-assign]
@@ -411,13 +421,18 @@ class HandlerRunner:
             and self.pending <= _ASK_AHEAD * self.settings.concurrency
             and event.id
             and id(event) not in self._asked
+            and (key := event.call_key) not in self._lanes
+            and key not in self._asked_calls
         ):
             assert self._claims is not None
             claim = self._claims.claim(event, self.settings.name, self.settings.timeout)
             self._asked[id(event)] = (
                 asyncio.ensure_future(claim),
                 asyncio.get_running_loop().time(),
+                event,
             )
+            if key is not None:
+                self._asked_calls[key] = self._asked_calls.get(key, 0) + 1
         return wait
 
     async def _admit(self, event: Event, call: CallRecord | None) -> None:
@@ -455,14 +470,33 @@ class HandlerRunner:
             await asyncio.wait(self._workers)
         if self._finishing:
             await asyncio.wait(self._finishing)
-        # Claims won for events abandoned here lapse unfinished: the leader hands them out
-        # again once their lease has passed, as those of handlers cancelled mid-handle.
-        asked = [claim for claim, _ in self._asked.values()]
-        self._asked.clear()
-        for claim in asked:
-            claim.cancel()
-        await asyncio.gather(*asked, return_exceptions=True)
+        await self._give_back_asked()
         return abandoned
+
+    async def _give_back_asked(self) -> None:
+        """The claims asked for queued events a stop abandons: those won lapse now (the
+        other instances had been told no, and hand them out again once the leader's sweep
+        finds them lapsed); those still unanswered after a second are cancelled, and lapse
+        a lease later, as those of handlers cancelled mid-handle."""
+        asked = {claim: event for claim, _, event in self._asked.values() if claim is not self._won}
+        self._asked.clear()
+        self._asked_calls.clear()
+        if not asked:
+            return
+        done, waiting = await asyncio.wait(asked, timeout=1.0)
+        for claim in waiting:
+            claim.cancel()
+        won = [
+            asked[claim]
+            for claim in done
+            if not claim.cancelled() and not claim.exception() and claim.result()
+        ]
+        if won and self._claims is not None:
+            try:
+                await self._claims.give_back(won, self.settings.name)
+            except ListenerError as exc:
+                _log.warning("claims of abandoned events left to lapse", handler=self.settings.name,
+                             events=len(won), error=str(exc))  # fmt: skip
 
     async def _work(self) -> None:
         task = asyncio.current_task()
@@ -516,11 +550,15 @@ class HandlerRunner:
                 # ``pending``'s sum, short-circuited (the last busy worker is rarely the
                 # last event): the workers' 18,200 -> 17,400 instructions an event.
                 if not self._busy and not self._laned and not queue.qsize():
-                    self._idle.set()
-                    # An event larger than queue_bytes waits for nothing pending at all,
-                    # which no event leaving the queue announces: this one just ended.
-                    if self._byte_waiters:
-                        self._byte_room.set()
+                    self._nothing_pending()
+
+    def _nothing_pending(self) -> None:
+        """The last pending event (a worker's or a staged one) just ended."""
+        self._idle.set()
+        # An event larger than queue_bytes waits for nothing pending at all, which no event
+        # leaving the queue announces.
+        if self._byte_waiters:
+            self._byte_room.set()
 
     async def _invoke(self, event: Event, call: CallRecord | None, deadline: _Deadline) -> None:
         # Claims first: ``event.id`` makes a lifecycle event's lazy id, and reading it for
@@ -600,7 +638,7 @@ class HandlerRunner:
             self._won = asyncio.get_running_loop().create_future()
             self._won.set_result(True)
         # Claimed already: the task's own pass through _invoke finds it won.
-        self._asked[id(event)] = (self._won, asyncio.get_running_loop().time())
+        self._asked[id(event)] = (self._won, asyncio.get_running_loop().time(), event)
         self._busy += 1
         task = asyncio.create_task(self._finish(event, call))
         self._finishing.add(task)
@@ -616,10 +654,15 @@ class HandlerRunner:
             self._finishing.discard(task)
             self._busy -= 1
             if not self._busy and not self._laned and not self._queue.qsize():
-                self._idle.set()
+                self._nothing_pending()
 
     async def _claim(self, claims: Claims, event: Event) -> bool:
         asked = self._asked.pop(id(event), None) if self._asked else None
+        if asked is not None and asked[0] is not self._won and (key := event.call_key):
+            if (left := self._asked_calls[key] - 1) > 0:
+                self._asked_calls[key] = left
+            else:
+                del self._asked_calls[key]
         try:
             if asked is None:
                 won = await claims.claim(event, self.settings.name, self.settings.timeout)
