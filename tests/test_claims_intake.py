@@ -101,6 +101,26 @@ class Gated:
         )
 
 
+async def one_worker_two_calls_claimed(
+    claims: Claims, store: StoreUrl, tmp_path: Path, handle: Any
+) -> Dispatcher:
+    """A started dispatcher whose one worker handles ``evt_1`` (of ``call-1``) with
+    ``handle`` while ``evt_2`` (of ``call-2``), claimed at intake, waits; once both claims
+    are in the store."""
+    runner = HandlerRunner(
+        FunctionHandler(handle, name="audit"),
+        RunnerSettings("audit", concurrency=1),
+        context(tmp_path),
+        claims,
+    )
+    dispatcher = Dispatcher([runner])
+    dispatcher.start()
+    dispatcher.submit(event_of(1, "call-1"))
+    dispatcher.submit(event_of(2, "call-2"))
+    await until_claimed(store, {"evt_1", "evt_2"})
+    return dispatcher
+
+
 async def test_a_queued_events_claim_is_taken_at_intake_a_calls_later_event_after_its_first(
     store: StoreUrl, tmp_path: Path
 ) -> None:

@@ -19,10 +19,10 @@ from tests.tcpproxy import proxied
 from tests.test_claims_intake import (
     Staging,
     call_event,
-    claims_of,
     context,
     event_of,
     instance,
+    one_worker_two_calls_claimed,
 )
 
 
@@ -132,20 +132,7 @@ async def test_a_stop_gives_back_the_claims_won_for_queued_events_it_abandons(
         await gate.wait()
 
     async with instance(store, tmp_path, "a") as claims:
-        runner = HandlerRunner(
-            FunctionHandler(held, name="audit"),
-            RunnerSettings("audit", concurrency=1),
-            context(tmp_path),
-            claims,
-        )
-        dispatcher = Dispatcher([runner])
-        dispatcher.start()
-        # Two calls: the second's event is claimed at intake and waits for the one worker.
-        dispatcher.submit(event_of(1, "call-1"))
-        dispatcher.submit(event_of(2, "call-2"))
-        async with asyncio.timeout(5):
-            while len(await claims_of(store)) < 2:  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
+        dispatcher = await one_worker_two_calls_claimed(claims, store, tmp_path, held)
         await dispatcher.stop(0.1)
     async with await psycopg.AsyncConnection.connect(store.conninfo) as conn:
         rows = await (
@@ -173,20 +160,8 @@ async def test_a_claim_asked_long_ago_runs_at_once_while_the_store_does_not_answ
         proxied(store) as (proxy, through),
         instance(through, tmp_path, "a", grace=0.2, timeout=3.0) as claims,
     ):
-        runner = HandlerRunner(
-            FunctionHandler(first_held, name="audit"),
-            RunnerSettings("audit", concurrency=1),
-            context(tmp_path),
-            claims,
-        )
-        dispatcher = Dispatcher([runner])
-        dispatcher.start()
+        dispatcher = await one_worker_two_calls_claimed(claims, store, tmp_path, first_held)
         try:
-            dispatcher.submit(event_of(1, "call-1"))
-            dispatcher.submit(event_of(2, "call-2"))
-            async with asyncio.timeout(5):
-                while len(await claims_of(store)) < 2:  # noqa: ASYNC110
-                    await asyncio.sleep(0.02)
             await asyncio.sleep(0.2)  # longer ago than fresh_for (0.1 s)
             proxy.freeze()
             try:
