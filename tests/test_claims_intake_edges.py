@@ -51,37 +51,51 @@ async def test_an_oversize_event_waiting_for_nothing_pending_goes_in_once_a_stag
             await dispatcher.stop(0.5)
 
 
-async def test_a_claim_that_lapsed_while_its_event_waited_is_not_renewed_and_runs_once(
+async def expire(store: StoreUrl, event_id: str) -> None:
+    """Let the lease of ``event_id``'s claim pass, as time would."""
+    async with await psycopg.AsyncConnection.connect(store.conninfo, autocommit=True) as conn:
+        await conn.execute(
+            "UPDATE sippet_claims SET lease_until = now() - interval '1 second'"
+            " WHERE event_id = %s",
+            (event_id,),
+        )
+
+
+async def test_a_claim_whose_lease_passed_is_not_renewed(store: StoreUrl, tmp_path: Path) -> None:
+    async with instance(store, tmp_path, "a") as claims:
+        event = event_of(1, "call-1")
+        assert await claims.claim(event, "audit", 30) is True
+        assert await claims.renew(event, "audit", 30) is True
+        await expire(store, "evt_1")
+        # The leader's sweep hands it out again: the copy's claim is the one to run it.
+        assert await claims.renew(event, "audit", 30) is False
+
+
+async def test_a_copy_of_an_event_that_waits_here_is_not_queued_again(
     store: StoreUrl, tmp_path: Path
 ) -> None:
+    gate = asyncio.Event()
     runs: list[str] = []
 
-    async def slow(event: Event, ctx: Any) -> None:
+    async def first_held(event: Event, ctx: Any) -> None:
         runs.append(event.id)
-        await asyncio.sleep(0.4)
+        if event.id == "evt_1":
+            await gate.wait()
 
-    # A lease of 0.5 + 0.2 s from intake; the call's later events wait longer than that.
-    async with instance(store, tmp_path, "a", grace=0.2) as claims:
-        runner = HandlerRunner(
-            FunctionHandler(slow, name="audit"),
-            RunnerSettings("audit", timeout=0.5, concurrency=2),
-            context(tmp_path),
-            claims,
-        )
-        dispatcher = Dispatcher([runner])
-        dispatcher.start()
+    async with instance(store, tmp_path, "a") as claims:
+        dispatcher = await one_worker_two_calls_claimed(claims, store, tmp_path, first_held)
         try:
-            for n in (1, 2, 3, 4):
-                dispatcher.submit(call_event(n))
-            await asyncio.sleep(0.9)
-            # What the leader's sweep hands out again (Daemon._redeliver offers it here).
-            for event, _ in await claims.expired():
-                if (wait := runner.offer(event, None)) is not None:
-                    await wait
+            # evt_2's claim lapsed while it waited; the sweep offers a copy of it here.
+            await expire(store, "evt_2")
+            runner = dispatcher.runners[0]
+            pending = runner.pending
+            assert runner.offer(event_of(2, "call-2"), None) is None
+            assert runner.pending == pending
+            gate.set()
             await dispatcher.drain()
         finally:
             await dispatcher.stop(1)
-    assert sorted(runs) == ["evt_1", "evt_2", "evt_3", "evt_4"]
+    assert runs == ["evt_1", "evt_2"]
 
 
 async def test_a_calls_later_event_follows_its_first_into_the_spool_not_past_it(

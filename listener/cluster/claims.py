@@ -348,6 +348,9 @@ class Claims:
         Raises:
             StoreError: the store failed or did not answer (they lapse a lease later).
         """
+        if self._down:
+            # Not asked of a store known not to answer: a stop would wait its timeout.
+            return
         params = {"ids": [event.id for event in events], "handler": handler,
                   "holder": self._holder}  # fmt: skip
         try:

@@ -330,10 +330,14 @@ class HandlerRunner:
         # The claims asked as their events were queued (by ``id(event)``: the queue holds
         # each until a worker pops it here), with the loop's time of asking and the event.
         self._asked: dict[int, tuple[asyncio.Future[bool | None], float, Event]] = {}
-        # The calls with such a claim not yet taken up, and how many: a call's later event
-        # is claimed only after its earlier ones are, so that when one goes to the spool
-        # (the store not answering) the later ones follow it there, not overtake it.
-        self._asked_calls: dict[str, int] = {}
+        # The events queued and not yet at their claim, by call and by id: a call's later
+        # event is claimed at intake only when none of its earlier ones waits here, so that
+        # when one goes to the spool (the store not answering) the later ones follow it
+        # there, never overtake it; and a copy of an event that waits here already (the
+        # leader's sweep handing out a claim that lapsed while it waited) is not queued
+        # again, or both would run.
+        self._waiting_calls: dict[str, int] = {}
+        self._waiting_ids: set[str] = set()
         if claims is not None:
             # Bound here, so that a runner without claims keeps offer()'s path as it was.
             self.offer = self._offer_and_claim  # type: ignore[method-assign]
@@ -414,15 +418,19 @@ class HandlerRunner:
         0.2-0.5 / 2.3-8.8, and after it (the call's lane) 0.5-1.9 / 4.7-15.7; bench.ha
         quick, one instance on PostgreSQL p99 43.5-76.6 -> 22.3-37.8 ms, three pairs (see
         bench/README.md, "Claims asked at intake, staged commits")."""
+        event_id = event.id
+        if event_id and event_id in self._waiting_ids:
+            return None
         wait = HandlerRunner.offer(self, event, call)
+        queued = wait is not None or self._queue.newest() is event
+        if not event_id or not queued:
+            return wait
+        key = event.call_key
         if (
             wait is None
-            and self._queue.newest() is event
             and self.pending <= _ASK_AHEAD * self.settings.concurrency
-            and event.id
-            and id(event) not in self._asked
-            and (key := event.call_key) not in self._lanes
-            and key not in self._asked_calls
+            and key not in self._lanes
+            and key not in self._waiting_calls
         ):
             assert self._claims is not None
             claim = self._claims.claim(event, self.settings.name, self.settings.timeout)
@@ -431,8 +439,9 @@ class HandlerRunner:
                 asyncio.get_running_loop().time(),
                 event,
             )
-            if key is not None:
-                self._asked_calls[key] = self._asked_calls.get(key, 0) + 1
+        self._waiting_ids.add(event_id)
+        if key is not None:
+            self._waiting_calls[key] = self._waiting_calls.get(key, 0) + 1
         return wait
 
     async def _admit(self, event: Event, call: CallRecord | None) -> None:
@@ -480,7 +489,8 @@ class HandlerRunner:
         a lease later, as those of handlers cancelled mid-handle."""
         asked = {claim: event for claim, _, event in self._asked.values() if claim is not self._won}
         self._asked.clear()
-        self._asked_calls.clear()
+        self._waiting_calls.clear()
+        self._waiting_ids.clear()
         if not asked:
             return
         done, waiting = await asyncio.wait(asked, timeout=1.0)
@@ -658,11 +668,14 @@ class HandlerRunner:
 
     async def _claim(self, claims: Claims, event: Event) -> bool:
         asked = self._asked.pop(id(event), None) if self._asked else None
-        if asked is not None and asked[0] is not self._won and (key := event.call_key):
-            if (left := self._asked_calls[key] - 1) > 0:
-                self._asked_calls[key] = left
-            else:
-                del self._asked_calls[key]
+        if (asked is None or asked[0] is not self._won) and event.id in self._waiting_ids:
+            # At its claim: no longer waiting (a staged event's second pass is not counted).
+            self._waiting_ids.discard(event.id)
+            if (key := event.call_key) is not None:
+                if (left := self._waiting_calls[key] - 1) > 0:
+                    self._waiting_calls[key] = left
+                else:
+                    del self._waiting_calls[key]
         try:
             if asked is None:
                 won = await claims.claim(event, self.settings.name, self.settings.timeout)
