@@ -347,7 +347,6 @@ class HandlerRunner:
             handler.stage_event if claims is not None and isinstance(handler, Staged) else None
         )
         self._finishing: set[asyncio.Task[None]] = set()
-        self._won: asyncio.Future[bool | None] | None = None
 
     def subscribes(self, name: str) -> bool:
         """Whether the handler's globs cover the event name."""
@@ -487,7 +486,7 @@ class HandlerRunner:
         other instances had been told no, and hand them out again once the leader's sweep
         finds them lapsed); those still unanswered after a second are cancelled, and lapse
         a lease later, as those of handlers cancelled mid-handle."""
-        asked = {claim: event for claim, _, event in self._asked.values() if claim is not self._won}
+        asked = {claim: event for claim, _, event in self._asked.values()}
         self._asked.clear()
         self._waiting_calls.clear()
         self._waiting_ids.clear()
@@ -570,7 +569,9 @@ class HandlerRunner:
         if self._byte_waiters:
             self._byte_room.set()
 
-    async def _invoke(self, event: Event, call: CallRecord | None, deadline: _Deadline) -> None:
+    async def _invoke(
+        self, event: Event, call: CallRecord | None, deadline: _Deadline, claimed: bool = False
+    ) -> None:
         # Claims first: ``event.id`` makes a lifecycle event's lazy id, and reading it for
         # every event without a cluster made every id on the hot path again (py-spy, live
         # flood: 9 % of the loop's samples in ``_read_id``; ``python -m bench.instructions``,
@@ -578,7 +579,8 @@ class HandlerRunner:
         claims = self._claims
         if claims is not None and not event.id:
             claims = None
-        if claims is not None:
+        if claims is not None and not claimed:
+            # ``claimed``: a staged event's second pass (_finish), won and staged already.
             if not await self._claim(claims, event):
                 return
             if (
@@ -644,11 +646,6 @@ class HandlerRunner:
         and the lane's wait was 0.83 / 24.2 ms p50 / p99 of 10.4 / 46.4 end to end, two
         instances traced at 500/s; with this, 0.5-1.9 / 4.7-15.7 ms (the figures together are
         at _offer_and_claim)."""
-        if self._won is None:
-            self._won = asyncio.get_running_loop().create_future()
-            self._won.set_result(True)
-        # Claimed already: the task's own pass through _invoke finds it won.
-        self._asked[id(event)] = (self._won, asyncio.get_running_loop().time(), event)
         self._busy += 1
         task = asyncio.create_task(self._finish(event, call))
         self._finishing.add(task)
@@ -658,7 +655,7 @@ class HandlerRunner:
         assert task is not None
         deadline = _Deadline(task)
         try:
-            await self._invoke(event, call, deadline)
+            await self._invoke(event, call, deadline, claimed=True)
         finally:
             deadline.close()
             self._finishing.discard(task)
@@ -668,8 +665,8 @@ class HandlerRunner:
 
     async def _claim(self, claims: Claims, event: Event) -> bool:
         asked = self._asked.pop(id(event), None) if self._asked else None
-        if (asked is None or asked[0] is not self._won) and event.id in self._waiting_ids:
-            # At its claim: no longer waiting (a staged event's second pass is not counted).
+        if event.id in self._waiting_ids:
+            # At its claim: no longer waiting.
             self._waiting_ids.discard(event.id)
             if (key := event.call_key) is not None:
                 if (left := self._waiting_calls[key] - 1) > 0:
