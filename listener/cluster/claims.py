@@ -341,9 +341,9 @@ class Claims:
             raise describe(self._url, exc) from None
         return changed == 1
 
-    async def give_back(self, events: list[Event], handler: str) -> None:
-        """Let this instance's unfinished claims of ``handler`` on ``events`` lapse now (their
-        events were abandoned before their handler started).
+    async def give_back(self, ids: list[str], handler: str) -> None:
+        """Let this instance's unfinished claims of ``handler`` on the events of ``ids`` lapse
+        now (they were abandoned before their handler started).
 
         Raises:
             StoreError: the store failed or did not answer (they lapse a lease later).
@@ -351,8 +351,7 @@ class Claims:
         if self._down:
             # Not asked of a store known not to answer: a stop would wait its timeout.
             return
-        params = {"ids": [event.id for event in events], "handler": handler,
-                  "holder": self._holder}  # fmt: skip
+        params = {"ids": ids, "handler": handler, "holder": self._holder}
         try:
             await bounded(self._execute(_GIVE_BACK, params), self._timeout, self.abandoned)
         except (psycopg.Error, TimeoutError) as exc:

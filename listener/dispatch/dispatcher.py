@@ -130,9 +130,9 @@ class Claims(Protocol):
         answer."""
         ...
 
-    async def give_back(self, events: list[Event], handler: str) -> None:
-        """Let this instance's claims of ``handler`` on ``events``, abandoned before their
-        handler started, lapse now. Raises :class:`~listener.core.errors.ListenerError`
+    async def give_back(self, ids: list[str], handler: str) -> None:
+        """Let this instance's claims of ``handler`` on the events of ``ids``, abandoned
+        before their handler started, lapse now. Raises :class:`~listener.core.errors.ListenerError`
         when the store does not answer."""
         ...
 
@@ -327,9 +327,10 @@ class HandlerRunner:
         self._match_all = "*" in self._globs
         # Set by an observer (the status page): one O(1) append per handled event.
         self.handled: deque[Handled] | None = None
-        # The claims asked as their events were queued (by ``id(event)``: the queue holds
-        # each until a worker pops it here), with the loop's time of asking and the event.
-        self._asked: dict[int, tuple[asyncio.Future[bool | None], float, Event]] = {}
+        # The claims asked as their events were queued, by event id (one event of an id
+        # waits here at a time, see below) until a worker takes it up, with the loop's time
+        # of asking.
+        self._asked: dict[str, tuple[asyncio.Future[bool | None], float]] = {}
         # The events queued and not yet at their claim, by call and by id: a call's later
         # event is claimed at intake only when none of its earlier ones waits here, so that
         # when one goes to the spool (the store not answering) the later ones follow it
@@ -433,10 +434,9 @@ class HandlerRunner:
         ):
             assert self._claims is not None
             claim = self._claims.claim(event, self.settings.name, self.settings.timeout)
-            self._asked[id(event)] = (
+            self._asked[event_id] = (
                 asyncio.ensure_future(claim),
                 asyncio.get_running_loop().time(),
-                event,
             )
         self._waiting_ids.add(event_id)
         if key is not None:
@@ -486,7 +486,7 @@ class HandlerRunner:
         other instances had been told no, and hand them out again once the leader's sweep
         finds them lapsed); those still unanswered after a second are cancelled, and lapse
         a lease later, as those of handlers cancelled mid-handle."""
-        asked = {claim: event for claim, _, event in self._asked.values()}
+        asked = {claim: event_id for event_id, (claim, _) in self._asked.items()}
         self._asked.clear()
         self._waiting_calls.clear()
         self._waiting_ids.clear()
@@ -664,7 +664,7 @@ class HandlerRunner:
                 self._nothing_pending()
 
     async def _claim(self, claims: Claims, event: Event) -> bool:
-        asked = self._asked.pop(id(event), None) if self._asked else None
+        asked = self._asked.pop(event.id, None) if self._asked else None
         if event.id in self._waiting_ids:
             # At its claim: no longer waiting.
             self._waiting_ids.discard(event.id)
