@@ -17,6 +17,11 @@ keeping the call map costs the socket's path.
   call: the path as it was before call state, in the bench process only). Rounds alternate
   the order, a fresh driver each, so that a noisy neighbour spreads over all three;
   ``µs CPU/event`` as in the drain row (the process's CPU: the store's thread counts).
+  With a checkout of :data:`BEFORE_CALL_STATE` (``python -m bench`` makes one with ``git
+  archive`` when the clone has that commit), its daemon joins the rounds: the throughput row
+  as it was without call state, issue #11's reference ("the socket -> handler throughput row
+  stays within 5 % of what it was without call state"). "Off" is the stricter comparison:
+  this tree's path with the call map taken out, which later work made faster as well.
 
 ``python -m bench.reconcile [smoke|quick|full]`` runs these rows alone (their own server).
 """
@@ -26,15 +31,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.procs import BenchServer, Driver
+from bench.procs import ROOT, BenchServer, Driver
 from bench.scenarios import _SEQ, Mode, _drain
 
-__all__ = ["SIZES", "Sizes", "rows"]
+__all__ = ["BEFORE_CALL_STATE", "SIZES", "Sizes", "before_call_state", "rows"]
+
+#: The last commit before stable ids and the call map (issue #11) landed: its daemon is the
+#: throughput row without call state.
+BEFORE_CALL_STATE = "e940c07"
 
 _SCRIPT = "callstate.py"
 _LABEL = "sippet-listener (Daemon, no-op handler)"
@@ -102,12 +113,29 @@ def _driver(server: BenchServer, options: dict[str, Any], log: Path) -> Driver:
     )
 
 
+def before_call_state(into: Path) -> Path | None:
+    """A checkout of :data:`BEFORE_CALL_STATE` under ``into`` (``git archive``), or None when
+    this is not a clone that has it (a source archive, a shallow clone)."""
+    tree = into / BEFORE_CALL_STATE
+    tree.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", BEFORE_CALL_STATE],
+        capture_output=True,
+        check=False,
+    )
+    if archive.returncode != 0:
+        return None
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    return tree
+
+
 def _drain_rows(
     server: BenchServer,
     mode: Mode,
     sizes: Sizes,
     logs: Path,
     extra: dict[str, dict[str, Any]] | None = None,
+    before: Path | None = None,
 ) -> list[tuple[str, ...]]:
     on = _Variant("call state on (as shipped)", {"sippet": _SIPPET})
     unstored = _Variant(
@@ -120,6 +148,13 @@ def _drain_rows(
     more = [
         _Variant(label, {"sippet": _SIPPET, **options}) for label, options in (extra or {}).items()
     ]
+    earlier = None
+    if before is not None:
+        earlier = _Variant(
+            f"before call state ({BEFORE_CALL_STATE}'s daemon)",
+            {"sippet": _SIPPET, "script": str(before / "bench" / "drivers" / "daemon.py")},
+        )
+        more.append(earlier)
     variants = (on, unstored, *more, off)
     for round_ in range(sizes.rounds):
         for variant in variants if round_ % 2 == 0 else variants[::-1]:
@@ -159,9 +194,16 @@ def _drain_rows(
                 f"{ratio:.2f} x off; CPU {cpu_ratio:.2f} x off"
                 f" (+{variant.cpu - off.cpu:.1f} µs/event)"
             )
-            target = (
-                f"{'PASS' if ratio >= 0.95 else 'MISS'} (>= 0.95 x off)" if variant is on else ""
-            )
+            target = ""
+            if variant is on:
+                target = f"{'PASS' if ratio >= 0.95 else 'MISS'} (>= 0.95 x off)"
+            if variant is on and earlier is not None and earlier.rate:
+                then = variant.rate / earlier.rate
+                reference += f"; {then:.2f} x before call state"
+                target = (
+                    f"{'PASS' if then >= 0.95 else 'MISS'} (#11: >= 0.95 x before call state);"
+                    f" {target}"
+                )
         rows.append((measure, f"{_LABEL}, {variant.label}", result, reference, target))
     return rows
 
@@ -245,18 +287,20 @@ def rows(
     variants: dict[str, dict[str, Any]] | None = None,
     drain_only: bool = False,
     rounds: int | None = None,
+    before: Path | None = None,
 ) -> list[tuple[str, ...]]:
     """The call-state rows: (measure, client, result, reference, target) each.
 
     ``variants``: more daemons in the drain rounds, ``{label: driver options}`` (see
     ``bench/drivers/callstate.py``; ``script`` runs another tree's driver); ``drain_only``
-    skips the reconcile row; ``rounds`` overrides the mode's.
+    skips the reconcile row; ``rounds`` overrides the mode's; ``before``: a checkout of
+    :data:`BEFORE_CALL_STATE` (:func:`before_call_state`), whose daemon joins the rounds.
     """
     sizes = SIZES[mode.name]
     if rounds is not None:
         sizes = dataclasses.replace(sizes, rounds=rounds)
     head = [] if drain_only else _reconcile_rows(sizes, logs)
-    return head + _drain_rows(server, mode, sizes, logs, variants)
+    return head + _drain_rows(server, mode, sizes, logs, variants, before)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--drain-only", action="store_true", help="skip the reconcile row")
     parser.add_argument("--rounds", type=int, help="drain rounds (default: the mode's)")
+    parser.add_argument(
+        "--no-before",
+        action="store_true",
+        help=f"leave {BEFORE_CALL_STATE}'s daemon (the row without call state) out",
+    )
     args = parser.parse_args(argv)
     mode = MODES[args.mode]
     variants = {
@@ -285,19 +334,23 @@ def main(argv: list[str] | None = None) -> int:
     logs = RESULTS / mode.name
     logs.mkdir(parents=True, exist_ok=True)
     server = BenchServer(logs / "server-callstate.log")
-    try:
-        server.call("/configure", {"token_ttl": 3600})
-        found = rows(
-            server,
-            mode,
-            logs,
-            variants=variants,
-            drain_only=args.drain_only,
-            rounds=args.rounds,
-        )
-        print(_table([Row(*row) for row in found]))
-    finally:
-        server.close()
+    with tempfile.TemporaryDirectory(prefix="sippet-bench-before-") as trees:
+        before = None if args.no_before else before_call_state(Path(trees))
+        try:
+            server.call("/configure", {"token_ttl": 3600})
+            found = rows(
+                server,
+                mode,
+                logs,
+                variants=variants,
+                drain_only=args.drain_only,
+                rounds=args.rounds,
+                before=before,
+            )
+            print(_table([Row(*row) for row in found]))
+        finally:
+            server.close()
+
     return 0
 
 
