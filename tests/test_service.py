@@ -4,12 +4,14 @@ the metrics and health endpoint, reloads, and nothing secret in anything it prin
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
 import socket
 import sys
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,8 @@ from pydantic import BaseModel, ConfigDict
 
 from listener.core.events import Event
 from listener.dispatch.handler import Context, Handler
-from listener.testing import FakeSippet
+from listener.service import daemon as daemon_module
+from listener.testing import FakeSippet, running_daemon
 
 
 class GatedRecorder(Handler):
@@ -322,3 +325,26 @@ async def test_metrics_count_what_happened_and_no_secret_is_printed(
     assert "session_token=[REDACTED]" in output, "debug logs should show the redacted URL"
     assert fake.api_key not in output
     assert not [token for token in fake._tokens if token in output]
+
+
+class _Cycle:
+    """One half of a reference cycle (weakly referable, so that its collection shows)."""
+
+    def __init__(self) -> None:
+        self.other: object = None
+
+
+async def test_a_cycle_that_reached_the_oldest_generation_is_collected_on_a_timer(
+    fake: FakeSippet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Garbage in the oldest generation goes within the collection period, not whenever a
+    full collection comes round."""
+    monkeypatch.setattr(daemon_module, "_COLLECT_EVERY", 0.2)
+    async with running_daemon(fake, [{"use": "log"}]):
+        first, second = _Cycle(), _Cycle()
+        first.other, second.other = second, first
+        collected = asyncio.Event()
+        weakref.finalize(first, collected.set)
+        gc.collect(1)  # reachable now: moved to the oldest generation
+        del first, second
+        await asyncio.wait_for(collected.wait(), 5)
