@@ -21,7 +21,7 @@ from typing import Any, Final, Literal
 
 from listener.core.templating import MISSING, FieldPath
 
-__all__ = ["Event", "LazyId", "Origin", "call_key_of", "raw_id", "stamp_id"]
+__all__ = ["Event", "LazyId", "Origin", "call_key_of", "raw_id", "set_id", "stamp_id"]
 
 #: Where an event was learnt: from the channel, or rebuilt from ``list_calls``.
 Origin = Literal["realtime", "reconcile"]
@@ -101,11 +101,35 @@ class Event:
         origin: Origin = "realtime",
     ) -> Event:
         """Build an event, deriving its call key from the payload."""
-        key = call_key_of(payload)
-        if cls is Event:
-            # Without the frozen dataclass's __init__ (see _new_event).
-            return _new_event(name, payload, topic, received_at, key, size, id, origin)
-        return cls(name, payload, topic, received_at, key, size, id, origin)
+        # The usual spelling, a non-empty ``callUuid`` string, first (call_key_of's answer
+        # for it): a call less per event.
+        key = payload.get("callUuid")
+        if type(key) is not str or not key:
+            key = call_key_of(payload)
+        if cls is not Event:
+            return cls(name, payload, topic, received_at, key, size, id, origin)
+        # A frozen dataclass's __init__ sets each field through object.__setattr__ (1.0 µs);
+        # the slots' own descriptors, a previous version, cost a call each (0.45 µs). Plain
+        # attribute stores into a twin without the frozen __setattr__, then one __class__
+        # assignment (the layouts are the same, checked at import), as
+        # listener.calls.state makes its records: Event.create 12,000 -> 8,700 instructions
+        # an event (callgrind, 3,000 events of the drain stream; bench/README.md, "Hot path,
+        # third pass"); that assignment a plain store, not object.__setattr__'s call, 7,850
+        # -> 7,040 (bench.hotstages). Here, not in a function of eight arguments, and with
+        # the key's fast path above: 7,050 -> 5,700 (bench.hotstages --store; bench/README.md,
+        # "Call state's hot path, third pass"). The id goes into the slot that
+        # ``Event.id``'s property reads.
+        event = _new(_Unfrozen)
+        event.name = name
+        event.payload = payload
+        event.topic = topic
+        event.received_at = received_at
+        event.call_key = key
+        event.size = size
+        event.id = id
+        event.origin = origin
+        event.__class__ = Event  # type: ignore[assignment]
+        return event  # type: ignore[return-value]
 
     def field(self, path: str, default: Any = None) -> Any:
         """Read a payload field whatever its spelling: ``event.field("fromNumber")`` finds
@@ -149,7 +173,7 @@ def stamp_id(event: Event, id: str | LazyId) -> Event:
 
     A slot set: 0.1 µs, where a copy takes 0.45 µs and the dataclass's ``__init__`` 1.0.
     """
-    _set_id(event, id)
+    set_id(event, id)
     return event
 
 
@@ -168,9 +192,11 @@ def _read_id(event: Event) -> str:
 # replace) go through the property too, so they see the made id.
 _ID_SLOT: Final[Any] = Event.__dict__["id"]
 type.__setattr__(Event, "id", property(_read_id, _ID_SLOT.__set__, doc=_ID_SLOT.__doc__))
-# The slot's setter bound once: ``_ID_SLOT.__set__`` made a method-wrapper per stamp
-# (stamp_id 1,770 -> 1,450 instructions, callgrind).
-_set_id: Final[Callable[[Event, str | LazyId], None]] = _ID_SLOT.__set__
+#: ``set_id(event, id)``: :func:`stamp_id` without returning the event, for the intake's
+#: own stamp (:meth:`EventIds.stamp <listener.core.ids.EventIds.stamp>`), which saves the
+#: Python call. The slot's setter bound once: ``_ID_SLOT.__set__`` made a method-wrapper
+#: per stamp (stamp_id 1,770 -> 1,450 instructions, callgrind).
+set_id: Final[Callable[[Event, str | LazyId], None]] = _ID_SLOT.__set__
 
 #: ``raw_id(event)``: the id as stamped, without making a :class:`LazyId` one (the call
 #: tracker de-dupes lifecycle events by name and call key, and needs no id for that). The
@@ -180,7 +206,7 @@ raw_id: Final[Callable[[Event], str | LazyId]] = _ID_SLOT.__get__
 
 class _Unfrozen:
     """Event's layout without its frozen ``__setattr__``: an event is filled in as one of
-    these, then becomes an Event by one ``__class__`` assignment (see ``_new_event``)."""
+    these, then becomes an Event by one ``__class__`` assignment (see ``Event.create``)."""
 
     __slots__ = ("call_key", "id", "name", "origin", "payload", "received_at", "size", "topic")
     name: str
@@ -208,38 +234,3 @@ if tuple(item.name for item in dataclasses.fields(Event)) != _EVENT_FIELDS or so
 ) != sorted(_EVENT_FIELDS):
     raise AssertionError("Event's fields changed: _Unfrozen must follow them")
 _new: Final = object.__new__
-
-
-def _new_event(
-    name: str,
-    payload: dict[str, Any],
-    topic: str,
-    received_at: float,
-    call_key: str | None,
-    size: int,
-    id: str | LazyId,
-    origin: Origin,
-) -> Event:
-    """``Event(...)``, its fields in order, for every event the socket delivers.
-
-    A frozen dataclass's ``__init__`` sets each field through ``object.__setattr__`` (1.0
-    µs); the slots' own descriptors, this function's previous version, cost a call each
-    (0.45 µs). Plain attribute stores into a twin without the frozen ``__setattr__``, then
-    one ``__class__`` assignment (the layouts are the same, checked at import), as
-    ``listener.calls.state`` makes its records: ``Event.create`` 12,000 -> 8,700
-    instructions an event (callgrind, 3,000 events of the drain stream; bench/README.md,
-    "Hot path, third pass"). The id goes into the slot that ``Event.id``'s property reads.
-    """
-    event = _new(_Unfrozen)
-    event.name = name
-    event.payload = payload
-    event.topic = topic
-    event.received_at = received_at
-    event.call_key = call_key
-    event.size = size
-    event.id = id
-    event.origin = origin
-    # A plain store, not object.__setattr__'s call: Event.create 7,850 -> 7,040
-    # instructions an event (bench.hotstages).
-    event.__class__ = Event  # type: ignore[assignment]
-    return event  # type: ignore[return-value]

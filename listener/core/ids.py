@@ -40,7 +40,7 @@ from typing import Any, Final
 
 import orjson
 
-from listener.core.events import Event, LazyId, call_key_of, stamp_id
+from listener.core.events import Event, LazyId, call_key_of, set_id, stamp_id
 
 __all__ = ["LIFECYCLE_EVENTS", "LIFECYCLE_ID", "EventIds", "canonical_json", "lifecycle_id"]
 
@@ -232,7 +232,10 @@ class EventIds:
         return it: :meth:`of`'s, except that a lifecycle id is :data:`LIFECYCLE_ID`, made
         when read (2.0 -> 0.1 µs per lifecycle event on the socket's path)."""
         if event.call_key is not None and event.name in LIFECYCLE_EVENTS:
-            return stamp_id(event, LIFECYCLE_ID)
+            # The slot set here, not through stamp_id: a Python call less per lifecycle
+            # event (stamp 2,166 -> 1,804 instructions, bench.hotstages --store).
+            set_id(event, LIFECYCLE_ID)
+            return event
         return stamp_id(event, self._numbered(event.name, event.payload, event.received_at))
 
     def _numbered(self, name: str, payload: dict[str, Any], now: float) -> str:
