@@ -546,12 +546,13 @@ def main(argv: list[str] | None = None) -> int:
             # Like the peers', the production venvs are made on first use (they need PyPI).
             production = mode.peers and not args.no_peers
             section("idle run", lambda: _idle_run_rows(server, logs, bare_idle, say, production))
-        # The #11 row's reference: the daemon as it was before call state, from this clone.
-        before = reconcile.before_call_state(logs / "trees")
-        section(
-            "call state",
-            lambda: [Row(*row) for row in reconcile.rows(server, mode, logs, before=before)],
-        )
+
+        def measure_call_state() -> list[Row]:
+            # The #11 row's reference: the daemon as it was before call state, from this clone.
+            before = reconcile.before_call_state(logs / "trees")
+            return [Row(*row) for row in reconcile.rows(server, mode, logs, before=before)]
+
+        section("call state", measure_call_state)
         if importlib.util.find_spec("uvloop") is not None:
             section("uvloop", lambda: [Row(*row) for row in loops.rows(server, mode.name, logs)])
         if profile:
