@@ -27,6 +27,8 @@ class FreezableProxy:
         # Set: the server's next answer is dropped and its connection closed (the server did
         # what it was asked; the client never hears it).
         self.losing = False
+        # Set: only the next answer is lost (then ``losing`` is off again).
+        self.losing_once = False
 
     async def __aenter__(self) -> FreezableProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -90,7 +92,8 @@ class FreezableProxy:
     ) -> None:
         while data := await reader.read(65536):
             await self._flowing.wait()
-            if answers and self.losing:
+            if answers and (self.losing or self.losing_once):
+                self.losing_once = False
                 return
             writer.write(data)
             await writer.drain()

@@ -185,6 +185,71 @@ async def test_while_the_store_is_down_claims_wait_in_the_spool_and_run_once_whe
         assert mine == sorted(mine), str(handled)
 
 
+@pytest.mark.parametrize("asked", ["handed back from the spool", "as the events came"])
+async def test_a_claim_won_while_an_earlier_one_of_its_handler_failed_waits_behind_it(
+    store: StoreUrl, tmp_path: Path, asked: str
+) -> None:
+    handled: list[str] = []
+    async with proxied(store) as (proxy, via):
+        pool = make_pool(via, size=2, connect_timeout=2)
+        await pool.open()
+        await pool.resize(2, 2)
+        await pool.wait()
+
+        async def use(held: asyncio.Barrier) -> None:
+            async with pool.connection() as conn:
+                await conn.execute("SELECT 1")
+                await held.wait()
+
+        # Both connections used a moment ago, so that the answer lost is a claim's (not
+        # the pool's check of a connection it has not handed out yet).
+        both = asyncio.Barrier(2)
+        await asyncio.gather(use(both), use(both))
+        claims = Claims(pool, via, "a", await opened(tmp_path / "a"), timeout=0.3)
+
+        async def record(ev: Event, ctx: Context[None]) -> None:
+            handled.append(ev.id)
+
+        runner = HandlerRunner(
+            FunctionHandler(record, name="audit"),
+            RunnerSettings("audit", concurrency=1),
+            Context(rpc=None, config=None, name="audit", state_dir=tmp_path),  # type: ignore[arg-type]
+            claims,
+        )
+        dispatcher = Dispatcher([runner])
+        dispatcher.start()
+
+        async def redeliver(ev: Event, handler: str) -> None:
+            await (runner.offer(ev) or asyncio.sleep(0))
+
+        # The first claim is answered by the store (which takes it) but the answer is lost
+        # with its connection, while the second, asked meanwhile, goes out on the pool's
+        # other connection and is won (first, or after the first failed).
+        proxy.losing_once = True
+        if asked == "handed back from the spool":
+            # Spooled during an outage that is over.
+            for n in (1, 2):
+                await claims.spool.add(event(n), "audit", 5)
+        else:
+            for n in (1, 2):
+                dispatcher.submit(event(n))
+        drain = asyncio.create_task(claims.drain(redeliver))
+        try:
+            async with asyncio.timeout(10):
+                while len(handled) < 2 or claims.spool.entries:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+                await dispatcher.drain()
+        finally:
+            drain.cancel()
+            await dispatcher.stop(1)
+            await claims.close()
+            await claims.spool.close()
+            await pool.close()
+    assert not proxy.losing_once
+    assert handled == ["evt_1", "evt_2"]
+    assert not claims.down
+
+
 async def test_prune_forgets_old_events_with_their_claims(store: StoreUrl, tmp_path: Path) -> None:
     shared = SharedStore(store, tmp_path / "spool", holder="a")
     await shared.open()

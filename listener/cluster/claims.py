@@ -201,6 +201,13 @@ def _batch_params(batch: list[_Asked], holder: str) -> dict[str, Any]:
     }
 
 
+async def _after(before: asyncio.Future[None] | None) -> None:
+    """Wait until the claim asked before this one (if any) is decided."""
+    if before is not None and not before.done():
+        # Shielded: a claim cancelled here must not cancel the one before it.
+        await asyncio.shield(before)
+
+
 class Claims:
     """The claims of one instance, through its pool, with its spool for when the store does
     not answer.
@@ -252,6 +259,8 @@ class Claims:
         # The spooled entries handed back by drain() and not yet answered; set on each answer.
         self._released: dict[tuple[str, str], Spooled] = {}
         self._settled = asyncio.Event()
+        # The latest claim asked for each handler, set once it is decided.
+        self._deciding: dict[str, asyncio.Future[None]] = {}
 
     @property
     def down(self) -> bool:
@@ -284,9 +293,26 @@ class Claims:
         Either way the caller decides (the dispatcher runs the handler: better twice than
         never).
         """
+        # Decided in the order asked, per handler: a claim answered before an earlier one
+        # of its handler (on another connection) waits for that one's fate, so that neither
+        # the spool nor the handler sees them swapped.
+        before = self._deciding.get(handler)
+        decided: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._deciding[handler] = decided
+        try:
+            return await self._claim(event, handler, lease, before)
+        finally:
+            decided.set_result(None)
+            if self._deciding.get(handler) is decided:
+                del self._deciding[handler]
+
+    async def _claim(
+        self, event: Event, handler: str, lease: float, before: asyncio.Future[None] | None
+    ) -> bool | None:
         released = self._released.get((event.id, handler)) if self._released else None
         if released is None:
             if self._down or self.spool.holds(handler):
+                await _after(before)
                 await self.spool.add(event, handler, lease)
                 return None
         elif not self._trying:
@@ -302,13 +328,25 @@ class Claims:
                 self._settle(released, answered=True)
             raise
         except StoreError:
+            await _after(before)
             if released is None:
                 await self.spool.add(event, handler, lease)
             else:
                 self._settle(released, answered=False)
             return None
+        await _after(before)
         if released is not None:
+            if won and not self._trying:
+                # An entry handed back before this one was not answered: this one stays
+                # behind it. Won, it is this instance's still, and the next round's reclaim
+                # finds it so.
+                self._settle(released, answered=False)
+                return None
             self._settle(released, answered=True)
+        elif won and self.spool.holds(handler):
+            # The same for one asked before an earlier claim of its handler was spooled.
+            await self.spool.add(event, handler, lease)
+            return None
         return won
 
     @property
