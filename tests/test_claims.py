@@ -231,8 +231,10 @@ async def test_a_claim_won_while_an_earlier_one_of_its_handler_failed_waits_behi
             for n in (1, 2):
                 await claims.spool.add(event(n), "audit", 5)
         else:
-            for n in (1, 2):
-                dispatcher.submit(event(n))
+            dispatcher.submit(event(1))
+            # A turn apart, so that the two claims go out as two statements.
+            await asyncio.sleep(0)
+            dispatcher.submit(event(2))
         drain = asyncio.create_task(claims.drain(redeliver))
         try:
             async with asyncio.timeout(10):
@@ -412,7 +414,48 @@ async def test_a_claim_the_store_refuses_outright_is_neither_spooled_nor_retried
             await claims.claim(event(1), "bad\x00name", 30)
         assert (claims.down, claims.spool.entries) == (False, 0)
         assert await claims.claim(event(1), "audit", 30)
+        # Nor one that cannot be sent at all (JSON has no integers past 64 bits), and the
+        # handler's next claim is not held up behind it.
+        unsendable = Event("transcript_delta", {"seq": 2**70}, "events", 0.0, id="evt_big")
+        with pytest.raises(ClaimRefused, match="cannot send the claims"):
+            await claims.claim(unsendable, "audit", 30)
+        assert await claims.claim(event(2), "audit", 30)
     finally:
+        await claims.close()
+        await claims.spool.close()
+        await pool.close()
+
+
+async def test_a_claim_won_before_it_was_spooled_is_leased_anew_when_handed_back(
+    store: StoreUrl, tmp_path: Path
+) -> None:
+    pool = make_pool(store, size=1)
+    await pool.open(wait=True)
+    claims = Claims(pool, store, "a", await opened(tmp_path / "a"), timeout=0.3, grace=15)
+    answers: list[bool | None] = []
+
+    async def redeliver(ev: Event, handler: str) -> None:
+        answers.append(await claims.claim(ev, handler, 30))
+
+    drain = asyncio.create_task(claims.drain(redeliver))
+    try:
+        assert await claims.claim(event(1), "audit", 30)
+        async with await psycopg.AsyncConnection.connect(store.conninfo, autocommit=True) as conn:
+            # What a long stay in the spool leaves of its lease.
+            await conn.execute("UPDATE sippet_claims SET lease_until = now() + interval '1 s'")
+            await claims.spool.add(event(1), "audit", 30)
+            async with asyncio.timeout(10):
+                while claims.spool.entries:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            cursor = await conn.execute(
+                "SELECT extract(epoch FROM lease_until - now()), takeovers FROM sippet_claims"
+            )
+            [(left, takeovers)] = await cursor.fetchall()
+        # Still this instance's, and covering the handler's 30 s and the grace again.
+        assert answers == [True]
+        assert (float(left) > 40, takeovers) == (True, 0)
+    finally:
+        drain.cancel()
         await claims.close()
         await claims.spool.close()
         await pool.close()

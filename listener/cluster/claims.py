@@ -23,10 +23,14 @@ A claim the store does not answer (within ``timeout``) goes into the local :clas
 and the handler waits: neither run (another instance may run it too) nor dropped. From then
 on claims go straight to the spool without asking the store, and so does whatever comes for
 a handler with entries spooled (it goes behind them: each handler sees its events in the
-order they were received). :meth:`drain` hands the entries back to their handlers, oldest
-first, a batch at a time, once the store answers again (retrying every ``timeout``): each is
-then claimed like any other, right before ``handle()`` (so that its lease covers the handler,
-not its wait in the queue), and leaves the spool once its claim was answered, won or lost.
+order they were received). Claims are decided in the order they were asked, per handler:
+one answered while an earlier claim of its handler is still out waits for that one, and
+goes into the spool behind it if it was spooled, won or not (won, it stays this
+instance's). :meth:`drain` hands the entries back to their handlers, oldest first, a batch
+at a time, once the store answers again (retrying every ``timeout``): each is then claimed
+as its handler's queue takes it, a claim this instance holds already is leased anew, and
+it leaves the spool once its claim was answered, won or lost, unless a claim before it in
+the round was not (then it waits for the next round).
 
 Single statements in autocommit, no session state: PgBouncer in transaction mode is fine.
 """
@@ -68,7 +72,7 @@ _log = structlog.get_logger(__name__)
 # (orjson), not ten arrays to unnest: 10,000 claims (two handlers an event, batches of 100)
 # took 33-36 µs of this process's CPU each, psycopg adapting the arrays, and 15 µs now; the
 # batches' wall time went from 0.81 to 0.4 s (local server, an ad-hoc run of the two).
-_CLAIM: Final = """
+_CLAIMING: Final = """
 WITH asked AS (
     SELECT * FROM json_to_recordset(%(claims)s::json)
         AS asked (id text, handler text, lease float8, mine bool)
@@ -93,20 +97,34 @@ taken AS (
         takeovers = claim.takeovers + 1
     WHERE claim.done_at IS NULL AND claim.lease_until < now()
     RETURNING event_id, handler
-)
-SELECT event_id, handler FROM taken
-"""
+)"""
+_CLAIM: Final = _CLAIMING + "\nSELECT event_id, handler FROM taken\n"
 # A spooled claim (``mine``) may have been taken already, by this instance: the statement
 # that did not answer in time may have reached the store and committed all the same (a
-# partition, or a connection found as the store came back). Such a claim, unfinished, is
-# this instance's to run. The SELECT reads the table as it was before this statement, so a
-# claim taken just now is not listed twice.
+# partition, or a connection found as the store came back), or its answer came while an
+# earlier claim of its handler was not answered, and it went into the spool behind that
+# one. Such a claim, unfinished and still leased, is this instance's to run, under a lease
+# renewed from now: what it had left may not cover the handler after its time in the
+# spool. One whose lease passed is the takeover's (``taken``), never both: each reads the
+# table as it was before this statement. Locked in key order, as the inserts and the marks.
 _RECLAIM: Final = (
-    _CLAIM
-    + """UNION ALL
-SELECT c.event_id, c.handler
-FROM sippet_claims c JOIN asked a ON (a.id, a.handler) = (c.event_id, c.handler)
-WHERE a.mine AND c.holder = %(holder)s AND c.done_at IS NULL
+    _CLAIMING  # noqa: S608 (two constants, nothing interpolated)
+    + """,
+renewing AS (
+    SELECT c.event_id, c.handler, a.lease
+    FROM sippet_claims c JOIN asked a ON (a.id, a.handler) = (c.event_id, c.handler)
+    WHERE a.mine AND c.holder = %(holder)s AND c.done_at IS NULL AND c.lease_until >= now()
+    ORDER BY c.event_id, c.handler
+    FOR UPDATE OF c
+),
+renewed AS (
+    UPDATE sippet_claims c SET lease_until = now() + make_interval(secs => r.lease)
+    FROM renewing r WHERE (c.event_id, c.handler) = (r.event_id, r.handler)
+    RETURNING c.event_id, c.handler
+)
+SELECT event_id, handler FROM taken
+UNION ALL
+SELECT event_id, handler FROM renewed
 """
 )
 # The marks lock their rows in key order, as the claims' inserts do: marked in whatever order
@@ -283,8 +301,9 @@ class Claims:
 
     async def claim(self, event: Event, handler: str, lease: float) -> bool | None:
         """Whether this instance is the one to run ``handler`` on ``event``, for the next
-        ``lease`` seconds (its timeout) plus the grace; None when the store did not answer
-        and the claim went into the spool (:meth:`drain` hands it back to ``handler``).
+        ``lease`` seconds (its timeout) plus the grace; None when the claim went into the
+        spool, or stayed there (the store did not answer it, or one asked before it for
+        ``handler``): :meth:`drain` hands it back to ``handler``.
 
         Raises:
             ClaimRefused: the store refused the claim itself (it will not be asked again).
@@ -312,8 +331,7 @@ class Claims:
         released = self._released.get((event.id, handler)) if self._released else None
         if released is None:
             if self._down or self.spool.holds(handler):
-                await _after(before)
-                await self.spool.add(event, handler, lease)
+                await self._spool_after(before, event, handler, lease)
                 return None
         elif not self._trying:
             self._settle(released, answered=False)
@@ -326,20 +344,22 @@ class Claims:
         except ClaimRefused:
             if released is not None:
                 self._settle(released, answered=True)
+            # Run at once by the dispatcher: not before the claims asked ahead of it.
+            await _after(before)
             raise
         except StoreError:
-            await _after(before)
             if released is None:
-                await self.spool.add(event, handler, lease)
+                await self._spool_after(before, event, handler, lease)
             else:
                 self._settle(released, answered=False)
             return None
         await _after(before)
         if released is not None:
             if won and not self._trying:
-                # An entry handed back before this one was not answered: this one stays
-                # behind it. Won, it is this instance's still, and the next round's reclaim
-                # finds it so.
+                # A claim not answered since this round began (this handler's or another's)
+                # keeps the rest of the round in the spool: this one too, won or not, so
+                # that it does not overtake an earlier one of its handler. Won, it is this
+                # instance's still, and the next round's reclaim renews it (_RECLAIM).
                 self._settle(released, answered=False)
                 return None
             self._settle(released, answered=True)
@@ -348,6 +368,17 @@ class Claims:
             await self.spool.add(event, handler, lease)
             return None
         return won
+
+    async def _spool_after(
+        self, before: asyncio.Future[None] | None, event: Event, handler: str, lease: float
+    ) -> None:
+        """Spool ``handler``'s turn at ``event`` once the claim asked before it is decided;
+        at once if cancelled meanwhile (a stop): a claim the store did not take is kept
+        either way."""
+        try:
+            await _after(before)
+        finally:
+            await self.spool.add(event, handler, lease)
 
     @property
     def fresh_for(self) -> float:
@@ -476,7 +507,16 @@ class Claims:
         for asked in batch:
             first.setdefault((asked[0].id, asked[1]), asked)
         unique = list(first.values())
-        params = _batch_params(unique, self._holder)
+        try:
+            params = _batch_params(unique, self._holder)
+        except (TypeError, orjson.JSONEncodeError) as exc:
+            # A payload JSON cannot carry (an integer past 64 bits): no attempt would fare
+            # better, and an answer never set would hold up its handler's later claims.
+            refused = ClaimRefused(self._url.key, f"cannot send the claims: {exc}")
+            _log.error("claims refused before sending", error=str(refused), claims=len(batch))
+            for *_, answer in batch:
+                answer.set_exception(refused)
+            return
         query = _RECLAIM if any(mine for _, _, _, mine, _ in unique) else _CLAIM
         try:
             rows = await self._fetch_retrying_conflicts(query, params)

@@ -108,8 +108,8 @@ class Claims(Protocol):
 
     async def claim(self, event: Event, handler: str, lease: float) -> bool | None:
         """Whether this instance is the one to run ``handler`` on ``event`` (for at least
-        ``lease`` seconds); None when it cannot tell yet and keeps the event to hand it to
-        the handler again later; raises :class:`~listener.core.errors.ListenerError` when it
+        ``lease`` seconds); None when it keeps the event to hand it to the handler again
+        later (it cannot tell yet, or an earlier event of the handler is kept); raises :class:`~listener.core.errors.ListenerError` when it
         can do neither."""
         ...
 
@@ -484,8 +484,8 @@ class HandlerRunner:
     async def _give_back_asked(self) -> None:
         """The claims asked for queued events a stop abandons: those won lapse now (the
         other instances had been told no, and hand them out again once the leader's sweep
-        finds them lapsed); those still unanswered after a second are cancelled, and lapse
-        a lease later, as those of handlers cancelled mid-handle."""
+        finds them lapsed), and so do those still undecided after a second, which are
+        cancelled (one may have been won: giving back touches only this instance's)."""
         asked = {claim: event_id for event_id, (claim, _) in self._asked.items()}
         self._asked.clear()
         self._waiting_calls.clear()
@@ -495,7 +495,7 @@ class HandlerRunner:
         done, waiting = await asyncio.wait(asked, timeout=1.0)
         for claim in waiting:
             claim.cancel()
-        won = [
+        won = [asked[claim] for claim in waiting] + [
             asked[claim]
             for claim in done
             if not claim.cancelled() and not claim.exception() and claim.result()
