@@ -23,10 +23,10 @@ A claim the store does not answer (within ``timeout``) goes into the local :clas
 and the handler waits: neither run (another instance may run it too) nor dropped. From then
 on claims go straight to the spool without asking the store, and so does whatever comes for
 a handler with entries spooled (it goes behind them: each handler sees its events in the
-order they were received). Claims are decided in the order they were asked, per handler:
-one answered while an earlier claim of its handler is still out waits for that one, and
-goes into the spool behind it if it was spooled, won or not (won, it stays this
-instance's). :meth:`drain` hands the entries back to their handlers, oldest first, a batch
+order they were received). For a handler that runs one event at a time, claims are
+decided in the order they were asked: one answered while an earlier claim of its handler is
+still out waits for that one, and goes into the spool behind it if it was spooled, won or
+not (won, it stays this instance's). :meth:`drain` hands the entries back to their handlers, oldest first, a batch
 at a time, once the store answers again (retrying every ``timeout``): each is then claimed
 as its handler's queue takes it, a claim this instance holds already is leased anew, and
 it leaves the spool once its claim was answered, won or lost, unless a claim before it in
@@ -299,7 +299,9 @@ class Claims:
         self._trying = False
         self._retry_at = asyncio.get_running_loop().time() + self._timeout
 
-    async def claim(self, event: Event, handler: str, lease: float) -> bool | None:
+    async def claim(
+        self, event: Event, handler: str, lease: float, *, in_order: bool = False
+    ) -> bool | None:
         """Whether this instance is the one to run ``handler`` on ``event``, for the next
         ``lease`` seconds (its timeout) plus the grace; None when the claim went into the
         spool, or stayed there (the store did not answer it, or one asked before it for
@@ -311,10 +313,17 @@ class Claims:
 
         Either way the caller decides (the dispatcher runs the handler: better twice than
         never).
+
+        With ``in_order`` (a handler that runs one event at a time, for which order shows),
+        claims are decided in the order asked: one answered before an earlier claim of its
+        handler (on another connection) waits for that one's fate, so that neither the spool
+        nor the handler sees them swapped. Its worker waits for the earlier one anyway, so
+        this costs it nothing; a handler running many at once would wait for the slowest of
+        them (a claim held up by another instance's lock on its row), and its events start
+        out of order whatever the claims do.
         """
-        # Decided in the order asked, per handler: a claim answered before an earlier one
-        # of its handler (on another connection) waits for that one's fate, so that neither
-        # the spool nor the handler sees them swapped.
+        if not in_order:
+            return await self._claim(event, handler, lease, None)
         before = self._deciding.get(handler)
         decided: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._deciding[handler] = decided

@@ -106,10 +106,13 @@ class Claims(Protocol):
     """Once per event across instances: asked before each ``handle()`` when several
     instances share a store (``listener.cluster.claims``); a single instance has none."""
 
-    async def claim(self, event: Event, handler: str, lease: float) -> bool | None:
+    async def claim(
+        self, event: Event, handler: str, lease: float, *, in_order: bool = False
+    ) -> bool | None:
         """Whether this instance is the one to run ``handler`` on ``event`` (for at least
         ``lease`` seconds); None when it keeps the event to hand it to the handler again
-        later (it cannot tell yet, or an earlier event of the handler is kept); raises :class:`~listener.core.errors.ListenerError` when it
+        later (it cannot tell yet, or, ``in_order``, an earlier event of the handler is
+        kept); raises :class:`~listener.core.errors.ListenerError` when it
         can do neither."""
         ...
 
@@ -339,6 +342,8 @@ class HandlerRunner:
         # again, or both would run.
         self._waiting_calls: dict[str, int] = {}
         self._waiting_ids: set[str] = set()
+        # One event at a time: the order its events start in shows (see Claims.claim).
+        self._in_order = settings.concurrency == 1
         if claims is not None:
             # Bound here, so that a runner without claims keeps offer()'s path as it was.
             self.offer = self._offer_and_claim  # type: ignore[method-assign]
@@ -433,7 +438,9 @@ class HandlerRunner:
             and key not in self._waiting_calls
         ):
             assert self._claims is not None
-            claim = self._claims.claim(event, self.settings.name, self.settings.timeout)
+            claim = self._claims.claim(
+                event, self.settings.name, self.settings.timeout, in_order=self._in_order
+            )
             self._asked[event_id] = (
                 asyncio.ensure_future(claim),
                 asyncio.get_running_loop().time(),
@@ -675,7 +682,9 @@ class HandlerRunner:
                     del self._waiting_calls[key]
         try:
             if asked is None:
-                won = await claims.claim(event, self.settings.name, self.settings.timeout)
+                won = await claims.claim(
+                    event, self.settings.name, self.settings.timeout, in_order=self._in_order
+                )
             else:
                 won = await asked[0]
                 if won and asyncio.get_running_loop().time() - asked[1] > claims.fresh_for:
