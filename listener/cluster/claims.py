@@ -23,14 +23,14 @@ A claim the store does not answer (within ``timeout``) goes into the local :clas
 and the handler waits: neither run (another instance may run it too) nor dropped. From then
 on claims go straight to the spool without asking the store, and so does whatever comes for
 a handler with entries spooled (it goes behind them: each handler sees its events in the
-order they were received). For a handler that runs one event at a time, claims are
-decided in the order they were asked: one answered while an earlier claim of its handler is
-still out waits for that one, and goes into the spool behind it if it was spooled, won or
-not (won, it stays this instance's). :meth:`drain` hands the entries back to their handlers, oldest first, a batch
-at a time, once the store answers again (retrying every ``timeout``): each is then claimed
-as its handler's queue takes it, a claim this instance holds already is leased anew, and
-it leaves the spool once its claim was answered, won or lost, unless a claim before it in
-the round was not (then it waits for the next round).
+order they were received). For a handler that runs one event at a time, claims are decided
+in the order they were asked: one answered while an earlier claim of its handler is still
+out waits for that one, and goes into the spool behind it if it was spooled, won or not
+(won, it stays this instance's). :meth:`drain` hands the entries back to their handlers,
+oldest first, a batch at a time, once the store answers again (retrying every
+``timeout``): each is then claimed as its handler's queue takes it, a claim this instance
+holds already is leased anew, and it leaves the spool once its claim was answered, won or
+lost, unless a claim before it in the round was not (then it waits for the next round).
 
 Single statements in autocommit, no session state: PgBouncer in transaction mode is fine.
 """
