@@ -476,10 +476,10 @@ class Connection:
         """Hand a run's events on where it arrives (websockets' ``data_received``), when the
         read loop waits with nothing queued and nothing held; say whether it was taken.
 
-        Otherwise the run waits in the queue for the read task, which a loop turn later takes
-        it and hands its events on, and the handler's worker starts a turn after that. Taken
-        here, the worker starts a turn sooner, and the read task is not woken at all: a lone
-        event, one socket read and one turn of the loop fewer to pay. What the read loop
+        Otherwise the run waits in the queue for the read task, which takes it a loop turn
+        later and hands its events on, and the handler's worker starts a turn after that.
+        Taken here, the worker starts a turn sooner and the read task is not woken at all: a
+        lone event has a task wake-up and a turn of the loop fewer to pay. What the read loop
         would do mid-batch it is left: an event's wait (the rest of the run held behind it,
         the socket's reading paused by the queue filling meanwhile, as it was), and a
         failure (a control frame's LinkError, or anything ``on_event`` raised), raised
