@@ -9,13 +9,25 @@ that the call store's batch of them is in it); the instructions executed (``Ir``
 divided by the events. Deterministic up to the batching the timing allows (how many frames
 each socket read brings), so two runs agree to a few percent where CPU time does not.
 
+With ``--rate R`` the counted events are streamed at ``R`` events/s instead (the latency
+row's way, ``bench.scenarios``' 500/s): each arrives alone, so what a lone event costs is
+counted, a socket read, a loop turn and a task wake-up each, where a drain shares those over
+the events of a read. The table then says what share of the events had reached the handler
+before the server sent the next (``alone``): under callgrind a client runs ~50 x slower, so
+a rate it cannot follow alone shows there. Each event is recorded (``expect``'s ``keep``,
+the same few hundred instructions in every client) for that share, read once the count is
+dumped. The per-second work (timers, the call store's batch) is then shared by fewer events:
+part of a lone event's cost.
+
 Clients: the bare loop, this tree's daemon, with ``--before TREE`` another checkout's (as
 in ``bench.hotpath``; repeatable, each labelled by its directory's name), and with
 ``--no-calls`` each daemon with call state off, with ``--no-store`` each with call state on and
 no call store (``bench/drivers/callstate.py``'s ``persist: false``, as ``tail`` runs): the
 store's batch, on the persister's thread, is what tells the two apart.
 
-``python -m bench.instructions [--events N] [--before TREE] [--no-calls] [--no-store]``.
+``python -m bench.instructions [--events N] [--rate R] [--before TREE] [--no-calls]
+[--no-store] [--dumps]``; ``--dumps`` keeps each client's dump (``callgrind-TAG.out``, under
+``bench/results/instructions/``) for ``callgrind_annotate --inclusive=yes``.
 """
 
 from __future__ import annotations
@@ -28,13 +40,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.peers import BARE, DAEMON, Client
 from bench.procs import ROOT, BenchServer, Driver
 from bench.scenarios import _SEQ
 
-__all__ = ["main", "measure"]
+__all__ = ["Count", "main", "measure"]
 
 # Seconds the process is left to finish its work after the last event (under callgrind).
 _SETTLE = 4.0
@@ -74,31 +87,65 @@ def _tool_pid(pid: int) -> str:
     return children[0] if children else str(pid)
 
 
+@dataclass(frozen=True, slots=True)
+class Count:
+    """One client's count: instructions per event, and with a rate the share of its
+    events that reached the handler before the server sent the next (None for a drain)."""
+
+    per_event: float
+    alone: float | None = None
+
+
+def _alone(records: list[list[float]], rate: float) -> float:
+    """The share of ``records`` (``[seq, ts, received]``) handled within one interval of
+    the stream: before the next event was sent, so that nothing queued behind it."""
+    gap = 1.0 / rate
+    return sum(1 for _, ts, received in records if received - ts < gap) / len(records)
+
+
 def measure(
-    server: BenchServer, client: Client, root: Path, events: int, logs: Path, tag: str
-) -> float:
-    """Instructions per event of one drain of ``events`` by a fresh driver of ``client``."""
+    server: BenchServer,
+    client: Client,
+    root: Path,
+    events: int,
+    logs: Path,
+    tag: str,
+    *,
+    rate: float = 0.0,
+    keep_dump: bool = False,
+) -> Count:
+    """Instructions per event of ``events`` reaching a fresh driver of ``client``: one
+    drain, or streamed at ``rate`` events/s."""
     with tempfile.TemporaryDirectory(prefix="sippet-bench-ir-") as scratch:
         directory = Path(scratch)
         python = _wrapper(directory)
         log = logs / f"instructions-{tag}.log"
         driver = Driver(client.label, python, client.script, server, log, client.options,
                         root=root)  # fmt: skip
+        alone = None
         try:
             driver.expect(200)
             server.stream(200, _SEQ.take(200))
             driver.wait(timeout=300, records=False)
             pid = _tool_pid(driver.pid)
-            driver.expect(events, keep=False)
+            driver.expect(events, keep=bool(rate))
             _control("-i", "on", pid)
-            server.stream(events, _SEQ.take(events))
-            driver.wait(timeout=600, records=False)
+            # Paced, this answers once the last event is sent; the settle below covers it.
+            server.stream(events, _SEQ.take(events), rate=rate)
+            if not rate:
+                driver.wait(timeout=600, records=False)
             # What the events cost after the handler too: the call store's batch of them,
             # which waits for a lull (on a drain, after its last event). Without this wait
             # it fell inside the count in some runs and not in others (+22,000 a event).
             time.sleep(_SETTLE)
             _control("--dump", pid)
             _control("-i", "off", pid)
+            if rate:
+                # Read once counted: the answer's JSON is not the events' cost.
+                records = driver.wait(timeout=60)["records"]
+                if len(records) != events:
+                    raise RuntimeError(f"{tag}: {len(records)} of {events} events handled")
+                alone = _alone(records, rate)
             time.sleep(0.5)
         finally:
             driver.quit()
@@ -107,12 +154,25 @@ def measure(
         for dump in directory.glob("callgrind.out.*.*"):
             found = _TOTALS.findall(dump.read_text(errors="replace"))
             total += sum(int(value) for value in found)
-        return total / events
+            if keep_dump:
+                shutil.copyfile(dump, logs / f"callgrind-{tag}.out")
+        return Count(total / events, alone)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__)
-    parser.add_argument("--events", type=int, default=5000)
+    parser.add_argument(
+        "--events", type=int, help="events counted (default 5,000; 1,000 with --rate)"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="stream the counted events at this many a second, each alone (default: a drain)",
+    )
+    parser.add_argument(
+        "--dumps", action="store_true", help="keep each client's dump for callgrind_annotate"
+    )
     parser.add_argument(
         "--before",
         type=Path,
@@ -123,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-calls", action="store_true", help="also with call state off")
     parser.add_argument("--no-store", action="store_true", help="also without a call store")
     args = parser.parse_args(argv)
+    events = args.events or (1000 if args.rate else 5000)
     if shutil.which("callgrind_control") is None:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
         return 1
@@ -146,17 +207,22 @@ def main(argv: list[str] | None = None) -> int:
     began = time.strftime("%H:%M:%S")
     try:
         server.call("/configure", {"token_ttl": 3600})
-        figures = [(label, measure(server, c, root, args.events, logs, label.replace(" ", "-")))
-                   for label, c, root in clients]  # fmt: skip
+        figures = [
+            (label, measure(server, c, root, events, logs, label.replace(" ", "-").replace(",", ""),
+                            rate=args.rate, keep_dump=args.dumps))
+            for label, c, root in clients
+        ]  # fmt: skip
     finally:
         server.close()
-    print(f"{began}-{time.strftime('%H:%M:%S')}: instructions per event, one drain of"
-          f" {args.events:,} under callgrind, every thread")  # fmt: skip
-    print("| client | instructions/event | vs bare |")
-    print("|---|---:|---:|")
-    bare = figures[0][1]
-    for label, value in figures:
-        print(f"| {label} | {value:,.0f} | {value / bare:.2f} x |")
+    how = f"{events:,} at {args.rate:g}/s" if args.rate else f"one drain of {events:,}"
+    print(f"{began}-{time.strftime('%H:%M:%S')}: instructions per event, {how} under"
+          " callgrind, every thread")  # fmt: skip
+    print("| client | instructions/event | vs bare |" + (" alone |" if args.rate else ""))
+    print("|---|---:|---:|" + ("---:|" if args.rate else ""))
+    bare = figures[0][1].per_event
+    for label, count in figures:
+        alone = "" if count.alone is None else f" {count.alone:.1%} |"
+        print(f"| {label} | {count.per_event:,.0f} | {count.per_event / bare:.2f} x |{alone}")
     return 0
 
 

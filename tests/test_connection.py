@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
+import pytest
 
 from listener.core import metrics
 from listener.core.events import Event
@@ -54,5 +56,79 @@ async def test_messages_queued_behind_a_paused_intake_are_taken_in_order_in_batc
         # not one await each.
         assert link._frames - frames >= 205
         assert link._batches - batches < 205 / 4
+    finally:
+        await link.close()
+
+
+async def test_a_lone_event_is_handed_on_where_its_frame_arrives_not_by_the_read_task(
+    fake: FakeSippet, http: httpx.AsyncClient
+) -> None:
+    token = await TokenSource(http, fake.base_url, fake.api_key).mint()
+    tasks: list[asyncio.Task[Any] | None] = []
+
+    def on_event(event: Event) -> None:
+        tasks.append(asyncio.current_task())
+
+    link = Connection(
+        socket_url(fake.base_url, token.value), fast_settings(fake.base_url).link, on_event
+    )
+    await link.open()
+    try:
+        sent: list[int] = []
+        for seq in range(3):
+            await fake.broadcast("incoming_call", {"seq": seq})
+            sent.append(seq)
+            # One at a time: each arrives alone, with the read loop waiting.
+            await fake.wait_until(lambda: len(tasks) == len(sent))
+        # In websockets' data_received, a loop callback: the read task was never woken.
+        assert tasks == [None, None, None]
+    finally:
+        await link.close()
+
+
+async def test_a_channel_closed_ends_the_link_once_the_events_before_it_are_handed_on(
+    fake: FakeSippet, http: httpx.AsyncClient
+) -> None:
+    token = await TokenSource(http, fake.base_url, fake.api_key).mint()
+    received: list[int] = []
+    link = Connection(
+        socket_url(fake.base_url, token.value),
+        fast_settings(fake.base_url).link,
+        lambda event: received.append(event.payload["seq"]),
+    )
+    await link.open()
+    try:
+        for seq in range(3):
+            await fake.broadcast("incoming_call", {"seq": seq})
+        await fake.close_channels()
+        failure = await asyncio.wait_for(link.wait_closed(), 10)
+        assert failure.reason == "channel_closed"
+        assert received == [0, 1, 2]
+    finally:
+        await link.close()
+
+
+async def test_a_failure_of_on_event_ends_the_link_with_it(
+    fake: FakeSippet, http: httpx.AsyncClient
+) -> None:
+    token = await TokenSource(http, fake.base_url, fake.api_key).mint()
+    received: list[int] = []
+
+    def on_event(event: Event) -> None:
+        received.append(event.payload["seq"])
+        if event.payload["seq"] == 1:
+            raise RuntimeError("handler bug")
+
+    link = Connection(
+        socket_url(fake.base_url, token.value), fast_settings(fake.base_url).link, on_event
+    )
+    await link.open()
+    try:
+        for seq in range(3):
+            await fake.broadcast("incoming_call", {"seq": seq})
+        with pytest.raises(RuntimeError, match="handler bug"):
+            await asyncio.wait_for(link.wait_closed(), 10)
+        # Nothing after the failure is handed on.
+        assert received == [0, 1]
     finally:
         await link.close()
