@@ -11,6 +11,7 @@ import pytest
 from listener.core import metrics
 from listener.core.events import Event
 from listener.realtime.connection import Connection, _Received
+from listener.realtime.frames import Messages
 from listener.realtime.session import socket_url
 from listener.realtime.tokens import TokenSource
 from listener.testing import FakeSippet
@@ -82,6 +83,43 @@ async def test_a_lone_event_is_handed_on_where_its_frame_arrives_not_by_the_read
             await fake.wait_until(lambda: len(tasks) == len(sent))
         # In websockets' data_received, a loop callback: the read task was never woken.
         assert tasks == [None, None, None]
+    finally:
+        await link.close()
+
+
+async def test_the_rest_of_a_run_behind_a_held_event_waits_where_flow_control_counts_it(
+    fake: FakeSippet, http: httpx.AsyncClient
+) -> None:
+    token = await TokenSource(http, fake.base_url, fake.api_key).mint()
+    received: list[int] = []
+    release = asyncio.Event()
+
+    def on_event(event: Event) -> asyncio.Task[bool] | None:
+        received.append(event.payload["seq"])
+        return asyncio.create_task(release.wait()) if event.payload["seq"] == 0 else None
+
+    settings = fast_settings(fake.base_url, max_queue=1).link
+    link = Connection(socket_url(fake.base_url, token.value), settings, on_event)
+    await link.open()
+    try:
+        assert link._ws is not None
+        assert link._received is not None
+        await fake.wait_until(lambda: link._received is not None and link._received.waiting)
+        # Three frames in one read, as websockets' data_received hands a run on: the first
+        # event's wait holds the other two back.
+        link._ws.process_event(
+            Messages(f'[null,null,"events","incoming_call",{{"seq":{n}}}]' for n in range(3))
+        )
+        assert received == [0]
+        assembler = link._ws.recv_messages
+        # Queued, past max_queue: websockets stops reading the socket meanwhile.
+        assert len(assembler.frames.queue) == 2
+        assert assembler.paused
+        await fake.broadcast("incoming_call", {"seq": 3})
+        release.set()
+        await fake.wait_until(lambda: len(received) == 4)
+        assert received == [0, 1, 2, 3]
+        assert not assembler.paused
     finally:
         await link.close()
 

@@ -106,7 +106,7 @@ class _Received:
     either, so it is dropped as malformed (``recv()`` would close the connection with 1007).
     """
 
-    __slots__ = ("_assembler", "_frames", "_loop", "_queue", "_ws")
+    __slots__ = ("_assembler", "_frames", "_loop", "_queue", "_waiter", "_woken", "_ws")
 
     def __init__(self, ws: ClientConnection, assembler: Any, queue: deque[Any]) -> None:
         self._ws = ws
@@ -114,6 +114,10 @@ class _Received:
         self._frames = assembler.frames
         self._queue = queue
         self._loop = asyncio.get_running_loop()
+        # The future next() waits on (not one websockets' recv() made for a fragmented
+        # message), and whether wake() ended that wait.
+        self._waiter: asyncio.Future[None] | None = None
+        self._woken = False
 
     @classmethod
     def of(cls, ws: ClientConnection) -> _Received | None:
@@ -124,7 +128,10 @@ class _Received:
             not isinstance(queue, deque)
             or not callable(getattr(frames, "get", None))
             or not hasattr(frames, "get_waiter")
-            or not all(callable(getattr(assembler, name, None)) for name in ("put", "maybe_resume"))
+            or not all(
+                callable(getattr(assembler, name, None))
+                for name in ("put", "maybe_pause", "maybe_resume")
+            )
             or not isinstance(getattr(assembler, "closed", None), bool)
         ):
             return None
@@ -133,14 +140,27 @@ class _Received:
     @property
     def waiting(self) -> bool:
         """Whether :meth:`next` waits, nothing queued."""
-        waiter = self._frames.get_waiter
-        return waiter is not None and not waiter.done() and not self._queue
+        waiter = self._waiter
+        return (
+            waiter is not None
+            and waiter is self._frames.get_waiter
+            and not waiter.done()
+            and not self._queue
+        )
 
     def wake(self) -> None:
         """End :meth:`next`'s wait, with or without messages queued."""
-        waiter = self._frames.get_waiter
-        if waiter is not None and not waiter.done():
+        waiter = self._waiter
+        if waiter is not None and waiter is self._frames.get_waiter and not waiter.done():
+            self._woken = True
             waiter.set_result(None)
+
+    def hold(self, messages: list[str | bytes]) -> None:
+        """Queue ``messages`` (taken out of a run, not yet handed on) ahead of whatever comes
+        next, where websockets' flow control counts them: past ``max_queue``, it pauses
+        reading."""
+        self._queue.extend(messages)
+        self._assembler.maybe_pause()
 
     async def next(self) -> list[str | bytes]:
         """The next messages, at least one unless woken by :meth:`wake`; raises
@@ -151,14 +171,14 @@ class _Received:
             ended = self._assembler.closed
             if not ended:
                 # What the queue's get() does, with its future: put() and abort() resolve it.
-                waiter = frames.get_waiter = self._loop.create_future()
+                waiter = self._waiter = frames.get_waiter = self._loop.create_future()
                 try:
                     await waiter
                 except EOFError:
                     ended = True
                 finally:
                     waiter.cancel()
-                    frames.get_waiter = None
+                    frames.get_waiter = self._waiter = None
             if ended and not queue:
                 # Ended, and everything read: recv() says how (ConnectionClosed).
                 return [await self._ws.recv()]
@@ -179,8 +199,10 @@ class _Received:
                 except UnicodeDecodeError:
                     pass
             batch.append(data)
-        if not batch and queue:
-            # A fragmented message: websockets reassembles it.
+        woken, self._woken = self._woken, False
+        if not batch and queue and not woken:
+            # A fragmented message: websockets reassembles it (once what woke the wait, a
+            # held event's wait, was seen to: the read loop asks again).
             batch.append(await self._ws.recv())
         return batch
 
@@ -263,7 +285,7 @@ class Connection:
         # The read loop's view of websockets' queue (None: every message through recv()),
         # and what the intake left it to do (see _take_run).
         self._received: _Received | None = None
-        self._held: tuple[Awaitable[Any], list[str | bytes]] | Exception | None = None
+        self._held: Awaitable[Any] | Exception | None = None
         self.joined_at: float | None = None
         self.last_heartbeat_ok: float | None = None
         self.answered_until: float | None = None
@@ -417,15 +439,12 @@ class Connection:
                 self._batches += 1
                 # Every message of a batch had arrived by now: one clock read for them all.
                 now = time.time()
-                wait: Awaitable[Any] | None = None
-                held, self._held = self._held, None
-                if held is not None:
-                    # What the intake left (see _take_run): its failure, raised as if it had
-                    # happened here, or a run's rest behind an event's wait, ahead of the batch.
-                    if isinstance(held, Exception):
-                        raise held
-                    wait, rest = held
-                    batch = [*rest, *batch]
+                # What the intake left (see _take_run): its failure, raised as if it had
+                # happened here, or an event's wait, ahead of the batch (which begins with
+                # the rest of that event's run).
+                wait, self._held = self._held, None
+                if isinstance(wait, Exception):
+                    raise wait
                 while True:
                     if wait is not None:
                         self._intake_paused = True
@@ -480,9 +499,9 @@ class Connection:
         later and hands its events on, and the handler's worker starts a turn after that.
         Taken here, the worker starts a turn sooner and the read task is not woken at all: a
         lone event has a task wake-up and a turn of the loop fewer to pay. What the read loop
-        would do mid-batch it is left: an event's wait (the rest of the run held behind it,
-        the socket's reading paused by the queue filling meanwhile, as it was), and a
-        failure (a control frame's LinkError, or anything ``on_event`` raised), raised
+        would do mid-batch it is left: an event's wait (the rest of the run queued behind it,
+        where websockets' flow control counts it and pauses reading past ``max_queue``, as it
+        did), and a failure (a control frame's LinkError, or anything ``on_event`` raised), raised
         there, which ends the link as before. ``python -m bench.instructions --rate 200
         --before MAIN`` (1,000 events at 200/s, each alone): 199,800 -> 172,500 instructions
         a lone event (the bare loop 132,100); a drain of 5,000 unchanged (84,192 -> 84,185).
@@ -490,16 +509,21 @@ class Connection:
         received = self._received
         if self._held is not None or received is None or not received.waiting:
             return False
-        self._frames += len(run)
         self._batches += 1
         try:
             left = self._hand_on(run, time.time())
         except Exception as exc:
+            self._frames += len(run)
             self._held = exc
             received.wake()
             return True
-        if left is not None:
-            self._held = left
+        if left is None:
+            self._frames += len(run)
+        else:
+            # The rest is counted as the read loop takes it.
+            self._held, rest = left
+            self._frames += len(run) - len(rest)
+            received.hold(rest)
             received.wake()
         return True
 
