@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -10,7 +12,7 @@ import pytest
 
 from listener.core import metrics
 from listener.core.events import Event
-from listener.realtime.connection import Connection, _Received
+from listener.realtime.connection import Connection, EventSink, _Received
 from listener.realtime.frames import Messages
 from listener.realtime.session import socket_url
 from listener.realtime.tokens import TokenSource
@@ -18,11 +20,24 @@ from listener.testing import FakeSippet
 from tests.conftest import fast_settings
 
 
+@contextlib.asynccontextmanager
+async def opened_link(
+    fake: FakeSippet, http: httpx.AsyncClient, on_event: EventSink, **link_settings: Any
+) -> AsyncIterator[Connection]:
+    """A link joined to the fake's channel with a fresh token (test intervals), closed after."""
+    token = await TokenSource(http, fake.base_url, fake.api_key).mint()
+    settings = fast_settings(fake.base_url, **link_settings).link
+    link = Connection(socket_url(fake.base_url, token.value), settings, on_event)
+    await link.open()
+    try:
+        yield link
+    finally:
+        await link.close()
+
+
 async def test_messages_queued_behind_a_paused_intake_are_taken_in_order_in_batches(
     fake: FakeSippet, http: httpx.AsyncClient
 ) -> None:
-    token = await TokenSource(http, fake.base_url, fake.api_key).mint()
-    settings = fast_settings(fake.base_url).link
     received: list[Event] = []
     release = asyncio.Event()
 
@@ -31,9 +46,7 @@ async def test_messages_queued_behind_a_paused_intake_are_taken_in_order_in_batc
         # The first event holds the intake until the server has queued everything else.
         return asyncio.create_task(release.wait()) if len(received) == 1 else None
 
-    link = Connection(socket_url(fake.base_url, token.value), settings, on_event)
-    await link.open()
-    try:
+    async with opened_link(fake, http, on_event) as link:
         assert link._ws is not None
         # This websockets keeps what it received where the batch path reads it: were that
         # to change, every message would go through recv() one by one, silently slower.
@@ -57,24 +70,17 @@ async def test_messages_queued_behind_a_paused_intake_are_taken_in_order_in_batc
         # not one await each.
         assert link._frames - frames >= 205
         assert link._batches - batches < 205 / 4
-    finally:
-        await link.close()
 
 
 async def test_a_lone_event_is_handed_on_where_its_frame_arrives_not_by_the_read_task(
     fake: FakeSippet, http: httpx.AsyncClient
 ) -> None:
-    token = await TokenSource(http, fake.base_url, fake.api_key).mint()
     tasks: list[asyncio.Task[Any] | None] = []
 
     def on_event(event: Event) -> None:
         tasks.append(asyncio.current_task())
 
-    link = Connection(
-        socket_url(fake.base_url, token.value), fast_settings(fake.base_url).link, on_event
-    )
-    await link.open()
-    try:
+    async with opened_link(fake, http, on_event):
         sent: list[int] = []
         for seq in range(3):
             await fake.broadcast("incoming_call", {"seq": seq})
@@ -83,14 +89,11 @@ async def test_a_lone_event_is_handed_on_where_its_frame_arrives_not_by_the_read
             await fake.wait_until(lambda: len(tasks) == len(sent))
         # In websockets' data_received, a loop callback: the read task was never woken.
         assert tasks == [None, None, None]
-    finally:
-        await link.close()
 
 
 async def test_the_rest_of_a_run_behind_a_held_event_waits_where_flow_control_counts_it(
     fake: FakeSippet, http: httpx.AsyncClient
 ) -> None:
-    token = await TokenSource(http, fake.base_url, fake.api_key).mint()
     received: list[int] = []
     release = asyncio.Event()
 
@@ -98,10 +101,7 @@ async def test_the_rest_of_a_run_behind_a_held_event_waits_where_flow_control_co
         received.append(event.payload["seq"])
         return asyncio.create_task(release.wait()) if event.payload["seq"] == 0 else None
 
-    settings = fast_settings(fake.base_url, max_queue=1).link
-    link = Connection(socket_url(fake.base_url, token.value), settings, on_event)
-    await link.open()
-    try:
+    async with opened_link(fake, http, on_event, max_queue=1) as link:
         assert link._ws is not None
         assert link._received is not None
         await fake.wait_until(lambda: link._received is not None and link._received.waiting)
@@ -120,36 +120,24 @@ async def test_the_rest_of_a_run_behind_a_held_event_waits_where_flow_control_co
         await fake.wait_until(lambda: len(received) == 4)
         assert received == [0, 1, 2, 3]
         assert not assembler.paused
-    finally:
-        await link.close()
 
 
 async def test_a_channel_closed_ends_the_link_once_the_events_before_it_are_handed_on(
     fake: FakeSippet, http: httpx.AsyncClient
 ) -> None:
-    token = await TokenSource(http, fake.base_url, fake.api_key).mint()
     received: list[int] = []
-    link = Connection(
-        socket_url(fake.base_url, token.value),
-        fast_settings(fake.base_url).link,
-        lambda event: received.append(event.payload["seq"]),
-    )
-    await link.open()
-    try:
+    async with opened_link(fake, http, lambda event: received.append(event.payload["seq"])) as link:
         for seq in range(3):
             await fake.broadcast("incoming_call", {"seq": seq})
         await fake.close_channels()
         failure = await asyncio.wait_for(link.wait_closed(), 10)
         assert failure.reason == "channel_closed"
         assert received == [0, 1, 2]
-    finally:
-        await link.close()
 
 
 async def test_a_failure_of_on_event_ends_the_link_with_it(
     fake: FakeSippet, http: httpx.AsyncClient
 ) -> None:
-    token = await TokenSource(http, fake.base_url, fake.api_key).mint()
     received: list[int] = []
 
     def on_event(event: Event) -> None:
@@ -157,16 +145,10 @@ async def test_a_failure_of_on_event_ends_the_link_with_it(
         if event.payload["seq"] == 1:
             raise RuntimeError("handler bug")
 
-    link = Connection(
-        socket_url(fake.base_url, token.value), fast_settings(fake.base_url).link, on_event
-    )
-    await link.open()
-    try:
+    async with opened_link(fake, http, on_event) as link:
         for seq in range(3):
             await fake.broadcast("incoming_call", {"seq": seq})
         with pytest.raises(RuntimeError, match="handler bug"):
             await asyncio.wait_for(link.wait_closed(), 10)
         # Nothing after the failure is handed on.
         assert received == [0, 1]
-    finally:
-        await link.close()
