@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import random
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import psycopg
@@ -35,6 +35,21 @@ async def opened(path: Path) -> Spool:
     spool = Spool(path)
     await spool.open()
     return spool
+
+
+@contextlib.asynccontextmanager
+async def instance(store: StoreUrl, tmp_path: Path, **settings: float) -> AsyncIterator[Claims]:
+    """One instance's claims ("a", a pool of one), its spool under ``tmp_path``; all closed
+    after."""
+    pool = make_pool(store, size=1)
+    await pool.open(wait=True)
+    claims = Claims(pool, store, "a", await opened(tmp_path / "a"), **settings)
+    try:
+        yield claims
+    finally:
+        await claims.close()
+        await claims.spool.close()
+        await pool.close()
 
 
 async def test_three_instances_claiming_the_same_events_each_get_a_disjoint_share(
@@ -405,10 +420,7 @@ async def test_a_daemon_started_while_the_store_is_down_spools_from_the_first_ev
 async def test_a_claim_the_store_refuses_outright_is_neither_spooled_nor_retried(
     store: StoreUrl, tmp_path: Path
 ) -> None:
-    pool = make_pool(store, size=1)
-    await pool.open(wait=True)
-    claims = Claims(pool, store, "a", await opened(tmp_path / "a"))
-    try:
+    async with instance(store, tmp_path) as claims:
         # No text in PostgreSQL holds a NUL: no later attempt could do better.
         with pytest.raises(ClaimRefused):
             await claims.claim(event(1), "bad\x00name", 30)
@@ -420,45 +432,38 @@ async def test_a_claim_the_store_refuses_outright_is_neither_spooled_nor_retried
         with pytest.raises(ClaimRefused, match="cannot send the claims"):
             await claims.claim(unsendable, "audit", 30)
         assert await claims.claim(event(2), "audit", 30)
-    finally:
-        await claims.close()
-        await claims.spool.close()
-        await pool.close()
 
 
 async def test_a_claim_won_before_it_was_spooled_is_leased_anew_when_handed_back(
     store: StoreUrl, tmp_path: Path
 ) -> None:
-    pool = make_pool(store, size=1)
-    await pool.open(wait=True)
-    claims = Claims(pool, store, "a", await opened(tmp_path / "a"), timeout=0.3, grace=15)
     answers: list[bool | None] = []
+    async with (
+        instance(store, tmp_path, timeout=0.3, grace=15) as claims,
+        await psycopg.AsyncConnection.connect(store.conninfo, autocommit=True) as conn,
+    ):
 
-    async def redeliver(ev: Event, handler: str) -> None:
-        answers.append(await claims.claim(ev, handler, 30))
+        async def redeliver(ev: Event, handler: str) -> None:
+            answers.append(await claims.claim(ev, handler, 30))
 
-    drain = asyncio.create_task(claims.drain(redeliver))
-    try:
         assert await claims.claim(event(1), "audit", 30)
-        async with await psycopg.AsyncConnection.connect(store.conninfo, autocommit=True) as conn:
-            # What a long stay in the spool leaves of its lease.
-            await conn.execute("UPDATE sippet_claims SET lease_until = now() + interval '1 s'")
-            await claims.spool.add(event(1), "audit", 30)
+        # What a long stay in the spool leaves of its lease.
+        await conn.execute("UPDATE sippet_claims SET lease_until = now() + interval '1 s'")
+        await claims.spool.add(event(1), "audit", 30)
+        drain = asyncio.create_task(claims.drain(redeliver))
+        try:
             async with asyncio.timeout(10):
                 while claims.spool.entries:  # noqa: ASYNC110
                     await asyncio.sleep(0.02)
-            cursor = await conn.execute(
-                "SELECT extract(epoch FROM lease_until - now()), takeovers FROM sippet_claims"
-            )
-            [(left, takeovers)] = await cursor.fetchall()
-        # Still this instance's, and covering the handler's 30 s and the grace again.
-        assert answers == [True]
-        assert (float(left) > 40, takeovers) == (True, 0)
-    finally:
-        drain.cancel()
-        await claims.close()
-        await claims.spool.close()
-        await pool.close()
+        finally:
+            drain.cancel()
+        cursor = await conn.execute(
+            "SELECT extract(epoch FROM lease_until - now()), takeovers FROM sippet_claims"
+        )
+        [(left, takeovers)] = await cursor.fetchall()
+    # Still this instance's, and covering the handler's 30 s and the grace again.
+    assert answers == [True]
+    assert (float(left) > 40, takeovers) == (True, 0)
 
 
 async def claim_rows(store: StoreUrl) -> dict[str, tuple[bool, bool]]:

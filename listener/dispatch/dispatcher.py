@@ -508,17 +508,18 @@ class HandlerRunner:
         done, waiting = await asyncio.wait(asked, timeout=1.0)
         for claim in waiting:
             claim.cancel()
-        won = [asked[claim] for claim in waiting] + [
+        # Won, or perhaps won: the undecided too.
+        maybe_won = [asked[claim] for claim in waiting] + [
             asked[claim]
             for claim in done
             if not claim.cancelled() and not claim.exception() and claim.result()
         ]
-        if won and self._claims is not None:
+        if maybe_won and self._claims is not None:
             try:
-                await self._claims.give_back(won, self.settings.name)
+                await self._claims.give_back(maybe_won, self.settings.name)
             except ListenerError as exc:
                 _log.warning("claims of abandoned events left to lapse", handler=self.settings.name,
-                             events=len(won), error=str(exc))  # fmt: skip
+                             events=len(maybe_won), error=str(exc))  # fmt: skip
 
     async def _work(self) -> None:
         task = asyncio.current_task()

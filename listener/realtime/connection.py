@@ -501,8 +501,8 @@ class Connection:
         lone event has a task wake-up and a turn of the loop fewer to pay. What the read loop
         would do mid-batch it is left: an event's wait (the rest of the run queued behind it,
         where websockets' flow control counts it and pauses reading past ``max_queue``, as it
-        did), and a failure (a control frame's LinkError, or anything ``on_event`` raised), raised
-        there, which ends the link as before. ``python -m bench.instructions --rate 200
+        did), and a failure (a control frame's LinkError, or anything ``on_event`` raised),
+        raised there, which ends the link as before. ``python -m bench.instructions --rate 200
         --before MAIN`` (1,000 events at 200/s, each alone): 199,800 -> 172,500 instructions
         a lone event (the bare loop 132,100); a drain of 5,000 unchanged (84,192 -> 84,185).
         """
@@ -510,21 +510,19 @@ class Connection:
         if self._held is not None or received is None or not received.waiting:
             return False
         self._batches += 1
+        rest: list[str | bytes] = []
         try:
             left = self._hand_on(run, time.time())
         except Exception as exc:
-            self._frames += len(run)
             self._held = exc
             received.wake()
-            return True
-        if left is None:
-            self._frames += len(run)
         else:
-            # The rest is counted as the read loop takes it.
-            self._held, rest = left
-            self._frames += len(run) - len(rest)
-            received.hold(rest)
-            received.wake()
+            if left is not None:
+                self._held, rest = left
+                received.hold(rest)
+                received.wake()
+        # The rest is counted as the read loop takes it.
+        self._frames += len(run) - len(rest)
         return True
 
     def _on_control(self, event: ProtocolEvent) -> None:
