@@ -14,14 +14,18 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["ROOT", "BenchServer", "Child", "Driver", "cpu_seconds", "rss_mib"]
+__all__ = ["ROOT", "BenchServer", "Child", "Driver", "cpu_seconds", "quiet", "rss_mib"]
 
 ROOT = Path(__file__).resolve().parent.parent
 _TICKS = os.sysconf("SC_CLK_TCK")
+# A client at rest this long has nothing left to do: longer than the daemon's call store
+# interval (1 s), after which a batch due is written.
+_REST = 1.2
 
 
 def rss_mib(pid: int) -> float:
@@ -36,6 +40,31 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time used so far by ``pid`` (all its threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def quiet(pid: int, timeout: float = 10.0) -> float:
+    """Wait until ``pid`` has used no CPU for 1.2 s (at most ``timeout`` s); return the CPU
+    seconds it used meanwhile.
+
+    The drains stop a client with ``SIGSTOP`` while its backlog queues, and a stopped process
+    does nothing, so work a client defers past its last event (the daemon's call store writes
+    a drain's batch within its 1 s interval) would land inside the next drain's window, where
+    a client that is not stopped would long have done it. Three drains of 20,000 back to back:
+    the daemon's first 150,000 events/s, the next ones 101,000-140,000; with 3 s between
+    drains, 134,000-149,000; the bare loop 140,000-156,000 either way (bench/README.md,
+    "Drains from a quiet client").
+    """
+    began = cpu_seconds(pid)
+    used = began
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(_REST)
+        now = cpu_seconds(pid)
+        # /proc counts in ticks of 10 ms; a client at rest uses ~0.1 % (its timers).
+        if now - used <= 1.0 / _TICKS:
+            return used - began
+        used = now
+    return used - began
 
 
 class Child:

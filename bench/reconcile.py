@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import ROOT, BenchServer, Driver
-from bench.scenarios import _SEQ, Mode, _drain
+from bench.scenarios import Mode, _drain, warm_up
 
 __all__ = ["BEFORE_CALL_STATE", "SIZES", "Sizes", "before_call_state", "rows"]
 
@@ -167,9 +167,7 @@ def _drain_rows(
             ]
             driver = _driver(server, variant.options, logs / f"callstate-drain-{key}.log")
             try:
-                driver.expect(mode.warmup)
-                server.stream(mode.warmup, _SEQ.take(mode.warmup))
-                driver.wait(timeout=30)
+                warm_up(server, driver, mode.warmup)
                 for _ in range(sizes.runs_per_round):
                     rate, lost, cpu = _drain(server, driver, sizes.drain_events)
                     variant.rates.append(rate)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.peers import BARE, DAEMON, Client
-from bench.procs import BenchServer, Child, Driver, cpu_seconds, rss_mib
+from bench.procs import BenchServer, Child, Driver, cpu_seconds, quiet, rss_mib
 from bench.profile import Profile, record
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "profile_webhooks",
     "rotation",
     "socket_client",
+    "warm_up",
     "webhooks",
 ]
 
@@ -120,11 +121,24 @@ class Seq:
 _SEQ = Seq()
 
 
+def warm_up(server: BenchServer, driver: Driver, count: int) -> None:
+    """Stream ``count`` events to a fresh client and let it come to rest after them."""
+    driver.expect(count)
+    server.stream(count, _SEQ.take(count))
+    driver.wait(timeout=30)
+    quiet(driver.pid)
+
+
 def _drain(server: BenchServer, driver: Driver, count: int) -> tuple[float, int, float | None]:
     """One drain run: stop the client, queue ``count`` events, resume it, time the backlog.
 
+    The drain's CPU counts until the client is at rest again (see :func:`bench.procs.quiet`):
+    what a drain leaves to do after its last event is its own cost, not the next drain's.
+    Callers start it from a client at rest (:func:`warm_up`).
+
     Returns:
-        (events/s from SIGCONT to the last event, events missing, client CPU µs per event).
+        (events/s from SIGCONT to the last event, events missing, client CPU µs per event,
+        the work left after the last event included).
     """
     driver.expect(count)
     driver.pause()
@@ -139,7 +153,8 @@ def _drain(server: BenchServer, driver: Driver, count: int) -> tuple[float, int,
     if not records:
         return 0.0, count, None
     last = max(received for _, _, received in records)
-    cpu = answer["cpu"] * 1e6 / count if answer["cpu"] is not None else None
+    after = quiet(driver.pid)
+    cpu = (answer["cpu"] + after) * 1e6 / count if answer["cpu"] is not None else None
     return len(records) / (last - resumed), count - len(records), cpu
 
 
@@ -166,9 +181,7 @@ class Rounds:
     def run(self, server: BenchServer, driver: Driver, events: int, seconds: float) -> None:
         """One round of a fresh driver: a warm-up of 1,000, 2 drains of ``events``,
         ``seconds`` at 500/s."""
-        driver.expect(1000)
-        server.stream(1000, _SEQ.take(1000))
-        driver.wait(timeout=30)
+        warm_up(server, driver, 1000)
         for _ in range(2):
             rate, _, cpu = _drain(server, driver, events)
             self.rates.append(rate)
@@ -188,9 +201,7 @@ def socket_client(
         client.label, python, client.script, server, logs / f"{client.key}.log", client.options
     )
     try:
-        driver.expect(mode.warmup)
-        server.stream(mode.warmup, _SEQ.take(mode.warmup))
-        driver.wait(timeout=30)
+        warm_up(server, driver, mode.warmup)
         for _ in range(mode.drain_runs):
             rate, lost, cpu = _drain(server, driver, mode.drain_events)
             result.rates.append(rate)
