@@ -52,7 +52,7 @@ def quiet(pid: int, timeout: float = 10.0) -> float:
     a client that is not stopped would long have done it. Three drains of 20,000 back to back:
     the daemon's first 150,000 events/s, the next ones 101,000-140,000; with 3 s between
     drains, 134,000-149,000; the bare loop 140,000-156,000 either way (bench/README.md,
-    "Drains from a quiet client").
+    "Drains from a client at rest").
     """
     began = cpu_seconds(pid)
     used = began
