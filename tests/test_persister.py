@@ -94,6 +94,20 @@ async def test_without_a_store_the_changes_are_let_go() -> None:
     assert (tracker.state.changed(), tracker.unsaved()) == ([], ([], []))
 
 
+async def until_stored(path: Path, expected: list[tuple[str, str]]) -> float:
+    """Seconds until the store at ``path`` holds ``expected`` (call key, status) pairs."""
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    stored: list[tuple[str, str]] = []
+    for _ in range(500):  # polls the file: a store has no event to wait on
+        with CallStore(path) as peek:
+            stored = [(record.call_key, record.status) for record in peek.calls()]
+        if stored == expected:
+            return loop.time() - began
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not stored within 5 s: {stored} instead of {expected}")
+
+
 async def test_a_batch_due_in_a_burst_waits_for_a_lull_but_not_past_another_interval(
     tmp_path: Path,
 ) -> None:
@@ -101,36 +115,52 @@ async def test_a_batch_due_in_a_burst_waits_for_a_lull_but_not_past_another_inte
     tracker = CallTracker()
     now = [100.0]
     every = 0.4
+    # As a backlog's batch: large enough to wait for a lull (one call is, with this setting).
     persister = Persister(
-        CallStore(path), tracker, lambda at: at, retain=3600, every=every, clock=lambda: now[0]
+        CallStore(path),
+        tracker,
+        lambda at: at,
+        retain=3600,
+        every=every,
+        clock=lambda: now[0],
+        small_batch=1,
     )
-    loop = asyncio.get_running_loop()
-
-    def stored() -> list[tuple[str, str]]:
-        with CallStore(path) as peek:
-            return [(record.call_key, record.status) for record in peek.calls()]
-
-    async def until_stored(expected: list[tuple[str, str]]) -> float:
-        began = loop.time()
-        for _ in range(500):  # polls the file: a store has no event to wait on
-            if stored() == expected:
-                return loop.time() - began
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"not stored within 5 s: {stored()} instead of {expected}")
-
     hand_on(tracker, "incoming_call", "c-1", 100.0)  # heard just now, by the clock above
-    began = loop.time()
     running = asyncio.create_task(persister.run())
     try:
         # Due after one interval; the intake looks busy all along, so it waits one more.
-        await until_stored([("c-1", "ringing")])
         # Not before the busy interval is over, nor past the one after it (a loaded
         # machine's scheduling delay stays well inside that interval).
-        assert 2 * every <= loop.time() - began < 3 * every
+        assert 2 * every <= await until_stored(path, [("c-1", "ringing")]) < 3 * every
         # In a lull the next batch goes when due.
         now[0] = 200.0
         hand_on(tracker, "call_ended", "c-1", 150.0)
-        assert await until_stored([("c-1", "ended")]) < 1.5 * every
+        assert await until_stored(path, [("c-1", "ended")]) < 1.5 * every
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await persister.close()
+
+
+async def test_a_small_batch_due_while_events_keep_coming_is_written_when_due(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "calls.sqlite3"
+    tracker = CallTracker()
+    every = 0.4
+    now = [100.0]
+    persister = Persister(
+        CallStore(path), tracker, lambda at: at, retain=3600, every=every, clock=lambda: now[0]
+    )
+    running = asyncio.create_task(persister.run())
+    try:
+        for second in range(2):
+            # A steady stream's few calls, the last one heard just now: no lull to wait for.
+            now[0] += 1.0
+            hand_on(tracker, ("incoming_call", "call_ended")[second], "c-1", now[0])
+            status = ("ringing", "ended")[second]
+            # Within one interval plus slack, not after the extra one a lull would cost.
+            assert await until_stored(path, [("c-1", status)]) < 1.75 * every
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)

@@ -615,6 +615,10 @@ class CallState:
         self._changed.add(key)
         return updated  # type: ignore[return-value]
 
+    def changes(self) -> int:
+        """How many calls :meth:`changed` would return, at most."""
+        return len(self._changed)
+
     def changed(self) -> list[CallRecord]:
         """Return the calls changed since the last call (for the store), and forget them."""
         keys, self._changed = self._changed, set()
