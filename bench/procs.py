@@ -49,7 +49,7 @@ def quiet(pid: int, timeout: float = 10.0) -> float:
     The drains stop a client with ``SIGSTOP`` while its backlog queues, and a stopped process
     does nothing, so work a client defers past its last event (the daemon's call store writes
     a drain's batch within its 1 s interval) would land inside the next drain's window, where
-    a client that is not stopped would long have done it. Three drains of 20,000 back to back:
+    a client that is not stopped would long have done it. Five drains of 20,000 back to back:
     the daemon's first 150,000 events/s, the next ones 101,000-140,000; with 3 s between
     drains, 134,000-149,000; the bare loop 140,000-156,000 either way (bench/README.md,
     "Drains from a client at rest").

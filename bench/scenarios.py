@@ -161,7 +161,7 @@ def _drain(server: BenchServer, driver: Driver, count: int) -> tuple[float, int,
         if last > resumed:
             cpu = (answer["cpu"] + after) * 1e6 / count if answer["cpu"] is not None else None
             return len(records) / (last - resumed), count - len(records), cpu
-        # Once in a full run (2026-12-02 21:0x) the bare loop's first drain ended 0.38 s
+        # Once in a full run (6da4b92's, bench/README.md) the bare loop's first drain ended 0.38 s
         # before its resume, a rate of -52,736/s that went into the median: a stop that did
         # not hold is not a drain, so it is run again.
         print(f"[bench] {driver.name}: the backlog came before the resume; again", file=sys.stderr)

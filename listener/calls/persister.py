@@ -183,10 +183,12 @@ class Persister:
         per event at 500/s (bench/README.md, "A lone event's cost").
         """
         waited, tracker = 0.0, self._tracker
-        if tracker.state.changes() < self._small_batch and not tracker.backlog():
-            return
         while waited < self._every and (
-            self._clock() - tracker.last_heard < _QUIET or tracker.backlog()
+            tracker.backlog()
+            or (
+                tracker.state.changes() >= self._small_batch
+                and self._clock() - tracker.last_heard < _QUIET
+            )
         ):
             await asyncio.sleep(_QUIET)
             waited += _QUIET
