@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from listener.calls import persister as persister_module
 from listener.calls.persister import Persister
-from listener.calls.state import CallRecord
 from listener.calls.store import CallStore
 from listener.calls.tracker import CallTracker
 from listener.core import metrics
@@ -454,44 +452,64 @@ async def test_after_a_batch_calls_leave_memory_a_slice_at_a_time_events_served_
     await persister.close()
 
 
-async def test_the_map_is_scanned_for_calls_to_let_go_of_a_slice_at_a_time(
+def resident_keys(tracker: CallTracker) -> list[str]:
+    return sorted(record.call_key for record in tracker.state.all_calls())
+
+
+async def test_ended_calls_beyond_the_newest_leave_the_one_silent_longest_first(
     tmp_path: Path,
 ) -> None:
-    """After a batch, the map's calls are looked at a slice at a time, the loop's events
-    served between slices; a call heard of between them stays in memory."""
-    slices: list[int] = []
-    first_sliced = asyncio.Event()
-    heard: list[str] = []
-
-    class Watched(CallTracker):
-        def saved_ended(self, records: Iterable[CallRecord]) -> list[CallRecord]:
-            records = list(records)
-            slices.append(len(records))
-            if len(slices) == 1:
-                first_sliced.set()
-            else:
-                # The loop ran the task below between the first slice and this one.
-                assert heard == ["c-00000"]
-            return super().saved_ended(records)
-
-    async def between_slices() -> None:
-        # An event of a call the first slice found ended and saved.
-        await first_sliced.wait()
-        hand_on(tracker, "call_transcript_completed", "c-00000", 3.0)
-        heard.append("c-00000")
-
-    tracker = Watched()
+    """Memory keeps the ``resident_ended`` calls heard of last; one heard again after it
+    ended (a late transcript) counts from then."""
+    tracker = CallTracker()
     persister = Persister(
         CallStore(tmp_path / "calls.sqlite3"), tracker, lambda n: n, retain=3600,
-        clock=lambda: 1000.0, resident_for=60, resident_ended=0,
+        clock=lambda: 100.0, resident_for=1e12, resident_ended=2,
     )  # fmt: skip
-    calls = persister_module._SCAN_SLICE + 100
-    for index in range(calls):
-        hand_on(tracker, "incoming_call", f"c-{index:05}", 1.0)
-        hand_on(tracker, "call_ended", f"c-{index:05}", 2.0)
-    served = asyncio.create_task(between_slices())
+    for at, key in ((3.0, "c-3"), (1.0, "c-1"), (2.0, "c-2")):
+        hand_on(tracker, "call_ended", key, at)
     await persister.flush()
-    await served
-    assert slices == [persister_module._SCAN_SLICE, 100]
-    assert [record.call_key for record in tracker.state.all_calls()] == ["c-00000"]
+    assert resident_keys(tracker) == ["c-2", "c-3"]
+    hand_on(tracker, "call_transcript_completed", "c-2", 4.0)
+    hand_on(tracker, "call_ended", "c-4", 5.0)
+    await persister.flush()
+    assert resident_keys(tracker) == ["c-2", "c-4"]
+    await persister.close()
+
+
+async def test_a_call_read_back_by_a_repeat_of_its_event_leaves_memory_again(
+    tmp_path: Path,
+) -> None:
+    tracker = CallTracker()
+    persister = Persister(
+        CallStore(tmp_path / "calls.sqlite3"), tracker, lambda n: n, retain=3600,
+        clock=lambda: 100.0, resident_for=60, resident_ended=0,
+    )  # fmt: skip
+    first = hand_on(tracker, "call_ended", "c-1", 1.0)
+    await persister.flush()
+    assert resident_keys(tracker) == []
+    repeat = Event.create("call_ended", {"callUuid": "c-1"}, "events", 2.0, id=first)
+    assert not tracker.admit(repeat)  # read back to answer, a duplicate
+    assert resident_keys(tracker) == ["c-1"]
+    await persister.flush()
+    assert resident_keys(tracker) == []
+    await persister.close()
+
+
+async def test_calls_pruned_from_memory_are_not_chosen_to_leave_it_again(tmp_path: Path) -> None:
+    """Pruning (after ``retain``) comes before leaving memory (after ``resident_for``) here,
+    and the next batch still chooses among the calls in memory."""
+    tracker = CallTracker()
+    persister = Persister(
+        CallStore(tmp_path / "calls.sqlite3"), tracker, lambda n: n, retain=50,
+        clock=lambda: 100.0, resident_for=80, resident_ended=10,
+    )  # fmt: skip
+    hand_on(tracker, "call_ended", "c-old", 30.0)
+    await persister.flush()
+    assert resident_keys(tracker) == ["c-old"]
+    await persister.prune()
+    assert resident_keys(tracker) == []
+    hand_on(tracker, "call_ended", "c-new", 95.0)
+    await persister.flush()
+    assert resident_keys(tracker) == ["c-new"]
     await persister.close()

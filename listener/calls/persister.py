@@ -58,8 +58,6 @@ RESIDENT_FOR = 60.0
 RESIDENT_ENDED = 1000
 # Calls let go of per turn of the loop after a batch (see flush): ~0.5 ms.
 _EVICT_SLICE = 256
-# Calls of the map looked at per turn when choosing those to let go of (see _evictable).
-_SCAN_SLICE = 1024
 
 
 class Persister:
@@ -230,25 +228,12 @@ class Persister:
         # bits, its handled ids), and after a drain of 10,000 events the 2,333 calls let go
         # of at once held the loop for 4-11 ms (bench/README.md, "The call store's batch and
         # the p99").
-        keys = await self._evictable(now - self._resident_for)
-        for start in range(0, len(keys), _EVICT_SLICE):
-            if start:
-                await asyncio.sleep(0)
-            self._tracker.evict(keys[start : start + _EVICT_SLICE])
-
-    async def _evictable(self, before: float) -> list[str]:
-        """The tracker's :meth:`~CallTracker.evictable`, the map scanned a slice at a time
-        with the loop's events served between them: the scan of the whole map after a
-        drain of 10,000 events (4,300 calls in memory) held the loop for 2-3 ms in one go.
-        A call changed meanwhile is not let go of (``evict`` checks each again)."""
-        tracker = self._tracker
-        records = tracker.state.all_calls()
-        ended: list[CallRecord] = []
-        for start in range(0, len(records), _SCAN_SLICE):
-            if start:
-                await asyncio.sleep(0)
-            ended += tracker.saved_ended(records[start : start + _SCAN_SLICE])
-        return tracker.evictable(before, self._resident_ended, ended)
+        tracker, before = self._tracker, now - self._resident_for
+        while True:
+            keys = tracker.evictable(before, self._resident_ended, _EVICT_SLICE)
+            if not keys or not tracker.evict(keys):
+                return
+            await asyncio.sleep(0)
 
     async def prune(self) -> None:
         """Forget the calls and handled ids older than the retention."""

@@ -233,18 +233,11 @@ class CallTracker:
                 self._unsaved[name].append(key)
         return changed
 
-    def saved_ended(self, records: Iterable[CallRecord]) -> list[CallRecord]:
-        """Those of ``records`` :meth:`evictable` may choose from (see
-        :meth:`CallState.saved_ended <listener.calls.state.CallState.saved_ended>`)."""
-        return self.state.saved_ended(records, self._pinned())
-
-    def evictable(
-        self, before: float, keep: int, ended: list[CallRecord] | None = None
-    ) -> list[str]:
-        """The saved ended calls to let go of (see :meth:`CallState.evictable
-        <listener.calls.state.CallState.evictable>`). Call it only once the
-        store holds everything :meth:`unsaved` gave."""
-        return self.state.evictable(before, keep, self._pinned(), ended)
+    def evictable(self, before: float, keep: int, limit: int | None = None) -> list[str]:
+        """The saved ended calls to let go of, at most ``limit`` (see :meth:`CallState.evictable
+        <listener.calls.state.CallState.evictable>`). Call it only once the store holds
+        everything :meth:`unsaved` gave."""
+        return self.state.evictable(before, keep, self._pinned(), limit)
 
     def evict(self, keys: Sequence[str]) -> int:
         """Let go of the calls of ``keys`` (from :meth:`evictable`) still as they were then,
