@@ -32,15 +32,17 @@ from bench.peers import BARE, DAEMON, DAEMON_UVLOOP, Client
 from bench.procs import ROOT, BenchServer, Driver, rss_mib
 from bench.scenarios import Rounds
 
-__all__ = ["ROUNDS", "main", "rows"]
+__all__ = ["LATENCY_SECONDS", "ROUNDS", "Variant", "main", "measure", "rows"]
 
 ROUNDS = {"smoke": (1, 500), "quick": (4, 10_000), "full": (6, 20_000)}
-_LATENCY_SECONDS = 3.0
+LATENCY_SECONDS = 3.0
 _SETTLE = 2.0
 
 
 @dataclass(kw_only=True)
-class _Variant(Rounds):
+class Variant(Rounds):
+    """One client's rounds: its drains, latency p99s and idle RSS."""
+
     label: str
     client: Client
     root: Path = ROOT
@@ -52,7 +54,7 @@ def _med(values: list[float]) -> float:
     return statistics.median(values) if values else 0.0
 
 
-def _round(variant: _Variant, server: BenchServer, events: int, logs: Path) -> None:
+def _round(variant: Variant, server: BenchServer, events: int, logs: Path) -> None:
     client = variant.client
     log = logs / f"hotpath-{variant.label.replace(' ', '-')}.log"
     python = Path(sys.executable)
@@ -61,9 +63,45 @@ def _round(variant: _Variant, server: BenchServer, events: int, logs: Path) -> N
     try:
         time.sleep(_SETTLE)
         variant.idle.append(rss_mib(driver.process.pid))
-        variant.run(server, driver, events, _LATENCY_SECONDS)
+        variant.run(server, driver, events, LATENCY_SECONDS)
     finally:
         driver.quit()
+
+
+def measure(
+    server: BenchServer,
+    mode: str,
+    logs: Path,
+    before: Path | None = None,
+    no_calls: bool = False,
+    python: Path | None = None,
+    idle_runs: bool = True,
+) -> list[Variant]:
+    """Run the rounds; return each variant, the bare loop first (``idle_runs``: also
+    ``sippet-listener run``'s idle RSS per round, for this tree and ``before``)."""
+    rounds, events = ROUNDS[mode]
+    ours = [(DAEMON, "ours")]
+    if _has_uvloop():
+        ours.append((DAEMON_UVLOOP, "ours uvloop"))
+    variants = [Variant(label="bare", client=BARE)]
+    for client, label in ours:
+        variants.append(Variant(label=label, client=client))
+    if before is not None:
+        variants.append(Variant(label="before", client=DAEMON, root=before))
+    if no_calls:
+        options = {"sippet": {"stable_after": 0.5}, "call_state": False}
+        off = Client(DAEMON.key, DAEMON.label, "callstate.py", options=options)
+        variants.append(Variant(label="ours, calls off", client=off))
+        if before is not None:
+            variants.append(Variant(label="before, calls off", client=off, root=before))
+    for index in range(rounds):
+        shift = index % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            _round(variant, server, events, logs)
+        for variant in variants if idle_runs else ():
+            if variant.label in ("ours", "before"):
+                variant.run_idle.append(idle_run(server, logs, python=python, root=variant.root))
+    return variants
 
 
 def rows(
@@ -75,28 +113,7 @@ def rows(
     python: Path | None = None,
 ) -> list[tuple[str, str, str, str]]:
     """(client, drain, latency, idle) per variant, the bare loop first, ratios against it."""
-    rounds, events = ROUNDS[mode]
-    ours = [(DAEMON, "ours")]
-    if _has_uvloop():
-        ours.append((DAEMON_UVLOOP, "ours uvloop"))
-    variants = [_Variant(label="bare", client=BARE)]
-    for client, label in ours:
-        variants.append(_Variant(label=label, client=client))
-    if before is not None:
-        variants.append(_Variant(label="before", client=DAEMON, root=before))
-    if no_calls:
-        options = {"sippet": {"stable_after": 0.5}, "call_state": False}
-        off = Client(DAEMON.key, DAEMON.label, "callstate.py", options=options)
-        variants.append(_Variant(label="ours, calls off", client=off))
-        if before is not None:
-            variants.append(_Variant(label="before, calls off", client=off, root=before))
-    for index in range(rounds):
-        shift = index % len(variants)
-        for variant in variants[shift:] + variants[:shift]:
-            _round(variant, server, events, logs)
-        for variant in variants:
-            if variant.label in ("ours", "before"):
-                variant.run_idle.append(idle_run(server, logs, python=python, root=variant.root))
+    variants = measure(server, mode, logs, before, no_calls, python)
     bare = variants[0]
     out = []
     for variant in variants:
@@ -148,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         server.close()
     rounds, events = ROUNDS[args.mode]
     header = f"{began}-{time.strftime('%H:%M:%S')}: {rounds} rounds, each client: 2 drains"
-    print(f"{header} of {events:,}, {_LATENCY_SECONDS:g} s at 500/s; ratios against the bare loop")
+    print(f"{header} of {events:,}, {LATENCY_SECONDS:g} s at 500/s; ratios against the bare loop")
     print("| client | drain (median; runs) | latency at 500/s | idle RSS |")
     print("|---|---|---|---|")
     for cells in table:

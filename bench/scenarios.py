@@ -181,8 +181,9 @@ def _latency(server: BenchServer, driver: Driver, seconds: float) -> tuple[list[
 
 @dataclass
 class Rounds:
-    """What the interleaved A/Bs (``bench.loops``, ``bench.hotpath``) gather of one client:
-    each drain's rate and CPU µs per event, each round's latency p99 (ms)."""
+    """What the interleaved A/Bs (``bench.hotpath``, and through it ``python -m bench``'s #14
+    rows) gather of one client: each drain's rate and CPU µs per event, each round's latency
+    p99 (ms)."""
 
     rates: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)

@@ -38,7 +38,8 @@ def test_bench_smoke_prints_the_table() -> None:
         "reconcile: 100 open calls, 50 end",
         "throughput, drain 500 x 1, call state on vs off",
         "idle RSS: `sippet-listener run`",
-        "uvloop vs asyncio, interleaved",
+        "#14 drain, interleaved",
+        "#14 latency at 500/s, interleaved",
     ):
         assert any(m.startswith(prefix) for m in measures), (prefix, done.stdout)
     for client in (
