@@ -357,3 +357,23 @@ def test_the_map_s_records_are_frozen_call_records_like_the_constructor_s() -> N
         record.status = "ended"  # type: ignore[misc]
     assert other is not None
     assert other.record.origins is record.origins
+
+
+def ended_call(key: str, at: float) -> CallRecord:
+    return CallRecord(key, "ended", at, started_at=at - 1, ended_at=at)
+
+
+def test_calls_adopted_with_older_last_events_leave_memory_before_the_newer_ones() -> None:
+    """Ended calls leave memory oldest first, those adopted from a cluster's peer after newer
+    ones too (they go to the back of the order, which the next choice sorts again)."""
+    state = CallState()
+    state.attach(lambda key: None, lambda key: None)
+    for index in range(5):
+        state.adopt(ended_call(f"new-{index}", 1000.0 + index))
+    state.changed()
+    for index in range(20):
+        state.adopt(ended_call(f"old-{index}", 10.0 + index))
+    state.changed()
+    chosen = state.evictable(940.0, keep=5)
+    assert sorted(chosen) == sorted(f"old-{index}" for index in range(20))
+    assert state.evictable(0.0, keep=5, limit=3) == ["old-0", "old-1", "old-2"]
