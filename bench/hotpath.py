@@ -104,16 +104,9 @@ def measure(
     return variants
 
 
-def rows(
-    server: BenchServer,
-    mode: str,
-    logs: Path,
-    before: Path | None = None,
-    no_calls: bool = False,
-    python: Path | None = None,
-) -> list[tuple[str, str, str, str]]:
-    """(client, drain, latency, idle) per variant, the bare loop first, ratios against it."""
-    variants = measure(server, mode, logs, before, no_calls, python)
+def rows(variants: list[Variant]) -> list[tuple[str, str, str, str]]:
+    """(client, drain, latency, idle) per variant of :func:`measure`, the bare loop first,
+    ratios against it."""
     bare = variants[0]
     out = []
     for variant in variants:
@@ -160,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.call("/configure", {"token_ttl": 3600})
         python = args.python.absolute() if args.python else None
-        table = rows(server, args.mode, logs, args.before, args.no_calls, python)
+        table = rows(measure(server, args.mode, logs, args.before, args.no_calls, python))
     finally:
         server.close()
     rounds, events = ROUNDS[args.mode]
