@@ -416,9 +416,9 @@ class CallState:
         )
         self._ended = dict.fromkeys(record.call_key for record in ended)
         # The newest last event put at its back, and whether every call went in no older
-        # than the one ahead of it: a call read back, or adopted from a cluster's peer with
-        # an older last event, goes to the back out of order, and the next choice sorts the
-        # calls again (as they came, the newest would leave before it).
+        # than the one ahead of it: a call adopted from a cluster's peer with an older last
+        # event goes to the back out of order, and the next choice sorts the calls again
+        # (as they came, the newest would leave before it).
         self._ended_newest = ended[-1].last_event_at if ended else float("-inf")
         self._ended_in_order = True
         # Set by attach: the calls let go of, how to read one, how to take one back in.
@@ -465,12 +465,14 @@ class CallState:
     def hold(self, record: CallRecord) -> None:
         """Take a call read back from the store into memory again (it is saved as it is).
 
-        An ended one goes to the back of those to let go of: it leaves after the calls
-        ahead of it."""
+        An ended one goes to the front of those to let go of: it left memory once as one
+        of the oldest, and leaves again at the next choice unless an event changes it. At
+        the back, out of order, it made the next choice sort every ended call in memory
+        again, after each read-back; a copy of the order in C is a small part of a read
+        from the store."""
         self.resident[record.call_key] = record
         if record.status == "ended":
-            self._ended[record.call_key] = None
-            self._ended_after(record.last_event_at, record.last_event_at)
+            self._ended = {record.call_key: None, **self._ended}
 
     def adopt(self, record: CallRecord) -> bool:
         """Take what another instance of a cluster knows of a call (see :func:`adopted`).
@@ -658,14 +660,10 @@ class CallState:
             ended.pop(key, None)
             ended[key] = None
         if moved:
-            self._ended_after(moved[0].last_event_at, moved[-1].last_event_at)
+            if moved[0].last_event_at < self._ended_newest:
+                self._ended_in_order = False
+            self._ended_newest = max(self._ended_newest, moved[-1].last_event_at)
         return records
-
-    def _ended_after(self, oldest: float, newest: float) -> None:
-        """Ended calls whose last events go from ``oldest`` to ``newest`` went to the back."""
-        if oldest < self._ended_newest:
-            self._ended_in_order = False
-        self._ended_newest = max(self._ended_newest, newest)
 
     def prune(self, before: float) -> int:
         """Forget the calls whose last event came before ``before``; return how many.
@@ -694,8 +692,8 @@ class CallState:
         200 events/s, was 0.3 of the loop's 1.2 ms per batch and 3,600 instructions per lone
         event (``python -m bench.instructions --rate 200``: 150,400 -> 146,800; bench/README.md,
         "The calls to let go of, from the front"). A call that went to the back out of that
-        order (one adopted from a cluster's peer with an older last event, one read back)
-        has them sorted again first.
+        order (one adopted from a cluster's peer with an older last event) has them sorted
+        again first.
         """
         if self._evicted is None:
             return []
