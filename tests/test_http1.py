@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 import trustme
@@ -165,6 +166,31 @@ async def test_https_with_a_trusted_certificate(serve: Callable[..., RawServer])
             await distrusting.post(url, b"{}", {})
     finally:
         await distrusting.aclose()
+
+
+async def test_https_connections_share_the_trust_the_first_one_loaded(
+    serve: Callable[..., RawServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The default context is the system's trust store, read from $SSL_CERT_FILE when set:
+    # the pool loads it once, so that a second connection finds the first one's trust
+    # (made again per connection, it read the file again, 20 ms of the loop each time).
+    authority = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("localhost").configure_cert(server_context)
+    bundle = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    closing = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+    server = serve(lambda _: closing)
+    url = await server.start(server_context)
+    pool = Http1Pool()
+    try:
+        assert (await pool.post(url, b"{}", {})).status == 200
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "absent.pem"))
+        assert (await pool.post(url, b"{}", {})).status == 200
+    finally:
+        await pool.aclose()
+    assert server.connections == 2
 
 
 @pytest.mark.parametrize(

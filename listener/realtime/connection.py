@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -251,6 +252,8 @@ class Connection:
             completes (back-pressure from full handler queues). It may be replaced at any time
             (the session does, during a token rotation).
         name: a short label for logs.
+        tls: the TLS context of a ``wss://`` URL (default: websockets' own, a new one for
+            every connection).
 
     Attributes:
         joined_at: when the join was accepted (monotonic clock; None before).
@@ -266,11 +269,14 @@ class Connection:
         on_event: EventSink,
         *,
         name: str = "link",
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.on_event = on_event
         self.name = name
         self.settings = settings
         self._url = url
+        # websockets refuses a context for a ws:// URL.
+        self._tls = tls if url.startswith("wss:") else None
         self._protocol = ChannelProtocol(settings.topic)
         self._ws: _CountingConnection | None = None
         self._joined: asyncio.Future[None] | None = None
@@ -382,6 +388,7 @@ class Connection:
                 max_queue=self.settings.max_queue,
                 user_agent_header=USER_AGENT,
                 create_connection=_CountingConnection,
+                ssl=self._tls,
             )
         except InvalidStatus as exc:
             status = exc.response.status_code

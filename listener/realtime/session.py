@@ -48,6 +48,7 @@ was joined.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable
@@ -307,6 +308,7 @@ class Session:
             but may return an awaitable to slow the intake down (see ``Connection``).
         ids: gives each event its id (its window is the id window).
         watch: told of every gap (see :class:`LinkWatch`).
+        tls: the TLS context of every ``wss://`` link (see :class:`Connection`).
     """
 
     def __init__(
@@ -317,8 +319,10 @@ class Session:
         *,
         ids: EventIds | None = None,
         watch: LinkWatch | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.settings = settings
+        self._tls = tls
         self._tokens = tokens
         self._sink = deliver
         self._deliver: EventSink = self._stamped
@@ -536,7 +540,8 @@ class Session:
         self._link_count += 1
         self._links = {link for link in self._links if not link.closed}
         url = socket_url(self.settings.base_url, token.value)
-        connection = Connection(url, self.settings.link, on_event, name=f"link-{self._link_count}")
+        name = f"link-{self._link_count}"
+        connection = Connection(url, self.settings.link, on_event, name=name, tls=self._tls)
         self._links.add(connection)
         try:
             await connection.open()

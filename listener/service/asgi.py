@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from collections.abc import Generator
 from typing import Any
 
@@ -32,6 +33,7 @@ class AsgiServer:
         host: the address to bind; loopback by default.
         port: the port, 0 for any free one; read the result from :attr:`port`.
         ws_max_size: the largest websocket message the server accepts.
+        ssl_context: serve TLS with it (``https://`` and ``wss://``); plain otherwise.
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class AsgiServer:
         port: int = 0,
         *,
         ws_max_size: int = 64 * 1024 * 1024,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         # Naming IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on sockets whose proto
@@ -61,6 +64,11 @@ class AsgiServer:
             ws_ping_interval=None,
             timeout_graceful_shutdown=1,
         )
+        if ssl_context is not None:
+            # uvicorn builds its own context from certificate files; a caller's (a test's
+            # own authority) goes on the loaded config, which serve() then does not reload.
+            config.load()
+            config.ssl = ssl_context
         self._server = _QuietServer(config)
         self._task: asyncio.Task[None] | None = None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
@@ -54,6 +55,7 @@ async def running_daemon(
     calls: Mapping[str, Any] | None = None,
     store: str | None = None,
     join_timeout: float = 10.0,
+    tls: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Daemon]:
     """Start a daemon on ``fake`` with ``handlers``; yield it once joined; stop it after.
 
@@ -72,6 +74,8 @@ async def running_daemon(
             (several daemons on one store each run a handler once per event between them).
             Without it none is used, whatever ``$SIPPET_STORE_URL`` says.
         join_timeout: how long to wait for the first join.
+        tls: what the daemon checks the server's certificate against (for a ``FakeSippet``
+            serving TLS: a context trusting the test's certificate authority).
     """
     with tempfile.TemporaryDirectory(prefix="sippet-listener-test-") as state_dir:
         settings = parse_settings(
@@ -87,7 +91,7 @@ async def running_daemon(
         )
         loaded = [_loaded(item, index) for index, item in enumerate(handlers)]
         shared = StoreUrl(store) if store is not None else None
-        daemon = Daemon(settings, fake.api_key, loaded, store=shared)
+        daemon = Daemon(settings, fake.api_key, loaded, store=shared, tls=tls)
         stop = asyncio.Event()
         task = asyncio.create_task(daemon.run(stop))
         joined = asyncio.create_task(daemon.session.joined.wait())

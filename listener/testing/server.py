@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -177,6 +178,8 @@ class FakeSippet:
         token_ttl: lifetime of minted tokens, in seconds.
         topic: the channel topic (``events``).
         host, port: where to listen (port 0: any free port).
+        tls: serve ``https://`` and ``wss://`` with this server-side context (a test's own
+            certificate authority, say); plain HTTP without.
     """
 
     def __init__(
@@ -187,6 +190,7 @@ class FakeSippet:
         topic: str = "events",
         host: str = "127.0.0.1",
         port: int = 0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.api_key = api_key
         self.token_ttl = token_ttl
@@ -207,14 +211,15 @@ class FakeSippet:
         self._scripted: deque[_ScriptedReply] = deque()
         self._scripted_for: dict[str, deque[_ScriptedReply]] = {}
         self._changed = asyncio.Condition()
-        self._server = AsgiServer(self._app(), host, port)
+        self._scheme = "http" if tls is None else "https"
+        self._server = AsgiServer(self._app(), host, port, ssl_context=tls)
         self.calls = CallTable()
         self._outage_until = 0.0
 
     @property
     def base_url(self) -> str:
         """The HTTP root to give the daemon as ``sippet.base_url``."""
-        return f"http://{self._server.host}:{self._server.port}"
+        return f"{self._scheme}://{self._server.host}:{self._server.port}"
 
     @property
     def joined_sockets(self) -> int:

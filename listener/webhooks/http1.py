@@ -238,7 +238,11 @@ class Http1Pool:
         scheme, host, port = origin
         context = None
         if scheme == "https":
-            context = self._ssl or ssl.create_default_context()
+            if self._ssl is None:
+                # Made once, at the first https:// connection: one per connection loaded
+                # the system's CA certificates each time, 20 ms of the event loop.
+                self._ssl = ssl.create_default_context()
+            context = self._ssl
         try:
             async with asyncio.timeout(self._connect_timeout):
                 reader, writer = await asyncio.open_connection(
