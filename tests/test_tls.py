@@ -9,20 +9,8 @@ import ssl
 import pytest
 import trustme
 
-from listener import Context, Event, Handler
 from listener.testing import FakeSippet, running_daemon
-from tests.conftest import Collector
-
-
-class Seen(Handler):
-    name = "seen"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.collected = Collector()
-
-    async def handle(self, event: Event, ctx: Context) -> None:
-        self.collected(event)
+from tests.test_calls_daemon import Seen
 
 
 @pytest.fixture
