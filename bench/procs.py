@@ -19,13 +19,30 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["ROOT", "BenchServer", "Child", "Driver", "cpu_seconds", "quiet", "rss_mib"]
+__all__ = [
+    "CLIENT_CPUS",
+    "ROOT",
+    "SERVER_CPUS",
+    "BenchServer",
+    "Child",
+    "Driver",
+    "cpu_seconds",
+    "pin",
+    "quiet",
+    "rss_mib",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 _TICKS = os.sysconf("SC_CLK_TCK")
 # A client at rest this long has nothing left to do: longer than the daemon's call store
 # interval (1 s), after which a batch due is written.
 _REST = 1.2
+# The fake server on one CPU, every client (and its threads) on the others: left to the
+# scheduler, each drain fell into a fast or a slow mode by whether the two shared a CPU, and
+# a verdict moved from 0.66 x to 1.15 x within an hour (bench/README.md, "What runs where").
+_CPUS = sorted(os.sched_getaffinity(0))
+SERVER_CPUS: frozenset[int] | None = frozenset(_CPUS[:1]) if len(_CPUS) > 1 else None
+CLIENT_CPUS: frozenset[int] | None = frozenset(_CPUS[1:]) if len(_CPUS) > 1 else None
 
 
 def rss_mib(pid: int) -> float:
@@ -67,10 +84,30 @@ def quiet(pid: int, timeout: float = 10.0) -> float:
     return used - began
 
 
-class Child:
-    """A child process speaking JSON lines: one per answer on stdout."""
+def pin(pid: int, cpus: frozenset[int] | None) -> None:
+    """Keep every thread of ``pid`` on ``cpus`` (None: leave it to the scheduler); the
+    threads it starts later inherit it."""
+    if cpus is None:
+        return
+    # A child that has already exited has no tasks left to pin: its read says why.
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(int(task.name), cpus)
 
-    def __init__(self, argv: list[str], log: Path, *, env: dict[str, str] | None = None) -> None:
+
+class Child:
+    """A child process speaking JSON lines: one per answer on stdout; on ``cpus`` when given
+    (:func:`pin`)."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        log: Path,
+        *,
+        env: dict[str, str] | None = None,
+        cpus: frozenset[int] | None = None,
+    ) -> None:
         self.argv = argv
         self.log = log
         self._log_file: IO[bytes] = log.open("ab")
@@ -84,6 +121,8 @@ class Child:
             text=True,
             bufsize=1,
         )
+        # Before the interpreter has started a thread of its own, so that all inherit it.
+        pin(self.pid, cpus)
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -141,7 +180,7 @@ class BenchServer(Child):
     """``bench.server``: the fake Sippet and its bench control endpoint, in their own process."""
 
     def __init__(self, log: Path) -> None:
-        super().__init__([sys.executable, "-m", "bench.server"], log)
+        super().__init__([sys.executable, "-m", "bench.server"], log, cpus=SERVER_CPUS)
         info = self.read(timeout=20)
         self.base_url: str = info["base_url"]
         self.control_url: str = info["control_url"]
@@ -194,7 +233,7 @@ class Driver(Child):
             "--options",
             json.dumps(options or {}),
         ]
-        super().__init__(argv, log, env=env)
+        super().__init__(argv, log, env=env, cpus=CLIENT_CPUS)
         self.name = name
         self.ready = self.read(timeout=60)
 
