@@ -12,7 +12,7 @@ import pytest
 
 from listener.core import metrics
 from listener.core.events import Event
-from listener.realtime.connection import Connection, EventSink, _Received
+from listener.realtime.connection import TURN_EVERY, Connection, EventSink, _Received
 from listener.realtime.frames import Messages
 from listener.realtime.session import socket_url
 from listener.realtime.tokens import TokenSource
@@ -120,6 +120,31 @@ async def test_the_rest_of_a_run_behind_a_held_event_waits_where_flow_control_co
         await fake.wait_until(lambda: len(received) == 4)
         assert received == [0, 1, 2, 3]
         assert not assembler.paused
+
+
+async def test_a_long_run_gives_the_loop_a_turn_every_so_many_events_in_order(
+    fake: FakeSippet, http: httpx.AsyncClient
+) -> None:
+    received: list[int] = []
+    # What another task (a handler's worker) finds handed on when it first gets to run.
+    found: list[int] = []
+
+    async def other_task() -> None:
+        found.append(len(received))
+
+    async with opened_link(fake, http, lambda event: received.append(event.payload["seq"])) as link:
+        assert link._ws is not None
+        await fake.wait_until(lambda: link._received is not None and link._received.waiting)
+        count = 3 * TURN_EVERY + 5
+        waiting = asyncio.create_task(other_task())
+        # A drain's backlog as one read of the socket: a run of many frames.
+        link._ws.process_event(
+            Messages(f'[null,null,"events","call_ended",{{"seq":{n}}}]' for n in range(count))
+        )
+        await fake.wait_until(lambda: len(received) == count)
+        await waiting
+        assert found == [TURN_EVERY]
+        assert received == list(range(count))
 
 
 async def test_a_channel_closed_ends_the_link_once_the_events_before_it_are_handed_on(
