@@ -576,17 +576,14 @@ class HandlerRunner:
                 # and the Event's set() was two calls each (a lone event, no call store: 155,400 ->
                 # 152,700 instructions, bench.instructions --rate 200 --events 2000 --no-store,
                 # one run, whose noise is a few thousand).
-                if (
-                    (self._drainers or self._byte_waiters)
-                    and not self._busy
-                    and not self._laned
-                    and not queue.qsize()
-                ):
-                    self._nothing_pending()
+                if self._drainers or self._byte_waiters:
+                    self._tell_if_nothing_pending()
 
-    def _nothing_pending(self) -> None:
-        """The last pending event (a worker's or a staged one) just ended, and a drain or
-        the intake waits for that."""
+    def _tell_if_nothing_pending(self) -> None:
+        """A pending event (a worker's or a staged one) just ended, and a drain or the
+        intake waits: tell them if it was the last."""
+        if self._busy or self._laned or self._queue.qsize():
+            return
         self._idle.set()
         # An event larger than queue_bytes waits for nothing pending at all, which no event
         # leaving the queue announces.
@@ -684,13 +681,8 @@ class HandlerRunner:
             deadline.close()
             self._finishing.discard(task)
             self._busy -= 1
-            if (
-                (self._drainers or self._byte_waiters)
-                and not self._busy
-                and not self._laned
-                and not self._queue.qsize()
-            ):
-                self._nothing_pending()
+            if self._drainers or self._byte_waiters:
+                self._tell_if_nothing_pending()
 
     async def _claim(self, claims: Claims, event: Event) -> bool:
         asked = self._asked.pop(event.id, None) if self._asked else None
